@@ -1,0 +1,41 @@
+package hsmpool
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
+)
+
+type metrics struct {
+	ops      *prometheus.CounterVec
+	errors   *prometheus.CounterVec
+	duration *prometheus.HistogramVec
+	inFlight *prometheus.GaugeVec
+	up       *prometheus.GaugeVec
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	f := promauto.With(reg)
+	return &metrics{
+		ops: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "keyvault_hsm_operations_total",
+			Help: "HSM operations attempted, by member and operation.",
+		}, []string{"member", "op"}),
+		errors: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "keyvault_hsm_errors_total",
+			Help: "HSM operations that failed on a member, by member and operation.",
+		}, []string{"member", "op"}),
+		duration: f.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "keyvault_hsm_operation_duration_seconds",
+			Help:    "Duration of HSM operations, by member and operation.",
+			Buckets: prometheus.ExponentialBuckets(0.00005, 2, 16),
+		}, []string{"member", "op"}),
+		inFlight: f.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "keyvault_hsm_in_flight_operations",
+			Help: "HSM operations running now, by member.",
+		}, []string{"member"}),
+		up: f.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "keyvault_hsm_member_up",
+			Help: "1 if the member is in service, 0 if it is out.",
+		}, []string{"member"}),
+	}
+}

@@ -1,0 +1,434 @@
+package hsmpool
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	mrand "math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/keyvault/keyvault/vault"
+)
+
+// Sentinel errors.
+var (
+	// ErrUnavailable: no healthy member could perform the operation. It is
+	// vault.ErrUnavailable, so the vault refunds the guess and answers 503.
+	ErrUnavailable = vault.ErrUnavailable
+	// ErrIntegrity: a GCM open failed authentication on a member that
+	// passed its known-answer test; the ciphertext, not the HSM, is bad.
+	ErrIntegrity = vault.ErrIntegrity
+)
+
+// Options configure a Pool.
+type Options struct {
+	Registerer prometheus.Registerer // default: a private registry
+	Logger     *slog.Logger          // default: slog.Default()
+	// ProbeBackoff is the first wait before re-probing a failed member; it
+	// doubles, with jitter, up to ProbeBackoffMax. Defaults 250ms and 30s.
+	ProbeBackoff, ProbeBackoffMax time.Duration
+}
+
+// Pool balances HSM operations over its members. It implements vault.HSM.
+type Pool struct {
+	members  []*member
+	versions map[vault.KeyRole]uint32
+	log      *slog.Logger
+	metrics  *metrics
+	opts     Options
+
+	stop chan struct{}
+	wg   sync.WaitGroup
+}
+
+var _ vault.HSM = (*Pool)(nil)
+
+// member is one HSM of the pool.
+type member struct {
+	name     string
+	tok      token
+	sessions chan struct{} // one slot per allowed concurrent operation
+	inFlight atomic.Int64
+	healthy  atomic.Bool
+	probing  atomic.Bool
+	kcvs     map[vault.KeyID][]byte
+	// selfTest is a ciphertext this member sealed at start under the
+	// newest wrap key, opened again to tell a bad record from a bad member.
+	selfTest struct {
+		key          vault.KeyID
+		nonce, ct, aad, pt []byte
+	}
+}
+
+// Open opens every member, one at a time, and checks that they hold the
+// same keys. A member that fails to open (a wrong PIN included) is reported
+// and left out; it is never retried here, since a token may lock itself
+// after a few bad logins. Open fails if no member is usable.
+func Open(cfgs []MemberConfig, opts Options) (*Pool, error) {
+	toks := make([]token, len(cfgs))
+	var errs []error
+	for i, c := range cfgs {
+		t, err := openToken(c)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("member %s: %w", c.Name, err))
+			continue
+		}
+		toks[i] = t
+	}
+	p, err := newPool(cfgs, toks, opts)
+	if err != nil {
+		return nil, errors.Join(append(errs, err)...)
+	}
+	for _, e := range errs {
+		p.log.Error("HSM member left out", "error", e.Error())
+	}
+	return p, nil
+}
+
+// newPool builds a pool on opened tokens (nil for a member that failed to
+// open). Tests call it with their own tokens.
+func newPool(cfgs []MemberConfig, toks []token, opts Options) (*Pool, error) {
+	if opts.Registerer == nil {
+		opts.Registerer = prometheus.NewRegistry()
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.ProbeBackoff == 0 {
+		opts.ProbeBackoff = 250 * time.Millisecond
+	}
+	if opts.ProbeBackoffMax == 0 {
+		opts.ProbeBackoffMax = 30 * time.Second
+	}
+	p := &Pool{
+		log:      opts.Logger,
+		metrics:  newMetrics(opts.Registerer),
+		opts:     opts,
+		versions: map[vault.KeyRole]uint32{},
+		stop:     make(chan struct{}),
+	}
+	var ref *member
+	var errs []error
+	for i, c := range cfgs {
+		p.metrics.up.WithLabelValues(c.Name).Set(0)
+		if toks[i] == nil {
+			continue
+		}
+		m := &member{name: c.Name, tok: toks[i], sessions: make(chan struct{}, max(c.MaxSessions, 1))}
+		if err := m.checkKeys(); err != nil {
+			errs = append(errs, fmt.Errorf("member %s: %w", c.Name, err))
+			toks[i].Close()
+			continue
+		}
+		if ref == nil {
+			ref = m
+		} else if err := sameKeys(ref, m); err != nil {
+			// The first usable member is the reference: a member that
+			// disagrees would open nothing the others sealed.
+			errs = append(errs, fmt.Errorf("member %s: %w; not used", c.Name, err))
+			toks[i].Close()
+			continue
+		}
+		m.healthy.Store(true)
+		p.metrics.up.WithLabelValues(c.Name).Set(1)
+		p.members = append(p.members, m)
+	}
+	if len(p.members) == 0 {
+		return nil, fmt.Errorf("hsmpool: no usable member: %w", errors.Join(errs...))
+	}
+	for _, e := range errs {
+		p.log.Error("HSM member left out", "error", e.Error())
+	}
+	for _, role := range vault.Roles {
+		vs := p.members[0].tok.Versions(role)
+		if len(vs) > 0 {
+			p.versions[role] = vs[len(vs)-1]
+		}
+	}
+	return p, nil
+}
+
+// checkKeys computes the member's key check values and its self-test.
+func (m *member) checkKeys() error {
+	m.kcvs = map[vault.KeyID][]byte{}
+	for _, role := range vault.Roles {
+		vs := m.tok.Versions(role)
+		if len(vs) == 0 {
+			return fmt.Errorf("no %s key (run keyvault keys init)", role)
+		}
+		for _, v := range vs {
+			id := vault.KeyID{Role: role, Version: v}
+			c, err := safe(func() ([]byte, error) { return kcv(m.tok, id) })
+			if err != nil {
+				return fmt.Errorf("check value of %s: %w", id.Label(), err)
+			}
+			m.kcvs[id] = c
+		}
+	}
+	st := &m.selfTest
+	wrap := m.tok.Versions(vault.RoleWrap)
+	st.key = vault.KeyID{Role: vault.RoleWrap, Version: wrap[len(wrap)-1]}
+	st.nonce, st.pt = make([]byte, 12), make([]byte, 16)
+	rand.Read(st.nonce)
+	rand.Read(st.pt)
+	st.aad = []byte("keyvault/v1/self-test")
+	var err error
+	st.ct, err = safe(func() ([]byte, error) { return m.tok.Seal(st.key, st.nonce, st.pt, st.aad) })
+	if err != nil {
+		return fmt.Errorf("self-test seal: %w", err)
+	}
+	return m.runSelfTest()
+}
+
+// runSelfTest opens the member's known answer; an error means the member,
+// not the data, is at fault.
+func (m *member) runSelfTest() error {
+	st := &m.selfTest
+	pt, err := safe(func() ([]byte, error) { return m.tok.Open(st.key, st.nonce, st.ct, st.aad) })
+	if err != nil {
+		return fmt.Errorf("self-test open: %w", err)
+	}
+	if !bytes.Equal(pt, st.pt) {
+		return errors.New("self-test open: wrong plaintext")
+	}
+	return nil
+}
+
+func sameKeys(ref, m *member) error {
+	for id, want := range ref.kcvs {
+		got, ok := m.kcvs[id]
+		if !ok {
+			return fmt.Errorf("lacks %s", id.Label())
+		}
+		if !bytes.Equal(got, want) {
+			return fmt.Errorf("%s differs from member %s's (check value %s, want %s)", id.Label(), ref.name, hex.EncodeToString(got), hex.EncodeToString(want))
+		}
+	}
+	for id := range m.kcvs {
+		if _, ok := ref.kcvs[id]; !ok {
+			return fmt.Errorf("holds %s, which member %s lacks", id.Label(), ref.name)
+		}
+	}
+	return nil
+}
+
+// Close stops probing and closes every member.
+func (p *Pool) Close() error {
+	close(p.stop)
+	p.wg.Wait()
+	var errs []error
+	for _, m := range p.members {
+		errs = append(errs, m.tok.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// KeyVersion implements vault.HSM.
+func (p *Pool) KeyVersion(role vault.KeyRole) uint32 { return p.versions[role] }
+
+// Healthy reports how many members are serving; Ready uses it.
+func (p *Pool) Healthy() int {
+	n := 0
+	for _, m := range p.members {
+		if m.healthy.Load() {
+			n++
+		}
+	}
+	return n
+}
+
+// Ready returns nil if at least one member is healthy, else the reason.
+func (p *Pool) Ready() error {
+	if p.Healthy() == 0 {
+		return errors.New("no healthy HSM member")
+	}
+	return nil
+}
+
+// MemberKeys describes one member's keys for `keys list`.
+type MemberKeys struct {
+	Member string
+	Keys   []KeyCheck
+}
+
+// KeyCheck is one key version and its check value.
+type KeyCheck struct {
+	Label string
+	KCV   string
+}
+
+// Keys lists every member's key versions and check values.
+func (p *Pool) Keys() []MemberKeys {
+	var out []MemberKeys
+	for _, m := range p.members {
+		mk := MemberKeys{Member: m.name}
+		for _, role := range vault.Roles {
+			for _, v := range m.tok.Versions(role) {
+				id := vault.KeyID{Role: role, Version: v}
+				mk.Keys = append(mk.Keys, KeyCheck{Label: id.Label(), KCV: hex.EncodeToString(m.kcvs[id])})
+			}
+		}
+		out = append(out, mk)
+	}
+	return out
+}
+
+// HMAC implements vault.HSM.
+func (p *Pool) HMAC(ctx context.Context, key vault.KeyID, msg []byte) ([]byte, error) {
+	var out []byte
+	err := p.do(ctx, "hmac", func(m *member) (err error) {
+		out, err = m.tok.HMAC(key, msg)
+		return err
+	})
+	return out, err
+}
+
+// Seal implements vault.HSM.
+func (p *Pool) Seal(ctx context.Context, key vault.KeyID, nonce, plaintext, aad []byte) ([]byte, error) {
+	var out []byte
+	err := p.do(ctx, "seal", func(m *member) (err error) {
+		out, err = m.tok.Seal(key, nonce, plaintext, aad)
+		return err
+	})
+	return out, err
+}
+
+// Open implements vault.HSM. A failed open is retried on the same member's
+// known answer: if that opens, the ciphertext is bad (ErrIntegrity) and the
+// member stays; if not, the member is taken out and another one tries.
+func (p *Pool) Open(ctx context.Context, key vault.KeyID, nonce, ciphertext, aad []byte) ([]byte, error) {
+	var out []byte
+	err := p.do(ctx, "open", func(m *member) error {
+		pt, err := m.tok.Open(key, nonce, ciphertext, aad)
+		if err == nil {
+			out = pt
+			return nil
+		}
+		if stErr := m.runSelfTest(); stErr != nil {
+			return fmt.Errorf("%w (and %w)", err, stErr)
+		}
+		return fmt.Errorf("%w: GCM open failed on member %s, which passes its self-test", ErrIntegrity, m.name)
+	})
+	return out, err
+}
+
+// do is the one way to the HSMs: it picks the least-loaded healthy member,
+// waits for one of its sessions within ctx, runs fn, records metrics, turns
+// a panic into an error, and on a member failure takes the member out and
+// tries another. It returns ErrUnavailable when no member could answer.
+func (p *Pool) do(ctx context.Context, op string, fn func(*member) error) error {
+	tried := map[*member]bool{}
+	var lastErr error
+	for {
+		m := p.pick(tried)
+		if m == nil {
+			if lastErr == nil {
+				lastErr = errors.New("no healthy member")
+			}
+			return fmt.Errorf("%w: hsm %s: %w", ErrUnavailable, op, lastErr)
+		}
+		tried[m] = true
+		select {
+		case m.sessions <- struct{}{}:
+		case <-ctx.Done():
+			return fmt.Errorf("%w: hsm %s: waiting for a session: %w", ErrUnavailable, op, ctx.Err())
+		}
+		err := p.run(m, op, fn)
+		<-m.sessions
+		if err == nil || errors.Is(err, ErrIntegrity) || errors.Is(err, errCaller) {
+			return err
+		}
+		lastErr = err
+		p.fail(m, op, err)
+	}
+}
+
+func (p *Pool) run(m *member, op string, fn func(*member) error) (err error) {
+	m.inFlight.Add(1)
+	p.metrics.inFlight.WithLabelValues(m.name).Inc()
+	start := time.Now()
+	defer func() {
+		if r := recover(); r != nil {
+			// crypto11 panics on PKCS#11 errors in Seal and Sum.
+			err = fmt.Errorf("pkcs11 %s: %v", op, r)
+		}
+		m.inFlight.Add(-1)
+		p.metrics.inFlight.WithLabelValues(m.name).Dec()
+		p.metrics.ops.WithLabelValues(m.name, op).Inc()
+		p.metrics.duration.WithLabelValues(m.name, op).Observe(time.Since(start).Seconds())
+		if err != nil && !errors.Is(err, ErrIntegrity) && !errors.Is(err, errCaller) {
+			p.metrics.errors.WithLabelValues(m.name, op).Inc()
+		}
+	}()
+	return fn(m)
+}
+
+// pick returns the healthy member, not yet tried, with the fewest
+// operations in flight relative to its session limit.
+func (p *Pool) pick(tried map[*member]bool) *member {
+	var best *member
+	var bestLoad float64
+	for _, m := range p.members {
+		if tried[m] || !m.healthy.Load() {
+			continue
+		}
+		load := float64(m.inFlight.Load()) / float64(cap(m.sessions))
+		if best == nil || load < bestLoad {
+			best, bestLoad = m, load
+		}
+	}
+	return best
+}
+
+// fail takes a member out and starts probing it.
+func (p *Pool) fail(m *member, op string, err error) {
+	if m.healthy.CompareAndSwap(true, false) {
+		p.metrics.up.WithLabelValues(m.name).Set(0)
+		p.log.Error("HSM member taken out", "member", m.name, "op", op, "error", err.Error())
+	}
+	if m.probing.CompareAndSwap(false, true) {
+		p.wg.Add(1)
+		go p.probe(m)
+	}
+}
+
+// probe re-runs the member's self-test with exponential backoff and jitter
+// and puts the member back once it passes.
+func (p *Pool) probe(m *member) {
+	defer p.wg.Done()
+	defer m.probing.Store(false)
+	wait := p.opts.ProbeBackoff
+	for {
+		jitter := time.Duration(mrand.Int64N(int64(wait)/2 + 1))
+		select {
+		case <-p.stop:
+			return
+		case <-time.After(wait/2 + jitter):
+		}
+		if err := m.runSelfTest(); err == nil {
+			m.healthy.Store(true)
+			p.metrics.up.WithLabelValues(m.name).Set(1)
+			p.log.Info("HSM member back in service", "member", m.name)
+			return
+		}
+		wait = min(2*wait, p.opts.ProbeBackoffMax)
+	}
+}
+
+// safe runs f, turning a crypto11 panic into an error.
+func safe(f func() ([]byte, error)) (out []byte, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("pkcs11: %v", r)
+		}
+	}()
+	return f()
+}

@@ -1,0 +1,288 @@
+package hsmpool
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"os"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/keyvault/keyvault/internal/softhsm/softhsmtest"
+	"github.com/keyvault/keyvault/vault"
+)
+
+// The SoftHSM tier: one token directory for the whole test binary, since
+// SoftHSM reads its config once per process.
+var (
+	hsmOnce   sync.Once
+	hsmDir    string
+	hsmModule string
+	hsmConf   string
+)
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "hsmpool-test-")
+	if err != nil {
+		panic(err)
+	}
+	hsmDir = dir
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// member returns the config of a fresh, empty token.
+func newMember(t *testing.T, name string) MemberConfig {
+	t.Helper()
+	hsmOnce.Do(func() { hsmModule, hsmConf = softhsmtest.Setup(t, hsmDir) })
+	if hsmModule == "" {
+		softhsmtest.Module(t) // skips or fails as the first call did
+	}
+	label := name + "-" + rand.Text()[:8]
+	softhsmtest.Token(t, hsmConf, label, "1234")
+	return MemberConfig{Name: name, Module: hsmModule, TokenLabel: label, PIN: "1234", MaxSessions: 4}
+}
+
+func openPool(t *testing.T, reg prometheus.Registerer, cfgs ...MemberConfig) *Pool {
+	t.Helper()
+	p, err := Open(cfgs, Options{Registerer: reg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p
+}
+
+var (
+	wrap1 = vault.KeyID{Role: vault.RoleWrap, Version: 1}
+	pin1  = vault.KeyID{Role: vault.RolePIN, Version: 1}
+	root1 = vault.KeyID{Role: vault.RoleRoot, Version: 1}
+)
+
+func TestSingleMemberKeysStayInHSM(t *testing.T) {
+	m := newMember(t, "a")
+	inHSM, err := Provision([]MemberConfig{m})
+	if err != nil || !inHSM {
+		t.Fatalf("Provision: inHSM=%v err=%v", inHSM, err)
+	}
+	if _, err := Provision([]MemberConfig{m}); !errors.Is(err, ErrKeysExist) {
+		t.Fatalf("second Provision: %v, want ErrKeysExist", err)
+	}
+	reg := prometheus.NewRegistry()
+	p := openPool(t, reg, m)
+	for _, r := range vault.Roles {
+		if v := p.KeyVersion(r); v != 1 {
+			t.Errorf("KeyVersion(%s) = %d, want 1", r, v)
+		}
+	}
+	ctx := context.Background()
+
+	a, err := p.HMAC(ctx, pin1, []byte("msg"))
+	if err != nil || len(a) != 32 {
+		t.Fatalf("HMAC: %x %v", a, err)
+	}
+	b, _ := p.HMAC(ctx, pin1, []byte("msg"))
+	c, _ := p.HMAC(ctx, root1, []byte("msg"))
+	if !bytes.Equal(a, b) || bytes.Equal(a, c) {
+		t.Fatal("HMAC must be deterministic per key and differ between keys")
+	}
+	if _, err := p.HMAC(ctx, wrap1, []byte("msg")); err == nil {
+		t.Fatal("HMAC under the wrap key must fail")
+	}
+
+	nonce := make([]byte, 12)
+	rand.Read(nonce)
+	ct, err := p.Seal(ctx, wrap1, nonce, []byte("sixteen byte key"), []byte("aad"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pt, err := p.Open(ctx, wrap1, nonce, ct, []byte("aad"))
+	if err != nil || string(pt) != "sixteen byte key" {
+		t.Fatalf("Open: %q %v", pt, err)
+	}
+	if _, err := p.Seal(ctx, wrap1, nil, []byte("x"), nil); err == nil {
+		t.Fatal("Seal with no nonce must fail, not use a zero IV")
+	}
+
+	// A damaged ciphertext or wrong AAD is the record's fault, not the
+	// member's: ErrIntegrity, and the member stays in service.
+	ct[0] ^= 1
+	if _, err := p.Open(ctx, wrap1, nonce, ct, []byte("aad")); !errors.Is(err, vault.ErrIntegrity) {
+		t.Fatalf("Open of a damaged ciphertext: %v, want ErrIntegrity", err)
+	}
+	ct[0] ^= 1
+	if _, err := p.Open(ctx, wrap1, nonce, ct, []byte("other")); !errors.Is(err, vault.ErrIntegrity) {
+		t.Fatalf("Open with other AAD: %v, want ErrIntegrity", err)
+	}
+	if p.Healthy() != 1 || testutil.ToFloat64(p.metrics.up.WithLabelValues("a")) != 1 {
+		t.Fatal("a bad ciphertext took the member out")
+	}
+	if problems, err := testutil.CollectAndLint(reg); err != nil || len(problems) > 0 {
+		t.Fatalf("metric lint: %v %+v", err, problems)
+	}
+}
+
+func TestSeveralMembersShareKeyMaterial(t *testing.T) {
+	a, b := newMember(t, "a"), newMember(t, "b")
+	inHSM, err := Provision([]MemberConfig{a, b})
+	if err != nil || inHSM {
+		t.Fatalf("Provision: inHSM=%v err=%v", inHSM, err)
+	}
+	pa := openPool(t, nil, a)
+	pb := openPool(t, nil, b)
+	ctx := context.Background()
+	nonce := make([]byte, 12)
+	rand.Read(nonce)
+	ct, err := pa.Seal(ctx, wrap1, nonce, []byte("secret"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pt, err := pb.Open(ctx, wrap1, nonce, ct, nil); err != nil || string(pt) != "secret" {
+		t.Fatalf("member b cannot open what a sealed: %q %v", pt, err)
+	}
+	ha, _ := pa.HMAC(ctx, pin1, []byte("m"))
+	hb, _ := pb.HMAC(ctx, pin1, []byte("m"))
+	if !bytes.Equal(ha, hb) {
+		t.Fatal("members compute different PIN MACs")
+	}
+	both := openPool(t, nil, a, b)
+	keys := both.Keys()
+	if len(keys) != 2 || len(keys[0].Keys) != 3 {
+		t.Fatalf("Keys() = %+v", keys)
+	}
+	for i := range keys[0].Keys {
+		if keys[0].Keys[i] != keys[1].Keys[i] {
+			t.Fatalf("check values differ: %+v vs %+v", keys[0].Keys[i], keys[1].Keys[i])
+		}
+	}
+}
+
+func TestMemberWithOtherKeysIsLeftOut(t *testing.T) {
+	a, c := newMember(t, "a"), newMember(t, "c")
+	for _, m := range []MemberConfig{a, c} {
+		if _, err := Provision([]MemberConfig{m}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p := openPool(t, nil, a, c)
+	if len(p.members) != 1 || p.members[0].name != "a" {
+		t.Fatalf("members in use: %d; want only a", len(p.members))
+	}
+}
+
+func TestWrongPINIsReportedNotRetried(t *testing.T) {
+	a := newMember(t, "a")
+	if _, err := Provision([]MemberConfig{a}); err != nil {
+		t.Fatal(err)
+	}
+	bad := a
+	bad.PIN = "999999"
+	_, err := Open([]MemberConfig{bad}, Options{})
+	if err == nil {
+		t.Fatal("Open with a wrong PIN succeeded")
+	}
+	if bytes.Contains([]byte(err.Error()), []byte("999999")) {
+		t.Fatal("error text holds the PIN")
+	}
+}
+
+// flaky wraps a real token and fails every operation while broken is set,
+// as a member that lost its device would.
+type flaky struct {
+	token
+	broken atomic.Bool
+}
+
+func (f *flaky) HMAC(k vault.KeyID, m []byte) ([]byte, error) {
+	if f.broken.Load() {
+		return nil, errors.New("CKR_DEVICE_ERROR")
+	}
+	return f.token.HMAC(k, m)
+}
+
+func (f *flaky) Open(k vault.KeyID, n, c, a []byte) ([]byte, error) {
+	if f.broken.Load() {
+		panic("CKR_GENERAL_ERROR") // as crypto11 does
+	}
+	return f.token.Open(k, n, c, a)
+}
+
+func TestFailoverLosesNoRequest(t *testing.T) {
+	a, b := newMember(t, "a"), newMember(t, "b")
+	if _, err := Provision([]MemberConfig{a, b}); err != nil {
+		t.Fatal(err)
+	}
+	ta, err := openToken(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb, err := openToken(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fa := &flaky{token: ta}
+	reg := prometheus.NewRegistry()
+	p, err := newPool([]MemberConfig{a, b}, []token{fa, tb}, Options{Registerer: reg, ProbeBackoff: 10 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	ctx := context.Background()
+	nonce := make([]byte, 12)
+	ct, err := p.Seal(ctx, wrap1, nonce, []byte("x"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fa.broken.Store(true)
+	var wg sync.WaitGroup
+	var failed atomic.Int32
+	for range 200 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := p.HMAC(ctx, pin1, []byte("m")); err != nil {
+				failed.Add(1)
+			}
+			if _, err := p.Open(ctx, wrap1, nonce, ct, nil); err != nil {
+				failed.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if failed.Load() != 0 {
+		t.Fatalf("%d operations failed while member b was healthy", failed.Load())
+	}
+	if testutil.ToFloat64(p.metrics.up.WithLabelValues("a")) != 0 {
+		t.Fatal("broken member a still marked up")
+	}
+	// Both broken: no result, ErrUnavailable, never ErrIntegrity.
+	fb := &flaky{token: tb}
+	fb.broken.Store(true)
+	p.members[1].tok = fb
+	if _, err := p.Open(ctx, wrap1, nonce, ct, nil); !errors.Is(err, vault.ErrUnavailable) || errors.Is(err, vault.ErrIntegrity) {
+		t.Fatalf("Open with every member down: %v, want ErrUnavailable", err)
+	}
+	if p.Ready() == nil {
+		t.Fatal("Ready with no healthy member")
+	}
+	// Repaired members come back through the probe.
+	fa.broken.Store(false)
+	fb.broken.Store(false)
+	deadline := time.Now().Add(10 * time.Second)
+	for p.Healthy() != 2 {
+		if time.Now().After(deadline) {
+			t.Fatal("repaired members not back after 10s of probing")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if _, err := p.Open(ctx, wrap1, nonce, ct, nil); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -1,0 +1,198 @@
+package hsmpool
+
+import (
+	"crypto/rand"
+	"errors"
+	"fmt"
+
+	"github.com/ThalesGroup/crypto11"
+	"github.com/miekg/pkcs11"
+
+	"github.com/keyvault/keyvault/vault"
+)
+
+// ErrKeysExist: Provision found key objects of the version it was asked
+// to create; it created nothing.
+var ErrKeysExist = errors.New("keys of this version already exist")
+
+// keyVersion1 lists the objects `keys init` creates.
+func keyVersion1() []vault.KeyID {
+	ids := make([]vault.KeyID, 0, len(vault.Roles))
+	for _, r := range vault.Roles {
+		ids = append(ids, vault.KeyID{Role: r, Version: 1})
+	}
+	return ids
+}
+
+// Provision creates key version 1 of every role on every member, with the
+// same material on all of them. It refuses, creating nothing, if any member
+// already holds any of these keys.
+//
+// With one member the keys are generated inside the HSM and never exist
+// outside it (inHSM is true). Generic PKCS#11 cannot clone a key between
+// tokens, so with several members the material is drawn from crypto/rand in
+// this process, imported into each member as sensitive, non-extractable
+// token objects, and wiped.
+func Provision(cfgs []MemberConfig) (inHSM bool, err error) {
+	if len(cfgs) == 0 {
+		return false, errors.New("provision: no members")
+	}
+	if len(cfgs) == 1 {
+		return true, generateInHSM(cfgs[0])
+	}
+	for _, c := range cfgs {
+		if err := withSession(c, func(*pkcs11.Ctx, pkcs11.SessionHandle) error { return nil }, checkAbsent); err != nil {
+			return false, err
+		}
+	}
+	material := make(map[vault.KeyID][]byte)
+	defer func() {
+		for _, b := range material {
+			clear(b)
+		}
+	}()
+	for _, id := range keyVersion1() {
+		material[id] = make([]byte, 32)
+		rand.Read(material[id])
+	}
+	for _, c := range cfgs {
+		err := withSession(c, func(p *pkcs11.Ctx, s pkcs11.SessionHandle) error {
+			for _, id := range keyVersion1() {
+				if _, err := p.CreateObject(s, keyTemplate(id, material[id])); err != nil {
+					return fmt.Errorf("import %s: %w", id.Label(), err)
+				}
+			}
+			return nil
+		}, checkAbsent)
+		if err != nil {
+			return false, err
+		}
+	}
+	return false, nil
+}
+
+// keyTemplate is the PKCS#11 template of a key object: a token object,
+// sensitive, never extractable, usable only for its own role.
+func keyTemplate(id vault.KeyID, value []byte) []*pkcs11.Attribute {
+	keyType, crypt, mac := uint(pkcs11.CKK_GENERIC_SECRET), false, true
+	if id.Role == vault.RoleWrap {
+		keyType, crypt, mac = pkcs11.CKK_AES, true, false
+	}
+	t := []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, keyType),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
+		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
+		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, id.Label()),
+		pkcs11.NewAttribute(pkcs11.CKA_ID, []byte(id.Label())),
+		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, crypt),
+		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, crypt),
+		pkcs11.NewAttribute(pkcs11.CKA_SIGN, mac),
+		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, mac),
+		pkcs11.NewAttribute(pkcs11.CKA_WRAP, false),
+		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
+		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
+	}
+	if value != nil {
+		t = append(t, pkcs11.NewAttribute(pkcs11.CKA_VALUE, value))
+	}
+	return t
+}
+
+// generateInHSM creates the keys inside the member's token.
+func generateInHSM(c MemberConfig) error {
+	ctx, err := crypto11.Configure(&crypto11.Config{Path: c.Module, TokenLabel: c.TokenLabel, Pin: c.PIN, MaxSessions: 2, GCMIVLength: 12})
+	if err != nil {
+		return fmt.Errorf("member %s: open token %q: %w", c.Name, c.TokenLabel, scrubPIN(err, c.PIN))
+	}
+	defer ctx.Close()
+	for _, id := range keyVersion1() {
+		ks, err := ctx.FindKeys(nil, []byte(id.Label()))
+		if err != nil {
+			return fmt.Errorf("member %s: find %s: %w", c.Name, id.Label(), err)
+		}
+		if len(ks) > 0 {
+			return fmt.Errorf("member %s holds %s: %w", c.Name, id.Label(), ErrKeysExist)
+		}
+	}
+	for _, id := range keyVersion1() {
+		attrs, err := crypto11.NewAttributeSetWithIDAndLabel([]byte(id.Label()), []byte(id.Label()))
+		if err != nil {
+			return err
+		}
+		attrs.AddIfNotPresent(keyTemplate(id, nil))
+		cipher := crypto11.CipherGeneric
+		if id.Role == vault.RoleWrap {
+			cipher = crypto11.CipherAES
+		}
+		if _, err := ctx.GenerateSecretKeyWithAttributes(attrs, 256, cipher); err != nil {
+			return fmt.Errorf("member %s: generate %s: %w", c.Name, id.Label(), err)
+		}
+	}
+	return nil
+}
+
+// checkAbsent fails if the session's token holds any version-1 key.
+func checkAbsent(p *pkcs11.Ctx, s pkcs11.SessionHandle, member string) error {
+	for _, id := range keyVersion1() {
+		if err := p.FindObjectsInit(s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, id.Label())}); err != nil {
+			return fmt.Errorf("member %s: find %s: %w", member, id.Label(), err)
+		}
+		objs, _, err := p.FindObjects(s, 1)
+		if ferr := p.FindObjectsFinal(s); err == nil {
+			err = ferr
+		}
+		if err != nil {
+			return fmt.Errorf("member %s: find %s: %w", member, id.Label(), err)
+		}
+		if len(objs) > 0 {
+			return fmt.Errorf("member %s holds %s: %w", member, id.Label(), ErrKeysExist)
+		}
+	}
+	return nil
+}
+
+// withSession loads the member's module with miekg/pkcs11 (crypto11 has no
+// import call), logs in to its token, runs check then fn, and unloads the
+// module again so that crypto11 can initialise it afterwards.
+func withSession(c MemberConfig, fn func(*pkcs11.Ctx, pkcs11.SessionHandle) error, check func(*pkcs11.Ctx, pkcs11.SessionHandle, string) error) error {
+	p := pkcs11.New(c.Module)
+	if p == nil {
+		return fmt.Errorf("member %s: cannot load PKCS#11 module %s", c.Name, c.Module)
+	}
+	defer p.Destroy()
+	if err := p.Initialize(); err != nil {
+		return fmt.Errorf("member %s: initialise module: %w", c.Name, err)
+	}
+	defer p.Finalize()
+	slots, err := p.GetSlotList(true)
+	if err != nil {
+		return fmt.Errorf("member %s: list slots: %w", c.Name, err)
+	}
+	slot, found := uint(0), false
+	for _, s := range slots {
+		ti, err := p.GetTokenInfo(s)
+		if err == nil && ti.Label == c.TokenLabel {
+			slot, found = s, true
+			break
+		}
+	}
+	if !found {
+		return fmt.Errorf("member %s: no token labelled %q", c.Name, c.TokenLabel)
+	}
+	s, err := p.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+	if err != nil {
+		return fmt.Errorf("member %s: open session: %w", c.Name, err)
+	}
+	defer p.CloseSession(s)
+	if err := p.Login(s, pkcs11.CKU_USER, c.PIN); err != nil {
+		return fmt.Errorf("member %s: log in: %w", c.Name, scrubPIN(err, c.PIN))
+	}
+	defer p.Logout(s)
+	if err := check(p, s, c.Name); err != nil {
+		return err
+	}
+	return fn(p, s)
+}

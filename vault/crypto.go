@@ -1,0 +1,96 @@
+package vault
+
+import (
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/hkdf"
+	"crypto/sha256"
+	"encoding/binary"
+	"fmt"
+)
+
+// Domain-separation labels. Each names exactly one use; they are part of the
+// stored format (docs/format.md) and never change within v1.
+const (
+	labelPINMAC     = "keyvault/v1/pin-mac"
+	labelOuterAAD   = "keyvault/v1/outer"
+	labelInnerAAD   = "keyvault/v1/inner-aad"
+	infoVerifier    = "keyvault/v1/verifier"
+	infoInner       = "keyvault/v1/inner"
+	labelRecordKey  = "keyvault/v1/derive/record-mac"
+	labelLogIDKey   = "keyvault/v1/derive/log-id"
+	derivedKeyBytes = 32
+)
+
+// lp appends a length-prefixed field: a 4-byte big-endian length, then the
+// bytes. Every variable field of an HMAC input or AAD is length-prefixed so
+// that no two different tuples encode to the same bytes.
+func lp(b []byte, field []byte) []byte {
+	b = binary.BigEndian.AppendUint32(b, uint32(len(field)))
+	return append(b, field...)
+}
+
+// pinMACInput is the message the HSM MACs under the PIN key. It binds the
+// PIN to its namespace, user, generation and a fresh salt, so that a
+// verifier computed for one backup is worthless for any other.
+func pinMACInput(ns, userID string, gen uint64, salt, pin []byte) []byte {
+	b := make([]byte, 0, len(labelPINMAC)+1+4*4+8+len(ns)+len(userID)+len(salt)+len(pin))
+	b = append(b, labelPINMAC...)
+	b = append(b, 0)
+	b = lp(b, []byte(ns))
+	b = lp(b, []byte(userID))
+	b = binary.BigEndian.AppendUint64(b, gen)
+	b = lp(b, salt)
+	return lp(b, pin)
+}
+
+// outerAAD binds the HSM-sealed layer to where it is stored and to the key
+// versions in the record, so a sealed secret moved onto another user, another
+// generation or other key versions fails to open.
+func outerAAD(ns, userID string, gen uint64, wrapVersion, pinVersion uint32) []byte {
+	b := append([]byte(labelOuterAAD), 0)
+	b = lp(b, []byte(ns))
+	b = lp(b, []byte(userID))
+	b = binary.BigEndian.AppendUint64(b, gen)
+	b = binary.BigEndian.AppendUint32(b, wrapVersion)
+	return binary.BigEndian.AppendUint32(b, pinVersion)
+}
+
+func innerAAD(ns, userID string, gen uint64) []byte {
+	b := append([]byte(labelInnerAAD), 0)
+	b = lp(b, []byte(ns))
+	b = lp(b, []byte(userID))
+	return binary.BigEndian.AppendUint64(b, gen)
+}
+
+// pinKeys derives the verifier and the inner-layer key from M, the HSM's
+// PIN MAC. Distinct HKDF labels keep them independent: the verifier is
+// stored, the inner key never is.
+func pinKeys(m []byte) (verifier, inner []byte, err error) {
+	verifier, err = hkdf.Key(sha256.New, m, nil, infoVerifier, derivedKeyBytes)
+	if err != nil {
+		return nil, nil, fmt.Errorf("derive verifier: %w", err)
+	}
+	inner, err = hkdf.Key(sha256.New, m, nil, infoInner, derivedKeyBytes)
+	if err != nil {
+		return nil, nil, fmt.Errorf("derive inner key: %w", err)
+	}
+	return verifier, inner, nil
+}
+
+func innerGCM(key []byte) (cipher.AEAD, error) {
+	block, err := aes.NewCipher(key)
+	if err != nil {
+		return nil, fmt.Errorf("inner cipher: %w", err)
+	}
+	return cipher.NewGCM(block)
+}
+
+// wipe overwrites a secret in memory. Go may have copied it elsewhere
+// (the garbage collector moves nothing, but strings and appends copy); this
+// shortens the life of the copies we own.
+func wipe(bs ...[]byte) {
+	for _, b := range bs {
+		clear(b)
+	}
+}

@@ -1,0 +1,31 @@
+// Package vault is keyvault's domain: it enrolls, recovers, reports on,
+// deletes and re-PINs backups of users' history keys, and it enforces the
+// guess budget.
+//
+// # Basics
+//
+// A backup is one record in a Store, keyed by (namespace, user_id). The
+// record holds the user's secret sealed twice: an inner AES-256-GCM layer
+// under a key derived from the PIN check, and an outer AES-256-GCM layer
+// computed inside the HSM under the current wrap key. Checking a PIN needs an
+// HMAC computed inside the HSM under the PIN key, so a copy of the store alone
+// allows no offline guessing. The byte layouts are a stored format and are
+// documented in docs/format.md.
+//
+// # The guess budget
+//
+// Every recovery and PIN change is a guess, and it is counted durably before
+// the HSM is asked anything (see Vault.Recover for the three steps). The
+// guess that uses the last attempt removes the sealed secret in the same
+// write that counts it. Counters are authenticated with a record MAC under a
+// key derived from the HSM at start, so a record edited in the store is
+// refused with ErrIntegrity rather than trusted.
+//
+// # Caveats
+//
+// The record MAC stops edits, not rollbacks: restoring an older copy of the
+// store restores older counters (see ../shared/ROLLBACK.md and the README).
+// The Store must give compare-and-swap by revision; the HSM must say whether
+// an operation produced no result (ErrUnavailable) or an open failed
+// authentication (ErrIntegrity).
+package vault

@@ -1,0 +1,53 @@
+package vault
+
+import (
+	"errors"
+	"fmt"
+)
+
+// Sentinel errors. Callers test them with errors.Is; the api package maps
+// each to one problem document.
+var (
+	// ErrInvalid: the request is malformed. The error text names the field
+	// and never holds its value.
+	ErrInvalid = errors.New("invalid request")
+	// ErrNotFound: no backup for this namespace and user_id (or it was deleted).
+	ErrNotFound = errors.New("backup not found")
+	// ErrWrongPIN: the guess was counted and was wrong; at least one attempt
+	// is left. The error is a *WrongPINError carrying how many.
+	ErrWrongPIN = errors.New("wrong PIN")
+	// ErrLocked: the backup's attempts are used up and its secret is gone.
+	ErrLocked = errors.New("backup locked")
+	// ErrPrecondition: an If-Match or If-None-Match precondition failed;
+	// nothing was counted or written.
+	ErrPrecondition = errors.New("precondition failed")
+	// ErrUnavailable: a dependency (HSM or store) gave no result; any guess
+	// counted for the request has been refunded where that was possible.
+	// HSM implementations wrap it when no member could answer.
+	ErrUnavailable = errors.New("unavailable")
+	// ErrIntegrity: a stored record failed authentication (edited, moved, or
+	// damaged). Nothing is served from it. HSM implementations wrap it when a
+	// GCM open fails authentication on a healthy member.
+	ErrIntegrity = errors.New("record integrity check failed")
+	// ErrConflict is returned by a Store's CompareAndSwap when the key's
+	// revision is not the expected one. The vault retries; it never escapes.
+	ErrConflict = errors.New("store: revision conflict")
+)
+
+// WrongPINError is the error of a wrong guess that left attempts.
+type WrongPINError struct {
+	Remaining int
+}
+
+func (e *WrongPINError) Error() string {
+	return fmt.Sprintf("wrong PIN: %d attempts remaining", e.Remaining)
+}
+
+// Is makes errors.Is(err, ErrWrongPIN) true.
+func (e *WrongPINError) Is(target error) bool { return target == ErrWrongPIN }
+
+// invalid builds an ErrInvalid that names the field. The message must be a
+// constant description: never include the offending value.
+func invalid(field, msg string) error {
+	return fmt.Errorf("%w: %s: %s", ErrInvalid, field, msg)
+}

@@ -1,0 +1,71 @@
+package vault
+
+import (
+	"context"
+	"fmt"
+)
+
+// Store is the durable, shared home of records. Every key carries a
+// revision that changes on every write, so that several vault processes can
+// share one store and never overwrite each other unseen.
+//
+// Implementations are safe for concurrent use. Calls block on I/O; they
+// honour ctx only before they start a write, so that a counted guess is never
+// half-written because a client hung up (the vault also passes
+// context.WithoutCancel for those writes).
+type Store interface {
+	// Get returns the value stored under key and its revision. A missing
+	// key returns a nil value, revision 0 and no error.
+	Get(ctx context.Context, key []byte) (value []byte, rev uint64, err error)
+	// CompareAndSwap stores value under key if the key's current revision
+	// is rev (0: the key must not exist), durably, and returns the new
+	// revision. Otherwise it writes nothing and returns ErrConflict.
+	CompareAndSwap(ctx context.Context, key []byte, rev uint64, value []byte) (uint64, error)
+	// Scan calls fn for each key starting with prefix, in key order. The
+	// slices are only valid during the call.
+	Scan(ctx context.Context, prefix []byte, fn func(key, value []byte, rev uint64) error) error
+}
+
+// KeyRole names what an HSM key is for.
+type KeyRole string
+
+const (
+	// RoleWrap is the AES-256 key that seals the outer layer of secrets (GCM).
+	RoleWrap KeyRole = "wrap"
+	// RolePIN is the 256-bit HMAC-SHA256 key of the PIN check.
+	RolePIN KeyRole = "pin"
+	// RoleRoot is the 256-bit HMAC-SHA256 key from which the process
+	// derives, at start, the keys it holds in memory (record MACs, log IDs).
+	RoleRoot KeyRole = "root"
+)
+
+// Roles lists every key role, in provisioning order.
+var Roles = []KeyRole{RoleWrap, RolePIN, RoleRoot}
+
+// KeyID names one version of one HSM key.
+type KeyID struct {
+	Role    KeyRole
+	Version uint32
+}
+
+// Label is the PKCS#11 CKA_LABEL of the key object, e.g. "keyvault-wrap-v1".
+func (k KeyID) Label() string { return fmt.Sprintf("keyvault-%s-v%d", k.Role, k.Version) }
+
+// HSM performs the key operations that must never happen outside the
+// hardware. Implementations are safe for concurrent use and block until a
+// session is free or ctx ends.
+//
+// An error that wraps ErrUnavailable means no result was obtained; an Open
+// error that wraps ErrIntegrity means the ciphertext failed authentication on
+// a healthy HSM. Any other error is treated as ErrUnavailable.
+type HSM interface {
+	// HMAC returns HMAC-SHA256(key, msg) computed in the HSM.
+	HMAC(ctx context.Context, key KeyID, msg []byte) ([]byte, error)
+	// Seal encrypts with AES-256-GCM in the HSM; nonce is 12 bytes.
+	Seal(ctx context.Context, key KeyID, nonce, plaintext, aad []byte) ([]byte, error)
+	// Open decrypts and authenticates with AES-256-GCM in the HSM.
+	Open(ctx context.Context, key KeyID, nonce, ciphertext, aad []byte) ([]byte, error)
+	// KeyVersion is the newest version of role present on every member,
+	// the one used for new records.
+	KeyVersion(role KeyRole) uint32
+}

@@ -1,0 +1,64 @@
+package vault
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
+)
+
+type metrics struct {
+	recoveries        *prometheus.CounterVec
+	pinChanges        *prometheus.CounterVec
+	enrollments       *prometheus.CounterVec
+	deletes           prometheus.Counter
+	lockouts          prometheus.Counter
+	integrityFailures prometheus.Counter
+	storeConflicts    prometheus.Counter
+	sealsReserved     *prometheus.GaugeVec
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	f := promauto.With(reg)
+	m := &metrics{
+		recoveries: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "keyvault_recoveries_total",
+			Help: "Recover requests that reached the vault, by result.",
+		}, []string{"result"}),
+		pinChanges: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "keyvault_pin_changes_total",
+			Help: "PIN change requests that reached the vault, by result.",
+		}, []string{"result"}),
+		enrollments: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "keyvault_enrollments_total",
+			Help: "Enrollments, by result (created, replaced, error).",
+		}, []string{"result"}),
+		deletes: f.NewCounter(prometheus.CounterOpts{
+			Name: "keyvault_deletes_total",
+			Help: "Backups deleted (tombstoned).",
+		}),
+		lockouts: f.NewCounter(prometheus.CounterOpts{
+			Name: "keyvault_lockouts_total",
+			Help: "Guesses that used a backup's last attempt and removed its secret.",
+		}),
+		integrityFailures: f.NewCounter(prometheus.CounterOpts{
+			Name: "keyvault_integrity_failures_total",
+			Help: "Stored records or sealed secrets that failed authentication.",
+		}),
+		storeConflicts: f.NewCounter(prometheus.CounterOpts{
+			Name: "keyvault_store_conflicts_total",
+			Help: "Compare-and-swap writes retried because the record changed since it was read.",
+		}),
+		sealsReserved: f.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "keyvault_wrap_key_seals",
+			Help: "Seals reserved under each wrap key version (an upper bound of seals done); the limit is 2^32.",
+		}, []string{"key_version"}),
+	}
+	// Known results start at zero so that rates and alerts see them.
+	for _, r := range []string{"success", "wrong_pin", "locked", "not_found", "invalid", "precondition_failed", "rate_limited", "unavailable", "integrity_error"} {
+		m.recoveries.WithLabelValues(r)
+		m.pinChanges.WithLabelValues(r)
+	}
+	for _, r := range []string{"created", "replaced", "error"} {
+		m.enrollments.WithLabelValues(r)
+	}
+	return m
+}

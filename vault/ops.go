@@ -1,0 +1,403 @@
+package vault
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// Backup is what the vault tells about a backup; never its secret.
+type Backup struct {
+	UserID            string
+	Generation        uint64
+	MaxAttempts       int
+	AttemptsRemaining int
+	Locked            bool
+	KeyVersion        uint32 // of the wrap key that seals the record
+	PINKeyVersion     uint32 // of the PIN key that checks it
+	CreatedAt         time.Time
+	UpdatedAt         time.Time
+}
+
+func backupOf(userID string, r *record) Backup {
+	return Backup{
+		UserID:            userID,
+		Generation:        r.Generation,
+		MaxAttempts:       int(r.MaxAttempts),
+		AttemptsRemaining: r.remaining(),
+		Locked:            r.Locked,
+		KeyVersion:        r.WrapVersion,
+		PINKeyVersion:     r.PINVersion,
+		CreatedAt:         time.Unix(0, r.CreatedAt).UTC(),
+		UpdatedAt:         time.Unix(0, r.UpdatedAt).UTC(),
+	}
+}
+
+// Precondition is an HTTP-style condition on the backup's generation. The
+// zero value imposes none.
+type Precondition struct {
+	// IfMatch, when non-zero, requires a live backup of this generation.
+	IfMatch uint64
+	// IfNoneMatch requires that no live backup exists (PUT only).
+	IfNoneMatch bool
+}
+
+func (p Precondition) check(cur *stored) error {
+	live := cur != nil && !cur.Tombstone
+	if p.IfNoneMatch && live {
+		return fmt.Errorf("%w: a backup exists", ErrPrecondition)
+	}
+	if p.IfMatch != 0 && (!live || cur.Generation != p.IfMatch) {
+		return fmt.Errorf("%w: generation does not match", ErrPrecondition)
+	}
+	return nil
+}
+
+func (v *Vault) now() int64 { return v.opts.Now().UnixNano() }
+
+// Enroll stores secret under pin as a new generation of the backup,
+// replacing any previous one (locked or not) and starting a fresh counter.
+// maxAttempts 0 means the configured default. created reports whether no
+// live backup existed before.
+func (v *Vault) Enroll(ctx context.Context, ns, userID string, secret, pin []byte, maxAttempts int, pre Precondition) (b Backup, created bool, err error) {
+	defer func() { v.metrics.enrollments.WithLabelValues(enrollResult(created, err)).Inc() }()
+	if err := checkTarget(ns, userID); err != nil {
+		return Backup{}, false, err
+	}
+	if err := checkSecret(secret); err != nil {
+		return Backup{}, false, err
+	}
+	if err := checkPIN("pin", pin); err != nil {
+		return Backup{}, false, err
+	}
+	if maxAttempts == 0 {
+		maxAttempts = v.opts.DefaultMaxAttempts
+	}
+	if maxAttempts < 1 || maxAttempts > v.opts.MaxAttemptsLimit {
+		return Backup{}, false, invalid("max_attempts", fmt.Sprintf("must be from 1 to %d", v.opts.MaxAttemptsLimit))
+	}
+
+	key := recordKey(ns, userID)
+	var next *record
+	err = v.update(ctx, key, func(cur *stored) (*record, error) {
+		if err := pre.check(cur); err != nil {
+			return nil, err
+		}
+		gen := uint64(1)
+		if cur != nil {
+			gen = cur.Generation + 1
+		}
+		created = cur == nil || cur.Tombstone
+		// The AAD and PIN MAC bind the generation, so a conflict that
+		// changed it means sealing again.
+		if next == nil || next.Generation != gen {
+			r, err := v.seal(ctx, ns, userID, gen, secret, pin)
+			if err != nil {
+				return nil, err
+			}
+			next = r
+		}
+		now := v.now()
+		next.MaxAttempts = uint32(maxAttempts)
+		next.CreatedAt, next.UpdatedAt = now, now
+		return next, nil
+	})
+	if err != nil {
+		return Backup{}, false, fmt.Errorf("enroll: %w", err)
+	}
+	return backupOf(userID, next), created, nil
+}
+
+func enrollResult(created bool, err error) string {
+	switch {
+	case err != nil:
+		return "error"
+	case created:
+		return "created"
+	default:
+		return "replaced"
+	}
+}
+
+// Status describes a backup, locked or not.
+func (v *Vault) Status(ctx context.Context, ns, userID string) (Backup, error) {
+	if err := checkTarget(ns, userID); err != nil {
+		return Backup{}, err
+	}
+	cur, err := v.read(ctx, recordKey(ns, userID))
+	if err != nil {
+		return Backup{}, fmt.Errorf("status: %w", err)
+	}
+	if cur == nil || cur.Tombstone {
+		return Backup{}, ErrNotFound
+	}
+	return backupOf(userID, cur.record), nil
+}
+
+// Delete replaces a backup with a tombstone that keeps its generation, so
+// that generations only increase for the life of the store.
+func (v *Vault) Delete(ctx context.Context, ns, userID string, pre Precondition) error {
+	if err := checkTarget(ns, userID); err != nil {
+		return err
+	}
+	err := v.update(ctx, recordKey(ns, userID), func(cur *stored) (*record, error) {
+		if cur == nil || cur.Tombstone {
+			return nil, ErrNotFound
+		}
+		if err := pre.check(cur); err != nil {
+			return nil, err
+		}
+		return &record{Generation: cur.Generation, Tombstone: true, UpdatedAt: v.now()}, nil
+	})
+	if err != nil {
+		return fmt.Errorf("delete: %w", err)
+	}
+	v.metrics.deletes.Inc()
+	return nil
+}
+
+// guess is one counted guess: the record as it was before counting (with
+// its sealed secret), the guess's index, and whether counting it locked the
+// backup.
+type guess struct {
+	key    []byte
+	before record
+	index  uint32
+	locked bool
+}
+
+// count is step 1 of every guess: durably count it before anything is
+// learnt about the PIN. The guess that uses the last attempt removes the
+// sealed secret in the same write; the request keeps it in memory.
+func (v *Vault) count(ctx context.Context, ns, userID string, pre Precondition) (*guess, error) {
+	g := &guess{key: recordKey(ns, userID)}
+	err := v.update(ctx, g.key, func(cur *stored) (*record, error) {
+		if cur == nil || cur.Tombstone {
+			return nil, ErrNotFound
+		}
+		// A failed precondition is decided before anything is counted.
+		if err := pre.check(cur); err != nil {
+			return nil, err
+		}
+		if cur.Locked {
+			return nil, ErrLocked
+		}
+		g.before = *cur.record
+		next := *cur.record
+		next.Guesses++
+		next.UpdatedAt = v.now()
+		g.index = next.Guesses
+		g.locked = next.used() == next.MaxAttempts
+		if g.locked {
+			next.Locked, next.Sealed = true, nil
+		}
+		return &next, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	if g.locked {
+		v.metrics.lockouts.Inc()
+	}
+	return g, nil
+}
+
+// sameGeneration reports whether cur still holds the generation g counted in.
+func (g *guess) sameGeneration(cur *stored) bool {
+	return cur != nil && !cur.Tombstone && cur.Generation == g.before.Generation
+}
+
+// forgive is step 3 after a right PIN: every guess up to this one is
+// forgiven, guesses counted after it began stay counted, and if this guess
+// locked the backup, its secret goes back. It returns the attempts left.
+// A lock by a later guess stands: that guess answers 410, and a 410 must
+// stay true.
+func (v *Vault) forgive(ctx context.Context, g *guess) (int, error) {
+	remaining := int(g.before.MaxAttempts)
+	err := v.update(ctx, g.key, func(cur *stored) (*record, error) {
+		if !g.sameGeneration(cur) {
+			return nil, nil // replaced or deleted meanwhile: nothing to reset
+		}
+		next := *cur.record
+		if next.Locked {
+			if next.Guesses != g.index {
+				remaining = 0
+				return nil, nil
+			}
+			next.Locked, next.Sealed = false, g.before.Sealed
+		} else if g.index <= next.Forgiven {
+			remaining = next.remaining()
+			return nil, nil // a later success already forgave this guess
+		}
+		if g.index > next.Forgiven {
+			// Refunds of guesses after this one are dropped with the
+			// rest: that can only count a guess too many, never too few.
+			next.Forgiven, next.Refunds = g.index, 0
+		}
+		next.UpdatedAt = v.now()
+		remaining = next.remaining()
+		return &next, nil
+	})
+	return remaining, err
+}
+
+// refund is step 3 when the HSM gave no result: the guess's outcome was
+// never learnt, so it is uncounted, and if it locked the backup, the secret
+// goes back.
+func (v *Vault) refund(ctx context.Context, g *guess) error {
+	return v.update(ctx, g.key, func(cur *stored) (*record, error) {
+		if !g.sameGeneration(cur) || g.index <= cur.Forgiven {
+			return nil, nil
+		}
+		next := *cur.record
+		if next.Locked {
+			if next.Guesses != g.index {
+				return nil, nil // locked by a later guess, which answers 410
+			}
+			next.Locked, next.Sealed = false, g.before.Sealed
+		}
+		next.Refunds++
+		next.UpdatedAt = v.now()
+		return &next, nil
+	})
+}
+
+// attempt runs steps 1 and 2 of a guess and settles wrong and unanswered
+// guesses. On a right PIN it returns the counted guess and the inner key
+// for the caller to finish.
+func (v *Vault) attempt(ctx context.Context, ns, userID string, pin []byte, pre Precondition) (*guess, []byte, error) {
+	g, err := v.count(ctx, ns, userID, pre)
+	if err != nil {
+		return nil, nil, err
+	}
+	ok, inner, err := v.verify(ctx, ns, userID, &g.before, pin)
+	switch {
+	case err != nil:
+		if rerr := v.refund(ctx, g); rerr != nil {
+			return nil, nil, errors.Join(err, fmt.Errorf("refund: %w", rerr))
+		}
+		return nil, nil, err
+	case !ok && g.locked:
+		return nil, nil, ErrLocked
+	case !ok:
+		return nil, nil, &WrongPINError{Remaining: int(g.before.MaxAttempts - g.before.used() - 1)}
+	}
+	return g, inner, nil
+}
+
+// Recover returns the secret of a backup for the right PIN.
+//
+// The order is what keeps the guess budget: (1) count the guess durably,
+// removing the secret from the store if it uses the last attempt; (2) check
+// the PIN in the HSM; (3) on a right PIN forgive the guesses up to this one,
+// or, if the HSM gave no result, refund this guess. A crash after (1) leaves
+// the guess counted as wrong. No outcome leaves the process before (1) is
+// durable.
+func (v *Vault) Recover(ctx context.Context, ns, userID string, pin []byte) (secret []byte, remaining int, err error) {
+	defer func() { v.metrics.recoveries.WithLabelValues(resultOf(err)).Inc() }()
+	if err := checkTarget(ns, userID); err != nil {
+		return nil, 0, err
+	}
+	if err := checkPIN("pin", pin); err != nil {
+		return nil, 0, err
+	}
+	g, inner, err := v.attempt(ctx, ns, userID, pin, Precondition{})
+	if err != nil {
+		return nil, 0, fmt.Errorf("recover: %w", err)
+	}
+	defer wipe(inner)
+	// The guess was right, so it is forgiven whatever happens next: the
+	// caller has not learnt that, but a damaged record should not burn the
+	// user's attempts either.
+	remaining, ferr := v.forgive(ctx, g)
+	secret, err = v.open(ctx, ns, userID, &g.before, g.before.Sealed, inner)
+	if err != nil {
+		return nil, 0, fmt.Errorf("recover: %w", err)
+	}
+	if ferr != nil {
+		wipe(secret)
+		return nil, 0, fmt.Errorf("recover: reset counter: %w", ferr)
+	}
+	return secret, remaining, nil
+}
+
+// ChangePIN re-seals a backup under a new PIN as a new generation with a
+// fresh salt and counter, keeping its secret and max_attempts. It is a guess
+// with the old PIN and is counted like a recovery.
+func (v *Vault) ChangePIN(ctx context.Context, ns, userID string, pin, newPIN []byte, pre Precondition) (b Backup, err error) {
+	defer func() { v.metrics.pinChanges.WithLabelValues(resultOf(err)).Inc() }()
+	if err := checkTarget(ns, userID); err != nil {
+		return Backup{}, err
+	}
+	if err := checkPIN("pin", pin); err != nil {
+		return Backup{}, err
+	}
+	if err := checkPIN("new_pin", newPIN); err != nil {
+		return Backup{}, err
+	}
+	g, inner, err := v.attempt(ctx, ns, userID, pin, pre)
+	if err != nil {
+		return Backup{}, fmt.Errorf("change PIN: %w", err)
+	}
+	defer wipe(inner)
+	secret, err := v.open(ctx, ns, userID, &g.before, g.before.Sealed, inner)
+	if err != nil {
+		if errors.Is(err, ErrIntegrity) {
+			// The PIN was right; keep the budget as a recovery would.
+			_, _ = v.forgive(ctx, g)
+		} else if rerr := v.refund(ctx, g); rerr != nil {
+			err = errors.Join(err, rerr)
+		}
+		return Backup{}, fmt.Errorf("change PIN: %w", err)
+	}
+	defer wipe(secret)
+	next, err := v.seal(ctx, ns, userID, g.before.Generation+1, secret, newPIN)
+	if err != nil {
+		if rerr := v.refund(ctx, g); rerr != nil {
+			err = errors.Join(err, rerr)
+		}
+		return Backup{}, fmt.Errorf("change PIN: %w", err)
+	}
+	err = v.update(ctx, g.key, func(cur *stored) (*record, error) {
+		switch {
+		case !g.sameGeneration(cur):
+			return nil, fmt.Errorf("%w: the backup was replaced or deleted during the PIN change", ErrPrecondition)
+		case cur.Locked && cur.Guesses != g.index:
+			return nil, ErrLocked // a later guess locked it and answers 410
+		}
+		now := v.now()
+		next.MaxAttempts = cur.MaxAttempts
+		next.CreatedAt, next.UpdatedAt = now, now
+		return next, nil
+	})
+	if err != nil {
+		return Backup{}, fmt.Errorf("change PIN: %w", err)
+	}
+	return backupOf(userID, next), nil
+}
+
+// resultOf names an operation's outcome for metrics.
+func resultOf(err error) string {
+	var wrong *WrongPINError
+	switch {
+	case err == nil:
+		return "success"
+	case errors.As(err, &wrong):
+		return "wrong_pin"
+	case errors.Is(err, ErrLocked):
+		return "locked"
+	case errors.Is(err, ErrNotFound):
+		return "not_found"
+	case errors.Is(err, ErrInvalid):
+		return "invalid"
+	case errors.Is(err, ErrPrecondition):
+		return "precondition_failed"
+	case errors.Is(err, ErrIntegrity):
+		return "integrity_error"
+	case errors.Is(err, ErrUnavailable):
+		return "unavailable"
+	default:
+		return "error"
+	}
+}

@@ -1,0 +1,222 @@
+package vault
+
+import (
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+)
+
+// recordFormatV1 is the first byte of every record. docs/format.md has the
+// layout; a change to it needs a new format number and a reader for the old.
+const recordFormatV1 = 1
+
+const (
+	flagLocked    = 1 << 0
+	flagTombstone = 1 << 1
+
+	saltLen     = 32
+	verifierLen = 32
+	nonceLen    = 12
+	macLen      = sha256.Size
+
+	// maxSealedLen bounds the outer ciphertext: inner nonce, the largest
+	// secret, and two GCM tags.
+	maxSealedLen = nonceLen + maxSecretLen + 2*16
+)
+
+// record is one backup, or the tombstone of a deleted one.
+//
+// The guess counter is three numbers rather than one so that concurrent
+// requests can settle their guesses in any order (see Vault.Recover):
+// Guesses counts every guess of this generation (guess i is the i-th);
+// a successful guess i forgives every guess up to i (Forgiven = i); a guess
+// that got no answer from the HSM is refunded (Refunds, reset when Forgiven
+// moves). Attempts used = Guesses - Forgiven - Refunds.
+type record struct {
+	Generation  uint64
+	Locked      bool
+	Tombstone   bool
+	MaxAttempts uint32
+	Guesses     uint32
+	Forgiven    uint32
+	Refunds     uint32
+	CreatedAt   int64 // unix nanoseconds: when this generation was written
+	UpdatedAt   int64 // unix nanoseconds: the last write of any kind
+	WrapVersion uint32
+	PINVersion  uint32
+	MACVersion  uint32
+	Salt        []byte
+	Verifier    []byte
+	Nonce       []byte // the outer GCM nonce actually used
+	Sealed      []byte // outer ciphertext; empty when locked or a tombstone
+}
+
+func (r *record) used() uint32 { return r.Guesses - r.Forgiven - r.Refunds }
+
+func (r *record) remaining() int {
+	if r.Locked {
+		return 0
+	}
+	return int(r.MaxAttempts - r.used())
+}
+
+// recordKey is the store key of a backup: a type byte, then the namespace
+// and the user_id, each prefixed by its length, so that no two pairs collide.
+func recordKey(ns, userID string) []byte {
+	k := make([]byte, 0, 3+len(ns)+len(userID))
+	k = append(k, 'r', byte(len(ns)))
+	k = append(k, ns...)
+	k = append(k, byte(len(userID)))
+	return append(k, userID...)
+}
+
+// marshal encodes the record body (everything the MAC covers, without it).
+func (r *record) marshal() []byte {
+	b := make([]byte, 0, 96+len(r.Salt)+len(r.Verifier)+len(r.Nonce)+len(r.Sealed)+macLen)
+	var flags byte
+	if r.Locked {
+		flags |= flagLocked
+	}
+	if r.Tombstone {
+		flags |= flagTombstone
+	}
+	b = append(b, recordFormatV1, flags)
+	b = binary.BigEndian.AppendUint64(b, r.Generation)
+	b = binary.BigEndian.AppendUint32(b, r.MaxAttempts)
+	b = binary.BigEndian.AppendUint32(b, r.Guesses)
+	b = binary.BigEndian.AppendUint32(b, r.Forgiven)
+	b = binary.BigEndian.AppendUint32(b, r.Refunds)
+	b = binary.BigEndian.AppendUint64(b, uint64(r.CreatedAt))
+	b = binary.BigEndian.AppendUint64(b, uint64(r.UpdatedAt))
+	b = binary.BigEndian.AppendUint32(b, r.WrapVersion)
+	b = binary.BigEndian.AppendUint32(b, r.PINVersion)
+	b = binary.BigEndian.AppendUint32(b, r.MACVersion)
+	b = append(b, byte(len(r.Salt)))
+	b = append(b, r.Salt...)
+	b = append(b, byte(len(r.Verifier)))
+	b = append(b, r.Verifier...)
+	b = append(b, byte(len(r.Nonce)))
+	b = append(b, r.Nonce...)
+	b = binary.BigEndian.AppendUint32(b, uint32(len(r.Sealed)))
+	return append(b, r.Sealed...)
+}
+
+var errMalformed = errors.New("malformed record")
+
+// parseRecord decodes a record without checking its MAC; it returns the
+// body the MAC covers and the MAC. Every length is checked, so arbitrary
+// bytes give an error, never a panic.
+func parseRecord(b []byte) (r *record, body, mac []byte, err error) {
+	if len(b) < macLen {
+		return nil, nil, nil, errMalformed
+	}
+	body, mac = b[:len(b)-macLen], b[len(b)-macLen:]
+	d := decoder{b: body}
+	if v := d.byte(); v != recordFormatV1 {
+		return nil, nil, nil, fmt.Errorf("%w: unknown format %d", errMalformed, v)
+	}
+	flags := d.byte()
+	r = &record{
+		Locked:      flags&flagLocked != 0,
+		Tombstone:   flags&flagTombstone != 0,
+		Generation:  d.u64(),
+		MaxAttempts: d.u32(),
+		Guesses:     d.u32(),
+		Forgiven:    d.u32(),
+		Refunds:     d.u32(),
+		CreatedAt:   int64(d.u64()),
+		UpdatedAt:   int64(d.u64()),
+		WrapVersion: d.u32(),
+		PINVersion:  d.u32(),
+		MACVersion:  d.u32(),
+	}
+	r.Salt = d.bytes(int(d.byte()))
+	r.Verifier = d.bytes(int(d.byte()))
+	r.Nonce = d.bytes(int(d.byte()))
+	r.Sealed = d.bytes(int(d.u32()))
+	if d.err || len(d.b) != 0 || flags&^(flagLocked|flagTombstone) != 0 {
+		return nil, nil, nil, errMalformed
+	}
+	return r, body, mac, nil
+}
+
+// check validates what a record with a correct MAC must satisfy anyway;
+// a failure means a bug or a forged MAC, and is treated as tampering.
+func (r *record) check() error {
+	switch {
+	case r.Generation == 0:
+		return errors.New("generation 0")
+	case r.Tombstone:
+		if r.Locked || len(r.Sealed) != 0 || len(r.Salt) != 0 {
+			return errors.New("tombstone with contents")
+		}
+		return nil
+	case r.MaxAttempts == 0:
+		return errors.New("max_attempts 0")
+	case uint64(r.Forgiven)+uint64(r.Refunds) > uint64(r.Guesses):
+		return errors.New("counter out of range")
+	case r.used() > r.MaxAttempts:
+		return errors.New("counter out of range")
+	case r.Locked != (r.used() == r.MaxAttempts):
+		return errors.New("lock state disagrees with counter")
+	case r.Locked != (len(r.Sealed) == 0):
+		return errors.New("lock state disagrees with sealed secret")
+	case len(r.Salt) != saltLen || len(r.Verifier) != verifierLen || len(r.Nonce) != nonceLen:
+		return errors.New("bad field length")
+	case len(r.Sealed) > maxSealedLen:
+		return errors.New("sealed secret too long")
+	}
+	return nil
+}
+
+// recordMAC authenticates a record's bytes and the key it is stored under,
+// so that neither an edit nor a move to another user's key goes unnoticed.
+func recordMAC(key, storeKey, body []byte) []byte {
+	m := hmac.New(sha256.New, key)
+	m.Write([]byte("keyvault/v1/record\x00"))
+	m.Write(binary.BigEndian.AppendUint32(nil, uint32(len(storeKey))))
+	m.Write(storeKey)
+	m.Write(body)
+	return m.Sum(nil)
+}
+
+type decoder struct {
+	b   []byte
+	err bool
+}
+
+func (d *decoder) bytes(n int) []byte {
+	if d.err || n > len(d.b) {
+		d.err = true
+		return nil
+	}
+	out := d.b[:n:n]
+	d.b = d.b[n:]
+	if n == 0 {
+		return nil
+	}
+	return out
+}
+
+func (d *decoder) byte() byte {
+	if b := d.bytes(1); b != nil {
+		return b[0]
+	}
+	return 0
+}
+
+func (d *decoder) u32() uint32 {
+	if b := d.bytes(4); b != nil {
+		return binary.BigEndian.Uint32(b)
+	}
+	return 0
+}
+
+func (d *decoder) u64() uint64 {
+	if b := d.bytes(8); b != nil {
+		return binary.BigEndian.Uint64(b)
+	}
+	return 0
+}

@@ -1,0 +1,354 @@
+package vault
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Options configure a Vault. The zero value of each field has the documented
+// default.
+type Options struct {
+	// DefaultMaxAttempts applies when an enrollment names none (default 10).
+	DefaultMaxAttempts int
+	// MaxAttemptsLimit is the largest max_attempts a client may ask for
+	// (default 20).
+	MaxAttemptsLimit int
+	// Registerer receives the vault's metrics (default: a private registry,
+	// i.e. not exported).
+	Registerer prometheus.Registerer
+	// Logger receives operational events; it never sees secrets, PINs or
+	// raw user IDs (default: slog.Default()).
+	Logger *slog.Logger
+	// Now is the clock (default time.Now).
+	Now func() time.Time
+}
+
+// Vault implements the backup operations on a Store and an HSM. It is safe
+// for concurrent use, by any number of goroutines and of processes sharing
+// the store.
+type Vault struct {
+	store   Store
+	hsm     HSM
+	opts    Options
+	log     *slog.Logger
+	metrics *metrics
+
+	macVersion uint32
+	macKeys    map[uint32][]byte // record MAC keys by root key version
+	logIDKey   []byte
+
+	sealMu sync.Mutex
+	seals  map[uint32]*sealBlock // per wrap key version
+}
+
+// New derives the in-memory keys from the HSM's root key and returns a
+// Vault. It fails if the HSM does not answer.
+func New(ctx context.Context, store Store, hsm HSM, opts Options) (*Vault, error) {
+	if opts.DefaultMaxAttempts == 0 {
+		opts.DefaultMaxAttempts = 10
+	}
+	if opts.MaxAttemptsLimit == 0 {
+		opts.MaxAttemptsLimit = 20
+	}
+	if opts.DefaultMaxAttempts < 1 || opts.DefaultMaxAttempts > opts.MaxAttemptsLimit {
+		return nil, fmt.Errorf("vault: default max attempts %d outside 1..%d", opts.DefaultMaxAttempts, opts.MaxAttemptsLimit)
+	}
+	if opts.Registerer == nil {
+		opts.Registerer = prometheus.NewRegistry()
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	v := &Vault{
+		store:   store,
+		hsm:     hsm,
+		opts:    opts,
+		log:     opts.Logger,
+		metrics: newMetrics(opts.Registerer),
+		macKeys: map[uint32][]byte{},
+		seals:   map[uint32]*sealBlock{},
+	}
+	// Only the root key's current version is derived: records name the
+	// version of their MAC key, so rotating the root later means deriving
+	// more than one here.
+	root := KeyID{RoleRoot, hsm.KeyVersion(RoleRoot)}
+	if root.Version == 0 {
+		return nil, errors.New("vault: the HSM holds no root key (run keyvault keys init)")
+	}
+	var err error
+	if v.macKeys[root.Version], err = hsm.HMAC(ctx, root, []byte(labelRecordKey)); err != nil {
+		return nil, fmt.Errorf("vault: derive record MAC key from %s: %w", root.Label(), err)
+	}
+	if v.logIDKey, err = hsm.HMAC(ctx, root, []byte(labelLogIDKey)); err != nil {
+		return nil, fmt.Errorf("vault: derive log ID key from %s: %w", root.Label(), err)
+	}
+	v.macVersion = root.Version
+	return v, nil
+}
+
+// LogID is a keyed hash of (namespace, user_id) for logs: stable within a
+// deployment, useless for finding the raw ID without the HSM.
+func (v *Vault) LogID(ns, userID string) string {
+	m := hmac.New(sha256.New, v.logIDKey)
+	m.Write(recordKey(ns, userID))
+	return hex.EncodeToString(m.Sum(nil)[:12])
+}
+
+// stored is a verified record together with where and at which revision it
+// was read.
+type stored struct {
+	key []byte
+	rev uint64
+	*record
+}
+
+// read fetches and authenticates a record. A missing key gives (nil, nil).
+// An edited, moved or malformed record is ErrIntegrity, counted in a metric.
+func (v *Vault) read(ctx context.Context, key []byte) (*stored, error) {
+	raw, rev, err := v.store.Get(ctx, key)
+	if err != nil {
+		return nil, fmt.Errorf("%w: read record: %w", ErrUnavailable, err)
+	}
+	if raw == nil {
+		return nil, nil
+	}
+	r, body, mac, err := parseRecord(raw)
+	if err == nil {
+		k, ok := v.macKeys[r.MACVersion]
+		switch {
+		case !ok:
+			err = fmt.Errorf("unknown MAC key version %d", r.MACVersion)
+		case !hmac.Equal(mac, recordMAC(k, key, body)):
+			err = errors.New("MAC mismatch")
+		default:
+			err = r.check()
+		}
+	}
+	if err != nil {
+		v.integrityFailure("record", err)
+		return nil, fmt.Errorf("%w: %w", ErrIntegrity, err)
+	}
+	return &stored{key: key, rev: rev, record: r}, nil
+}
+
+func (v *Vault) integrityFailure(what string, err error) {
+	v.metrics.integrityFailures.Inc()
+	// The reason is ours (never record bytes); the key is not logged raw.
+	v.log.Warn("integrity check failed", "object", what, "reason", err.Error())
+}
+
+// write is the one function through which every record reaches the store:
+// it MACs the record under its store key and compare-and-swaps it against
+// the revision it was read at (0 for a new key). Counting writes run under
+// context.WithoutCancel so a client hanging up cannot skip them.
+func (v *Vault) write(ctx context.Context, key []byte, rev uint64, r *record) error {
+	if err := r.check(); err != nil {
+		return fmt.Errorf("vault: refusing to write an invalid record: %w", err)
+	}
+	r.MACVersion = v.macVersion
+	body := r.marshal()
+	val := append(body, recordMAC(v.macKeys[v.macVersion], key, body)...)
+	if _, err := v.store.CompareAndSwap(context.WithoutCancel(ctx), key, rev, val); err != nil {
+		if errors.Is(err, ErrConflict) {
+			return err
+		}
+		return fmt.Errorf("%w: write record: %w", ErrUnavailable, err)
+	}
+	return nil
+}
+
+// update runs a read-modify-write of one record until it lands without a
+// conflict. fn gets the current verified record (nil if none) and returns
+// the record to write, or nil to write nothing.
+func (v *Vault) update(ctx context.Context, key []byte, fn func(cur *stored) (*record, error)) error {
+	for attempt := 0; ; attempt++ {
+		cur, err := v.read(ctx, key)
+		if err != nil {
+			return err
+		}
+		next, err := fn(cur)
+		if err != nil || next == nil {
+			return err
+		}
+		var rev uint64
+		if cur != nil {
+			rev = cur.rev
+		}
+		err = v.write(ctx, key, rev, next)
+		if !errors.Is(err, ErrConflict) {
+			return err
+		}
+		v.metrics.storeConflicts.Inc()
+		if attempt >= 1000 {
+			return fmt.Errorf("%w: record too contended", ErrUnavailable)
+		}
+	}
+}
+
+// sealBlock hands out GCM seal operations under one wrap key version from a
+// block reserved durably in the store, so that the count of seals under a
+// version (at most 2^32 with random nonces) is never under-reported, across
+// processes and restarts. A crash wastes at most the rest of one block.
+type sealBlock struct{ next, end uint64 }
+
+const (
+	sealBlockSize = 1 << 12
+	maxSealsPerKV = 1 << 32
+)
+
+func sealCountKey(version uint32) []byte {
+	return binary.BigEndian.AppendUint32([]byte("m\x00seals/wrap/"), version)
+}
+
+// takeSeal reserves one seal under the wrap key version.
+func (v *Vault) takeSeal(ctx context.Context, version uint32) error {
+	v.sealMu.Lock()
+	defer v.sealMu.Unlock()
+	b := v.seals[version]
+	if b == nil || b.next == b.end {
+		key := sealCountKey(version)
+		for {
+			raw, rev, err := v.store.Get(ctx, key)
+			if err != nil {
+				return fmt.Errorf("%w: read seal count: %w", ErrUnavailable, err)
+			}
+			var n uint64
+			if raw != nil {
+				if len(raw) != 8 {
+					return fmt.Errorf("%w: seal count malformed", ErrIntegrity)
+				}
+				n = binary.BigEndian.Uint64(raw)
+			}
+			if n+sealBlockSize > maxSealsPerKV {
+				return fmt.Errorf("%w: wrap key version %d has sealed its limit of 2^32 records; rotate the keys", ErrUnavailable, version)
+			}
+			_, err = v.store.CompareAndSwap(context.WithoutCancel(ctx), key, rev, binary.BigEndian.AppendUint64(nil, n+sealBlockSize))
+			if errors.Is(err, ErrConflict) {
+				continue
+			}
+			if err != nil {
+				return fmt.Errorf("%w: reserve seals: %w", ErrUnavailable, err)
+			}
+			b = &sealBlock{next: n, end: n + sealBlockSize}
+			v.seals[version] = b
+			v.metrics.sealsReserved.WithLabelValues(fmt.Sprint(version)).Set(float64(b.end))
+			break
+		}
+	}
+	b.next++
+	return nil
+}
+
+// verify checks a PIN against a record: one HSM HMAC, then a constant-time
+// comparison of the derived verifier. On a match it also returns the inner
+// key; the caller wipes it.
+func (v *Vault) verify(ctx context.Context, ns, userID string, r *record, pin []byte) (ok bool, inner []byte, err error) {
+	msg := pinMACInput(ns, userID, r.Generation, r.Salt, pin)
+	defer wipe(msg)
+	m, err := v.hsm.HMAC(ctx, KeyID{RolePIN, r.PINVersion}, msg)
+	if err != nil {
+		return false, nil, fmt.Errorf("%w: PIN check: %w", ErrUnavailable, err)
+	}
+	defer wipe(m)
+	verifier, inner, err := pinKeys(m)
+	if err != nil {
+		return false, nil, err
+	}
+	defer wipe(verifier)
+	if subtle.ConstantTimeCompare(verifier, r.Verifier) != 1 {
+		wipe(inner)
+		return false, nil, nil
+	}
+	return true, inner, nil
+}
+
+// open removes both layers of a record's sealed secret.
+func (v *Vault) open(ctx context.Context, ns, userID string, r *record, sealed, inner []byte) ([]byte, error) {
+	aad := outerAAD(ns, userID, r.Generation, r.WrapVersion, r.PINVersion)
+	pt, err := v.hsm.Open(ctx, KeyID{RoleWrap, r.WrapVersion}, r.Nonce, sealed, aad)
+	if err != nil {
+		if errors.Is(err, ErrIntegrity) {
+			v.integrityFailure("sealed secret", errors.New("outer layer failed authentication"))
+			return nil, fmt.Errorf("open outer layer: %w", err)
+		}
+		return nil, fmt.Errorf("%w: open outer layer: %w", ErrUnavailable, err)
+	}
+	defer wipe(pt)
+	g, err := innerGCM(inner)
+	if err != nil {
+		return nil, err
+	}
+	if len(pt) < nonceLen {
+		v.integrityFailure("sealed secret", errors.New("inner layer too short"))
+		return nil, fmt.Errorf("%w: inner layer too short", ErrIntegrity)
+	}
+	secret, err := g.Open(nil, pt[:nonceLen], pt[nonceLen:], innerAAD(ns, userID, r.Generation))
+	if err != nil {
+		v.integrityFailure("sealed secret", errors.New("inner layer failed authentication"))
+		return nil, fmt.Errorf("%w: open inner layer", ErrIntegrity)
+	}
+	return secret, nil
+}
+
+// seal builds the PIN check and both layers of a new generation of a backup.
+func (v *Vault) seal(ctx context.Context, ns, userID string, gen uint64, secret, pin []byte) (*record, error) {
+	r := &record{
+		Generation:  gen,
+		WrapVersion: v.hsm.KeyVersion(RoleWrap),
+		PINVersion:  v.hsm.KeyVersion(RolePIN),
+		Salt:        make([]byte, saltLen),
+		Nonce:       make([]byte, nonceLen),
+	}
+	if r.WrapVersion == 0 || r.PINVersion == 0 {
+		return nil, fmt.Errorf("%w: the HSM holds no wrap or PIN key", ErrUnavailable)
+	}
+	rand.Read(r.Salt) // never fails (crypto/rand, Go 1.24+)
+	rand.Read(r.Nonce)
+
+	msg := pinMACInput(ns, userID, gen, r.Salt, pin)
+	defer wipe(msg)
+	m, err := v.hsm.HMAC(ctx, KeyID{RolePIN, r.PINVersion}, msg)
+	if err != nil {
+		return nil, fmt.Errorf("%w: PIN MAC: %w", ErrUnavailable, err)
+	}
+	defer wipe(m)
+	verifier, innerKey, err := pinKeys(m)
+	if err != nil {
+		return nil, err
+	}
+	defer wipe(innerKey)
+	r.Verifier = verifier
+
+	g, err := innerGCM(innerKey)
+	if err != nil {
+		return nil, err
+	}
+	inner := make([]byte, nonceLen, nonceLen+len(secret)+g.Overhead())
+	rand.Read(inner)
+	inner = g.Seal(inner, inner[:nonceLen], secret, innerAAD(ns, userID, gen))
+	defer wipe(inner)
+
+	if err := v.takeSeal(ctx, r.WrapVersion); err != nil {
+		return nil, err
+	}
+	aad := outerAAD(ns, userID, gen, r.WrapVersion, r.PINVersion)
+	if r.Sealed, err = v.hsm.Seal(ctx, KeyID{RoleWrap, r.WrapVersion}, r.Nonce, inner, aad); err != nil {
+		return nil, fmt.Errorf("%w: seal: %w", ErrUnavailable, err)
+	}
+	return r, nil
+}
