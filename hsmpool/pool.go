@@ -63,7 +63,7 @@ type member struct {
 	// selfTest is a ciphertext this member sealed at start under the
 	// newest wrap key, opened again to tell a bad record from a bad member.
 	selfTest struct {
-		key          vault.KeyID
+		key                vault.KeyID
 		nonce, ct, aad, pt []byte
 	}
 }

@@ -1,11 +1,11 @@
 package hsmpool
 
 import (
-	"strings"
 	"crypto/cipher"
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/ThalesGroup/crypto11"
