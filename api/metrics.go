@@ -1,0 +1,87 @@
+package api
+
+import (
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/go-chi/chi/v5"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
+)
+
+type metrics struct {
+	requests *prometheus.CounterVec
+	duration *prometheus.HistogramVec
+	inFlight prometheus.Gauge
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	f := promauto.With(reg)
+	return &metrics{
+		requests: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "keyvault_http_requests_total",
+			Help: "API requests, by route pattern, method and status code.",
+		}, []string{"route", "method", "code"}),
+		duration: f.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "keyvault_http_request_duration_seconds",
+			Help:    "API request durations, by route pattern and method.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
+		}, []string{"route", "method"}),
+		inFlight: f.NewGauge(prometheus.GaugeOpts{
+			Name: "keyvault_http_requests_in_flight",
+			Help: "API requests being served now.",
+		}),
+	}
+}
+
+// statusWriter remembers the status code a handler wrote.
+type statusWriter struct {
+	http.ResponseWriter
+	status int
+}
+
+func (s *statusWriter) WriteHeader(code int) {
+	if s.status == 0 {
+		s.status = code
+	}
+	s.ResponseWriter.WriteHeader(code)
+}
+
+func (s *statusWriter) Write(b []byte) (int, error) {
+	if s.status == 0 {
+		s.status = http.StatusOK
+	}
+	return s.ResponseWriter.Write(b)
+}
+
+// instrument counts and times requests by route pattern (never the path,
+// which holds the user_id) and writes one log line per request.
+func (m *metrics) instrument(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		m.inFlight.Inc()
+		sw := &statusWriter{ResponseWriter: w}
+		defer func() {
+			m.inFlight.Dec()
+			route := "unmatched"
+			if rc := chi.RouteContext(r.Context()); rc != nil && rc.RoutePattern() != "" {
+				route = rc.RoutePattern()
+			}
+			if sw.status == 0 {
+				sw.status = http.StatusOK
+			}
+			method := r.Method
+			switch method {
+			case http.MethodGet, http.MethodPut, http.MethodPost, http.MethodDelete, http.MethodHead:
+			default:
+				method = "other" // bounded label values
+			}
+			d := time.Since(start)
+			m.requests.WithLabelValues(route, method, strconv.Itoa(sw.status)).Inc()
+			m.duration.WithLabelValues(route, method).Observe(d.Seconds())
+			logger(r.Context()).Info("request", "method", method, "route", route, "status", sw.status, "duration_ms", float64(d.Microseconds())/1000)
+		}()
+		next.ServeHTTP(sw, r)
+	})
+}

@@ -1,0 +1,117 @@
+package api
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"log/slog"
+	"net/http"
+	"runtime/debug"
+	"strings"
+)
+
+type ctxKey struct{}
+
+// reqInfo is what the middleware learns about a request, shared by pointer
+// so that the outer request log sees the client that auth found.
+type reqInfo struct {
+	id     string
+	log    *slog.Logger
+	client *Client
+}
+
+func info(ctx context.Context) *reqInfo {
+	if i, ok := ctx.Value(ctxKey{}).(*reqInfo); ok {
+		return i
+	}
+	return &reqInfo{log: slog.Default()}
+}
+
+func requestID(ctx context.Context) string { return info(ctx).id }
+
+func clientOf(ctx context.Context) *Client { return info(ctx).client }
+
+func logger(ctx context.Context) *slog.Logger {
+	i := info(ctx)
+	if i.client != nil {
+		return i.log.With("client", i.client.Name)
+	}
+	return i.log
+}
+
+// validRequestID accepts a caller's X-Request-Id if it is short and plain,
+// so that it can go into logs and headers as is.
+func validRequestID(id string) bool {
+	if len(id) == 0 || len(id) > 128 {
+		return false
+	}
+	for i := 0; i < len(id); i++ {
+		c := id[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || strings.IndexByte("-_.:", c) >= 0) {
+			return false
+		}
+	}
+	return true
+}
+
+// withRequestID echoes the caller's X-Request-Id, or makes one, on every
+// response, and gives the request a logger that carries it.
+func withRequestID(l *slog.Logger) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			id := r.Header.Get("X-Request-Id")
+			if !validRequestID(id) {
+				id = rand.Text()
+			}
+			w.Header().Set("X-Request-Id", id)
+			i := &reqInfo{id: id, log: l.With("request_id", id)}
+			next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), ctxKey{}, i)))
+		})
+	}
+}
+
+// recoverer turns a panic into a 500. The log holds the stack, never the
+// panic's value, which could quote request data.
+func recoverer(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer func() {
+			if v := recover(); v != nil {
+				if v == http.ErrAbortHandler {
+					panic(v)
+				}
+				logger(r.Context()).Error("panic in handler", "stack", string(debug.Stack()))
+				writeError(w, r, &apiError{http.StatusInternalServerError, codeInternal, "Internal error."})
+			}
+		}()
+		next.ServeHTTP(w, r)
+	})
+}
+
+// authenticate finds the client whose token hash matches the bearer token.
+// It hashes the token and compares it with every configured hash in
+// constant time, so timing reveals neither a near match nor which client.
+func authenticate(clients []Client) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+			var found *Client
+			if ok && token != "" {
+				sum := sha256.Sum256([]byte(token))
+				for i := range clients {
+					for _, h := range clients[i].TokenHashes {
+						if subtle.ConstantTimeCompare(sum[:], h[:]) == 1 && found == nil {
+							found = &clients[i]
+						}
+					}
+				}
+			}
+			if found == nil {
+				writeError(w, r, &apiError{http.StatusUnauthorized, codeUnauthorized, "Send Authorization: Bearer <token> with a configured token."})
+				return
+			}
+			info(r.Context()).client = found
+			next.ServeHTTP(w, r)
+		})
+	}
+}

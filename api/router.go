@@ -1,0 +1,71 @@
+package api
+
+import (
+	"context"
+	"log/slog"
+	"net/http"
+
+	"github.com/go-chi/chi/v5"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/keyvault/keyvault/vault"
+)
+
+// Backups is what the API needs from the vault. *vault.Vault implements it;
+// every method is safe for concurrent use and may block on the HSM and the
+// store.
+type Backups interface {
+	Enroll(ctx context.Context, ns, userID string, secret, pin []byte, maxAttempts int, pre vault.Precondition) (vault.Backup, bool, error)
+	Recover(ctx context.Context, ns, userID string, pin []byte) ([]byte, int, error)
+	Status(ctx context.Context, ns, userID string) (vault.Backup, error)
+	Delete(ctx context.Context, ns, userID string, pre vault.Precondition) error
+	ChangePIN(ctx context.Context, ns, userID string, pin, newPIN []byte, pre vault.Precondition) (vault.Backup, error)
+}
+
+var _ Backups = (*vault.Vault)(nil)
+
+// Client is one configured API client: its name, the namespace its
+// backups live in, and the SHA-256 of each of its bearer tokens (several
+// during a rotation).
+type Client struct {
+	Name        string
+	Namespace   string
+	TokenHashes [][32]byte
+}
+
+// Options configure the API.
+type Options struct {
+	Clients    []Client
+	Registerer prometheus.Registerer // default: a private registry
+	Logger     *slog.Logger          // default: slog.Default()
+}
+
+// NewRouter returns the /v1 API.
+func NewRouter(b Backups, opts Options) http.Handler {
+	if opts.Registerer == nil {
+		opts.Registerer = prometheus.NewRegistry()
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	h := &handlers{b: b}
+	m := newMetrics(opts.Registerer)
+
+	r := chi.NewRouter()
+	r.Use(withRequestID(opts.Logger), recoverer, m.instrument)
+	r.NotFound(func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, r, &apiError{http.StatusNotFound, codeNotFound, "No such route."})
+	})
+	r.MethodNotAllowed(func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, r, &apiError{http.StatusMethodNotAllowed, codeInvalid, "Method not allowed on this route."})
+	})
+	r.Route("/v1", func(r chi.Router) {
+		r.Use(authenticate(opts.Clients))
+		r.Put("/backups/{user_id}", h.enroll)
+		r.Get("/backups/{user_id}", h.status)
+		r.Delete("/backups/{user_id}", h.delete)
+		r.Post("/backups/{user_id}/recover", h.recover)
+		r.Post("/backups/{user_id}/pin", h.changePIN)
+	})
+	return r
+}

@@ -1,0 +1,133 @@
+package main
+
+import (
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/keyvault/keyvault/config"
+	"github.com/keyvault/keyvault/internal/softhsm"
+)
+
+const devTokenLabel = "keyvault-dev"
+
+func cmdDev(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("dev", stderr, "dev [--dir DIR] [--listen ADDR] [--admin-listen ADDR]")
+	dir := fs.String("dir", ".keyvault-dev", "the `directory` holding the dev token, keys, store, config and bearer token")
+	listen := fs.String("listen", config.DefaultListen, "the API `address`")
+	admin := fs.String("admin-listen", config.DefaultAdminListen, "the admin `address` (/metrics, /healthz, /readyz)")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	abs, err := filepath.Abs(*dir)
+	if err != nil {
+		return err
+	}
+	cfgPath := filepath.Join(abs, "keyvault.yaml")
+	if _, err := os.Stat(cfgPath); errors.Is(err, os.ErrNotExist) {
+		if err := devSetup(abs, stdout); err != nil {
+			return fmt.Errorf("set up %s: %w", abs, err)
+		}
+	}
+	cfg, err := loadConfig(cfgPath)
+	if err != nil {
+		return err
+	}
+	// Flags given on this run override the addresses in the config.
+	fs.Visit(func(f *flag.Flag) {
+		switch f.Name {
+		case "listen":
+			cfg.Listen = *listen
+		case "admin-listen":
+			cfg.AdminListen = *admin
+		}
+	})
+	if err := cfg.Validate(); err != nil {
+		return usageError{err}
+	}
+	token, err := os.ReadFile(filepath.Join(abs, "token"))
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "keyvault dev: serving %s\n  API    http://%s\n  admin  http://%s\n  bearer token (also in %s): %s\n",
+		abs, cfg.Listen, cfg.AdminListen, filepath.Join(abs, "token"), strings.TrimSpace(string(token)))
+	return serve(cfg, stderr)
+}
+
+// devSetup creates, in dir, a SoftHSM config and token of their own, the
+// keys, a bearer token and keyvault.yaml. The config is written last, so a
+// setup cut short is started over on the next run.
+func devSetup(dir string, stdout io.Writer) error {
+	module, err := softhsm.Module()
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	// No keyvault.yaml means no data was ever served from here: an earlier
+	// setup that stopped half-way leaves only a token to clear.
+	if _, err := os.Stat(filepath.Join(dir, "keyvault.db")); err == nil {
+		return errors.New("keyvault.db exists but keyvault.yaml does not; refusing to touch it")
+	}
+	if err := os.RemoveAll(filepath.Join(dir, "tokens")); err != nil {
+		return err
+	}
+	conf, err := softhsm.WriteConfig(dir)
+	if err != nil {
+		return err
+	}
+	pin, soPIN := rand.Text(), rand.Text()
+	if err := softhsm.InitToken(conf, devTokenLabel, soPIN, pin); err != nil {
+		return err
+	}
+	pinFile := filepath.Join(dir, "hsm-pin")
+	if err := os.WriteFile(pinFile, []byte(pin+"\n"), 0o600); err != nil {
+		return err
+	}
+	token := "kvdev_" + rand.Text()
+	if err := os.WriteFile(filepath.Join(dir, "token"), []byte(token+"\n"), 0o600); err != nil {
+		return err
+	}
+	sum := sha256.Sum256([]byte(token))
+	yaml := fmt.Sprintf(`# keyvault dev config, written by "keyvault dev". Serve it with:
+#   keyvault serve --config %[1]s/keyvault.yaml
+listen: %[2]s
+admin_listen: %[3]s
+store:
+  path: %[1]s/keyvault.db
+hsm:
+  module_env:
+    SOFTHSM2_CONF: %[4]s   # this directory's own SoftHSM token store
+  members:
+    - name: dev
+      module: %[5]s
+      token_label: %[6]s
+      pin_file: %[7]s
+      max_sessions: 8
+budget:
+  default_max_attempts: 10
+  max_attempts_limit: 20
+clients:
+  - name: dev
+    namespace: dev
+    token_sha256: %[8]s   # SHA-256 of the token in %[1]s/token
+log:
+  level: info
+`, dir, config.DefaultListen, config.DefaultAdminListen, conf, module, devTokenLabel, pinFile, hex.EncodeToString(sum[:]))
+	cfg, err := config.Parse([]byte(yaml))
+	if err != nil {
+		return fmt.Errorf("generated config: %w", err)
+	}
+	if err := keysInit(cfg, stdout); err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(dir, "keyvault.yaml"), []byte(yaml), 0o600)
+}

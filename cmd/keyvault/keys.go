@@ -1,0 +1,82 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/keyvault/keyvault/config"
+	"github.com/keyvault/keyvault/hsmpool"
+)
+
+const keysUsage = `keys init --config FILE   create key version 1 on every HSM member
+       keyvault keys list --config FILE   key versions and check values per member`
+
+func cmdKeys(args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprintf(stderr, "Usage: keyvault %s\n", keysUsage)
+		return usageError{errors.New("keys needs a subcommand: init or list")}
+	}
+	fs := newFlags("keys "+args[0], stderr, keysUsage)
+	path := fs.String("config", "", "the YAML config `file` (required)")
+	if err := parseFlags(fs, args[1:]); err != nil {
+		return err
+	}
+	if args[0] != "init" && args[0] != "list" {
+		return usageError{fmt.Errorf("unknown keys subcommand %q", args[0])}
+	}
+	if *path == "" {
+		return usageError{errors.New("--config is required")}
+	}
+	cfg, err := loadConfig(*path)
+	if err != nil {
+		return err
+	}
+	if args[0] == "init" {
+		if err := keysInit(cfg, stdout); err != nil {
+			return err
+		}
+	}
+	return keysList(cfg, stdout)
+}
+
+// keysInit provisions key version 1 and says where the material was made.
+func keysInit(cfg *config.Config, stdout io.Writer) error {
+	members, err := memberConfigs(cfg)
+	if err != nil {
+		return err
+	}
+	inHSM, err := hsmpool.Provision(members)
+	if err != nil {
+		return fmt.Errorf("keys init: %w", err)
+	}
+	if inHSM {
+		fmt.Fprintln(stdout, "Created key version 1 inside the HSM; the key material never left it.")
+	} else {
+		fmt.Fprintf(stdout, "Created key version 1 on %d members. Generic PKCS#11 cannot clone keys, so the\n"+
+			"material was generated in this process's memory, imported into each member as\n"+
+			"sensitive, non-extractable token objects, and wiped. With an HSM cluster that\n"+
+			"clones keys itself, provision one member and use the vendor's cloning instead.\n", len(members))
+	}
+	fmt.Fprintln(stdout, "Back up the HSM keys with the HSM's own means: losing every copy of a key\nversion loses every backup sealed under it.")
+	return nil
+}
+
+// keysList prints every member's key versions and check values.
+func keysList(cfg *config.Config, stdout io.Writer) error {
+	pool, err := openPool(cfg, prometheus.NewRegistry(), slog.New(slog.DiscardHandler))
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	for _, m := range pool.Keys() {
+		fmt.Fprintf(stdout, "member %s\n", m.Member)
+		for _, k := range m.Keys {
+			fmt.Fprintf(stdout, "  %-20s check value %s\n", k.Label, k.KCV)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,204 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/keyvault/keyvault/api"
+	"github.com/keyvault/keyvault/config"
+	"github.com/keyvault/keyvault/hsmpool"
+	"github.com/keyvault/keyvault/vault"
+	"github.com/keyvault/keyvault/vault/boltstore"
+)
+
+func cmdServe(args []string, stderr io.Writer) error {
+	fs := newFlags("serve", stderr, "serve --config FILE")
+	path := fs.String("config", "", "the YAML config `file` (required)")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if *path == "" {
+		return usageError{errors.New("--config is required")}
+	}
+	cfg, err := loadConfig(*path)
+	if err != nil {
+		return err
+	}
+	return serve(cfg, stderr)
+}
+
+// loadConfig reads and validates a config; its errors are usage errors.
+func loadConfig(path string) (*config.Config, error) {
+	cfg, err := config.Load(path)
+	if err != nil {
+		return nil, usageError{err}
+	}
+	return cfg, nil
+}
+
+func newLogger(cfg *config.Config, w io.Writer) *slog.Logger {
+	o := &slog.HandlerOptions{Level: cfg.Log.SlogLevel()}
+	if cfg.Log.Format == "text" {
+		return slog.New(slog.NewTextHandler(w, o))
+	}
+	return slog.New(slog.NewJSONHandler(w, o))
+}
+
+// openPool sets the modules' environment and opens every HSM member.
+func openPool(cfg *config.Config, reg prometheus.Registerer, log *slog.Logger) (*hsmpool.Pool, error) {
+	members, err := memberConfigs(cfg)
+	if err != nil {
+		return nil, err
+	}
+	return hsmpool.Open(members, hsmpool.Options{Registerer: reg, Logger: log})
+}
+
+// memberConfigs reads each member's PIN and sets hsm.module_env, which
+// PKCS#11 modules such as SoftHSM read when first initialised.
+func memberConfigs(cfg *config.Config) ([]hsmpool.MemberConfig, error) {
+	for k, v := range cfg.HSM.ModuleEnv {
+		if err := os.Setenv(k, v); err != nil {
+			return nil, fmt.Errorf("hsm.module_env.%s: %w", k, err)
+		}
+	}
+	var out []hsmpool.MemberConfig
+	for _, m := range cfg.HSM.Members {
+		pin, err := m.PIN()
+		if err != nil {
+			return nil, usageError{err}
+		}
+		out = append(out, hsmpool.MemberConfig{
+			Name: m.Name, Module: m.Module, TokenLabel: m.TokenLabel, PIN: pin, MaxSessions: m.MaxSessions,
+		})
+	}
+	return out, nil
+}
+
+// serve runs the vault until SIGINT or SIGTERM, then shuts down within a
+// deadline: in-flight requests finish (their guesses are already counted
+// before any answer), then the HSMs and the store close.
+func serve(cfg *config.Config, stderr io.Writer) error {
+	log := newLogger(cfg, stderr)
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	store, err := boltstore.Open(cfg.Store.Path, reg)
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+	pool, err := openPool(cfg, reg, log)
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	v, err := vault.New(ctx, store, pool, vault.Options{
+		DefaultMaxAttempts: cfg.Budget.DefaultMaxAttempts,
+		MaxAttemptsLimit:   cfg.Budget.MaxAttemptsLimit,
+		Registerer:         reg,
+		Logger:             log,
+	})
+	if err != nil {
+		return err
+	}
+	clients := make([]api.Client, 0, len(cfg.Clients))
+	for _, c := range cfg.Clients {
+		clients = append(clients, api.Client{Name: c.Name, Namespace: c.Namespace, TokenHashes: c.TokenHashes()})
+	}
+	apiSrv := &http.Server{
+		Handler:           api.NewRouter(v, api.Options{Clients: clients, Registerer: reg, Logger: log}),
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       30 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    16 << 10,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	adminSrv := &http.Server{
+		Handler: api.NewAdminRouter(reg, func() error {
+			if err := store.Ping(); err != nil {
+				return fmt.Errorf("store: %w", err)
+			}
+			return pool.Ready()
+		}),
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	if cfg.TLS != nil {
+		if apiSrv.TLSConfig, err = tlsConfig(cfg.TLS); err != nil {
+			return err
+		}
+	}
+
+	apiLn, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	adminLn, err := net.Listen("tcp", cfg.AdminListen)
+	if err != nil {
+		apiLn.Close()
+		return fmt.Errorf("admin_listen: %w", err)
+	}
+	errs := make(chan error, 2)
+	go func() {
+		if apiSrv.TLSConfig != nil {
+			errs <- apiSrv.ServeTLS(apiLn, "", "")
+		} else {
+			errs <- apiSrv.Serve(apiLn)
+		}
+	}()
+	go func() { errs <- adminSrv.Serve(adminLn) }()
+	log.Info("keyvault serving", "version", versionString(), "api", apiLn.Addr().String(), "admin", adminLn.Addr().String(),
+		"tls", cfg.TLS != nil, "hsm_members_healthy", pool.Healthy(), "store", cfg.Store.Path)
+
+	select {
+	case <-ctx.Done():
+		log.Info("shutting down")
+	case err := <-errs:
+		return fmt.Errorf("server: %w", err)
+	}
+	shutdown, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	err = errors.Join(apiSrv.Shutdown(shutdown), adminSrv.Shutdown(shutdown))
+	log.Info("stopped")
+	return err
+}
+
+// tlsConfig loads the API's certificate and, if configured, the CA that
+// client certificates must chain to (mTLS). TLS 1.2 at least.
+func tlsConfig(t *config.TLS) (*tls.Config, error) {
+	cert, err := tls.LoadX509KeyPair(t.CertFile, t.KeyFile)
+	if err != nil {
+		return nil, usageError{fmt.Errorf("tls: %w", err)}
+	}
+	c := &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{cert}}
+	if t.ClientCAFile != "" {
+		pem, err := os.ReadFile(t.ClientCAFile)
+		if err != nil {
+			return nil, usageError{fmt.Errorf("tls.client_ca_file: %w", err)}
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, usageError{errors.New("tls.client_ca_file: no PEM certificate in it")}
+		}
+		c.ClientCAs, c.ClientAuth = pool, tls.RequireAndVerifyClientCert
+	}
+	return c, nil
+}

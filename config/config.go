@@ -1,0 +1,391 @@
+package config
+
+import (
+	"bytes"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strings"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Defaults of the optional fields. Parse applies them before decoding, so
+// they hold whenever a key is absent from the file.
+const (
+	DefaultListen           = "127.0.0.1:8080"
+	DefaultAdminListen      = "127.0.0.1:9090"
+	DefaultMaxSessions      = 8
+	DefaultMaxAttempts      = 10
+	DefaultMaxAttemptsLimit = 20
+	DefaultLogLevel         = "info"
+	DefaultLogFormat        = "json"
+)
+
+// Limits checked by Validate.
+const (
+	maxSessionsLimit        = 1024
+	maxAttemptsLimitCeiling = 1000
+	maxPINFileSize          = 1024 // bytes
+)
+
+// Config is the whole keyvault configuration file.
+type Config struct {
+	// Listen is the host:port of the REST API. Default "127.0.0.1:8080".
+	// Port 0 (pick a free port) is allowed, for tests. A non-loopback
+	// address needs TLS or InsecurePlaintext.
+	Listen string `yaml:"listen"`
+	// AdminListen is the host:port of /metrics, /healthz and /readyz.
+	// Default "127.0.0.1:9090". Must differ from Listen unless a port is 0.
+	AdminListen string `yaml:"admin_listen"`
+	// InsecurePlaintext allows plain HTTP on a non-loopback Listen address,
+	// for deployments where TLS ends in front of keyvault. Default false.
+	InsecurePlaintext bool `yaml:"insecure_plaintext"`
+	// TLS enables HTTPS on Listen. Optional; nil (the default) means plain
+	// HTTP, which is allowed on loopback addresses only.
+	TLS *TLS `yaml:"tls"`
+	// Store is where records are kept. Required.
+	Store Store `yaml:"store"`
+	// HSM lists the PKCS#11 tokens that seal records. Required.
+	HSM HSM `yaml:"hsm"`
+	// Budget bounds the wrong-guess budget of a record.
+	Budget Budget `yaml:"budget"`
+	// Clients are the callers allowed to use the API. At least one.
+	Clients []Client `yaml:"clients"`
+	// Log configures the process logger.
+	Log Log `yaml:"log"`
+}
+
+// TLS configures HTTPS on the API listener.
+type TLS struct {
+	// CertFile is the PEM server certificate chain. Required with tls.
+	CertFile string `yaml:"cert_file"`
+	// KeyFile is the PEM private key of CertFile. Required with tls.
+	KeyFile string `yaml:"key_file"`
+	// ClientCAFile, if set, makes client certificates (mTLS) mandatory and
+	// holds the PEM CAs that sign them. Optional; default none.
+	ClientCAFile string `yaml:"client_ca_file"`
+}
+
+// Store configures the record database.
+type Store struct {
+	// Path is the database file. Required; its directory must exist.
+	Path string `yaml:"path"`
+}
+
+// HSM configures the PKCS#11 tokens.
+type HSM struct {
+	// ModuleEnv: environment variables set in the process before any
+	// PKCS#11 module is loaded. SoftHSM2 reads SOFTHSM2_CONF this way; one
+	// process sees one SoftHSM config. Optional; default empty. Keys must be
+	// valid environment variable names.
+	ModuleEnv map[string]string `yaml:"module_env"`
+	// Members are the tokens; at least one.
+	Members []Member `yaml:"members"`
+}
+
+// Member is one PKCS#11 token.
+type Member struct {
+	// Name identifies the member in logs and metrics. Required, unique,
+	// [a-z0-9-]{1,32}.
+	Name string `yaml:"name"`
+	// Module is the path of the PKCS#11 library (.so). Required; must exist.
+	Module string `yaml:"module"`
+	// TokenLabel selects the token within the module. Required.
+	TokenLabel string `yaml:"token_label"`
+	// PinEnv names the environment variable holding the user PIN. Exactly
+	// one of PinEnv and PinFile is required.
+	PinEnv string `yaml:"pin_env"`
+	// PinFile is a file holding the user PIN; a trailing newline is
+	// ignored. Must exist. Exactly one of PinEnv and PinFile is required.
+	PinFile string `yaml:"pin_file"`
+	// MaxSessions bounds the concurrent sessions opened on the token.
+	// Default 8; 1..1024.
+	MaxSessions int `yaml:"max_sessions"`
+}
+
+// Budget bounds the number of wrong guesses a record allows.
+type Budget struct {
+	// DefaultMaxAttempts applies to records created without a budget.
+	// Default 10; 1 <= DefaultMaxAttempts <= MaxAttemptsLimit.
+	DefaultMaxAttempts int `yaml:"default_max_attempts"`
+	// MaxAttemptsLimit is the largest budget a client may ask for.
+	// Default 20; at most 1000.
+	MaxAttemptsLimit int `yaml:"max_attempts_limit"`
+}
+
+// Client is one caller of the API, authenticated by a bearer token.
+type Client struct {
+	// Name identifies the client in logs and metrics. Required, unique,
+	// [a-z0-9-]{1,64}.
+	Name string `yaml:"name"`
+	// Namespace is the record namespace the client works in. Defaults to
+	// Name; [a-z0-9-]{1,64}.
+	Namespace string `yaml:"namespace"`
+	// TokenSHA256 is the hex SHA-256 of the client's bearer token, or a list
+	// of them so that a token can be rotated without downtime. At least
+	// one; 64 hex characters each, either case; no hash may appear twice in
+	// the file.
+	TokenSHA256 StringList `yaml:"token_sha256"`
+	// ShareNamespace lets this client use a namespace another client uses.
+	// Both clients must set it: sharing is a decision of both owners.
+	// Default false.
+	ShareNamespace bool `yaml:"share_namespace"`
+}
+
+// Log configures the process logger.
+type Log struct {
+	// Level is debug, info, warn or error. Default "info".
+	Level string `yaml:"level"`
+	// Format is json or text. Default "json".
+	Format string `yaml:"format"`
+}
+
+// StringList is a list of strings that may be written in YAML as a single
+// scalar ("abc") or as a sequence of scalars (["abc", "def"]).
+type StringList []string
+
+// UnmarshalYAML accepts a scalar or a sequence of scalars. Scalars are taken
+// as written: a hash made only of digits stays a string and keeps its leading
+// zeros.
+func (s *StringList) UnmarshalYAML(n *yaml.Node) error {
+	n = resolveAlias(n)
+	switch n.Kind {
+	case yaml.ScalarNode:
+		*s = StringList{n.Value}
+		return nil
+	case yaml.SequenceNode:
+		out := make(StringList, 0, len(n.Content))
+		for i, item := range n.Content {
+			item = resolveAlias(item)
+			if item.Kind != yaml.ScalarNode || item.ShortTag() == "!!null" {
+				return fmt.Errorf("line %d: item %d: expected a string, got %s", item.Line, i, describe(item))
+			}
+			out = append(out, item.Value)
+		}
+		*s = out
+		return nil
+	default:
+		return fmt.Errorf("line %d: expected a string or a list of strings, got %s", n.Line, describe(n))
+	}
+}
+
+// UnmarshalYAML decodes a member with its defaults filled in first, so that
+// an absent max_sessions gets DefaultMaxSessions while an explicit 0 is kept
+// (and refused by Validate).
+func (m *Member) UnmarshalYAML(n *yaml.Node) error {
+	type plain Member // no methods: Decode below does not recurse here
+	p := plain{MaxSessions: DefaultMaxSessions}
+	if err := n.Decode(&p); err != nil {
+		return err
+	}
+	*m = Member(p)
+	return nil
+}
+
+// defaults returns a Config with every optional top-level field at its
+// default; the file is decoded over it.
+func defaults() *Config {
+	return &Config{
+		Listen:      DefaultListen,
+		AdminListen: DefaultAdminListen,
+		Budget: Budget{
+			DefaultMaxAttempts: DefaultMaxAttempts,
+			MaxAttemptsLimit:   DefaultMaxAttemptsLimit,
+		},
+		Log: Log{Level: DefaultLogLevel, Format: DefaultLogFormat},
+	}
+}
+
+// Load reads the config file at path and parses it with Parse. The error
+// names path.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("load config: %w", err)
+	}
+	cfg, err := Parse(data)
+	if err != nil {
+		return nil, wrapProblems("config "+path, err)
+	}
+	return cfg, nil
+}
+
+// Parse decodes a config strictly (unknown keys, duplicate keys and wrong
+// types are errors), applies the defaults and validates the result,
+// including that the files it names exist. The error lists every problem,
+// one per line, each starting with its key path.
+func Parse(data []byte) (*Config, error) {
+	return parse(data, true)
+}
+
+// ParseNoFS is Parse without the checks that files and directories exist.
+// It is meant for linting configs shipped for another machine (deploy/),
+// whose module, PIN and store paths do not exist where the lint runs. Do not
+// use it to start a server.
+func ParseNoFS(data []byte) (*Config, error) {
+	return parse(data, false)
+}
+
+func parse(data []byte, checkFS bool) (*Config, error) {
+	root, err := parseNode(data)
+	if err != nil {
+		return nil, err
+	}
+	if err := checkStructure(root); err != nil {
+		return nil, err
+	}
+	cfg := defaults()
+	if err := root.Decode(cfg); err != nil {
+		// The structure check should have caught this; keep yaml's
+		// message, which names the line.
+		return nil, fmt.Errorf("decode config: %w", err)
+	}
+	for i := range cfg.Clients {
+		if cfg.Clients[i].Namespace == "" {
+			cfg.Clients[i].Namespace = cfg.Clients[i].Name
+		}
+	}
+	if err := cfg.validate(checkFS); err != nil {
+		return nil, err
+	}
+	return cfg, nil
+}
+
+// parseNode parses data as exactly one YAML document whose top level is a
+// mapping and returns that mapping.
+func parseNode(data []byte) (*yaml.Node, error) {
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	var doc yaml.Node
+	if err := dec.Decode(&doc); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, errors.New("config is empty")
+		}
+		return nil, fmt.Errorf("parse config: %w", err)
+	}
+	var extra yaml.Node
+	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
+		if err != nil {
+			return nil, fmt.Errorf("parse config: %w", err)
+		}
+		return nil, fmt.Errorf("config must be a single YAML document; another starts at line %d", extra.Line)
+	}
+	root := &doc
+	if root.Kind == yaml.DocumentNode {
+		if len(root.Content) == 0 {
+			return nil, errors.New("config is empty")
+		}
+		root = root.Content[0]
+	}
+	root = resolveAlias(root)
+	if root.Kind == yaml.ScalarNode && root.ShortTag() == "!!null" {
+		return nil, errors.New("config is empty")
+	}
+	if root.Kind != yaml.MappingNode {
+		return nil, fmt.Errorf("config must be a YAML mapping of keys to values, got %s (line %d)", describe(root), root.Line)
+	}
+	return root, nil
+}
+
+// PIN returns the member's user PIN, read from the environment variable
+// PinEnv or from the file PinFile (without its trailing newline). It is
+// called when the HSM is opened, not when the config is loaded, so the PIN
+// lives in memory only as long as the caller keeps it. The error names the
+// member and never contains the PIN.
+func (m Member) PIN() (string, error) {
+	switch {
+	case m.PinEnv != "" && m.PinFile != "":
+		return "", fmt.Errorf("hsm member %q: set only one of pin_env and pin_file", m.Name)
+	case m.PinEnv != "":
+		pin, ok := os.LookupEnv(m.PinEnv)
+		if !ok {
+			return "", fmt.Errorf("hsm member %q: PIN environment variable %s is not set", m.Name, m.PinEnv)
+		}
+		if pin == "" {
+			return "", fmt.Errorf("hsm member %q: PIN environment variable %s is empty", m.Name, m.PinEnv)
+		}
+		return pin, nil
+	case m.PinFile != "":
+		pin, err := readPINFile(m.PinFile)
+		if err != nil {
+			return "", fmt.Errorf("hsm member %q: %w", m.Name, err)
+		}
+		return pin, nil
+	default:
+		return "", fmt.Errorf("hsm member %q: no pin_env or pin_file", m.Name)
+	}
+}
+
+func readPINFile(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", fmt.Errorf("read PIN file: %w", err)
+	}
+	defer f.Close()
+	// Bounded read: a PIN is short, and a wrong path (a device, a log)
+	// should fail rather than fill memory.
+	data, err := io.ReadAll(io.LimitReader(f, maxPINFileSize+1))
+	if err != nil {
+		return "", fmt.Errorf("read PIN file: %w", err)
+	}
+	if len(data) > maxPINFileSize {
+		return "", fmt.Errorf("PIN file %s is larger than %d bytes", path, maxPINFileSize)
+	}
+	// Editors and `echo` add a newline; it is never part of the PIN.
+	pin := strings.TrimRight(string(data), "\r\n")
+	if pin == "" {
+		return "", fmt.Errorf("PIN file %s is empty", path)
+	}
+	return pin, nil
+}
+
+// SlogLevel returns the slog level for l.Level. An unknown level (which
+// Validate refuses) gives slog.LevelInfo.
+func (l Log) SlogLevel() slog.Level {
+	switch l.Level {
+	case "debug":
+		return slog.LevelDebug
+	case "warn":
+		return slog.LevelWarn
+	case "error":
+		return slog.LevelError
+	default:
+		return slog.LevelInfo
+	}
+}
+
+// TokenHashes decodes the client's hex hashes into 32-byte arrays (validated
+// already). An entry that is not a valid hex SHA-256 is skipped, so a Config
+// that was not validated fails closed: that token is simply not accepted.
+func (c Client) TokenHashes() [][32]byte {
+	out := make([][32]byte, 0, len(c.TokenSHA256))
+	for _, s := range c.TokenSHA256 {
+		if h, ok := decodeHash(s); ok {
+			out = append(out, h)
+		}
+	}
+	return out
+}
+
+func decodeHash(s string) ([32]byte, bool) {
+	var h [32]byte
+	if len(s) != hex.EncodedLen(len(h)) {
+		return h, false
+	}
+	if _, err := hex.Decode(h[:], []byte(s)); err != nil {
+		return h, false
+	}
+	return h, true
+}
+
+// wrapProblems prefixes err with context; a list of several problems goes
+// on the lines below, so that each line still starts with its key path.
+func wrapProblems(context string, err error) error {
+	if multi, ok := err.(interface{ Unwrap() []error }); ok && len(multi.Unwrap()) > 1 {
+		return fmt.Errorf("%s: %d problems:\n%w", context, len(multi.Unwrap()), err)
+	}
+	return fmt.Errorf("%s: %w", context, err)
+}

@@ -1,0 +1,316 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"maps"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// problem is one thing wrong with the config, at a key path such as
+// "hsm.members[0].module".
+type problem struct {
+	path string
+	msg  string
+}
+
+func (p *problem) Error() string {
+	if p.path == "" {
+		return p.msg
+	}
+	return p.path + ": " + p.msg
+}
+
+var (
+	memberNameRE = regexp.MustCompile(`^[a-z0-9-]{1,32}$`)
+	clientNameRE = regexp.MustCompile(`^[a-z0-9-]{1,64}$`)
+	envNameRE    = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+)
+
+// validator collects problems so that Validate reports all of them at once.
+type validator struct {
+	checkFS bool // false in ParseNoFS: skip os.Stat checks
+	errs    []error
+}
+
+func (v *validator) add(path, format string, args ...any) {
+	v.errs = append(v.errs, &problem{path: path, msg: fmt.Sprintf(format, args...)})
+}
+
+// Validate checks every field of c and returns all problems joined with
+// errors.Join, each as "key.path: message", or nil. It checks that the files
+// and directories c names exist. It applies no defaults: Parse does that
+// before it calls Validate.
+func (c *Config) Validate() error {
+	return c.validate(true)
+}
+
+func (c *Config) validate(checkFS bool) error {
+	v := &validator{checkFS: checkFS}
+	v.listeners(c)
+	v.tls(c.TLS)
+	v.store(c.Store)
+	v.hsm(c.HSM)
+	v.budget(c.Budget)
+	v.clients(c.Clients)
+	v.log(c.Log)
+	return errors.Join(v.errs...)
+}
+
+func (v *validator) listeners(c *Config) {
+	apiHost, apiPort, apiOK := v.address("listen", c.Listen)
+	adminHost, adminPort, adminOK := v.address("admin_listen", c.AdminListen)
+
+	// Without TLS, bearer tokens and secrets cross the network in clear
+	// text; allow that only where it cannot leave the machine, or where the
+	// operator says TLS ends in front of us.
+	if apiOK && c.TLS == nil && !c.InsecurePlaintext && !isLoopback(apiHost) {
+		v.add("listen", "plain HTTP on a non-loopback address needs tls or insecure_plaintext: true")
+	}
+	if apiOK && adminOK && apiPort != "0" && apiPort == adminPort && hostsOverlap(apiHost, adminHost) {
+		v.add("admin_listen", "must differ from listen (both use port %s)", apiPort)
+	}
+}
+
+// address checks a host:port listen address with a numeric port.
+func (v *validator) address(path, addr string) (host, port string, ok bool) {
+	if addr == "" {
+		v.add(path, "required (host:port)")
+		return "", "", false
+	}
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		v.add(path, "invalid address %q: want host:port", addr)
+		return "", "", false
+	}
+	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
+		v.add(path, "invalid port in %q: want a number 0..65535", addr)
+		return "", "", false
+	}
+	return host, port, true
+}
+
+// isLoopback reports whether host is only reachable from this machine. An
+// empty host listens on every interface, so it is not loopback.
+func isLoopback(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// hostsOverlap reports whether listeners on the same port of these hosts
+// would collide: the same host, or one of them on every interface.
+func hostsOverlap(a, b string) bool {
+	wildcard := func(h string) bool {
+		ip := net.ParseIP(h)
+		return h == "" || (ip != nil && ip.IsUnspecified())
+	}
+	return strings.EqualFold(a, b) || wildcard(a) || wildcard(b)
+}
+
+func (v *validator) tls(t *TLS) {
+	if t == nil {
+		return
+	}
+	// The certificate and its key only make sense together.
+	v.requiredFile("tls.cert_file", t.CertFile)
+	v.requiredFile("tls.key_file", t.KeyFile)
+	if t.ClientCAFile != "" {
+		v.file("tls.client_ca_file", t.ClientCAFile)
+	}
+}
+
+func (v *validator) store(s Store) {
+	if s.Path == "" {
+		v.add("store.path", "required")
+		return
+	}
+	if !v.checkFS {
+		return
+	}
+	dir := filepath.Dir(s.Path)
+	switch fi, err := os.Stat(dir); {
+	case errors.Is(err, fs.ErrNotExist):
+		v.add("store.path", "directory %q does not exist", dir)
+	case err != nil:
+		v.add("store.path", "%v", err)
+	case !fi.IsDir():
+		v.add("store.path", "%q is not a directory", dir)
+	}
+	if fi, err := os.Stat(s.Path); err == nil && fi.IsDir() {
+		v.add("store.path", "%q is a directory; want the database file", s.Path)
+	}
+}
+
+func (v *validator) hsm(h HSM) {
+	for _, k := range slices.Sorted(maps.Keys(h.ModuleEnv)) {
+		if !envNameRE.MatchString(k) {
+			v.add(fieldKey("hsm.module_env", k), "not a valid environment variable name")
+		}
+	}
+	if len(h.Members) == 0 {
+		v.add("hsm.members", "at least one member required")
+		return
+	}
+	firstByName := map[string]int{}
+	for i, m := range h.Members {
+		path := indexKey("hsm.members", i)
+		switch {
+		case m.Name == "":
+			v.add(path+".name", "required")
+		case !memberNameRE.MatchString(m.Name):
+			v.add(path+".name", "must match [a-z0-9-]{1,32}")
+		default:
+			if j, dup := firstByName[m.Name]; dup {
+				v.add(path+".name", "%q is already the name of hsm.members[%d]", m.Name, j)
+			} else {
+				firstByName[m.Name] = i
+			}
+		}
+		v.requiredFile(path+".module", m.Module)
+		if m.TokenLabel == "" {
+			v.add(path+".token_label", "required")
+		}
+		switch {
+		case m.PinEnv != "" && m.PinFile != "":
+			v.add(path, "set exactly one of pin_env and pin_file, not both")
+		case m.PinEnv == "" && m.PinFile == "":
+			v.add(path+".pin_env", "required (or pin_file)")
+		case m.PinEnv != "":
+			// Only the name is checked: the variable is read when the HSM
+			// is opened (Member.PIN), and may be set by then.
+			if !envNameRE.MatchString(m.PinEnv) {
+				v.add(path+".pin_env", "not a valid environment variable name")
+			}
+		default:
+			v.file(path+".pin_file", m.PinFile)
+		}
+		if m.MaxSessions < 1 || m.MaxSessions > maxSessionsLimit {
+			v.add(path+".max_sessions", "must be between 1 and %d", maxSessionsLimit)
+		}
+	}
+}
+
+func (v *validator) budget(b Budget) {
+	if b.DefaultMaxAttempts < 1 {
+		v.add("budget.default_max_attempts", "must be at least 1")
+	}
+	switch {
+	case b.MaxAttemptsLimit < 1:
+		v.add("budget.max_attempts_limit", "must be at least 1")
+	case b.MaxAttemptsLimit > maxAttemptsLimitCeiling:
+		v.add("budget.max_attempts_limit", "must be at most %d", maxAttemptsLimitCeiling)
+	}
+	if b.DefaultMaxAttempts > b.MaxAttemptsLimit {
+		v.add("budget.default_max_attempts", "must not exceed budget.max_attempts_limit (%d)", b.MaxAttemptsLimit)
+	}
+}
+
+func (v *validator) clients(cs []Client) {
+	if len(cs) == 0 {
+		v.add("clients", "at least one client required")
+		return
+	}
+	firstByName := map[string]int{}
+	firstByNamespace := map[string]int{}
+	firstByHash := map[[32]byte]string{} // hash -> path where it first appears
+	for i, c := range cs {
+		path := indexKey("clients", i)
+		switch {
+		case c.Name == "":
+			v.add(path+".name", "required")
+		case !clientNameRE.MatchString(c.Name):
+			v.add(path+".name", "must match [a-z0-9-]{1,64}")
+		default:
+			if j, dup := firstByName[c.Name]; dup {
+				v.add(path+".name", "%q is already the name of clients[%d]", c.Name, j)
+			} else {
+				firstByName[c.Name] = i
+			}
+		}
+
+		switch {
+		case c.Namespace == "":
+			v.add(path+".namespace", "required")
+		case !clientNameRE.MatchString(c.Namespace):
+			v.add(path+".namespace", "must match [a-z0-9-]{1,64}")
+		default:
+			// A namespace holds records; letting a second client into it
+			// must be a decision written down for both clients.
+			if j, used := firstByNamespace[c.Namespace]; used {
+				if !c.ShareNamespace || !cs[j].ShareNamespace {
+					v.add(path+".namespace", "%q is also used by clients[%d]; both need share_namespace: true", c.Namespace, j)
+				}
+			} else {
+				firstByNamespace[c.Namespace] = i
+			}
+		}
+
+		if len(c.TokenSHA256) == 0 {
+			v.add(path+".token_sha256", "required")
+		}
+		for k, s := range c.TokenSHA256 {
+			hpath := indexKey(path+".token_sha256", k)
+			h, ok := decodeHash(s)
+			if !ok {
+				// The value is not echoed: it may be the bearer token
+				// itself, pasted where its hash belongs.
+				v.add(hpath, "must be the hex SHA-256 of the token: 64 hex characters, got %d characters", len(s))
+				continue
+			}
+			// One token must identify one client.
+			if first, dup := firstByHash[h]; dup {
+				v.add(hpath, "same token hash as %s", first)
+				continue
+			}
+			firstByHash[h] = hpath
+		}
+	}
+}
+
+func (v *validator) log(l Log) {
+	switch l.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		v.add("log.level", "must be one of debug, info, warn, error")
+	}
+	switch l.Format {
+	case "json", "text":
+	default:
+		v.add("log.format", "must be json or text")
+	}
+}
+
+// requiredFile checks that name is set and, with filesystem checks on, is an
+// existing file.
+func (v *validator) requiredFile(path, name string) {
+	if name == "" {
+		v.add(path, "required")
+		return
+	}
+	v.file(path, name)
+}
+
+// file checks that name is an existing file (not a directory).
+func (v *validator) file(path, name string) {
+	if !v.checkFS {
+		return
+	}
+	switch fi, err := os.Stat(name); {
+	case errors.Is(err, fs.ErrNotExist):
+		v.add(path, "file %q does not exist", name)
+	case err != nil:
+		v.add(path, "%v", err)
+	case fi.IsDir():
+		v.add(path, "%q is a directory, not a file", name)
+	}
+}
