@@ -1,0 +1,38 @@
+# keyvault: the commands a developer and CI run. `make help` lists them.
+GO      ?= go
+BIN     := bin/keyvault
+PKGS    := ./...
+FUZZTIME ?= 30s
+
+.PHONY: help run test build deps vet fmt-check fuzz clean
+
+help: ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+run: deps build ## set up a dev SoftHSM token, keys and store in .keyvault-dev, and serve on 127.0.0.1:8080 (admin :9090)
+	./$(BIN) dev
+
+test: deps fmt-check vet ## the whole suite: unit, SoftHSM integration, end-to-end, fuzz corpora; under -race
+	$(GO) test -race -count=1 -timeout 20m $(PKGS)
+
+build: ## build bin/keyvault
+	$(GO) build -o $(BIN) ./cmd/keyvault
+
+deps: ## install SoftHSM2 when it is missing (apt-get; sudo when not root)
+	@deploy/softhsm/install.sh
+
+vet:
+	$(GO) vet $(PKGS)
+
+fmt-check:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+
+fuzz: ## run each fuzz target for FUZZTIME (default 30s)
+	$(GO) test ./api -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./api -run '^$$' -fuzz '^FuzzPreconditions$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./vault -run '^$$' -fuzz '^FuzzParseRecord$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./vault -run '^$$' -fuzz '^FuzzValidUserID$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./config -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME)
+
+clean:
+	rm -rf bin .keyvault-dev

@@ -1,0 +1,292 @@
+package api
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/keyvault/keyvault/vault"
+)
+
+// stubBackups answers every call with err, recording what it was given.
+// The real vault behind the real router is tested end to end in ../e2e.
+type stubBackups struct {
+	err       error
+	calls     int
+	ns        string
+	pin       []byte
+	maxAttem  int
+	pre       vault.Precondition
+	secretOut []byte
+}
+
+func (s *stubBackups) Enroll(_ context.Context, ns, _ string, _, pin []byte, max int, pre vault.Precondition) (vault.Backup, bool, error) {
+	s.calls, s.ns, s.pin, s.maxAttem, s.pre = s.calls+1, ns, append([]byte(nil), pin...), max, pre
+	return vault.Backup{Generation: 3, CreatedAt: time.Unix(0, 0)}, true, s.err
+}
+
+func (s *stubBackups) Recover(_ context.Context, ns, _ string, pin []byte) ([]byte, int, error) {
+	s.calls, s.ns, s.pin = s.calls+1, ns, append([]byte(nil), pin...)
+	if s.err != nil {
+		return nil, 0, s.err
+	}
+	return append([]byte(nil), s.secretOut...), 7, nil
+}
+
+func (s *stubBackups) Status(_ context.Context, ns, _ string) (vault.Backup, error) {
+	s.calls, s.ns = s.calls+1, ns
+	return vault.Backup{Generation: 2}, s.err
+}
+
+func (s *stubBackups) Delete(_ context.Context, ns, _ string, pre vault.Precondition) error {
+	s.calls, s.ns, s.pre = s.calls+1, ns, pre
+	return s.err
+}
+
+func (s *stubBackups) ChangePIN(_ context.Context, ns, _ string, pin, _ []byte, pre vault.Precondition) (vault.Backup, error) {
+	s.calls, s.ns, s.pin, s.pre = s.calls+1, ns, append([]byte(nil), pin...), pre
+	return vault.Backup{Generation: 4}, s.err
+}
+
+func newTestRouter(b Backups, reg prometheus.Registerer) http.Handler {
+	tokA, tokB := sha256.Sum256([]byte("token-a")), sha256.Sum256([]byte("token-b"))
+	tokA2 := sha256.Sum256([]byte("token-a-next"))
+	return NewRouter(b, Options{Registerer: reg, Clients: []Client{
+		{Name: "a", Namespace: "ns-a", TokenHashes: [][32]byte{tokA, tokA2}},
+		{Name: "b", Namespace: "ns-b", TokenHashes: [][32]byte{tokB}},
+	}})
+}
+
+func do(h http.Handler, method, path, token, body string, hdr ...string) *httptest.ResponseRecorder {
+	r := httptest.NewRequest(method, path, strings.NewReader(body))
+	if token != "" {
+		r.Header.Set("Authorization", "Bearer "+token)
+	}
+	for i := 0; i+1 < len(hdr); i += 2 {
+		r.Header.Set(hdr[i], hdr[i+1])
+	}
+	w := httptest.NewRecorder()
+	h.ServeHTTP(w, r)
+	return w
+}
+
+func decodeProblem(t *testing.T, w *httptest.ResponseRecorder) problem {
+	t.Helper()
+	if ct := w.Header().Get("Content-Type"); ct != "application/problem+json" {
+		t.Fatalf("Content-Type %q, want application/problem+json; body %s", ct, w.Body)
+	}
+	var p problem
+	if err := json.Unmarshal(w.Body.Bytes(), &p); err != nil {
+		t.Fatal(err)
+	}
+	if p.Status != w.Code || p.Type == "" || p.Title == "" || p.Detail == "" || p.Code == "" {
+		t.Fatalf("incomplete problem document %+v for status %d", p, w.Code)
+	}
+	return p
+}
+
+func TestErrorMapping(t *testing.T) {
+	t.Parallel()
+	cases := []struct {
+		err        error
+		status     int
+		code       string
+		retryAfter bool
+	}{
+		{fmt.Errorf("recover: %w", &vault.WrongPINError{Remaining: 2}), 403, "wrong_pin", false},
+		{fmt.Errorf("recover: %w", vault.ErrLocked), 410, "locked", false},
+		{vault.ErrNotFound, 404, "not_found", false},
+		{fmt.Errorf("x: %w", vault.ErrPrecondition), 412, "precondition_failed", false},
+		{fmt.Errorf("x: %w: y", vault.ErrUnavailable), 503, "unavailable", true},
+		{fmt.Errorf("x: %w", vault.ErrIntegrity), 500, "integrity_error", false},
+		{fmt.Errorf("%w: pin: must be 4 to 128 bytes", vault.ErrInvalid), 400, "invalid_request", false},
+		{errors.New("store: disk on fire at /secret/path"), 500, "internal", false},
+	}
+	for _, c := range cases {
+		h := newTestRouter(&stubBackups{err: c.err}, nil)
+		w := do(h, "POST", "/v1/backups/alice/recover", "token-a", `{"pin":"1234"}`)
+		if w.Code != c.status {
+			t.Errorf("%v: status %d, want %d", c.err, w.Code, c.status)
+			continue
+		}
+		p := decodeProblem(t, w)
+		if p.Code != c.code {
+			t.Errorf("%v: code %q, want %q", c.err, p.Code, c.code)
+		}
+		if (w.Header().Get("Retry-After") != "") != c.retryAfter {
+			t.Errorf("%v: Retry-After %q", c.err, w.Header().Get("Retry-After"))
+		}
+		if c.code == "wrong_pin" && (p.AttemptsRemaining == nil || *p.AttemptsRemaining != 2) {
+			t.Errorf("wrong_pin without attempts_remaining 2: %+v", p)
+		}
+		if c.code == "internal" && strings.Contains(w.Body.String(), "disk on fire") {
+			t.Error("internal error text reached the body")
+		}
+	}
+}
+
+func TestAuthAndNamespaces(t *testing.T) {
+	t.Parallel()
+	s := &stubBackups{}
+	h := newTestRouter(s, nil)
+	for _, tok := range []string{"", "nope", "token-a ", "token-"} {
+		w := do(h, "GET", "/v1/backups/alice", tok, "")
+		if w.Code != 401 || decodeProblem(t, w).Code != "unauthorized" || w.Header().Get("WWW-Authenticate") == "" {
+			t.Errorf("token %q: %d %s", tok, w.Code, w.Body)
+		}
+	}
+	if s.calls != 0 {
+		t.Fatal("an unauthenticated request reached the vault")
+	}
+	for tok, ns := range map[string]string{"token-a": "ns-a", "token-a-next": "ns-a", "token-b": "ns-b"} {
+		if w := do(h, "GET", "/v1/backups/alice", tok, ""); w.Code != 200 || s.ns != ns {
+			t.Errorf("token %s: status %d namespace %q, want 200 %q", tok, w.Code, s.ns, ns)
+		}
+	}
+}
+
+func TestRequestValidation(t *testing.T) {
+	t.Parallel()
+	big := `{"pin":"` + strings.Repeat("a", MaxBodyBytes) + `"}`
+	cases := []struct {
+		name, method, path, body string
+		hdr                      []string
+		status                   int
+	}{
+		{"bad user_id", "GET", "/v1/backups/a%20b", "", nil, 400},
+		{"long user_id", "GET", "/v1/backups/" + strings.Repeat("a", 129), "", nil, 400},
+		{"unknown field", "POST", "/v1/backups/u/recover", `{"pin":"1234","x":1}`, nil, 400},
+		{"trailing data", "POST", "/v1/backups/u/recover", `{"pin":"1234"} {}`, nil, 400},
+		{"not an object", "POST", "/v1/backups/u/recover", `["1234"]`, nil, 400},
+		{"empty body", "POST", "/v1/backups/u/recover", ``, nil, 400},
+		{"pin not a string", "POST", "/v1/backups/u/recover", `{"pin":1234}`, nil, 400},
+		{"too large", "POST", "/v1/backups/u/recover", big, nil, 413},
+		{"bad base64", "PUT", "/v1/backups/u", `{"secret":"!!!","pin":"1234"}`, nil, 400},
+		{"unpadded base64", "PUT", "/v1/backups/u", `{"secret":"YWI","pin":"1234"}`, nil, 400},
+		{"bad If-Match", "DELETE", "/v1/backups/u", "", []string{"If-Match", `"x"`}, 400},
+		{"If-None-Match on DELETE", "DELETE", "/v1/backups/u", "", []string{"If-None-Match", "*"}, 400},
+		{"unknown route", "GET", "/v1/nothing", "", nil, 404},
+		{"wrong method", "PATCH", "/v1/backups/u", "", nil, 405},
+	}
+	for _, c := range cases {
+		s := &stubBackups{}
+		w := do(newTestRouter(s, nil), c.method, c.path, "token-a", c.body, c.hdr...)
+		if w.Code != c.status {
+			t.Errorf("%s: status %d, want %d: %s", c.name, w.Code, c.status, w.Body)
+			continue
+		}
+		decodeProblem(t, w)
+		if s.calls != 0 {
+			t.Errorf("%s: reached the vault", c.name)
+		}
+	}
+}
+
+func TestRequestsReachVault(t *testing.T) {
+	t.Parallel()
+	s := &stubBackups{secretOut: []byte("0123456789abcdef")}
+	h := newTestRouter(s, nil)
+
+	w := do(h, "PUT", "/v1/backups/u", "token-a", `{"secret":"MDEyMzQ1Njc4OWFiY2RlZg==","pin":"12\u00e934"}`, "If-None-Match", "*")
+	if w.Code != 201 || !s.pre.IfNoneMatch || s.maxAttem != 0 || string(s.pin) != "12é34" {
+		t.Fatalf("PUT: %d %+v %q", w.Code, s, s.pin)
+	}
+	if w.Header().Get("ETag") != `"3"` {
+		t.Errorf("ETag %q", w.Header().Get("ETag"))
+	}
+	if w := do(h, "PUT", "/v1/backups/u", "token-a", `{"secret":"MDEyMzQ1Njc4OWFiY2RlZg==","pin":"1234","max_attempts":0}`); s.maxAttem >= 1 {
+		t.Fatalf("explicit max_attempts 0 passed as %d (status %d)", s.maxAttem, w.Code)
+	}
+	w = do(h, "POST", "/v1/backups/u/recover", "token-a", `{"pin":"1234"}`)
+	var rec struct {
+		Secret            string `json:"secret"`
+		AttemptsRemaining int    `json:"attempts_remaining"`
+	}
+	if err := json.Unmarshal(w.Body.Bytes(), &rec); err != nil || rec.Secret != "MDEyMzQ1Njc4OWFiY2RlZg==" || rec.AttemptsRemaining != 7 {
+		t.Fatalf("recover body %s: %v", w.Body, err)
+	}
+	if w := do(h, "POST", "/v1/backups/u/pin", "token-a", `{"pin":"1234","new_pin":"5678"}`, "If-Match", `"9"`); w.Code != 200 || s.pre.IfMatch != 9 {
+		t.Fatalf("pin: %d %+v", w.Code, s.pre)
+	}
+	if w := do(h, "DELETE", "/v1/backups/u", "token-a", ""); w.Code != 204 {
+		t.Fatalf("DELETE: %d", w.Code)
+	}
+}
+
+func TestRequestIDAndMetrics(t *testing.T) {
+	t.Parallel()
+	reg := prometheus.NewRegistry()
+	h := newTestRouter(&stubBackups{}, reg)
+	w := do(h, "GET", "/v1/backups/carol", "token-a", "", "X-Request-Id", "abc-123")
+	if w.Header().Get("X-Request-Id") != "abc-123" {
+		t.Fatalf("request ID not echoed: %q", w.Header().Get("X-Request-Id"))
+	}
+	w = do(h, "GET", "/v1/backups/carol", "token-a", "", "X-Request-Id", "bad id\n")
+	if id := w.Header().Get("X-Request-Id"); id == "" || strings.ContainsAny(id, " \n") {
+		t.Fatalf("bad request ID not replaced: %q", id)
+	}
+	if w := do(h, "GET", "/v1/backups/carol", "", ""); w.Header().Get("X-Request-Id") == "" {
+		t.Fatal("no request ID on a 401")
+	}
+	if n := requestCount(t, reg, "/v1/backups/{user_id}", "GET", "200"); n != 2 {
+		t.Fatalf("requests by route pattern: %v, want 2", n)
+	}
+	if problems, err := testutil.CollectAndLint(reg); err != nil || len(problems) > 0 {
+		t.Fatalf("lint: %v %+v", err, problems)
+	}
+}
+
+// requestCount reads keyvault_http_requests_total for one label set, and
+// fails the test if any label value holds the user_id used above.
+func requestCount(t *testing.T, reg *prometheus.Registry, route, method, code string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n float64
+	for _, mf := range mfs {
+		for _, m := range mf.GetMetric() {
+			l := map[string]string{}
+			for _, p := range m.GetLabel() {
+				if strings.Contains(p.GetValue(), "carol") {
+					t.Fatalf("a user_id reached label %s of %s", p.GetName(), mf.GetName())
+				}
+				l[p.GetName()] = p.GetValue()
+			}
+			if mf.GetName() == "keyvault_http_requests_total" && l["route"] == route && l["method"] == method && l["code"] == code {
+				n += m.GetCounter().GetValue()
+			}
+		}
+	}
+	return n
+}
+
+func TestAdmin(t *testing.T) {
+	t.Parallel()
+	ready := errors.New("no healthy HSM member")
+	h := NewAdminRouter(prometheus.NewRegistry(), func() error { return ready })
+	if w := do(h, "GET", "/healthz", "", ""); w.Code != 200 {
+		t.Fatalf("healthz %d", w.Code)
+	}
+	if w := do(h, "GET", "/readyz", "", ""); w.Code != 503 || !strings.Contains(w.Body.String(), "no healthy HSM member") {
+		t.Fatalf("readyz %d %s", w.Code, w.Body)
+	}
+	ready = nil
+	if w := do(h, "GET", "/readyz", "", ""); w.Code != 200 {
+		t.Fatalf("readyz %d", w.Code)
+	}
+	if w := do(h, "GET", "/metrics", "", ""); w.Code != 200 {
+		t.Fatalf("metrics %d", w.Code)
+	}
+}
