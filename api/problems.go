@@ -91,7 +91,7 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 		p.Status, p.Code, p.Detail = http.StatusNotFound, codeNotFound, "No backup for this user_id."
 	case errors.Is(err, vault.ErrPrecondition):
 		p.Status, p.Code = http.StatusPreconditionFailed, codePrecondition
-		p.Detail = "The backup's generation does not match the request's precondition; nothing was counted."
+		p.Detail = "The If-Match or If-None-Match precondition does not hold for this backup; nothing was counted or written."
 	case errors.Is(err, vault.ErrIntegrity):
 		p.Status, p.Code = http.StatusInternalServerError, codeIntegrity
 		p.Detail = "The stored backup failed authentication and was not used; operators have been alerted by metric."
