@@ -215,7 +215,8 @@ func (g *guess) sameGeneration(cur *stored) bool {
 // stay true.
 func (v *Vault) forgive(ctx context.Context, g *guess) (int, error) {
 	remaining := int(g.before.MaxAttempts)
-	err := v.update(ctx, g.key, func(cur *stored) (*record, error) {
+	// Settling a counted guess must not depend on the client still waiting.
+	err := v.update(context.WithoutCancel(ctx), g.key, func(cur *stored) (*record, error) {
 		if !g.sameGeneration(cur) {
 			return nil, nil // replaced or deleted meanwhile: nothing to reset
 		}
@@ -246,7 +247,7 @@ func (v *Vault) forgive(ctx context.Context, g *guess) (int, error) {
 // never learnt, so it is uncounted, and if it locked the backup, the secret
 // goes back.
 func (v *Vault) refund(ctx context.Context, g *guess) error {
-	return v.update(ctx, g.key, func(cur *stored) (*record, error) {
+	return v.update(context.WithoutCancel(ctx), g.key, func(cur *stored) (*record, error) {
 		if !g.sameGeneration(cur) || g.index <= cur.Forgiven {
 			return nil, nil
 		}
