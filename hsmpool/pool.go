@@ -31,7 +31,10 @@ var (
 // Options configure a Pool.
 type Options struct {
 	Registerer prometheus.Registerer // default: a private registry
-	Logger     *slog.Logger          // default: slog.Default()
+	// reopen lets the probe configure a failed member's token again; Open
+	// sets it, tests that inject tokens leave it off.
+	reopen bool
+	Logger *slog.Logger // default: slog.Default()
 	// ProbeBackoff is the first wait before re-probing a failed member; it
 	// doubles, with jitter, up to ProbeBackoffMax. Defaults 250ms and 30s.
 	ProbeBackoff, ProbeBackoffMax time.Duration
@@ -53,8 +56,14 @@ var _ vault.HSM = (*Pool)(nil)
 
 // member is one HSM of the pool.
 type member struct {
-	name     string
-	tok      token
+	name string
+	// reopen configures the member's token again, from scratch; nil for
+	// tokens a test injected.
+	reopen func() (token, error)
+
+	mu  sync.Mutex
+	tok token // replaced by the probe when the member is re-opened
+
 	sessions chan struct{} // one slot per allowed concurrent operation
 	inFlight atomic.Int64
 	healthy  atomic.Bool
@@ -83,6 +92,7 @@ func Open(cfgs []MemberConfig, opts Options) (*Pool, error) {
 		}
 		toks[i] = t
 	}
+	opts.reopen = true
 	p, err := newPool(cfgs, toks, opts)
 	if err != nil {
 		return nil, errors.Join(append(errs, err)...)
@@ -123,6 +133,10 @@ func newPool(cfgs []MemberConfig, toks []token, opts Options) (*Pool, error) {
 			continue
 		}
 		m := &member{name: c.Name, tok: toks[i], sessions: make(chan struct{}, max(c.MaxSessions, 1))}
+		if opts.reopen {
+			c := c
+			m.reopen = func() (token, error) { return openToken(c) }
+		}
 		if err := m.checkKeys(); err != nil {
 			errs = append(errs, fmt.Errorf("member %s: %w", c.Name, err))
 			toks[i].Close()
@@ -156,22 +170,38 @@ func newPool(cfgs []MemberConfig, toks []token, opts Options) (*Pool, error) {
 	return p, nil
 }
 
-// checkKeys computes the member's key check values and its self-test.
-func (m *member) checkKeys() error {
-	m.kcvs = map[vault.KeyID][]byte{}
+// token returns the member's current token.
+func (m *member) token() token {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.tok
+}
+
+// keyCheckValues computes the check value of every key on a token.
+func keyCheckValues(t token) (map[vault.KeyID][]byte, error) {
+	kcvs := map[vault.KeyID][]byte{}
 	for _, role := range vault.Roles {
-		vs := m.tok.Versions(role)
+		vs := t.Versions(role)
 		if len(vs) == 0 {
-			return fmt.Errorf("no %s key (run keyvault keys init)", role)
+			return nil, fmt.Errorf("no %s key (run keyvault keys init)", role)
 		}
 		for _, v := range vs {
 			id := vault.KeyID{Role: role, Version: v}
-			c, err := safe(func() ([]byte, error) { return kcv(m.tok, id) })
+			c, err := safe(func() ([]byte, error) { return kcv(t, id) })
 			if err != nil {
-				return fmt.Errorf("check value of %s: %w", id.Label(), err)
+				return nil, fmt.Errorf("check value of %s: %w", id.Label(), err)
 			}
-			m.kcvs[id] = c
+			kcvs[id] = c
 		}
+	}
+	return kcvs, nil
+}
+
+// checkKeys computes the member's key check values and its self-test.
+func (m *member) checkKeys() error {
+	var err error
+	if m.kcvs, err = keyCheckValues(m.tok); err != nil {
+		return err
 	}
 	st := &m.selfTest
 	wrap := m.tok.Versions(vault.RoleWrap)
@@ -180,24 +210,45 @@ func (m *member) checkKeys() error {
 	rand.Read(st.nonce)
 	rand.Read(st.pt)
 	st.aad = []byte("keyvault/v1/self-test")
-	var err error
 	st.ct, err = safe(func() ([]byte, error) { return m.tok.Seal(st.key, st.nonce, st.pt, st.aad) })
 	if err != nil {
 		return fmt.Errorf("self-test seal: %w", err)
 	}
-	return m.runSelfTest()
+	return m.runSelfTest(m.tok)
 }
 
-// runSelfTest opens the member's known answer; an error means the member,
-// not the data, is at fault.
-func (m *member) runSelfTest() error {
+// runSelfTest opens the member's known answer on t; an error means the
+// member, not the data, is at fault.
+func (m *member) runSelfTest(t token) error {
 	st := &m.selfTest
-	pt, err := safe(func() ([]byte, error) { return m.tok.Open(st.key, st.nonce, st.ct, st.aad) })
+	pt, err := safe(func() ([]byte, error) { return t.Open(st.key, st.nonce, st.ct, st.aad) })
 	if err != nil {
 		return fmt.Errorf("self-test open: %w", err)
 	}
 	if !bytes.Equal(pt, st.pt) {
 		return errors.New("self-test open: wrong plaintext")
+	}
+	return nil
+}
+
+// healthCheck is the probe's full test of a token: the self-test, and the
+// check value of every key the member had at start, so that a token whose
+// key handles went stale (a re-initialised or restored token) fails it.
+func (m *member) healthCheck(t token) error {
+	if err := m.runSelfTest(t); err != nil {
+		return err
+	}
+	kcvs, err := keyCheckValues(t)
+	if err != nil {
+		return err
+	}
+	for id, want := range m.kcvs {
+		if !bytes.Equal(kcvs[id], want) {
+			return fmt.Errorf("check value of %s changed", id.Label())
+		}
+	}
+	if len(kcvs) != len(m.kcvs) {
+		return errors.New("the set of keys changed")
 	}
 	return nil
 }
@@ -226,7 +277,9 @@ func (p *Pool) Close() error {
 	p.wg.Wait()
 	var errs []error
 	for _, m := range p.members {
-		errs = append(errs, m.tok.Close())
+		if t := m.token(); t != nil {
+			errs = append(errs, t.Close())
+		}
 	}
 	return errors.Join(errs...)
 }
@@ -271,7 +324,7 @@ func (p *Pool) Keys() []MemberKeys {
 	for _, m := range p.members {
 		mk := MemberKeys{Member: m.name}
 		for _, role := range vault.Roles {
-			for _, v := range m.tok.Versions(role) {
+			for _, v := range m.token().Versions(role) {
 				id := vault.KeyID{Role: role, Version: v}
 				mk.Keys = append(mk.Keys, KeyCheck{Label: id.Label(), KCV: hex.EncodeToString(m.kcvs[id])})
 			}
@@ -284,8 +337,8 @@ func (p *Pool) Keys() []MemberKeys {
 // HMAC implements vault.HSM.
 func (p *Pool) HMAC(ctx context.Context, key vault.KeyID, msg []byte) ([]byte, error) {
 	var out []byte
-	err := p.do(ctx, "hmac", func(m *member) (err error) {
-		out, err = m.tok.HMAC(key, msg)
+	err := p.do(ctx, "hmac", func(_ *member, t token) (err error) {
+		out, err = t.HMAC(key, msg)
 		return err
 	})
 	return out, err
@@ -294,8 +347,8 @@ func (p *Pool) HMAC(ctx context.Context, key vault.KeyID, msg []byte) ([]byte, e
 // Seal implements vault.HSM.
 func (p *Pool) Seal(ctx context.Context, key vault.KeyID, nonce, plaintext, aad []byte) ([]byte, error) {
 	var out []byte
-	err := p.do(ctx, "seal", func(m *member) (err error) {
-		out, err = m.tok.Seal(key, nonce, plaintext, aad)
+	err := p.do(ctx, "seal", func(_ *member, t token) (err error) {
+		out, err = t.Seal(key, nonce, plaintext, aad)
 		return err
 	})
 	return out, err
@@ -306,13 +359,13 @@ func (p *Pool) Seal(ctx context.Context, key vault.KeyID, nonce, plaintext, aad 
 // member stays; if not, the member is taken out and another one tries.
 func (p *Pool) Open(ctx context.Context, key vault.KeyID, nonce, ciphertext, aad []byte) ([]byte, error) {
 	var out []byte
-	err := p.do(ctx, "open", func(m *member) error {
-		pt, err := m.tok.Open(key, nonce, ciphertext, aad)
+	err := p.do(ctx, "open", func(m *member, t token) error {
+		pt, err := t.Open(key, nonce, ciphertext, aad)
 		if err == nil {
 			out = pt
 			return nil
 		}
-		if stErr := m.runSelfTest(); stErr != nil {
+		if stErr := m.runSelfTest(t); stErr != nil {
 			return fmt.Errorf("%w (and %w)", err, stErr)
 		}
 		return fmt.Errorf("%w: GCM open failed on member %s, which passes its self-test", ErrIntegrity, m.name)
@@ -324,7 +377,7 @@ func (p *Pool) Open(ctx context.Context, key vault.KeyID, nonce, ciphertext, aad
 // waits for one of its sessions within ctx, runs fn, records metrics, turns
 // a panic into an error, and on a member failure takes the member out and
 // tries another. It returns ErrUnavailable when no member could answer.
-func (p *Pool) do(ctx context.Context, op string, fn func(*member) error) error {
+func (p *Pool) do(ctx context.Context, op string, fn func(*member, token) error) error {
 	tried := map[*member]bool{}
 	var lastErr error
 	for {
@@ -351,7 +404,7 @@ func (p *Pool) do(ctx context.Context, op string, fn func(*member) error) error 
 	}
 }
 
-func (p *Pool) run(m *member, op string, fn func(*member) error) (err error) {
+func (p *Pool) run(m *member, op string, fn func(*member, token) error) (err error) {
 	m.inFlight.Add(1)
 	p.metrics.inFlight.WithLabelValues(m.name).Inc()
 	start := time.Now()
@@ -368,7 +421,7 @@ func (p *Pool) run(m *member, op string, fn func(*member) error) (err error) {
 			p.metrics.errors.WithLabelValues(m.name, op).Inc()
 		}
 	}()
-	return fn(m)
+	return fn(m, m.token())
 }
 
 // pick returns the healthy member, not yet tried, with the fewest
@@ -400,8 +453,12 @@ func (p *Pool) fail(m *member, op string, err error) {
 	}
 }
 
-// probe re-runs the member's self-test with exponential backoff and jitter
-// and puts the member back once it passes.
+// probe tests the member with exponential backoff and jitter and puts it
+// back once it passes. A member whose token fails is configured again from
+// scratch: after a token is re-initialised or restored, every cached key
+// handle is stale (CKR_OBJECT_HANDLE_INVALID), and SoftHSM only sees a token
+// change after the library is finalised and initialised again, so the old
+// context is closed before the new one opens.
 func (p *Pool) probe(m *member) {
 	defer p.wg.Done()
 	defer m.probing.Store(false)
@@ -413,7 +470,11 @@ func (p *Pool) probe(m *member) {
 			return
 		case <-time.After(wait/2 + jitter):
 		}
-		if err := m.runSelfTest(); err == nil {
+		err := m.healthCheck(m.token())
+		if err != nil && m.reopen != nil {
+			err = p.reopen(m)
+		}
+		if err == nil {
 			m.healthy.Store(true)
 			p.metrics.up.WithLabelValues(m.name).Set(1)
 			p.log.Info("HSM member back in service", "member", m.name)
@@ -422,6 +483,45 @@ func (p *Pool) probe(m *member) {
 		wait = min(2*wait, p.opts.ProbeBackoffMax)
 	}
 }
+
+// reopen replaces a failed member's token with a freshly configured one
+// that passes the health check.
+func (p *Pool) reopen(m *member) error {
+	m.mu.Lock()
+	old := m.tok
+	m.tok = brokenToken{}
+	m.mu.Unlock()
+	_ = old.Close() // operations still running on it fail and move on
+	t, err := m.reopen()
+	if err == nil {
+		if err = m.healthCheck(t); err != nil {
+			t.Close()
+		}
+	}
+	if err != nil {
+		p.log.Warn("HSM member still failing", "member", m.name, "error", err.Error())
+		return err
+	}
+	m.mu.Lock()
+	m.tok = t
+	m.mu.Unlock()
+	return nil
+}
+
+// brokenToken stands in while a member's token is being re-opened.
+type brokenToken struct{}
+
+var errReopening = errors.New("member is being re-opened")
+
+func (brokenToken) HMAC(vault.KeyID, []byte) ([]byte, error) { return nil, errReopening }
+func (brokenToken) Seal(vault.KeyID, []byte, []byte, []byte) ([]byte, error) {
+	return nil, errReopening
+}
+func (brokenToken) Open(vault.KeyID, []byte, []byte, []byte) ([]byte, error) {
+	return nil, errReopening
+}
+func (brokenToken) Versions(vault.KeyRole) []uint32 { return nil }
+func (brokenToken) Close() error                    { return nil }
 
 // safe runs f, turning a crypto11 panic into an error.
 func safe(f func() ([]byte, error)) (out []byte, err error) {

@@ -265,7 +265,9 @@ func TestFailoverLosesNoRequest(t *testing.T) {
 	// Both broken: no result, ErrUnavailable, never ErrIntegrity.
 	fb := &flaky{token: tb}
 	fb.broken.Store(true)
+	p.members[1].mu.Lock()
 	p.members[1].tok = fb
+	p.members[1].mu.Unlock()
 	if _, err := p.Open(ctx, wrap1, nonce, ct, nil); !errors.Is(err, vault.ErrUnavailable) || errors.Is(err, vault.ErrIntegrity) {
 		t.Fatalf("Open with every member down: %v, want ErrUnavailable", err)
 	}

@@ -121,6 +121,10 @@ type stored struct {
 // An edited, moved or malformed record is ErrIntegrity, counted in a metric.
 func (v *Vault) read(ctx context.Context, key []byte) (*stored, error) {
 	raw, rev, err := v.store.Get(ctx, key)
+	if errors.Is(err, ErrIntegrity) {
+		v.integrityFailure("store value", err)
+		return nil, fmt.Errorf("read record: %w", err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("%w: read record: %w", ErrUnavailable, err)
 	}
@@ -164,7 +168,7 @@ func (v *Vault) write(ctx context.Context, key []byte, rev uint64, r *record) er
 	body := r.marshal()
 	val := append(body, recordMAC(v.macKeys[v.macVersion], key, body)...)
 	if _, err := v.store.CompareAndSwap(context.WithoutCancel(ctx), key, rev, val); err != nil {
-		if errors.Is(err, ErrConflict) {
+		if errors.Is(err, ErrConflict) || errors.Is(err, ErrIntegrity) {
 			return err
 		}
 		return fmt.Errorf("%w: write record: %w", ErrUnavailable, err)
@@ -190,6 +194,9 @@ func (v *Vault) update(ctx context.Context, key []byte, fn func(cur *stored) (*r
 			rev = cur.rev
 		}
 		err = v.write(ctx, key, rev, next)
+		if errors.Is(err, ErrIntegrity) {
+			v.integrityFailure("store value", err)
+		}
 		if !errors.Is(err, ErrConflict) {
 			return err
 		}

@@ -42,6 +42,11 @@ const layoutVersion = 1
 
 const revLen = 8
 
+// errTruncated: a stored value is too short to hold its revision. It is
+// damage, not an outage, so it is a vault.ErrIntegrity. The key is not in
+// the text: it holds a user ID.
+var errTruncated = fmt.Errorf("%w: stored value shorter than its revision", vault.ErrIntegrity)
+
 // Store is a vault.Store on a bbolt file.
 type Store struct {
 	db      *bolt.DB
@@ -110,7 +115,7 @@ func (s *Store) Get(ctx context.Context, key []byte) (value []byte, rev uint64, 
 			return nil
 		}
 		if len(v) < revLen {
-			return fmt.Errorf("store value under %x is truncated", key)
+			return errTruncated
 		}
 		rev = binary.BigEndian.Uint64(v)
 		value = bytes.Clone(v[revLen:]) // bbolt's slice dies with the transaction
@@ -135,7 +140,7 @@ func (s *Store) CompareAndSwap(ctx context.Context, key []byte, rev uint64, valu
 		var cur uint64
 		if v := data.Get(key); v != nil {
 			if len(v) < revLen {
-				return fmt.Errorf("store value under %x is truncated", key)
+				return errTruncated
 			}
 			cur = binary.BigEndian.Uint64(v)
 		}
@@ -169,7 +174,7 @@ func (s *Store) Scan(ctx context.Context, prefix []byte, fn func(key, value []by
 				return err
 			}
 			if len(v) < revLen {
-				return fmt.Errorf("store value under %x is truncated", k)
+				return errTruncated
 			}
 			if err := fn(k, v[revLen:], binary.BigEndian.Uint64(v)); err != nil {
 				return err

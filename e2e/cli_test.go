@@ -1,0 +1,166 @@
+package e2e
+
+import (
+	"bytes"
+	"errors"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/keyvault/keyvault/internal/softhsm/softhsmtest"
+)
+
+// runCLI runs the binary to completion and returns its exit status and
+// combined output.
+func runCLI(t testing.TB, args ...string) (int, string) {
+	t.Helper()
+	cmd := exec.Command(keyvaultBin, args...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	var err error
+	select {
+	case err = <-done:
+	case <-time.After(60 * time.Second):
+		_ = cmd.Process.Kill()
+		<-done
+		t.Fatalf("keyvault %s did not finish within 60s:\n%s", strings.Join(args, " "), out.String())
+	}
+	var exit *exec.ExitError
+	switch {
+	case err == nil:
+		return 0, out.String()
+	case errors.As(err, &exit):
+		return exit.ExitCode(), out.String()
+	default:
+		t.Fatalf("keyvault %s: %v", strings.Join(args, " "), err)
+		return -1, ""
+	}
+}
+
+// keyLines matches `keys list` output: a key label and its check value.
+var keyLines = regexp.MustCompile(`(keyvault-(?:wrap|pin|root)-v1)\s+check value\s+([0-9a-f]{6,})`)
+
+// TestDevReuse restarts `keyvault dev` on its directory and serves the same
+// directory with `keyvault serve`, checking the data and the bearer token
+// survive; then runs the key and usage commands against it.
+func TestDevReuse(t *testing.T) {
+	softhsmtest.Module(t)
+	t.Parallel()
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "keyvault.yaml")
+	v := startDev(t, dir)
+	token := v.Token
+	if token == "" {
+		t.Fatalf("no bearer token in %s/token", dir)
+	}
+	if !bytes.Contains(v.Logs(), []byte(token)) {
+		t.Errorf("keyvault dev did not print its bearer token:\n%s", v.Logs())
+	}
+	c := newClient(v.API, token)
+	e := enrolled{randID("reuse"), randBytes(32), randPIN("reuse")}
+	c.mustEnroll(t, http.StatusCreated, e.user, e.secret, e.pin, 0)
+	wantProblem(t, "a wrong guess", c.recover(t, e.user, "wrong-pin"), http.StatusForbidden, "wrong_pin")
+	v.Stop()
+
+	// dev again: same token, same data, the counted guess still counted.
+	v = startDev(t, dir)
+	if v.Token != token {
+		t.Errorf("the second dev run has token %q, want the first run's %q", v.Token, token)
+	}
+	c = newClient(v.API, token)
+	if g := c.mustStatus(t, e.user); num(t, g, "attempts_remaining") != 9 {
+		t.Errorf("after a restart: %v, want attempts_remaining 9", g)
+	}
+	c.mustRecover(t, e.user, e.pin, e.secret)
+	// A second process on the same directory must refuse, and leave the
+	// first one serving.
+	code, out := runCLI(t, "dev", "--dir", dir, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0")
+	if code != 1 {
+		t.Errorf("a second dev on a served directory: exit %d, want 1:\n%s", code, out)
+	}
+	c.mustRecover(t, e.user, e.pin, e.secret)
+	v.Stop()
+
+	// serve on the dev config; the addresses are set to free ports so the
+	// test binds nothing fixed.
+	raw, err := os.ReadFile(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(cfg, []byte(portZero(t, string(raw))), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	v = startServe(t, dir, cfg)
+	c = newClient(v.API, token)
+	c.mustRecover(t, e.user, e.pin, e.secret)
+	e2 := enrolled{randID("reuse2"), randBytes(32), randPIN("reuse2")}
+	c.mustEnroll(t, http.StatusCreated, e2.user, e2.secret, e2.pin, 0)
+	v.Stop()
+
+	// keys list, then keys init on existing keys.
+	code, out = runCLI(t, "keys", "list", "--config", cfg)
+	if code != 0 {
+		t.Fatalf("keys list: exit %d, want 0:\n%s", code, out)
+	}
+	kcv := map[string]string{}
+	for _, m := range keyLines.FindAllStringSubmatch(out, -1) {
+		kcv[m[1]] = m[2]
+	}
+	for _, label := range []string{"keyvault-wrap-v1", "keyvault-pin-v1", "keyvault-root-v1"} {
+		if kcv[label] == "" {
+			t.Errorf("keys list does not show %s with a check value:\n%s", label, out)
+		}
+	}
+	code, out2 := runCLI(t, "keys", "init", "--config", cfg)
+	if code != 1 {
+		t.Errorf("keys init over existing keys: exit %d, want 1:\n%s", code, out2)
+	}
+	code, out3 := runCLI(t, "keys", "list", "--config", cfg)
+	if code != 0 || out3 != out {
+		t.Errorf("keys list after keys init: exit %d, output\n%s\nwant exit 0 and the same output as before\n%s", code, out3, out)
+	}
+	v = startDev(t, dir)
+	c = newClient(v.API, token)
+	c.mustRecover(t, e.user, e.pin, e.secret)
+	c.mustRecover(t, e2.user, e2.pin, e2.secret)
+	v.Stop()
+
+	// version and usage errors.
+	if code, out := runCLI(t, "version"); code != 0 || !strings.HasPrefix(out, "keyvault ") {
+		t.Errorf("keyvault version: exit %d, output %q; want 0 and \"keyvault ...\"", code, out)
+	}
+	if code, out := runCLI(t, "serve"); code != 2 || !strings.Contains(out, "--config") {
+		t.Errorf("keyvault serve without --config: exit %d, output %q; want 2 and a word about --config", code, out)
+	}
+	for _, tc := range []struct {
+		name, key, edit string
+	}{
+		{"top level", "bogus_top_key", "bogus_top_key: 1\n"},
+		{"nested", "max_attemps_limit", "budget:\n  max_attemps_limit: 20\n"},
+	} {
+		text := portZero(t, string(raw))
+		if tc.name == "nested" {
+			text = strings.Replace(text, "budget:\n", tc.edit, 1)
+		} else {
+			text += tc.edit
+		}
+		bad := filepath.Join(dir, "bad-"+tc.key+".yaml")
+		if err := os.WriteFile(bad, []byte(text), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		code, out := runCLI(t, "serve", "--config", bad)
+		if code != 2 || !strings.Contains(out, tc.key) {
+			t.Errorf("serve with an unknown %s key: exit %d, output %q; want 2 and a message naming %s", tc.name, code, out, tc.key)
+		}
+	}
+}
