@@ -157,136 +157,6 @@ func (v *Vault) Delete(ctx context.Context, ns, userID string, pre Precondition)
 	return nil
 }
 
-// guess is one counted guess: the record as it was before counting (with
-// its sealed secret), the guess's index, and whether counting it locked the
-// backup.
-type guess struct {
-	key    []byte
-	before record
-	index  uint32
-	locked bool
-}
-
-// count is step 1 of every guess: durably count it before anything is
-// learnt about the PIN. The guess that uses the last attempt removes the
-// sealed secret in the same write; the request keeps it in memory.
-func (v *Vault) count(ctx context.Context, ns, userID string, pre Precondition) (*guess, error) {
-	g := &guess{key: recordKey(ns, userID)}
-	err := v.update(ctx, g.key, func(cur *stored) (*record, error) {
-		if cur == nil || cur.Tombstone {
-			return nil, ErrNotFound
-		}
-		// A failed precondition is decided before anything is counted.
-		if err := pre.check(cur); err != nil {
-			return nil, err
-		}
-		if cur.Locked {
-			return nil, ErrLocked
-		}
-		g.before = *cur.record
-		next := *cur.record
-		next.Guesses++
-		next.UpdatedAt = v.now()
-		g.index = next.Guesses
-		g.locked = next.used() == next.MaxAttempts
-		if g.locked {
-			next.Locked, next.Sealed = true, nil
-		}
-		return &next, nil
-	})
-	if err != nil {
-		return nil, err
-	}
-	if g.locked {
-		v.metrics.lockouts.Inc()
-	}
-	return g, nil
-}
-
-// sameGeneration reports whether cur still holds the generation g counted in.
-func (g *guess) sameGeneration(cur *stored) bool {
-	return cur != nil && !cur.Tombstone && cur.Generation == g.before.Generation
-}
-
-// forgive is step 3 after a right PIN: every guess up to this one is
-// forgiven, guesses counted after it began stay counted, and if this guess
-// locked the backup, its secret goes back. It returns the attempts left.
-// A lock by a later guess stands: that guess answers 410, and a 410 must
-// stay true.
-func (v *Vault) forgive(ctx context.Context, g *guess) (int, error) {
-	remaining := int(g.before.MaxAttempts)
-	// Settling a counted guess must not depend on the client still waiting.
-	err := v.update(context.WithoutCancel(ctx), g.key, func(cur *stored) (*record, error) {
-		if !g.sameGeneration(cur) {
-			return nil, nil // replaced or deleted meanwhile: nothing to reset
-		}
-		next := *cur.record
-		if next.Locked {
-			if next.Guesses != g.index {
-				remaining = 0
-				return nil, nil
-			}
-			next.Locked, next.Sealed = false, g.before.Sealed
-		} else if g.index <= next.Forgiven {
-			remaining = next.remaining()
-			return nil, nil // a later success already forgave this guess
-		}
-		if g.index > next.Forgiven {
-			// Refunds of guesses after this one are dropped with the
-			// rest: that can only count a guess too many, never too few.
-			next.Forgiven, next.Refunds = g.index, 0
-		}
-		next.UpdatedAt = v.now()
-		remaining = next.remaining()
-		return &next, nil
-	})
-	return remaining, err
-}
-
-// refund is step 3 when the HSM gave no result: the guess's outcome was
-// never learnt, so it is uncounted, and if it locked the backup, the secret
-// goes back.
-func (v *Vault) refund(ctx context.Context, g *guess) error {
-	return v.update(context.WithoutCancel(ctx), g.key, func(cur *stored) (*record, error) {
-		if !g.sameGeneration(cur) || g.index <= cur.Forgiven {
-			return nil, nil
-		}
-		next := *cur.record
-		if next.Locked {
-			if next.Guesses != g.index {
-				return nil, nil // locked by a later guess, which answers 410
-			}
-			next.Locked, next.Sealed = false, g.before.Sealed
-		}
-		next.Refunds++
-		next.UpdatedAt = v.now()
-		return &next, nil
-	})
-}
-
-// attempt runs steps 1 and 2 of a guess and settles wrong and unanswered
-// guesses. On a right PIN it returns the counted guess and the inner key
-// for the caller to finish.
-func (v *Vault) attempt(ctx context.Context, ns, userID string, pin []byte, pre Precondition) (*guess, []byte, error) {
-	g, err := v.count(ctx, ns, userID, pre)
-	if err != nil {
-		return nil, nil, err
-	}
-	ok, inner, err := v.verify(ctx, ns, userID, &g.before, pin)
-	switch {
-	case err != nil:
-		if rerr := v.refund(ctx, g); rerr != nil {
-			return nil, nil, errors.Join(err, fmt.Errorf("refund: %w", rerr))
-		}
-		return nil, nil, err
-	case !ok && g.locked:
-		return nil, nil, ErrLocked
-	case !ok:
-		return nil, nil, &WrongPINError{Remaining: int(g.before.MaxAttempts - g.before.used() - 1)}
-	}
-	return g, inner, nil
-}
-
 // Recover returns the secret of a backup for the right PIN.
 //
 // The order is what keeps the guess budget: (1) count the guess durably,
@@ -360,17 +230,22 @@ func (v *Vault) ChangePIN(ctx context.Context, ns, userID string, pin, newPIN []
 		}
 		return Backup{}, fmt.Errorf("change PIN: %w", err)
 	}
-	err = v.update(ctx, g.key, func(cur *stored) (*record, error) {
-		switch {
-		case !g.sameGeneration(cur):
-			return nil, fmt.Errorf("%w: the backup was replaced or deleted during the PIN change", ErrPrecondition)
-		case cur.Locked && cur.Guesses != g.index:
-			return nil, ErrLocked // a later guess locked it and answers 410
-		}
-		now := v.now()
-		next.MaxAttempts = cur.MaxAttempts
-		next.CreatedAt, next.UpdatedAt = now, now
-		return next, nil
+	err = v.waitSettled(ctx, func() error {
+		return v.update(context.WithoutCancel(ctx), g.key, func(cur *stored) (*record, error) {
+			if !g.sameGeneration(cur) {
+				return nil, fmt.Errorf("%w: the backup was replaced or deleted during the PIN change", ErrPrecondition)
+			}
+			if cur.Locked && (cur.Guesses != g.index || !g.mayUnlock(cur)) {
+				return nil, v.lockedOrPending(cur) // a later guess locked it
+			}
+			now := v.now()
+			next.MaxAttempts = cur.MaxAttempts
+			// Wrong guesses counted on the old generation after this one
+			// began stay counted on the new one.
+			next.Guesses = g.countedSince(cur)
+			next.CreatedAt, next.UpdatedAt = now, now
+			return next, nil
+		})
 	})
 	if err != nil {
 		return Backup{}, fmt.Errorf("change PIN: %w", err)

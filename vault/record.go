@@ -15,6 +15,7 @@ const recordFormatV1 = 1
 const (
 	flagLocked    = 1 << 0
 	flagTombstone = 1 << 1
+	flagLockFinal = 1 << 2
 
 	saltLen     = 32
 	verifierLen = 32
@@ -36,7 +37,8 @@ const (
 // moves). Attempts used = Guesses - Forgiven - Refunds.
 type record struct {
 	Generation  uint64
-	Locked      bool
+	Locked      bool // the secret was removed by the guess that used the last attempt
+	LockFinal   bool // that guess settled wrong: the lock stands for this generation
 	Tombstone   bool
 	MaxAttempts uint32
 	Guesses     uint32
@@ -82,6 +84,9 @@ func (r *record) marshal() []byte {
 	if r.Tombstone {
 		flags |= flagTombstone
 	}
+	if r.LockFinal {
+		flags |= flagLockFinal
+	}
 	b = append(b, recordFormatV1, flags)
 	b = binary.BigEndian.AppendUint64(b, r.Generation)
 	b = binary.BigEndian.AppendUint32(b, r.MaxAttempts)
@@ -120,6 +125,7 @@ func parseRecord(b []byte) (r *record, body, mac []byte, err error) {
 	flags := d.byte()
 	r = &record{
 		Locked:      flags&flagLocked != 0,
+		LockFinal:   flags&flagLockFinal != 0,
 		Tombstone:   flags&flagTombstone != 0,
 		Generation:  d.u64(),
 		MaxAttempts: d.u32(),
@@ -136,7 +142,7 @@ func parseRecord(b []byte) (r *record, body, mac []byte, err error) {
 	r.Verifier = d.bytes(int(d.byte()))
 	r.Nonce = d.bytes(int(d.byte()))
 	r.Sealed = d.bytes(int(d.u32()))
-	if d.err || len(d.b) != 0 || flags&^(flagLocked|flagTombstone) != 0 {
+	if d.err || len(d.b) != 0 || flags&^(flagLocked|flagTombstone|flagLockFinal) != 0 {
 		return nil, nil, nil, errMalformed
 	}
 	return r, body, mac, nil
@@ -149,7 +155,7 @@ func (r *record) check() error {
 	case r.Generation == 0:
 		return errors.New("generation 0")
 	case r.Tombstone:
-		if r.Locked || len(r.Sealed) != 0 || len(r.Salt) != 0 {
+		if r.Locked || r.LockFinal || len(r.Sealed) != 0 || len(r.Salt) != 0 {
 			return errors.New("tombstone with contents")
 		}
 		return nil
@@ -159,8 +165,10 @@ func (r *record) check() error {
 		return errors.New("counter out of range")
 	case r.used() > r.MaxAttempts:
 		return errors.New("counter out of range")
-	case r.Locked != (r.used() == r.MaxAttempts):
+	case !r.Locked && (r.used() == r.MaxAttempts || r.LockFinal):
 		return errors.New("lock state disagrees with counter")
+	case r.LockFinal && r.used() != r.MaxAttempts:
+		return errors.New("final lock with attempts left")
 	case r.Locked != (len(r.Sealed) == 0):
 		return errors.New("lock state disagrees with sealed secret")
 	case len(r.Salt) != saltLen || len(r.Verifier) != verifierLen || len(r.Nonce) != nonceLen:

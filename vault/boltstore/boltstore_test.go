@@ -1,0 +1,384 @@
+package boltstore_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/keyvault/keyvault/vault"
+	"github.com/keyvault/keyvault/vault/boltstore"
+)
+
+var bg = context.Background()
+
+func open(t *testing.T, path string) *boltstore.Store {
+	t.Helper()
+	s, err := boltstore.Open(path, nil)
+	if err != nil {
+		t.Fatalf("open: %v", err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func tempStore(t *testing.T) (*boltstore.Store, string) {
+	path := filepath.Join(t.TempDir(), "store.db")
+	return open(t, path), path
+}
+
+func mustCAS(t *testing.T, s *boltstore.Store, key string, rev uint64, val string) uint64 {
+	t.Helper()
+	nr, err := s.CompareAndSwap(bg, []byte(key), rev, []byte(val))
+	if err != nil {
+		t.Fatalf("CAS %s at %d: %v", key, rev, err)
+	}
+	return nr
+}
+
+func TestCompareAndSwap(t *testing.T) {
+	t.Parallel()
+	s, _ := tempStore(t)
+	r1 := mustCAS(t, s, "k", 0, "v1")
+	if r1 == 0 {
+		t.Fatal("a created key has revision 0")
+	}
+	if v, rev, err := s.Get(bg, []byte("k")); err != nil || string(v) != "v1" || rev != r1 {
+		t.Fatalf("get: %q %d %v", v, rev, err)
+	}
+	// Creating again, or writing at a stale or made-up revision, conflicts and writes nothing.
+	for _, rev := range []uint64{0, r1 - 1, r1 + 1, ^uint64(0)} {
+		if _, err := s.CompareAndSwap(bg, []byte("k"), rev, []byte("bad")); !errors.Is(err, vault.ErrConflict) {
+			t.Fatalf("CAS at revision %d over %d: %v, want ErrConflict", rev, r1, err)
+		}
+	}
+	r2 := mustCAS(t, s, "k", r1, "v2")
+	if r2 <= r1 {
+		t.Fatalf("revision went from %d to %d", r1, r2)
+	}
+	if _, err := s.CompareAndSwap(bg, []byte("k"), r1, []byte("stale")); !errors.Is(err, vault.ErrConflict) {
+		t.Fatalf("CAS at the stale revision: %v", err)
+	}
+	if v, rev, _ := s.Get(bg, []byte("k")); string(v) != "v2" || rev != r2 {
+		t.Fatalf("after conflicts: %q at %d, want v2 at %d", v, rev, r2)
+	}
+	// A missing key needs revision 0.
+	if _, err := s.CompareAndSwap(bg, []byte("new"), 5, []byte("x")); !errors.Is(err, vault.ErrConflict) {
+		t.Fatalf("CAS of a missing key at revision 5: %v", err)
+	}
+	// Revisions come from one store-wide counter: they increase across keys.
+	r3 := mustCAS(t, s, "other", 0, "o")
+	if r3 <= r2 {
+		t.Fatalf("revision of another key %d not above %d", r3, r2)
+	}
+	// An empty value is a value, not a missing key.
+	re := mustCAS(t, s, "empty", 0, "")
+	if v, rev, err := s.Get(bg, []byte("empty")); err != nil || v == nil || len(v) != 0 || rev != re {
+		t.Fatalf("empty value: %v (nil=%v) %d %v", v, v == nil, rev, err)
+	}
+}
+
+func TestGetMissing(t *testing.T) {
+	t.Parallel()
+	s, _ := tempStore(t)
+	v, rev, err := s.Get(bg, []byte("nothing"))
+	if v != nil || rev != 0 || err != nil {
+		t.Fatalf("missing key: %v %d %v, want nil, 0, nil", v, rev, err)
+	}
+}
+
+func TestCanceledContextWritesNothing(t *testing.T) {
+	t.Parallel()
+	s, _ := tempStore(t)
+	ctx, cancel := context.WithCancel(bg)
+	cancel()
+	if _, err := s.CompareAndSwap(ctx, []byte("k"), 0, []byte("v")); !errors.Is(err, context.Canceled) {
+		t.Fatalf("CAS with a canceled context: %v", err)
+	}
+	if _, _, err := s.Get(ctx, []byte("k")); !errors.Is(err, context.Canceled) {
+		t.Fatalf("get with a canceled context: %v", err)
+	}
+	if v, _, _ := s.Get(bg, []byte("k")); v != nil {
+		t.Fatal("a canceled CAS wrote")
+	}
+	// context.WithoutCancel, as the vault uses for counting writes, writes.
+	if _, err := s.CompareAndSwap(context.WithoutCancel(ctx), []byte("k"), 0, []byte("v")); err != nil {
+		t.Fatalf("CAS under WithoutCancel: %v", err)
+	}
+}
+
+func TestScan(t *testing.T) {
+	t.Parallel()
+	s, _ := tempStore(t)
+	revs := map[string]uint64{}
+	for _, k := range []string{"b2", "a3", "a1", "c", "a2", "a", "b1", "ab"} {
+		revs[k] = mustCAS(t, s, k, 0, "val-"+k)
+	}
+	scan := func(prefix string) []string {
+		t.Helper()
+		var keys []string
+		err := s.Scan(bg, []byte(prefix), func(k, v []byte, rev uint64) error {
+			if string(v) != "val-"+string(k) || rev != revs[string(k)] {
+				t.Errorf("scan: %s = %q at %d", k, v, rev)
+			}
+			keys = append(keys, string(k))
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return keys
+	}
+	for _, c := range []struct {
+		prefix string
+		want   []string
+	}{
+		{"a", []string{"a", "a1", "a2", "a3", "ab"}},
+		{"b", []string{"b1", "b2"}},
+		{"ab", []string{"ab"}},
+		{"", []string{"a", "a1", "a2", "a3", "ab", "b1", "b2", "c"}},
+		{"d", nil},
+		{"a4", nil},
+	} {
+		if got := scan(c.prefix); fmt.Sprint(got) != fmt.Sprint(c.want) {
+			t.Errorf("scan %q: %v, want %v", c.prefix, got, c.want)
+		}
+	}
+	// An error from fn stops the scan and is returned.
+	stop := errors.New("stop")
+	n := 0
+	if err := s.Scan(bg, []byte("a"), func(k, v []byte, rev uint64) error { n++; return stop }); !errors.Is(err, stop) || n != 1 {
+		t.Fatalf("scan with a failing fn: %v after %d keys", err, n)
+	}
+	// A canceled context stops it too.
+	ctx, cancel := context.WithCancel(bg)
+	cancel()
+	if err := s.Scan(ctx, nil, func(k, v []byte, rev uint64) error { return nil }); !errors.Is(err, context.Canceled) {
+		t.Fatalf("scan with a canceled context: %v", err)
+	}
+}
+
+func TestReopenKeepsDataAndRevisions(t *testing.T) {
+	t.Parallel()
+	path := filepath.Join(t.TempDir(), "store.db")
+	s, err := boltstore.Open(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r1 := mustCAS(t, s, "k", 0, "v1")
+	r2 := mustCAS(t, s, "k2", 0, "v2")
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s = open(t, path)
+	if err := s.Ping(); err != nil {
+		t.Fatal(err)
+	}
+	if v, rev, err := s.Get(bg, []byte("k")); err != nil || string(v) != "v1" || rev != r1 {
+		t.Fatalf("after reopen: %q %d %v", v, rev, err)
+	}
+	if _, err := s.CompareAndSwap(bg, []byte("k"), 0, []byte("x")); !errors.Is(err, vault.ErrConflict) {
+		t.Fatal("after reopen a stale revision writes")
+	}
+	// The revision counter survives too: no revision is ever handed out twice.
+	if r3 := mustCAS(t, s, "k", r1, "v3"); r3 <= r2 {
+		t.Fatalf("revision %d after reopen, not above %d", r3, r2)
+	}
+}
+
+func TestValuesAreCopies(t *testing.T) {
+	t.Parallel()
+	s, _ := tempStore(t)
+	r := mustCAS(t, s, "k", 0, "original")
+	in2 := []byte("second-value")
+	if _, err := s.CompareAndSwap(bg, []byte("k"), r, in2); err != nil {
+		t.Fatal(err)
+	}
+	in2[0] = 'X' // the caller's slice after the write
+	v, _, _ := s.Get(bg, []byte("k"))
+	if string(v) != "second-value" {
+		t.Fatalf("the store kept the caller's slice: %q", v)
+	}
+	for i := range v {
+		v[i] = 0 // the returned slice
+	}
+	if v2, _, _ := s.Get(bg, []byte("k")); string(v2) != "second-value" {
+		t.Fatalf("mutating a returned value changed the store: %q", v2)
+	}
+	// Values read in other transactions stay intact after many writes.
+	held, _, _ := s.Get(bg, []byte("k"))
+	for i := range 50 {
+		mustCAS(t, s, fmt.Sprintf("fill-%d", i), 0, string(bytes.Repeat([]byte{byte(i)}, 4096)))
+	}
+	if string(held) != "second-value" {
+		t.Fatalf("a value returned earlier changed under later writes: %q", held)
+	}
+}
+
+func TestConcurrentCASCounter(t *testing.T) {
+	t.Parallel()
+	s, _ := tempStore(t)
+	const writers, each = 2, 200
+	var wg sync.WaitGroup
+	conflicts := make([]int, writers)
+	for w := range writers {
+		wg.Go(func() {
+			for range each {
+				for {
+					v, rev, err := s.Get(bg, []byte("counter"))
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					var n uint64
+					if v != nil {
+						n = binary.BigEndian.Uint64(v)
+					}
+					_, err = s.CompareAndSwap(bg, []byte("counter"), rev, binary.BigEndian.AppendUint64(nil, n+1))
+					if err == nil {
+						break
+					}
+					if !errors.Is(err, vault.ErrConflict) {
+						t.Error(err)
+						return
+					}
+					conflicts[w]++
+				}
+			}
+		})
+	}
+	wg.Wait()
+	v, _, _ := s.Get(bg, []byte("counter"))
+	if n := binary.BigEndian.Uint64(v); n != writers*each {
+		t.Fatalf("counter %d, want %d (lost updates)", n, writers*each)
+	}
+	t.Logf("conflicts retried: %v", conflicts)
+}
+
+func TestOpenTwiceFailsFast(t *testing.T) {
+	t.Parallel()
+	_, path := tempStore(t)
+	done := make(chan error, 1)
+	start := time.Now()
+	go func() {
+		s, err := boltstore.Open(path, nil)
+		if err == nil {
+			s.Close()
+		}
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("a second Open of a file in use succeeded")
+		}
+		if d := time.Since(start); d > 5*time.Second {
+			t.Fatalf("the second Open took %v", d)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the second Open hangs")
+	}
+}
+
+func TestOpenRefusesAnotherLayout(t *testing.T) {
+	t.Parallel()
+	path := filepath.Join(t.TempDir(), "store.db")
+	db, err := bolt.Open(path, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		m, err := tx.CreateBucketIfNotExists([]byte("meta"))
+		if err != nil {
+			return err
+		}
+		return m.Put([]byte("layout"), []byte{2})
+	})
+	db.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s, err := boltstore.Open(path, nil); err == nil {
+		s.Close()
+		t.Fatal("opened a store of layout 2")
+	}
+}
+
+func TestTruncatedValueIsAnIntegrityError(t *testing.T) {
+	t.Parallel()
+	path := filepath.Join(t.TempDir(), "store.db")
+	s, err := boltstore.Open(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	key := []byte("rkey-of-some-user")
+	db, err := bolt.Open(path, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Update(func(tx *bolt.Tx) error { return tx.Bucket([]byte("kv")).Put(key, []byte{1, 2, 3}) }); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	s = open(t, path)
+	// Damage, not an outage: each is an integrity error, and none names the
+	// key (it holds a user ID).
+	_, _, gerr := s.Get(bg, key)
+	_, cerr := s.CompareAndSwap(bg, key, 0, []byte("v"))
+	serr := s.Scan(bg, nil, func(k, v []byte, rev uint64) error { return nil })
+	for op, err := range map[string]error{"get": gerr, "CAS": cerr, "scan": serr} {
+		if !errors.Is(err, vault.ErrIntegrity) || errors.Is(err, vault.ErrConflict) {
+			t.Errorf("%s over a value shorter than its revision: %v, want ErrIntegrity", op, err)
+			continue
+		}
+		if msg := err.Error(); strings.Contains(msg, string(key)) || strings.Contains(msg, hex.EncodeToString(key)) {
+			t.Errorf("%s error names the key: %s", op, msg)
+		}
+	}
+}
+
+func TestTransactionMetrics(t *testing.T) {
+	t.Parallel()
+	reg := prometheus.NewRegistry()
+	s, err := boltstore.Open(filepath.Join(t.TempDir(), "store.db"), reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	mustCAS(t, s, "k", 0, "v")
+	s.Get(bg, []byte("k"))
+	s.Scan(bg, nil, func(k, v []byte, rev uint64) error { return nil })
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ops := map[string]uint64{}
+	for _, mf := range mfs {
+		if mf.GetName() != "keyvault_store_transaction_duration_seconds" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "op" {
+					ops[l.GetValue()] = m.GetHistogram().GetSampleCount()
+				}
+			}
+		}
+	}
+	if ops["cas"] != 1 || ops["get"] != 1 || ops["scan"] != 1 {
+		t.Fatalf("transaction histogram counts %v, want one of each", ops)
+	}
+}
+
+var _ vault.Store = (*boltstore.Store)(nil)

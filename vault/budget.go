@@ -1,0 +1,234 @@
+package vault
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// lockSettleWindow bounds how long a lock may stay pending. The guess that
+// uses the last attempt removes the secret when it is counted, before its
+// outcome is known: if it turns out right, or the HSM gives no answer, it
+// puts the secret back. Until it settles, the lock is pending, and other
+// guesses wait rather than answer 410, so that every 410 stays true. A lock
+// still pending after the window (its request died with its process) is
+// final. The guess that made it may undo it only within half the window, so
+// clocks of processes sharing a store may differ by up to a quarter of it.
+const lockSettleWindow = 20 * time.Second
+
+// errPendingLock: another request's last-attempt guess has not settled yet.
+var errPendingLock = errors.New("a concurrent last-attempt guess has not settled")
+
+// guess is one counted guess: the record as it was before counting (with
+// its sealed secret), the guess's index, whether counting it locked the
+// backup, and when (monotonic).
+type guess struct {
+	key       []byte
+	before    record
+	index     uint32
+	locked    bool
+	countedAt time.Time
+}
+
+// sameGeneration reports whether cur still holds the generation g counted in.
+func (g *guess) sameGeneration(cur *stored) bool {
+	return cur != nil && !cur.Tombstone && cur.Generation == g.before.Generation
+}
+
+// mayUnlock reports whether g, the guess that locked cur, may still put the
+// secret back: the lock is still pending, and young enough that nobody has
+// taken it for final.
+func (g *guess) mayUnlock(cur *stored) bool {
+	return cur.Locked && !cur.LockFinal && cur.Guesses == g.index && time.Since(g.countedAt) < lockSettleWindow/2
+}
+
+// countedSince is how many guesses counted on cur after g stay counted, an
+// upper bound when refunds blur which guess was refunded.
+func (g *guess) countedSince(cur *stored) uint32 {
+	if cur.Forgiven >= g.index {
+		return cur.used()
+	}
+	return min(cur.Guesses-g.index, cur.used())
+}
+
+// lockedOrPending tells a final lock (ErrLocked) from one whose guess is
+// still in flight (errPendingLock).
+func (v *Vault) lockedOrPending(cur *stored) error {
+	age := time.Duration(v.now() - cur.UpdatedAt)
+	if cur.LockFinal || age >= lockSettleWindow {
+		return ErrLocked
+	}
+	return errPendingLock
+}
+
+// waitSettled runs fn until it no longer meets a pending lock, polling with
+// a short backoff. The wait is bounded: a pending lock turns final after
+// lockSettleWindow. Nothing is counted while waiting.
+func (v *Vault) waitSettled(ctx context.Context, fn func() error) error {
+	delay := time.Millisecond
+	for {
+		err := fn()
+		if !errors.Is(err, errPendingLock) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w: waiting for a concurrent guess to settle: %w", ErrUnavailable, ctx.Err())
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, 50*time.Millisecond)
+	}
+}
+
+// count is step 1 of every guess: durably count it before anything is
+// learnt about the PIN. The guess that uses the last attempt removes the
+// sealed secret in the same write, leaving a pending lock; the request
+// keeps the secret in memory until the guess settles.
+func (v *Vault) count(ctx context.Context, ns, userID string, pre Precondition) (*guess, error) {
+	g := &guess{key: recordKey(ns, userID)}
+	err := v.waitSettled(ctx, func() error {
+		return v.update(ctx, g.key, func(cur *stored) (*record, error) {
+			if cur == nil || cur.Tombstone {
+				return nil, ErrNotFound
+			}
+			// A failed precondition is decided before anything is counted.
+			if err := pre.check(cur); err != nil {
+				return nil, err
+			}
+			if cur.Locked {
+				return nil, v.lockedOrPending(cur)
+			}
+			g.before = *cur.record
+			next := *cur.record
+			next.Guesses++
+			next.UpdatedAt = v.now()
+			g.index = next.Guesses
+			g.locked = next.used() == next.MaxAttempts
+			if g.locked {
+				next.Locked, next.Sealed = true, nil
+			}
+			g.countedAt = time.Now()
+			return &next, nil
+		})
+	})
+	if err != nil {
+		return nil, err
+	}
+	return g, nil
+}
+
+// forgive is step 3 after a right PIN: every guess up to this one is
+// forgiven, and guesses counted after it began stay counted. If this guess
+// locked the backup, its secret goes back. A pending lock by a later guess
+// sees the forgiveness when it settles; a final one stands, since its 410
+// has been sent. It returns the attempts left.
+func (v *Vault) forgive(ctx context.Context, g *guess) (int, error) {
+	remaining := int(g.before.MaxAttempts)
+	// Settling a counted guess must not depend on the client still waiting.
+	err := v.update(context.WithoutCancel(ctx), g.key, func(cur *stored) (*record, error) {
+		if !g.sameGeneration(cur) {
+			return nil, nil // replaced or deleted meanwhile: nothing to reset
+		}
+		next := *cur.record
+		switch {
+		case g.mayUnlock(cur):
+			next.Locked, next.Sealed = false, g.before.Sealed
+		case cur.Locked && (cur.Guesses == g.index || v.lockedOrPending(cur) == ErrLocked):
+			remaining = 0
+			return nil, nil // final: its 410 stands
+		case g.index <= cur.Forgiven:
+			remaining = cur.remaining()
+			return nil, nil // a later success already forgave this guess
+		}
+		if g.index > next.Forgiven {
+			// Refunds of guesses after this one are dropped with the
+			// rest: that can only count a guess too many, never too few.
+			next.Forgiven, next.Refunds = g.index, 0
+		}
+		next.UpdatedAt = v.now()
+		if next.Locked {
+			next.UpdatedAt = cur.UpdatedAt // the pending lock's age runs on
+		}
+		remaining = next.remaining()
+		return &next, nil
+	})
+	return remaining, err
+}
+
+// refund is step 3 when the HSM gave no result: the guess's outcome was
+// never learnt, so it is uncounted, and if it locked the backup, the secret
+// goes back.
+func (v *Vault) refund(ctx context.Context, g *guess) error {
+	return v.update(context.WithoutCancel(ctx), g.key, func(cur *stored) (*record, error) {
+		if !g.sameGeneration(cur) || g.index <= cur.Forgiven {
+			return nil, nil
+		}
+		next := *cur.record
+		if cur.Locked {
+			if !g.mayUnlock(cur) {
+				return nil, nil // locked by a later guess, or final
+			}
+			next.Locked, next.Sealed = false, g.before.Sealed
+		}
+		next.Refunds++
+		next.UpdatedAt = v.now()
+		return &next, nil
+	})
+}
+
+// settleWrong is step 3 for a wrong guess that locked the backup. The lock
+// turns final, and the guess answers 410, unless right guesses that began
+// before it have been forgiven meanwhile and left attempts: then the secret
+// goes back and the guess answers 403 like any other wrong one.
+func (v *Vault) settleWrong(ctx context.Context, g *guess) error {
+	var answer error = ErrLocked
+	err := v.update(context.WithoutCancel(ctx), g.key, func(cur *stored) (*record, error) {
+		answer = ErrLocked
+		if !g.sameGeneration(cur) || !cur.Locked || cur.Guesses != g.index || cur.LockFinal {
+			return nil, nil // replaced or deleted meanwhile: this generation is gone
+		}
+		next := *cur.record
+		switch {
+		case cur.used() == cur.MaxAttempts:
+			next.LockFinal = true
+		case g.mayUnlock(cur):
+			next.Locked, next.Sealed = false, g.before.Sealed
+			answer = &WrongPINError{Remaining: int(cur.MaxAttempts - cur.used())}
+		default:
+			return nil, nil // too late to undo: the pending lock turns final by age
+		}
+		next.UpdatedAt = v.now()
+		return &next, nil
+	})
+	if err != nil {
+		return errors.Join(ErrLocked, err) // the secret is out of the store either way
+	}
+	if answer == ErrLocked {
+		v.metrics.lockouts.Inc()
+	}
+	return answer
+}
+
+// attempt runs steps 1 and 2 of a guess and settles wrong and unanswered
+// guesses. On a right PIN it returns the counted guess and the inner key
+// for the caller to finish.
+func (v *Vault) attempt(ctx context.Context, ns, userID string, pin []byte, pre Precondition) (*guess, []byte, error) {
+	g, err := v.count(ctx, ns, userID, pre)
+	if err != nil {
+		return nil, nil, err
+	}
+	ok, inner, err := v.verify(ctx, ns, userID, &g.before, pin)
+	switch {
+	case err != nil:
+		if rerr := v.refund(ctx, g); rerr != nil {
+			return nil, nil, errors.Join(err, fmt.Errorf("refund: %w", rerr))
+		}
+		return nil, nil, err
+	case !ok && g.locked:
+		return nil, nil, v.settleWrong(ctx, g)
+	case !ok:
+		return nil, nil, &WrongPINError{Remaining: int(g.before.MaxAttempts - g.before.used() - 1)}
+	}
+	return g, inner, nil
+}

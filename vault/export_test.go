@@ -1,0 +1,30 @@
+package vault
+
+// Test-only access to internals for the external test package (vault_test).
+// The tests that drive a Vault must be external because they import
+// vault/boltstore, which imports vault.
+
+// Record is the stored record, so that tests can read and edit raw records
+// as the store holds them.
+type Record = record
+
+// ParseRecord decodes a raw store value without checking its MAC.
+func ParseRecord(b []byte) (*Record, error) {
+	r, _, _, err := parseRecord(b)
+	return r, err
+}
+
+// MarshalRecordBody encodes a record's MAC'd body (without the MAC).
+func MarshalRecordBody(r *Record) []byte { return r.marshal() }
+
+// RecordKey is the store key of a backup.
+func RecordKey(ns, userID string) []byte { return recordKey(ns, userID) }
+
+// ForgeRecord encodes r under key with a valid record MAC, as only someone
+// holding the vault's in-memory MAC key could. Tests use it to reach the
+// layers behind the record MAC (the PIN check and the AEAD associated data).
+func (v *Vault) ForgeRecord(key []byte, r *Record) []byte {
+	r.MACVersion = v.macVersion
+	body := r.marshal()
+	return append(body, recordMAC(v.macKeys[v.macVersion], key, body)...)
+}

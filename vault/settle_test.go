@@ -1,0 +1,146 @@
+package vault_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/keyvault/keyvault/vault"
+)
+
+// holdTags holds the first PIN check of each tagged request until its
+// release is called; entered[tag] closes once it is held.
+func holdTags(e *env, tags ...string) (entered map[string]chan struct{}, release map[string]func()) {
+	entered, release = map[string]chan struct{}{}, map[string]func(){}
+	gates := map[string]chan struct{}{}
+	for _, tag := range tags {
+		entered[tag], gates[tag] = make(chan struct{}), make(chan struct{})
+		var once sync.Once
+		gate := gates[tag]
+		release[tag] = func() { once.Do(func() { close(gate) }) }
+		e.t.Cleanup(release[tag])
+	}
+	var mu sync.Mutex
+	seen := map[string]bool{}
+	e.hsm.setHook(func(ctx context.Context, key vault.KeyID, _ []byte) {
+		tag := tagOf(ctx)
+		if key.Role != vault.RolePIN || gates[tag] == nil {
+			return
+		}
+		mu.Lock()
+		first := !seen[tag]
+		seen[tag] = true
+		mu.Unlock()
+		if first {
+			close(entered[tag])
+			<-gates[tag]
+		}
+	})
+	return entered, release
+}
+
+// A right PIN that began before the guess that used the last attempt, and
+// is forgiven while that guess is in the HSM: when the wrong last guess
+// settles, attempts are left after all, so the secret goes back and the
+// guess answers 403, not 410. Only max_attempts wrong PINs after the last
+// success may destroy a backup.
+func TestForgivenBeforeTheLockSettlesLeavesAttempts(t *testing.T) {
+	t.Parallel()
+	const max = 3
+	e := newEnv(t, vault.Options{Now: time.Now}) // a real clock: the pending lock ages by it
+	secret := randBytes(32)
+	e.enroll("uma", secret, rightPIN, max)
+	entered, release := holdTags(e, "right", "last")
+
+	right := make(chan error, 1)
+	go func() {
+		got, _, err := e.v.Recover(withTag(bg, "right"), ns, "uma", rightPIN)
+		if err == nil && !bytes.Equal(got, secret) {
+			err = errors.New("wrong secret")
+		}
+		right <- err
+	}()
+	<-entered["right"]
+	e.wrong("uma", 1) // guesses 1 (right, held) and 2 (wrong) are counted
+	last := make(chan error, 1)
+	go func() {
+		_, _, err := e.v.Recover(withTag(bg, "last"), ns, "uma", []byte("0000-wrong"))
+		last <- err
+	}()
+	<-entered["last"] // guess 3 is counted: the lock is pending
+	if r, _ := e.raw(ns, "uma"); !r.Locked || r.LockFinal || len(r.Sealed) != 0 {
+		t.Fatalf("while the last attempt is checked: locked=%v final=%v sealed=%d", r.Locked, r.LockFinal, len(r.Sealed))
+	}
+	release["right"]()
+	if err := <-right; err != nil {
+		t.Fatal(err)
+	}
+	release["last"]()
+	var wrong *vault.WrongPINError
+	if err := <-last; !errors.As(err, &wrong) || wrong.Remaining != 1 {
+		t.Fatalf("the wrong last guess after an earlier right one was forgiven: %v, want 403 with 1 left", err)
+	}
+	st := e.status("uma")
+	if st.Locked || st.AttemptsRemaining != 1 {
+		t.Fatalf("status: %+v, want unlocked with 1 left (two wrong guesses after the success)", st)
+	}
+	if got, _, err := e.v.Recover(bg, ns, "uma", rightPIN); err != nil || !bytes.Equal(got, secret) {
+		t.Fatalf("recover after: %v", err)
+	}
+}
+
+// The wrong guess that uses the last attempt: guesses that arrive while it
+// is in the HSM wait, and answer 410 once it settles wrong; the lock is
+// final and counted once in keyvault_lockouts_total.
+func TestGuessesWaitForThePendingLock(t *testing.T) {
+	t.Parallel()
+	const max = 2
+	e := newEnv(t, vault.Options{Now: time.Now}) // a real clock: the pending lock ages by it
+	e.enroll("vic", randBytes(32), rightPIN, max)
+	e.wrong("vic", 1)
+	entered, release := holdTags(e, "last")
+	last := make(chan error, 1)
+	go func() {
+		_, _, err := e.v.Recover(withTag(bg, "last"), ns, "vic", []byte("0000-wrong"))
+		last <- err
+	}()
+	<-entered["last"]
+	waiting := make(chan error, 4)
+	for range cap(waiting) {
+		go func() {
+			_, _, err := e.v.Recover(bg, ns, "vic", rightPIN)
+			waiting <- err
+		}()
+	}
+	select {
+	case err := <-waiting:
+		t.Fatalf("a guess answered %v while the last attempt was in flight", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	release["last"]()
+	if err := <-last; !errors.Is(err, vault.ErrLocked) {
+		t.Fatalf("the wrong last guess: %v, want ErrLocked", err)
+	}
+	for range cap(waiting) {
+		if err := <-waiting; !errors.Is(err, vault.ErrLocked) {
+			t.Fatalf("a waiting guess: %v, want ErrLocked", err)
+		}
+	}
+	if r, _ := e.raw(ns, "vic"); !r.Locked || !r.LockFinal || len(r.Sealed) != 0 {
+		t.Fatalf("after: locked=%v final=%v sealed=%d", r.Locked, r.LockFinal, len(r.Sealed))
+	}
+	// A waiting guess gives up, counting nothing, when its client does.
+	ctx, cancel := context.WithTimeout(bg, 20*time.Millisecond)
+	defer cancel()
+	e.enroll("wes", randBytes(32), rightPIN, 1)
+	entered, release = holdTags(e, "wes-last")
+	go func() { _, _, _ = e.v.Recover(withTag(bg, "wes-last"), ns, "wes", []byte("0000-wrong")) }()
+	<-entered["wes-last"]
+	if _, _, err := e.v.Recover(ctx, ns, "wes", rightPIN); !errors.Is(err, vault.ErrUnavailable) {
+		t.Fatalf("a waiting guess whose client gave up: %v, want ErrUnavailable", err)
+	}
+	release["wes-last"]()
+}
