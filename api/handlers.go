@@ -61,32 +61,38 @@ func writeBackup(w http.ResponseWriter, status int, b vault.Backup, full bool) {
 	writeJSON(w, status, toJSON(b, full))
 }
 
-// userID reads the path's user_id. The vault validates it too; checking
-// here keeps a bad ID from reaching anything.
-func userID(r *http.Request) (string, error) {
+// target reads the path's user_id and the caller's namespace. The vault
+// validates the ID too; checking here keeps a bad one from reaching anything.
+func target(r *http.Request) (ns, userID string, err error) {
 	id := chi.URLParam(r, "user_id")
 	if !vault.ValidUserID(id) {
-		return "", badRequest("user_id: must be 1 to 128 characters from [A-Za-z0-9._~:@-]")
+		return "", "", badRequest("user_id: must be 1 to 128 characters from [A-Za-z0-9._~:@-]")
 	}
-	return id, nil
+	return clientOf(r.Context()).Namespace, id, nil
 }
 
-func (h *handlers) enroll(w http.ResponseWriter, r *http.Request) {
-	id, err := userID(r)
+// handle adapts a handler that returns its error: writeError answers it.
+func handle(f func(http.ResponseWriter, *http.Request) error) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if err := f(w, r); err != nil {
+			writeError(w, r, err)
+		}
+	}
+}
+
+func (h *handlers) enroll(w http.ResponseWriter, r *http.Request) error {
+	ns, id, err := target(r)
 	if err != nil {
-		writeError(w, r, err)
-		return
+		return err
 	}
 	pre, err := preconditions(r, true)
 	if err != nil {
-		writeError(w, r, err)
-		return
+		return err
 	}
 	var req enrollRequest
 	defer func() { req.Secret.wipe(); req.PIN.wipe() }()
 	if err := decodeBody(r, w, &req); err != nil {
-		writeError(w, r, err)
-		return
+		return err
 	}
 	maxAttempts := 0 // the configured default
 	if req.MaxAttempts != nil {
@@ -96,70 +102,63 @@ func (h *handlers) enroll(w http.ResponseWriter, r *http.Request) {
 	}
 	secret, err := decodeSecret(req.Secret)
 	if err != nil {
-		writeError(w, r, err)
-		return
+		return err
 	}
 	defer clear(secret)
-	b, created, err := h.b.Enroll(r.Context(), clientOf(r.Context()).Namespace, id, secret, req.PIN, maxAttempts, pre)
+	b, created, err := h.b.Enroll(r.Context(), ns, id, secret, req.PIN, maxAttempts, pre)
 	if err != nil {
-		writeError(w, r, err)
-		return
+		return err
 	}
 	status := http.StatusOK
 	if created {
 		status = http.StatusCreated
 	}
 	writeBackup(w, status, b, false)
+	return nil
 }
 
-func (h *handlers) status(w http.ResponseWriter, r *http.Request) {
-	id, err := userID(r)
+func (h *handlers) status(w http.ResponseWriter, r *http.Request) error {
+	ns, id, err := target(r)
 	if err != nil {
-		writeError(w, r, err)
-		return
+		return err
 	}
-	b, err := h.b.Status(r.Context(), clientOf(r.Context()).Namespace, id)
+	b, err := h.b.Status(r.Context(), ns, id)
 	if err != nil {
-		writeError(w, r, err)
-		return
+		return err
 	}
 	writeBackup(w, http.StatusOK, b, true)
+	return nil
 }
 
-func (h *handlers) delete(w http.ResponseWriter, r *http.Request) {
-	id, err := userID(r)
+func (h *handlers) delete(w http.ResponseWriter, r *http.Request) error {
+	ns, id, err := target(r)
 	if err != nil {
-		writeError(w, r, err)
-		return
+		return err
 	}
 	pre, err := preconditions(r, false)
 	if err != nil {
-		writeError(w, r, err)
-		return
+		return err
 	}
-	if err := h.b.Delete(r.Context(), clientOf(r.Context()).Namespace, id, pre); err != nil {
-		writeError(w, r, err)
-		return
+	if err := h.b.Delete(r.Context(), ns, id, pre); err != nil {
+		return err
 	}
 	w.WriteHeader(http.StatusNoContent)
+	return nil
 }
 
-func (h *handlers) recover(w http.ResponseWriter, r *http.Request) {
-	id, err := userID(r)
+func (h *handlers) recover(w http.ResponseWriter, r *http.Request) error {
+	ns, id, err := target(r)
 	if err != nil {
-		writeError(w, r, err)
-		return
+		return err
 	}
 	var req recoverRequest
 	defer req.PIN.wipe()
 	if err := decodeBody(r, w, &req); err != nil {
-		writeError(w, r, err)
-		return
+		return err
 	}
-	secret, remaining, err := h.b.Recover(r.Context(), clientOf(r.Context()).Namespace, id, req.PIN)
+	secret, remaining, err := h.b.Recover(r.Context(), ns, id, req.PIN)
 	if err != nil {
-		writeError(w, r, err)
-		return
+		return err
 	}
 	defer clear(secret)
 	// Built by hand so that every copy of the secret is a slice we wipe.
@@ -174,29 +173,27 @@ func (h *handlers) recover(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Cache-Control", "no-store")
 	w.WriteHeader(http.StatusOK)
 	_, _ = w.Write(body)
+	return nil
 }
 
-func (h *handlers) changePIN(w http.ResponseWriter, r *http.Request) {
-	id, err := userID(r)
+func (h *handlers) changePIN(w http.ResponseWriter, r *http.Request) error {
+	ns, id, err := target(r)
 	if err != nil {
-		writeError(w, r, err)
-		return
+		return err
 	}
 	pre, err := preconditions(r, false)
 	if err != nil {
-		writeError(w, r, err)
-		return
+		return err
 	}
 	var req changePINRequest
 	defer func() { req.PIN.wipe(); req.NewPIN.wipe() }()
 	if err := decodeBody(r, w, &req); err != nil {
-		writeError(w, r, err)
-		return
+		return err
 	}
-	b, err := h.b.ChangePIN(r.Context(), clientOf(r.Context()).Namespace, id, req.PIN, req.NewPIN, pre)
+	b, err := h.b.ChangePIN(r.Context(), ns, id, req.PIN, req.NewPIN, pre)
 	if err != nil {
-		writeError(w, r, err)
-		return
+		return err
 	}
 	writeBackup(w, http.StatusOK, b, false)
+	return nil
 }

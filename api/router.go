@@ -61,11 +61,11 @@ func NewRouter(b Backups, opts Options) http.Handler {
 	})
 	r.Route("/v1", func(r chi.Router) {
 		r.Use(authenticate(opts.Clients))
-		r.Put("/backups/{user_id}", h.enroll)
-		r.Get("/backups/{user_id}", h.status)
-		r.Delete("/backups/{user_id}", h.delete)
-		r.Post("/backups/{user_id}/recover", h.recover)
-		r.Post("/backups/{user_id}/pin", h.changePIN)
+		r.Put("/backups/{user_id}", handle(h.enroll))
+		r.Get("/backups/{user_id}", handle(h.status))
+		r.Delete("/backups/{user_id}", handle(h.delete))
+		r.Post("/backups/{user_id}/recover", handle(h.recover))
+		r.Post("/backups/{user_id}/pin", handle(h.changePIN))
 	})
 	return r
 }
