@@ -142,9 +142,14 @@ func (v *Vault) forgive(ctx context.Context, g *guess) (int, error) {
 			return nil, nil // a later success already forgave this guess
 		}
 		if g.index > next.Forgiven {
-			// Refunds of guesses after this one are dropped with the
-			// rest: that can only count a guess too many, never too few.
-			next.Forgiven, next.Refunds = g.index, 0
+			// The refunds are of guesses after Forgiven. At most the
+			// g.index-Forgiven-1 guesses before this one (which was
+			// answered, so not refunded) are forgiven with it; the other
+			// refunds surely are of later guesses and are kept. That can
+			// count a guess too many, never too few.
+			spent := g.index - next.Forgiven - 1
+			next.Forgiven = g.index
+			next.Refunds -= min(next.Refunds, spent)
 		}
 		next.UpdatedAt = v.now()
 		if next.Locked {
@@ -228,7 +233,43 @@ func (v *Vault) attempt(ctx context.Context, ns, userID string, pin []byte, pre 
 	case !ok && g.locked:
 		return nil, nil, v.settleWrong(ctx, g)
 	case !ok:
-		return nil, nil, &WrongPINError{Remaining: int(g.before.MaxAttempts - g.before.used() - 1)}
+		return nil, nil, v.settleForgiven(ctx, g)
 	}
 	return g, inner, nil
+}
+
+// settleForgiven answers a wrong guess that did not lock. If a right guess
+// counted after it was forgiven before it was checked, its wrong check would
+// fall after that success uncounted; so it is counted again, as a new
+// guess, before the answer leaves. (If the backup got locked meanwhile, the
+// lock stands and the answer is 410.)
+func (v *Vault) settleForgiven(ctx context.Context, g *guess) error {
+	var answer error = &WrongPINError{Remaining: g.before.remaining() - 1}
+	err := v.update(context.WithoutCancel(ctx), g.key, func(cur *stored) (*record, error) {
+		switch {
+		case !g.sameGeneration(cur) || g.index > cur.Forgiven:
+			return nil, nil // still counted: the usual answer
+		case cur.Locked:
+			answer = ErrLocked
+			return nil, nil
+		}
+		next := *cur.record
+		next.Guesses++
+		next.UpdatedAt = v.now()
+		if next.used() == next.MaxAttempts {
+			// Known wrong, so the lock is final at once.
+			next.Locked, next.LockFinal, next.Sealed = true, true, nil
+			answer = ErrLocked
+		} else {
+			answer = &WrongPINError{Remaining: next.remaining()}
+		}
+		return &next, nil
+	})
+	if err != nil {
+		return err // not durably counted again: no answer
+	}
+	if answer == ErrLocked {
+		v.metrics.lockouts.Inc()
+	}
+	return answer
 }

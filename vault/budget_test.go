@@ -530,12 +530,15 @@ func TestConcurrentWrongGuesses(t *testing.T) {
 }
 
 // observedStore is the real bbolt store, plus a note of the index of each
-// request's counted guess: the Guesses field of the first record it wrote.
+// request's counted guess: the Guesses field of the first record it wrote,
+// and of the last one (a wrong guess forgiven before it was checked is
+// counted again under a new index: see vault.settleForgiven).
 type observedStore struct {
 	*boltstore.Store
 	key    []byte
 	mu     sync.Mutex
 	counts map[string]uint32
+	last   map[string]uint32
 }
 
 func (s *observedStore) CompareAndSwap(ctx context.Context, key []byte, rev uint64, value []byte) (uint64, error) {
@@ -545,6 +548,9 @@ func (s *observedStore) CompareAndSwap(ctx context.Context, key []byte, rev uint
 		s.mu.Lock()
 		if _, seen := s.counts[tag]; !seen && perr == nil {
 			s.counts[tag] = r.Guesses
+		}
+		if perr == nil {
+			s.last[tag] = r.Guesses
 		}
 		s.mu.Unlock()
 	}
@@ -576,7 +582,7 @@ func mixedGuesses(t *testing.T, failing bool) {
 		user := fmt.Sprintf("jack-%d", round)
 		secret := randBytes(32)
 		e.enroll(user, secret, rightPIN, budget)
-		obs := &observedStore{Store: e.store, key: vault.RecordKey(ns, user), counts: map[string]uint32{}}
+		obs := &observedStore{Store: e.store, key: vault.RecordKey(ns, user), counts: map[string]uint32{}, last: map[string]uint32{}}
 		vaults := []*vault.Vault{e.newVault(obs, e.hsm, prometheus.NewRegistry()), e.newVault(obs, e.hsm, prometheus.NewRegistry())}
 
 		var mu sync.Mutex
@@ -630,6 +636,7 @@ func mixedGuesses(t *testing.T, failing bool) {
 			right = iota
 			wrong
 			unanswered
+			recounted // the first index of a wrong guess counted again
 		)
 		type event struct {
 			index uint32
@@ -660,7 +667,9 @@ func mixedGuesses(t *testing.T, failing bool) {
 				if counted && res.right {
 					t.Fatalf("round %d: the right PIN was checked and answered %v", round, res.err)
 				}
-				if counted {
+				if counted && obs.last[tag] > index {
+					events = append(events, event{index, recounted}, event{obs.last[tag], wrong})
+				} else if counted {
 					events = append(events, event{index, wrong})
 				} else {
 					refused++

@@ -187,8 +187,11 @@ func (v *Vault) Recover(ctx context.Context, ns, userID string, pin []byte) (sec
 		return nil, 0, fmt.Errorf("recover: %w", err)
 	}
 	if ferr != nil {
-		wipe(secret)
-		return nil, 0, fmt.Errorf("recover: reset counter: %w", ferr)
+		// The guess is durably counted, so its outcome may be told; not
+		// telling it would leave the user with neither the key nor, if this
+		// guess locked the backup, a backup.
+		v.log.Error("recovered, but the counter reset failed", "record", v.LogID(ns, userID), "error", ferr.Error())
+		remaining = g.before.remaining() - 1
 	}
 	return secret, remaining, nil
 }
@@ -235,7 +238,10 @@ func (v *Vault) ChangePIN(ctx context.Context, ns, userID string, pin, newPIN []
 			if !g.sameGeneration(cur) {
 				return nil, fmt.Errorf("%w: the backup was replaced or deleted during the PIN change", ErrPrecondition)
 			}
-			if cur.Locked && (cur.Guesses != g.index || !g.mayUnlock(cur)) {
+			switch {
+			case cur.Locked && cur.Guesses == g.index && !g.mayUnlock(cur):
+				return nil, ErrLocked // this guess locked it, too long ago to undo
+			case cur.Locked && cur.Guesses != g.index:
 				return nil, v.lockedOrPending(cur) // a later guess locked it
 			}
 			now := v.now()
@@ -248,6 +254,12 @@ func (v *Vault) ChangePIN(ctx context.Context, ns, userID string, pin, newPIN []
 		})
 	})
 	if err != nil {
+		if !errors.Is(err, ErrPrecondition) && !errors.Is(err, ErrLocked) {
+			// No answer was given: put back what this guess took.
+			if rerr := v.refund(ctx, g); rerr != nil {
+				err = errors.Join(err, rerr)
+			}
+		}
 		return Backup{}, fmt.Errorf("change PIN: %w", err)
 	}
 	return backupOf(userID, next), nil

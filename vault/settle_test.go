@@ -144,3 +144,81 @@ func TestGuessesWaitForThePendingLock(t *testing.T) {
 	}
 	release["wes-last"]()
 }
+
+// Wrong guesses counted before a success but checked after it would fall
+// between two successes uncounted: each is counted again before it is
+// answered, so no more than max_attempts wrong PINs are checked between two
+// successful recoveries, in the order the HSM checked them.
+func TestWrongGuessesCheckedAfterASuccessCountAgain(t *testing.T) {
+	t.Parallel()
+	const max = 3
+	e := newEnv(t, vault.Options{Now: time.Now})
+	secret := randBytes(32)
+	e.enroll("xia", secret, rightPIN, max)
+	entered, release := holdTags(e, "a1", "a2")
+	answers := make(chan error, 2)
+	for _, tag := range []string{"a1", "a2"} {
+		go func() {
+			_, _, err := e.v.Recover(withTag(bg, tag), ns, "xia", []byte("0000-"+tag))
+			answers <- err
+		}()
+		<-entered[tag] // counted, held in the HSM
+	}
+	if got, _, err := e.v.Recover(bg, ns, "xia", rightPIN); err != nil || !bytes.Equal(got, secret) {
+		t.Fatalf("the user's recovery: %v", err)
+	}
+	release["a1"]()
+	release["a2"]()
+	remaining := map[int]bool{}
+	for range 2 {
+		var wrong *vault.WrongPINError
+		if err := <-answers; !errors.As(err, &wrong) {
+			t.Fatalf("a wrong guess checked after the success: %v", err)
+		} else {
+			remaining[wrong.Remaining] = true
+		}
+	}
+	if !remaining[2] || !remaining[1] {
+		t.Fatalf("attempts remaining told to the two wrong guesses: %v, want 2 and 1", remaining)
+	}
+	// One more wrong PIN uses the last attempt: 3 checked since the success.
+	if _, _, err := e.v.Recover(bg, ns, "xia", []byte("0000-a3")); !errors.Is(err, vault.ErrLocked) {
+		t.Fatalf("the third wrong PIN after the success: %v, want ErrLocked", err)
+	}
+}
+
+// Refunds of guesses after a success survive its reset: a right PIN held
+// while three guesses go unanswered (refunded) and two are wrong still
+// resets a valid counter, and the two wrong ones stay counted.
+func TestForgiveKeepsLaterRefunds(t *testing.T) {
+	t.Parallel()
+	const max = 4
+	e := newEnv(t, vault.Options{Now: time.Now})
+	secret := randBytes(32)
+	e.enroll("yan", secret, rightPIN, max)
+	entered, release := holdTags(e, "right")
+	done := make(chan error, 1)
+	go func() {
+		got, _, err := e.v.Recover(withTag(bg, "right"), ns, "yan", rightPIN)
+		if err == nil && !bytes.Equal(got, secret) {
+			err = errors.New("wrong secret")
+		}
+		done <- err
+	}()
+	<-entered["right"]
+	for range 3 {
+		e.hsm.failNextHMAC(1)
+		if _, _, err := e.v.Recover(bg, ns, "yan", []byte("0000-lost")); !errors.Is(err, vault.ErrUnavailable) {
+			t.Fatalf("an unanswered guess: %v", err)
+		}
+	}
+	e.wrong("yan", 2)
+	e.wrong("yan", 1)
+	release["right"]()
+	if err := <-done; err != nil {
+		t.Fatalf("the held right PIN: %v", err)
+	}
+	if st := e.status("yan"); st.Locked || st.AttemptsRemaining != 2 {
+		t.Fatalf("after the reset: %+v, want 2 left (two wrong guesses after it)", st)
+	}
+}
