@@ -196,7 +196,7 @@ type decoder struct {
 }
 
 func (d *decoder) bytes(n int) []byte {
-	if d.err || n > len(d.b) {
+	if d.err || n < 0 || n > len(d.b) {
 		d.err = true
 		return nil
 	}

@@ -83,17 +83,21 @@ func New(ctx context.Context, store Store, hsm HSM, opts Options) (*Vault, error
 		macKeys: map[uint32][]byte{},
 		seals:   map[uint32]*sealBlock{},
 	}
-	// Only the root key's current version is derived: records name the
-	// version of their MAC key, so rotating the root later means deriving
-	// more than one here.
+	// Records name the root key version of their MAC key, so every version
+	// is derived: records MAC'd under an older root still verify.
 	root := KeyID{RoleRoot, hsm.KeyVersion(RoleRoot)}
 	if root.Version == 0 {
 		return nil, errors.New("vault: the HSM holds no root key (run keyvault keys init)")
 	}
-	var err error
-	if v.macKeys[root.Version], err = hsm.HMAC(ctx, root, []byte(labelRecordKey)); err != nil {
-		return nil, fmt.Errorf("vault: derive record MAC key from %s: %w", root.Label(), err)
+	for version := uint32(1); version <= root.Version; version++ {
+		id := KeyID{RoleRoot, version}
+		k, err := hsm.HMAC(ctx, id, []byte(labelRecordKey))
+		if err != nil {
+			return nil, fmt.Errorf("vault: derive record MAC key from %s: %w", id.Label(), err)
+		}
+		v.macKeys[version] = k
 	}
+	var err error
 	if v.logIDKey, err = hsm.HMAC(ctx, root, []byte(labelLogIDKey)); err != nil {
 		return nil, fmt.Errorf("vault: derive log ID key from %s: %w", root.Label(), err)
 	}
@@ -103,9 +107,11 @@ func New(ctx context.Context, store Store, hsm HSM, opts Options) (*Vault, error
 
 // LogID is a keyed hash of (namespace, user_id) for logs: stable within a
 // deployment, useless for finding the raw ID without the HSM.
-func (v *Vault) LogID(ns, userID string) string {
+func (v *Vault) LogID(ns, userID string) string { return v.logID(recordKey(ns, userID)) }
+
+func (v *Vault) logID(key []byte) string {
 	m := hmac.New(sha256.New, v.logIDKey)
-	m.Write(recordKey(ns, userID))
+	m.Write(key)
 	return hex.EncodeToString(m.Sum(nil)[:12])
 }
 
@@ -122,7 +128,7 @@ type stored struct {
 func (v *Vault) read(ctx context.Context, key []byte) (*stored, error) {
 	raw, rev, err := v.store.Get(ctx, key)
 	if errors.Is(err, ErrIntegrity) {
-		v.integrityFailure("store value", err)
+		v.integrityFailure(key, "store value", err)
 		return nil, fmt.Errorf("read record: %w", err)
 	}
 	if err != nil {
@@ -144,16 +150,16 @@ func (v *Vault) read(ctx context.Context, key []byte) (*stored, error) {
 		}
 	}
 	if err != nil {
-		v.integrityFailure("record", err)
+		v.integrityFailure(key, "record", err)
 		return nil, fmt.Errorf("%w: %w", ErrIntegrity, err)
 	}
 	return &stored{key: key, rev: rev, record: r}, nil
 }
 
-func (v *Vault) integrityFailure(what string, err error) {
+func (v *Vault) integrityFailure(key []byte, what string, err error) {
 	v.metrics.integrityFailures.Inc()
-	// The reason is ours (never record bytes); the key is not logged raw.
-	v.log.Warn("integrity check failed", "object", what, "reason", err.Error())
+	// The reason is ours (never record bytes); the key only as a keyed hash.
+	v.log.Warn("integrity check failed", "record", v.logID(key), "object", what, "reason", err.Error())
 }
 
 // write is the one function through which every record reaches the store:
@@ -195,7 +201,7 @@ func (v *Vault) update(ctx context.Context, key []byte, fn func(cur *stored) (*r
 		}
 		err = v.write(ctx, key, rev, next)
 		if errors.Is(err, ErrIntegrity) {
-			v.integrityFailure("store value", err)
+			v.integrityFailure(key, "store value", err)
 		}
 		if !errors.Is(err, ErrConflict) {
 			return err
@@ -290,7 +296,7 @@ func (v *Vault) open(ctx context.Context, ns, userID string, r *record, sealed, 
 	pt, err := v.hsm.Open(ctx, KeyID{RoleWrap, r.WrapVersion}, r.Nonce, sealed, aad)
 	if err != nil {
 		if errors.Is(err, ErrIntegrity) {
-			v.integrityFailure("sealed secret", errors.New("outer layer failed authentication"))
+			v.integrityFailure(recordKey(ns, userID), "sealed secret", errors.New("outer layer failed authentication"))
 			return nil, fmt.Errorf("open outer layer: %w", err)
 		}
 		return nil, fmt.Errorf("%w: open outer layer: %w", ErrUnavailable, err)
@@ -301,12 +307,12 @@ func (v *Vault) open(ctx context.Context, ns, userID string, r *record, sealed, 
 		return nil, err
 	}
 	if len(pt) < nonceLen {
-		v.integrityFailure("sealed secret", errors.New("inner layer too short"))
+		v.integrityFailure(recordKey(ns, userID), "sealed secret", errors.New("inner layer too short"))
 		return nil, fmt.Errorf("%w: inner layer too short", ErrIntegrity)
 	}
 	secret, err := g.Open(nil, pt[:nonceLen], pt[nonceLen:], innerAAD(ns, userID, r.Generation))
 	if err != nil {
-		v.integrityFailure("sealed secret", errors.New("inner layer failed authentication"))
+		v.integrityFailure(recordKey(ns, userID), "sealed secret", errors.New("inner layer failed authentication"))
 		return nil, fmt.Errorf("%w: open inner layer", ErrIntegrity)
 	}
 	return secret, nil
