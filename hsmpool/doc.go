@@ -18,14 +18,29 @@
 //
 // SoftHSM reports a GCM authentication failure as CKR_GENERAL_ERROR, the same
 // code as a device fault. When an Open fails, the pool re-runs a known-answer
-// open on the same member: if that succeeds the member is fine and the record
-// is damaged (vault.ErrIntegrity, and the member stays in); if it fails the
-// member is taken out and the open is retried elsewhere.
+// open under the same wrap key version on the same member: if that fails,
+// the member is at fault, is taken out, and another member tries. If it
+// passes, the open is tried on the other healthy members too: failing on
+// every one of them, the record is damaged (vault.ErrIntegrity) and every
+// member stays in; opening on another, the first member is taken out.
+//
+// # Failures and probes
+//
+// Each operation has a deadline (Options.OpTimeout): a member that does not
+// answer in time is taken out, and the operation moves to another member.
+// A member taken out is probed with exponential backoff and jitter: the
+// self-tests and every key's check value, on its token as it is and, if
+// that fails, on a token configured again from scratch (stale key handles
+// after a token was restored need that). A probe that meets a refused PIN
+// stops, so that repeated logins cannot lock the token.
 //
 // # Caveats
 //
 // crypto11 cannot import, copy or wrap keys; provisioning several members
 // with identical material uses miekg/pkcs11 directly (see Provision). A
 // PKCS#11 call that hangs cannot be interrupted: the pool stops waiting for
-// it at the context's deadline, but its session stays busy until it returns.
+// it at OpTimeout or the caller's deadline, but its session slot stays busy
+// until it returns. Members that fail to open at start are not probed, and
+// several members on one module share one library instance, so re-opening
+// one does not re-initialise the module while another is open.
 package hsmpool

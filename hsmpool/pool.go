@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	mrand "math/rand/v2"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -38,6 +39,9 @@ type Options struct {
 	// ProbeBackoff is the first wait before re-probing a failed member; it
 	// doubles, with jitter, up to ProbeBackoffMax. Defaults 250ms and 30s.
 	ProbeBackoff, ProbeBackoffMax time.Duration
+	// OpTimeout is how long one HSM operation may take before its member
+	// counts as failed and the operation moves on (default 5s).
+	OpTimeout time.Duration
 }
 
 // Pool balances HSM operations over its members. It implements vault.HSM.
@@ -48,8 +52,10 @@ type Pool struct {
 	metrics  *metrics
 	opts     Options
 
-	stop chan struct{}
-	wg   sync.WaitGroup
+	mu     sync.Mutex // guards closed, and wg.Add against Close
+	closed bool
+	stop   chan struct{}
+	wg     sync.WaitGroup
 }
 
 var _ vault.HSM = (*Pool)(nil)
@@ -69,12 +75,15 @@ type member struct {
 	healthy  atomic.Bool
 	probing  atomic.Bool
 	kcvs     map[vault.KeyID][]byte
-	// selfTest is a ciphertext this member sealed at start under the
-	// newest wrap key, opened again to tell a bad record from a bad member.
-	selfTest struct {
-		key                vault.KeyID
-		nonce, ct, aad, pt []byte
-	}
+	// selfTests are ciphertexts this member sealed at start, one under each
+	// wrap key version, opened again to tell a bad record from a bad member.
+	selfTests map[uint32]*knownAnswer
+}
+
+// knownAnswer is a GCM ciphertext whose plaintext the pool knows.
+type knownAnswer struct {
+	key                vault.KeyID
+	nonce, ct, aad, pt []byte
 }
 
 // Open opens every member, one at a time, and checks that they hold the
@@ -117,6 +126,9 @@ func newPool(cfgs []MemberConfig, toks []token, opts Options) (*Pool, error) {
 	}
 	if opts.ProbeBackoffMax == 0 {
 		opts.ProbeBackoffMax = 30 * time.Second
+	}
+	if opts.OpTimeout == 0 {
+		opts.OpTimeout = 5 * time.Second
 	}
 	p := &Pool{
 		log:      opts.Logger,
@@ -203,29 +215,39 @@ func (m *member) checkKeys() error {
 	if m.kcvs, err = keyCheckValues(m.tok); err != nil {
 		return err
 	}
-	st := &m.selfTest
-	wrap := m.tok.Versions(vault.RoleWrap)
-	st.key = vault.KeyID{Role: vault.RoleWrap, Version: wrap[len(wrap)-1]}
-	st.nonce, st.pt = make([]byte, 12), make([]byte, 16)
-	rand.Read(st.nonce)
-	rand.Read(st.pt)
-	st.aad = []byte("keyvault/v1/self-test")
-	st.ct, err = safe(func() ([]byte, error) { return m.tok.Seal(st.key, st.nonce, st.pt, st.aad) })
-	if err != nil {
-		return fmt.Errorf("self-test seal: %w", err)
+	m.selfTests = map[uint32]*knownAnswer{}
+	for _, v := range m.tok.Versions(vault.RoleWrap) {
+		ka := &knownAnswer{
+			key:   vault.KeyID{Role: vault.RoleWrap, Version: v},
+			nonce: make([]byte, 12),
+			pt:    make([]byte, 16),
+			aad:   []byte("keyvault/v1/self-test"),
+		}
+		rand.Read(ka.nonce)
+		rand.Read(ka.pt)
+		if ka.ct, err = safe(func() ([]byte, error) { return m.tok.Seal(ka.key, ka.nonce, ka.pt, ka.aad) }); err != nil {
+			return fmt.Errorf("self-test seal under %s: %w", ka.key.Label(), err)
+		}
+		m.selfTests[v] = ka
+		if err := m.runSelfTest(m.tok, v); err != nil {
+			return err
+		}
 	}
-	return m.runSelfTest(m.tok)
+	return nil
 }
 
-// runSelfTest opens the member's known answer on t; an error means the
-// member, not the data, is at fault.
-func (m *member) runSelfTest(t token) error {
-	st := &m.selfTest
-	pt, err := safe(func() ([]byte, error) { return t.Open(st.key, st.nonce, st.ct, st.aad) })
-	if err != nil {
-		return fmt.Errorf("self-test open: %w", err)
+// runSelfTest opens the member's known answer under the wrap key version on
+// t; an error means the member, not the data, is at fault.
+func (m *member) runSelfTest(t token, version uint32) error {
+	ka := m.selfTests[version]
+	if ka == nil {
+		return fmt.Errorf("no self-test for wrap key version %d", version)
 	}
-	if !bytes.Equal(pt, st.pt) {
+	pt, err := safe(func() ([]byte, error) { return t.Open(ka.key, ka.nonce, ka.ct, ka.aad) })
+	if err != nil {
+		return fmt.Errorf("self-test open under %s: %w", ka.key.Label(), err)
+	}
+	if !bytes.Equal(pt, ka.pt) {
 		return errors.New("self-test open: wrong plaintext")
 	}
 	return nil
@@ -235,8 +257,10 @@ func (m *member) runSelfTest(t token) error {
 // check value of every key the member had at start, so that a token whose
 // key handles went stale (a re-initialised or restored token) fails it.
 func (m *member) healthCheck(t token) error {
-	if err := m.runSelfTest(t); err != nil {
-		return err
+	for v := range m.selfTests {
+		if err := m.runSelfTest(t, v); err != nil {
+			return err
+		}
 	}
 	kcvs, err := keyCheckValues(t)
 	if err != nil {
@@ -271,15 +295,20 @@ func sameKeys(ref, m *member) error {
 	return nil
 }
 
-// Close stops probing and closes every member.
+// Close stops probing and closes every member. It is safe to call twice.
 func (p *Pool) Close() error {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return nil
+	}
+	p.closed = true
 	close(p.stop)
+	p.mu.Unlock()
 	p.wg.Wait()
 	var errs []error
 	for _, m := range p.members {
-		if t := m.token(); t != nil {
-			errs = append(errs, t.Close())
-		}
+		errs = append(errs, closeToken(m.token()))
 	}
 	return errors.Join(errs...)
 }
@@ -365,7 +394,7 @@ func (p *Pool) Open(ctx context.Context, key vault.KeyID, nonce, ciphertext, aad
 			out = pt
 			return nil
 		}
-		if stErr := m.runSelfTest(t); stErr != nil {
+		if stErr := m.runSelfTest(t, key.Version); stErr != nil {
 			return fmt.Errorf("%w (and %w)", err, stErr)
 		}
 		return fmt.Errorf("%w: GCM open failed on member %s, which passes its self-test", ErrIntegrity, m.name)
@@ -374,15 +403,22 @@ func (p *Pool) Open(ctx context.Context, key vault.KeyID, nonce, ciphertext, aad
 }
 
 // do is the one way to the HSMs: it picks the least-loaded healthy member,
-// waits for one of its sessions within ctx, runs fn, records metrics, turns
-// a panic into an error, and on a member failure takes the member out and
-// tries another. It returns ErrUnavailable when no member could answer.
+// waits for one of its sessions within ctx, runs fn with a deadline,
+// records metrics, turns a panic into an error, and on a member failure
+// takes the member out and tries another. An open that fails
+// authentication is tried on another healthy member too: failing on every
+// member that passes its self-test, it is a damaged record (ErrIntegrity).
+// It returns ErrUnavailable when no member could answer.
 func (p *Pool) do(ctx context.Context, op string, fn func(*member, token) error) error {
 	tried := map[*member]bool{}
-	var lastErr error
+	var lastErr, integrity error
+	var suspect *member
 	for {
 		m := p.pick(tried)
 		if m == nil {
+			if integrity != nil {
+				return integrity
+			}
 			if lastErr == nil {
 				lastErr = errors.New("no healthy member")
 			}
@@ -394,23 +430,65 @@ func (p *Pool) do(ctx context.Context, op string, fn func(*member, token) error)
 		case <-ctx.Done():
 			return fmt.Errorf("%w: hsm %s: waiting for a session: %w", ErrUnavailable, op, ctx.Err())
 		}
-		err := p.run(m, op, fn)
-		<-m.sessions
-		if err == nil || errors.Is(err, ErrIntegrity) || errors.Is(err, errCaller) {
+		err := p.run(ctx, m, op, fn)
+		switch {
+		case err == nil:
+			if suspect != nil {
+				// Another member opened what the suspect could not.
+				p.fail(suspect, op, integrity)
+			}
+			return nil
+		case errors.Is(err, errCaller):
 			return err
+		case errors.Is(err, ErrIntegrity):
+			integrity, suspect = err, m
+			continue
+		case errors.Is(err, errAbandoned):
+			// The caller gave up; the member did nothing wrong.
+			return fmt.Errorf("%w: hsm %s: %w", ErrUnavailable, op, err)
 		}
 		lastErr = err
 		p.fail(m, op, err)
 	}
 }
 
-func (p *Pool) run(m *member, op string, fn func(*member, token) error) (err error) {
+var (
+	// errStalled: an operation did not return within OpTimeout.
+	errStalled = errors.New("no answer in time")
+	// errAbandoned: the caller's context ended while an operation ran.
+	errAbandoned = errors.New("caller gave up")
+)
+
+// run calls fn on the member in a goroutine that holds the member's
+// session slot until the HSM returns, and waits for it no longer than
+// OpTimeout or ctx allows: a PKCS#11 call cannot be interrupted, but the
+// request need not wait for a stalled one.
+func (p *Pool) run(ctx context.Context, m *member, op string, fn func(*member, token) error) error {
+	done := make(chan error, 1)
+	go func() {
+		defer func() { <-m.sessions }()
+		done <- p.call(m, op, fn)
+	}()
+	timer := time.NewTimer(p.opts.OpTimeout)
+	defer timer.Stop()
+	select {
+	case err := <-done:
+		return err
+	case <-timer.C:
+		return fmt.Errorf("hsm %s on member %s: %w (%v)", op, m.name, errStalled, p.opts.OpTimeout)
+	case <-ctx.Done():
+		return fmt.Errorf("%w: %w", errAbandoned, ctx.Err())
+	}
+}
+
+// call runs one operation, with its metrics, and recovers crypto11's
+// panics (Seal and Sum panic on any PKCS#11 error).
+func (p *Pool) call(m *member, op string, fn func(*member, token) error) (err error) {
 	m.inFlight.Add(1)
 	p.metrics.inFlight.WithLabelValues(m.name).Inc()
 	start := time.Now()
 	defer func() {
 		if r := recover(); r != nil {
-			// crypto11 panics on PKCS#11 errors in Seal and Sum.
 			err = fmt.Errorf("pkcs11 %s: %v", op, r)
 		}
 		m.inFlight.Add(-1)
@@ -441,13 +519,16 @@ func (p *Pool) pick(tried map[*member]bool) *member {
 	return best
 }
 
-// fail takes a member out and starts probing it.
+// fail takes a member out and starts probing it, unless the pool is
+// closing or a probe already runs.
 func (p *Pool) fail(m *member, op string, err error) {
 	if m.healthy.CompareAndSwap(true, false) {
 		p.metrics.up.WithLabelValues(m.name).Set(0)
 		p.log.Error("HSM member taken out", "member", m.name, "op", op, "error", err.Error())
 	}
-	if m.probing.CompareAndSwap(false, true) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.closed && m.probing.CompareAndSwap(false, true) {
 		p.wg.Add(1)
 		go p.probe(m)
 	}
@@ -458,10 +539,10 @@ func (p *Pool) fail(m *member, op string, err error) {
 // scratch: after a token is re-initialised or restored, every cached key
 // handle is stale (CKR_OBJECT_HANDLE_INVALID), and SoftHSM only sees a token
 // change after the library is finalised and initialised again, so the old
-// context is closed before the new one opens.
+// context is closed before the new one opens. A wrong PIN stops the probe:
+// logging in again and again could lock the token for every process.
 func (p *Pool) probe(m *member) {
 	defer p.wg.Done()
-	defer m.probing.Store(false)
 	wait := p.opts.ProbeBackoff
 	for {
 		jitter := time.Duration(mrand.Int64N(int64(wait)/2 + 1))
@@ -475,12 +556,47 @@ func (p *Pool) probe(m *member) {
 			err = p.reopen(m)
 		}
 		if err == nil {
+			// Probing ends before the member is back, so that a failure
+			// right after starts a new probe.
+			m.probing.Store(false)
 			m.healthy.Store(true)
 			p.metrics.up.WithLabelValues(m.name).Set(1)
 			p.log.Info("HSM member back in service", "member", m.name)
 			return
 		}
+		if isPINError(err) {
+			p.log.Error("HSM member left out until restart: its PIN is refused, and retrying could lock the token", "member", m.name, "error", err.Error())
+			return
+		}
 		wait = min(2*wait, p.opts.ProbeBackoffMax)
+	}
+}
+
+// isPINError reports a login refused for the PIN. crypto11 flattens
+// PKCS#11 errors into text, so the codes are matched by name.
+func isPINError(err error) bool {
+	for _, code := range []string{"CKR_PIN_INCORRECT", "CKR_PIN_LOCKED", "CKR_PIN_EXPIRED", "CKR_PIN_INVALID", "CKR_PIN_LEN_RANGE"} {
+		if strings.Contains(err.Error(), code) {
+			return true
+		}
+	}
+	return false
+}
+
+// closeTimeout bounds how long closing a token may block: crypto11's Close
+// waits for every pooled session to come back, and a session stuck in a
+// dead HSM never does.
+const closeTimeout = 5 * time.Second
+
+// closeToken closes t, abandoning it if Close does not return in time.
+func closeToken(t token) error {
+	done := make(chan error, 1)
+	go func() { done <- t.Close() }()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(closeTimeout):
+		return errors.New("token close did not return; abandoned")
 	}
 }
 
@@ -491,11 +607,13 @@ func (p *Pool) reopen(m *member) error {
 	old := m.tok
 	m.tok = brokenToken{}
 	m.mu.Unlock()
-	_ = old.Close() // operations still running on it fail and move on
+	if err := closeToken(old); err != nil {
+		p.log.Warn("closing a failed HSM member", "member", m.name, "error", err.Error())
+	}
 	t, err := m.reopen()
 	if err == nil {
 		if err = m.healthCheck(t); err != nil {
-			t.Close()
+			closeToken(t)
 		}
 	}
 	if err != nil {

@@ -288,3 +288,119 @@ func TestFailoverLosesNoRequest(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// stalling holds every HMAC until release is closed, as a hung HSM would.
+type stalling struct {
+	token
+	release chan struct{}
+}
+
+func (s *stalling) HMAC(k vault.KeyID, m []byte) ([]byte, error) {
+	<-s.release
+	return s.token.HMAC(k, m)
+}
+
+// pickyOpen fails to open one ciphertext, and only that one: a member
+// whose fault the self-test does not show.
+type pickyOpen struct {
+	token
+	bad []byte
+}
+
+func (p *pickyOpen) Open(k vault.KeyID, n, c, a []byte) ([]byte, error) {
+	if bytes.Equal(c, p.bad) {
+		return nil, errors.New("CKR_GENERAL_ERROR")
+	}
+	return p.token.Open(k, n, c, a)
+}
+
+// twoMembers provisions two members with the same keys and builds a pool
+// on their tokens, wrapped by wrapA.
+func twoMembers(t *testing.T, opts Options, wrapA func(token) token) *Pool {
+	t.Helper()
+	a, b := newMember(t, "a"), newMember(t, "b")
+	if _, err := Provision([]MemberConfig{a, b}); err != nil {
+		t.Fatal(err)
+	}
+	ta, err := openToken(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb, err := openToken(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := newPool([]MemberConfig{a, b}, []token{ta, tb}, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.members[0].mu.Lock()
+	p.members[0].tok = wrapA(ta)
+	p.members[0].mu.Unlock()
+	t.Cleanup(func() { p.Close() })
+	return p
+}
+
+func TestStalledMemberIsSkipped(t *testing.T) {
+	release := make(chan struct{})
+	defer close(release)
+	p := twoMembers(t, Options{OpTimeout: 50 * time.Millisecond, ProbeBackoff: time.Hour}, func(t token) token {
+		return &stalling{token: t, release: release}
+	})
+	for i := range 20 {
+		if _, err := p.HMAC(context.Background(), pin1, []byte("m")); err != nil {
+			t.Fatalf("HMAC %d with one member stalled: %v", i, err)
+		}
+	}
+	if p.members[0].healthy.Load() {
+		t.Fatal("the stalled member is still in service")
+	}
+	// A caller that gives up gets ErrUnavailable, and the member it was
+	// waiting on is not blamed for it.
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := p.HMAC(ctx, pin1, []byte("m")); !errors.Is(err, vault.ErrUnavailable) {
+		t.Fatalf("HMAC with a cancelled context: %v", err)
+	}
+	if !p.members[1].healthy.Load() {
+		t.Fatal("a cancelled caller took a healthy member out")
+	}
+}
+
+func TestIntegrityNeedsEveryHealthyMember(t *testing.T) {
+	nonce := make([]byte, 12)
+	rand.Read(nonce)
+	var picky *pickyOpen
+	p := twoMembers(t, Options{ProbeBackoff: time.Hour}, func(t token) token {
+		picky = &pickyOpen{token: t}
+		return picky
+	})
+	ctx := context.Background()
+	ct, err := p.Seal(ctx, wrap1, nonce, []byte("secret"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Member a cannot open this ciphertext although it passes its
+	// self-test; b can. The open succeeds and a is taken out.
+	picky.bad = ct
+	for range 4 {
+		if pt, err := p.Open(ctx, wrap1, nonce, ct, nil); err != nil || string(pt) != "secret" {
+			t.Fatalf("Open: %q %v", pt, err)
+		}
+	}
+	if p.members[0].healthy.Load() {
+		t.Fatal("the member that could not open a good ciphertext stayed in service")
+	}
+	// A damaged ciphertext fails everywhere: ErrIntegrity, and the members
+	// that tried it stay in service.
+	p.members[0].healthy.Store(true)
+	picky.bad = nil
+	damaged := bytes.Clone(ct)
+	damaged[0] ^= 1
+	if _, err := p.Open(ctx, wrap1, nonce, damaged, nil); !errors.Is(err, vault.ErrIntegrity) {
+		t.Fatalf("Open of a damaged ciphertext: %v, want ErrIntegrity", err)
+	}
+	if p.Healthy() != 2 {
+		t.Fatalf("%d members healthy after a damaged record, want 2", p.Healthy())
+	}
+}
