@@ -148,6 +148,9 @@ func TestAuthAndNamespaces(t *testing.T) {
 	if s.calls != 0 {
 		t.Fatal("an unauthenticated request reached the vault")
 	}
+	if w := do(h, "GET", "/v1/backups/alice", "", "", "Authorization", "bearer token-b"); w.Code != 200 || s.ns != "ns-b" {
+		t.Errorf("the auth scheme is case-insensitive (RFC 9110): %d", w.Code)
+	}
 	for tok, ns := range map[string]string{"token-a": "ns-a", "token-a-next": "ns-a", "token-b": "ns-b"} {
 		if w := do(h, "GET", "/v1/backups/alice", tok, ""); w.Code != 200 || s.ns != ns {
 			t.Errorf("token %s: status %d namespace %q, want 200 %q", tok, w.Code, s.ns, ns)
@@ -170,6 +173,8 @@ func TestRequestValidation(t *testing.T) {
 		{"not an object", "POST", "/v1/backups/u/recover", `["1234"]`, nil, 400},
 		{"empty body", "POST", "/v1/backups/u/recover", ``, nil, 400},
 		{"pin not a string", "POST", "/v1/backups/u/recover", `{"pin":1234}`, nil, 400},
+		{"pin not UTF-8", "POST", "/v1/backups/u/recover", "{\"pin\":\"\xff\xfe12\"}", nil, 400},
+		{"pin not UTF-8, escaped path", "POST", "/v1/backups/u/recover", "{\"pin\":\"\\u0041\xff12\"}", nil, 400},
 		{"too large", "POST", "/v1/backups/u/recover", big, nil, 413},
 		{"bad base64", "PUT", "/v1/backups/u", `{"secret":"!!!","pin":"1234"}`, nil, 400},
 		{"unpadded base64", "PUT", "/v1/backups/u", `{"secret":"YWI","pin":"1234"}`, nil, 400},
@@ -288,5 +293,25 @@ func TestAdmin(t *testing.T) {
 	}
 	if w := do(h, "GET", "/metrics", "", ""); w.Code != 200 {
 		t.Fatalf("metrics %d", w.Code)
+	}
+}
+
+// panicky panics in every call, as a bug would.
+type panicky struct{ stubBackups }
+
+func (panicky) Status(context.Context, string, string) (vault.Backup, error) {
+	panic("the secret is 1234") // a value that must not reach the log or body
+}
+
+func TestPanicIsA500(t *testing.T) {
+	t.Parallel()
+	reg := prometheus.NewRegistry()
+	h := newTestRouter(&panicky{}, reg)
+	w := do(h, "GET", "/v1/backups/u", "token-a", "")
+	if w.Code != 500 || decodeProblem(t, w).Code != "internal" || strings.Contains(w.Body.String(), "1234") {
+		t.Fatalf("panic: %d %s", w.Code, w.Body)
+	}
+	if n := requestCount(t, reg, "/v1/backups/{user_id}", "GET", "500"); n != 1 {
+		t.Fatalf("the panic was counted as %v 500s, want 1", n)
 	}
 }

@@ -36,6 +36,11 @@ func (s *sensitive) UnmarshalJSON(data []byte) error {
 		*s = bytes.Clone(inner)
 		return nil
 	}
+	// Invalid UTF-8 would be replaced by U+FFFD, making different PINs
+	// equal: refuse it.
+	if !utf8.Valid(inner) {
+		return errors.New("must be valid UTF-8")
+	}
 	// Escapes are rare in PINs; this path leaves an unwipeable string copy.
 	var str string
 	if err := json.Unmarshal(data, &str); err != nil {

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"runtime/debug"
 	"strings"
+	"time"
 )
 
 type ctxKey struct{}
@@ -71,6 +72,19 @@ func withRequestID(l *slog.Logger) func(http.Handler) http.Handler {
 	}
 }
 
+// withTimeout bounds the time a request may spend in the vault: waiting for
+// an HSM session, or for a concurrent last-attempt guess to settle. What has
+// been counted by then stays counted.
+func withTimeout(d time.Duration) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			ctx, cancel := context.WithTimeout(r.Context(), d)
+			defer cancel()
+			next.ServeHTTP(w, r.WithContext(ctx))
+		})
+	}
+}
+
 // recoverer turns a panic into a 500. The log holds the stack, never the
 // panic's value, which could quote request data.
 func recoverer(next http.Handler) http.Handler {
@@ -94,9 +108,9 @@ func recoverer(next http.Handler) http.Handler {
 func authenticate(clients []Client) func(http.Handler) http.Handler {
 	return func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+			scheme, token, ok := strings.Cut(r.Header.Get("Authorization"), " ")
 			var found *Client
-			if ok && token != "" {
+			if ok && strings.EqualFold(scheme, "Bearer") && token != "" {
 				sum := sha256.Sum256([]byte(token))
 				for i := range clients {
 					for _, h := range clients[i].TokenHashes {

@@ -97,7 +97,7 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 		p.Detail = "The stored backup failed authentication and was not used; operators have been alerted by metric."
 	case errors.Is(err, vault.ErrUnavailable):
 		p.Status, p.Code = http.StatusServiceUnavailable, codeUnavailable
-		p.Detail = "No HSM or store could answer; no guess was counted. Retry later."
+		p.Detail = "No HSM or store could answer in time. Retry later."
 	default:
 		p.Status, p.Code, p.Detail = http.StatusInternalServerError, codeInternal, "Internal error."
 		logger(r.Context()).Error("internal error", "error", err.Error())

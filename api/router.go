@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"net/http"
+	"time"
 
 	"github.com/go-chi/chi/v5"
 	"github.com/prometheus/client_golang/prometheus"
@@ -38,6 +39,9 @@ type Options struct {
 	Clients    []Client
 	Registerer prometheus.Registerer // default: a private registry
 	Logger     *slog.Logger          // default: slog.Default()
+	// RequestTimeout bounds each request's time in the vault (default 25s,
+	// under the server's 30s write timeout).
+	RequestTimeout time.Duration
 }
 
 // NewRouter returns the /v1 API.
@@ -48,11 +52,16 @@ func NewRouter(b Backups, opts Options) http.Handler {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
+	if opts.RequestTimeout == 0 {
+		opts.RequestTimeout = 25 * time.Second
+	}
 	h := &handlers{b: b}
 	m := newMetrics(opts.Registerer)
 
 	r := chi.NewRouter()
-	r.Use(withRequestID(opts.Logger), recoverer, m.instrument)
+	// The recoverer sits inside the metrics, so a panic counts as the 500
+	// it answers.
+	r.Use(withRequestID(opts.Logger), m.instrument, recoverer, withTimeout(opts.RequestTimeout))
 	r.NotFound(func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, r, &apiError{http.StatusNotFound, codeNotFound, "No such route."})
 	})

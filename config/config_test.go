@@ -298,6 +298,8 @@ func TestParseRejects(t *testing.T) {
 		{"top level is a list", "- listen: x\n", []string{"config must be a YAML mapping", "got a list"}},
 		{"two documents", minimalYAML + "---\nlisten: x\n", []string{"single YAML document"}},
 		{"unknown top-level key", "lisen: 127.0.0.1:1\n" + minimalYAML, []string{"lisen: unknown key (line 1)"}},
+		{"module_env sets the PIN variable", storeBlock + "hsm:\n  module_env:\n    KEYVAULT_HSM_A_PIN: " + secretPIN + "\n  members:\n" + memberA + clientsBlock,
+			[]string{"hsm.members[0].pin_env: names a variable that hsm.module_env sets"}},
 		{"unknown member key", member(okMember + "      pin_env: P\n      pni: x\n"), []string{"hsm.members[0].pni: unknown key"}},
 		{"unknown nested key", "log:\n  levle: info\n" + minimalYAML, []string{"log.levle: unknown key"}},
 		{"inline pin", member(okMember + "      pin: " + secretPIN + "\n"), []string{"hsm.members[0].pin: the HSM PIN must not be inline; use pin_env or pin_file"}},

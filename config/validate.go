@@ -191,6 +191,9 @@ func (v *validator) hsm(h HSM) {
 			if !envNameRE.MatchString(m.PinEnv) {
 				v.add(path+".pin_env", "not a valid environment variable name")
 			}
+			if _, inline := h.ModuleEnv[m.PinEnv]; inline {
+				v.add(path+".pin_env", "names a variable that hsm.module_env sets: that would put the PIN in the config")
+			}
 		default:
 			v.file(path+".pin_file", m.PinFile)
 		}
