@@ -169,6 +169,8 @@ func TestRequestValidation(t *testing.T) {
 		{"bad user_id", "GET", "/v1/backups/a%20b", "", nil, 400},
 		{"long user_id", "GET", "/v1/backups/" + strings.Repeat("a", 129), "", nil, 400},
 		{"unknown field", "POST", "/v1/backups/u/recover", `{"pin":"1234","x":1}`, nil, 400},
+		{"field name in another case", "POST", "/v1/backups/u/recover", `{"PIN":"1234"}`, nil, 400},
+		{"field given twice", "POST", "/v1/backups/u/recover", `{"pin":"1234","pin":"5678"}`, nil, 400},
 		{"trailing data", "POST", "/v1/backups/u/recover", `{"pin":"1234"} {}`, nil, 400},
 		{"not an object", "POST", "/v1/backups/u/recover", `["1234"]`, nil, 400},
 		{"empty body", "POST", "/v1/backups/u/recover", ``, nil, 400},

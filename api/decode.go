@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"unicode/utf8"
@@ -87,6 +88,9 @@ func decodeBody(r *http.Request, w http.ResponseWriter, dst any) error {
 
 // decodeJSON is decodeBody's pure part, fuzzed by FuzzDecode.
 func decodeJSON(body []byte, dst any) error {
+	if err := checkFieldNames(body, dst); err != nil {
+		return err
+	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(dst); err != nil {
@@ -108,16 +112,50 @@ func decodeJSON(body []byte, dst any) error {
 	return nil
 }
 
-func fieldList(dst any) string {
+// fields lists the exact field names of a request body.
+func fields(dst any) []string {
 	switch dst.(type) {
 	case *enrollRequest:
-		return "secret, pin, max_attempts"
+		return []string{"secret", "pin", "max_attempts"}
 	case *recoverRequest:
-		return "pin"
+		return []string{"pin"}
 	case *changePINRequest:
-		return "pin, new_pin"
+		return []string{"pin", "new_pin"}
 	}
-	return ""
+	return nil
+}
+
+func fieldList(dst any) string { return strings.Join(fields(dst), ", ") }
+
+// checkFieldNames holds the body's top-level names to the exact spelling
+// and once each: encoding/json alone would take "PIN" for "pin" and let a
+// repeated name silently win. Shape errors are left to the decoder.
+func checkFieldNames(body []byte, dst any) error {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		return nil
+	}
+	seen := map[string]bool{}
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return nil
+		}
+		name, _ := tok.(string)
+		if !slices.Contains(fields(dst), name) {
+			return badRequest("body: unknown field (allowed, in lower case: " + fieldList(dst) + ")")
+		}
+		if seen[name] {
+			return badRequest("body: field " + name + " appears more than once")
+		}
+		seen[name] = true
+		var skip json.RawMessage
+		if err := dec.Decode(&skip); err != nil {
+			return nil
+		}
+		clear(skip)
+	}
+	return nil
 }
 
 // decodeSecret decodes standard base64 with padding.

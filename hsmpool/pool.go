@@ -365,41 +365,32 @@ func (p *Pool) Keys() []MemberKeys {
 
 // HMAC implements vault.HSM.
 func (p *Pool) HMAC(ctx context.Context, key vault.KeyID, msg []byte) ([]byte, error) {
-	var out []byte
-	err := p.do(ctx, "hmac", func(_ *member, t token) (err error) {
-		out, err = t.HMAC(key, msg)
-		return err
+	return p.do(ctx, "hmac", func(_ *member, t token) ([]byte, error) {
+		return t.HMAC(key, msg)
 	})
-	return out, err
 }
 
 // Seal implements vault.HSM.
 func (p *Pool) Seal(ctx context.Context, key vault.KeyID, nonce, plaintext, aad []byte) ([]byte, error) {
-	var out []byte
-	err := p.do(ctx, "seal", func(_ *member, t token) (err error) {
-		out, err = t.Seal(key, nonce, plaintext, aad)
-		return err
+	return p.do(ctx, "seal", func(_ *member, t token) ([]byte, error) {
+		return t.Seal(key, nonce, plaintext, aad)
 	})
-	return out, err
 }
 
 // Open implements vault.HSM. A failed open is retried on the same member's
 // known answer: if that opens, the ciphertext is bad (ErrIntegrity) and the
 // member stays; if not, the member is taken out and another one tries.
 func (p *Pool) Open(ctx context.Context, key vault.KeyID, nonce, ciphertext, aad []byte) ([]byte, error) {
-	var out []byte
-	err := p.do(ctx, "open", func(m *member, t token) error {
+	return p.do(ctx, "open", func(m *member, t token) ([]byte, error) {
 		pt, err := t.Open(key, nonce, ciphertext, aad)
 		if err == nil {
-			out = pt
-			return nil
+			return pt, nil
 		}
 		if stErr := m.runSelfTest(t, key.Version); stErr != nil {
-			return fmt.Errorf("%w (and %w)", err, stErr)
+			return nil, fmt.Errorf("%w (and %w)", err, stErr)
 		}
-		return fmt.Errorf("%w: GCM open failed on member %s, which passes its self-test", ErrIntegrity, m.name)
+		return nil, fmt.Errorf("%w: GCM open failed on member %s, which passes its self-test", ErrIntegrity, m.name)
 	})
-	return out, err
 }
 
 // do is the one way to the HSMs: it picks the least-loaded healthy member,
@@ -409,7 +400,7 @@ func (p *Pool) Open(ctx context.Context, key vault.KeyID, nonce, ciphertext, aad
 // authentication is tried on another healthy member too: failing on every
 // member that passes its self-test, it is a damaged record (ErrIntegrity).
 // It returns ErrUnavailable when no member could answer.
-func (p *Pool) do(ctx context.Context, op string, fn func(*member, token) error) error {
+func (p *Pool) do(ctx context.Context, op string, fn func(*member, token) ([]byte, error)) ([]byte, error) {
 	tried := map[*member]bool{}
 	var lastErr, integrity error
 	var suspect *member
@@ -417,35 +408,35 @@ func (p *Pool) do(ctx context.Context, op string, fn func(*member, token) error)
 		m := p.pick(tried)
 		if m == nil {
 			if integrity != nil {
-				return integrity
+				return nil, integrity
 			}
 			if lastErr == nil {
 				lastErr = errors.New("no healthy member")
 			}
-			return fmt.Errorf("%w: hsm %s: %w", ErrUnavailable, op, lastErr)
+			return nil, fmt.Errorf("%w: hsm %s: %w", ErrUnavailable, op, lastErr)
 		}
 		tried[m] = true
 		select {
 		case m.sessions <- struct{}{}:
 		case <-ctx.Done():
-			return fmt.Errorf("%w: hsm %s: waiting for a session: %w", ErrUnavailable, op, ctx.Err())
+			return nil, fmt.Errorf("%w: hsm %s: waiting for a session: %w", ErrUnavailable, op, ctx.Err())
 		}
-		err := p.run(ctx, m, op, fn)
+		out, err := p.run(ctx, m, op, fn)
 		switch {
 		case err == nil:
 			if suspect != nil {
 				// Another member opened what the suspect could not.
 				p.fail(suspect, op, integrity)
 			}
-			return nil
+			return out, nil
 		case errors.Is(err, errCaller):
-			return err
+			return nil, err
 		case errors.Is(err, ErrIntegrity):
 			integrity, suspect = err, m
 			continue
 		case errors.Is(err, errAbandoned):
 			// The caller gave up; the member did nothing wrong.
-			return fmt.Errorf("%w: hsm %s: %w", ErrUnavailable, op, err)
+			return nil, fmt.Errorf("%w: hsm %s: %w", ErrUnavailable, op, err)
 		}
 		lastErr = err
 		p.fail(m, op, err)
@@ -462,28 +453,34 @@ var (
 // run calls fn on the member in a goroutine that holds the member's
 // session slot until the HSM returns, and waits for it no longer than
 // OpTimeout or ctx allows: a PKCS#11 call cannot be interrupted, but the
-// request need not wait for a stalled one.
-func (p *Pool) run(ctx context.Context, m *member, op string, fn func(*member, token) error) error {
-	done := make(chan error, 1)
+// request need not wait for a stalled one. The result of an operation given
+// up on is dropped with its goroutine.
+func (p *Pool) run(ctx context.Context, m *member, op string, fn func(*member, token) ([]byte, error)) ([]byte, error) {
+	type result struct {
+		out []byte
+		err error
+	}
+	done := make(chan result, 1)
 	go func() {
 		defer func() { <-m.sessions }()
-		done <- p.call(m, op, fn)
+		out, err := p.call(m, op, fn)
+		done <- result{out, err}
 	}()
 	timer := time.NewTimer(p.opts.OpTimeout)
 	defer timer.Stop()
 	select {
-	case err := <-done:
-		return err
+	case r := <-done:
+		return r.out, r.err
 	case <-timer.C:
-		return fmt.Errorf("hsm %s on member %s: %w (%v)", op, m.name, errStalled, p.opts.OpTimeout)
+		return nil, fmt.Errorf("hsm %s on member %s: %w (%v)", op, m.name, errStalled, p.opts.OpTimeout)
 	case <-ctx.Done():
-		return fmt.Errorf("%w: %w", errAbandoned, ctx.Err())
+		return nil, fmt.Errorf("%w: %w", errAbandoned, ctx.Err())
 	}
 }
 
 // call runs one operation, with its metrics, and recovers crypto11's
 // panics (Seal and Sum panic on any PKCS#11 error).
-func (p *Pool) call(m *member, op string, fn func(*member, token) error) (err error) {
+func (p *Pool) call(m *member, op string, fn func(*member, token) ([]byte, error)) (out []byte, err error) {
 	m.inFlight.Add(1)
 	p.metrics.inFlight.WithLabelValues(m.name).Inc()
 	start := time.Now()

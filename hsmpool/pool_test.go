@@ -6,11 +6,13 @@ import (
 	"crypto/rand"
 	"errors"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/miekg/pkcs11"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
@@ -402,5 +404,34 @@ func TestIntegrityNeedsEveryHealthyMember(t *testing.T) {
 	}
 	if p.Healthy() != 2 {
 		t.Fatalf("%d members healthy after a damaged record, want 2", p.Healthy())
+	}
+}
+
+// A key object with keyvault's label that the HSM would let out is not
+// keyvault's: the member is refused.
+func TestExtractableKeyIsRefused(t *testing.T) {
+	m := newMember(t, "x")
+	err := withSession(m, func(p *pkcs11.Ctx, s pkcs11.SessionHandle) error {
+		for _, id := range keyVersion1() {
+			tmpl := keyTemplate(id, bytes.Repeat([]byte{7}, 32))
+			if id.Role == vault.RoleWrap {
+				for i, a := range tmpl {
+					if a.Type == pkcs11.CKA_EXTRACTABLE {
+						tmpl[i] = pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, true)
+					}
+				}
+			}
+			if _, err := p.CreateObject(s, tmpl); err != nil {
+				return err
+			}
+		}
+		return nil
+	}, checkAbsent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = Open([]MemberConfig{m}, Options{})
+	if err == nil || !strings.Contains(err.Error(), "not a sensitive, non-extractable token object") {
+		t.Fatalf("Open with an extractable wrap key: %v", err)
 	}
 }

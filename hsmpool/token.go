@@ -86,6 +86,9 @@ func (t *p11Token) findKeys() error {
 			if len(ks) > 1 {
 				return fmt.Errorf("find key %s: %d objects carry this label", id.Label(), len(ks))
 			}
+			if err := t.checkProtected(ks[0], id); err != nil {
+				return err
+			}
 			t.keys[id] = ks[0]
 			if role == vault.RoleWrap {
 				g, err := ks[0].NewGCM()
@@ -95,6 +98,24 @@ func (t *p11Token) findKeys() error {
 				t.gcms[id] = g
 			}
 		}
+	}
+	return nil
+}
+
+// checkProtected refuses a key the HSM would let out: every keyvault key
+// is a sensitive, non-extractable token object, and one that is not was not
+// made by keyvault, or has been tampered with.
+func (t *p11Token) checkProtected(k *crypto11.SecretKey, id vault.KeyID) error {
+	attrs, err := t.ctx.GetAttributes(k, []crypto11.AttributeType{crypto11.CkaSensitive, crypto11.CkaExtractable, crypto11.CkaToken})
+	if err != nil {
+		return fmt.Errorf("key %s: read attributes: %w", id.Label(), err)
+	}
+	isTrue := func(a crypto11.AttributeType) bool {
+		v := attrs[a]
+		return v != nil && len(v.Value) == 1 && v.Value[0] == 1
+	}
+	if !isTrue(crypto11.CkaSensitive) || isTrue(crypto11.CkaExtractable) || !isTrue(crypto11.CkaToken) {
+		return fmt.Errorf("key %s is not a sensitive, non-extractable token object; refusing to use it", id.Label())
 	}
 	return nil
 }

@@ -436,11 +436,27 @@ func TestStoredFormatMatchesTheDocs(t *testing.T) {
 	}
 	// Seal reservation.
 	sk := binary.BigEndian.AppendUint32([]byte("m\x00seals/wrap/"), 1)
-	if cnt, _, _ := e.store.Get(bg, sk); len(cnt) != 8 || binary.BigEndian.Uint64(cnt) != 4096 {
-		t.Fatalf("seal reservation %x, want 4096", cnt)
+	cnt, _, _ := e.store.Get(bg, sk)
+	if len(cnt) != 12+32 || binary.BigEndian.Uint64(cnt) != 4096 || binary.BigEndian.Uint32(cnt[8:]) != 1 {
+		t.Fatalf("seal reservation %x, want 4096 under root v1", cnt)
+	}
+	sm := hmac.New(sha256.New, rk.Sum(nil))
+	sm.Write(append([]byte("keyvault/v1/record"), 0))
+	sm.Write(lp(nil, sk))
+	sm.Write(cnt[:12])
+	if !hmac.Equal(cnt[12:], sm.Sum(nil)) {
+		t.Fatal("the seal count MAC differs from docs/format.md")
 	}
 	if e.metric("keyvault_wrap_key_seals", "key_version", "1") != 4096 {
 		t.Error("keyvault_wrap_key_seals{key_version=1} is not 4096")
+	}
+	// A seal count wound back by hand is refused, and sealing with it.
+	if _, err := e.store.CompareAndSwap(bg, sk, revOf(t, e, sk), append(binary.BigEndian.AppendUint64(nil, 0), cnt[8:]...)); err != nil {
+		t.Fatal(err)
+	}
+	e.reopen()
+	if _, _, err := e.v.Enroll(bg, ns, "seal-wound-back", randBytes(32), rightPIN, 0, vault.Precondition{}); !errors.Is(err, vault.ErrIntegrity) {
+		t.Fatalf("enroll with a wound-back seal count: %v, want ErrIntegrity", err)
 	}
 
 	// Nothing that opens the secret is in the database file.
@@ -497,4 +513,13 @@ func TestTruncatedStoreValueIsRefused(t *testing.T) {
 	if got := e.metric("keyvault_integrity_failures_total") - failures; got != 2 {
 		t.Errorf("integrity failures rose by %v, want 2", got)
 	}
+}
+
+func revOf(t *testing.T, e *env, key []byte) uint64 {
+	t.Helper()
+	_, rev, err := e.store.Get(bg, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rev
 }

@@ -228,6 +228,30 @@ func sealCountKey(version uint32) []byte {
 	return binary.BigEndian.AppendUint32([]byte("m\x00seals/wrap/"), version)
 }
 
+// sealCount encodes a seal count: the count (8 bytes), the root key
+// version of its MAC (4), and the MAC, as a record's, so that nobody who
+// can write the store can wind it back.
+func (v *Vault) sealCount(key []byte, n uint64) []byte {
+	body := binary.BigEndian.AppendUint64(nil, n)
+	body = binary.BigEndian.AppendUint32(body, v.macVersion)
+	return append(body, recordMAC(v.macKeys[v.macVersion], key, body)...)
+}
+
+func (v *Vault) parseSealCount(key, raw []byte) (uint64, error) {
+	if raw == nil {
+		return 0, nil
+	}
+	if len(raw) != 12+macLen {
+		return 0, errors.New("seal count malformed")
+	}
+	body, mac := raw[:12], raw[12:]
+	k, ok := v.macKeys[binary.BigEndian.Uint32(body[8:])]
+	if !ok || !hmac.Equal(mac, recordMAC(k, key, body)) {
+		return 0, errors.New("seal count MAC mismatch")
+	}
+	return binary.BigEndian.Uint64(body), nil
+}
+
 // takeSeal reserves one seal under the wrap key version.
 func (v *Vault) takeSeal(ctx context.Context, version uint32) error {
 	v.sealMu.Lock()
@@ -240,17 +264,15 @@ func (v *Vault) takeSeal(ctx context.Context, version uint32) error {
 			if err != nil {
 				return fmt.Errorf("%w: read seal count: %w", ErrUnavailable, err)
 			}
-			var n uint64
-			if raw != nil {
-				if len(raw) != 8 {
-					return fmt.Errorf("%w: seal count malformed", ErrIntegrity)
-				}
-				n = binary.BigEndian.Uint64(raw)
+			n, err := v.parseSealCount(key, raw)
+			if err != nil {
+				v.integrityFailure(key, "seal count", err)
+				return fmt.Errorf("%w: %w", ErrIntegrity, err)
 			}
 			if n+sealBlockSize > maxSealsPerKV {
 				return fmt.Errorf("%w: wrap key version %d has sealed its limit of 2^32 records; rotate the keys", ErrUnavailable, version)
 			}
-			_, err = v.store.CompareAndSwap(context.WithoutCancel(ctx), key, rev, binary.BigEndian.AppendUint64(nil, n+sealBlockSize))
+			_, err = v.store.CompareAndSwap(context.WithoutCancel(ctx), key, rev, v.sealCount(key, n+sealBlockSize))
 			if errors.Is(err, ErrConflict) {
 				continue
 			}

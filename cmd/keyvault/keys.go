@@ -2,6 +2,7 @@ package main
 
 import (
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -19,6 +20,10 @@ func cmdKeys(args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
 		fmt.Fprintf(stderr, "Usage: keyvault %s\n", keysUsage)
 		return usageError{errors.New("keys needs a subcommand: init or list")}
+	}
+	if args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		fmt.Fprintf(stdout, "Usage: keyvault %s\n", keysUsage)
+		return flag.ErrHelp
 	}
 	fs := newFlags("keys "+args[0], stderr, keysUsage)
 	path := fs.String("config", "", "the YAML config `file` (required)")
