@@ -4,7 +4,7 @@ BIN     := bin/keyvault
 PKGS    := ./...
 FUZZTIME ?= 30s
 
-.PHONY: help run test build deps vet fmt-check fuzz clean
+.PHONY: help run test bench build deps vet fmt-check fuzz clean
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -12,8 +12,12 @@ help: ## this list
 run: deps build ## set up a dev SoftHSM token, keys and store in .keyvault-dev, and serve on 127.0.0.1:8080 (admin :9090)
 	./$(BIN) dev
 
-test: deps fmt-check vet ## the whole suite: unit, SoftHSM integration, end-to-end, fuzz corpora; under -race
+test: deps fmt-check vet ## the whole suite: unit, SoftHSM integration, end-to-end, fuzz corpora; under -race; one pass of each benchmark
+	@out=$$($(GO) test -run '^$$' -bench . -benchtime 1x $(PKGS) 2>&1) || { echo "$$out"; exit 1; }; echo "benchmarks: each ran once, so none rots"
 	$(GO) test -race -count=1 -timeout 20m $(PKGS)
+
+bench: ## in-process benchmarks, with allocations (the pool's member scaling among them)
+	$(GO) test -run '^$$' -bench . -benchmem -benchtime 3s $(PKGS)
 
 build: ## build bin/keyvault
 	$(GO) build -o $(BIN) ./cmd/keyvault

@@ -298,6 +298,8 @@ func TestParseRejects(t *testing.T) {
 		{"top level is a list", "- listen: x\n", []string{"config must be a YAML mapping", "got a list"}},
 		{"two documents", minimalYAML + "---\nlisten: x\n", []string{"single YAML document"}},
 		{"unknown top-level key", "lisen: 127.0.0.1:1\n" + minimalYAML, []string{"lisen: unknown key (line 1)"}},
+		{"two members on one token", storeBlock + hsmBlock + strings.Replace(memberA, "hsm-a", "hsm-b", 1) + clientsBlock,
+			[]string{"hsm.members[1].token_label: hsm.members[0] already uses this module and token"}},
 		{"module_env sets the PIN variable", storeBlock + "hsm:\n  module_env:\n    KEYVAULT_HSM_A_PIN: " + secretPIN + "\n  members:\n" + memberA + clientsBlock,
 			[]string{"hsm.members[0].pin_env: names a variable that hsm.module_env sets"}},
 		{"unknown member key", member(okMember + "      pin_env: P\n      pni: x\n"), []string{"hsm.members[0].pni: unknown key"}},

@@ -162,8 +162,15 @@ func (v *validator) hsm(h HSM) {
 		return
 	}
 	firstByName := map[string]int{}
+	firstByToken := map[[2]string]int{}
 	for i, m := range h.Members {
 		path := indexKey("hsm.members", i)
+		// Two members on one token would look redundant and be one HSM.
+		if j, dup := firstByToken[[2]string{m.Module, m.TokenLabel}]; dup && m.TokenLabel != "" {
+			v.add(path+".token_label", "hsm.members[%d] already uses this module and token", j)
+		} else {
+			firstByToken[[2]string{m.Module, m.TokenLabel}] = i
+		}
 		switch {
 		case m.Name == "":
 			v.add(path+".name", "required")

@@ -6,11 +6,14 @@ import (
 )
 
 type metrics struct {
-	ops      *prometheus.CounterVec
-	errors   *prometheus.CounterVec
-	duration *prometheus.HistogramVec
-	inFlight *prometheus.GaugeVec
-	up       *prometheus.GaugeVec
+	ops          *prometheus.CounterVec
+	errors       *prometheus.CounterVec
+	duration     *prometheus.HistogramVec
+	inFlight     *prometheus.GaugeVec
+	up           *prometheus.GaugeVec
+	ejections    *prometheus.CounterVec
+	readmissions *prometheus.CounterVec
+	keyMismatch  *prometheus.GaugeVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -22,8 +25,8 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}, []string{"member", "op"}),
 		errors: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "keyvault_hsm_errors_total",
-			Help: "HSM operations that failed on a member, by member and operation.",
-		}, []string{"member", "op"}),
+			Help: "HSM operations that failed on a member, by member, operation and reason (a PKCS#11 return code, stalled, no_token or other).",
+		}, []string{"member", "op", "reason"}),
 		duration: f.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "keyvault_hsm_operation_duration_seconds",
 			Help:    "Duration of HSM operations, by member and operation.",
@@ -36,6 +39,18 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		up: f.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "keyvault_hsm_member_up",
 			Help: "1 if the member is in service, 0 if it is out.",
+		}, []string{"member"}),
+		ejections: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "keyvault_hsm_member_ejections_total",
+			Help: "Times a member was taken out of service after a failure.",
+		}, []string{"member"}),
+		readmissions: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "keyvault_hsm_member_readmissions_total",
+			Help: "Times a probe put a member back in service.",
+		}, []string{"member"}),
+		keyMismatch: f.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "keyvault_hsm_member_key_mismatch",
+			Help: "1 if the member was refused because its key check values differ from the pool's.",
 		}, []string{"member"}),
 	}
 }

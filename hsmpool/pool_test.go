@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
+	"log/slog"
 	"os"
 	"strings"
 	"sync"
@@ -174,8 +175,11 @@ func TestMemberWithOtherKeysIsLeftOut(t *testing.T) {
 		}
 	}
 	p := openPool(t, nil, a, c)
-	if len(p.members) != 1 || p.members[0].name != "a" {
-		t.Fatalf("members in use: %d; want only a", len(p.members))
+	if p.Healthy() != 1 || !p.members[0].healthy.Load() || p.members[1].healthy.Load() {
+		t.Fatalf("members in use: %d; want only a", p.Healthy())
+	}
+	if testutil.ToFloat64(p.metrics.keyMismatch.WithLabelValues("c")) != 1 {
+		t.Fatal("keyvault_hsm_member_key_mismatch{member=c} is not 1")
 	}
 }
 
@@ -231,7 +235,7 @@ func TestFailoverLosesNoRequest(t *testing.T) {
 	}
 	fa := &flaky{token: ta}
 	reg := prometheus.NewRegistry()
-	p, err := newPool([]MemberConfig{a, b}, []token{fa, tb}, Options{Registerer: reg, ProbeBackoff: 10 * time.Millisecond})
+	p, err := newPool([]MemberConfig{a, b}, []token{fa, tb}, make([]error, 2), Options{Registerer: reg, ProbeBackoff: 10 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -241,6 +245,23 @@ func TestFailoverLosesNoRequest(t *testing.T) {
 	ct, err := p.Seal(ctx, wrap1, nonce, []byte("x"), nil)
 	if err != nil {
 		t.Fatal(err)
+	}
+	// Under concurrent load, both members get traffic.
+	var load sync.WaitGroup
+	for range 64 {
+		load.Go(func() {
+			for range 20 {
+				if _, err := p.HMAC(ctx, pin1, []byte("m")); err != nil {
+					t.Error(err)
+				}
+			}
+		})
+	}
+	load.Wait()
+	for _, name := range []string{"a", "b"} {
+		if n := testutil.ToFloat64(p.metrics.ops.WithLabelValues(name, "hmac")); n == 0 {
+			t.Fatalf("member %s got no traffic", name)
+		}
 	}
 	fa.broken.Store(true)
 	var wg sync.WaitGroup
@@ -267,9 +288,7 @@ func TestFailoverLosesNoRequest(t *testing.T) {
 	// Both broken: no result, ErrUnavailable, never ErrIntegrity.
 	fb := &flaky{token: tb}
 	fb.broken.Store(true)
-	p.members[1].mu.Lock()
-	p.members[1].tok = fb
-	p.members[1].mu.Unlock()
+	swapToken(p.members[1], fb)
 	if _, err := p.Open(ctx, wrap1, nonce, ct, nil); !errors.Is(err, vault.ErrUnavailable) || errors.Is(err, vault.ErrIntegrity) {
 		t.Fatalf("Open with every member down: %v, want ErrUnavailable", err)
 	}
@@ -288,6 +307,12 @@ func TestFailoverLosesNoRequest(t *testing.T) {
 	}
 	if _, err := p.Open(ctx, wrap1, nonce, ct, nil); err != nil {
 		t.Fatal(err)
+	}
+	if testutil.ToFloat64(p.metrics.ejections.WithLabelValues("a")) < 1 || testutil.ToFloat64(p.metrics.readmissions.WithLabelValues("a")) < 1 {
+		t.Fatal("ejection and readmission of member a not counted")
+	}
+	if n := testutil.ToFloat64(p.metrics.errors.WithLabelValues("a", "hmac", "CKR_DEVICE_ERROR")); n < 1 {
+		t.Fatalf("errors by reason: %v CKR_DEVICE_ERROR on a", n)
 	}
 }
 
@@ -332,13 +357,11 @@ func twoMembers(t *testing.T, opts Options, wrapA func(token) token) *Pool {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p, err := newPool([]MemberConfig{a, b}, []token{ta, tb}, opts)
+	p, err := newPool([]MemberConfig{a, b}, []token{ta, tb}, make([]error, 2), opts)
 	if err != nil {
 		t.Fatal(err)
 	}
-	p.members[0].mu.Lock()
-	p.members[0].tok = wrapA(ta)
-	p.members[0].mu.Unlock()
+	swapToken(p.members[0], wrapA(ta))
 	t.Cleanup(func() { p.Close() })
 	return p
 }
@@ -434,4 +457,109 @@ func TestExtractableKeyIsRefused(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "not a sensitive, non-extractable token object") {
 		t.Fatalf("Open with an extractable wrap key: %v", err)
 	}
+}
+
+// swapToken puts t, wrapping the member's admitted token, in its place.
+func swapToken(m *member, t token) {
+	st := *m.state()
+	st.tok = t
+	m.st.Store(&st)
+}
+
+// A member that comes back with other keys (re-initialised, say) is
+// refused at readmission and shows in keyvault_hsm_member_key_mismatch;
+// the pool keeps serving from the good member.
+func TestReadmissionChecksKeys(t *testing.T) {
+	// Every token exists before the module is loaded: SoftHSM does not see
+	// tokens made by softhsm2-util after that.
+	a, b, c := newMember(t, "a"), newMember(t, "b"), newMember(t, "c")
+	if _, err := Provision([]MemberConfig{a, b}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Provision([]MemberConfig{c}); err != nil {
+		t.Fatal(err)
+	}
+	var toks []token
+	for _, m := range []MemberConfig{a, b, c} {
+		tok, err := openToken(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		toks = append(toks, tok)
+	}
+	defer toks[2].Close()
+	fb := &flaky{token: toks[1]}
+	p, err := newPool([]MemberConfig{a, b}, []token{toks[0], fb}, make([]error, 2), Options{ProbeBackoff: 5 * time.Millisecond, ProbeBackoffMax: 20 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	// b fails (as the first operation that meets its dead device would
+	// report), and "comes back" holding c's keys.
+	fb.broken.Store(true)
+	swapToken(p.members[1], toks[2])
+	p.fail(p.members[1], "hmac", errors.New("CKR_DEVICE_REMOVED"))
+	ctx := context.Background()
+	deadline := time.Now().Add(5 * time.Second)
+	for testutil.ToFloat64(p.metrics.keyMismatch.WithLabelValues("b")) != 1 {
+		if time.Now().After(deadline) {
+			t.Fatal("a member with other keys was not flagged at readmission")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if p.members[1].healthy.Load() {
+		t.Fatal("a member with other keys was readmitted")
+	}
+	if _, err := p.HMAC(ctx, pin1, []byte("m")); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A wrong PIN on one member: it is reported, its login is not retried,
+// and the other member serves.
+func TestWrongPINOnOneMember(t *testing.T) {
+	a, b := newMember(t, "a"), newMember(t, "b")
+	if _, err := Provision([]MemberConfig{a, b}); err != nil {
+		t.Fatal(err)
+	}
+	b.PIN = "99999999"
+	var logs bytes.Buffer
+	var mu sync.Mutex
+	reg := prometheus.NewRegistry()
+	p, err := Open([]MemberConfig{a, b}, Options{
+		Registerer:   reg,
+		Logger:       slog.New(slog.NewTextHandler(&lockedWriter{w: &logs, mu: &mu}, nil)),
+		ProbeBackoff: time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if _, err := p.HMAC(context.Background(), pin1, []byte("m")); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond) // fifty probe periods, were b probed
+	mu.Lock()
+	out := logs.String()
+	mu.Unlock()
+	if !strings.Contains(out, "PIN is refused") || strings.Contains(out, "99999999") {
+		t.Fatalf("log: %s", out)
+	}
+	if p.members[1].healthy.Load() || p.members[1].probing.Load() {
+		t.Fatal("the member with a wrong PIN is in service or being probed (its login retried)")
+	}
+	if testutil.ToFloat64(p.metrics.up.WithLabelValues("b")) != 0 || testutil.ToFloat64(p.metrics.up.WithLabelValues("a")) != 1 {
+		t.Fatal("up gauges wrong")
+	}
+}
+
+type lockedWriter struct {
+	w  *bytes.Buffer
+	mu *sync.Mutex
+}
+
+func (l *lockedWriter) Write(b []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(b)
 }

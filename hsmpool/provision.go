@@ -163,10 +163,15 @@ func withSession(c MemberConfig, fn func(*pkcs11.Ctx, pkcs11.SessionHandle) erro
 		return fmt.Errorf("member %s: cannot load PKCS#11 module %s", c.Name, c.Module)
 	}
 	defer p.Destroy()
-	if err := p.Initialize(); err != nil {
+	// If crypto11 has the module loaded in this process already, the
+	// library is shared: use it, and leave finalising it to its owner.
+	switch err := p.Initialize(); {
+	case errors.Is(err, pkcs11.Error(pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED)):
+	case err != nil:
 		return fmt.Errorf("member %s: initialise module: %w", c.Name, err)
+	default:
+		defer p.Finalize()
 	}
-	defer p.Finalize()
 	slots, err := p.GetSlotList(true)
 	if err != nil {
 		return fmt.Errorf("member %s: list slots: %w", c.Name, err)

@@ -1,0 +1,161 @@
+package hsmpool
+
+import (
+	"errors"
+	"regexp"
+	"strings"
+	"time"
+
+	mrand "math/rand/v2"
+
+	"github.com/keyvault/keyvault/vault"
+)
+
+// fail takes a member out and starts probing it, unless the pool is
+// closing or a probe already runs.
+func (p *Pool) fail(m *member, op string, err error) {
+	if m.healthy.CompareAndSwap(true, false) {
+		p.metrics.up.WithLabelValues(m.name).Set(0)
+		p.metrics.ejections.WithLabelValues(m.name).Inc()
+		p.log.Error("HSM member taken out", "member", m.name, "op", op, "error", err.Error())
+	}
+	p.startProbe(m)
+}
+
+func (p *Pool) startProbe(m *member) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.closed && m.probing.CompareAndSwap(false, true) {
+		p.wg.Add(1)
+		go p.probe(m)
+	}
+}
+
+// probe tests the member with exponential backoff and jitter and puts it
+// back once it passes. A member whose token fails is configured again from
+// scratch: after a token is re-initialised or restored, every cached key
+// handle is stale (CKR_OBJECT_HANDLE_INVALID), and SoftHSM only sees a token
+// change after the library is finalised and initialised again, so the old
+// context is closed before the new one opens. A member whose keys differ
+// from the pool's stays out. A refused PIN stops the probe: logging in again
+// and again could lock the token for every process.
+func (p *Pool) probe(m *member) {
+	defer p.wg.Done()
+	wait := p.opts.ProbeBackoff
+	for {
+		jitter := time.Duration(mrand.Int64N(int64(wait)/2 + 1))
+		select {
+		case <-p.stop:
+			return
+		case <-time.After(wait/2 + jitter):
+		}
+		err := m.state().healthCheck(p.ref)
+		if err != nil && m.reopen != nil {
+			err = p.reopen(m)
+		}
+		switch {
+		case err == nil:
+			// Probing ends before the member is back, so that a failure
+			// right after starts a new probe.
+			m.probing.Store(false)
+			m.healthy.Store(true)
+			p.metrics.up.WithLabelValues(m.name).Set(1)
+			p.metrics.keyMismatch.WithLabelValues(m.name).Set(0)
+			p.metrics.readmissions.WithLabelValues(m.name).Inc()
+			p.log.Info("HSM member back in service", "member", m.name)
+			return
+		case isPINError(err):
+			p.log.Error("HSM member left out until restart: its PIN is refused, and retrying could lock the token", "member", m.name, "error", err.Error())
+			return
+		case errors.Is(err, errKeyMismatch):
+			p.metrics.keyMismatch.WithLabelValues(m.name).Set(1)
+			p.log.Error("HSM member refused: its keys differ from the pool's", "member", m.name, "error", err.Error())
+		}
+		wait = min(2*wait, p.opts.ProbeBackoffMax)
+	}
+}
+
+// reopen replaces a member's token with a freshly configured one that is
+// admitted against the pool's keys.
+func (p *Pool) reopen(m *member) error {
+	old := m.st.Swap(brokenState())
+	if err := closeToken(old.tok); err != nil {
+		p.log.Warn("closing a failed HSM member", "member", m.name, "error", err.Error())
+	}
+	t, err := m.reopen()
+	if err != nil {
+		p.log.Warn("HSM member still failing", "member", m.name, "error", err.Error())
+		return err
+	}
+	st, err := admit(t, p.ref)
+	if err != nil {
+		closeToken(t)
+		p.log.Warn("HSM member still failing", "member", m.name, "error", err.Error())
+		return err
+	}
+	m.st.Store(st)
+	return nil
+}
+
+// closeTimeout bounds how long closing a token may block: crypto11's Close
+// waits for every pooled session to come back, and a session stuck in a
+// dead HSM never does.
+const closeTimeout = 5 * time.Second
+
+// closeToken closes t, abandoning it if Close does not return in time.
+func closeToken(t token) error {
+	done := make(chan error, 1)
+	go func() { done <- t.Close() }()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(closeTimeout):
+		return errors.New("token close did not return; abandoned")
+	}
+}
+
+// brokenToken stands in for a member with no working token: one that
+// failed to open, or is being re-opened.
+type brokenToken struct{}
+
+func brokenState() *tokenState { return &tokenState{tok: brokenToken{}} }
+
+var errNoToken = errors.New("member has no open token")
+
+func (brokenToken) HMAC(vault.KeyID, []byte) ([]byte, error) { return nil, errNoToken }
+func (brokenToken) Seal(vault.KeyID, []byte, []byte, []byte) ([]byte, error) {
+	return nil, errNoToken
+}
+func (brokenToken) Open(vault.KeyID, []byte, []byte, []byte) ([]byte, error) {
+	return nil, errNoToken
+}
+func (brokenToken) Versions(vault.KeyRole) []uint32 { return nil }
+func (brokenToken) Close() error                    { return nil }
+
+// isPINError reports a login refused for the PIN. crypto11 flattens
+// PKCS#11 errors into text, so the codes are matched by name.
+func isPINError(err error) bool {
+	for _, code := range []string{"CKR_PIN_INCORRECT", "CKR_PIN_LOCKED", "CKR_PIN_EXPIRED", "CKR_PIN_INVALID", "CKR_PIN_LEN_RANGE"} {
+		if strings.Contains(err.Error(), code) {
+			return true
+		}
+	}
+	return false
+}
+
+var ckrCode = regexp.MustCompile(`CKR_[A-Z0-9_]+`)
+
+// reasonOf names a member failure for the errors metric: the PKCS#11 return
+// code when there is one (a bounded set), else a word.
+func reasonOf(err error) string {
+	switch {
+	case errors.Is(err, errStalled):
+		return "stalled"
+	case errors.Is(err, errNoToken):
+		return "no_token"
+	}
+	if c := ckrCode.FindString(err.Error()); c != "" {
+		return c
+	}
+	return "other"
+}

@@ -1,0 +1,165 @@
+package hsmpool
+
+import (
+	"bytes"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"sync/atomic"
+
+	"github.com/keyvault/keyvault/vault"
+)
+
+// member is one HSM of the pool.
+type member struct {
+	name string
+	// reopen configures the member's token from scratch; nil for tokens a
+	// test injected.
+	reopen func() (token, error)
+
+	st       atomic.Pointer[tokenState] // swapped whole when the member is re-opened
+	sessions chan struct{}              // one slot per allowed concurrent operation
+	inFlight atomic.Int64
+	healthy  atomic.Bool
+	probing  atomic.Bool
+}
+
+func (m *member) state() *tokenState { return m.st.Load() }
+
+// tokenState is one opened token of a member and what the pool learnt of it
+// when admitting it: its key check values and its known answers.
+type tokenState struct {
+	tok  token
+	kcvs map[vault.KeyID][]byte
+	// selfTests are ciphertexts the token sealed at admission, one under
+	// each wrap key version, opened again to tell a bad record from a bad
+	// member.
+	selfTests map[uint32]*knownAnswer
+}
+
+// knownAnswer is a GCM ciphertext whose plaintext the pool knows.
+type knownAnswer struct {
+	key                vault.KeyID
+	nonce, ct, aad, pt []byte
+}
+
+// errKeyMismatch: a member's keys differ from the pool's reference. It
+// would open nothing the others sealed, so it is never used.
+var errKeyMismatch = errors.New("keys differ from the pool's")
+
+// admit checks a token before it serves: every key's check value must equal
+// the reference's (ref nil: none yet, at start), and the self-tests it seals
+// now must open.
+func admit(t token, ref map[vault.KeyID][]byte) (*tokenState, error) {
+	kcvs, err := keyCheckValues(t)
+	if err != nil {
+		return nil, err
+	}
+	if ref != nil {
+		if err := sameKeys(ref, kcvs); err != nil {
+			return nil, err
+		}
+	}
+	st := &tokenState{tok: t, kcvs: kcvs, selfTests: map[uint32]*knownAnswer{}}
+	for _, v := range t.Versions(vault.RoleWrap) {
+		ka := &knownAnswer{
+			key:   vault.KeyID{Role: vault.RoleWrap, Version: v},
+			nonce: make([]byte, 12),
+			pt:    make([]byte, 16),
+			aad:   []byte("keyvault/v1/self-test"),
+		}
+		rand.Read(ka.nonce)
+		rand.Read(ka.pt)
+		if ka.ct, err = safe(func() ([]byte, error) { return t.Seal(ka.key, ka.nonce, ka.pt, ka.aad) }); err != nil {
+			return nil, fmt.Errorf("self-test seal under %s: %w", ka.key.Label(), err)
+		}
+		st.selfTests[v] = ka
+		if err := st.runSelfTest(v); err != nil {
+			return nil, err
+		}
+	}
+	return st, nil
+}
+
+// runSelfTest opens the known answer under the wrap key version; an error
+// means the member, not the data, is at fault.
+func (st *tokenState) runSelfTest(version uint32) error {
+	ka := st.selfTests[version]
+	if ka == nil {
+		return fmt.Errorf("no self-test for wrap key version %d", version)
+	}
+	pt, err := safe(func() ([]byte, error) { return st.tok.Open(ka.key, ka.nonce, ka.ct, ka.aad) })
+	if err != nil {
+		return fmt.Errorf("self-test open under %s: %w", ka.key.Label(), err)
+	}
+	if !bytes.Equal(pt, ka.pt) {
+		return errors.New("self-test open: wrong plaintext")
+	}
+	return nil
+}
+
+// healthCheck is the probe's test of an admitted token: every self-test,
+// and every key's check value against the reference, so that a token whose
+// key handles went stale (re-initialised or restored) fails it.
+func (st *tokenState) healthCheck(ref map[vault.KeyID][]byte) error {
+	kcvs, err := keyCheckValues(st.tok)
+	if err != nil {
+		return err
+	}
+	if err := sameKeys(ref, kcvs); err != nil {
+		return err
+	}
+	for v := range st.selfTests {
+		if err := st.runSelfTest(v); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// keyCheckValues computes the check value of every key on a token.
+func keyCheckValues(t token) (map[vault.KeyID][]byte, error) {
+	kcvs := map[vault.KeyID][]byte{}
+	for _, role := range vault.Roles {
+		vs := t.Versions(role)
+		if len(vs) == 0 {
+			return nil, fmt.Errorf("no %s key (run keyvault keys init)", role)
+		}
+		for _, v := range vs {
+			id := vault.KeyID{Role: role, Version: v}
+			c, err := safe(func() ([]byte, error) { return kcv(t, id) })
+			if err != nil {
+				return nil, fmt.Errorf("check value of %s: %w", id.Label(), err)
+			}
+			kcvs[id] = c
+		}
+	}
+	return kcvs, nil
+}
+
+// sameKeys compares a member's check values with the reference's.
+func sameKeys(ref, got map[vault.KeyID][]byte) error {
+	for id, want := range ref {
+		if g, ok := got[id]; !ok {
+			return fmt.Errorf("%w: lacks %s", errKeyMismatch, id.Label())
+		} else if !bytes.Equal(g, want) {
+			return fmt.Errorf("%w: %s has check value %x, the pool's is %x", errKeyMismatch, id.Label(), g, want)
+		}
+	}
+	for id := range got {
+		if _, ok := ref[id]; !ok {
+			return fmt.Errorf("%w: holds %s, which the pool lacks", errKeyMismatch, id.Label())
+		}
+	}
+	return nil
+}
+
+// safe runs f, turning a crypto11 panic into an error.
+func safe(f func() ([]byte, error)) (out []byte, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("pkcs11: %v", r)
+		}
+	}()
+	return f()
+}
