@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"time"
 
 	"go.yaml.in/yaml/v3"
 )
@@ -57,6 +58,68 @@ type Config struct {
 	Clients []Client `yaml:"clients"`
 	// Log configures the process logger.
 	Log Log `yaml:"log"`
+	// RateLimit configures the abuse controls in front of the vault.
+	RateLimit RateLimit `yaml:"ratelimit"`
+}
+
+// RateLimit configures the limits in front of the vault. A guess refused by
+// any of them is answered 429 with a truthful Retry-After, and is neither
+// checked nor counted.
+type RateLimit struct {
+	// GuessesPerUser limits recoveries and PIN changes per namespace and
+	// user_id. Default 5 per minute, burst 5.
+	GuessesPerUser Bucket `yaml:"guesses_per_user"`
+	// RequestsPerClient limits every /v1 request per client. Default 500
+	// per second, burst 1000.
+	RequestsPerClient Bucket `yaml:"requests_per_client"`
+	// WrongGuessesPerClient limits the wrong guesses one client may cause
+	// across all its users. Default 600 per minute, burst 600.
+	WrongGuessesPerClient Bucket `yaml:"wrong_guesses_per_client"`
+	// HSMQueueTimeout is the longest a request waits for an HSM session
+	// before it is shed with 503. Default 50ms; 0 waits as long as the
+	// request may.
+	HSMQueueTimeout time.Duration `yaml:"hsm_queue_timeout"`
+	// EscalatingDelay is kept in the record, so it holds across processes
+	// and restarts: after FreeGuesses wrong guesses in a row, the next
+	// guess must wait Base * 2^(k-FreeGuesses) after the last one, k being
+	// the wrong guesses in a row. Default free_guesses 5, base 1m; base 0
+	// turns it off.
+	EscalatingDelay EscalatingDelay `yaml:"escalating_delay"`
+}
+
+// Bucket is a token bucket: a refill rate, given per second or per minute
+// (one of them), and a burst. A rate of 0 turns the limit off. A bucket
+// written in the file replaces the default whole.
+type Bucket struct {
+	PerSecond int `yaml:"per_second"`
+	PerMinute int `yaml:"per_minute"`
+	Burst     int `yaml:"burst"`
+}
+
+// UnmarshalYAML decodes a bucket from scratch, so that a per_second in the
+// file does not meet a default per_minute.
+func (b *Bucket) UnmarshalYAML(n *yaml.Node) error {
+	type plain Bucket
+	var p plain
+	if err := n.Decode(&p); err != nil {
+		return err
+	}
+	*b = Bucket(p)
+	return nil
+}
+
+// Rate is the bucket's refill rate in tokens per second; 0 means off.
+func (b Bucket) Rate() float64 {
+	if b.PerSecond > 0 {
+		return float64(b.PerSecond)
+	}
+	return float64(b.PerMinute) / 60
+}
+
+// EscalatingDelay configures the durable delay between wrong guesses.
+type EscalatingDelay struct {
+	FreeGuesses int           `yaml:"free_guesses"`
+	Base        time.Duration `yaml:"base"`
 }
 
 // TLS configures HTTPS on the API listener.
@@ -197,6 +260,13 @@ func defaults() *Config {
 			MaxAttemptsLimit:   DefaultMaxAttemptsLimit,
 		},
 		Log: Log{Level: DefaultLogLevel, Format: DefaultLogFormat},
+		RateLimit: RateLimit{
+			GuessesPerUser:        Bucket{PerMinute: 5, Burst: 5},
+			RequestsPerClient:     Bucket{PerSecond: 500, Burst: 1000},
+			WrongGuessesPerClient: Bucket{PerMinute: 600, Burst: 600},
+			HSMQueueTimeout:       50 * time.Millisecond,
+			EscalatingDelay:       EscalatingDelay{FreeGuesses: 5, Base: time.Minute},
+		},
 	}
 }
 

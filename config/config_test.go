@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 	"text/template"
 
 	"go.yaml.in/yaml/v3"
@@ -791,4 +792,51 @@ func FuzzParse(f *testing.F) {
 			}
 		}
 	})
+}
+
+func TestRateLimitSection(t *testing.T) {
+	t.Parallel()
+	fx := newFixture(t)
+	cfg, err := Parse(render(t, fx, minimalYAML))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := RateLimit{
+		GuessesPerUser:        Bucket{PerMinute: 5, Burst: 5},
+		RequestsPerClient:     Bucket{PerSecond: 500, Burst: 1000},
+		WrongGuessesPerClient: Bucket{PerMinute: 600, Burst: 600},
+		HSMQueueTimeout:       50 * time.Millisecond,
+		EscalatingDelay:       EscalatingDelay{FreeGuesses: 5, Base: time.Minute},
+	}
+	if cfg.RateLimit != want {
+		t.Fatalf("defaults: %+v", cfg.RateLimit)
+	}
+	cfg, err = Parse(render(t, fx, minimalYAML+`ratelimit:
+  guesses_per_user: {per_second: 2, burst: 3}
+  requests_per_client: {per_second: 0}
+  hsm_queue_timeout: 20ms
+  escalating_delay: {free_guesses: 3, base: 0s}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := cfg.RateLimit
+	if r.GuessesPerUser != (Bucket{PerSecond: 2, Burst: 3}) || r.GuessesPerUser.Rate() != 2 ||
+		r.RequestsPerClient.Rate() != 0 || r.WrongGuessesPerClient.Rate() != 10 ||
+		r.HSMQueueTimeout != 20*time.Millisecond || r.EscalatingDelay != (EscalatingDelay{3, 0}) {
+		t.Fatalf("overrides: %+v", r)
+	}
+	for _, c := range []struct{ yaml, want string }{
+		{"ratelimit:\n  guesses_per_user: {per_second: 1, per_minute: 1, burst: 1}\n", "ratelimit.guesses_per_user: set per_second or per_minute, not both"},
+		{"ratelimit:\n  guesses_per_user: {per_minute: 5}\n", "ratelimit.guesses_per_user.burst: must be at least 1"},
+		{"ratelimit:\n  requests_per_client: {per_second: -1, burst: 1}\n", "ratelimit.requests_per_client: must not be negative"},
+		{"ratelimit:\n  hsm_queue_timeout: 50\n", "ratelimit.hsm_queue_timeout: expected a duration"},
+		{"ratelimit:\n  hsm_queue_timeout: soon\n", "ratelimit.hsm_queue_timeout: expected a duration"},
+		{"ratelimit:\n  escalating_delay: {base: -1m}\n", "ratelimit.escalating_delay.base: must not be negative"},
+		{"ratelimit:\n  guesses_per_user: {per_hour: 1}\n", "ratelimit.guesses_per_user.per_hour: unknown key"},
+	} {
+		if _, err := Parse(render(t, fx, minimalYAML+c.yaml)); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%q: %v, want %q", c.yaml, err, c.want)
+		}
+	}
 }

@@ -7,6 +7,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"time"
 
 	"go.yaml.in/yaml/v3"
 )
@@ -28,6 +29,7 @@ var inlinePINKeys = map[string]bool{
 
 var (
 	stringListType = reflect.TypeFor[StringList]()
+	durationType   = reflect.TypeFor[time.Duration]()
 	memberType     = reflect.TypeFor[Member]()
 )
 
@@ -83,6 +85,11 @@ func (c *structureChecker) walk(n *yaml.Node, t reflect.Type, path string) {
 	}
 	if t == stringListType {
 		c.stringList(n, path)
+		return
+	}
+	if t == durationType {
+		_, err := time.ParseDuration(n.Value)
+		c.scalar(n, path, `a duration (like "50ms" or "1m")`, n.Kind == yaml.ScalarNode && n.ShortTag() == "!!str" && err == nil)
 		return
 	}
 	switch t.Kind() {

@@ -61,6 +61,7 @@ func (c *Config) validate(checkFS bool) error {
 	v.budget(c.Budget)
 	v.clients(c.Clients)
 	v.log(c.Log)
+	v.rateLimit(c.RateLimit)
 	return errors.Join(v.errs...)
 }
 
@@ -322,5 +323,35 @@ func (v *validator) file(path, name string) {
 		v.add(path, "%v", err)
 	case fi.IsDir():
 		v.add(path, "%q is a directory, not a file", name)
+	}
+}
+
+func (v *validator) rateLimit(r RateLimit) {
+	buckets := []struct {
+		key string
+		b   Bucket
+	}{
+		{"ratelimit.guesses_per_user", r.GuessesPerUser},
+		{"ratelimit.requests_per_client", r.RequestsPerClient},
+		{"ratelimit.wrong_guesses_per_client", r.WrongGuessesPerClient},
+	}
+	for _, x := range buckets {
+		switch {
+		case x.b.PerSecond < 0 || x.b.PerMinute < 0 || x.b.Burst < 0:
+			v.add(x.key, "must not be negative")
+		case x.b.PerSecond > 0 && x.b.PerMinute > 0:
+			v.add(x.key, "set per_second or per_minute, not both")
+		case x.b.Rate() > 0 && x.b.Burst < 1:
+			v.add(x.key+".burst", "must be at least 1 when the limit is on")
+		}
+	}
+	if r.HSMQueueTimeout < 0 {
+		v.add("ratelimit.hsm_queue_timeout", "must not be negative")
+	}
+	if r.EscalatingDelay.Base < 0 {
+		v.add("ratelimit.escalating_delay.base", "must not be negative")
+	}
+	if r.EscalatingDelay.FreeGuesses < 0 {
+		v.add("ratelimit.escalating_delay.free_guesses", "must not be negative")
 	}
 }
