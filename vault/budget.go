@@ -99,6 +99,9 @@ func (v *Vault) count(ctx context.Context, ns, userID string, pre Precondition) 
 			if cur.Locked {
 				return nil, v.lockedOrPending(cur)
 			}
+			if wait := v.opts.EscalatingDelay.wait(cur.record, v.now()); wait > 0 {
+				return nil, &RateLimitedError{RetryAfter: wait}
+			}
 			g.before = *cur.record
 			next := *cur.record
 			next.Guesses++

@@ -3,6 +3,7 @@ package vault
 import (
 	"errors"
 	"fmt"
+	"time"
 )
 
 // Sentinel errors. Callers test them with errors.Is; the api package maps
@@ -29,6 +30,10 @@ var (
 	// damaged). Nothing is served from it. HSM implementations wrap it when a
 	// GCM open fails authentication on a healthy member.
 	ErrIntegrity = errors.New("record integrity check failed")
+	// ErrRateLimited: the guess came too soon after the last wrong ones (the
+	// escalating delay); it was neither checked nor counted. The error is
+	// a *RateLimitedError saying when a retry can succeed.
+	ErrRateLimited = errors.New("rate limited")
 	// ErrConflict is returned by a Store's CompareAndSwap when the key's
 	// revision is not the expected one. The vault retries; it never escapes.
 	ErrConflict = errors.New("store: revision conflict")
@@ -51,3 +56,15 @@ func (e *WrongPINError) Is(target error) bool { return target == ErrWrongPIN }
 func invalid(field, msg string) error {
 	return fmt.Errorf("%w: %s: %s", ErrInvalid, field, msg)
 }
+
+// RateLimitedError is a guess refused by the escalating delay.
+type RateLimitedError struct {
+	RetryAfter time.Duration
+}
+
+func (e *RateLimitedError) Error() string {
+	return fmt.Sprintf("rate limited: too many wrong guesses in a row; retry in %v", e.RetryAfter.Round(time.Second))
+}
+
+// Is makes errors.Is(err, ErrRateLimited) true.
+func (e *RateLimitedError) Is(target error) bool { return target == ErrRateLimited }

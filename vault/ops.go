@@ -275,6 +275,8 @@ func resultOf(err error) string {
 		return "wrong_pin"
 	case errors.Is(err, ErrLocked):
 		return "locked"
+	case errors.Is(err, ErrRateLimited):
+		return "rate_limited"
 	case errors.Is(err, ErrNotFound):
 		return "not_found"
 	case errors.Is(err, ErrInvalid):

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -221,4 +222,50 @@ func TestForgiveKeepsLaterRefunds(t *testing.T) {
 	if st := e.status("yan"); st.Locked || st.AttemptsRemaining != 2 {
 		t.Fatalf("after the reset: %+v, want 2 left (two wrong guesses after it)", st)
 	}
+}
+
+// The escalating delay: after FreeGuesses attempts used in a row, a guess
+// must wait Base * 2^(k-FreeGuesses) after the last one; a guess that comes
+// too soon is refused with a truthful RetryAfter, and neither checked nor
+// counted. It lives in the record, so a new vault process keeps it.
+func TestEscalatingDelay(t *testing.T) {
+	t.Parallel()
+	var clock atomic.Int64
+	clock.Store(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC).UnixNano())
+	now := func() time.Time { return time.Unix(0, clock.Load()) }
+	advance := func(d time.Duration) { clock.Add(int64(d)) }
+	opts := vault.Options{Now: now, EscalatingDelay: vault.EscalatingDelay{FreeGuesses: 2, Base: time.Minute}}
+	e := newEnv(t, opts)
+	secret := randBytes(32)
+	e.enroll("zoe", secret, rightPIN, 10)
+	e.wrong("zoe", 9)
+	advance(time.Second)
+	e.wrong("zoe", 8)
+	limited := func(want time.Duration, remaining int) {
+		t.Helper()
+		checks := e.hsm.pinChecks()
+		_, _, err := e.v.Recover(bg, ns, "zoe", rightPIN)
+		var rl *vault.RateLimitedError
+		if !errors.As(err, &rl) || !errors.Is(err, vault.ErrRateLimited) || rl.RetryAfter != want {
+			t.Fatalf("a guess within the delay: %v, want RateLimitedError with RetryAfter %v", err, want)
+		}
+		if e.hsm.pinChecks() != checks || e.status("zoe").AttemptsRemaining != remaining {
+			t.Fatal("a refused guess was checked or counted")
+		}
+	}
+	limited(time.Minute, 8)
+	advance(20 * time.Second)
+	limited(40*time.Second, 8)
+	advance(40 * time.Second)
+	e.wrong("zoe", 7) // exactly when the delay ends; now 3 in a row: 2 minutes
+	advance(time.Minute)
+	limited(time.Minute, 7)
+	// A new vault process on the same store keeps the delay.
+	e.reopen()
+	limited(time.Minute, 7)
+	advance(time.Minute)
+	if got, rem, err := e.v.Recover(bg, ns, "zoe", rightPIN); err != nil || !bytes.Equal(got, secret) || rem != 10 {
+		t.Fatalf("the right PIN after the delay: rem=%d err=%v", rem, err)
+	}
+	e.wrong("zoe", 9) // a success resets the run: no delay
 }

@@ -33,6 +33,28 @@ type Options struct {
 	Logger *slog.Logger
 	// Now is the clock (default time.Now).
 	Now func() time.Time
+	// EscalatingDelay, when Base is non-zero, makes a guess wait after
+	// FreeGuesses attempts used in a row: Base * 2^(k-FreeGuesses) after the
+	// record's last write, k being the attempts used. It lives in the
+	// record, so it holds across processes and restarts. Default off.
+	EscalatingDelay EscalatingDelay
+}
+
+// EscalatingDelay configures the durable delay between wrong guesses.
+type EscalatingDelay struct {
+	FreeGuesses int
+	Base        time.Duration
+}
+
+// wait returns how long a guess on r must still wait at now.
+func (d EscalatingDelay) wait(r *record, now int64) time.Duration {
+	k := int(r.used())
+	if d.Base <= 0 || k < d.FreeGuesses {
+		return 0
+	}
+	// 2^20 x base is already weeks; the cap keeps the shift from overflowing.
+	until := r.UpdatedAt + int64(d.Base)<<min(k-d.FreeGuesses, 20)
+	return time.Duration(max(until-now, 0))
 }
 
 // Vault implements the backup operations on a Store and an HSM. It is safe
