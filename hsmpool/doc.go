@@ -40,7 +40,9 @@
 // with identical material uses miekg/pkcs11 directly (see Provision). A
 // PKCS#11 call that hangs cannot be interrupted: the pool stops waiting for
 // it at OpTimeout or the caller's deadline, but its session slot stays busy
-// until it returns. Members that fail to open at start are not probed, and
-// several members on one module share one library instance, so re-opening
-// one does not re-initialise the module while another is open.
+// until it returns. Several members on one module share one library instance
+// (crypto11 counts its users per path), so re-opening one does not
+// re-initialise the module while another is open: a SoftHSM token restored
+// under a running process stays out until restart, unless each member loads
+// the module from its own path.
 package hsmpool

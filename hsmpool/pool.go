@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	mrand "math/rand/v2"
 	"sync"
 	"time"
 
@@ -37,6 +38,9 @@ type Options struct {
 	// OpTimeout is how long one HSM operation may take before its member
 	// counts as failed and the operation moves on (default 5s).
 	OpTimeout time.Duration
+	// QueueTimeout is the longest an operation waits for a session before
+	// it is shed with ErrUnavailable (0: as long as its context allows).
+	QueueTimeout time.Duration
 }
 
 // Pool balances HSM operations over its members. It implements vault.HSM.
@@ -281,10 +285,8 @@ func (p *Pool) do(ctx context.Context, op string, fn func(*member, *tokenState) 
 			return nil, fmt.Errorf("%w: hsm %s: %w", ErrUnavailable, op, lastErr)
 		}
 		tried[m] = true
-		select {
-		case m.sessions <- struct{}{}:
-		case <-ctx.Done():
-			return nil, fmt.Errorf("%w: hsm %s: waiting for a session: %w", ErrUnavailable, op, ctx.Err())
+		if err := p.acquire(ctx, m, op); err != nil {
+			return nil, err
 		}
 		out, err := p.run(ctx, m, op, fn)
 		switch {
@@ -305,6 +307,32 @@ func (p *Pool) do(ctx context.Context, op string, fn func(*member, *tokenState) 
 		}
 		lastErr = err
 		p.fail(m, op, err)
+	}
+}
+
+// acquire takes one of the member's sessions, waiting no longer than the
+// caller's context and QueueTimeout allow: past that the request is shed,
+// so that a flood queues no deeper than the HSMs can drain in that time.
+func (p *Pool) acquire(ctx context.Context, m *member, op string) error {
+	select {
+	case m.sessions <- struct{}{}:
+		return nil
+	default:
+	}
+	var queue <-chan time.Time
+	if p.opts.QueueTimeout > 0 {
+		t := time.NewTimer(p.opts.QueueTimeout)
+		defer t.Stop()
+		queue = t.C
+	}
+	select {
+	case m.sessions <- struct{}{}:
+		return nil
+	case <-queue:
+		p.metrics.shed.Inc()
+		return fmt.Errorf("%w: hsm %s: shed, no session free within %v", ErrUnavailable, op, p.opts.QueueTimeout)
+	case <-ctx.Done():
+		return fmt.Errorf("%w: hsm %s: waiting for a session: %w", ErrUnavailable, op, ctx.Err())
 	}
 }
 
@@ -365,11 +393,15 @@ func (p *Pool) call(m *member, op string, fn func(*member, *tokenState) ([]byte,
 }
 
 // pick returns the healthy member, not yet tried, with the fewest
-// operations in flight relative to its session limit.
+// operations in flight relative to its session limit. The scan starts at a
+// random member, so that ties (idle members, most of the time with fast
+// HSMs) spread the load instead of all going to the first.
 func (p *Pool) pick(tried map[*member]bool) *member {
 	var best *member
 	var bestLoad float64
-	for _, m := range p.members {
+	off := mrand.IntN(len(p.members))
+	for i := range p.members {
+		m := p.members[(off+i)%len(p.members)]
 		if tried[m] || !m.healthy.Load() {
 			continue
 		}

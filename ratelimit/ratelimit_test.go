@@ -1,0 +1,517 @@
+package ratelimit_test
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/keyvault/keyvault/ratelimit"
+)
+
+// clock is a fake clock, safe for concurrent use.
+type clock struct{ ns atomic.Int64 }
+
+var epoch = time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+
+func (c *clock) Now() time.Time          { return epoch.Add(time.Duration(c.ns.Load())) }
+func (c *clock) Advance(d time.Duration) { c.ns.Add(int64(d)) }
+func (c *clock) Elapsed() time.Duration  { return time.Duration(c.ns.Load()) }
+func newLimits(cfg ratelimit.Config) (*ratelimit.Limits, *clock) {
+	c := new(clock)
+	return ratelimit.New(cfg, ratelimit.Options{Now: c.Now}), c
+}
+
+// limited returns the *Error in err, failing the test if err is not one.
+func limited(t *testing.T, err error) *ratelimit.Error {
+	t.Helper()
+	var e *ratelimit.Error
+	if !errors.As(err, &e) || !errors.Is(err, ratelimit.ErrLimited) {
+		t.Fatalf("got %v, want a *ratelimit.Error matching ErrLimited", err)
+	}
+	return e
+}
+
+// wrongGuess is a guess that turns out wrong: admitted guesses charge the
+// client's wrong-guess bucket.
+func wrongGuess(l *ratelimit.Limits, client, ns, user string) error {
+	err := l.Guess(client, ns, user)
+	if err == nil {
+		l.WrongGuess(client)
+	}
+	return err
+}
+
+func TestEachLimiter(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name    string
+		cfg     ratelimit.Config
+		call    func(l *ratelimit.Limits, i int) error // the i-th call
+		limiter string
+		burst   int
+		perSec  float64
+	}{
+		{
+			name:    "guesses per user, default",
+			cfg:     ratelimit.Config{GuessesPerUser: ratelimit.PerMinute(5, 5)},
+			call:    func(l *ratelimit.Limits, _ int) error { return l.Guess("messenger", "messenger", "alice") },
+			limiter: ratelimit.LimiterGuessesPerUser, burst: 5, perSec: 5.0 / 60,
+		},
+		{
+			name:    "guesses per user, 7 a minute",
+			cfg:     ratelimit.Config{GuessesPerUser: ratelimit.PerMinute(7, 3)},
+			call:    func(l *ratelimit.Limits, _ int) error { return l.Guess("messenger", "messenger", "alice") },
+			limiter: ratelimit.LimiterGuessesPerUser, burst: 3, perSec: 7.0 / 60,
+		},
+		{
+			name:    "requests per client, default",
+			cfg:     ratelimit.Config{RequestsPerClient: ratelimit.PerSecond(500, 1000)},
+			call:    func(l *ratelimit.Limits, _ int) error { return l.Request("messenger") },
+			limiter: ratelimit.LimiterRequestsPerClient, burst: 1000, perSec: 500,
+		},
+		{
+			name:    "requests per client, 3 a second",
+			cfg:     ratelimit.Config{RequestsPerClient: ratelimit.PerSecond(3, 2)},
+			call:    func(l *ratelimit.Limits, _ int) error { return l.Request("messenger") },
+			limiter: ratelimit.LimiterRequestsPerClient, burst: 2, perSec: 3,
+		},
+		{
+			name: "wrong guesses per client, default",
+			cfg:  ratelimit.Config{WrongGuessesPerClient: ratelimit.PerMinute(600, 600)},
+			call: func(l *ratelimit.Limits, i int) error {
+				return wrongGuess(l, "messenger", "messenger", fmt.Sprint("user", i))
+			},
+			limiter: ratelimit.LimiterWrongGuessesPerClient, burst: 600, perSec: 10,
+		},
+		{
+			name: "wrong guesses per client, with user limits on",
+			cfg: ratelimit.Config{
+				GuessesPerUser:        ratelimit.PerMinute(5, 5),
+				WrongGuessesPerClient: ratelimit.PerMinute(11, 4),
+			},
+			call: func(l *ratelimit.Limits, i int) error {
+				return wrongGuess(l, "messenger", "messenger", fmt.Sprint("user", i))
+			},
+			limiter: ratelimit.LimiterWrongGuessesPerClient, burst: 4, perSec: 11.0 / 60,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			l, clk := newLimits(tt.cfg)
+			i := 0
+			for ; i < tt.burst; i++ {
+				if err := tt.call(l, i); err != nil {
+					t.Fatalf("call %d of the burst of %d: %v", i+1, tt.burst, err)
+				}
+			}
+			e := limited(t, tt.call(l, i))
+			if e.Limiter != tt.limiter {
+				t.Errorf("Limiter = %q, want %q", e.Limiter, tt.limiter)
+			}
+			want := time.Duration(float64(time.Second) / tt.perSec) // one token
+			if diff := (e.RetryAfter - want).Abs(); diff > time.Millisecond {
+				t.Errorf("RetryAfter = %v, want %v to the millisecond", e.RetryAfter, want)
+			}
+			wantSecs := int(math.Max(1, math.Ceil(e.RetryAfter.Seconds())))
+			if got := e.RetryAfterSeconds(); got != wantSecs {
+				t.Errorf("RetryAfterSeconds = %d, want %d (RetryAfter %v)", got, wantSecs, e.RetryAfter)
+			}
+
+			// A millisecond early is still refused, and takes nothing...
+			retry := e.RetryAfter
+			clk.Advance(retry - time.Millisecond)
+			e = limited(t, tt.call(l, i))
+			if d := (e.RetryAfter - time.Millisecond).Abs(); d > time.Microsecond {
+				t.Errorf("a millisecond early: RetryAfter = %v, want 1ms", e.RetryAfter)
+			}
+			// ...so exactly at RetryAfter the call is admitted, once.
+			clk.Advance(time.Millisecond)
+			if err := tt.call(l, i); err != nil {
+				t.Fatalf("after exactly RetryAfter (%v): %v", retry, err)
+			}
+			i++
+			if e := limited(t, tt.call(l, i)); e.RetryAfter < retry-time.Millisecond {
+				t.Errorf("the next call: RetryAfter = %v, want about %v", e.RetryAfter, retry)
+			}
+		})
+	}
+}
+
+func TestRetryAfterSeconds(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		d    time.Duration
+		want int
+	}{
+		{0, 1},
+		{time.Nanosecond, 1},
+		{2 * time.Millisecond, 1},
+		{time.Second, 1},
+		{time.Second + time.Nanosecond, 2},
+		{8571428571 * time.Nanosecond, 9},
+		{12 * time.Second, 12},
+		{time.Hour, 3600},
+		{math.MaxInt64, int(math.MaxInt64 / time.Second)},
+	}
+	for _, tt := range tests {
+		e := &ratelimit.Error{Limiter: ratelimit.LimiterGuessesPerUser, RetryAfter: tt.d}
+		if got := e.RetryAfterSeconds(); got != tt.want {
+			t.Errorf("RetryAfterSeconds(%v) = %d, want %d", tt.d, got, tt.want)
+		}
+	}
+	e := &ratelimit.Error{Limiter: ratelimit.LimiterRequestsPerClient, RetryAfter: 2 * time.Millisecond}
+	if got, want := e.Error(), "rate limited by requests_per_client: retry after 2ms"; got != want {
+		t.Errorf("Error() = %q, want %q", got, want)
+	}
+	if !errors.Is(fmt.Errorf("recover: %w", e), ratelimit.ErrLimited) {
+		t.Error("a wrapped *Error does not match ErrLimited")
+	}
+}
+
+func TestOff(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name string
+		r    ratelimit.Rate
+	}{
+		{"zero", ratelimit.Rate{}},
+		{"zero rate with a burst", ratelimit.Rate{Burst: 5}},
+		{"negative", ratelimit.PerSecond(-1, 5)},
+		{"NaN", ratelimit.PerSecond(math.NaN(), 5)},
+		{"infinite", ratelimit.PerSecond(math.Inf(1), 5)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			l, _ := newLimits(ratelimit.Config{GuessesPerUser: tt.r, RequestsPerClient: tt.r, WrongGuessesPerClient: tt.r})
+			for i := range 10000 {
+				if err := l.Request("messenger"); err != nil {
+					t.Fatalf("request %d: %v", i, err)
+				}
+				if err := wrongGuess(l, "messenger", "messenger", "alice"); err != nil {
+					t.Fatalf("guess %d: %v", i, err)
+				}
+			}
+			if n := l.Keys(); n != 0 {
+				t.Errorf("Keys() = %d with the user limit off, want 0", n)
+			}
+		})
+	}
+}
+
+func TestDefaultConfig(t *testing.T) {
+	t.Parallel()
+	want := ratelimit.Config{
+		GuessesPerUser:        ratelimit.Rate{PerSecond: 5.0 / 60, Burst: 5},
+		RequestsPerClient:     ratelimit.Rate{PerSecond: 500, Burst: 1000},
+		WrongGuessesPerClient: ratelimit.Rate{PerSecond: 10, Burst: 600},
+	}
+	if got := ratelimit.DefaultConfig(); got != want {
+		t.Errorf("DefaultConfig() = %+v, want %+v", got, want)
+	}
+}
+
+// A refused guess takes no token from the user's bucket and none from the
+// client's wrong-guess bucket.
+func TestRefusedGuessTakesNothing(t *testing.T) {
+	t.Parallel()
+	l, clk := newLimits(ratelimit.Config{
+		GuessesPerUser:        ratelimit.PerMinute(5, 5),
+		WrongGuessesPerClient: ratelimit.PerMinute(1, 1),
+	})
+	for i := range 5 {
+		if err := l.Guess("messenger", "messenger", "alice"); err != nil {
+			t.Fatalf("guess %d: %v", i+1, err)
+		}
+	}
+	// Refused many times over 11.9 seconds: each says when, none takes.
+	for step := range 119 {
+		e := limited(t, l.Guess("messenger", "messenger", "alice"))
+		want := 12*time.Second - time.Duration(step)*100*time.Millisecond
+		if e.Limiter != ratelimit.LimiterGuessesPerUser || (e.RetryAfter-want).Abs() > time.Microsecond {
+			t.Fatalf("at %v: %s after %v, want guesses_per_user after %v", clk.Elapsed(), e.Limiter, e.RetryAfter, want)
+		}
+		clk.Advance(100 * time.Millisecond)
+	}
+	clk.Advance(100 * time.Millisecond) // exactly 12s after the fifth guess
+	if err := l.Guess("messenger", "messenger", "alice"); err != nil {
+		t.Fatalf("at 12s: %v", err)
+	}
+	// The client's one wrong-guess token is untouched by all that.
+	if err := wrongGuess(l, "messenger", "messenger", "bob"); err != nil {
+		t.Fatalf("another user of the client: %v", err)
+	}
+	if e := limited(t, l.Guess("messenger", "messenger", "carol")); e.Limiter != ratelimit.LimiterWrongGuessesPerClient {
+		t.Fatalf("after the client's wrong guess: refused by %s, want wrong_guesses_per_client", e.Limiter)
+	}
+}
+
+// Wrong guesses admitted together drive the client's bucket into debt, and
+// the client's guesses on any user are refused until it has refilled; those
+// refusals take nothing from the users' buckets either.
+func TestWrongGuessDebt(t *testing.T) {
+	t.Parallel()
+	l, clk := newLimits(ratelimit.Config{
+		GuessesPerUser:        ratelimit.PerMinute(5, 1),
+		WrongGuessesPerClient: ratelimit.PerSecond(1, 2),
+	})
+	// Four guesses checked while the bucket held 2 tokens (in flight together)...
+	for i := range 4 {
+		if err := l.Guess("messenger", "messenger", fmt.Sprint("user", i)); err != nil {
+			t.Fatalf("guess %d: %v", i, err)
+		}
+	}
+	// ...all wrong: the bucket is at -2, and needs 3s to hold a token.
+	for range 4 {
+		l.WrongGuess("messenger")
+	}
+	for i := range 10 {
+		e := limited(t, l.Guess("messenger", "messenger", fmt.Sprint("other", i)))
+		if e.Limiter != ratelimit.LimiterWrongGuessesPerClient || e.RetryAfter != 3*time.Second {
+			t.Fatalf("user other%d: %s after %v, want wrong_guesses_per_client after 3s", i, e.Limiter, e.RetryAfter)
+		}
+	}
+	// The debt is the client's: another client guesses on.
+	if err := l.Guess("other-client", "messenger", "other0"); err != nil {
+		t.Fatalf("another client: %v", err)
+	}
+	// Both limits refuse: the Retry-After is the longer wait.
+	clk.Advance(2 * time.Second)
+	e := limited(t, l.Guess("messenger", "messenger", "other0")) // its token was taken above
+	if e.Limiter != ratelimit.LimiterGuessesPerUser || e.RetryAfter != 10*time.Second {
+		t.Fatalf("both limits refuse: %s after %v, want guesses_per_user after 10s", e.Limiter, e.RetryAfter)
+	}
+	clk.Advance(time.Second)
+	for i := range 10 {
+		if i == 0 {
+			continue // other0 waits for its own bucket
+		}
+		if err := l.Guess("messenger", "messenger", fmt.Sprint("other", i)); err != nil {
+			t.Fatalf("after the refill, user other%d: %v", i, err) // the refusals took nothing
+		}
+	}
+}
+
+func TestIndependentKeys(t *testing.T) {
+	t.Parallel()
+	type key struct{ client, ns, user string }
+	tests := []struct {
+		name         string
+		spent, other key
+	}{
+		{"users", key{"messenger", "messenger", "alice"}, key{"messenger", "messenger", "bob"}},
+		{"namespaces", key{"messenger", "ns-one", "alice"}, key{"messenger", "ns-two", "alice"}},
+		{"length prefix", key{"messenger", "a", "bc"}, key{"messenger", "ab", "c"}},
+		{"length prefix, empty", key{"messenger", "", "abc"}, key{"messenger", "a", "bc"}},
+		{"length prefix, long", key{"messenger", string(make([]byte, 200)), "x"}, key{"messenger", string(make([]byte, 199)), "\x00x"}},
+		{"client does not matter", key{"messenger", "ns", "alice"}, key{"messenger", "ns", "bob"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			l, _ := newLimits(ratelimit.Config{GuessesPerUser: ratelimit.PerMinute(5, 2)})
+			for range 2 {
+				if err := l.Guess(tt.spent.client, tt.spent.ns, tt.spent.user); err != nil {
+					t.Fatal(err)
+				}
+			}
+			limited(t, l.Guess(tt.spent.client, tt.spent.ns, tt.spent.user))
+			for i := range 2 {
+				if err := l.Guess(tt.other.client, tt.other.ns, tt.other.user); err != nil {
+					t.Fatalf("guess %d of the other key: %v", i+1, err)
+				}
+			}
+		})
+	}
+	t.Run("same user, other client", func(t *testing.T) {
+		t.Parallel()
+		// The user's bucket is the user's, whichever client asks.
+		l, _ := newLimits(ratelimit.Config{GuessesPerUser: ratelimit.PerMinute(5, 1)})
+		if err := l.Guess("one", "shared", "alice"); err != nil {
+			t.Fatal(err)
+		}
+		limited(t, l.Guess("two", "shared", "alice"))
+	})
+	t.Run("clients", func(t *testing.T) {
+		t.Parallel()
+		l, _ := newLimits(ratelimit.Config{RequestsPerClient: ratelimit.PerSecond(1, 3)})
+		for range 3 {
+			if err := l.Request("one"); err != nil {
+				t.Fatal(err)
+			}
+		}
+		limited(t, l.Request("one"))
+		for range 3 {
+			if err := l.Request("two"); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+}
+
+// An idle user's state is dropped after the idle period (Burst/PerSecond),
+// and an active user's survives the rotations.
+func TestIdleStatesDropped(t *testing.T) {
+	t.Parallel()
+	l, clk := newLimits(ratelimit.Config{GuessesPerUser: ratelimit.PerMinute(5, 5)}) // idle period 60s
+	for i := range 1000 {
+		if err := l.Guess("messenger", "messenger", fmt.Sprint("user", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := l.Keys(); n != 1000 {
+		t.Fatalf("Keys() = %d, want 1000", n)
+	}
+	clk.Advance(60*time.Second - time.Nanosecond)
+	if n := l.Keys(); n != 1000 {
+		t.Fatalf("just before the idle period: Keys() = %d, want 1000", n)
+	}
+	clk.Advance(time.Nanosecond)
+	if n := l.Keys(); n != 0 {
+		t.Fatalf("after the idle period: Keys() = %d, want 0", n)
+	}
+}
+
+func TestActiveStateSurvivesRotations(t *testing.T) {
+	t.Parallel()
+	l, clk := newLimits(ratelimit.Config{GuessesPerUser: ratelimit.PerMinute(5, 5)}) // a token per 12s
+	for range 5 {
+		if err := l.Guess("messenger", "messenger", "alice"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// For an hour, alice guesses as soon as she may (every 12s), and others
+	// come and go. Were her empty bucket dropped, she would get a new burst.
+	for step := range 300 {
+		for i := range 20 {
+			if err := l.Guess("messenger", "messenger", fmt.Sprintf("passer-by-%d-%d", step, i)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		clk.Advance(12 * time.Second)
+		if err := l.Guess("messenger", "messenger", "alice"); err != nil {
+			t.Fatalf("at %v: %v", clk.Elapsed(), err)
+		}
+		if e := limited(t, l.Guess("messenger", "messenger", "alice")); e.RetryAfter != 12*time.Second {
+			t.Fatalf("at %v: RetryAfter = %v, want 12s", clk.Elapsed(), e.RetryAfter)
+		}
+	}
+	// The passers-by of the last minute or two are held, not those of the hour.
+	if n := l.Keys(); n < 20 || n > 10*20+1 {
+		t.Errorf("Keys() = %d, want the recent passers-by only", n)
+	}
+}
+
+// Under concurrent use, one key's bucket never admits more than
+// burst + rate*window, and the race detector finds nothing.
+func TestConcurrent(t *testing.T) {
+	t.Parallel()
+	cfg := ratelimit.Config{
+		GuessesPerUser:        ratelimit.PerSecond(1000, 10),
+		RequestsPerClient:     ratelimit.PerSecond(2000, 50),
+		WrongGuessesPerClient: ratelimit.PerSecond(1e6, 1e6), // on, but out of the way
+	}
+	l, clk := newLimits(cfg)
+	const goroutines, rounds = 8, 2000
+	var hot, requests atomic.Int64
+	var wg sync.WaitGroup
+	for g := range goroutines {
+		wg.Go(func() {
+			for i := range rounds {
+				clk.Advance(10 * time.Microsecond)
+				if l.Guess("messenger", "messenger", "hot") == nil {
+					hot.Add(1)
+					l.WrongGuess("messenger")
+				}
+				if l.Request("messenger") == nil {
+					requests.Add(1)
+				}
+				_ = l.Guess("messenger", "messenger", fmt.Sprint("cold", g, i%100))
+				_ = l.Keys()
+			}
+		})
+	}
+	wg.Wait()
+	window := clk.Elapsed().Seconds()
+	check := func(name string, admitted int64, r ratelimit.Rate) {
+		bound := int64(math.Floor(float64(r.Burst) + r.PerSecond*window + 1e-6))
+		t.Logf("%s: %d admitted in %.3fs, bound %d", name, admitted, window, bound)
+		if admitted > bound {
+			t.Errorf("%s: %d admitted in %.3fs, more than burst + rate*window = %d", name, admitted, window, bound)
+		}
+		if admitted < bound/2 {
+			t.Errorf("%s: only %d admitted, the bound is %d: is the test testing?", name, admitted, bound)
+		}
+	}
+	check("guesses of one user", hot.Load(), cfg.GuessesPerUser)
+	check("requests of one client", requests.Load(), cfg.RequestsPerClient)
+}
+
+// The wrong-guess bound under concurrency: guesses in flight together may
+// overdraw the bucket, but the debt holds back what follows.
+func TestConcurrentWrongGuesses(t *testing.T) {
+	t.Parallel()
+	r := ratelimit.PerSecond(100, 20)
+	l, clk := newLimits(ratelimit.Config{WrongGuessesPerClient: r})
+	const goroutines, rounds = 8, 2000
+	var admitted atomic.Int64
+	var wg sync.WaitGroup
+	for g := range goroutines {
+		wg.Go(func() {
+			for i := range rounds {
+				clk.Advance(10 * time.Microsecond)
+				if wrongGuess(l, "messenger", "messenger", fmt.Sprint(g, "-", i)) == nil {
+					admitted.Add(1)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	window := clk.Elapsed().Seconds()
+	// Each admitted guess was checked against a bucket holding a token; at
+	// most goroutines-1 others can be checked before it is charged.
+	bound := int64(float64(r.Burst)+r.PerSecond*window) + goroutines
+	t.Logf("%d wrong guesses admitted in %.3fs, bound %d", admitted.Load(), window, bound)
+	if admitted.Load() > bound {
+		t.Errorf("%d wrong guesses admitted in %.3fs, want at most %d", admitted.Load(), window, bound)
+	}
+}
+
+// Whatever the rate and the history, a retry exactly RetryAfter later is
+// admitted, and a retry a microsecond earlier is not: the Retry-After is
+// truthful and tight, in spite of floating-point rounding.
+func TestRetryAfterTruthful(t *testing.T) {
+	t.Parallel()
+	rng := rand.New(rand.NewPCG(1, 2))
+	for _, perSec := range []float64{1.0 / 7, 5.0 / 60, 0.3, 1, 13.7, 997, 1e5 / 3} {
+		for burst := 1; burst <= 3; burst++ {
+			l, clk := newLimits(ratelimit.Config{RequestsPerClient: ratelimit.PerSecond(perSec, burst)})
+			for i := range 300 {
+				err := l.Request("messenger")
+				if err == nil {
+					clk.Advance(time.Duration(rng.Float64() / perSec * float64(time.Second)))
+					continue
+				}
+				retry := limited(t, err).RetryAfter
+				if retry > time.Microsecond {
+					clk.Advance(retry - time.Microsecond)
+					if err := l.Request("messenger"); err == nil {
+						t.Fatalf("rate %v burst %d, call %d: admitted a microsecond before RetryAfter %v", perSec, burst, i, retry)
+					}
+					clk.Advance(time.Microsecond)
+				} else {
+					clk.Advance(retry)
+				}
+				if err := l.Request("messenger"); err != nil {
+					t.Fatalf("rate %v burst %d, call %d: refused exactly RetryAfter %v later: %v", perSec, burst, i, retry, err)
+				}
+			}
+		}
+	}
+}
