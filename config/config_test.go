@@ -12,8 +12,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
-	"time"
 	"text/template"
+	"time"
 
 	"go.yaml.in/yaml/v3"
 )
