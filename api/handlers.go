@@ -3,6 +3,7 @@ package api
 import (
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"strconv"
 	"time"
@@ -13,7 +14,32 @@ import (
 )
 
 type handlers struct {
-	b Backups
+	b      Backups
+	limits Limiter // nil: no limits
+}
+
+// admitGuess applies the per-user and per-client guess limits to a guess
+// whose request is otherwise valid, so that a malformed one takes no token.
+func (h *handlers) admitGuess(r *http.Request, ns, id string) error {
+	if h.limits == nil {
+		return nil
+	}
+	return h.limits.Guess(clientOf(r.Context()).Name, ns, id)
+}
+
+// settleGuess charges the client for a guess the vault checked and found
+// wrong, and counts a refusal by the vault's escalating delay.
+func (h *handlers) settleGuess(r *http.Request, err error) {
+	if h.limits == nil || err == nil {
+		return
+	}
+	var locked *vault.LockedError
+	switch {
+	case errors.Is(err, vault.ErrWrongPIN), errors.As(err, &locked) && locked.Checked:
+		h.limits.WrongGuess(clientOf(r.Context()).Name)
+	case errors.Is(err, vault.ErrRateLimited):
+		h.limits.EscalatingDelayRejected()
+	}
 }
 
 // backupJSON is the public view of a backup: never its secret.
@@ -156,7 +182,14 @@ func (h *handlers) recover(w http.ResponseWriter, r *http.Request) error {
 	if err := decodeBody(r, w, &req); err != nil {
 		return err
 	}
+	if err := vault.CheckPIN("pin", req.PIN); err != nil {
+		return err
+	}
+	if err := h.admitGuess(r, ns, id); err != nil {
+		return err
+	}
 	secret, remaining, err := h.b.Recover(r.Context(), ns, id, req.PIN)
+	h.settleGuess(r, err)
 	if err != nil {
 		return err
 	}
@@ -190,7 +223,14 @@ func (h *handlers) changePIN(w http.ResponseWriter, r *http.Request) error {
 	if err := decodeBody(r, w, &req); err != nil {
 		return err
 	}
+	if err := errors.Join(vault.CheckPIN("pin", req.PIN), vault.CheckPIN("new_pin", req.NewPIN)); err != nil {
+		return err
+	}
+	if err := h.admitGuess(r, ns, id); err != nil {
+		return err
+	}
 	b, err := h.b.ChangePIN(r.Context(), ns, id, req.PIN, req.NewPIN, pre)
+	h.settleGuess(r, err)
 	if err != nil {
 		return err
 	}

@@ -102,10 +102,11 @@ func recoverer(next http.Handler) http.Handler {
 	})
 }
 
-// authenticate finds the client whose token hash matches the bearer token.
+// authenticate finds the client whose token hash matches the bearer token,
+// and applies the client's request limit.
 // It hashes the token and compares it with every configured hash in
 // constant time, so timing reveals neither a near match nor which client.
-func authenticate(clients []Client) func(http.Handler) http.Handler {
+func authenticate(clients []Client, limits Limiter) func(http.Handler) http.Handler {
 	return func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			scheme, token, ok := strings.Cut(r.Header.Get("Authorization"), " ")
@@ -125,6 +126,12 @@ func authenticate(clients []Client) func(http.Handler) http.Handler {
 				return
 			}
 			info(r.Context()).client = found
+			if limits != nil {
+				if err := limits.Request(found.Name); err != nil {
+					writeError(w, r, err)
+					return
+				}
+			}
 			next.ServeHTTP(w, r)
 		})
 	}

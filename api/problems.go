@@ -5,7 +5,9 @@ import (
 	"errors"
 	"net/http"
 	"strconv"
+	"time"
 
+	"github.com/keyvault/keyvault/ratelimit"
 	"github.com/keyvault/keyvault/vault"
 )
 
@@ -54,6 +56,11 @@ var titles = map[string]string{
 // failed member within about a second.
 const retryAfterSeconds = 1
 
+// ceilSeconds is a Retry-After in whole seconds, never early and at least 1.
+func ceilSeconds(d time.Duration) int {
+	return max(1, int((d+time.Second-1)/time.Second))
+}
+
 // apiError is an error the api package itself detects, with a detail text
 // written here (never holding request values).
 type apiError struct {
@@ -75,7 +82,16 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 	p := problem{RequestID: requestID(r.Context())}
 	var ae *apiError
 	var wrong *vault.WrongPINError
+	var limited *ratelimit.Error
+	var delayed *vault.RateLimitedError
+	retryAfter := retryAfterSeconds
 	switch {
+	case errors.As(err, &limited):
+		p.Status, p.Code, retryAfter = http.StatusTooManyRequests, codeRateLimited, limited.RetryAfterSeconds()
+		p.Detail = "Too many requests or guesses (" + limited.Limiter + "); nothing was checked or counted. Retry after Retry-After seconds."
+	case errors.As(err, &delayed):
+		p.Status, p.Code, retryAfter = http.StatusTooManyRequests, codeRateLimited, ceilSeconds(delayed.RetryAfter)
+		p.Detail = "Too many wrong guesses in a row: wait before the next one. Nothing was checked or counted. Retry after Retry-After seconds."
 	case errors.As(err, &ae):
 		p.Status, p.Code, p.Detail = ae.status, ae.code, ae.detail
 	case errors.Is(err, vault.ErrInvalid):
@@ -104,7 +120,7 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 	}
 	switch p.Code {
 	case codeUnavailable, codeRateLimited:
-		w.Header().Set("Retry-After", strconv.Itoa(retryAfterSeconds))
+		w.Header().Set("Retry-After", strconv.Itoa(retryAfter))
 	case codeUnauthorized:
 		w.Header().Set("WWW-Authenticate", `Bearer realm="keyvault"`)
 	}

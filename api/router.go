@@ -25,6 +25,20 @@ type Backups interface {
 
 var _ Backups = (*vault.Vault)(nil)
 
+// Limiter is what the API needs from the rate limits; *ratelimit.Limits
+// implements it. Errors it returns are *ratelimit.Error. Safe for
+// concurrent use; never blocks.
+type Limiter interface {
+	// Request admits one /v1 request of the client.
+	Request(client string) error
+	// Guess admits one PIN guess on a user, taking nothing if it refuses.
+	Guess(client, ns, userID string) error
+	// WrongGuess charges the client for a guess that was checked and wrong.
+	WrongGuess(client string)
+	// EscalatingDelayRejected counts a guess the vault's delay refused.
+	EscalatingDelayRejected()
+}
+
 // Client is one configured API client: its name, the namespace its
 // backups live in, and the SHA-256 of each of its bearer tokens (several
 // during a rotation).
@@ -42,6 +56,8 @@ type Options struct {
 	// RequestTimeout bounds each request's time in the vault (default 25s,
 	// under the server's 30s write timeout).
 	RequestTimeout time.Duration
+	// Limits are the rate limits (default: none).
+	Limits Limiter
 }
 
 // NewRouter returns the /v1 API.
@@ -55,7 +71,7 @@ func NewRouter(b Backups, opts Options) http.Handler {
 	if opts.RequestTimeout == 0 {
 		opts.RequestTimeout = 25 * time.Second
 	}
-	h := &handlers{b: b}
+	h := &handlers{b: b, limits: opts.Limits}
 	m := newMetrics(opts.Registerer)
 
 	r := chi.NewRouter()
@@ -69,7 +85,7 @@ func NewRouter(b Backups, opts Options) http.Handler {
 		writeError(w, r, &apiError{http.StatusMethodNotAllowed, codeInvalid, "Method not allowed on this route."})
 	})
 	r.Route("/v1", func(r chi.Router) {
-		r.Use(authenticate(opts.Clients))
+		r.Use(authenticate(opts.Clients, opts.Limits))
 		r.Put("/backups/{user_id}", handle(h.enroll))
 		r.Get("/backups/{user_id}", handle(h.status))
 		r.Delete("/backups/{user_id}", handle(h.delete))

@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -110,10 +111,62 @@ type vault struct {
 	err  error // cmd.Wait's result; read only after done is closed
 }
 
-// startDev runs `keyvault dev` on dir with ports picked by the kernel.
+// startDev runs `keyvault dev` on dir with ports picked by the kernel,
+// with the rate limits and the escalating delay off: the tests that storm
+// one backup are about the guess budget alone. On a new dir it sets the dir
+// up with a first run, turns the limits off in its keyvault.yaml, and
+// starts again. TestRateLimits runs with the defaults (startDevLimited).
 func startDev(t testing.TB, dir string) *vault {
 	t.Helper()
+	cfg := filepath.Join(dir, "keyvault.yaml")
+	if _, err := os.Stat(cfg); errors.Is(err, os.ErrNotExist) {
+		startDevLimited(t, dir).Stop()
+		setRateLimits(t, cfg, `ratelimit:
+  guesses_per_user: {per_second: 0}
+  requests_per_client: {per_second: 0}
+  wrong_guesses_per_client: {per_second: 0}
+  hsm_queue_timeout: 50ms
+  escalating_delay: {base: 0s}
+`)
+	}
+	return startDevLimited(t, dir)
+}
+
+// startDevLimited runs `keyvault dev` on dir as it is: on a new dir, with
+// the default rate limits.
+func startDevLimited(t testing.TB, dir string) *vault {
+	t.Helper()
 	return startVault(t, dir, "dev", "--dir", dir, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0")
+}
+
+// setRateLimits replaces the ratelimit section of a config file with
+// block, editing the text so that the rest keeps its layout.
+func setRateLimits(t testing.TB, path, block string) {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.SplitAfter(string(data), "\n")
+	var out []string
+	in := false
+	for _, l := range lines {
+		switch {
+		case l == "ratelimit:\n":
+			in = true
+			out = append(out, block)
+		case in && strings.HasPrefix(l, "  "):
+		default:
+			in = false
+			out = append(out, l)
+		}
+	}
+	if !slices.Contains(lines, "ratelimit:\n") {
+		t.Fatalf("no ratelimit section in %s", path)
+	}
+	if err := os.WriteFile(path, []byte(strings.Join(out, "")), 0o600); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // startServe runs `keyvault serve --config cfg`; dir is the dev directory

@@ -11,7 +11,7 @@ type metrics struct {
 	rejections *prometheus.CounterVec
 	userStates prometheus.GaugeFunc
 	// The children of rejections, resolved once.
-	guessesPerUser, requestsPerClient, wrongGuessesPerClient prometheus.Counter
+	guessesPerUser, requestsPerClient, wrongGuessesPerClient, escalatingDelay prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer, userStates func() float64) *metrics {
@@ -30,6 +30,7 @@ func newMetrics(reg prometheus.Registerer, userStates func() float64) *metrics {
 	m.guessesPerUser = m.rejections.WithLabelValues(LimiterGuessesPerUser)
 	m.requestsPerClient = m.rejections.WithLabelValues(LimiterRequestsPerClient)
 	m.wrongGuessesPerClient = m.rejections.WithLabelValues(LimiterWrongGuessesPerClient)
+	m.escalatingDelay = m.rejections.WithLabelValues(LimiterEscalatingDelay)
 	return m
 }
 
@@ -41,5 +42,7 @@ func (m *metrics) rejected(limiter string) {
 		m.requestsPerClient.Inc()
 	case LimiterWrongGuessesPerClient:
 		m.wrongGuessesPerClient.Inc()
+	case LimiterEscalatingDelay:
+		m.escalatingDelay.Inc()
 	}
 }

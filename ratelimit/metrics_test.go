@@ -19,9 +19,9 @@ func TestMetrics(t *testing.T) {
 		WrongGuessesPerClient: PerMinute(1, 1),
 	}, Options{Now: func() time.Time { return now }, Registerer: reg})
 
-	// All three series exist, at 0, before any refusal.
-	if n := testutil.CollectAndCount(l.metrics.rejections); n != 3 {
-		t.Fatalf("%d rejection series before any refusal, want 3", n)
+	// All four series exist, at 0, before any refusal.
+	if n := testutil.CollectAndCount(l.metrics.rejections); n != 4 {
+		t.Fatalf("%d rejection series before any refusal, want 4", n)
 	}
 	type call struct {
 		err      error
@@ -45,10 +45,12 @@ func TestMetrics(t *testing.T) {
 			t.Fatalf("call %d: %v, want admitted %v", i, c.err, c.admitted)
 		}
 	}
+	l.EscalatingDelayRejected()
 	for limiter, want := range map[string]float64{
 		LimiterRequestsPerClient:     3,
 		LimiterGuessesPerUser:        1,
 		LimiterWrongGuessesPerClient: 4,
+		LimiterEscalatingDelay:       1,
 	} {
 		if got := testutil.ToFloat64(l.metrics.rejections.WithLabelValues(limiter)); got != want {
 			t.Errorf("rejections{limiter=%q} = %v, want %v", limiter, got, want)

@@ -17,6 +17,9 @@ const (
 	LimiterGuessesPerUser        = "guesses_per_user"
 	LimiterRequestsPerClient     = "requests_per_client"
 	LimiterWrongGuessesPerClient = "wrong_guesses_per_client"
+	// LimiterEscalatingDelay is the vault's durable delay between wrong
+	// guesses, counted here through EscalatingDelayRejected.
+	LimiterEscalatingDelay = "escalating_delay"
 )
 
 // DefaultMaxKeys is the default bound on the number of per-user states
@@ -229,6 +232,10 @@ func (l *Limits) WrongGuess(client string) {
 	c.wrong.ReserveN(l.now(), 1) // always OK: 1 <= burst, and no limit on the wait
 	c.mu.Unlock()
 }
+
+// EscalatingDelayRejected counts a guess that the vault's durable
+// escalating delay refused, so that every 429 shows in one metric.
+func (l *Limits) EscalatingDelayRejected() { l.metrics.rejected(LimiterEscalatingDelay) }
 
 // Keys reports how many per-user states are held. It first drops the states
 // that have been idle for the idle period, so the gauge reads true.

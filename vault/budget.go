@@ -190,9 +190,9 @@ func (v *Vault) refund(ctx context.Context, g *guess) error {
 // before it have been forgiven meanwhile and left attempts: then the secret
 // goes back and the guess answers 403 like any other wrong one.
 func (v *Vault) settleWrong(ctx context.Context, g *guess) error {
-	var answer error = ErrLocked
+	var answer error = errCheckedLock
 	err := v.update(context.WithoutCancel(ctx), g.key, func(cur *stored) (*record, error) {
-		answer = ErrLocked
+		answer = errCheckedLock
 		if !g.sameGeneration(cur) || !cur.Locked || cur.Guesses != g.index || cur.LockFinal {
 			return nil, nil // replaced or deleted meanwhile: this generation is gone
 		}
@@ -210,9 +210,9 @@ func (v *Vault) settleWrong(ctx context.Context, g *guess) error {
 		return &next, nil
 	})
 	if err != nil {
-		return errors.Join(ErrLocked, err) // the secret is out of the store either way
+		return errors.Join(errCheckedLock, err) // the secret is out of the store either way
 	}
-	if answer == ErrLocked {
+	if answer == errCheckedLock {
 		v.metrics.lockouts.Inc()
 	}
 	return answer
@@ -247,13 +247,15 @@ func (v *Vault) attempt(ctx context.Context, ns, userID string, pin []byte, pre 
 // guess, before the answer leaves. (If the backup got locked meanwhile, the
 // lock stands and the answer is 410.)
 func (v *Vault) settleForgiven(ctx context.Context, g *guess) error {
-	var answer error = &WrongPINError{Remaining: g.before.remaining() - 1}
+	var answer error
+	var lockedHere bool
 	err := v.update(context.WithoutCancel(ctx), g.key, func(cur *stored) (*record, error) {
+		answer, lockedHere = &WrongPINError{Remaining: g.before.remaining() - 1}, false
 		switch {
 		case !g.sameGeneration(cur) || g.index > cur.Forgiven:
 			return nil, nil // still counted: the usual answer
 		case cur.Locked:
-			answer = ErrLocked
+			answer = errCheckedLock
 			return nil, nil
 		}
 		next := *cur.record
@@ -262,7 +264,7 @@ func (v *Vault) settleForgiven(ctx context.Context, g *guess) error {
 		if next.used() == next.MaxAttempts {
 			// Known wrong, so the lock is final at once.
 			next.Locked, next.LockFinal, next.Sealed = true, true, nil
-			answer = ErrLocked
+			answer, lockedHere = errCheckedLock, true
 		} else {
 			answer = &WrongPINError{Remaining: next.remaining()}
 		}
@@ -271,7 +273,7 @@ func (v *Vault) settleForgiven(ctx context.Context, g *guess) error {
 	if err != nil {
 		return err // not durably counted again: no answer
 	}
-	if answer == ErrLocked {
+	if lockedHere {
 		v.metrics.lockouts.Inc()
 	}
 	return answer

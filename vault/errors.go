@@ -68,3 +68,22 @@ func (e *RateLimitedError) Error() string {
 
 // Is makes errors.Is(err, ErrRateLimited) true.
 func (e *RateLimitedError) Is(target error) bool { return target == ErrRateLimited }
+
+// LockedError is ErrLocked. Checked says that this request's own wrong
+// PIN was checked and used the last attempt (so it counts as a wrong
+// guess, for a per-client limit say), rather than that the request found
+// the backup locked and checked nothing.
+type LockedError struct{ Checked bool }
+
+func (e *LockedError) Error() string {
+	if e.Checked {
+		return "backup locked: this wrong PIN used the last attempt"
+	}
+	return ErrLocked.Error()
+}
+
+// Is makes errors.Is(err, ErrLocked) true.
+func (e *LockedError) Is(target error) bool { return target == ErrLocked }
+
+// errCheckedLock answers the wrong guess that used the last attempt.
+var errCheckedLock error = &LockedError{Checked: true}

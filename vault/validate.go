@@ -52,6 +52,9 @@ func checkTarget(ns, userID string) error {
 	return nil
 }
 
+// CheckPIN returns an ErrInvalid naming field unless pin is 4 to 128 bytes.
+func CheckPIN(field string, pin []byte) error { return checkPIN(field, pin) }
+
 func checkPIN(field string, pin []byte) error {
 	if len(pin) < minPINLen || len(pin) > maxPINLen {
 		return invalid(field, "must be 4 to 128 bytes")

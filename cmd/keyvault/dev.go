@@ -119,6 +119,12 @@ clients:
   - name: dev
     namespace: dev
     token_sha256: %[8]s   # SHA-256 of the token in %[1]s/token
+ratelimit:
+  guesses_per_user: {per_minute: 5, burst: 5}
+  requests_per_client: {per_second: 500, burst: 1000}
+  wrong_guesses_per_client: {per_minute: 600, burst: 600}
+  hsm_queue_timeout: 50ms
+  escalating_delay: {free_guesses: 5, base: 1m}
 log:
   level: info
 `, dir, config.DefaultListen, config.DefaultAdminListen, conf, module, devTokenLabel, pinFile, hex.EncodeToString(sum[:]))

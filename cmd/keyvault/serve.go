@@ -21,6 +21,7 @@ import (
 	"github.com/keyvault/keyvault/api"
 	"github.com/keyvault/keyvault/config"
 	"github.com/keyvault/keyvault/hsmpool"
+	"github.com/keyvault/keyvault/ratelimit"
 	"github.com/keyvault/keyvault/vault"
 	"github.com/keyvault/keyvault/vault/boltstore"
 )
@@ -64,7 +65,7 @@ func openPool(cfg *config.Config, reg prometheus.Registerer, log *slog.Logger) (
 	if err != nil {
 		return nil, err
 	}
-	return hsmpool.Open(members, hsmpool.Options{Registerer: reg, Logger: log})
+	return hsmpool.Open(members, hsmpool.Options{Registerer: reg, Logger: log, QueueTimeout: cfg.RateLimit.HSMQueueTimeout})
 }
 
 // memberConfigs reads each member's PIN and sets hsm.module_env, which
@@ -109,11 +110,13 @@ func serve(cfg *config.Config, stderr io.Writer) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	rl := cfg.RateLimit
 	v, err := vault.New(ctx, store, pool, vault.Options{
 		DefaultMaxAttempts: cfg.Budget.DefaultMaxAttempts,
 		MaxAttemptsLimit:   cfg.Budget.MaxAttemptsLimit,
 		Registerer:         reg,
 		Logger:             log,
+		EscalatingDelay:    vault.EscalatingDelay{FreeGuesses: rl.EscalatingDelay.FreeGuesses, Base: rl.EscalatingDelay.Base},
 	})
 	if err != nil {
 		return err
@@ -123,7 +126,11 @@ func serve(cfg *config.Config, stderr io.Writer) error {
 		clients = append(clients, api.Client{Name: c.Name, Namespace: c.Namespace, TokenHashes: c.TokenHashes()})
 	}
 	apiSrv := &http.Server{
-		Handler:           api.NewRouter(v, api.Options{Clients: clients, Registerer: reg, Logger: log}),
+		Handler: api.NewRouter(v, api.Options{Clients: clients, Registerer: reg, Logger: log, Limits: ratelimit.New(ratelimit.Config{
+			GuessesPerUser:        bucket(rl.GuessesPerUser),
+			RequestsPerClient:     bucket(rl.RequestsPerClient),
+			WrongGuessesPerClient: bucket(rl.WrongGuessesPerClient),
+		}, ratelimit.Options{Registerer: reg})}),
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       30 * time.Second,
 		WriteTimeout:      30 * time.Second,
@@ -179,6 +186,10 @@ func serve(cfg *config.Config, stderr io.Writer) error {
 	err = errors.Join(apiSrv.Shutdown(shutdown), adminSrv.Shutdown(shutdown))
 	log.Info("stopped")
 	return err
+}
+
+func bucket(b config.Bucket) ratelimit.Rate {
+	return ratelimit.Rate{PerSecond: b.Rate(), Burst: b.Burst}
 }
 
 // tlsConfig loads the API's certificate and, if configured, the CA that
