@@ -9,12 +9,14 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/keyvault/keyvault/ratelimit"
 	"github.com/keyvault/keyvault/vault"
 )
 
@@ -316,4 +318,116 @@ func TestPanicIsA500(t *testing.T) {
 	if n := requestCount(t, reg, "/v1/backups/{user_id}", "GET", "500"); n != 1 {
 		t.Fatalf("the panic was counted as %v 500s, want 1", n)
 	}
+}
+
+// The limits over HTTP, with the real ratelimit package on a fake clock:
+// each limiter answers 429 rate_limited with a truthful integer
+// Retry-After, refused guesses never reach the vault, and a retry exactly
+// Retry-After later is admitted.
+func TestRateLimitsOverHTTP(t *testing.T) {
+	t.Parallel()
+	var mu sync.Mutex
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	advance := func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
+	reg := prometheus.NewRegistry()
+	limits := ratelimit.New(ratelimit.Config{
+		GuessesPerUser:        ratelimit.PerMinute(2, 2),
+		RequestsPerClient:     ratelimit.PerSecond(1, 20),
+		WrongGuessesPerClient: ratelimit.PerMinute(1, 3),
+	}, ratelimit.Options{Now: clock, Registerer: reg})
+	s := &stubBackups{secretOut: []byte("0123456789abcdef")}
+	tokA := sha256.Sum256([]byte("token-a"))
+	h := NewRouter(s, Options{Registerer: reg, Limits: limits, Clients: []Client{{Name: "a", Namespace: "ns-a", TokenHashes: [][32]byte{tokA}}}})
+	limited := func(what string, w *httptest.ResponseRecorder, retryAfter string) {
+		t.Helper()
+		if w.Code != 429 || decodeProblem(t, w).Code != "rate_limited" || w.Header().Get("Retry-After") != retryAfter {
+			t.Fatalf("%s: %d Retry-After %q, want 429 rate_limited with Retry-After %s: %s", what, w.Code, w.Header().Get("Retry-After"), retryAfter, w.Body)
+		}
+	}
+	recoverAs := func(user string) *httptest.ResponseRecorder {
+		return do(h, "POST", "/v1/backups/"+user+"/recover", "token-a", `{"pin":"1234"}`)
+	}
+
+	// Per user: a burst of 2, then one guess per 30s.
+	for range 2 {
+		if w := recoverAs("alice"); w.Code != 200 {
+			t.Fatalf("guess within the burst: %d", w.Code)
+		}
+	}
+	calls := s.calls
+	limited("third guess on alice", recoverAs("alice"), "30")
+	if s.calls != calls {
+		t.Fatal("a refused guess reached the vault")
+	}
+	if w := recoverAs("bob"); w.Code != 200 {
+		t.Fatalf("another user is not limited by alice's bucket: %d", w.Code)
+	}
+	advance(29 * time.Second)
+	limited("alice after 29s", recoverAs("alice"), "1")
+	advance(time.Second)
+	if w := recoverAs("alice"); w.Code != 200 {
+		t.Fatalf("alice exactly when Retry-After said: %d", w.Code)
+	}
+	// A malformed guess takes no token: it is a 400 before the limits.
+	if w := do(h, "POST", "/v1/backups/carol/recover", "token-a", `{"pin":"12"}`); w.Code != 400 {
+		t.Fatalf("short PIN: %d", w.Code)
+	}
+
+	// Per client, wrong guesses: three wrong ones use the bucket, then
+	// every user of the client waits.
+	s.err = &vault.WrongPINError{Remaining: 3}
+	for _, u := range []string{"dan", "eve", "fay"} {
+		if w := recoverAs(u); w.Code != 403 {
+			t.Fatalf("wrong guess by %s: %d", u, w.Code)
+		}
+	}
+	s.err = nil
+	limited("a guess after the client's wrong guesses ran out", recoverAs("gus"), "60")
+	advance(time.Minute)
+	if w := recoverAs("gus"); w.Code != 200 {
+		t.Fatalf("after the wrong-guess bucket refilled: %d", w.Code)
+	}
+
+	// The vault's escalating delay: 429 with Retry-After in whole seconds,
+	// rounded up.
+	s.err = fmt.Errorf("recover: %w", &vault.RateLimitedError{RetryAfter: 90*time.Second + time.Millisecond})
+	limited("the escalating delay", recoverAs("hal"), "91")
+	s.err = nil
+
+	// Per client, all requests: a burst of 20 (some used above), then 1/s.
+	var w *httptest.ResponseRecorder
+	for range 30 {
+		if w = do(h, "GET", "/v1/backups/ivy", "token-a", ""); w.Code == 429 {
+			break
+		}
+	}
+	limited("requests past the client's burst", w, "1")
+
+	for limiter, least := range map[string]float64{"guesses_per_user": 2, "wrong_guesses_per_client": 1, "requests_per_client": 1, "escalating_delay": 1} {
+		if got := rejections(t, reg, limiter); got < least {
+			t.Errorf("keyvault_ratelimit_rejections_total{limiter=%q} = %v, want at least %v", limiter, got, least)
+		}
+	}
+}
+
+func rejections(t *testing.T, reg *prometheus.Registry, limiter string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "keyvault_ratelimit_rejections_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "limiter" && l.GetValue() == limiter {
+					return m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return 0
 }

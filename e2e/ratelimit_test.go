@@ -1,0 +1,64 @@
+package e2e
+
+import (
+	"net/http"
+	"strconv"
+	"sync"
+	"testing"
+
+	"github.com/keyvault/keyvault/internal/softhsm/softhsmtest"
+)
+
+// TestRateLimits runs the binary with its default limits (5 guesses per
+// user per minute, burst 5): a storm of 40 concurrent wrong guesses on one
+// backup gets exactly 5 answers that were checked and 35 429s with a
+// truthful integer Retry-After, the budget shows exactly 5 attempts used,
+// and the rejections metric counts the 35.
+func TestRateLimits(t *testing.T) {
+	softhsmtest.Module(t)
+	t.Parallel()
+	v := startDevLimited(t, t.TempDir())
+	c := newClient(v.API, v.Token)
+	user, pin := randID("limited"), randPIN("limited")
+	c.mustEnroll(t, http.StatusCreated, user, randBytes(32), pin, 10)
+
+	const storm = 40
+	var mu sync.Mutex
+	codes := map[int]int{}
+	var wg sync.WaitGroup
+	for i := range storm {
+		wg.Go(func() {
+			r := c.recover(t, user, "wrong-"+strconv.Itoa(i))
+			mu.Lock()
+			defer mu.Unlock()
+			codes[r.Status]++
+			if r.Status == http.StatusTooManyRequests {
+				wantProblem(t, "a refused guess", r, http.StatusTooManyRequests, "rate_limited")
+				// Burst 5 refilled at 5 per minute: the next token is 12 s away.
+				if s, err := strconv.Atoi(r.Header.Get("Retry-After")); err != nil || s < 1 || s > 12 {
+					t.Errorf("Retry-After %q, want whole seconds from 1 to 12", r.Header.Get("Retry-After"))
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if codes[http.StatusForbidden] != 5 || codes[http.StatusTooManyRequests] != storm-5 {
+		t.Fatalf("answers %v, want 5 x 403 and %d x 429", codes, storm-5)
+	}
+	if rem := num(t, c.mustStatus(t, user), "attempts_remaining"); rem != 5 {
+		t.Fatalf("attempts_remaining %d after the storm, want 5: a 429 counted a guess", rem)
+	}
+	// The right PIN is refused too, not checked, until the bucket refills.
+	if r := c.recover(t, user, pin); r.Status != http.StatusTooManyRequests {
+		t.Fatalf("the right PIN right after the storm: %v, want 429", r)
+	}
+	samples, _ := metrics(t, v.Admin)
+	if n, _ := metricSum(samples, "keyvault_ratelimit_rejections_total", map[string]string{"limiter": "guesses_per_user"}); n != storm-5+1 {
+		t.Fatalf("keyvault_ratelimit_rejections_total{limiter=guesses_per_user} = %v, want %d", n, storm-5+1)
+	}
+	// Another user of the same client is not held back by this one.
+	other, secret := randID("free"), randBytes(32)
+	c.mustEnroll(t, http.StatusCreated, other, secret, pin, 0)
+	c.mustRecover(t, other, pin, secret)
+	v.Stop()
+}
