@@ -431,3 +431,38 @@ func rejections(t *testing.T, reg *prometheus.Registry, limiter string) float64 
 	}
 	return 0
 }
+
+// refuseAll is an Admitter with no capacity left.
+type refuseAll struct{ asked int }
+
+func (r *refuseAll) Admit(context.Context) (func(), error) {
+	r.asked++
+	return nil, fmt.Errorf("%w: the HSMs are busy", vault.ErrUnavailable)
+}
+
+// Admission control: a request that will use the HSMs and is not admitted
+// is shed with 503 and Retry-After before it reaches the vault; requests
+// that do not use the HSMs are not held back.
+func TestAdmissionSheds(t *testing.T) {
+	t.Parallel()
+	s := &stubBackups{}
+	adm := &refuseAll{}
+	tokA := sha256.Sum256([]byte("token-a"))
+	h := NewRouter(s, Options{Admission: adm, Clients: []Client{{Name: "a", Namespace: "ns-a", TokenHashes: [][32]byte{tokA}}}})
+	for _, c := range []struct{ method, path, body string }{
+		{"PUT", "/v1/backups/u", `{"secret":"MDEyMzQ1Njc4OWFiY2RlZg==","pin":"1234"}`},
+		{"POST", "/v1/backups/u/recover", `{"pin":"1234"}`},
+		{"POST", "/v1/backups/u/pin", `{"pin":"1234","new_pin":"5678"}`},
+	} {
+		w := do(h, c.method, c.path, "token-a", c.body)
+		if w.Code != 503 || decodeProblem(t, w).Code != "unavailable" || w.Header().Get("Retry-After") == "" {
+			t.Fatalf("%s %s not admitted: %d %s", c.method, c.path, w.Code, w.Body)
+		}
+	}
+	if s.calls != 0 || adm.asked != 3 {
+		t.Fatalf("vault calls %d, admissions asked %d", s.calls, adm.asked)
+	}
+	if w := do(h, "GET", "/v1/backups/u", "token-a", ""); w.Code != 200 {
+		t.Fatalf("GET needs no HSM and is not shed: %d", w.Code)
+	}
+}

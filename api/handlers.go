@@ -14,8 +14,18 @@ import (
 )
 
 type handlers struct {
-	b      Backups
-	limits Limiter // nil: no limits
+	b         Backups
+	limits    Limiter  // nil: no limits
+	admission Admitter // nil: admit all
+}
+
+// admit reserves HSM capacity for a request that will use the HSMs, after
+// everything that can refuse it cheaply has passed.
+func (h *handlers) admit(r *http.Request) (release func(), err error) {
+	if h.admission == nil {
+		return func() {}, nil
+	}
+	return h.admission.Admit(r.Context())
 }
 
 // admitGuess applies the per-user and per-client guess limits to a guess
@@ -131,6 +141,11 @@ func (h *handlers) enroll(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	defer clear(secret)
+	release, err := h.admit(r)
+	if err != nil {
+		return err
+	}
+	defer release()
 	b, created, err := h.b.Enroll(r.Context(), ns, id, secret, req.PIN, maxAttempts, pre)
 	if err != nil {
 		return err
@@ -188,6 +203,11 @@ func (h *handlers) recover(w http.ResponseWriter, r *http.Request) error {
 	if err := h.admitGuess(r, ns, id); err != nil {
 		return err
 	}
+	release, err := h.admit(r)
+	if err != nil {
+		return err
+	}
+	defer release()
 	secret, remaining, err := h.b.Recover(r.Context(), ns, id, req.PIN)
 	h.settleGuess(r, err)
 	if err != nil {
@@ -229,6 +249,11 @@ func (h *handlers) changePIN(w http.ResponseWriter, r *http.Request) error {
 	if err := h.admitGuess(r, ns, id); err != nil {
 		return err
 	}
+	release, err := h.admit(r)
+	if err != nil {
+		return err
+	}
+	defer release()
 	b, err := h.b.ChangePIN(r.Context(), ns, id, req.PIN, req.NewPIN, pre)
 	h.settleGuess(r, err)
 	if err != nil {

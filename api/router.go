@@ -58,6 +58,15 @@ type Options struct {
 	RequestTimeout time.Duration
 	// Limits are the rate limits (default: none).
 	Limits Limiter
+	// Admission admits requests that will use the HSMs (default: all).
+	Admission Admitter
+}
+
+// Admitter is admission control in front of the HSMs; *hsmpool.Pool
+// implements it. Admit blocks at most its queue timeout or ctx; an error
+// wraps vault.ErrUnavailable (503).
+type Admitter interface {
+	Admit(ctx context.Context) (release func(), err error)
 }
 
 // NewRouter returns the /v1 API.
@@ -71,7 +80,7 @@ func NewRouter(b Backups, opts Options) http.Handler {
 	if opts.RequestTimeout == 0 {
 		opts.RequestTimeout = 25 * time.Second
 	}
-	h := &handlers{b: b, limits: opts.Limits}
+	h := &handlers{b: b, limits: opts.Limits, admission: opts.Admission}
 	m := newMetrics(opts.Registerer)
 
 	r := chi.NewRouter()

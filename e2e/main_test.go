@@ -112,8 +112,8 @@ type vault struct {
 }
 
 // startDev runs `keyvault dev` on dir with ports picked by the kernel,
-// with the rate limits and the escalating delay off: the tests that storm
-// one backup are about the guess budget alone. On a new dir it sets the dir
+// with the rate limits, the escalating delay and HSM admission shedding
+// off: the tests that storm one backup are about the guess budget alone. On a new dir it sets the dir
 // up with a first run, turns the limits off in its keyvault.yaml, and
 // starts again. TestRateLimits runs with the defaults (startDevLimited).
 func startDev(t testing.TB, dir string) *vault {
@@ -125,7 +125,7 @@ func startDev(t testing.TB, dir string) *vault {
   guesses_per_user: {per_second: 0}
   requests_per_client: {per_second: 0}
   wrong_guesses_per_client: {per_second: 0}
-  hsm_queue_timeout: 50ms
+  hsm_queue_timeout: 0s
   escalating_delay: {base: 0s}
 `)
 	}

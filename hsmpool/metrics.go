@@ -14,7 +14,7 @@ type metrics struct {
 	ejections    *prometheus.CounterVec
 	readmissions *prometheus.CounterVec
 	keyMismatch  *prometheus.GaugeVec
-	shed         prometheus.Counter
+	shed         *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -49,10 +49,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "keyvault_hsm_member_readmissions_total",
 			Help: "Times a probe put a member back in service.",
 		}, []string{"member"}),
-		shed: f.NewCounter(prometheus.CounterOpts{
-			Name: "keyvault_hsm_operations_shed_total",
-			Help: "HSM operations refused because no session came free within the queue timeout.",
-		}),
+		shed: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "keyvault_hsm_shed_total",
+			Help: "Requests (stage admission) and HSM operations (stage session) refused because nothing came free within the queue timeout.",
+		}, []string{"stage"}),
 		keyMismatch: f.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "keyvault_hsm_member_key_mismatch",
 			Help: "1 if the member was refused because its key check values differ from the pool's.",

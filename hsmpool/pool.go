@@ -52,6 +52,8 @@ type Pool struct {
 	metrics  *metrics
 	opts     Options
 
+	admission chan struct{} // one slot per session of every member: see Admit
+
 	mu     sync.Mutex // guards closed, and wg.Add against Close
 	closed bool
 	stop   chan struct{}
@@ -102,6 +104,11 @@ func newPool(cfgs []MemberConfig, toks []token, openErrs []error, opts Options) 
 	}
 	var errs []error
 	var toProbe []*member
+	sessions := 0
+	for _, c := range cfgs {
+		sessions += max(c.MaxSessions, 1)
+	}
+	p.admission = make(chan struct{}, sessions)
 	for i, c := range cfgs {
 		m := &member{name: c.Name, sessions: make(chan struct{}, max(c.MaxSessions, 1))}
 		m.st.Store(brokenState())
@@ -310,6 +317,36 @@ func (p *Pool) do(ctx context.Context, op string, fn func(*member, *tokenState) 
 	}
 }
 
+// Admit admits one request that will use the HSMs: it holds one of the
+// pool's sessions (the sum of the members' max_sessions) until release is
+// called, waiting no longer than QueueTimeout or ctx allows; past that the
+// request is shed with ErrUnavailable. Requests admitted never queue for a
+// session, so under any load their latency stays bounded, and the rest are
+// refused fast instead of queuing without bound.
+func (p *Pool) Admit(ctx context.Context) (release func(), err error) {
+	release = func() { <-p.admission }
+	select {
+	case p.admission <- struct{}{}:
+		return release, nil
+	default:
+	}
+	var queue <-chan time.Time
+	if p.opts.QueueTimeout > 0 {
+		t := time.NewTimer(p.opts.QueueTimeout)
+		defer t.Stop()
+		queue = t.C
+	}
+	select {
+	case p.admission <- struct{}{}:
+		return release, nil
+	case <-queue:
+		p.metrics.shed.WithLabelValues("admission").Inc()
+		return nil, fmt.Errorf("%w: the HSMs are busy: no session within %v", ErrUnavailable, p.opts.QueueTimeout)
+	case <-ctx.Done():
+		return nil, fmt.Errorf("%w: waiting for the HSMs: %w", ErrUnavailable, ctx.Err())
+	}
+}
+
 // acquire takes one of the member's sessions, waiting no longer than the
 // caller's context and QueueTimeout allow: past that the request is shed,
 // so that a flood queues no deeper than the HSMs can drain in that time.
@@ -329,7 +366,7 @@ func (p *Pool) acquire(ctx context.Context, m *member, op string) error {
 	case m.sessions <- struct{}{}:
 		return nil
 	case <-queue:
-		p.metrics.shed.Inc()
+		p.metrics.shed.WithLabelValues("session").Inc()
 		return fmt.Errorf("%w: hsm %s: shed, no session free within %v", ErrUnavailable, op, p.opts.QueueTimeout)
 	case <-ctx.Done():
 		return fmt.Errorf("%w: hsm %s: waiting for a session: %w", ErrUnavailable, op, ctx.Err())

@@ -596,11 +596,47 @@ func TestQueueTimeoutSheds(t *testing.T) {
 	if waited := time.Since(start); waited > time.Second {
 		t.Fatalf("shed after %v, want about the 20ms queue timeout", waited)
 	}
-	if testutil.ToFloat64(p.metrics.shed) != 1 || !p.members[0].healthy.Load() {
+	if testutil.ToFloat64(p.metrics.shed.WithLabelValues("session")) != 1 || !p.members[0].healthy.Load() {
 		t.Fatal("the shed operation was not counted, or blamed the member")
 	}
 	close(release)
 	if err := <-busy; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// Admit holds one pool session per request: past them, a request waits at
+// most QueueTimeout and is shed.
+func TestAdmit(t *testing.T) {
+	cfgs := []MemberConfig{{Name: "a", MaxSessions: 2}, {Name: "b", MaxSessions: 1}}
+	p, err := newPool(cfgs, []token{latencyToken{}, latencyToken{}}, make([]error, 2), Options{QueueTimeout: 20 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	ctx := context.Background()
+	var releases []func()
+	for range 3 {
+		release, err := p.Admit(ctx)
+		if err != nil {
+			t.Fatalf("admission within the 3 sessions: %v", err)
+		}
+		releases = append(releases, release)
+	}
+	start := time.Now()
+	if _, err := p.Admit(ctx); !errors.Is(err, vault.ErrUnavailable) {
+		t.Fatalf("a fourth request: %v, want ErrUnavailable", err)
+	}
+	if time.Since(start) > time.Second {
+		t.Fatal("shedding took far longer than the queue timeout")
+	}
+	if testutil.ToFloat64(p.metrics.shed.WithLabelValues("admission")) != 1 {
+		t.Fatal("the shed request was not counted")
+	}
+	releases[0]()
+	if release, err := p.Admit(ctx); err != nil {
+		t.Fatalf("after a release: %v", err)
+	} else {
+		release()
 	}
 }

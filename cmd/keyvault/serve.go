@@ -126,7 +126,7 @@ func serve(cfg *config.Config, stderr io.Writer) error {
 		clients = append(clients, api.Client{Name: c.Name, Namespace: c.Namespace, TokenHashes: c.TokenHashes()})
 	}
 	apiSrv := &http.Server{
-		Handler: api.NewRouter(v, api.Options{Clients: clients, Registerer: reg, Logger: log, Limits: ratelimit.New(ratelimit.Config{
+		Handler: api.NewRouter(v, api.Options{Clients: clients, Registerer: reg, Logger: log, Admission: pool, Limits: ratelimit.New(ratelimit.Config{
 			GuessesPerUser:        bucket(rl.GuessesPerUser),
 			RequestsPerClient:     bucket(rl.RequestsPerClient),
 			WrongGuessesPerClient: bucket(rl.WrongGuessesPerClient),
