@@ -30,6 +30,7 @@ type stubBackups struct {
 	maxAttem  int
 	pre       vault.Precondition
 	secretOut []byte
+	refused   []string
 }
 
 func (s *stubBackups) Enroll(_ context.Context, ns, _ string, _, pin []byte, max int, pre vault.Precondition) (vault.Backup, bool, error) {
@@ -44,6 +45,8 @@ func (s *stubBackups) Recover(_ context.Context, ns, _ string, pin []byte) ([]by
 	}
 	return append([]byte(nil), s.secretOut...), 7, nil
 }
+
+func (s *stubBackups) NoteRefused(op string, err error) { s.refused = append(s.refused, op) }
 
 func (s *stubBackups) Status(_ context.Context, ns, _ string) (vault.Backup, error) {
 	s.calls, s.ns = s.calls+1, ns
@@ -357,8 +360,8 @@ func TestRateLimitsOverHTTP(t *testing.T) {
 	}
 	calls := s.calls
 	limited("third guess on alice", recoverAs("alice"), "30")
-	if s.calls != calls {
-		t.Fatal("a refused guess reached the vault")
+	if s.calls != calls || len(s.refused) != 1 || s.refused[0] != vault.OpRecover {
+		t.Fatalf("a refused guess reached the vault, or was not noted (%v)", s.refused)
 	}
 	if w := recoverAs("bob"); w.Code != 200 {
 		t.Fatalf("another user is not limited by alice's bucket: %d", w.Code)

@@ -28,13 +28,16 @@ func (h *handlers) admit(r *http.Request) (release func(), err error) {
 	return h.admission.Admit(r.Context())
 }
 
-// admitGuess applies the per-user and per-client guess limits to a guess
-// whose request is otherwise valid, so that a malformed one takes no token.
-func (h *handlers) admitGuess(r *http.Request, ns, id string) error {
-	if h.limits == nil {
-		return nil
+// admitGuess applies the per-user and per-client guess limits, then HSM
+// admission, to a guess whose request is otherwise valid, so that a
+// malformed one takes no token.
+func (h *handlers) admitGuess(r *http.Request, ns, id string) (release func(), err error) {
+	if h.limits != nil {
+		if err := h.limits.Guess(clientOf(r.Context()).Name, ns, id); err != nil {
+			return nil, err
+		}
 	}
-	return h.limits.Guess(clientOf(r.Context()).Name, ns, id)
+	return h.admit(r)
 }
 
 // settleGuess charges the client for a guess the vault checked and found
@@ -200,11 +203,9 @@ func (h *handlers) recover(w http.ResponseWriter, r *http.Request) error {
 	if err := vault.CheckPIN("pin", req.PIN); err != nil {
 		return err
 	}
-	if err := h.admitGuess(r, ns, id); err != nil {
-		return err
-	}
-	release, err := h.admit(r)
+	release, err := h.admitGuess(r, ns, id)
 	if err != nil {
+		h.b.NoteRefused(vault.OpRecover, err)
 		return err
 	}
 	defer release()
@@ -246,11 +247,9 @@ func (h *handlers) changePIN(w http.ResponseWriter, r *http.Request) error {
 	if err := errors.Join(vault.CheckPIN("pin", req.PIN), vault.CheckPIN("new_pin", req.NewPIN)); err != nil {
 		return err
 	}
-	if err := h.admitGuess(r, ns, id); err != nil {
-		return err
-	}
-	release, err := h.admit(r)
+	release, err := h.admitGuess(r, ns, id)
 	if err != nil {
+		h.b.NoteRefused(vault.OpChangePIN, err)
 		return err
 	}
 	defer release()

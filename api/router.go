@@ -21,6 +21,9 @@ type Backups interface {
 	Status(ctx context.Context, ns, userID string) (vault.Backup, error)
 	Delete(ctx context.Context, ns, userID string, pre vault.Precondition) error
 	ChangePIN(ctx context.Context, ns, userID string, pin, newPIN []byte, pre vault.Precondition) (vault.Backup, error)
+	// NoteRefused counts a recovery or PIN change refused before the vault
+	// (vault.OpRecover, vault.OpChangePIN), by the error that refused it.
+	NoteRefused(op string, err error)
 }
 
 var _ Backups = (*vault.Vault)(nil)

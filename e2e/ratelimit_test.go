@@ -56,6 +56,9 @@ func TestRateLimits(t *testing.T) {
 	if n, _ := metricSum(samples, "keyvault_ratelimit_rejections_total", map[string]string{"limiter": "guesses_per_user"}); n != storm-5+1 {
 		t.Fatalf("keyvault_ratelimit_rejections_total{limiter=guesses_per_user} = %v, want %d", n, storm-5+1)
 	}
+	if n, _ := metricSum(samples, "keyvault_recoveries_total", map[string]string{"result": "rate_limited"}); n != storm-5+1 {
+		t.Fatalf("keyvault_recoveries_total{result=rate_limited} = %v, want %d", n, storm-5+1)
+	}
 	// Another user of the same client is not held back by this one.
 	other, secret := randID("free"), randBytes(32)
 	c.mustEnroll(t, http.StatusCreated, other, secret, pin, 0)

@@ -265,6 +265,24 @@ func (v *Vault) ChangePIN(ctx context.Context, ns, userID string, pin, newPIN []
 	return backupOf(userID, next), nil
 }
 
+// Operations a caller may refuse before the vault sees them (NoteRefused).
+const (
+	OpRecover   = "recover"
+	OpChangePIN = "change_pin"
+)
+
+// NoteRefused counts a recovery or PIN change that the caller refused
+// before calling the vault (a rate limit, an admission shed), so that the
+// vault's metrics by result see every request.
+func (v *Vault) NoteRefused(op string, err error) {
+	switch op {
+	case OpRecover:
+		v.metrics.recoveries.WithLabelValues(resultOf(err)).Inc()
+	case OpChangePIN:
+		v.metrics.pinChanges.WithLabelValues(resultOf(err)).Inc()
+	}
+}
+
 // resultOf names an operation's outcome for metrics.
 func resultOf(err error) string {
 	var wrong *WrongPINError
@@ -275,7 +293,7 @@ func resultOf(err error) string {
 		return "wrong_pin"
 	case errors.Is(err, ErrLocked):
 		return "locked"
-	case errors.Is(err, ErrRateLimited):
+	case errors.Is(err, ErrRateLimited), isLimited(err):
 		return "rate_limited"
 	case errors.Is(err, ErrNotFound):
 		return "not_found"
@@ -290,4 +308,11 @@ func resultOf(err error) string {
 	default:
 		return "error"
 	}
+}
+
+// isLimited reports an error that says it is a rate limit (the ratelimit
+// package's, which the vault does not import).
+func isLimited(err error) bool {
+	var l interface{ RetryAfterSeconds() int }
+	return errors.As(err, &l)
 }
