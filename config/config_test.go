@@ -832,7 +832,7 @@ func TestRateLimitSection(t *testing.T) {
 		{"ratelimit:\n  requests_per_client: {per_second: -1, burst: 1}\n", "ratelimit.requests_per_client: must not be negative"},
 		{"ratelimit:\n  hsm_queue_timeout: 50\n", "ratelimit.hsm_queue_timeout: expected a duration"},
 		{"ratelimit:\n  hsm_queue_timeout: soon\n", "ratelimit.hsm_queue_timeout: expected a duration"},
-		{"ratelimit:\n  escalating_delay: {base: -1m}\n", "ratelimit.escalating_delay.base: must not be negative"},
+		{"ratelimit:\n  escalating_delay: {base: -1m}\n", "ratelimit.escalating_delay.base: must be from 0s (off) to 24h"},
 		{"ratelimit:\n  guesses_per_user: {per_hour: 1}\n", "ratelimit.guesses_per_user.per_hour: unknown key"},
 	} {
 		if _, err := Parse(render(t, fx, minimalYAML+c.yaml)); err == nil || !strings.Contains(err.Error(), c.want) {

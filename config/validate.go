@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // problem is one thing wrong with the config, at a key path such as
@@ -348,8 +349,8 @@ func (v *validator) rateLimit(r RateLimit) {
 	if r.HSMQueueTimeout < 0 {
 		v.add("ratelimit.hsm_queue_timeout", "must not be negative")
 	}
-	if r.EscalatingDelay.Base < 0 {
-		v.add("ratelimit.escalating_delay.base", "must not be negative")
+	if r.EscalatingDelay.Base < 0 || r.EscalatingDelay.Base > 24*time.Hour {
+		v.add("ratelimit.escalating_delay.base", "must be from 0s (off) to 24h")
 	}
 	if r.EscalatingDelay.FreeGuesses < 0 {
 		v.add("ratelimit.escalating_delay.free_guesses", "must not be negative")

@@ -55,7 +55,7 @@ func (g *guess) countedSince(cur *stored) uint32 {
 // lockedOrPending tells a final lock (ErrLocked) from one whose guess is
 // still in flight (errPendingLock).
 func (v *Vault) lockedOrPending(cur *stored) error {
-	age := time.Duration(v.now() - cur.UpdatedAt)
+	age := time.Duration(v.now() - cur.LastGuessAt) // the lock was made by the latest guess
 	if cur.LockFinal || age >= lockSettleWindow {
 		return ErrLocked
 	}
@@ -106,6 +106,7 @@ func (v *Vault) count(ctx context.Context, ns, userID string, pre Precondition) 
 			next := *cur.record
 			next.Guesses++
 			next.UpdatedAt = v.now()
+			next.LastGuessAt = next.UpdatedAt
 			g.index = next.Guesses
 			g.locked = next.used() == next.MaxAttempts
 			if g.locked {
@@ -155,9 +156,6 @@ func (v *Vault) forgive(ctx context.Context, g *guess) (int, error) {
 			next.Refunds -= min(next.Refunds, spent)
 		}
 		next.UpdatedAt = v.now()
-		if next.Locked {
-			next.UpdatedAt = cur.UpdatedAt // the pending lock's age runs on
-		}
 		remaining = next.remaining()
 		return &next, nil
 	})
@@ -181,6 +179,11 @@ func (v *Vault) refund(ctx context.Context, g *guess) error {
 		}
 		next.Refunds++
 		next.UpdatedAt = v.now()
+		if cur.Guesses == g.index {
+			// No guess came after this one: the escalating delay runs
+			// from the guess before it again, as if it never happened.
+			next.LastGuessAt = g.before.LastGuessAt
+		}
 		return &next, nil
 	})
 }
@@ -261,6 +264,7 @@ func (v *Vault) settleForgiven(ctx context.Context, g *guess) error {
 		next := *cur.record
 		next.Guesses++
 		next.UpdatedAt = v.now()
+		next.LastGuessAt = next.UpdatedAt
 		if next.used() == next.MaxAttempts {
 			// Known wrong, so the lock is final at once.
 			next.Locked, next.LockFinal, next.Sealed = true, true, nil

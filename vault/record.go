@@ -46,6 +46,7 @@ type record struct {
 	Refunds     uint32
 	CreatedAt   int64 // unix nanoseconds: when this generation was written
 	UpdatedAt   int64 // unix nanoseconds: the last write of any kind
+	LastGuessAt int64 // unix nanoseconds: when the latest guess was counted (0: none)
 	WrapVersion uint32
 	PINVersion  uint32
 	MACVersion  uint32
@@ -95,6 +96,7 @@ func (r *record) marshal() []byte {
 	b = binary.BigEndian.AppendUint32(b, r.Refunds)
 	b = binary.BigEndian.AppendUint64(b, uint64(r.CreatedAt))
 	b = binary.BigEndian.AppendUint64(b, uint64(r.UpdatedAt))
+	b = binary.BigEndian.AppendUint64(b, uint64(r.LastGuessAt))
 	b = binary.BigEndian.AppendUint32(b, r.WrapVersion)
 	b = binary.BigEndian.AppendUint32(b, r.PINVersion)
 	b = binary.BigEndian.AppendUint32(b, r.MACVersion)
@@ -134,6 +136,7 @@ func parseRecord(b []byte) (r *record, body, mac []byte, err error) {
 		Refunds:     d.u32(),
 		CreatedAt:   int64(d.u64()),
 		UpdatedAt:   int64(d.u64()),
+		LastGuessAt: int64(d.u64()),
 		WrapVersion: d.u32(),
 		PINVersion:  d.u32(),
 		MACVersion:  d.u32(),

@@ -264,6 +264,13 @@ func TestEscalatingDelay(t *testing.T) {
 	e.reopen()
 	limited(time.Minute, 7)
 	advance(time.Minute)
+	// A guess the HSM never answers is refunded, and does not restart the
+	// delay: the next guess need not wait again.
+	e.hsm.failNextHMAC(1)
+	if _, _, err := e.v.Recover(bg, ns, "zoe", rightPIN); !errors.Is(err, vault.ErrUnavailable) {
+		t.Fatalf("a guess the HSM did not answer: %v", err)
+	}
+	advance(time.Second)
 	if got, rem, err := e.v.Recover(bg, ns, "zoe", rightPIN); err != nil || !bytes.Equal(got, secret) || rem != 10 {
 		t.Fatalf("the right PIN after the delay: rem=%d err=%v", rem, err)
 	}

@@ -368,10 +368,10 @@ func TestStoredFormatMatchesTheDocs(t *testing.T) {
 	u32 := func(off int) uint32 { return binary.BigEndian.Uint32(raw[off:]) }
 	u64 := func(off int) uint64 { return binary.BigEndian.Uint64(raw[off:]) }
 	if raw[0] != 1 || raw[1] != 0 || u64(2) != 1 || u32(10) != 7 || u32(14) != 0 || u32(18) != 0 || u32(22) != 0 ||
-		u64(26) == 0 || u64(34) != u64(26) || u32(42) != 1 || u32(46) != 1 || u32(50) != 1 {
-		t.Fatalf("fixed fields differ from docs/format.md: % x", raw[:54])
+		u64(26) == 0 || u64(34) != u64(26) || u64(42) != 0 || u32(50) != 1 || u32(54) != 1 || u32(58) != 1 {
+		t.Fatalf("fixed fields differ from docs/format.md: % x", raw[:62])
 	}
-	off := 54
+	off := 62
 	field := func(lenBytes int) []byte {
 		var n int
 		if lenBytes == 1 {

@@ -46,15 +46,25 @@ type EscalatingDelay struct {
 	Base        time.Duration
 }
 
-// wait returns how long a guess on r must still wait at now.
+// maxDelay caps one escalating delay, and keeps its arithmetic from
+// overflowing.
+const maxDelay = 30 * 24 * time.Hour
+
+// wait returns how long a guess on r must still wait at now: from the
+// latest counted guess (a refund or a reset does not restart it).
 func (d EscalatingDelay) wait(r *record, now int64) time.Duration {
 	k := int(r.used())
-	if d.Base <= 0 || k < d.FreeGuesses {
+	if d.Base <= 0 || k == 0 || k < d.FreeGuesses {
 		return 0
 	}
-	// 2^20 x base is already weeks; the cap keeps the shift from overflowing.
-	until := r.UpdatedAt + int64(d.Base)<<min(k-d.FreeGuesses, 20)
-	return time.Duration(max(until-now, 0))
+	delay := min(d.Base, maxDelay)
+	for range min(k-d.FreeGuesses, 32) {
+		if delay = 2 * delay; delay >= maxDelay {
+			delay = maxDelay
+			break
+		}
+	}
+	return time.Duration(max(r.LastGuessAt+int64(delay)-now, 0))
 }
 
 // Vault implements the backup operations on a Store and an HSM. It is safe
