@@ -31,6 +31,7 @@ type stubBackups struct {
 	pre       vault.Precondition
 	secretOut []byte
 	refused   []string
+	precheck  error
 }
 
 func (s *stubBackups) Enroll(_ context.Context, ns, _ string, _, pin []byte, max int, pre vault.Precondition) (vault.Backup, bool, error) {
@@ -47,6 +48,10 @@ func (s *stubBackups) Recover(_ context.Context, ns, _ string, pin []byte) ([]by
 }
 
 func (s *stubBackups) NoteRefused(op string, err error) { s.refused = append(s.refused, op) }
+
+func (s *stubBackups) Precheck(context.Context, string, string, vault.Precondition) error {
+	return s.precheck
+}
 
 func (s *stubBackups) Status(_ context.Context, ns, _ string) (vault.Backup, error) {
 	s.calls, s.ns = s.calls+1, ns
@@ -376,17 +381,46 @@ func TestRateLimitsOverHTTP(t *testing.T) {
 	if w := do(h, "POST", "/v1/backups/carol/recover", "token-a", `{"pin":"12"}`); w.Code != 400 {
 		t.Fatalf("short PIN: %d", w.Code)
 	}
+	for range 2 {
+		if w := recoverAs("carol"); w.Code != 200 {
+			t.Fatalf("carol's burst after a 400: %d", w.Code)
+		}
+	}
+	// Guesses that check nothing cost nothing: refused by the precheck
+	// (no backup), or by the vault itself (deleted meanwhile).
+	s.precheck = vault.ErrNotFound
+	for range 4 {
+		if w := recoverAs("dave"); w.Code != 404 {
+			t.Fatalf("precheck refusal: %d", w.Code)
+		}
+	}
+	s.precheck, s.err = nil, vault.ErrNotFound
+	for range 4 {
+		if w := recoverAs("dave"); w.Code != 404 {
+			t.Fatalf("a guess that found no backup: %d (its token was not given back)", w.Code)
+		}
+	}
+	s.err = nil
+	for range 2 {
+		if w := recoverAs("dave"); w.Code != 200 {
+			t.Fatalf("dave's burst after guesses that checked nothing: %d", w.Code)
+		}
+	}
 
 	// Per client, wrong guesses: three wrong ones use the bucket, then
 	// every user of the client waits.
 	s.err = &vault.WrongPINError{Remaining: 3}
-	for _, u := range []string{"dan", "eve", "fay"} {
+	for _, u := range []string{"dan2", "eve", "fay"} {
 		if w := recoverAs(u); w.Code != 403 {
 			t.Fatalf("wrong guess by %s: %d", u, w.Code)
 		}
 	}
 	s.err = nil
+	calls = s.calls
 	limited("a guess after the client's wrong guesses ran out", recoverAs("gus"), "60")
+	if s.calls != calls {
+		t.Fatal("a guess refused by the wrong-guess limit reached the vault")
+	}
 	advance(time.Minute)
 	if w := recoverAs("gus"); w.Code != 200 {
 		t.Fatalf("after the wrong-guess bucket refilled: %d", w.Code)

@@ -28,17 +28,47 @@ func (h *handlers) admit(r *http.Request) (release func(), err error) {
 	return h.admission.Admit(r.Context())
 }
 
-// admitGuess applies the per-user and per-client guess limits, then HSM
-// admission, to a guess whose request is otherwise valid, so that a
-// malformed one takes no token.
-func (h *handlers) admitGuess(r *http.Request, ns, id string) (release func(), err error) {
+// admitGuess lets a guess whose request is otherwise valid through the
+// cheap refusals first (no backup, locked, precondition, escalating delay),
+// then the per-user and per-client limits, then HSM admission. done must be
+// called with the vault's outcome: it releases HSM capacity, gives the
+// user's token back if the guess checked nothing, and charges the client
+// for a wrong one.
+func (h *handlers) admitGuess(r *http.Request, op, ns, id string, pre vault.Precondition) (done func(error), err error) {
+	defer func() {
+		if err != nil {
+			h.b.NoteRefused(op, err)
+			if errors.Is(err, vault.ErrRateLimited) && h.limits != nil {
+				h.limits.EscalatingDelayRejected()
+			}
+		}
+	}()
+	if err := h.b.Precheck(r.Context(), ns, id, pre); err != nil {
+		return nil, err
+	}
+	undo := func() {}
+	client := clientOf(r.Context()).Name
 	if h.limits != nil {
-		if err := h.limits.Guess(clientOf(r.Context()).Name, ns, id); err != nil {
+		if undo, err = h.limits.ReserveGuess(client, ns, id); err != nil {
 			return nil, err
 		}
 	}
-	return h.admit(r)
+	release, err := h.admit(r)
+	if err != nil {
+		undo()
+		return nil, err
+	}
+	return func(err error) {
+		release()
+		if !vault.Checked(err) {
+			undo()
+		}
+		h.settleGuess(r, err)
+	}, nil
 }
+
+// errPanicked is the outcome of a guess whose vault call never returned.
+var errPanicked = errors.New("the vault call panicked")
 
 // settleGuess charges the client for a guess the vault checked and found
 // wrong, and counts a refusal by the vault's escalating delay.
@@ -203,14 +233,14 @@ func (h *handlers) recover(w http.ResponseWriter, r *http.Request) error {
 	if err := vault.CheckPIN("pin", req.PIN); err != nil {
 		return err
 	}
-	release, err := h.admitGuess(r, ns, id)
+	done, err := h.admitGuess(r, vault.OpRecover, ns, id, vault.Precondition{})
 	if err != nil {
-		h.b.NoteRefused(vault.OpRecover, err)
 		return err
 	}
-	defer release()
+	outcome := errPanicked
+	defer func() { done(outcome) }()
 	secret, remaining, err := h.b.Recover(r.Context(), ns, id, req.PIN)
-	h.settleGuess(r, err)
+	outcome = err
 	if err != nil {
 		return err
 	}
@@ -247,14 +277,14 @@ func (h *handlers) changePIN(w http.ResponseWriter, r *http.Request) error {
 	if err := errors.Join(vault.CheckPIN("pin", req.PIN), vault.CheckPIN("new_pin", req.NewPIN)); err != nil {
 		return err
 	}
-	release, err := h.admitGuess(r, ns, id)
+	done, err := h.admitGuess(r, vault.OpChangePIN, ns, id, pre)
 	if err != nil {
-		h.b.NoteRefused(vault.OpChangePIN, err)
 		return err
 	}
-	defer release()
+	outcome := errPanicked
+	defer func() { done(outcome) }()
 	b, err := h.b.ChangePIN(r.Context(), ns, id, req.PIN, req.NewPIN, pre)
-	h.settleGuess(r, err)
+	outcome = err
 	if err != nil {
 		return err
 	}

@@ -24,6 +24,9 @@ type Backups interface {
 	// NoteRefused counts a recovery or PIN change refused before the vault
 	// (vault.OpRecover, vault.OpChangePIN), by the error that refused it.
 	NoteRefused(op string, err error)
+	// Precheck refuses a guess that would check nothing (404, 410, 412, or
+	// 429 for the escalating delay), counting nothing.
+	Precheck(ctx context.Context, ns, userID string, pre vault.Precondition) error
 }
 
 var _ Backups = (*vault.Vault)(nil)
@@ -34,8 +37,9 @@ var _ Backups = (*vault.Vault)(nil)
 type Limiter interface {
 	// Request admits one /v1 request of the client.
 	Request(client string) error
-	// Guess admits one PIN guess on a user, taking nothing if it refuses.
-	Guess(client, ns, userID string) error
+	// ReserveGuess admits one PIN guess on a user, taking nothing if it
+	// refuses; undo gives the user's token back.
+	ReserveGuess(client, ns, userID string) (undo func(), err error)
 	// WrongGuess charges the client for a guess that was checked and wrong.
 	WrongGuess(client string)
 	// EscalatingDelayRejected counts a guess the vault's delay refused.

@@ -13,7 +13,8 @@ import (
 // user per minute, burst 5): a storm of 40 concurrent wrong guesses on one
 // backup gets exactly 5 answers that were checked and 35 429s with a
 // truthful integer Retry-After, the budget shows exactly 5 attempts used,
-// and the rejections metric counts the 35.
+// the durable escalating delay then refuses even the right PIN, and the
+// rejections metric counts each by its limiter.
 func TestRateLimits(t *testing.T) {
 	softhsmtest.Module(t)
 	t.Parallel()
@@ -34,9 +35,11 @@ func TestRateLimits(t *testing.T) {
 			codes[r.Status]++
 			if r.Status == http.StatusTooManyRequests {
 				wantProblem(t, "a refused guess", r, http.StatusTooManyRequests, "rate_limited")
-				// Burst 5 refilled at 5 per minute: the next token is 12 s away.
-				if s, err := strconv.Atoi(r.Header.Get("Retry-After")); err != nil || s < 1 || s > 12 {
-					t.Errorf("Retry-After %q, want whole seconds from 1 to 12", r.Header.Get("Retry-After"))
+				// Burst 5 refilled at 5 per minute: the next token is 12 s
+				// away; once five wrong guesses are counted, the escalating
+				// delay says 60 s.
+				if s, err := strconv.Atoi(r.Header.Get("Retry-After")); err != nil || s < 1 || s > 12 && s != 60 {
+					t.Errorf("Retry-After %q, want whole seconds from 1 to 12, or 60", r.Header.Get("Retry-After"))
 				}
 			}
 		})
@@ -48,13 +51,18 @@ func TestRateLimits(t *testing.T) {
 	if rem := num(t, c.mustStatus(t, user), "attempts_remaining"); rem != 5 {
 		t.Fatalf("attempts_remaining %d after the storm, want 5: a 429 counted a guess", rem)
 	}
-	// The right PIN is refused too, not checked, until the bucket refills.
-	if r := c.recover(t, user, pin); r.Status != http.StatusTooManyRequests {
-		t.Fatalf("the right PIN right after the storm: %v, want 429", r)
+	// The right PIN is refused too, not checked: five wrong in a row start
+	// the escalating delay (1 minute), longer than the bucket's refill, and
+	// Retry-After says the longer wait.
+	r := c.recover(t, user, pin)
+	if s, _ := strconv.Atoi(r.Header.Get("Retry-After")); r.Status != http.StatusTooManyRequests || s < 50 || s > 60 {
+		t.Fatalf("the right PIN right after the storm: %v Retry-After %q, want 429 with about 60", r, r.Header.Get("Retry-After"))
 	}
 	samples, _ := metrics(t, v.Admin)
-	if n, _ := metricSum(samples, "keyvault_ratelimit_rejections_total", map[string]string{"limiter": "guesses_per_user"}); n != storm-5+1 {
-		t.Fatalf("keyvault_ratelimit_rejections_total{limiter=guesses_per_user} = %v, want %d", n, storm-5+1)
+	perUser, _ := metricSum(samples, "keyvault_ratelimit_rejections_total", map[string]string{"limiter": "guesses_per_user"})
+	delayed, _ := metricSum(samples, "keyvault_ratelimit_rejections_total", map[string]string{"limiter": "escalating_delay"})
+	if perUser+delayed != storm-5+1 || delayed < 1 {
+		t.Fatalf("rejections: %v by guesses_per_user and %v by escalating_delay, want %d in all and the last by the delay", perUser, delayed, storm-5+1)
 	}
 	if n, _ := metricSum(samples, "keyvault_recoveries_total", map[string]string{"result": "rate_limited"}); n != storm-5+1 {
 		t.Fatalf("keyvault_recoveries_total{result=rate_limited} = %v, want %d", n, storm-5+1)

@@ -60,11 +60,12 @@ func newKeyed(b *bucket, maxKeys int, now time.Time) *keyed {
 }
 
 // take takes one token from key's bucket if mayTake and the bucket has one,
-// and returns 0; else it takes nothing and returns the wait until the bucket
-// has a token (0 if it has one now). A key without a state has a full bucket;
-// a state is made only when a token is taken. now is read under the shard's
-// lock, so each bucket sees its times in order.
-func (k *keyed) take(key []byte, now func() time.Time, mayTake bool) time.Duration {
+// and returns 0 and a function that gives the token back; else it takes
+// nothing and returns the wait until the bucket has a token (0 if it has one
+// now). A key without a state has a full bucket; a state is made only when a
+// token is taken. now is read under the shard's lock, so each bucket sees its
+// times in order.
+func (k *keyed) take(key []byte, now func() time.Time, mayTake bool) (time.Duration, func()) {
 	s := &k.shards[maphash.Bytes(k.seed, key)%shardCount]
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -82,20 +83,29 @@ func (k *keyed) take(key []byte, now func() time.Time, mayTake bool) time.Durati
 	}
 	if lim == nil {
 		if !mayTake {
-			return 0
+			return 0, nil
 		}
 		lim = k.bucket.newLimiter()
-		lim.AllowN(t, 1) // a new bucket is full: burst >= 1
 		s.insert(string(key), lim, t)
-		return 0
-	}
-	if t.After(s.lastUse) {
+	} else if t.After(s.lastUse) {
 		s.lastUse = t
 	}
-	if mayTake {
-		return k.bucket.take(lim, t)
+	if !mayTake {
+		return k.bucket.wait(lim, t), nil
 	}
-	return k.bucket.wait(lim, t)
+	if wait := k.bucket.wait(lim, t); wait > 0 {
+		return wait, nil
+	}
+	r := lim.ReserveN(t, 1)
+	if d := r.DelayFrom(t); d > 0 { // rounding: not quite a token after all
+		r.CancelAt(t)
+		return d, nil
+	}
+	return 0, func() {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		r.CancelAt(now())
+	}
 }
 
 // sweep drops the idle states of every shard and returns the number of

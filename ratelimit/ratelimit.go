@@ -196,6 +196,17 @@ func (l *Limits) Request(client string) error {
 // guess takes nothing from any bucket, and its RetryAfter is the wait until
 // both buckets have a token; Limiter names the one with the longer wait.
 func (l *Limits) Guess(client, ns, userID string) error {
+	_, err := l.ReserveGuess(client, ns, userID)
+	return err
+}
+
+// ReserveGuess is Guess, and on success also returns undo, which gives the
+// user's token back: for a guess that then checked nothing (the backup was
+// missing, locked or delayed, or the HSMs shed it), so that it costs the
+// user nothing and later Retry-After values stay true. undo is safe to call
+// once, from any goroutine.
+func (l *Limits) ReserveGuess(client, ns, userID string) (undo func(), err error) {
+	undo = func() {}
 	var clientWait time.Duration
 	if l.wrong != nil {
 		c := l.client(client)
@@ -206,15 +217,19 @@ func (l *Limits) Guess(client, ns, userID string) error {
 	var userWait time.Duration
 	if l.users != nil {
 		var buf [256]byte // a valid key has at most 1+64+128 bytes
-		userWait = l.users.take(appendKey(buf[:0], ns, userID), l.now, clientWait == 0)
+		var give func()
+		userWait, give = l.users.take(appendKey(buf[:0], ns, userID), l.now, clientWait == 0)
+		if give != nil {
+			undo = give
+		}
 	}
 	switch {
 	case clientWait == 0 && userWait == 0:
-		return nil // the user's token is taken
+		return undo, nil // the user's token is taken
 	case clientWait > userWait:
-		return l.refuse(LimiterWrongGuessesPerClient, clientWait)
+		return nil, l.refuse(LimiterWrongGuessesPerClient, clientWait)
 	default:
-		return l.refuse(LimiterGuessesPerUser, userWait)
+		return nil, l.refuse(LimiterGuessesPerUser, userWait)
 	}
 }
 

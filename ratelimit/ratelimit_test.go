@@ -515,3 +515,27 @@ func TestRetryAfterTruthful(t *testing.T) {
 		}
 	}
 }
+
+// ReserveGuess's undo gives the user's token back, so a guess that checked
+// nothing costs nothing; a refused reservation has nothing to undo.
+func TestReserveGuessUndo(t *testing.T) {
+	t.Parallel()
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	l := ratelimit.New(ratelimit.Config{GuessesPerUser: ratelimit.PerMinute(1, 1)}, ratelimit.Options{Now: func() time.Time { return now }})
+	undo, err := l.ReserveGuess("c", "ns", "u")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.ReserveGuess("c", "ns", "u"); err == nil {
+		t.Fatal("a second guess within the minute was admitted")
+	}
+	undo()
+	undo2, err := l.ReserveGuess("c", "ns", "u")
+	if err != nil {
+		t.Fatalf("after undo, the token is back: %v", err)
+	}
+	_ = undo2
+	if _, err := l.ReserveGuess("c", "ns", "u"); err == nil {
+		t.Fatal("the token was given back twice")
+	}
+}

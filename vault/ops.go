@@ -265,6 +265,46 @@ func (v *Vault) ChangePIN(ctx context.Context, ns, userID string, pin, newPIN []
 	return backupOf(userID, next), nil
 }
 
+// Precheck tells, without counting or checking anything, whether a guess
+// on the backup would be refused now: ErrNotFound, ErrPrecondition,
+// ErrLocked, or a *RateLimitedError for the escalating delay. It first waits
+// for a pending lock to settle. Callers use it to refuse cheaply, before
+// spending rate-limit tokens or HSM capacity on a guess; the guess itself
+// decides again when it is counted.
+func (v *Vault) Precheck(ctx context.Context, ns, userID string, pre Precondition) error {
+	if err := checkTarget(ns, userID); err != nil {
+		return err
+	}
+	key := recordKey(ns, userID)
+	return v.waitSettled(ctx, func() error {
+		cur, err := v.read(ctx, key)
+		switch {
+		case err != nil:
+			return err
+		case cur == nil || cur.Tombstone:
+			return ErrNotFound
+		}
+		if err := pre.check(cur); err != nil {
+			return err
+		}
+		if cur.Locked {
+			return v.lockedOrPending(cur)
+		}
+		if wait := v.opts.EscalatingDelay.wait(cur.record, v.now()); wait > 0 {
+			return &RateLimitedError{RetryAfter: wait}
+		}
+		return nil
+	})
+}
+
+// Checked reports whether a guess that ended with err was checked against
+// the PIN (so that it should cost a rate-limit token): a success, a wrong
+// PIN, the lock its own wrong PIN caused, or damage found after the check.
+func Checked(err error) bool {
+	var locked *LockedError
+	return err == nil || errors.Is(err, ErrWrongPIN) || errors.As(err, &locked) && locked.Checked || errors.Is(err, ErrIntegrity)
+}
+
 // Operations a caller may refuse before the vault sees them (NoteRefused).
 const (
 	OpRecover   = "recover"

@@ -276,3 +276,41 @@ func TestEscalatingDelay(t *testing.T) {
 	}
 	e.wrong("zoe", 9) // a success resets the run: no delay
 }
+
+// Precheck refuses what a guess would refuse, and counts and checks
+// nothing.
+func TestPrecheck(t *testing.T) {
+	t.Parallel()
+	var clock atomic.Int64
+	clock.Store(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC).UnixNano())
+	e := newEnv(t, vault.Options{
+		Now:             func() time.Time { return time.Unix(0, clock.Load()) },
+		EscalatingDelay: vault.EscalatingDelay{FreeGuesses: 1, Base: time.Minute},
+	})
+	if err := e.v.Precheck(bg, ns, "nobody", vault.Precondition{}); !errors.Is(err, vault.ErrNotFound) {
+		t.Fatalf("missing: %v", err)
+	}
+	b := e.enroll("pat", randBytes(32), rightPIN, 2)
+	if err := e.v.Precheck(bg, ns, "pat", vault.Precondition{}); err != nil {
+		t.Fatalf("fresh backup: %v", err)
+	}
+	if err := e.v.Precheck(bg, ns, "pat", vault.Precondition{IfMatch: b.Generation + 1}); !errors.Is(err, vault.ErrPrecondition) {
+		t.Fatalf("stale If-Match: %v", err)
+	}
+	checks := e.hsm.pinChecks()
+	e.wrong("pat", 1)
+	var rl *vault.RateLimitedError
+	if err := e.v.Precheck(bg, ns, "pat", vault.Precondition{}); !errors.As(err, &rl) || rl.RetryAfter != time.Minute {
+		t.Fatalf("within the delay: %v", err)
+	}
+	clock.Add(int64(time.Minute))
+	if _, _, err := e.v.Recover(bg, ns, "pat", []byte("0000-wrong")); !errors.Is(err, vault.ErrLocked) {
+		t.Fatalf("the last attempt: %v", err)
+	}
+	if err := e.v.Precheck(bg, ns, "pat", vault.Precondition{}); !errors.Is(err, vault.ErrLocked) {
+		t.Fatalf("locked: %v", err)
+	}
+	if got := e.hsm.pinChecks() - checks; got != 2 {
+		t.Fatalf("%d PIN checks, want the 2 guesses only", got)
+	}
+}
