@@ -174,6 +174,11 @@ func (h *handlers) enroll(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	defer clear(secret)
+	// What can only ever be a 400 is answered before HSM admission, which
+	// could shed it with a 503 the client would retry.
+	if err := errors.Join(vault.CheckSecret(secret), vault.CheckPIN("pin", req.PIN)); err != nil {
+		return err
+	}
 	release, err := h.admit(r)
 	if err != nil {
 		return err

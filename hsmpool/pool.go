@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	mrand "math/rand/v2"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -52,7 +53,8 @@ type Pool struct {
 	metrics  *metrics
 	opts     Options
 
-	admission chan struct{} // one slot per session of every member: see Admit
+	admitted  atomic.Int64  // requests holding an admission (see Admit)
+	admitWake chan struct{} // a request left: a waiter may be admitted
 
 	mu     sync.Mutex // guards closed, and wg.Add against Close
 	closed bool
@@ -104,11 +106,7 @@ func newPool(cfgs []MemberConfig, toks []token, openErrs []error, opts Options) 
 	}
 	var errs []error
 	var toProbe []*member
-	sessions := 0
-	for _, c := range cfgs {
-		sessions += max(c.MaxSessions, 1)
-	}
-	p.admission = make(chan struct{}, sessions)
+	p.admitWake = make(chan struct{}, 1)
 	for i, c := range cfgs {
 		m := &member{name: c.Name, sessions: make(chan struct{}, max(c.MaxSessions, 1))}
 		m.st.Store(brokenState())
@@ -317,18 +315,22 @@ func (p *Pool) do(ctx context.Context, op string, fn func(*member, *tokenState) 
 	}
 }
 
-// Admit admits one request that will use the HSMs: it holds one of the
-// pool's sessions (the sum of the members' max_sessions) until release is
+// Admit admits one request that will use the HSMs: it holds one session
+// of the healthy members (the sum of their max_sessions) until release is
 // called, waiting no longer than QueueTimeout or ctx allows; past that the
-// request is shed with ErrUnavailable. Requests admitted never queue for a
+// request is shed with ErrUnavailable. Requests admitted do not queue for a
 // session, so under any load their latency stays bounded, and the rest are
 // refused fast instead of queuing without bound.
 func (p *Pool) Admit(ctx context.Context) (release func(), err error) {
-	release = func() { <-p.admission }
-	select {
-	case p.admission <- struct{}{}:
+	release = func() {
+		p.admitted.Add(-1)
+		select {
+		case p.admitWake <- struct{}{}:
+		default:
+		}
+	}
+	if p.tryAdmit() {
 		return release, nil
-	default:
 	}
 	var queue <-chan time.Time
 	if p.opts.QueueTimeout > 0 {
@@ -336,14 +338,44 @@ func (p *Pool) Admit(ctx context.Context) (release func(), err error) {
 		defer t.Stop()
 		queue = t.C
 	}
-	select {
-	case p.admission <- struct{}{}:
-		return release, nil
-	case <-queue:
-		p.metrics.shed.WithLabelValues("admission").Inc()
-		return nil, fmt.Errorf("%w: the HSMs are busy: no session within %v", ErrUnavailable, p.opts.QueueTimeout)
-	case <-ctx.Done():
-		return nil, fmt.Errorf("%w: waiting for the HSMs: %w", ErrUnavailable, ctx.Err())
+	// Capacity also grows when a member comes back: look again now and
+	// then, not only when a request leaves.
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-p.admitWake:
+		case <-tick.C:
+		case <-queue:
+			p.metrics.shed.WithLabelValues("admission").Inc()
+			return nil, fmt.Errorf("%w: the HSMs are busy: no session within %v", ErrUnavailable, p.opts.QueueTimeout)
+		case <-ctx.Done():
+			p.metrics.shed.WithLabelValues("admission").Inc()
+			return nil, fmt.Errorf("%w: waiting for the HSMs: %w", ErrUnavailable, ctx.Err())
+		}
+		if p.tryAdmit() {
+			return release, nil
+		}
+	}
+}
+
+// tryAdmit takes an admission if fewer requests hold one than the healthy
+// members have sessions.
+func (p *Pool) tryAdmit() bool {
+	capacity := int64(0)
+	for _, m := range p.members {
+		if m.healthy.Load() {
+			capacity += int64(cap(m.sessions))
+		}
+	}
+	for {
+		n := p.admitted.Load()
+		if n >= capacity {
+			return false
+		}
+		if p.admitted.CompareAndSwap(n, n+1) {
+			return true
+		}
 	}
 }
 

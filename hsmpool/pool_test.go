@@ -639,4 +639,29 @@ func TestAdmit(t *testing.T) {
 	} else {
 		release()
 	}
+	// A waiter is admitted as soon as a request leaves, within the timeout.
+	last, err := p.Admit(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { time.Sleep(5 * time.Millisecond); last() }()
+	if release, err := p.Admit(ctx); err != nil {
+		t.Fatalf("a waiter when a request left: %v", err)
+	} else {
+		release()
+	}
+	for _, r := range releases[1:] {
+		r()
+	}
+	// Only healthy members' sessions count: with a (2 sessions) out, one
+	// request is admitted, not three.
+	p.members[0].healthy.Store(false)
+	one, err := p.Admit(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Admit(ctx); !errors.Is(err, vault.ErrUnavailable) {
+		t.Fatalf("a second request with only b's session: %v", err)
+	}
+	one()
 }

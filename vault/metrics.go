@@ -21,11 +21,11 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	m := &metrics{
 		recoveries: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "keyvault_recoveries_total",
-			Help: "Recover requests that reached the vault, by result.",
+			Help: "Recover requests by result, those refused before the vault (rate limits, admission) included.",
 		}, []string{"result"}),
 		pinChanges: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "keyvault_pin_changes_total",
-			Help: "PIN change requests that reached the vault, by result.",
+			Help: "PIN change requests by result, those refused before the vault (rate limits, admission) included.",
 		}, []string{"result"}),
 		enrollments: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "keyvault_enrollments_total",

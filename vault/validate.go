@@ -62,6 +62,9 @@ func checkPIN(field string, pin []byte) error {
 	return nil
 }
 
+// CheckSecret returns an ErrInvalid unless secret is 16 to 512 bytes.
+func CheckSecret(secret []byte) error { return checkSecret(secret) }
+
 func checkSecret(secret []byte) error {
 	if len(secret) < minSecretLen || len(secret) > maxSecretLen {
 		return invalid("secret", "must be 16 to 512 bytes")
