@@ -329,8 +329,11 @@ func (p *Pool) Admit(ctx context.Context) (release func(), err error) {
 		default:
 		}
 	}
-	if p.tryAdmit() {
+	switch p.tryAdmit() {
+	case admitted:
 		return release, nil
+	case noMember:
+		return nil, fmt.Errorf("%w: no healthy HSM member", ErrUnavailable)
 	}
 	var queue <-chan time.Time
 	if p.opts.QueueTimeout > 0 {
@@ -353,28 +356,42 @@ func (p *Pool) Admit(ctx context.Context) (release func(), err error) {
 			p.metrics.shed.WithLabelValues("admission").Inc()
 			return nil, fmt.Errorf("%w: waiting for the HSMs: %w", ErrUnavailable, ctx.Err())
 		}
-		if p.tryAdmit() {
+		switch p.tryAdmit() {
+		case admitted:
 			return release, nil
+		case noMember:
+			return nil, fmt.Errorf("%w: no healthy HSM member", ErrUnavailable)
 		}
 	}
 }
 
+type admission int
+
+const (
+	admitted admission = iota
+	full               // every session of the healthy members is held
+	noMember           // no member is healthy: waiting would not help
+)
+
 // tryAdmit takes an admission if fewer requests hold one than the healthy
 // members have sessions.
-func (p *Pool) tryAdmit() bool {
+func (p *Pool) tryAdmit() admission {
 	capacity := int64(0)
 	for _, m := range p.members {
 		if m.healthy.Load() {
 			capacity += int64(cap(m.sessions))
 		}
 	}
+	if capacity == 0 {
+		return noMember
+	}
 	for {
 		n := p.admitted.Load()
 		if n >= capacity {
-			return false
+			return full
 		}
 		if p.admitted.CompareAndSwap(n, n+1) {
-			return true
+			return admitted
 		}
 	}
 }

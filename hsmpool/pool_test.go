@@ -664,4 +664,10 @@ func TestAdmit(t *testing.T) {
 		t.Fatalf("a second request with only b's session: %v", err)
 	}
 	one()
+	// With no member healthy, a request is refused at once: no wait.
+	p.members[1].healthy.Store(false)
+	start = time.Now()
+	if _, err := p.Admit(context.Background()); !errors.Is(err, vault.ErrUnavailable) || time.Since(start) > 10*time.Millisecond {
+		t.Fatalf("admission with no healthy member: %v after %v", err, time.Since(start))
+	}
 }
