@@ -221,25 +221,13 @@ func (f *flaky) Open(k vault.KeyID, n, c, a []byte) ([]byte, error) {
 }
 
 func TestFailoverLosesNoRequest(t *testing.T) {
-	a, b := newMember(t, "a"), newMember(t, "b")
-	if _, err := Provision([]MemberConfig{a, b}); err != nil {
-		t.Fatal(err)
-	}
-	ta, err := openToken(a)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tb, err := openToken(b)
-	if err != nil {
-		t.Fatal(err)
-	}
-	fa := &flaky{token: ta}
+	var fa *flaky
 	reg := prometheus.NewRegistry()
-	p, err := newPool([]MemberConfig{a, b}, []token{fa, tb}, make([]error, 2), Options{Registerer: reg, ProbeBackoff: 10 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	p := twoMembers(t, Options{Registerer: reg, ProbeBackoff: 10 * time.Millisecond}, func(t token) token {
+		fa = &flaky{token: t}
+		return fa
+	})
+	tb := p.members[1].state().tok
 	ctx := context.Background()
 	nonce := make([]byte, 12)
 	ct, err := p.Seal(ctx, wrap1, nonce, []byte("x"), nil)
