@@ -1,11 +1,13 @@
 package api
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -501,5 +503,51 @@ func TestAdmissionSheds(t *testing.T) {
 	}
 	if w := do(h, "GET", "/v1/backups/u", "token-a", ""); w.Code != 200 {
 		t.Fatalf("GET needs no HSM and is not shed: %d", w.Code)
+	}
+}
+
+// logIDStub is a stub vault that names users by a stand-in keyed hash.
+type logIDStub struct{ stubBackups }
+
+func (*logIDStub) LogID(ns, userID string) string { return "h(" + ns + ")" }
+
+// One audit event per vault operation, with request ID, client, namespace,
+// a keyed hash of the user (never the raw ID), result and duration.
+func TestAuditEvents(t *testing.T) {
+	t.Parallel()
+	var buf bytes.Buffer
+	s := &logIDStub{}
+	tokA := sha256.Sum256([]byte("token-a"))
+	h := NewRouter(s, Options{
+		Logger:  slog.New(slog.NewJSONHandler(&buf, nil)),
+		Clients: []Client{{Name: "a", Namespace: "ns-a", TokenHashes: [][32]byte{tokA}}},
+	})
+	do(h, "PUT", "/v1/backups/alice-raw-id", "token-a", `{"secret":"MDEyMzQ1Njc4OWFiY2RlZg==","pin":"1234"}`, "X-Request-Id", "req-1")
+	s.err = fmt.Errorf("recover: %w", &vault.LockedError{Checked: true})
+	do(h, "POST", "/v1/backups/alice-raw-id/recover", "token-a", `{"pin":"9999"}`, "X-Request-Id", "req-2")
+	s.err = &vault.WrongPINError{Remaining: 2}
+	do(h, "POST", "/v1/backups/alice-raw-id/pin", "token-a", `{"pin":"9999","new_pin":"5678"}`, "X-Request-Id", "req-3")
+	s.err = vault.ErrNotFound
+	do(h, "DELETE", "/v1/backups/alice-raw-id", "token-a", "", "X-Request-Id", "req-4")
+	do(h, "GET", "/v1/backups/alice-raw-id", "token-a", "", "X-Request-Id", "req-5") // not an operation
+
+	want := map[string][2]string{"req-1": {"enroll", "created"}, "req-2": {"recover", "lockout"}, "req-3": {"change_pin", "wrong_pin"}, "req-4": {"delete", "not_found"}}
+	got := 0
+	for _, line := range bytes.Split(buf.Bytes(), []byte("\n")) {
+		if bytes.Contains(line, []byte("alice-raw-id")) || bytes.Contains(line, []byte("9999")) || bytes.Contains(line, []byte("token-a")) {
+			t.Fatalf("a raw user_id, PIN or token in the log: %s", line)
+		}
+		var ev map[string]any
+		if json.Unmarshal(line, &ev) != nil || ev["msg"] != "audit" {
+			continue
+		}
+		got++
+		w, ok := want[fmt.Sprint(ev["request_id"])]
+		if !ok || ev["op"] != w[0] || ev["result"] != w[1] || ev["client"] != "a" || ev["namespace"] != "ns-a" || ev["user"] != "h(ns-a)" || ev["duration_ms"] == nil {
+			t.Errorf("audit event %v, want op %s result %s", ev, w[0], w[1])
+		}
+	}
+	if got != len(want) {
+		t.Fatalf("%d audit events, want %d:\n%s", got, len(want), buf.Bytes())
 	}
 }

@@ -149,11 +149,13 @@ func handle(f func(http.ResponseWriter, *http.Request) error) http.HandlerFunc {
 	}
 }
 
-func (h *handlers) enroll(w http.ResponseWriter, r *http.Request) error {
+func (h *handlers) enroll(w http.ResponseWriter, r *http.Request) (err error) {
 	ns, id, err := target(r)
 	if err != nil {
 		return err
 	}
+	ev := h.audit(r, "enroll", ns, id)
+	defer func() { ev.done(err) }()
 	pre, err := preconditions(r, true)
 	if err != nil {
 		return err
@@ -189,8 +191,9 @@ func (h *handlers) enroll(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	status := http.StatusOK
+	ev.onSuccess = "replaced"
 	if created {
-		status = http.StatusCreated
+		status, ev.onSuccess = http.StatusCreated, "created"
 	}
 	writeBackup(w, status, b, false)
 	return nil
@@ -209,11 +212,13 @@ func (h *handlers) status(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-func (h *handlers) delete(w http.ResponseWriter, r *http.Request) error {
+func (h *handlers) delete(w http.ResponseWriter, r *http.Request) (err error) {
 	ns, id, err := target(r)
 	if err != nil {
 		return err
 	}
+	ev := h.audit(r, "delete", ns, id)
+	defer func() { ev.done(err) }()
 	pre, err := preconditions(r, false)
 	if err != nil {
 		return err
@@ -225,11 +230,13 @@ func (h *handlers) delete(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-func (h *handlers) recover(w http.ResponseWriter, r *http.Request) error {
+func (h *handlers) recover(w http.ResponseWriter, r *http.Request) (err error) {
 	ns, id, err := target(r)
 	if err != nil {
 		return err
 	}
+	ev := h.audit(r, "recover", ns, id)
+	defer func() { ev.done(err) }()
 	var req recoverRequest
 	defer req.PIN.wipe()
 	if err := decodeBody(r, w, &req); err != nil {
@@ -265,11 +272,13 @@ func (h *handlers) recover(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-func (h *handlers) changePIN(w http.ResponseWriter, r *http.Request) error {
+func (h *handlers) changePIN(w http.ResponseWriter, r *http.Request) (err error) {
 	ns, id, err := target(r)
 	if err != nil {
 		return err
 	}
+	ev := h.audit(r, "change_pin", ns, id)
+	defer func() { ev.done(err) }()
 	pre, err := preconditions(r, false)
 	if err != nil {
 		return err

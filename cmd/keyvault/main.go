@@ -22,6 +22,8 @@ Usage:
   keyvault dev [--dir DIR]           set up SoftHSM, keys and a config in DIR, then serve
   keyvault keys init --config FILE   create key version 1 on every HSM member
   keyvault keys list --config FILE   key versions and check values per member
+  keyvault config check --config FILE
+                                     validate a config without starting
   keyvault bench ...                 load against a running vault (not built yet)
   keyvault version                   print the version
 
@@ -53,6 +55,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdDev(args[1:], stdout, stderr)
 	case "keys":
 		err = cmdKeys(args[1:], stdout, stderr)
+	case "config":
+		err = cmdConfig(args[1:], stdout, stderr)
 	case "bench":
 		err = errors.New("bench is not built yet: it comes with the benchmark issue")
 	case "version":
