@@ -2,8 +2,9 @@
 // endpoints.
 //
 // NewRouter's route table reads top to bottom. Middleware runs in this
-// order: request ID, panic recovery, metrics and request log, bearer-token
-// authentication. Handlers decode, call the vault, and encode; one
+// order: request ID, metrics and request log, panic recovery (inside the
+// metrics, so a panic counts as its 500), the request deadline, then for
+// /v1 bearer-token authentication and the client's request limit. Handlers decode, call the vault, and encode; one
 // function, writeError, turns every error into an RFC 9457 problem document,
 // and anything it does not know becomes a bare 500 whose text stays in the
 // process.

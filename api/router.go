@@ -108,5 +108,6 @@ func NewRouter(b Backups, opts Options) http.Handler {
 		r.Post("/backups/{user_id}/recover", handle(h.recover))
 		r.Post("/backups/{user_id}/pin", handle(h.changePIN))
 	})
+	r.Get("/openapi.yaml", serveOpenAPI)
 	return r
 }

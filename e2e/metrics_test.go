@@ -1,0 +1,122 @@
+package e2e
+
+import (
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+
+	"github.com/keyvault/keyvault/internal/softhsm/softhsmtest"
+)
+
+// TestMetricFamilies runs traffic over every endpoint and error path, then
+// checks that every metric family SPEC.md names is exported with the
+// labels it promises, that the exposition passes the Prometheus linter,
+// and that no label value holds a user ID or the bearer token.
+func TestMetricFamilies(t *testing.T) {
+	softhsmtest.Module(t)
+	t.Parallel()
+	v := startDev(t, t.TempDir())
+	c := newClient(v.API, v.Token)
+	user, pin, secret := randID("metrics"), randPIN("metrics"), randBytes(32)
+	c.mustEnroll(t, http.StatusCreated, user, secret, pin, 2)
+	c.mustEnroll(t, http.StatusOK, user, secret, pin, 2)
+	c.mustRecover(t, user, pin, secret)
+	c.recover(t, user, "wrong-1")
+	c.changePIN(t, user, pin, pin+"-new")
+	c.recover(t, user, "wrong-2")
+	c.recover(t, user, "wrong-3") // locks
+	c.recover(t, user, pin+"-new")
+	c.status(t, user)
+	c.status(t, randID("missing"))
+	c.delete(t, user)
+	c.recover(t, "bad id", pin)
+	newClient(v.API, "not-a-token").status(t, user)
+
+	_, text := metrics(t, v.Admin)
+	parser := expfmt.NewTextParser(model.LegacyValidation)
+	families, err := parser.TextToMetricFamilies(strings.NewReader(text))
+	if err != nil {
+		t.Fatal(err)
+	}
+	gatherer := prometheus.GathererFunc(func() ([]*dto.MetricFamily, error) {
+		var out []*dto.MetricFamily
+		for _, mf := range families {
+			out = append(out, mf)
+		}
+		return out, nil
+	})
+	if problems, err := testutil.GatherAndLint(gatherer); err != nil || len(problems) > 0 {
+		t.Fatalf("metric lint: %v %+v", err, problems)
+	}
+	for name, labels := range map[string][]string{
+		"keyvault_http_requests_total":                {"route", "method", "code"},
+		"keyvault_http_request_duration_seconds":      {"route", "method"},
+		"keyvault_recoveries_total":                   {"result"},
+		"keyvault_pin_changes_total":                  {"result"},
+		"keyvault_enrollments_total":                  {"result"},
+		"keyvault_deletes_total":                      nil,
+		"keyvault_lockouts_total":                     nil,
+		"keyvault_integrity_failures_total":           nil,
+		"keyvault_hsm_operations_total":               {"member", "op"},
+		"keyvault_hsm_operation_duration_seconds":     {"member", "op"},
+		"keyvault_hsm_in_flight_operations":           {"member"},
+		"keyvault_hsm_member_up":                      {"member"},
+		"keyvault_store_transaction_duration_seconds": {"op"},
+		"keyvault_ratelimit_rejections_total":         {"limiter"},
+		"keyvault_wrap_key_seals":                     {"key_version"},
+		"go_goroutines":                               nil,
+		"process_cpu_seconds_total":                   nil,
+	} {
+		mf := families[name]
+		if mf == nil || len(mf.GetMetric()) == 0 {
+			t.Errorf("metric family %s is missing", name)
+			continue
+		}
+		for _, l := range labels {
+			found := false
+			for _, lp := range mf.GetMetric()[0].GetLabel() {
+				found = found || lp.GetName() == l
+			}
+			if !found {
+				t.Errorf("%s has no label %s", name, l)
+			}
+		}
+	}
+	for _, mf := range families {
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if strings.Contains(l.GetValue(), "metrics-") || strings.Contains(l.GetValue(), v.Token) || !model.LabelValue(l.GetValue()).IsValid() {
+					t.Errorf("%s{%s=%q}: a user ID or token in a label", mf.GetName(), l.GetName(), l.GetValue())
+				}
+			}
+		}
+	}
+	want := map[string]float64{
+		`keyvault_recoveries_total{result="success"}`:   1,
+		`keyvault_recoveries_total{result="wrong_pin"}`: 2,
+		`keyvault_recoveries_total{result="locked"}`:    2,
+		`keyvault_enrollments_total{result="created"}`:  1,
+		`keyvault_enrollments_total{result="replaced"}`: 1,
+		`keyvault_lockouts_total`:                       1,
+		`keyvault_deletes_total`:                        1,
+		`keyvault_pin_changes_total{result="success"}`:  1,
+	}
+	samples, _ := metrics(t, v.Admin)
+	for series, n := range want {
+		name, sel, _ := strings.Cut(strings.TrimSuffix(series, "}"), "{")
+		labels := map[string]string{}
+		if k, val, ok := strings.Cut(sel, "="); ok {
+			labels[k] = strings.Trim(val, `"`)
+		}
+		if got, _ := metricSum(samples, name, labels); got != n {
+			t.Errorf("%s = %v, want %v", series, got, n)
+		}
+	}
+	v.Stop()
+}
