@@ -551,3 +551,13 @@ func TestAuditEvents(t *testing.T) {
 		t.Fatalf("%d audit events, want %d:\n%s", got, len(want), buf.Bytes())
 	}
 }
+
+func TestMethodNotAllowedListsAllow(t *testing.T) {
+	t.Parallel()
+	h := newTestRouter(&stubBackups{}, nil)
+	for path, want := range map[string]string{"/v1/backups/u": "GET, PUT, DELETE", "/v1/backups/u/recover": "POST"} {
+		if w := do(h, "PATCH", path, "token-a", ""); w.Code != 405 || w.Header().Get("Allow") != want {
+			t.Errorf("PATCH %s: %d Allow %q, want 405 with %q", path, w.Code, w.Header().Get("Allow"), want)
+		}
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -97,8 +98,17 @@ func NewRouter(b Backups, opts Options) http.Handler {
 	r.NotFound(func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, r, &apiError{http.StatusNotFound, codeNotFound, "No such route."})
 	})
+	mux := r
 	r.MethodNotAllowed(func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, r, &apiError{http.StatusMethodNotAllowed, codeInvalid, "Method not allowed on this route."})
+		// RFC 9110 asks a 405 to list the methods the route does allow.
+		var allowed []string
+		for _, m := range []string{http.MethodGet, http.MethodPut, http.MethodPost, http.MethodDelete} {
+			if mux.Match(chi.NewRouteContext(), m, r.URL.Path) {
+				allowed = append(allowed, m)
+			}
+		}
+		w.Header().Set("Allow", strings.Join(allowed, ", "))
+		writeError(w, r, &apiError{http.StatusMethodNotAllowed, codeInvalid, "Method not allowed on this route; see the Allow header."})
 	})
 	r.Route("/v1", func(r chi.Router) {
 		r.Use(authenticate(opts.Clients, opts.Limits))
