@@ -4,7 +4,7 @@ BIN     := bin/keyvault
 PKGS    := ./...
 FUZZTIME ?= 30s
 
-.PHONY: help run test bench build deps vet fmt-check fuzz clean
+.PHONY: help run test bench build deps test-deps vet fmt-check fuzz clean
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -12,7 +12,7 @@ help: ## this list
 run: deps build ## set up a dev SoftHSM token, keys and store in .keyvault-dev, and serve on 127.0.0.1:8080 (admin :9090)
 	./$(BIN) dev
 
-test: deps fmt-check vet ## the whole suite: unit, SoftHSM integration, end-to-end, fuzz corpora; under -race; one pass of each benchmark
+test: deps test-deps fmt-check vet ## the whole suite: unit, SoftHSM integration, end-to-end, fuzz corpora; under -race; one pass of each benchmark
 	@out=$$($(GO) test -run '^$$' -bench . -benchtime 1x $(PKGS) 2>&1) || { echo "$$out"; exit 1; }; echo "benchmarks: each ran once, so none rots"
 	$(GO) test -race -count=1 -timeout 20m $(PKGS)
 
@@ -24,6 +24,9 @@ build: ## build bin/keyvault
 
 deps: ## install SoftHSM2 when it is missing (apt-get; sudo when not root)
 	@deploy/softhsm/install.sh
+
+test-deps: ## install promtool when it is missing: make test checks the alert rules with it
+	@deploy/prometheus/install-promtool.sh
 
 vet:
 	$(GO) vet $(PKGS)

@@ -107,6 +107,8 @@ func newPool(cfgs []MemberConfig, toks []token, openErrs []error, opts Options) 
 	var errs []error
 	var toProbe []*member
 	p.admitWake = make(chan struct{}, 1)
+	p.metrics.shed.WithLabelValues("admission")
+	p.metrics.shed.WithLabelValues("session")
 	for i, c := range cfgs {
 		m := &member{name: c.Name, sessions: make(chan struct{}, max(c.MaxSessions, 1))}
 		m.st.Store(brokenState())
@@ -116,6 +118,9 @@ func newPool(cfgs []MemberConfig, toks []token, openErrs []error, opts Options) 
 		p.members = append(p.members, m)
 		p.metrics.up.WithLabelValues(c.Name).Set(0)
 		p.metrics.keyMismatch.WithLabelValues(c.Name).Set(0)
+		// Counters start at zero, so that the first event shows in rate().
+		p.metrics.ejections.WithLabelValues(c.Name)
+		p.metrics.readmissions.WithLabelValues(c.Name)
 
 		err := openErrs[i]
 		if err == nil && toks[i] == nil {
