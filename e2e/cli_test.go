@@ -164,3 +164,32 @@ func TestDevReuse(t *testing.T) {
 		}
 	}
 }
+
+// TestConfigCheck: keyvault config check validates a config as serve would
+// and exits 2 naming every problem by its key path.
+func TestConfigCheck(t *testing.T) {
+	softhsmtest.Module(t)
+	t.Parallel()
+	dir := t.TempDir()
+	startDev(t, dir).Stop()
+	good := filepath.Join(dir, "keyvault.yaml")
+	if code, out := runCLI(t, "config", "check", "--config", good); code != 0 || !strings.Contains(out, "ok") {
+		t.Fatalf("config check of the dev config: exit %d: %s", code, out)
+	}
+	data, err := os.ReadFile(good)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := filepath.Join(dir, "bad.yaml")
+	broken := strings.Replace(string(data), "budget:\n", "budget:\n  max_attempts: 3\n", 1) + "lisen: 127.0.0.1:1\n"
+	if err := os.WriteFile(bad, []byte(broken), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	code, out := runCLI(t, "config", "check", "--config", bad)
+	if code != 2 || !strings.Contains(out, "budget.max_attempts: unknown key") || !strings.Contains(out, "lisen: unknown key") {
+		t.Fatalf("config check of a config with two unknown keys: exit %d: %s", code, out)
+	}
+	if code, _ := runCLI(t, "config", "check"); code != 2 {
+		t.Fatalf("config check without --config: exit %d, want 2", code)
+	}
+}
