@@ -5,7 +5,6 @@ import (
 	"net/http"
 	"time"
 
-	"github.com/keyvault/keyvault/ratelimit"
 	"github.com/keyvault/keyvault/vault"
 )
 
@@ -57,39 +56,13 @@ func (e *auditEvent) result(err error) string {
 	case errors.As(err, &ae):
 		return ae.code
 	}
-	switch r := resultOf(err); r {
+	// The vault's names, in the API's problem codes where they differ.
+	switch r := vault.ResultOf(err); r {
+	case "invalid":
+		return codeInvalid
 	case "error":
 		return codeInternal
 	default:
 		return r
 	}
-}
-
-// resultOf names an outcome as the vault's metrics do.
-func resultOf(err error) string {
-	var wrong *vault.WrongPINError
-	switch {
-	case errors.As(err, &wrong):
-		return codeWrongPIN
-	case errors.Is(err, vault.ErrLocked):
-		return codeLocked
-	case errors.Is(err, vault.ErrNotFound):
-		return codeNotFound
-	case errors.Is(err, vault.ErrInvalid):
-		return codeInvalid
-	case errors.Is(err, vault.ErrPrecondition):
-		return codePrecondition
-	case errors.Is(err, vault.ErrIntegrity):
-		return codeIntegrity
-	case errors.Is(err, vault.ErrRateLimited), isRateLimited(err):
-		return codeRateLimited
-	case errors.Is(err, vault.ErrUnavailable):
-		return codeUnavailable
-	}
-	return "error"
-}
-
-func isRateLimited(err error) bool {
-	var limited *ratelimit.Error
-	return errors.As(err, &limited)
 }

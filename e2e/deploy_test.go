@@ -852,20 +852,7 @@ func deployTraffic(t *testing.T) string {
 
 	// An HSM outage: the token directory goes away (HSM errors, the member
 	// taken out, 503s), then comes back (readmitted).
-	tokens, away := filepath.Join(dir, "tokens"), filepath.Join(dir, "tokens.away")
-	if err := os.Rename(tokens, away); err != nil {
-		t.Fatal(err)
-	}
-	restored := false
-	restore := func() {
-		if !restored {
-			restored = true
-			if err := os.Rename(away, tokens); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	t.Cleanup(restore)
+	restore := takeTokensAway(t, dir)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		r := c.enroll(t, randID("outage"), secret, "1234", 0)

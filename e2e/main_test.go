@@ -720,3 +720,23 @@ func findEncoded(hay, needle []byte) string {
 	}
 	return ""
 }
+
+// takeTokensAway renames the dev directory's SoftHSM token directory, as an
+// HSM that disappears; restore (also run at cleanup) puts it back once.
+func takeTokensAway(t *testing.T, dir string) (restore func()) {
+	t.Helper()
+	tokens, away := filepath.Join(dir, "tokens"), filepath.Join(dir, "tokens.away")
+	if err := os.Rename(tokens, away); err != nil {
+		t.Fatal(err)
+	}
+	var once sync.Once
+	restore = func() {
+		once.Do(func() {
+			if err := os.Rename(away, tokens); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+	t.Cleanup(restore)
+	return restore
+}

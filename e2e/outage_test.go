@@ -3,8 +3,6 @@ package e2e
 import (
 	"bytes"
 	"net/http"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -28,20 +26,7 @@ func TestHSMOutage(t *testing.T) {
 	wantProblem(t, "a wrong guess", c.recover(t, e.user, "wrong-pin"), http.StatusForbidden, "wrong_pin")
 	gen := num(t, c.mustStatus(t, e.user), "generation")
 
-	tokens, away := filepath.Join(dir, "tokens"), filepath.Join(dir, "tokens.away")
-	if err := os.Rename(tokens, away); err != nil {
-		t.Fatal(err)
-	}
-	restored := false
-	restore := func() {
-		if !restored {
-			restored = true
-			if err := os.Rename(away, tokens); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	t.Cleanup(restore)
+	restore := takeTokensAway(t, dir)
 	// SoftHSM notices within about 10 ms; until then, operations still
 	// work. Wait for that with enrollments of throwaway backups, which count
 	// no guess.

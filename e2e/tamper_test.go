@@ -43,15 +43,7 @@ func TestTamper(t *testing.T) {
 	v.Stop()
 
 	// Edit the file while no vault runs.
-	bdb, err := bolt.Open(db, 0o600, &bolt.Options{Timeout: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = bdb.Update(func(tx *bolt.Tx) error {
-		kv := tx.Bucket([]byte("kv"))
-		if kv == nil {
-			return errors.New(`no bucket "kv"`)
-		}
+	editStore(t, db, func(kv *bolt.Bucket) error {
 		ka, kb, kc := recordKey("dev", a.user), recordKey("dev", b.user), recordKey("dev", cc.user)
 		va, vb := bytes.Clone(kv.Get(ka)), bytes.Clone(kv.Get(kb))
 		if va == nil || vb == nil || kv.Get(kc) == nil {
@@ -78,12 +70,6 @@ func TestTamper(t *testing.T) {
 		}
 		return kv.Put(kd, vd[:28])
 	})
-	if cerr := bdb.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		t.Fatalf("editing the store: %v", err)
-	}
 
 	v = startDev(t, dir)
 	c = newClient(v.API, v.Token)
@@ -152,15 +138,7 @@ func TestTamperShortValue(t *testing.T) {
 	}
 	v.Stop()
 
-	bdb, err := bolt.Open(db, 0o600, &bolt.Options{Timeout: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = bdb.Update(func(tx *bolt.Tx) error {
-		kv := tx.Bucket([]byte("kv"))
-		if kv == nil {
-			return errors.New(`no bucket "kv"`)
-		}
+	editStore(t, db, func(kv *bolt.Bucket) error {
 		k := recordKey("dev", e.user)
 		val := bytes.Clone(kv.Get(k))
 		if len(val) < 8 {
@@ -168,12 +146,6 @@ func TestTamperShortValue(t *testing.T) {
 		}
 		return kv.Put(k, val[:5])
 	})
-	if cerr := bdb.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		t.Fatalf("editing the store: %v", err)
-	}
 
 	v = startDev(t, dir)
 	c = newClient(v.API, v.Token)
@@ -199,4 +171,27 @@ func TestTamperShortValue(t *testing.T) {
 	}
 	v.Stop()
 	checkDB(t, db)
+}
+
+// editStore edits the bbolt file's "kv" bucket in one transaction, while
+// no vault runs.
+func editStore(t *testing.T, path string, edit func(kv *bolt.Bucket) error) {
+	t.Helper()
+	bdb, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = bdb.Update(func(tx *bolt.Tx) error {
+		kv := tx.Bucket([]byte("kv"))
+		if kv == nil {
+			return errors.New(`no bucket "kv"`)
+		}
+		return edit(kv)
+	})
+	if cerr := bdb.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		t.Fatalf("editing the store: %v", err)
+	}
 }

@@ -323,7 +323,11 @@ func (v *Vault) NoteRefused(op string, err error) {
 	}
 }
 
-// resultOf names an operation's outcome for metrics.
+// ResultOf names an operation's outcome as the vault's metrics do:
+// success, wrong_pin, locked, not_found, invalid, precondition_failed,
+// rate_limited, integrity_error, unavailable, or error.
+func ResultOf(err error) string { return resultOf(err) }
+
 func resultOf(err error) string {
 	var wrong *WrongPINError
 	switch {
