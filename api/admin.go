@@ -2,6 +2,7 @@ package api
 
 import (
 	"net/http"
+	"net/http/pprof"
 
 	"github.com/go-chi/chi/v5"
 	"github.com/prometheus/client_golang/prometheus"
@@ -29,4 +30,19 @@ func NewAdminRouter(gatherer prometheus.Gatherer, ready func() error) http.Handl
 		_, _ = w.Write([]byte("ready\n"))
 	})
 	return r
+}
+
+// WithProfiler adds Go's profiler under /debug/pprof/ in front of admin
+// (the config's admin_pprof). It is mounted explicitly rather than through
+// net/http/pprof's side effect on http.DefaultServeMux, which nothing here
+// serves.
+func WithProfiler(admin http.Handler) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	mux.Handle("/", admin)
+	return mux
 }

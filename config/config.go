@@ -42,6 +42,11 @@ type Config struct {
 	// AdminListen is the host:port of /metrics, /healthz and /readyz.
 	// Default "127.0.0.1:9090". Must differ from Listen unless a port is 0.
 	AdminListen string `yaml:"admin_listen"`
+	// AdminPprof serves Go's profiler under /debug/pprof/ on the admin
+	// listener, for finding where time goes under load. Default false:
+	// profiles reveal code paths and timings, not data, but they cost CPU
+	// while taken and belong on a listener only operators reach.
+	AdminPprof bool `yaml:"admin_pprof"`
 	// InsecurePlaintext allows plain HTTP on a non-loopback Listen address,
 	// for deployments where TLS ends in front of keyvault. Default false.
 	InsecurePlaintext bool `yaml:"insecure_plaintext"`
@@ -79,6 +84,11 @@ type RateLimit struct {
 	// before it is shed with 503. Default 50ms; 0 waits as long as the
 	// request may.
 	HSMQueueTimeout time.Duration `yaml:"hsm_queue_timeout"`
+	// AdmittedPerHSMSession bounds the requests in the vault at once: this
+	// many per session of the healthy HSM members; the next waits up to
+	// HSMQueueTimeout, then gets 503. A request spends most of its time
+	// waiting for its store commits, not in the HSM. Default 4.
+	AdmittedPerHSMSession int `yaml:"admitted_per_hsm_session"`
 	// EscalatingDelay is kept in the record, so it holds across processes
 	// and restarts: after FreeGuesses wrong guesses in a row, the next
 	// guess must wait Base * 2^(k-FreeGuesses) after the last one, k being
@@ -265,6 +275,7 @@ func defaults() *Config {
 			RequestsPerClient:     Bucket{PerSecond: 500, Burst: 1000},
 			WrongGuessesPerClient: Bucket{PerMinute: 600, Burst: 600},
 			HSMQueueTimeout:       50 * time.Millisecond,
+			AdmittedPerHSMSession: 4,
 			EscalatingDelay:       EscalatingDelay{FreeGuesses: 5, Base: time.Minute},
 		},
 	}

@@ -346,6 +346,9 @@ func (v *validator) rateLimit(r RateLimit) {
 			v.add(x.key+".burst", "must be at least 1 when the limit is on")
 		}
 	}
+	if r.AdmittedPerHSMSession < 1 || r.AdmittedPerHSMSession > 1000 {
+		v.add("ratelimit.admitted_per_hsm_session", "must be from 1 to 1000")
+	}
 	if r.HSMQueueTimeout < 0 {
 		v.add("ratelimit.hsm_queue_timeout", "must not be negative")
 	}

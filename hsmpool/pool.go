@@ -42,6 +42,11 @@ type Options struct {
 	// QueueTimeout is the longest an operation waits for a session before
 	// it is shed with ErrUnavailable (0: as long as its context allows).
 	QueueTimeout time.Duration
+	// AdmitPerSession is how many requests Admit lets in per session of
+	// the healthy members (default 1). A request spends most of its time
+	// in the store, not the HSM, so one per session leaves the HSMs idle
+	// while admitted requests wait for their commits.
+	AdmitPerSession int
 }
 
 // Pool balances HSM operations over its members. It implements vault.HSM.
@@ -320,12 +325,14 @@ func (p *Pool) do(ctx context.Context, op string, fn func(*member, *tokenState) 
 	}
 }
 
-// Admit admits one request that will use the HSMs: it holds one session
-// of the healthy members (the sum of their max_sessions) until release is
-// called, waiting no longer than QueueTimeout or ctx allows; past that the
-// request is shed with ErrUnavailable. Requests admitted do not queue for a
-// session, so under any load their latency stays bounded, and the rest are
-// refused fast instead of queuing without bound.
+// Admit admits one request that will use the HSMs until release is called.
+// At most AdmitPerSession times the healthy members' sessions (the sum of
+// their max_sessions) hold an admission; a request waits no longer than
+// QueueTimeout or ctx allows for one, and past that it is shed with
+// ErrUnavailable. Admitted requests queue for a session no deeper than
+// that bound, so under any load their latency stays bounded, and the rest
+// are refused fast, before anything is counted, instead of queuing
+// without bound.
 func (p *Pool) Admit(ctx context.Context) (release func(), err error) {
 	release = func() {
 		p.admitted.Add(-1)
@@ -390,6 +397,7 @@ func (p *Pool) tryAdmit() admission {
 	if capacity == 0 {
 		return noMember
 	}
+	capacity *= int64(max(1, p.opts.AdmitPerSession))
 	for {
 		n := p.admitted.Load()
 		if n >= capacity {

@@ -652,6 +652,23 @@ func TestAdmit(t *testing.T) {
 		t.Fatalf("a second request with only b's session: %v", err)
 	}
 	one()
+	// AdmitPerSession multiplies the healthy sessions: b's one session
+	// admits three requests.
+	p.opts.AdmitPerSession = 3
+	var three []func()
+	for range 3 {
+		release, err := p.Admit(ctx)
+		if err != nil {
+			t.Fatalf("admission within 3 per session: %v", err)
+		}
+		three = append(three, release)
+	}
+	if _, err := p.Admit(ctx); !errors.Is(err, vault.ErrUnavailable) {
+		t.Fatalf("a fourth request with 3 per session of one session: %v", err)
+	}
+	for _, r := range three {
+		r()
+	}
 	// With no member healthy, a request is refused at once: no wait.
 	p.members[1].healthy.Store(false)
 	start = time.Now()

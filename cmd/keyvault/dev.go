@@ -101,6 +101,7 @@ func devSetup(dir string, stdout io.Writer) error {
 #   keyvault serve --config %[1]s/keyvault.yaml
 listen: %[2]s
 admin_listen: %[3]s
+admin_pprof: false     # true serves /debug/pprof/ on the admin listener
 store:
   path: %[1]s/keyvault.db
 hsm:
@@ -124,6 +125,7 @@ ratelimit:
   requests_per_client: {per_second: 500, burst: 1000}
   wrong_guesses_per_client: {per_minute: 600, burst: 600}
   hsm_queue_timeout: 50ms
+  admitted_per_hsm_session: 4
   escalating_delay: {free_guesses: 5, base: 1m}
 log:
   level: info

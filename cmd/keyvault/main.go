@@ -24,7 +24,9 @@ Usage:
   keyvault keys list --config FILE   key versions and check values per member
   keyvault config check --config FILE
                                      validate a config without starting
-  keyvault bench ...                 load against a running vault (not built yet)
+  keyvault bench --hsm --config FILE  the raw HSM ceiling of a recover or enroll
+  keyvault bench --url URL --token-file FILE
+                                     load a running vault over HTTP
   keyvault version                   print the version
 
 Run "keyvault COMMAND --help" for a command's flags.
@@ -58,7 +60,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "config":
 		err = cmdConfig(args[1:], stdout, stderr)
 	case "bench":
-		err = errors.New("bench is not built yet: it comes with the benchmark issue")
+		err = cmdBench(args[1:], stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "keyvault", versionString())
 	case "help", "-h", "--help":

@@ -65,7 +65,10 @@ func openPool(cfg *config.Config, reg prometheus.Registerer, log *slog.Logger) (
 	if err != nil {
 		return nil, err
 	}
-	return hsmpool.Open(members, hsmpool.Options{Registerer: reg, Logger: log, QueueTimeout: cfg.RateLimit.HSMQueueTimeout})
+	return hsmpool.Open(members, hsmpool.Options{
+		Registerer: reg, Logger: log,
+		QueueTimeout: cfg.RateLimit.HSMQueueTimeout, AdmitPerSession: cfg.RateLimit.AdmittedPerHSMSession,
+	})
 }
 
 // memberConfigs reads each member's PIN and sets hsm.module_env, which
@@ -138,13 +141,17 @@ func serve(cfg *config.Config, stderr io.Writer) error {
 		MaxHeaderBytes:    16 << 10,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
+	admin := api.NewAdminRouter(reg, func() error {
+		if err := store.Ping(); err != nil {
+			return fmt.Errorf("store: %w", err)
+		}
+		return pool.Ready()
+	})
+	if cfg.AdminPprof {
+		admin = api.WithProfiler(admin)
+	}
 	adminSrv := &http.Server{
-		Handler: api.NewAdminRouter(reg, func() error {
-			if err := store.Ping(); err != nil {
-				return fmt.Errorf("store: %w", err)
-			}
-			return pool.Ready()
-		}),
+		Handler:           admin,
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}

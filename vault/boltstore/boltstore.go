@@ -1,5 +1,5 @@
 // Package boltstore is the embedded vault.Store: one bbolt file, every
-// write a durable (fsynced) transaction.
+// write durable (fsynced) before it returns.
 //
 // # Basics
 //
@@ -7,12 +7,22 @@
 // revision taken from a store-wide counter, as etcd's mod revisions are,
 // so that compare-and-swap means the same thing on every store driver.
 //
+// # Group commit
+//
+// bbolt allows one writer at a time, and each commit costs two fsyncs
+// (about 0.3 ms each on the machines we measured). One goroutine therefore
+// commits all writes: while one transaction syncs, new compare-and-swaps
+// queue, and the next transaction applies every queued one and syncs once.
+// A lone write waits for nothing; under load, one commit serves many. Each
+// write is still checked against its own revision and answered only after
+// its transaction is on disk. bbolt's own DB.Batch is not used: it holds
+// each batch open for a timer (MaxBatchDelay), which adds that delay to
+// every write at low load.
+//
 // # Caveats
 //
-// bbolt allows one writer at a time: writes are serialised, and each costs
-// one or two fsyncs. Freed pages keep old values until reused, so deleted or
-// replaced records may still be readable in the file (see the README's
-// threat model).
+// Freed pages keep old values until reused, so deleted or replaced records
+// may still be readable in the file (see the README's threat model).
 package boltstore
 
 import (
@@ -21,6 +31,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -47,10 +58,32 @@ const revLen = 8
 // the text: it holds a user ID.
 var errTruncated = fmt.Errorf("%w: stored value shorter than its revision", vault.ErrIntegrity)
 
+// maxBatch bounds the writes of one transaction, and so the time the
+// first of them waits for the last to be applied.
+const maxBatch = 512
+
+// errClosed: the store was closed before the write was taken.
+var errClosed = errors.New("store closed")
+
 // Store is a vault.Store on a bbolt file.
 type Store struct {
 	db      *bolt.DB
 	txTimes *prometheus.HistogramVec
+	batches prometheus.Histogram
+
+	writes    chan *write // unbuffered: a write is taken or refused, never stranded
+	closing   chan struct{}
+	committed chan struct{} // closed when the committer has stopped
+	closeOnce sync.Once
+}
+
+// write is one compare-and-swap on its way through the committer.
+type write struct {
+	key, value []byte
+	rev        uint64 // expected current revision
+	newRev     uint64
+	err        error
+	done       chan struct{}
 }
 
 var _ vault.Store = (*Store)(nil)
@@ -85,18 +118,34 @@ func Open(path string, reg prometheus.Registerer) (*Store, error) {
 	if reg == nil {
 		reg = prometheus.NewRegistry()
 	}
-	return &Store{
+	s := &Store{
 		db: db,
 		txTimes: promauto.With(reg).NewHistogramVec(prometheus.HistogramOpts{
-			Name:    "keyvault_store_transaction_duration_seconds",
-			Help:    "Duration of store transactions, by operation.",
+			Name: "keyvault_store_transaction_duration_seconds",
+			Help: "Duration of store operations as callers see them (get, cas, scan; a cas includes its wait for the commit), " +
+				"and of each group commit (commit).",
 			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
 		}, []string{"op"}),
-	}, nil
+		batches: promauto.With(reg).NewHistogram(prometheus.HistogramOpts{
+			Name:    "keyvault_store_commit_writes",
+			Help:    "Compare-and-swaps applied by one group commit (one fsynced transaction).",
+			Buckets: prometheus.ExponentialBuckets(1, 2, 10),
+		}),
+		writes:    make(chan *write),
+		closing:   make(chan struct{}),
+		committed: make(chan struct{}),
+	}
+	go s.commitLoop()
+	return s, nil
 }
 
-// Close closes the file.
-func (s *Store) Close() error { return s.db.Close() }
+// Close finishes the writes already taken, refuses new ones, and closes
+// the file.
+func (s *Store) Close() error {
+	s.closeOnce.Do(func() { close(s.closing) })
+	<-s.committed
+	return s.db.Close()
+}
 
 // Ping reports whether the store answers a read transaction.
 func (s *Store) Ping() error {
@@ -127,41 +176,107 @@ func (s *Store) Get(ctx context.Context, key []byte) (value []byte, rev uint64, 
 	return value, rev, err
 }
 
-// CompareAndSwap implements vault.Store. The transaction commits with an
-// fsync before it returns.
+// CompareAndSwap implements vault.Store. It returns once the transaction
+// that applied it (or found the conflict) has committed with an fsync. A
+// done ctx refuses the write only before the committer has taken it.
 func (s *Store) CompareAndSwap(ctx context.Context, key []byte, rev uint64, value []byte) (uint64, error) {
 	if err := ctx.Err(); err != nil {
 		return 0, err
 	}
 	defer s.observe("cas", time.Now())
-	var newRev uint64
+	w := &write{key: key, rev: rev, value: value, done: make(chan struct{})}
+	select {
+	case s.writes <- w:
+	case <-s.closing:
+		return 0, fmt.Errorf("store compare-and-swap: %w", errClosed)
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	}
+	<-w.done
+	if w.err != nil && !errors.Is(w.err, vault.ErrConflict) {
+		return 0, fmt.Errorf("store compare-and-swap: %w", w.err)
+	}
+	return w.newRev, w.err
+}
+
+// commitLoop is the one writer: it takes a write, adds every other one
+// already waiting, applies them in one transaction, and answers them all
+// after the commit.
+func (s *Store) commitLoop() {
+	defer close(s.committed)
+	batch := make([]*write, 0, maxBatch)
+	for {
+		select {
+		case w := <-s.writes:
+			batch = append(batch, w)
+		case <-s.closing:
+			return
+		}
+	more:
+		for len(batch) < maxBatch {
+			select {
+			case w := <-s.writes:
+				batch = append(batch, w)
+			default:
+				break more
+			}
+		}
+		s.commit(batch)
+		for i, w := range batch {
+			close(w.done)
+			batch[i] = nil
+		}
+		batch = batch[:0]
+	}
+}
+
+// commit applies a batch in one transaction. A write that conflicts or
+// finds damage fails alone and changes nothing; if the transaction itself
+// fails, every write in it fails, and none was applied.
+func (s *Store) commit(batch []*write) {
+	defer s.observe("commit", time.Now())
+	s.batches.Observe(float64(len(batch)))
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		data, meta := tx.Bucket(bucketData), tx.Bucket(bucketMeta)
-		var cur uint64
-		if v := data.Get(key); v != nil {
-			if len(v) < revLen {
-				return errTruncated
-			}
-			cur = binary.BigEndian.Uint64(v)
-		}
-		if cur != rev {
-			return vault.ErrConflict
-		}
+		var rev uint64
 		if v := meta.Get(keyRev); v != nil {
-			newRev = binary.BigEndian.Uint64(v)
+			rev = binary.BigEndian.Uint64(v)
 		}
-		newRev++
-		if err := meta.Put(keyRev, binary.BigEndian.AppendUint64(nil, newRev)); err != nil {
-			return err
+		last := rev
+		for _, w := range batch {
+			w.newRev, w.err = 0, nil
+			var cur uint64
+			if v := data.Get(w.key); v != nil {
+				if len(v) < revLen {
+					w.err = errTruncated
+					continue
+				}
+				cur = binary.BigEndian.Uint64(v)
+			}
+			if cur != w.rev {
+				w.err = vault.ErrConflict
+				continue
+			}
+			buf := make([]byte, revLen, revLen+len(w.value))
+			binary.BigEndian.PutUint64(buf, last+1)
+			// Put checks its arguments before it changes anything, so a
+			// refused value fails its own write only.
+			if w.err = data.Put(w.key, append(buf, w.value...)); w.err != nil {
+				continue
+			}
+			last++
+			w.newRev = last
 		}
-		buf := make([]byte, revLen, revLen+len(value))
-		binary.BigEndian.PutUint64(buf, newRev)
-		return data.Put(key, append(buf, value...))
+		if last == rev {
+			return nil
+		}
+		return meta.Put(keyRev, binary.BigEndian.AppendUint64(nil, last))
 	})
-	if err != nil && !errors.Is(err, vault.ErrConflict) {
-		return 0, fmt.Errorf("store compare-and-swap: %w", err)
+	if err != nil {
+		for _, w := range batch {
+			w.newRev, w.err = 0, err
+		}
 	}
-	return newRev, err
 }
 
 // Scan implements vault.Store.

@@ -376,8 +376,153 @@ func TestTransactionMetrics(t *testing.T) {
 			}
 		}
 	}
-	if ops["cas"] != 1 || ops["get"] != 1 || ops["scan"] != 1 {
+	if ops["cas"] != 1 || ops["get"] != 1 || ops["scan"] != 1 || ops["commit"] != 1 {
 		t.Fatalf("transaction histogram counts %v, want one of each", ops)
+	}
+}
+
+// commitWrites reads the group-commit histogram: commits and writes.
+func commitWrites(t *testing.T, reg *prometheus.Registry) (commits uint64, writes float64) {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == "keyvault_store_commit_writes" {
+			h := mf.GetMetric()[0].GetHistogram()
+			return h.GetSampleCount(), h.GetSampleSum()
+		}
+	}
+	t.Fatal("no keyvault_store_commit_writes")
+	return 0, 0
+}
+
+// Concurrent writers share commits, and every write still lands exactly
+// once with its own revision, readable after a reopen.
+func TestGroupCommit(t *testing.T) {
+	t.Parallel()
+	path := filepath.Join(t.TempDir(), "store.db")
+	reg := prometheus.NewRegistry()
+	s, err := boltstore.Open(path, reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const writers, each = 64, 20
+	revs := make([][]uint64, writers)
+	var wg sync.WaitGroup
+	for w := range writers {
+		wg.Go(func() {
+			for i := range each {
+				r, err := s.CompareAndSwap(bg, fmt.Appendf(nil, "k%02d-%02d", w, i), 0, fmt.Appendf(nil, "v%d-%d", w, i))
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				revs[w] = append(revs[w], r)
+			}
+		})
+	}
+	wg.Wait()
+	commits, writes := commitWrites(t, reg)
+	if writes != writers*each {
+		t.Fatalf("commits applied %v writes, want %d", writes, writers*each)
+	}
+	if commits >= writers*each {
+		t.Errorf("%d commits for %d concurrent writes: none was shared", commits, writers*each)
+	}
+	t.Logf("%d writes in %d commits", writers*each, commits)
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s = open(t, path)
+	seen := map[uint64]bool{}
+	for w := range writers {
+		for i, r := range revs[w] {
+			if seen[r] {
+				t.Fatalf("revision %d handed out twice", r)
+			}
+			seen[r] = true
+			v, rev, err := s.Get(bg, fmt.Appendf(nil, "k%02d-%02d", w, i))
+			if err != nil || rev != r || string(v) != fmt.Sprintf("v%d-%d", w, i) {
+				t.Fatalf("after reopen: %q rev %d (want %d) %v", v, rev, r, err)
+			}
+		}
+	}
+}
+
+// A write bbolt refuses (a key over its size limit) fails alone: the
+// writes committed beside it land.
+func TestRefusedWriteFailsAlone(t *testing.T) {
+	t.Parallel()
+	s, _ := tempStore(t)
+	var wg sync.WaitGroup
+	errs := make([]error, 33)
+	for i := range errs {
+		wg.Go(func() {
+			key := fmt.Appendf(nil, "ok%d", i)
+			if i == 0 {
+				key = bytes.Repeat([]byte("x"), bolt.MaxKeySize+1)
+			}
+			_, errs[i] = s.CompareAndSwap(bg, key, 0, []byte("v"))
+		})
+	}
+	wg.Wait()
+	if errs[0] == nil {
+		t.Fatal("an oversized key was accepted")
+	}
+	for i, err := range errs[1:] {
+		if err != nil {
+			t.Errorf("write %d beside the refused one: %v", i+1, err)
+		}
+		if v, _, _ := s.Get(bg, fmt.Appendf(nil, "ok%d", i+1)); string(v) != "v" {
+			t.Errorf("write %d did not land", i+1)
+		}
+	}
+}
+
+// Close while writers run: each write either lands (and survives the
+// reopen) or fails; none hangs, and none is reported failed yet applied.
+func TestCloseUnderWrites(t *testing.T) {
+	t.Parallel()
+	path := filepath.Join(t.TempDir(), "store.db")
+	s, err := boltstore.Open(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const writers = 16
+	acked := make([][]string, writers)
+	failed := make([][]string, writers)
+	var wg sync.WaitGroup
+	for w := range writers {
+		wg.Go(func() {
+			for i := 0; ; i++ {
+				k := fmt.Sprintf("w%02d-%05d", w, i)
+				if _, err := s.CompareAndSwap(bg, []byte(k), 0, []byte(k)); err != nil {
+					failed[w] = append(failed[w], k)
+					return
+				}
+				acked[w] = append(acked[w], k)
+			}
+		})
+	}
+	time.Sleep(50 * time.Millisecond)
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+	s = open(t, path)
+	for w := range writers {
+		for _, k := range acked[w] {
+			if v, _, err := s.Get(bg, []byte(k)); err != nil || string(v) != k {
+				t.Fatalf("acknowledged %s lost: %q %v", k, v, err)
+			}
+		}
+		for _, k := range failed[w] {
+			if v, _, _ := s.Get(bg, []byte(k)); v != nil {
+				t.Fatalf("%s reported failed but applied", k)
+			}
+		}
 	}
 }
 

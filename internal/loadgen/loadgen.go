@@ -1,0 +1,243 @@
+// Package loadgen runs an operation from many goroutines for a fixed time
+// and summarises what happened: throughput, latency percentiles and errors
+// by code. It is the engine of "keyvault bench".
+//
+// Two ways to load: closed (Rate 0: each of Concurrency workers starts its
+// next operation as soon as the last one ends, which finds the ceiling) and
+// open (Rate > 0: operations are scheduled at a fixed rate and each one's
+// latency is measured from its scheduled start, so a stalled server shows
+// up as latency instead of hiding as fewer requests — no coordinated
+// omission).
+package loadgen
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"maps"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"text/tabwriter"
+	"time"
+)
+
+// Op performs one operation for worker w (0 <= w < Concurrency). A nil
+// error is a success; any other is counted under Code(err).
+type Op func(ctx context.Context, w int) error
+
+// Coded is an error that names its kind, such as an API problem code.
+type Coded interface{ Code() string }
+
+// Code is the error's code: Coded's, or "error".
+func Code(err error) string {
+	for e := err; e != nil; {
+		if c, ok := e.(Coded); ok && c.Code() != "" {
+			return c.Code()
+		}
+		u, ok := e.(interface{ Unwrap() error })
+		if !ok {
+			break
+		}
+		e = u.Unwrap()
+	}
+	return "error"
+}
+
+// Options shape a run.
+type Options struct {
+	Name        string        // the operation's name in the result
+	Concurrency int           // workers (at least 1)
+	Duration    time.Duration // the measured window
+	Rate        float64       // operations per second; 0: as fast as the workers go
+	// Before, if set, runs before each operation, outside its timing in a
+	// closed run (an open run's latency starts at the scheduled time, so
+	// there it counts). Its error ends the run: it is set-up, not load.
+	Before Op
+}
+
+// Result is one run's summary. The JSON names are the bench command's
+// output format.
+type Result struct {
+	Op          string           `json:"op"`
+	Concurrency int              `json:"concurrency"`
+	Rate        float64          `json:"rate,omitempty"`
+	DurationS   float64          `json:"duration_s"`
+	Requests    int64            `json:"requests"`
+	PerSecond   float64          `json:"requests_per_second"`
+	P50         float64          `json:"p50_ms"`
+	P90         float64          `json:"p90_ms"`
+	P99         float64          `json:"p99_ms"`
+	Max         float64          `json:"max_ms"`
+	Errors      map[string]int64 `json:"errors"`
+}
+
+// Run calls op until o.Duration has passed and summarises every call that
+// started in that window. Latencies include errors: a fast failure is
+// still an answer the caller waited for.
+func Run(ctx context.Context, o Options, op Op) (Result, error) {
+	if o.Concurrency < 1 {
+		return Result{}, fmt.Errorf("concurrency %d: must be at least 1", o.Concurrency)
+	}
+	if o.Duration <= 0 {
+		return Result{}, fmt.Errorf("duration %v: must be positive", o.Duration)
+	}
+	if o.Rate < 0 {
+		return Result{}, fmt.Errorf("rate %v: must not be negative", o.Rate)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	start := time.Now()
+	end := start.Add(o.Duration)
+
+	// An open run hands out scheduled start times; a closed run lets each
+	// worker start whenever it is free.
+	var schedule chan time.Time
+	if o.Rate > 0 {
+		schedule = make(chan time.Time, o.Concurrency)
+		interval := time.Duration(float64(time.Second) / o.Rate)
+		go func() {
+			defer close(schedule)
+			for at := start; at.Before(end); at = at.Add(interval) {
+				if d := time.Until(at); d > 0 {
+					select {
+					case <-time.After(d):
+					case <-ctx.Done():
+						return
+					}
+				}
+				select {
+				case schedule <- at:
+				case <-ctx.Done():
+					return
+				}
+			}
+		}()
+	}
+
+	type tally struct {
+		lat  []time.Duration
+		errs map[string]int64
+	}
+	tallies := make([]tally, o.Concurrency)
+	var failOnce sync.Once
+	var failed error
+	fail := func(err error) {
+		failOnce.Do(func() { failed = err; cancel() })
+	}
+	var wg sync.WaitGroup
+	for w := range o.Concurrency {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			t := &tallies[w]
+			t.errs = map[string]int64{}
+			for {
+				var began time.Time
+				if schedule != nil {
+					at, ok := <-schedule
+					if !ok {
+						return
+					}
+					began = at
+				} else {
+					began = time.Now()
+					if !began.Before(end) || ctx.Err() != nil {
+						return
+					}
+				}
+				if o.Before != nil {
+					if err := o.Before(ctx, w); err != nil {
+						fail(err)
+						return
+					}
+					if schedule == nil {
+						began = time.Now()
+					}
+				}
+				err := op(ctx, w)
+				t.lat = append(t.lat, time.Since(began))
+				if err != nil {
+					t.errs[Code(err)]++
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if failed != nil {
+		return Result{}, fmt.Errorf("%s: %w", o.Name, failed)
+	}
+	// An open run whose workers fell behind ends late: every scheduled
+	// operation is sent, and its wait counts in its latency.
+	elapsed := time.Since(start)
+
+	var all []time.Duration
+	errs := map[string]int64{}
+	for _, t := range tallies {
+		all = append(all, t.lat...)
+		for c, n := range t.errs {
+			errs[c] += n
+		}
+	}
+	slices.Sort(all)
+	ms := func(q float64) float64 {
+		if len(all) == 0 {
+			return 0
+		}
+		i := int(q*float64(len(all))+0.5) - 1
+		i = max(0, min(i, len(all)-1))
+		return float64(all[i].Microseconds()) / 1000
+	}
+	// Throughput is over the window in which requests were started, plus
+	// the tail of the last ones to finish.
+	return Result{
+		Op:          o.Name,
+		Concurrency: o.Concurrency,
+		Rate:        o.Rate,
+		DurationS:   round(elapsed.Seconds(), 3),
+		Requests:    int64(len(all)),
+		PerSecond:   round(float64(len(all))/elapsed.Seconds(), 1),
+		P50:         ms(0.50),
+		P90:         ms(0.90),
+		P99:         ms(0.99),
+		Max:         ms(1),
+		Errors:      errs,
+	}, nil
+}
+
+func round(x float64, digits int) float64 {
+	p := 1.0
+	for range digits {
+		p *= 10
+	}
+	return float64(int64(x*p+0.5)) / p
+}
+
+// WriteTable prints results as an aligned table.
+func WriteTable(w io.Writer, rs ...Result) error {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "op\tconcurrency\trate\tduration_s\trequests\treq/s\tp50_ms\tp90_ms\tp99_ms\tmax_ms\terrors\t")
+	for _, r := range rs {
+		rate := "max"
+		if r.Rate > 0 {
+			rate = fmt.Sprintf("%.0f/s", r.Rate)
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%.1f\t%d\t%.0f\t%.2f\t%.2f\t%.2f\t%.2f\t%s\t\n",
+			r.Op, r.Concurrency, rate, r.DurationS, r.Requests, r.PerSecond, r.P50, r.P90, r.P99, r.Max, errorList(r))
+	}
+	return tw.Flush()
+}
+
+func errorList(r Result) string {
+	if len(r.Errors) == 0 {
+		return "-"
+	}
+	codes := slices.Collect(maps.Keys(r.Errors))
+	sort.Strings(codes)
+	var parts []string
+	for _, c := range codes {
+		parts = append(parts, fmt.Sprintf("%s=%d", c, r.Errors[c]))
+	}
+	return strings.Join(parts, ",")
+}

@@ -1,0 +1,111 @@
+package loadgen
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+type coded string
+
+func (c coded) Error() string { return string(c) }
+func (c coded) Code() string  { return string(c) }
+
+func TestClosedRunCountsEveryCall(t *testing.T) {
+	var calls atomic.Int64
+	res, err := Run(context.Background(), Options{Name: "x", Concurrency: 4, Duration: 200 * time.Millisecond}, func(ctx context.Context, w int) error {
+		if w < 0 || w >= 4 {
+			t.Errorf("worker %d out of range", w)
+		}
+		n := calls.Add(1)
+		time.Sleep(time.Millisecond)
+		if n%10 == 0 {
+			return fmt.Errorf("wrapped: %w", coded("wrong_pin"))
+		}
+		if n%10 == 5 {
+			return errors.New("plain")
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Requests != calls.Load() || res.Requests < 40 {
+		t.Fatalf("requests %d, calls %d", res.Requests, calls.Load())
+	}
+	if res.Errors["wrong_pin"] != calls.Load()/10 || res.Errors["error"] == 0 {
+		t.Fatalf("errors %v after %d calls", res.Errors, calls.Load())
+	}
+	if res.P50 < 1 || res.P50 > res.P90 || res.P90 > res.P99 || res.P99 > res.Max {
+		t.Fatalf("percentiles out of order or below the 1 ms sleep: %+v", res)
+	}
+	if res.PerSecond <= 0 || res.Op != "x" || res.Concurrency != 4 {
+		t.Fatalf("result %+v", res)
+	}
+}
+
+// An open run sends what it schedules, and a stalled operation shows up
+// as latency of the ones scheduled behind it, not as fewer requests.
+func TestOpenRunMeasuresFromTheSchedule(t *testing.T) {
+	var calls atomic.Int64
+	res, err := Run(context.Background(), Options{Concurrency: 1, Duration: 300 * time.Millisecond, Rate: 100}, func(context.Context, int) error {
+		if calls.Add(1) == 1 {
+			time.Sleep(100 * time.Millisecond) // the server stalls once
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Requests != 30 {
+		t.Fatalf("%d requests at 100/s for 0.3 s", res.Requests)
+	}
+	// About ten requests were scheduled during the stall; the first of
+	// them waited close to its whole length.
+	if res.Max < 90 || res.P90 < 20 {
+		t.Fatalf("the stall is hidden: %+v", res)
+	}
+}
+
+func TestBeforeFailureEndsTheRun(t *testing.T) {
+	var n atomic.Int64
+	_, err := Run(context.Background(), Options{Name: "y", Concurrency: 2, Duration: 10 * time.Second,
+		Before: func(context.Context, int) error {
+			if n.Add(1) > 5 {
+				return errors.New("set-up broke")
+			}
+			return nil
+		}}, func(context.Context, int) error { return nil })
+	if err == nil || !strings.Contains(err.Error(), "set-up broke") {
+		t.Fatalf("err %v", err)
+	}
+}
+
+func TestOptionsAreChecked(t *testing.T) {
+	op := func(context.Context, int) error { return nil }
+	for _, o := range []Options{{Concurrency: 0, Duration: time.Second}, {Concurrency: 1}, {Concurrency: 1, Duration: time.Second, Rate: -1}} {
+		if _, err := Run(context.Background(), o, op); err == nil {
+			t.Errorf("%+v accepted", o)
+		}
+	}
+}
+
+func TestWriteTable(t *testing.T) {
+	var b bytes.Buffer
+	err := WriteTable(&b, Result{Op: "recover", Concurrency: 32, Requests: 10, PerSecond: 5, Errors: map[string]int64{"unavailable": 2, "locked": 1}},
+		Result{Op: "enroll", Rate: 50, Errors: map[string]int64{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	for _, want := range []string{"recover", "locked=1,unavailable=2", "50/s", "max"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("table lacks %q:\n%s", want, out)
+		}
+	}
+}
