@@ -60,17 +60,21 @@ type Options struct {
 // Result is one run's summary. The JSON names are the bench command's
 // output format.
 type Result struct {
-	Op          string           `json:"op"`
-	Concurrency int              `json:"concurrency"`
-	Rate        float64          `json:"rate,omitempty"`
-	DurationS   float64          `json:"duration_s"`
-	Requests    int64            `json:"requests"`
-	PerSecond   float64          `json:"requests_per_second"`
-	P50         float64          `json:"p50_ms"`
-	P90         float64          `json:"p90_ms"`
-	P99         float64          `json:"p99_ms"`
-	Max         float64          `json:"max_ms"`
-	Errors      map[string]int64 `json:"errors"`
+	Op          string  `json:"op"`
+	Concurrency int     `json:"concurrency"`
+	Rate        float64 `json:"rate,omitempty"`
+	DurationS   float64 `json:"duration_s"`
+	Requests    int64   `json:"requests"`
+	PerSecond   float64 `json:"requests_per_second"`
+	// Succeeded and SucceededPerSecond leave out errors: a shed request
+	// (503) is answered fast and must not pass for capacity.
+	Succeeded          int64            `json:"succeeded"`
+	SucceededPerSecond float64          `json:"succeeded_per_second"`
+	P50                float64          `json:"p50_ms"`
+	P90                float64          `json:"p90_ms"`
+	P99                float64          `json:"p99_ms"`
+	Max                float64          `json:"max_ms"`
+	Errors             map[string]int64 `json:"errors"`
 }
 
 // Run calls op until o.Duration has passed and summarises every call that
@@ -174,10 +178,12 @@ func Run(ctx context.Context, o Options, op Op) (Result, error) {
 
 	var all []time.Duration
 	errs := map[string]int64{}
+	var failures int64
 	for _, t := range tallies {
 		all = append(all, t.lat...)
 		for c, n := range t.errs {
 			errs[c] += n
+			failures += n
 		}
 	}
 	slices.Sort(all)
@@ -192,17 +198,19 @@ func Run(ctx context.Context, o Options, op Op) (Result, error) {
 	// Throughput is over the window in which requests were started, plus
 	// the tail of the last ones to finish.
 	return Result{
-		Op:          o.Name,
-		Concurrency: o.Concurrency,
-		Rate:        o.Rate,
-		DurationS:   round(elapsed.Seconds(), 3),
-		Requests:    int64(len(all)),
-		PerSecond:   round(float64(len(all))/elapsed.Seconds(), 1),
-		P50:         ms(0.50),
-		P90:         ms(0.90),
-		P99:         ms(0.99),
-		Max:         ms(1),
-		Errors:      errs,
+		Op:                 o.Name,
+		Concurrency:        o.Concurrency,
+		Rate:               o.Rate,
+		DurationS:          round(elapsed.Seconds(), 3),
+		Requests:           int64(len(all)),
+		PerSecond:          round(float64(len(all))/elapsed.Seconds(), 1),
+		Succeeded:          int64(len(all)) - failures,
+		SucceededPerSecond: round(float64(int64(len(all))-failures)/elapsed.Seconds(), 1),
+		P50:                ms(0.50),
+		P90:                ms(0.90),
+		P99:                ms(0.99),
+		Max:                ms(1),
+		Errors:             errs,
 	}, nil
 }
 

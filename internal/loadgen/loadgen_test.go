@@ -41,6 +41,9 @@ func TestClosedRunCountsEveryCall(t *testing.T) {
 	if res.Errors["wrong_pin"] != calls.Load()/10 || res.Errors["error"] == 0 {
 		t.Fatalf("errors %v after %d calls", res.Errors, calls.Load())
 	}
+	if res.Succeeded != res.Requests-res.Errors["wrong_pin"]-res.Errors["error"] || res.SucceededPerSecond >= res.PerSecond {
+		t.Fatalf("succeeded %d (%v/s) of %d (%v/s)", res.Succeeded, res.SucceededPerSecond, res.Requests, res.PerSecond)
+	}
 	if res.P50 < 1 || res.P50 > res.P90 || res.P90 > res.P99 || res.P99 > res.Max {
 		t.Fatalf("percentiles out of order or below the 1 ms sleep: %+v", res)
 	}

@@ -8,8 +8,10 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -382,7 +384,7 @@ func TestTransactionMetrics(t *testing.T) {
 }
 
 // commitWrites reads the group-commit histogram: commits and writes.
-func commitWrites(t *testing.T, reg *prometheus.Registry) (commits uint64, writes float64) {
+func commitWrites(t testing.TB, reg *prometheus.Registry) (commits uint64, writes float64) {
 	t.Helper()
 	mfs, err := reg.Gather()
 	if err != nil {
@@ -527,3 +529,47 @@ func TestCloseUnderWrites(t *testing.T) {
 }
 
 var _ vault.Store = (*boltstore.Store)(nil)
+
+// BenchmarkCompareAndSwap: durable compare-and-swaps per second from 1 and
+// from 32 concurrent writers on distinct keys, as recoveries of different
+// users make them. With group commit, 32 writers share fsyncs:
+//
+//	go test ./vault/boltstore -run '^$' -bench CompareAndSwap -benchmem
+func BenchmarkCompareAndSwap(b *testing.B) {
+	for _, writers := range []int{1, 32} {
+		b.Run(fmt.Sprintf("writers=%d", writers), func(b *testing.B) {
+			reg := prometheus.NewRegistry()
+			s, err := boltstore.Open(filepath.Join(b.TempDir(), "store.db"), reg)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer s.Close()
+			value := bytes.Repeat([]byte("r"), 300) // about a record
+			var next atomic.Int64
+			work := func(more func() bool) {
+				key := fmt.Appendf(nil, "user-%d", next.Add(1))
+				var rev uint64
+				for more() {
+					r, err := s.CompareAndSwap(bg, key, rev, value)
+					if err != nil {
+						b.Error(err)
+						return
+					}
+					rev = r
+				}
+			}
+			start := time.Now()
+			b.ResetTimer()
+			if writers == 1 {
+				work(b.Loop)
+			} else {
+				// RunParallel starts parallelism x GOMAXPROCS goroutines.
+				b.SetParallelism(max(1, writers/runtime.GOMAXPROCS(0)))
+				b.RunParallel(func(pb *testing.PB) { work(pb.Next) })
+			}
+			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "writes/s")
+			commits, writes := commitWrites(b, reg)
+			b.ReportMetric(writes/float64(commits), "writes/commit")
+		})
+	}
+}
