@@ -1,0 +1,167 @@
+package anchor
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+)
+
+// Reason names why a start was refused. It is the value of a metric label
+// and the first word /readyz gives, so it never changes once released.
+type Reason string
+
+const (
+	// ReasonNoAnchor: the store holds data but no member holds an anchor
+	// of its vault.
+	ReasonNoAnchor Reason = "no_anchor"
+	// ReasonMemberMissing: a member that was live at the newest anchor did
+	// not answer, so a newer anchor may exist there.
+	ReasonMemberMissing Reason = "member_missing"
+	// ReasonRollback: the store is older than the anchor vouches for.
+	ReasonRollback Reason = "rollback"
+	// ReasonAhead: the store is newer than any anchor written (for example
+	// after a power loss lost the HSM's last object write).
+	ReasonAhead Reason = "db_ahead"
+	// ReasonTamper: the store is at the anchored position but its digest
+	// differs (a record rolled back, revived, edited or spliced), or its
+	// meta fails its MAC.
+	ReasonTamper Reason = "tamper"
+	// ReasonEpoch: the store and the anchor belong to different epochs
+	// (a store from before an accepted restore, or one never accepted).
+	ReasonEpoch Reason = "epoch"
+)
+
+// RefusedError is a start-up refusal: the store must not be served.
+type RefusedError struct {
+	Reason Reason
+	Detail string
+}
+
+func (e *RefusedError) Error() string {
+	return fmt.Sprintf("rollback check refused the store (%s): %s", e.Reason, e.Detail)
+}
+
+func refuse(r Reason, format string, args ...any) error {
+	return &RefusedError{Reason: r, Detail: fmt.Sprintf(format, args...)}
+}
+
+// Found is what start-up read from one configured member: the values of
+// every anchor object on it, or the error that kept it from answering.
+type Found struct {
+	Member string
+	Values [][]byte
+	Err    error
+}
+
+// State is the store as scanned at start.
+type State struct {
+	Meta    []byte // the stored meta; nil when the store has none
+	Digest  Digest // over every record and the meta
+	Records int
+}
+
+// Decision is an accepted start.
+type Decision struct {
+	// Fresh: neither store nor members hold anything yet; the caller
+	// creates the vault ID, meta and first anchor.
+	Fresh bool
+	Meta  Meta
+	// Anchor is the newest valid anchor (zero when Fresh).
+	Anchor Anchor
+	// Ignored counts anchor objects that failed their MAC, were found on
+	// another member than the one they name, or belong to another vault.
+	Ignored int
+}
+
+// Check decides whether the store may be served. It accepts only if the
+// store is exactly at a position the newest anchor vouches for: its base
+// (the last position whose answers may have been released) or its pending
+// batch (committed, or not, when the process stopped). Every member live at
+// that anchor must have answered, so that a stale member cannot stand in
+// for a current one that is hidden.
+func (k Keys) Check(found []Found, st State) (Decision, error) {
+	var meta *Meta
+	if st.Meta != nil {
+		m, err := k.ParseMeta(st.Meta)
+		if err != nil {
+			return Decision{}, refuse(ReasonTamper, "%v", err)
+		}
+		meta = &m
+	}
+	var d Decision
+	var best *Anchor
+	answered := map[string]bool{}
+	for _, f := range found {
+		if f.Err != nil {
+			continue
+		}
+		answered[f.Member] = true
+		for _, v := range f.Values {
+			a, err := k.ParseAnchor(v)
+			if err != nil || a.Member != f.Member || (meta != nil && a.VaultID != meta.VaultID) {
+				d.Ignored++
+				continue
+			}
+			if best != nil && a.W == best.W && !sameAnchor(a, *best) {
+				return Decision{}, refuse(ReasonTamper, "members %s and %s hold different anchors with write number %d", best.Member, a.Member, a.W)
+			}
+			if best == nil || a.W > best.W {
+				best = &a
+			}
+		}
+	}
+	if best == nil {
+		if meta == nil && st.Records == 0 && d.Ignored == 0 {
+			d.Fresh = true
+			return d, nil
+		}
+		if meta == nil && st.Records == 0 {
+			return Decision{}, refuse(ReasonRollback, "the store is empty but the members hold anchors")
+		}
+		return Decision{}, refuse(ReasonNoAnchor, "the store holds %d records but no member answered with an anchor of its vault", st.Records)
+	}
+	for _, m := range best.Live {
+		if !answered[m] {
+			return Decision{}, refuse(ReasonMemberMissing, "member %s was live at anchor write %d and did not answer", m, best.W)
+		}
+	}
+	if meta == nil {
+		return Decision{}, refuse(ReasonRollback, "the store has no meta but the members hold anchors (at seq %d)", best.Base.Seq)
+	}
+	d.Meta, d.Anchor = *meta, *best
+	if meta.Epoch != best.Epoch {
+		return Decision{}, refuse(ReasonEpoch, "the store is at epoch %d, the anchor at epoch %d", meta.Epoch, best.Epoch)
+	}
+	top := best.Base.Seq
+	if best.Pending != nil {
+		top = best.Pending.Seq
+	}
+	switch {
+	case meta.Seq < best.Base.Seq:
+		return Decision{}, refuse(ReasonRollback, "the store is at seq %d, the anchor vouches for %d", meta.Seq, best.Base.Seq)
+	case meta.Seq > top:
+		return Decision{}, refuse(ReasonAhead, "the store is at seq %d, beyond the anchor's %d", meta.Seq, top)
+	}
+	tag := k.Tag(meta.VaultID, meta.Epoch, meta.Seq, st.Digest)
+	switch {
+	case meta.Seq == best.Base.Seq && tag == best.Base.Tag:
+		return d, nil
+	case best.Pending != nil && meta.Seq == best.Pending.Seq && tag == best.Pending.Tag:
+		return d, nil
+	}
+	return Decision{}, refuse(ReasonTamper, "the store is at seq %d but its records do not match the anchored digest", meta.Seq)
+}
+
+func sameAnchor(a, b Anchor) bool {
+	samePending := (a.Pending == nil) == (b.Pending == nil) && (a.Pending == nil || *a.Pending == *b.Pending)
+	return a.VaultID == b.VaultID && a.Epoch == b.Epoch && a.Base == b.Base && samePending && slices.Equal(a.Live, b.Live)
+}
+
+// IsRefused reports whether err is a start-up refusal, and its reason.
+func IsRefused(err error) (Reason, bool) {
+	var r *RefusedError
+	if errors.As(err, &r) {
+		return r.Reason, true
+	}
+	return "", false
+}
