@@ -41,6 +41,8 @@ type p11Token struct {
 	ctx  *crypto11.Context
 	keys map[vault.KeyID]*crypto11.SecretKey
 	gcms map[vault.KeyID]cipher.AEAD
+	// anchorObjs keeps rollback anchors as data objects (anchorobj.go).
+	anchorObjs anchorObjects
 }
 
 // openToken configures crypto11 on the member's token and finds its keys.
@@ -61,7 +63,8 @@ func openToken(cfg MemberConfig) (*p11Token, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open token %q on %s: %w", cfg.TokenLabel, cfg.Module, scrubPIN(err, cfg.PIN))
 	}
-	t := &p11Token{ctx: ctx, keys: map[vault.KeyID]*crypto11.SecretKey{}, gcms: map[vault.KeyID]cipher.AEAD{}}
+	t := &p11Token{ctx: ctx, keys: map[vault.KeyID]*crypto11.SecretKey{}, gcms: map[vault.KeyID]cipher.AEAD{},
+		anchorObjs: anchorObjects{module: cfg.Module, label: cfg.TokenLabel}}
 	if err := t.findKeys(); err != nil {
 		ctx.Close()
 		return nil, err
@@ -181,7 +184,12 @@ func (t *p11Token) Open(id vault.KeyID, nonce, ciphertext, aad []byte) ([]byte, 
 	return g.Open(nil, nonce, ciphertext, aad)
 }
 
-func (t *p11Token) Close() error { return t.ctx.Close() }
+// Close closes the anchor session first: closing the last crypto11 context
+// finalises the library under it.
+func (t *p11Token) Close() error {
+	t.anchorObjs.close()
+	return t.ctx.Close()
+}
 
 // scrubPIN removes the PIN from an error's text, in case a library ever
 // echoes its arguments.
