@@ -147,6 +147,11 @@ type TLS struct {
 type Store struct {
 	// Path is the database file. Required; its directory must exist.
 	Path string `yaml:"path"`
+	// RollbackAnchor keeps a digest of the store anchored in every HSM
+	// member, and refuses at start a store rolled back, in whole or in
+	// part, behind the anchor (README "Rollback resistance"). Default
+	// false.
+	RollbackAnchor bool `yaml:"rollback_anchor"`
 }
 
 // HSM configures the PKCS#11 tokens.

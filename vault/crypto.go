@@ -19,6 +19,8 @@ const (
 	infoInner       = "keyvault/v1/inner"
 	labelRecordKey  = "keyvault/v1/derive/record-mac"
 	labelLogIDKey   = "keyvault/v1/derive/log-id"
+	labelAnchorKey  = "keyvault/v1/derive/anchor-mac"
+	labelDigestKey  = "keyvault/v1/derive/digest"
 	derivedKeyBytes = 32
 )
 

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/keyvault/keyvault/anchor"
 )
 
 // Options configure a Vault. The zero value of each field has the documented
@@ -135,6 +137,28 @@ func New(ctx context.Context, store Store, hsm HSM, opts Options) (*Vault, error
 	}
 	v.macVersion = root.Version
 	return v, nil
+}
+
+// DeriveAnchorKeys derives, from the newest HSM root key, the keys of
+// rollback resistance (package anchor): the anchor MAC key and the digest
+// key under labels of their own, and the meta MAC key, which is the record
+// MAC key. None of them is the root key or ever stored.
+func DeriveAnchorKeys(ctx context.Context, hsm HSM) (anchor.Keys, error) {
+	root := KeyID{RoleRoot, hsm.KeyVersion(RoleRoot)}
+	if root.Version == 0 {
+		return anchor.Keys{}, errors.New("vault: the HSM holds no root key (run keyvault keys init)")
+	}
+	var k anchor.Keys
+	for _, d := range []struct {
+		label string
+		out   *[]byte
+	}{{labelAnchorKey, &k.Anchor}, {labelDigestKey, &k.Digest}, {labelRecordKey, &k.Meta}} {
+		var err error
+		if *d.out, err = hsm.HMAC(ctx, root, []byte(d.label)); err != nil {
+			return anchor.Keys{}, fmt.Errorf("vault: derive %s from %s: %w", d.label, root.Label(), err)
+		}
+	}
+	return k, nil
 }
 
 // LogID is a keyed hash of (namespace, user_id) for logs: stable within a

@@ -18,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/keyvault/keyvault/anchor"
 	"github.com/keyvault/keyvault/api"
 	"github.com/keyvault/keyvault/config"
 	"github.com/keyvault/keyvault/hsmpool"
@@ -113,6 +114,11 @@ func serve(cfg *config.Config, stderr io.Writer) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	if cfg.Store.RollbackAnchor {
+		if err := anchorStore(ctx, cfg, store, pool, reg, log); err != nil {
+			return err
+		}
+	}
 	rl := cfg.RateLimit
 	v, err := vault.New(ctx, store, pool, vault.Options{
 		DefaultMaxAttempts: cfg.Budget.DefaultMaxAttempts,
@@ -192,6 +198,39 @@ func serve(cfg *config.Config, stderr io.Writer) error {
 	defer cancel()
 	err = errors.Join(apiSrv.Shutdown(shutdown), adminSrv.Shutdown(shutdown))
 	log.Info("stopped")
+	return err
+}
+
+// anchorStore runs the rollback check. A refused store is never served:
+// the admin listener alone answers, /readyz with the reason, until the
+// process is stopped (see "keyvault anchor" for the way out).
+func anchorStore(ctx context.Context, cfg *config.Config, store *boltstore.Store, pool *hsmpool.Pool, reg *prometheus.Registry, log *slog.Logger) error {
+	keys, err := vault.DeriveAnchorKeys(ctx, pool)
+	if err != nil {
+		return err
+	}
+	dec, err := store.Anchor(ctx, keys, pool, reg, log)
+	reason, refused := anchor.IsRefused(err)
+	switch {
+	case err == nil:
+		log.Info("rollback check passed", "epoch", dec.Meta.Epoch, "seq", dec.Meta.Seq, "fresh", dec.Fresh, "ignored_anchor_objects", dec.Ignored)
+		return nil
+	case !refused:
+		return err
+	}
+	log.Error("refusing to serve the store: rollback check failed", "reason", string(reason), "error", err.Error())
+	adminLn, lerr := net.Listen("tcp", cfg.AdminListen)
+	if lerr != nil {
+		return errors.Join(err, fmt.Errorf("admin_listen: %w", lerr))
+	}
+	adminSrv := &http.Server{
+		Handler:           api.NewAdminRouter(reg, func() error { return err }),
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	go adminSrv.Serve(adminLn)
+	<-ctx.Done()
+	adminSrv.Close()
 	return err
 }
 

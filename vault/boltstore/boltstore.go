@@ -32,12 +32,14 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promauto"
 	bolt "go.etcd.io/bbolt"
 
+	"github.com/keyvault/keyvault/anchor"
 	"github.com/keyvault/keyvault/vault"
 )
 
@@ -70,6 +72,8 @@ type Store struct {
 	db      *bolt.DB
 	txTimes *prometheus.HistogramVec
 	batches prometheus.Histogram
+
+	anc atomic.Pointer[anchoring] // nil: rollback resistance off (see Anchor)
 
 	writes    chan *write // unbuffered: a write is taken or refused, never stranded
 	closing   chan struct{}
@@ -201,16 +205,30 @@ func (s *Store) CompareAndSwap(ctx context.Context, key []byte, rev uint64, valu
 
 // commitLoop is the one writer: it takes a write, adds every other one
 // already waiting, applies them in one transaction, and answers them all
-// after the commit.
+// after the commit. With rollback resistance on, a committed batch's
+// answers are held until an anchor vouches for it: the next batch's
+// anchor, or, when nothing else waits, an anchor of its own.
 func (s *Store) commitLoop() {
 	defer close(s.committed)
 	batch := make([]*write, 0, maxBatch)
+	var held []*write
 	for {
-		select {
-		case w := <-s.writes:
-			batch = append(batch, w)
-		case <-s.closing:
-			return
+		if len(held) > 0 {
+			select {
+			case w := <-s.writes:
+				batch = append(batch, w)
+			default:
+				answer(held, s.anc.Load().idle())
+				held = nil
+				continue
+			}
+		} else {
+			select {
+			case w := <-s.writes:
+				batch = append(batch, w)
+			case <-s.closing:
+				return
+			}
 		}
 	more:
 		for len(batch) < maxBatch {
@@ -221,21 +239,40 @@ func (s *Store) commitLoop() {
 				break more
 			}
 		}
-		s.commit(batch)
-		for i, w := range batch {
-			close(w.done)
-			batch[i] = nil
-		}
-		batch = batch[:0]
+		held = s.commit(batch, held)
+		batch = make([]*write, 0, maxBatch)
 	}
 }
 
+// answer releases writes: each with its own result, or all with err.
+func answer(ws []*write, err error) {
+	for _, w := range ws {
+		if err != nil && w.err == nil {
+			w.newRev, w.err = 0, fmt.Errorf("%w: rollback anchor: %w", errUnanchored, err)
+		}
+		close(w.done)
+	}
+}
+
+// errUnanchored: the write committed, but no anchor could vouch for it, so
+// its answer is withheld: the caller must treat its outcome as unknown.
+var errUnanchored = errors.New("committed but not anchored")
+
 // commit applies a batch in one transaction. A write that conflicts or
 // finds damage fails alone and changes nothing; if the transaction itself
-// fails, every write in it fails, and none was applied.
-func (s *Store) commit(batch []*write) {
+// fails, every write in it fails, and none was applied. held are the
+// answers of the previous batch, still withheld; commit returns the
+// answers to withhold now (none without rollback resistance).
+func (s *Store) commit(batch []*write, held []*write) []*write {
 	defer s.observe("commit", time.Now())
 	s.batches.Observe(float64(len(batch)))
+	anc := s.anc.Load()
+	var changes []change
+	var next struct {
+		digest  anchor.Digest
+		meta    anchor.Meta
+		metaRaw []byte
+	}
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		data, meta := tx.Bucket(bucketData), tx.Bucket(bucketMeta)
 		var rev uint64
@@ -246,12 +283,13 @@ func (s *Store) commit(batch []*write) {
 		for _, w := range batch {
 			w.newRev, w.err = 0, nil
 			var cur uint64
-			if v := data.Get(w.key); v != nil {
-				if len(v) < revLen {
+			old := data.Get(w.key)
+			if old != nil {
+				if len(old) < revLen {
 					w.err = errTruncated
 					continue
 				}
-				cur = binary.BigEndian.Uint64(v)
+				cur = binary.BigEndian.Uint64(old)
 			}
 			if cur != w.rev {
 				w.err = vault.ErrConflict
@@ -259,24 +297,59 @@ func (s *Store) commit(batch []*write) {
 			}
 			buf := make([]byte, revLen, revLen+len(w.value))
 			binary.BigEndian.PutUint64(buf, last+1)
+			buf = append(buf, w.value...)
+			if anc != nil {
+				// bbolt's slice dies with the write that follows.
+				old = bytes.Clone(old)
+			}
 			// Put checks its arguments before it changes anything, so a
 			// refused value fails its own write only.
-			if w.err = data.Put(w.key, append(buf, w.value...)); w.err != nil {
+			if w.err = data.Put(w.key, buf); w.err != nil {
 				continue
 			}
 			last++
 			w.newRev = last
+			if anc != nil {
+				changes = append(changes, change{key: w.key, old: old, new: buf})
+			}
 		}
 		if last == rev {
 			return nil
 		}
-		return meta.Put(keyRev, binary.BigEndian.AppendUint64(nil, last))
+		if err := meta.Put(keyRev, binary.BigEndian.AppendUint64(nil, last)); err != nil {
+			return err
+		}
+		if anc == nil {
+			return nil
+		}
+		// The write order of rollback resistance: the anchor naming this
+		// batch as pending reaches the members first; then the previous
+		// batch's answers go out; then this batch commits.
+		var err error
+		next.digest, next.meta, next.metaRaw, err = anc.prepare(context.Background(), tx, changes)
+		if err != nil {
+			return err
+		}
+		answer(held, nil)
+		held = nil
+		return nil
 	})
 	if err != nil {
 		for _, w := range batch {
 			w.newRev, w.err = 0, err
 		}
+		answer(held, err)
+		answer(batch, nil)
+		return nil
 	}
+	if anc == nil || len(changes) == 0 {
+		// Nothing changed (or nothing to anchor): these answers reveal no
+		// new state, so they need no anchor.
+		answer(batch, nil)
+		return held
+	}
+	anc.digest, anc.meta, anc.metaRaw = next.digest, next.meta, next.metaRaw
+	return batch
 }
 
 // Scan implements vault.Store.

@@ -1,0 +1,275 @@
+package boltstore
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/keyvault/keyvault/anchor"
+)
+
+// keyAnchorMeta holds the store's anchor meta (vault ID, epoch, seq) in
+// the meta bucket. Like every record, it is part of the digest.
+var keyAnchorMeta = []byte("anchor")
+
+// Anchors is where the store's anchors live: one per HSM member (the
+// HSM pool implements it).
+type Anchors interface {
+	// Members names every configured member.
+	Members() []string
+	// ReadAnchors reads the anchor objects of every configured member.
+	ReadAnchors(ctx context.Context) []anchor.Found
+	// WriteAnchor replaces the named member's anchor with value.
+	WriteAnchor(ctx context.Context, member string, value []byte) error
+}
+
+// anchorTimeout bounds one anchor write to the members: answers wait for
+// it, so a slow member is dropped from the live set rather than waited on.
+const anchorTimeout = 2 * time.Second
+
+// anchoring is the committer's rollback-resistance state. Only the
+// committer goroutine touches it after Anchor has returned.
+type anchoring struct {
+	keys    anchor.Keys
+	hasher  *anchor.Hasher
+	members Anchors
+	log     *slog.Logger
+	metrics *anchorMetrics
+
+	digest  anchor.Digest // of the committed store: every record and the meta
+	meta    anchor.Meta
+	metaRaw []byte
+	w       uint64   // the last anchor write number
+	live    []string // members the last anchor write reached
+}
+
+type anchorMetrics struct {
+	refused  *prometheus.GaugeVec
+	writes   *prometheus.CounterVec
+	duration prometheus.Histogram
+	live     prometheus.Gauge
+	seq      prometheus.Gauge
+}
+
+func newAnchorMetrics(reg prometheus.Registerer) *anchorMetrics {
+	m := &anchorMetrics{
+		refused: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "keyvault_anchor_refused",
+			Help: "1 while the vault refuses to serve its store because the rollback check failed, by reason " +
+				"(rollback, tamper, db_ahead, member_missing, no_anchor, epoch).",
+		}, []string{"reason"}),
+		writes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "keyvault_anchor_writes_total",
+			Help: "Rollback-anchor writes to HSM members, by member and result (ok, error).",
+		}, []string{"member", "result"}),
+		duration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "keyvault_anchor_write_duration_seconds",
+			Help:    "Duration of one rollback-anchor write to every member (answers wait for it).",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
+		}),
+		live: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "keyvault_anchor_live_members",
+			Help: "HSM members the last rollback-anchor write reached.",
+		}),
+		seq: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "keyvault_anchor_seq",
+			Help: "The store's anchored batch number.",
+		}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.refused, m.writes, m.duration, m.live, m.seq)
+	}
+	return m
+}
+
+// Anchor turns rollback resistance on (see package anchor). It scans the
+// store into its digest, reads every member's anchor, and accepts the store
+// only if the newest anchor vouches for exactly its state; otherwise it
+// returns an *anchor.RefusedError and the store must not be served. On
+// acceptance (or on a fresh store) it writes an anchor for the current
+// state. From then on every commit follows the write order: an anchor
+// naming the batch as pending reaches the members before the batch
+// commits, and a batch's answers go out only once an anchor vouches for it.
+// Call it once, before any write.
+func (s *Store) Anchor(ctx context.Context, keys anchor.Keys, members Anchors, reg prometheus.Registerer, log *slog.Logger) (anchor.Decision, error) {
+	a := &anchoring{keys: keys, hasher: anchor.NewHasher(keys.Digest), members: members, log: log, metrics: newAnchorMetrics(reg)}
+	st, err := s.scan(a.hasher)
+	if err != nil {
+		return anchor.Decision{}, err
+	}
+	found := members.ReadAnchors(ctx)
+	dec, err := keys.Check(found, st)
+	if reason, ok := anchor.IsRefused(err); ok {
+		a.metrics.refused.WithLabelValues(string(reason)).Set(1)
+	}
+	if err != nil {
+		return dec, err
+	}
+	for _, f := range found {
+		if f.Err == nil {
+			a.live = append(a.live, f.Member)
+		}
+	}
+	a.digest, a.metaRaw = st.Digest, st.Meta
+	switch {
+	case dec.Fresh && st.Meta == nil:
+		// A new store: its identity and first position.
+		var m anchor.Meta
+		rand.Read(m.VaultID[:])
+		m.Epoch = 1
+		raw := keys.MarshalMeta(m)
+		if err := s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketMeta).Put(keyAnchorMeta, raw) }); err != nil {
+			return dec, fmt.Errorf("write the first anchor meta: %w", err)
+		}
+		a.meta, a.metaRaw, a.digest = m, raw, a.hasher.AddMeta(st.Digest, raw)
+		dec.Meta = m
+	case dec.Fresh:
+		m, err := keys.ParseMeta(st.Meta)
+		if err != nil {
+			return dec, err
+		}
+		a.meta, dec.Meta = m, m
+	default:
+		a.meta, a.w = dec.Meta, dec.Anchor.W
+	}
+	if len(a.live) == 0 {
+		return dec, errors.New("rollback anchor: no HSM member answered")
+	}
+	// Vouch for the state just checked; it also catches up members that
+	// were behind.
+	prev := a.live
+	if !dec.Fresh {
+		prev = dec.Anchor.Live
+	}
+	if err := a.write(ctx, prev, a.point(a.meta, a.digest), nil); err != nil {
+		return dec, err
+	}
+	s.anc.Store(a)
+	return dec, nil
+}
+
+// scan computes the digest of the whole store.
+func (s *Store) scan(h *anchor.Hasher) (anchor.State, error) {
+	var st anchor.State
+	err := s.db.View(func(tx *bolt.Tx) error {
+		if m := tx.Bucket(bucketMeta).Get(keyAnchorMeta); m != nil {
+			st.Meta = bytes.Clone(m)
+			st.Digest = h.AddMeta(st.Digest, m)
+		}
+		return tx.Bucket(bucketData).ForEach(func(k, v []byte) error {
+			st.Digest = h.AddRecord(st.Digest, k, v)
+			st.Records++
+			return nil
+		})
+	})
+	if err != nil {
+		return st, fmt.Errorf("scan the store for its digest: %w", err)
+	}
+	return st, nil
+}
+
+func (a *anchoring) point(m anchor.Meta, d anchor.Digest) anchor.Point {
+	return anchor.Point{Seq: m.Seq, Tag: a.keys.Tag(m.VaultID, m.Epoch, m.Seq, d)}
+}
+
+// write writes the next anchor to every configured member at once. The
+// anchor names as live the members the previous write reached (prev); it
+// must reach at least one of them, or a stale member could later stand in
+// for the ones that have it. The members it reaches are the next live set:
+// a member that fails drops out, and one that answers again is caught up
+// by this very write.
+func (a *anchoring) write(ctx context.Context, prev []string, base anchor.Point, pending *anchor.Point) error {
+	start := time.Now()
+	defer func() { a.metrics.duration.Observe(time.Since(start).Seconds()) }()
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), anchorTimeout)
+	defer cancel()
+	w := a.w + 1
+	members := a.members.Members()
+	ok := make([]bool, len(members))
+	errs := make([]error, len(members))
+	var wg sync.WaitGroup
+	for i, m := range members {
+		wg.Go(func() {
+			raw, err := a.keys.MarshalAnchor(anchor.Anchor{VaultID: a.meta.VaultID, Member: m, Epoch: a.meta.Epoch, W: w, Live: prev, Base: base, Pending: pending})
+			if err == nil {
+				err = a.members.WriteAnchor(ctx, m, raw)
+			}
+			ok[i], errs[i] = err == nil, err
+		})
+	}
+	wg.Wait()
+	var live []string
+	reachedPrev := false
+	for i, m := range members {
+		if ok[i] {
+			live = append(live, m)
+			reachedPrev = reachedPrev || slices.Contains(prev, m)
+			a.metrics.writes.WithLabelValues(m, "ok").Inc()
+			continue
+		}
+		a.metrics.writes.WithLabelValues(m, "error").Inc()
+		if slices.Contains(a.live, m) {
+			a.log.Warn("rollback anchor: member dropped from the live set", "member", m, "error", errs[i].Error())
+		}
+	}
+	if !reachedPrev {
+		return fmt.Errorf("rollback anchor: write %d reached no member of the live set %v: %w", w, prev, errors.Join(errs...))
+	}
+	a.w, a.live = w, live
+	a.metrics.live.Set(float64(len(live)))
+	a.metrics.seq.Set(float64(a.meta.Seq))
+	return nil
+}
+
+// change is one record write of a batch, for the digest.
+type change struct{ key, old, new []byte }
+
+// prepare extends an anchored batch's transaction: the digest and meta of
+// the state the batch makes, and the anchor that names it as pending. It
+// returns the state to adopt once the transaction has committed.
+func (a *anchoring) prepare(ctx context.Context, tx *bolt.Tx, changes []change) (anchor.Digest, anchor.Meta, []byte, error) {
+	d := a.digest
+	for _, c := range changes {
+		if c.old != nil {
+			d = a.hasher.RemoveRecord(d, c.key, c.old)
+		}
+		d = a.hasher.AddRecord(d, c.key, c.new)
+	}
+	m := a.meta
+	m.Seq++
+	raw := a.keys.MarshalMeta(m)
+	d = a.hasher.AddMeta(a.hasher.RemoveMeta(d, a.metaRaw), raw)
+	if err := tx.Bucket(bucketMeta).Put(keyAnchorMeta, raw); err != nil {
+		return d, m, raw, err
+	}
+	pending := a.point(m, d)
+	if err := a.write(ctx, a.live, a.point(a.meta, a.digest), &pending); err != nil {
+		return d, m, raw, err
+	}
+	return d, m, raw, nil
+}
+
+// idle vouches for the committed state with no batch pending, so that the
+// answers held for it may go out.
+func (a *anchoring) idle() error {
+	return a.write(context.Background(), a.live, a.point(a.meta, a.digest), nil)
+}
+
+// AnchorMeta returns the store's anchor meta as stored, nil if none.
+func (s *Store) AnchorMeta() []byte {
+	var raw []byte
+	s.db.View(func(tx *bolt.Tx) error {
+		raw = bytes.Clone(tx.Bucket(bucketMeta).Get(keyAnchorMeta))
+		return nil
+	})
+	return raw
+}
