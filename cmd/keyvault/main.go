@@ -27,6 +27,10 @@ Usage:
   keyvault bench --hsm --config FILE  the raw HSM ceiling of a recover or enroll
   keyvault bench --url URL --token-file FILE
                                      load a running vault over HTTP
+  keyvault anchor status --config FILE
+                                     the rollback anchors and the start-up check
+  keyvault anchor accept --config FILE --reason TEXT
+                                     accept a restored store (audited)
   keyvault version                   print the version
 
 Run "keyvault COMMAND --help" for a command's flags.
@@ -59,6 +63,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdKeys(args[1:], stdout, stderr)
 	case "config":
 		err = cmdConfig(args[1:], stdout, stderr)
+	case "anchor":
+		err = cmdAnchor(args[1:], stdout, stderr)
 	case "bench":
 		err = cmdBench(args[1:], stdout, stderr)
 	case "version":

@@ -273,3 +273,116 @@ func (s *Store) AnchorMeta() []byte {
 	})
 	return raw
 }
+
+// Status is what the store and the members say about rollback resistance.
+type Status struct {
+	Meta     *anchor.Meta // nil: the store has none
+	Records  int
+	Found    []anchor.Found
+	Anchors  map[string][]anchor.Anchor // valid anchors by member
+	Decision anchor.Decision
+	Err      error // the check's verdict: nil, or why it refuses
+}
+
+// AnchorStatus runs the start-up check without changing anything.
+func (s *Store) AnchorStatus(ctx context.Context, keys anchor.Keys, members Anchors) (Status, error) {
+	st, err := s.scan(anchor.NewHasher(keys.Digest))
+	if err != nil {
+		return Status{}, err
+	}
+	out := Status{Records: st.Records, Found: members.ReadAnchors(ctx), Anchors: map[string][]anchor.Anchor{}}
+	if st.Meta != nil {
+		if m, err := keys.ParseMeta(st.Meta); err == nil {
+			out.Meta = &m
+		}
+	}
+	for _, f := range out.Found {
+		for _, v := range f.Values {
+			if a, err := keys.ParseAnchor(v); err == nil {
+				out.Anchors[f.Member] = append(out.Anchors[f.Member], a)
+			}
+		}
+	}
+	out.Decision, out.Err = keys.Check(out.Found, st)
+	return out, nil
+}
+
+// Accepted reports what an accepted restore changed.
+type Accepted struct {
+	Before      Status
+	Epoch       uint64   // the new epoch
+	Seq         uint64   // the store's position in it
+	BatchesLost uint64   // batches the anchor vouched for beyond the restored store
+	Members     []string // members that took the new anchor
+}
+
+// AcceptRestore makes the store as it is the vault's new truth, for an
+// operator who restored it on purpose: it raises the epoch, in the store
+// and then in every member that answers, above any epoch seen, so anchors
+// and copies of the store from before stay refused. It refuses when the
+// store passes the check (there is nothing to accept). The caller logs the
+// result: an accept must always be loud.
+func (s *Store) AcceptRestore(ctx context.Context, keys anchor.Keys, members Anchors) (Accepted, error) {
+	before, err := s.AnchorStatus(ctx, keys, members)
+	if err != nil {
+		return Accepted{}, err
+	}
+	if before.Err == nil {
+		return Accepted{Before: before}, errors.New("the store passes the rollback check: there is nothing to accept")
+	}
+	if _, ok := anchor.IsRefused(before.Err); !ok {
+		return Accepted{Before: before}, before.Err
+	}
+	// The new position: above every epoch and write number seen, so that
+	// the new anchor wins and nothing older can pass for current.
+	var m anchor.Meta
+	if before.Meta != nil {
+		m = *before.Meta
+	} else {
+		rand.Read(m.VaultID[:])
+	}
+	var top, w uint64
+	for _, as := range before.Anchors {
+		for _, a := range as {
+			if a.VaultID != m.VaultID {
+				continue
+			}
+			m.Epoch = max(m.Epoch, a.Epoch)
+			w = max(w, a.W)
+			top = max(top, a.Base.Seq)
+			if a.Pending != nil {
+				top = max(top, a.Pending.Seq)
+			}
+		}
+	}
+	acc := Accepted{Before: before}
+	if before.Meta != nil && top > before.Meta.Seq {
+		acc.BatchesLost = top - before.Meta.Seq
+	}
+	m.Epoch++
+	m.Seq++
+	raw := keys.MarshalMeta(m)
+	if err := s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketMeta).Put(keyAnchorMeta, raw) }); err != nil {
+		return acc, fmt.Errorf("write the new epoch to the store: %w", err)
+	}
+	st, err := s.scan(anchor.NewHasher(keys.Digest))
+	if err != nil {
+		return acc, err
+	}
+	a := &anchoring{keys: keys, hasher: anchor.NewHasher(keys.Digest), members: members, log: slog.New(slog.DiscardHandler),
+		metrics: newAnchorMetrics(nil), meta: m, metaRaw: raw, digest: st.Digest, w: w}
+	var answered []string
+	for _, f := range before.Found {
+		if f.Err == nil {
+			answered = append(answered, f.Member)
+		}
+	}
+	if len(answered) == 0 {
+		return acc, errors.New("no HSM member answered: the new epoch is in the store only; run accept again once a member answers")
+	}
+	if err := a.write(ctx, answered, a.point(m, st.Digest), nil); err != nil {
+		return acc, err
+	}
+	acc.Epoch, acc.Seq, acc.Members = m.Epoch, m.Seq, a.live
+	return acc, nil
+}

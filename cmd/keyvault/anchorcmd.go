@@ -1,0 +1,127 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"slices"
+	"strings"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/keyvault/keyvault/anchor"
+	"github.com/keyvault/keyvault/vault"
+	"github.com/keyvault/keyvault/vault/boltstore"
+)
+
+const anchorUsage = `keyvault anchor status --config FILE
+       keyvault anchor accept --config FILE --reason TEXT
+
+status shows each HSM member's rollback anchor (epoch, write number, the
+batch it vouches for, the live set), the store's position, and whether the
+store passes the start-up check. accept is the audited path after a
+legitimate restore of the store: it raises the epoch in the store and in
+every member, so the vault starts on the restored store and refuses older
+copies and the pre-restore store from then on; it logs how many anchored
+batches the restore lost. Both open the store: stop the vault first.`
+
+func cmdAnchor(args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 || (args[0] != "status" && args[0] != "accept") {
+		if len(args) > 0 && (args[0] == "-h" || args[0] == "--help" || args[0] == "help") {
+			fmt.Fprintln(stdout, "Usage: "+anchorUsage)
+			return nil
+		}
+		fmt.Fprintln(stderr, "Usage: "+anchorUsage)
+		return usageError{errors.New("anchor needs status or accept")}
+	}
+	sub := args[0]
+	fs := newFlags("anchor "+sub, stderr, anchorUsage)
+	path := fs.String("config", "", "the YAML config `file` (required)")
+	reason := fs.String("reason", "", "why the store was restored (accept; required, logged)")
+	if err := parseFlags(fs, args[1:]); err != nil {
+		return err
+	}
+	if *path == "" {
+		return usageError{errors.New("--config is required")}
+	}
+	if sub == "accept" && strings.TrimSpace(*reason) == "" {
+		return usageError{errors.New("accept needs --reason: the audit log keeps it")}
+	}
+	cfg, err := loadConfig(*path)
+	if err != nil {
+		return err
+	}
+	log := newLogger(cfg, stderr)
+	store, err := boltstore.Open(cfg.Store.Path, nil)
+	if err != nil {
+		return fmt.Errorf("%w (is the vault running? stop it first)", err)
+	}
+	defer store.Close()
+	pool, err := openPool(cfg, prometheus.NewRegistry(), slog.New(slog.DiscardHandler))
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	ctx := context.Background()
+	keys, err := vault.DeriveAnchorKeys(ctx, pool)
+	if err != nil {
+		return err
+	}
+	if sub == "status" {
+		st, err := store.AnchorStatus(ctx, keys, pool)
+		if err != nil {
+			return err
+		}
+		printAnchorStatus(stdout, st)
+		if st.Err != nil {
+			return st.Err
+		}
+		return nil
+	}
+	acc, err := store.AcceptRestore(ctx, keys, pool)
+	if err != nil {
+		return err
+	}
+	log.Warn("anchor accept: the restored store is now the vault's truth", "audit", true, "reason", *reason,
+		"epoch", acc.Epoch, "seq", acc.Seq, "batches_lost", acc.BatchesLost, "refused_for", string(refusedReason(acc.Before.Err)),
+		"members", strings.Join(acc.Members, ","))
+	fmt.Fprintf(stdout, "accepted: epoch %d, seq %d; %d anchored batches lost; anchored on %s\n",
+		acc.Epoch, acc.Seq, acc.BatchesLost, strings.Join(acc.Members, ", "))
+	return nil
+}
+
+func refusedReason(err error) anchor.Reason {
+	r, _ := anchor.IsRefused(err)
+	return r
+}
+
+func printAnchorStatus(w io.Writer, st boltstore.Status) {
+	if st.Meta == nil {
+		fmt.Fprintf(w, "store: no anchor meta, %d records\n", st.Records)
+	} else {
+		fmt.Fprintf(w, "store: epoch %d, seq %d, %d records\n", st.Meta.Epoch, st.Meta.Seq, st.Records)
+	}
+	for _, f := range st.Found {
+		switch {
+		case f.Err != nil:
+			fmt.Fprintf(w, "member %s: no answer: %v\n", f.Member, f.Err)
+		case len(st.Anchors[f.Member]) == 0:
+			fmt.Fprintf(w, "member %s: no anchor (%d objects)\n", f.Member, len(f.Values))
+		}
+		for _, a := range st.Anchors[f.Member] {
+			pending := "none"
+			if a.Pending != nil {
+				pending = fmt.Sprint(a.Pending.Seq)
+			}
+			fmt.Fprintf(w, "member %s: epoch %d, write %d, base seq %d, pending %s, live %s\n",
+				f.Member, a.Epoch, a.W, a.Base.Seq, pending, strings.Join(slices.Sorted(slices.Values(a.Live)), ","))
+		}
+	}
+	if st.Err != nil {
+		fmt.Fprintf(w, "check: refused: %v\n", st.Err)
+	} else {
+		fmt.Fprintln(w, "check: passes")
+	}
+}
