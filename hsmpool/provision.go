@@ -232,7 +232,9 @@ func generateInHSM(c MemberConfig, ids []vault.KeyID) error {
 
 // absent returns a check that fails if the session's token holds any of ids.
 func absent(ids []vault.KeyID) func(*pkcs11.Ctx, pkcs11.SessionHandle, string) error {
-	return func(p *pkcs11.Ctx, s pkcs11.SessionHandle, member string) error { return checkAbsentOf(p, s, member, ids) }
+	return func(p *pkcs11.Ctx, s pkcs11.SessionHandle, member string) error {
+		return checkAbsentOf(p, s, member, ids)
+	}
 }
 
 // checkAbsent fails if the session's token holds any version-1 key.
