@@ -54,6 +54,10 @@ type record struct {
 	Verifier    []byte
 	Nonce       []byte // the outer GCM nonce actually used
 	Sealed      []byte // outer ciphertext; empty when locked or a tombstone
+
+	// fresh marks a record sealed in this process just now (not stored):
+	// its write must not land under a key version being retired.
+	fresh bool
 }
 
 func (r *record) used() uint32 { return r.Guesses - r.Forgiven - r.Refunds }
