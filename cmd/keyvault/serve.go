@@ -138,13 +138,15 @@ func serve(cfg *config.Config, stderr io.Writer) error {
 		MaxHeaderBytes:    16 << 10,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
+	keys := &keyAdmin{ctx: ctx, pool: pool, v: v}
+	watchKeys(ctx, keys, log)
 	adminSrv := &http.Server{
-		Handler: api.NewAdminRouter(reg, func() error {
+		Handler: api.NewAdminRouterWith(reg, func() error {
 			if err := store.Ping(); err != nil {
 				return fmt.Errorf("store: %w", err)
 			}
 			return pool.Ready()
-		}),
+		}, api.AdminOptions{TokenHashes: cfg.AdminTokenHashes(), Keys: keys, Logger: log}),
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
