@@ -47,11 +47,13 @@ type Options struct {
 // Pool balances HSM operations over its members. It implements vault.HSM.
 type Pool struct {
 	members []*member
-	// keys is what every member must hold; Reload and Retire replace it.
-	keys    atomic.Pointer[keySet]
-	log     *slog.Logger
-	metrics *metrics
-	opts    Options
+	// keys is what every member must hold; Reload and Retire replace it,
+	// one at a time (rotateMu).
+	keys     atomic.Pointer[keySet]
+	rotateMu sync.Mutex
+	log      *slog.Logger
+	metrics  *metrics
+	opts     Options
 
 	admitted  atomic.Int64  // requests holding an admission (see Admit)
 	admitWake chan struct{} // a request left: a waiter may be admitted

@@ -4,14 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"sync"
 
 	"github.com/keyvault/keyvault/vault"
 )
-
-// rotateMu serialises Reload and Retire: each reads the pool's key set,
-// stages new member states, and installs them.
-var rotateMu sync.Mutex
 
 // refresher is a token that can look its keys up again (p11Token).
 type refresher interface {
@@ -27,8 +22,8 @@ type refresher interface {
 // the pool uses is gone or changed. Requests in flight keep their member
 // state; new ones see the new keys. It returns the newest versions.
 func (p *Pool) Reload() (map[vault.KeyRole]uint32, error) {
-	rotateMu.Lock()
-	defer rotateMu.Unlock()
+	p.rotateMu.Lock()
+	defer p.rotateMu.Unlock()
 	cur := p.keys.Load()
 	olds := make([]*tokenState, len(p.members))
 	news := make([]*tokenState, len(p.members))
@@ -103,8 +98,8 @@ var ErrNewest = errors.New("the newest key version cannot be retired")
 // destroys whatever copies remain. It returns the labels destroyed, by
 // member.
 func (p *Pool) Retire(version uint32) (map[string][]string, error) {
-	rotateMu.Lock()
-	defer rotateMu.Unlock()
+	p.rotateMu.Lock()
+	defer p.rotateMu.Unlock()
 	cur := p.keys.Load()
 	ids := []vault.KeyID{{Role: vault.RoleWrap, Version: version}, {Role: vault.RolePIN, Version: version}}
 	for _, id := range ids {
