@@ -51,21 +51,22 @@ func (k *keyAdmin) StartRewrap(perSecond float64) (vault.RewrapStatus, bool) {
 func (k *keyAdmin) RewrapStatus() vault.RewrapStatus { return k.v.RewrapStatus() }
 
 // watchKeys reloads the HSM keys on SIGHUP (the other trigger is POST
-// /admin/keys/reload), and counts records by key version at start and
-// every minute for the records-by-version gauges.
+// /admin/keys/reload), and counts records by key version for the
+// records-by-version gauges: once before serving, so that the first
+// scrape has them, then every minute.
 func watchKeys(ctx context.Context, k *keyAdmin, log *slog.Logger) {
+	count := func() {
+		if _, err := k.v.KeyUsage(ctx); err != nil && ctx.Err() == nil {
+			log.Warn("counting records by key version", "error", err.Error())
+		}
+	}
+	count()
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	go func() {
 		defer signal.Stop(hup)
 		tick := time.NewTicker(time.Minute)
 		defer tick.Stop()
-		count := func() {
-			if _, err := k.v.KeyUsage(ctx); err != nil && ctx.Err() == nil {
-				log.Warn("counting records by key version", "error", err.Error())
-			}
-		}
-		count()
 		for {
 			select {
 			case <-ctx.Done():
