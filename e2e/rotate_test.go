@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -456,4 +457,41 @@ func parallel(t *testing.T, n int, fn func(i int) error) {
 	if err := first.Load(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestReloadOnSIGHUP: `keys rotate` without an admin token creates the
+// version and says how to take it into use; the vault keeps sealing under
+// version 1 until it gets SIGHUP, then seals under version 2.
+func TestReloadOnSIGHUP(t *testing.T) {
+	k := newRotationKit(t)
+	t.Parallel()
+	v := k.start(t)
+	c := newClient(v.API, v.Token)
+	code, out := k.keys(t, nil, "rotate")
+	if code != 0 || !strings.Contains(out, "No admin token given") || !strings.Contains(out, "keyvault-wrap-v2") {
+		t.Fatalf("keys rotate without an admin token: exit %d:\n%s", code, out)
+	}
+	c.enroll(t, "before", randBytes(32), "2468", 0)
+	if w, p := keyVersions(t, c.status(t, "before")); w != 1 || p != 1 {
+		t.Fatalf("before the reload: versions %v/%v, want 1/1", w, p)
+	}
+	if err := v.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for i := 0; ; i++ {
+		user := fmt.Sprintf("after-%d", i)
+		c.enroll(t, user, randBytes(32), "2468", 0)
+		if w, p := keyVersions(t, c.status(t, user)); w == 2 && p == 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no enrollment on version 2 within 10s of SIGHUP:\n%s", v.Logs())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if !strings.Contains(string(v.Logs()), "keys reloaded on SIGHUP") {
+		t.Errorf("no log line for the reload")
+	}
+	v.Stop()
 }
