@@ -159,3 +159,47 @@ func TestRetireRefusesANewestVersion(t *testing.T) {
 		t.Fatalf("enroll after a refused retire: %v", err)
 	}
 }
+
+// A re-wrap that lands while a right guess is being checked wins: the
+// guess still recovers and is forgiven, but does not overwrite the new
+// outer layer with its re-seal of what it read; the next recovery moves
+// the PIN key. A wrong guess counted meanwhile stays counted.
+func TestRewrapDuringARecovery(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, vault.Options{})
+	secret := randBytes(32)
+	e.enroll("racer", secret, rightPIN, 5)
+	e.rotate()
+	entered, release := e.hsm.pause("right", 1)
+	type result struct {
+		secret []byte
+		err    error
+	}
+	done := make(chan result, 1)
+	go func() {
+		s, _, err := e.v.Recover(withTag(bg, "right"), ns, "racer", rightPIN)
+		done <- result{s, err}
+	}()
+	<-entered
+	if _, started := e.v.StartRewrap(context.Background(), 0); !started {
+		t.Fatal("rewrap did not start")
+	}
+	if st := waitRewrap(t, e.v); st.Done != 1 {
+		t.Fatalf("rewrap during the check: %+v", st)
+	}
+	release()
+	r := <-done
+	if r.err != nil || !bytes.Equal(r.secret, secret) {
+		t.Fatalf("recover across a rewrap: %v", r.err)
+	}
+	st := e.status("racer")
+	if st.KeyVersion != 2 || st.PINKeyVersion != 1 || st.AttemptsRemaining != 5 {
+		t.Fatalf("after the race: %+v, want wrap 2 (the rewrap), PIN 1, 5 attempts", st)
+	}
+	if s, _, err := e.v.Recover(bg, ns, "racer", rightPIN); err != nil || !bytes.Equal(s, secret) {
+		t.Fatalf("second recovery: %v", err)
+	}
+	if st := e.status("racer"); st.KeyVersion != 2 || st.PINKeyVersion != 2 {
+		t.Fatalf("after the second recovery: %+v, want 2/2", st)
+	}
+}
