@@ -203,3 +203,48 @@ func TestRewrapDuringARecovery(t *testing.T) {
 		t.Fatalf("after the second recovery: %+v, want 2/2", st)
 	}
 }
+
+// A lock whose guess never settled (its request died) blocks the re-wrap
+// only while it may still be pending: once older than the settle window it
+// is final, and the re-wrap moves it and marks it so. The guess, if it
+// ever returns wrong, answers 410.
+func TestRewrapFinalisesAnAbandonedLock(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, vault.Options{})
+	e.enroll("abandoned", randBytes(32), rightPIN, 1)
+	e.rotate()
+	entered, release := e.hsm.pause("held", 1)
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := e.v.Recover(withTag(bg, "held"), ns, "abandoned", []byte("0000-wrong"))
+		done <- err
+	}()
+	<-entered
+	if _, started := e.v.StartRewrap(context.Background(), 0); !started {
+		t.Fatal("rewrap did not start")
+	}
+	if st := waitRewrap(t, e.v); st.Skipped != 1 || st.Done != 0 {
+		t.Fatalf("rewrap over a young pending lock: %+v, want it skipped", st)
+	}
+	// The stepping clock moves a second per reading: enrollments of others
+	// age the pending lock past the 20 s window.
+	for i := range 15 {
+		e.enroll(fmt.Sprintf("other-%d", i), randBytes(32), rightPIN, 0)
+	}
+	if _, started := e.v.StartRewrap(context.Background(), 0); !started {
+		t.Fatal("rewrap did not start")
+	}
+	if st := waitRewrap(t, e.v); st.Done != 1 {
+		t.Fatalf("rewrap over an abandoned lock: %+v, want it moved", st)
+	}
+	if st := e.status("abandoned"); !st.Locked || st.KeyVersion != 2 || st.PINKeyVersion != 2 {
+		t.Fatalf("abandoned lock after rewrap: %+v", st)
+	}
+	release()
+	if err := <-done; !errors.Is(err, vault.ErrLocked) {
+		t.Fatalf("the abandoned wrong guess, returning: %v, want locked", err)
+	}
+	if _, _, err := e.v.Recover(bg, ns, "abandoned", rightPIN); !errors.Is(err, vault.ErrLocked) {
+		t.Fatalf("recover after: %v, want locked", err)
+	}
+}

@@ -260,10 +260,11 @@ func (v *Vault) rewrapFailed(err error) {
 }
 
 // rewrapOne moves one record's outer layer to the target wrap key version.
-// A record whose lock is final holds no secret and its PIN can never be
-// checked again, so its key versions simply move to the newest; one with a
-// pending lock is left for a later run (its guess may put back the secret
-// it read, sealed under the old version).
+// A record whose lock is final (by its flag, or because its guess's
+// request died: older than lockSettleWindow) holds no secret and its PIN
+// can never be checked again, so its key versions simply move to the
+// newest; one with a pending lock is left for a later run (its guess may
+// put back the secret it read, sealed under the old version).
 func (v *Vault) rewrapOne(ctx context.Context, key []byte, target uint32) (moved bool, err error) {
 	ns, userID, ok := splitRecordKey(key)
 	if !ok {
@@ -278,9 +279,12 @@ func (v *Vault) rewrapOne(ctx context.Context, key []byte, target uint32) (moved
 		next.fresh = true
 		next.UpdatedAt = v.now()
 		if cur.Locked {
-			if !cur.LockFinal {
+			if v.lockedOrPending(cur) != ErrLocked {
 				return nil, nil
 			}
+			// Final, by its flag or by age (its request died): say so, so
+			// that nobody takes it for pending again.
+			next.LockFinal = true
 			next.WrapVersion, next.PINVersion = target, max(cur.PINVersion, v.hsm.KeyVersion(RolePIN))
 			moved = true
 			return &next, nil
