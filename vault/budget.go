@@ -167,7 +167,8 @@ func (v *Vault) forgiveResealed(ctx context.Context, g *guess, resealed *record)
 		}
 		if resealed != nil && !next.Locked && sameSeal(cur.record, &g.before) {
 			next.Salt, next.Verifier, next.Nonce, next.Sealed = resealed.Salt, resealed.Verifier, resealed.Nonce, resealed.Sealed
-			next.WrapVersion, next.PINVersion, next.fresh = resealed.WrapVersion, resealed.PINVersion, true
+			next.WrapVersion, next.PINVersion = resealed.WrapVersion, resealed.PINVersion
+			next.freshWrap, next.freshPIN = true, true
 		}
 		next.UpdatedAt = v.now()
 		remaining = next.remaining()

@@ -55,9 +55,12 @@ type record struct {
 	Nonce       []byte // the outer GCM nonce actually used
 	Sealed      []byte // outer ciphertext; empty when locked or a tombstone
 
-	// fresh marks a record sealed in this process just now (not stored):
-	// its write must not land under a key version being retired.
-	fresh bool
+	// freshWrap and freshPIN mark a record whose outer layer, or PIN check,
+	// this process just made under the versions it names (not stored):
+	// such a write must not land under a key version being retired. A
+	// version carried over from the stored record is counted by RetireKeys
+	// and needs no mark.
+	freshWrap, freshPIN bool
 }
 
 func (r *record) used() uint32 { return r.Guesses - r.Forgiven - r.Refunds }

@@ -276,7 +276,7 @@ func (v *Vault) rewrapOne(ctx context.Context, key []byte, target uint32) (moved
 			return nil, nil
 		}
 		next := *cur.record
-		next.fresh = true
+		next.freshWrap = true
 		next.UpdatedAt = v.now()
 		if cur.Locked {
 			if v.lockedOrPending(cur) != ErrLocked {
@@ -284,7 +284,7 @@ func (v *Vault) rewrapOne(ctx context.Context, key []byte, target uint32) (moved
 			}
 			// Final, by its flag or by age (its request died): say so, so
 			// that nobody takes it for pending again.
-			next.LockFinal = true
+			next.LockFinal, next.freshPIN = true, true
 			next.WrapVersion, next.PINVersion = target, max(cur.PINVersion, v.hsm.KeyVersion(RolePIN))
 			moved = true
 			return &next, nil

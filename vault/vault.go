@@ -209,12 +209,12 @@ func (v *Vault) write(ctx context.Context, key []byte, rev uint64, r *record) er
 	if err := r.check(); err != nil {
 		return fmt.Errorf("vault: refusing to write an invalid record: %w", err)
 	}
-	if r.fresh {
+	if r.freshWrap || r.freshPIN {
 		// Held across the compare-and-swap, so that once RetireKeys has
 		// marked a version, no new record under it can land unseen.
 		v.retireMu.RLock()
 		defer v.retireMu.RUnlock()
-		if v.retired[r.WrapVersion] || v.retired[r.PINVersion] {
+		if r.freshWrap && v.retired[r.WrapVersion] || r.freshPIN && v.retired[r.PINVersion] {
 			return fmt.Errorf("%w: key version %d/%d is being retired", ErrUnavailable, r.WrapVersion, r.PINVersion)
 		}
 	}
@@ -396,7 +396,8 @@ func (v *Vault) seal(ctx context.Context, ns, userID string, gen uint64, secret,
 		PINVersion:  v.hsm.KeyVersion(RolePIN),
 		Salt:        make([]byte, saltLen),
 		Nonce:       make([]byte, nonceLen),
-		fresh:       true,
+		freshWrap:   true,
+		freshPIN:    true,
 	}
 	if r.WrapVersion == 0 || r.PINVersion == 0 {
 		return nil, fmt.Errorf("%w: the HSM holds no wrap or PIN key", ErrUnavailable)
