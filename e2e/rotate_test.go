@@ -302,6 +302,10 @@ func TestRecoveryMovesPINKeyAndRetire(t *testing.T) {
 	if r := c.enroll(t, "dee", randBytes(32), "4444", 0); r.Status != 201 {
 		t.Fatalf("enroll after the retire: %s", r)
 	}
+	code, out = k.keys(t, v, "usage")
+	if code != 0 || !regexp.MustCompile(`wrap key v2\s+4 backups`).MatchString(out) || !regexp.MustCompile(`pin\s+key v2\s+4 backups`).MatchString(out) || strings.Contains(out, "v1") {
+		t.Errorf("keys usage after the retire: exit %d:\n%s", code, out)
+	}
 	v.Stop()
 
 	keys := k.listKeys(t)
