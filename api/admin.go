@@ -14,7 +14,14 @@ import (
 // store is open and at least one HSM member is healthy; else 503 with the
 // reason, which names components, never data).
 func NewAdminRouter(gatherer prometheus.Gatherer, ready func() error) http.Handler {
+	return NewAdminRouterWith(gatherer, ready, AdminOptions{})
+}
+
+// NewAdminRouterWith is NewAdminRouter plus, when opts names an admin
+// token and a KeyAdmin, the key lifecycle endpoints (see mountKeyAdmin).
+func NewAdminRouterWith(gatherer prometheus.Gatherer, ready func() error, opts AdminOptions) http.Handler {
 	r := chi.NewRouter()
+	mountKeyAdmin(r, opts)
 	r.Handle("/metrics", promhttp.HandlerFor(gatherer, promhttp.HandlerOpts{}))
 	r.Get("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")

@@ -121,6 +121,10 @@ func fields(dst any) []string {
 		return []string{"pin"}
 	case *changePINRequest:
 		return []string{"pin", "new_pin"}
+	case *retireRequest:
+		return []string{"version"}
+	case *rewrapRequest:
+		return []string{"per_second"}
 	}
 	return nil
 }

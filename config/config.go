@@ -47,6 +47,12 @@ type Config struct {
 	// profiles reveal code paths and timings, not data, but they cost CPU
 	// while taken and belong on a listener only operators reach.
 	AdminPprof bool `yaml:"admin_pprof"`
+	// AdminTokenSHA256 is the hex SHA-256 of the bearer token of the key
+	// lifecycle endpoints on the admin listener (/admin/keys/...,
+	// /admin/rewrap), which `keyvault keys reload|rewrap|retire|usage`
+	// call; a list allows rotating it. Optional: without it those
+	// endpoints are off (404).
+	AdminTokenSHA256 StringList `yaml:"admin_token_sha256"`
 	// InsecurePlaintext allows plain HTTP on a non-loopback Listen address,
 	// for deployments where TLS ends in front of keyvault. Default false.
 	InsecurePlaintext bool `yaml:"insecure_plaintext"`
@@ -454,6 +460,11 @@ func (c Client) TokenHashes() [][32]byte {
 		}
 	}
 	return out
+}
+
+// AdminTokenHashes decodes AdminTokenSHA256 as Client.TokenHashes does.
+func (c *Config) AdminTokenHashes() [][32]byte {
+	return Client{TokenSHA256: c.AdminTokenSHA256}.TokenHashes()
 }
 
 func decodeHash(s string) ([32]byte, bool) {

@@ -303,6 +303,8 @@ func TestParseRejects(t *testing.T) {
 			[]string{"hsm.members[1].token_label: hsm.members[0] already uses this module and token"}},
 		{"module_env sets the PIN variable", storeBlock + "hsm:\n  module_env:\n    KEYVAULT_HSM_A_PIN: " + secretPIN + "\n  members:\n" + memberA + clientsBlock,
 			[]string{"hsm.members[0].pin_env: names a variable that hsm.module_env sets"}},
+		{"admin token not a hash", "admin_token_sha256: my-admin-token\n" + minimalYAML, []string{"admin_token_sha256[0]: must be the hex SHA-256", "got 14 characters"}},
+		{"admin token is a client's", "admin_token_sha256: [{{.Hash2}}, {{.Hash1}}]\n" + minimalYAML, []string{"admin_token_sha256[1]: is also a client's token hash"}},
 		{"unknown member key", member(okMember + "      pin_env: P\n      pni: x\n"), []string{"hsm.members[0].pni: unknown key"}},
 		{"unknown nested key", "log:\n  levle: info\n" + minimalYAML, []string{"log.levle: unknown key"}},
 		{"inline pin", member(okMember + "      pin: " + secretPIN + "\n"), []string{"hsm.members[0].pin: the HSM PIN must not be inline; use pin_env or pin_file"}},
@@ -841,5 +843,21 @@ func TestRateLimitSection(t *testing.T) {
 		if _, err := Parse(render(t, fx, minimalYAML+c.yaml)); err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%q: %v, want %q", c.yaml, err, c.want)
 		}
+	}
+}
+
+func TestAdminTokenHashes(t *testing.T) {
+	t.Parallel()
+	fx := newFixture(t)
+	cfg, err := Parse(render(t, fx, "admin_token_sha256: {{.Hash3}}\n"+minimalYAML))
+	if err != nil {
+		t.Fatalf("Parse: %v", err)
+	}
+	got := cfg.AdminTokenHashes()
+	if len(got) != 1 || hex.EncodeToString(got[0][:]) != strings.ToLower(fx.Hash3) {
+		t.Fatalf("admin token hashes %x, want %s", got, fx.Hash3)
+	}
+	if cfg, err = Parse(render(t, fx, minimalYAML)); err != nil || len(cfg.AdminTokenHashes()) != 0 {
+		t.Fatalf("without admin_token_sha256: %v %v", cfg.AdminTokenHashes(), err)
 	}
 }

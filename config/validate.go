@@ -61,6 +61,7 @@ func (c *Config) validate(checkFS bool) error {
 	v.hsm(c.HSM)
 	v.budget(c.Budget)
 	v.clients(c.Clients)
+	v.adminToken(c)
 	v.log(c.Log)
 	v.rateLimit(c.RateLimit)
 	return errors.Join(v.errs...)
@@ -285,6 +286,27 @@ func (v *validator) clients(cs []Client) {
 				continue
 			}
 			firstByHash[h] = hpath
+		}
+	}
+}
+
+// adminToken checks the admin token hashes; none of them may also be a
+// client's, so that no API token opens the key lifecycle endpoints.
+func (v *validator) adminToken(c *Config) {
+	clients := map[[32]byte]bool{}
+	for _, cl := range c.Clients {
+		for _, h := range cl.TokenHashes() {
+			clients[h] = true
+		}
+	}
+	for k, s := range c.AdminTokenSHA256 {
+		path := indexKey("admin_token_sha256", k)
+		h, ok := decodeHash(s)
+		switch {
+		case !ok:
+			v.add(path, "must be the hex SHA-256 of the token: 64 hex characters, got %d characters", len(s))
+		case clients[h]:
+			v.add(path, "is also a client's token hash; the admin token must be its own")
 		}
 	}
 }

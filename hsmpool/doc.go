@@ -14,6 +14,17 @@
 // crypto11's panics into errors, and retries on another member when one
 // fails.
 //
+// # Key versions
+//
+// Versions are found by listing a token's secret keys and parsing their
+// labels, so a retired version leaves a gap and nothing else. Rotate
+// creates the next wrap and PIN version on every member (from a separate
+// process, like Provision); Reload, in the serving process, looks every
+// member's keys up again and publishes the new versions only once every
+// member holds them with the same check values; Retire stops using an old
+// version and destroys it on every member. A member may hold a version
+// newer than the pool's (between Rotate and Reload) and still be admitted.
+//
 // # Telling a bad record from a bad HSM
 //
 // SoftHSM reports a GCM authentication failure as CKR_GENERAL_ERROR, the same

@@ -49,7 +49,7 @@ func (p *Pool) probe(m *member) {
 			return
 		case <-time.After(wait/2 + jitter):
 		}
-		err := m.state().healthCheck(p.ref)
+		err := m.state().healthCheck(p.ref())
 		if err != nil && m.reopen != nil {
 			err = p.reopen(m)
 		}
@@ -87,7 +87,7 @@ func (p *Pool) reopen(m *member) error {
 		p.log.Warn("HSM member still failing", "member", m.name, "error", err.Error())
 		return err
 	}
-	st, err := admit(t, p.ref)
+	st, err := admit(t, p.ref())
 	if err != nil {
 		closeToken(t)
 		p.log.Warn("HSM member still failing", "member", m.name, "error", err.Error())

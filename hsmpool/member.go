@@ -56,7 +56,7 @@ func admit(t token, ref map[vault.KeyID][]byte) (*tokenState, error) {
 		return nil, err
 	}
 	if ref != nil {
-		if err := sameKeys(ref, kcvs); err != nil {
+		if err := holdsKeys(ref, kcvs); err != nil {
 			return nil, err
 		}
 	}
@@ -106,7 +106,7 @@ func (st *tokenState) healthCheck(ref map[vault.KeyID][]byte) error {
 	if err != nil {
 		return err
 	}
-	if err := sameKeys(ref, kcvs); err != nil {
+	if err := holdsKeys(ref, kcvs); err != nil {
 		return err
 	}
 	for v := range st.selfTests {
@@ -152,6 +152,25 @@ func sameKeys(ref, got map[vault.KeyID][]byte) error {
 		}
 	}
 	return nil
+}
+
+// holdsKeys is sameKeys for admitting a member, except that the member may
+// also hold versions newer than any the pool uses: `keys rotate` puts them
+// on every member before the pool reloads, and a member re-opened in
+// between must not be refused for it. The pool never uses them until
+// Reload has checked every member holds them alike.
+func holdsKeys(ref, got map[vault.KeyID][]byte) error {
+	newest := map[vault.KeyRole]uint32{}
+	for id := range ref {
+		newest[id.Role] = max(newest[id.Role], id.Version)
+	}
+	pending := map[vault.KeyID][]byte{}
+	for id, kcv := range got {
+		if _, ok := ref[id]; ok || id.Version <= newest[id.Role] {
+			pending[id] = kcv
+		}
+	}
+	return sameKeys(ref, pending)
 }
 
 // safe runs f, turning a crypto11 panic into an error.

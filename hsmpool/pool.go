@@ -51,9 +51,11 @@ type Options struct {
 
 // Pool balances HSM operations over its members. It implements vault.HSM.
 type Pool struct {
-	members  []*member
-	ref      map[vault.KeyID][]byte // the key check values every member must have
-	versions map[vault.KeyRole]uint32
+	members []*member
+	// keys is what every member must hold; Reload and Retire replace it,
+	// one at a time (rotateMu).
+	keys     atomic.Pointer[keySet]
+	rotateMu sync.Mutex
 	log      *slog.Logger
 	metrics  *metrics
 	opts     Options
@@ -103,12 +105,12 @@ func newPool(cfgs []MemberConfig, toks []token, openErrs []error, opts Options) 
 		opts.OpTimeout = 5 * time.Second
 	}
 	p := &Pool{
-		log:      opts.Logger,
-		metrics:  newMetrics(opts.Registerer),
-		opts:     opts,
-		versions: map[vault.KeyRole]uint32{},
-		stop:     make(chan struct{}),
+		log:     opts.Logger,
+		metrics: newMetrics(opts.Registerer),
+		opts:    opts,
+		stop:    make(chan struct{}),
 	}
+	var ref map[vault.KeyID][]byte // the first admitted member's keys
 	var errs []error
 	var toProbe []*member
 	p.admitWake = make(chan struct{}, 1)
@@ -133,11 +135,11 @@ func newPool(cfgs []MemberConfig, toks []token, openErrs []error, opts Options) 
 		}
 		if err == nil {
 			var st *tokenState
-			if st, err = admit(toks[i], p.ref); err == nil {
+			if st, err = admit(toks[i], ref); err == nil {
 				m.st.Store(st)
-				if p.ref == nil {
+				if ref == nil {
 					// The first admitted member is the reference.
-					p.ref = st.kcvs
+					ref = st.kcvs
 				}
 				m.healthy.Store(true)
 				p.metrics.up.WithLabelValues(c.Name).Set(1)
@@ -158,16 +160,10 @@ func newPool(cfgs []MemberConfig, toks []token, openErrs []error, opts Options) 
 			toProbe = append(toProbe, m)
 		}
 	}
-	if p.ref == nil {
+	if ref == nil {
 		return nil, fmt.Errorf("hsmpool: no usable member: %w", errors.Join(errs...))
 	}
-	for _, role := range vault.Roles {
-		for id := range p.ref {
-			if id.Role == role && id.Version > p.versions[role] {
-				p.versions[role] = id.Version
-			}
-		}
-	}
+	p.keys.Store(newKeySet(ref))
 	for _, m := range toProbe {
 		p.startProbe(m)
 	}
@@ -193,7 +189,25 @@ func (p *Pool) Close() error {
 }
 
 // KeyVersion implements vault.HSM.
-func (p *Pool) KeyVersion(role vault.KeyRole) uint32 { return p.versions[role] }
+func (p *Pool) KeyVersion(role vault.KeyRole) uint32 { return p.keys.Load().versions[role] }
+
+// keySet is the pool's reference: the check value of every key all members
+// hold, and the newest version of each role. It is replaced whole, never
+// changed in place.
+type keySet struct {
+	ref      map[vault.KeyID][]byte
+	versions map[vault.KeyRole]uint32
+}
+
+func newKeySet(ref map[vault.KeyID][]byte) *keySet {
+	ks := &keySet{ref: ref, versions: map[vault.KeyRole]uint32{}}
+	for id := range ref {
+		ks.versions[id.Role] = max(ks.versions[id.Role], id.Version)
+	}
+	return ks
+}
+
+func (p *Pool) ref() map[vault.KeyID][]byte { return p.keys.Load().ref }
 
 // Healthy reports how many members are serving; Ready uses it.
 func (p *Pool) Healthy() int {

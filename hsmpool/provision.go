@@ -1,9 +1,12 @@
 package hsmpool
 
 import (
+	"cmp"
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 
 	"github.com/ThalesGroup/crypto11"
 	"github.com/miekg/pkcs11"
@@ -34,11 +37,19 @@ func keyVersion1() []vault.KeyID {
 // this process, imported into each member as sensitive, non-extractable
 // token objects, and wiped.
 func Provision(cfgs []MemberConfig) (inHSM bool, err error) {
+	return provisionKeys(cfgs, keyVersion1())
+}
+
+// provisionKeys creates the key objects ids on every member, identical on
+// all, as Provision describes; it refuses, creating nothing, if any member
+// holds any of them.
+func provisionKeys(cfgs []MemberConfig, ids []vault.KeyID) (inHSM bool, err error) {
 	if len(cfgs) == 0 {
 		return false, errors.New("provision: no members")
 	}
+	checkAbsent := absent(ids)
 	if len(cfgs) == 1 {
-		return true, generateInHSM(cfgs[0])
+		return true, generateInHSM(cfgs[0], ids)
 	}
 	for _, c := range cfgs {
 		if err := withSession(c, func(*pkcs11.Ctx, pkcs11.SessionHandle) error { return nil }, checkAbsent); err != nil {
@@ -51,13 +62,13 @@ func Provision(cfgs []MemberConfig) (inHSM bool, err error) {
 			clear(b)
 		}
 	}()
-	for _, id := range keyVersion1() {
+	for _, id := range ids {
 		material[id] = make([]byte, 32)
 		rand.Read(material[id])
 	}
 	for _, c := range cfgs {
 		err := withSession(c, func(p *pkcs11.Ctx, s pkcs11.SessionHandle) error {
-			for _, id := range keyVersion1() {
+			for _, id := range ids {
 				if _, err := p.CreateObject(s, keyTemplate(id, material[id])); err != nil {
 					return fmt.Errorf("import %s: %w", id.Label(), err)
 				}
@@ -69,6 +80,91 @@ func Provision(cfgs []MemberConfig) (inHSM bool, err error) {
 		}
 	}
 	return false, nil
+}
+
+// Rotate creates the next version of the wrap and PIN keys (one number for
+// both: the newest of either plus one) on every member, with identical
+// material, as Provision does for version 1. It refuses if the members do
+// not hold the same key labels (a rotation that failed half-way: fix that
+// first), and creates nothing then. The root key is not rotated.
+func Rotate(cfgs []MemberConfig) (version uint32, inHSM bool, err error) {
+	if len(cfgs) == 0 {
+		return 0, false, errors.New("rotate: no members")
+	}
+	var first []vault.KeyID
+	for i, c := range cfgs {
+		var ids []vault.KeyID
+		err := withSession(c, func(p *pkcs11.Ctx, s pkcs11.SessionHandle) error {
+			var err error
+			ids, err = keyIDsOn(p, s)
+			return err
+		}, func(*pkcs11.Ctx, pkcs11.SessionHandle, string) error { return nil })
+		if err != nil {
+			return 0, false, err
+		}
+		if i == 0 {
+			first = ids
+		} else if !slices.Equal(first, ids) {
+			return 0, false, fmt.Errorf("rotate: member %s holds %s but member %s holds %s; every member must hold the same keys first",
+				cfgs[0].Name, labels(first), c.Name, labels(ids))
+		}
+	}
+	for _, id := range first {
+		if id.Role != vault.RoleRoot {
+			version = max(version, id.Version)
+		}
+	}
+	if version == 0 {
+		return 0, false, errors.New("rotate: no wrap or PIN key yet (run keyvault keys init)")
+	}
+	version++
+	ids := []vault.KeyID{{Role: vault.RoleWrap, Version: version}, {Role: vault.RolePIN, Version: version}}
+	inHSM, err = provisionKeys(cfgs, ids)
+	return version, inHSM, err
+}
+
+// keyIDsOn lists the keyvault keys on a token by their labels, sorted.
+func keyIDsOn(p *pkcs11.Ctx, s pkcs11.SessionHandle) ([]vault.KeyID, error) {
+	if err := p.FindObjectsInit(s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY)}); err != nil {
+		return nil, fmt.Errorf("list keys: %w", err)
+	}
+	var objs []pkcs11.ObjectHandle
+	for {
+		batch, _, err := p.FindObjects(s, 100)
+		if err != nil {
+			_ = p.FindObjectsFinal(s)
+			return nil, fmt.Errorf("list keys: %w", err)
+		}
+		if len(batch) == 0 {
+			break
+		}
+		objs = append(objs, batch...)
+	}
+	if err := p.FindObjectsFinal(s); err != nil {
+		return nil, fmt.Errorf("list keys: %w", err)
+	}
+	var ids []vault.KeyID
+	for _, o := range objs {
+		a, err := p.GetAttributeValue(s, o, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil)})
+		if err != nil || len(a) == 0 {
+			continue
+		}
+		if id, ok := parseLabel(string(a[0].Value)); ok {
+			ids = append(ids, id)
+		}
+	}
+	slices.SortFunc(ids, func(a, b vault.KeyID) int {
+		return cmp.Or(cmp.Compare(a.Role, b.Role), cmp.Compare(a.Version, b.Version))
+	})
+	return ids, nil
+}
+
+func labels(ids []vault.KeyID) string {
+	out := make([]string, len(ids))
+	for i, id := range ids {
+		out[i] = id.Label()
+	}
+	return "[" + strings.Join(out, " ") + "]"
 }
 
 // keyTemplate is the PKCS#11 template of a key object: a token object,
@@ -102,13 +198,13 @@ func keyTemplate(id vault.KeyID, value []byte) []*pkcs11.Attribute {
 }
 
 // generateInHSM creates the keys inside the member's token.
-func generateInHSM(c MemberConfig) error {
+func generateInHSM(c MemberConfig, ids []vault.KeyID) error {
 	ctx, err := crypto11.Configure(&crypto11.Config{Path: c.Module, TokenLabel: c.TokenLabel, Pin: c.PIN, MaxSessions: 2, GCMIVLength: 12})
 	if err != nil {
 		return fmt.Errorf("member %s: open token %q: %w", c.Name, c.TokenLabel, scrubPIN(err, c.PIN))
 	}
 	defer ctx.Close()
-	for _, id := range keyVersion1() {
+	for _, id := range ids {
 		ks, err := ctx.FindKeys(nil, []byte(id.Label()))
 		if err != nil {
 			return fmt.Errorf("member %s: find %s: %w", c.Name, id.Label(), err)
@@ -117,7 +213,7 @@ func generateInHSM(c MemberConfig) error {
 			return fmt.Errorf("member %s holds %s: %w", c.Name, id.Label(), ErrKeysExist)
 		}
 	}
-	for _, id := range keyVersion1() {
+	for _, id := range ids {
 		attrs, err := crypto11.NewAttributeSetWithIDAndLabel([]byte(id.Label()), []byte(id.Label()))
 		if err != nil {
 			return err
@@ -134,9 +230,20 @@ func generateInHSM(c MemberConfig) error {
 	return nil
 }
 
+// absent returns a check that fails if the session's token holds any of ids.
+func absent(ids []vault.KeyID) func(*pkcs11.Ctx, pkcs11.SessionHandle, string) error {
+	return func(p *pkcs11.Ctx, s pkcs11.SessionHandle, member string) error {
+		return checkAbsentOf(p, s, member, ids)
+	}
+}
+
 // checkAbsent fails if the session's token holds any version-1 key.
 func checkAbsent(p *pkcs11.Ctx, s pkcs11.SessionHandle, member string) error {
-	for _, id := range keyVersion1() {
+	return checkAbsentOf(p, s, member, keyVersion1())
+}
+
+func checkAbsentOf(p *pkcs11.Ctx, s pkcs11.SessionHandle, member string, ids []vault.KeyID) error {
+	for _, id := range ids {
 		if err := p.FindObjectsInit(s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, id.Label())}); err != nil {
 			return fmt.Errorf("member %s: find %s: %w", member, id.Label(), err)
 		}
@@ -192,10 +299,15 @@ func withSession(c MemberConfig, fn func(*pkcs11.Ctx, pkcs11.SessionHandle) erro
 		return fmt.Errorf("member %s: open session: %w", c.Name, err)
 	}
 	defer p.CloseSession(s)
-	if err := p.Login(s, pkcs11.CKU_USER, c.PIN); err != nil {
+	switch err := p.Login(s, pkcs11.CKU_USER, c.PIN); {
+	case errors.Is(err, pkcs11.Error(pkcs11.CKR_USER_ALREADY_LOGGED_IN)):
+		// The library is shared with a crypto11 context of this process:
+		// logging out would invalidate its key handles, so stay logged in.
+	case err != nil:
 		return fmt.Errorf("member %s: log in: %w", c.Name, scrubPIN(err, c.PIN))
+	default:
+		defer p.Logout(s)
 	}
-	defer p.Logout(s)
 	if err := check(p, s, c.Name); err != nil {
 		return err
 	}

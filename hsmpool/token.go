@@ -4,6 +4,7 @@ import (
 	"crypto/cipher"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -72,37 +73,96 @@ func openToken(cfg MemberConfig) (*p11Token, error) {
 	return t, nil
 }
 
-// findKeys caches every version of every role, stopping at the first
-// missing version. Two objects with one label are refused: which one a
-// lookup returns would be up to the HSM.
+// findKeys caches every version of every role. Versions are discovered
+// from the labels of the token's secret keys rather than by counting up
+// from 1, because retiring a version leaves a gap (v1 gone, v2 there). Two
+// objects with one label are refused: which one a lookup returns would be
+// up to the HSM.
 func (t *p11Token) findKeys() error {
-	for _, role := range vault.Roles {
-		for v := uint32(1); ; v++ {
-			id := vault.KeyID{Role: role, Version: v}
-			ks, err := t.ctx.FindKeys(nil, []byte(id.Label()))
+	all, err := t.ctx.FindAllKeys()
+	if err != nil {
+		return fmt.Errorf("list keys: %w", err)
+	}
+	seen := map[vault.KeyID]bool{}
+	for _, k := range all {
+		a, err := t.ctx.GetAttribute(k, crypto11.CkaLabel)
+		if err != nil || a == nil {
+			continue // not ours to judge: keyvault's keys all carry a label
+		}
+		if id, ok := parseLabel(string(a.Value)); ok {
+			seen[id] = true
+		}
+	}
+	for id := range seen {
+		ks, err := t.ctx.FindKeys(nil, []byte(id.Label()))
+		if err != nil {
+			return fmt.Errorf("find key %s: %w", id.Label(), err)
+		}
+		if len(ks) != 1 {
+			return fmt.Errorf("find key %s: %d objects carry this label", id.Label(), len(ks))
+		}
+		if err := t.checkProtected(ks[0], id); err != nil {
+			return err
+		}
+		t.keys[id] = ks[0]
+		if id.Role == vault.RoleWrap {
+			g, err := ks[0].NewGCM()
 			if err != nil {
-				return fmt.Errorf("find key %s: %w", id.Label(), err)
+				return fmt.Errorf("key %s: %w", id.Label(), err)
 			}
-			if len(ks) == 0 {
-				break
-			}
-			if len(ks) > 1 {
-				return fmt.Errorf("find key %s: %d objects carry this label", id.Label(), len(ks))
-			}
-			if err := t.checkProtected(ks[0], id); err != nil {
-				return err
-			}
-			t.keys[id] = ks[0]
-			if role == vault.RoleWrap {
-				g, err := ks[0].NewGCM()
-				if err != nil {
-					return fmt.Errorf("key %s: %w", id.Label(), err)
-				}
-				t.gcms[id] = g
-			}
+			t.gcms[id] = g
 		}
 	}
 	return nil
+}
+
+// maxKeyVersion bounds the versions findKeys accepts, so that a stray
+// label cannot make the pool seal under version 4 billion.
+const maxKeyVersion = 1 << 20
+
+// parseLabel reads a key label of the form keyvault-<role>-v<version>.
+func parseLabel(label string) (vault.KeyID, bool) {
+	for _, role := range vault.Roles {
+		prefix := "keyvault-" + string(role) + "-v"
+		rest, ok := strings.CutPrefix(label, prefix)
+		if !ok {
+			continue
+		}
+		v, err := strconv.ParseUint(rest, 10, 32)
+		if err != nil || v == 0 || v > maxKeyVersion || strconv.FormatUint(v, 10) != rest {
+			return vault.KeyID{}, false
+		}
+		return vault.KeyID{Role: role, Version: uint32(v)}, true
+	}
+	return vault.KeyID{}, false
+}
+
+// refreshed looks the token's keys up again on the same crypto11 context,
+// for keys created by another process (keys rotate) or destroyed by this
+// one (retire). SoftHSM 2.6 lists objects another process created without
+// being re-initialised. The current token stays as it is: requests in
+// flight keep using it.
+func (t *p11Token) refreshed() (token, error) {
+	n := &p11Token{ctx: t.ctx, keys: map[vault.KeyID]*crypto11.SecretKey{}, gcms: map[vault.KeyID]cipher.AEAD{}}
+	if err := n.findKeys(); err != nil {
+		return nil, err
+	}
+	return n, nil
+}
+
+// destroy deletes the key object of id from the token, found afresh by
+// label, and reports whether there was one.
+func (t *p11Token) destroy(id vault.KeyID) (bool, error) {
+	ks, err := t.ctx.FindKeys(nil, []byte(id.Label()))
+	if err != nil {
+		return false, fmt.Errorf("find key %s: %w", id.Label(), err)
+	}
+	for _, k := range ks {
+		if err := k.Delete(); err != nil {
+			return false, fmt.Errorf("destroy key %s: %w", id.Label(), err)
+		}
+	}
+	return len(ks) > 0, nil
 }
 
 // checkProtected refuses a key the HSM would let out: every keyvault key
@@ -125,12 +185,13 @@ func (t *p11Token) checkProtected(k *crypto11.SecretKey, id vault.KeyID) error {
 
 func (t *p11Token) Versions(role vault.KeyRole) []uint32 {
 	var vs []uint32
-	for v := uint32(1); ; v++ {
-		if _, ok := t.keys[vault.KeyID{Role: role, Version: v}]; !ok {
-			return vs
+	for id := range t.keys {
+		if id.Role == role {
+			vs = append(vs, id.Version)
 		}
-		vs = append(vs, v)
 	}
+	slices.Sort(vs)
+	return vs
 }
 
 // errCaller marks errors in the caller's arguments (an unknown key, a bad

@@ -128,6 +128,16 @@ func (v *Vault) count(ctx context.Context, ns, userID string, pre Precondition) 
 // sees the forgiveness when it settles; a final one stands, since its 410
 // has been sent. It returns the attempts left.
 func (v *Vault) forgive(ctx context.Context, g *guess) (int, error) {
+	return v.forgiveResealed(ctx, g, nil)
+}
+
+// forgiveResealed is forgive that also, if resealed is not nil, puts the
+// record's sealed secret and PIN check under the newer key versions of
+// resealed, in the same write. It does so only where the record still
+// holds what the guess read (no re-wrap, re-seal or lock by another guess
+// came between): a pending lock of another guess would put back the
+// secret it read, which must match the record's salt and key versions.
+func (v *Vault) forgiveResealed(ctx context.Context, g *guess, resealed *record) (int, error) {
 	remaining := int(g.before.MaxAttempts)
 	// Settling a counted guess must not depend on the client still waiting.
 	err := v.update(context.WithoutCancel(ctx), g.key, func(cur *stored) (*record, error) {
@@ -154,6 +164,11 @@ func (v *Vault) forgive(ctx context.Context, g *guess) (int, error) {
 			spent := g.index - next.Forgiven - 1
 			next.Forgiven = g.index
 			next.Refunds -= min(next.Refunds, spent)
+		}
+		if resealed != nil && !next.Locked && sameSeal(cur.record, &g.before) {
+			next.Salt, next.Verifier, next.Nonce, next.Sealed = resealed.Salt, resealed.Verifier, resealed.Nonce, resealed.Sealed
+			next.WrapVersion, next.PINVersion = resealed.WrapVersion, resealed.PINVersion
+			next.freshWrap, next.freshPIN = true, true
 		}
 		next.UpdatedAt = v.now()
 		remaining = next.remaining()

@@ -14,6 +14,12 @@ type metrics struct {
 	integrityFailures prometheus.Counter
 	storeConflicts    prometheus.Counter
 	sealsReserved     *prometheus.GaugeVec
+	recordsByWrap     *prometheus.GaugeVec
+	recordsByPIN      *prometheus.GaugeVec
+	rewrapRunning     prometheus.Gauge
+	rewrapPending     prometheus.Gauge
+	rewrapped         prometheus.Counter
+	rewrapErrors      prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -51,6 +57,30 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "keyvault_wrap_key_seals",
 			Help: "Seals reserved under each wrap key version (an upper bound of seals done); the limit is 2^32.",
 		}, []string{"key_version"}),
+		recordsByWrap: f.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "keyvault_records_by_wrap_key_version",
+			Help: "Live backups by the wrap key version that seals them, as of the latest count (at start, after a re-wrap, on keys usage or retire).",
+		}, []string{"key_version"}),
+		recordsByPIN: f.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "keyvault_records_by_pin_key_version",
+			Help: "Live backups by the PIN key version that checks them, as of the latest count.",
+		}, []string{"key_version"}),
+		rewrapRunning: f.NewGauge(prometheus.GaugeOpts{
+			Name: "keyvault_rewrap_running",
+			Help: "1 while the re-wrap job runs.",
+		}),
+		rewrapPending: f.NewGauge(prometheus.GaugeOpts{
+			Name: "keyvault_rewrap_pending_records",
+			Help: "Records the running re-wrap job has still to visit.",
+		}),
+		rewrapped: f.NewCounter(prometheus.CounterOpts{
+			Name: "keyvault_rewrap_records_total",
+			Help: "Records whose outer layer the re-wrap job moved to the newest wrap key.",
+		}),
+		rewrapErrors: f.NewCounter(prometheus.CounterOpts{
+			Name: "keyvault_rewrap_errors_total",
+			Help: "Records the re-wrap job could not move, and runs that ended early; a later run retries.",
+		}),
 	}
 	// Known results start at zero so that rates and alerts see them.
 	for _, r := range []string{"success", "wrong_pin", "locked", "not_found", "invalid", "precondition_failed", "rate_limited", "unavailable", "integrity_error"} {

@@ -178,6 +178,9 @@ func (v *Vault) Recover(ctx context.Context, ns, userID string, pin []byte) (sec
 		return nil, 0, fmt.Errorf("recover: %w", err)
 	}
 	defer wipe(inner)
+	if v.stale(&g.before) {
+		return v.recoverResealing(ctx, ns, userID, g, inner, pin)
+	}
 	// The guess was right, so it is forgiven whatever happens next: the
 	// caller has not learnt that, but a damaged record should not burn the
 	// user's attempts either.

@@ -54,6 +54,13 @@ type record struct {
 	Verifier    []byte
 	Nonce       []byte // the outer GCM nonce actually used
 	Sealed      []byte // outer ciphertext; empty when locked or a tombstone
+
+	// freshWrap and freshPIN mark a record whose outer layer, or PIN check,
+	// this process just made under the versions it names (not stored):
+	// such a write must not land under a key version being retired. A
+	// version carried over from the stored record is counted by RetireKeys
+	// and needs no mark.
+	freshWrap, freshPIN bool
 }
 
 func (r *record) used() uint32 { return r.Guesses - r.Forgiven - r.Refunds }

@@ -85,6 +85,12 @@ type Vault struct {
 
 	sealMu sync.Mutex
 	seals  map[uint32]*sealBlock // per wrap key version
+
+	// retireMu guards retired, the key versions RetireKeys is taking away:
+	// a freshly sealed record under one of them is never written.
+	retireMu sync.RWMutex
+	retired  map[uint32]bool
+	rewrap   rewrapper
 }
 
 // New derives the in-memory keys from the HSM's root key and returns a
@@ -116,6 +122,7 @@ func New(ctx context.Context, store Store, hsm HSM, opts Options) (*Vault, error
 		metrics: newMetrics(opts.Registerer),
 		macKeys: map[uint32][]byte{},
 		seals:   map[uint32]*sealBlock{},
+		retired: map[uint32]bool{},
 	}
 	// Records name the root key version of their MAC key, so every version
 	// is derived: records MAC'd under an older root still verify.
@@ -225,6 +232,15 @@ func (v *Vault) integrityFailure(key []byte, what string, err error) {
 func (v *Vault) write(ctx context.Context, key []byte, rev uint64, r *record) error {
 	if err := r.check(); err != nil {
 		return fmt.Errorf("vault: refusing to write an invalid record: %w", err)
+	}
+	if r.freshWrap || r.freshPIN {
+		// Held across the compare-and-swap, so that once RetireKeys has
+		// marked a version, no new record under it can land unseen.
+		v.retireMu.RLock()
+		defer v.retireMu.RUnlock()
+		if r.freshWrap && v.retired[r.WrapVersion] || r.freshPIN && v.retired[r.PINVersion] {
+			return fmt.Errorf("%w: key version %d/%d is being retired", ErrUnavailable, r.WrapVersion, r.PINVersion)
+		}
 	}
 	r.MACVersion = v.macVersion
 	body := r.marshal()
@@ -404,6 +420,8 @@ func (v *Vault) seal(ctx context.Context, ns, userID string, gen uint64, secret,
 		PINVersion:  v.hsm.KeyVersion(RolePIN),
 		Salt:        make([]byte, saltLen),
 		Nonce:       make([]byte, nonceLen),
+		freshWrap:   true,
+		freshPIN:    true,
 	}
 	if r.WrapVersion == 0 || r.PINVersion == 0 {
 		return nil, fmt.Errorf("%w: the HSM holds no wrap or PIN key", ErrUnavailable)

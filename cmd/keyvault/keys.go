@@ -14,16 +14,21 @@ import (
 )
 
 const keysUsage = `keys init --config FILE   create key version 1 on every HSM member
-       keyvault keys list --config FILE   key versions and check values per member`
+       keyvault keys list --config FILE   key versions and check values per member
+       keyvault ` + keysLifecycleUsage
 
 func cmdKeys(args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
 		fmt.Fprintf(stderr, "Usage: keyvault %s\n", keysUsage)
-		return usageError{errors.New("keys needs a subcommand: init or list")}
+		return usageError{errors.New("keys needs a subcommand: init, list, rotate, reload, usage, rewrap or retire")}
 	}
 	if args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
 		fmt.Fprintf(stdout, "Usage: keyvault %s\n", keysUsage)
 		return flag.ErrHelp
+	}
+	switch args[0] {
+	case "rotate", "reload", "usage", "rewrap", "retire":
+		return cmdKeysLifecycle(args[0], args[1:], stdout, stderr)
 	}
 	fs := newFlags("keys "+args[0], stderr, keysUsage)
 	path := fs.String("config", "", "the YAML config `file` (required)")

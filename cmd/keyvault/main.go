@@ -22,6 +22,8 @@ Usage:
   keyvault dev [--dir DIR]           set up SoftHSM, keys and a config in DIR, then serve
   keyvault keys init --config FILE   create key version 1 on every HSM member
   keyvault keys list --config FILE   key versions and check values per member
+  keyvault keys rotate|reload|usage|rewrap|retire --config FILE
+                                     key rotation (see keyvault keys --help)
   keyvault config check --config FILE
                                      validate a config without starting
   keyvault bench --hsm --config FILE  the raw HSM ceiling of a recover or enroll

@@ -147,12 +147,14 @@ func serve(cfg *config.Config, stderr io.Writer) error {
 		MaxHeaderBytes:    16 << 10,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
-	admin := api.NewAdminRouter(reg, func() error {
+	keys := &keyAdmin{ctx: ctx, pool: pool, v: v}
+	watchKeys(ctx, keys, log)
+	admin := api.NewAdminRouterWith(reg, func() error {
 		if err := store.Ping(); err != nil {
 			return fmt.Errorf("store: %w", err)
 		}
 		return pool.Ready()
-	})
+	}, api.AdminOptions{TokenHashes: cfg.AdminTokenHashes(), Keys: keys, Logger: log})
 	if cfg.AdminPprof {
 		admin = api.WithProfiler(admin)
 	}

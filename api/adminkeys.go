@@ -1,0 +1,194 @@
+package api
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"errors"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/go-chi/chi/v5"
+
+	"github.com/keyvault/keyvault/vault"
+)
+
+// KeyAdmin is what the key lifecycle endpoints call: the HSM pool's reload
+// and retire, and the vault's usage count and re-wrap job.
+type KeyAdmin interface {
+	// Reload looks every HSM member's keys up again and uses new versions
+	// once every member holds them; it returns the newest versions.
+	Reload(ctx context.Context) (map[vault.KeyRole]uint32, error)
+	// Usage counts backups by key version.
+	Usage(ctx context.Context) (vault.KeyUsage, error)
+	// Retire destroys a key version on every member unless a backup uses
+	// it (a *vault.KeysInUseError); it returns the labels destroyed by
+	// member.
+	Retire(ctx context.Context, version uint32) (map[string][]string, error)
+	// StartRewrap starts the re-wrap job unless it runs (started false).
+	StartRewrap(perSecond float64) (st vault.RewrapStatus, started bool)
+	RewrapStatus() vault.RewrapStatus
+}
+
+// AdminOptions configure the admin listener beyond /metrics and health.
+type AdminOptions struct {
+	// TokenHashes are the SHA-256 of the admin bearer tokens. Without any,
+	// or without Keys, the key lifecycle endpoints are not served (404).
+	TokenHashes [][32]byte
+	Keys        KeyAdmin
+	Logger      *slog.Logger // default slog.Default()
+}
+
+// mountKeyAdmin adds the key lifecycle endpoints to the admin router:
+//
+//	POST /admin/keys/reload   use the key versions every HSM member holds
+//	GET  /admin/keys/usage    backups by wrap and PIN key version
+//	POST /admin/keys/retire   {"version": N}: destroy version N, or 409 keys_in_use
+//	POST /admin/rewrap        {"per_second": R}: start the re-wrap job (202), or 200 if it runs
+//	GET  /admin/rewrap        the job's progress
+//
+// Each needs the admin bearer token. Nothing they answer is secret (key
+// versions, counts, check values), but they change what protects every
+// backup, so no API client's token opens them.
+func mountKeyAdmin(r chi.Router, opts AdminOptions) {
+	if opts.Keys == nil || len(opts.TokenHashes) == 0 {
+		return
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	k := opts.Keys
+	r.Route("/admin", func(r chi.Router) {
+		r.Use(withRequestID(log), recoverer, adminAuth(opts.TokenHashes))
+		r.Post("/keys/reload", func(w http.ResponseWriter, r *http.Request) {
+			vs, err := k.Reload(r.Context())
+			if err != nil {
+				adminError(w, r, http.StatusConflict, "reload_refused", err)
+				return
+			}
+			writeJSON(w, http.StatusOK, map[string]any{"versions": vs})
+		})
+		r.Get("/keys/usage", func(w http.ResponseWriter, r *http.Request) {
+			u, err := k.Usage(r.Context())
+			if err != nil {
+				writeError(w, r, err)
+				return
+			}
+			writeJSON(w, http.StatusOK, usageJSON(u))
+		})
+		r.Post("/keys/retire", func(w http.ResponseWriter, r *http.Request) {
+			var req retireRequest
+			if err := decodeBody(r, w, &req); err != nil {
+				writeError(w, r, err)
+				return
+			}
+			destroyed, err := k.Retire(r.Context(), req.Version)
+			var inUse *vault.KeysInUseError
+			switch {
+			case errors.As(err, &inUse):
+				writeJSON(w, http.StatusConflict, map[string]any{
+					"type": "urn:keyvault:problem:keys_in_use", "title": "The key version is still in use", "status": http.StatusConflict,
+					"code": "keys_in_use", "detail": inUse.Error() + "; run keyvault keys rewrap, and wait for users to recover or delete their backups",
+					"version": inUse.Version, "wrap_records": inUse.WrapRecords, "pin_records": inUse.PINRecords,
+				})
+			case errors.Is(err, vault.ErrInvalid):
+				writeError(w, r, err)
+			case err != nil:
+				adminError(w, r, http.StatusConflict, "retire_failed", err)
+			default:
+				writeJSON(w, http.StatusOK, map[string]any{"retired": req.Version, "destroyed": destroyed})
+			}
+		})
+		r.Post("/rewrap", func(w http.ResponseWriter, r *http.Request) {
+			var req rewrapRequest
+			if r.ContentLength != 0 {
+				if err := decodeBody(r, w, &req); err != nil {
+					writeError(w, r, err)
+					return
+				}
+			}
+			if req.PerSecond < 0 {
+				writeError(w, r, badRequest("per_second: must be 0 (no limit) or more"))
+				return
+			}
+			st, started := k.StartRewrap(req.PerSecond)
+			code := http.StatusOK
+			if started {
+				code = http.StatusAccepted
+			}
+			writeJSON(w, code, rewrapJSON(st))
+		})
+		r.Get("/rewrap", func(w http.ResponseWriter, _ *http.Request) {
+			writeJSON(w, http.StatusOK, rewrapJSON(k.RewrapStatus()))
+		})
+	})
+}
+
+type retireRequest struct {
+	Version uint32 `json:"version"`
+}
+
+type rewrapRequest struct {
+	PerSecond float64 `json:"per_second"` // 0: no limit
+}
+
+// adminAuth accepts a bearer token whose SHA-256 is one of hashes,
+// compared in constant time with every one.
+func adminAuth(hashes [][32]byte) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			scheme, token, ok := strings.Cut(r.Header.Get("Authorization"), " ")
+			found := 0
+			if ok && strings.EqualFold(scheme, "Bearer") && token != "" {
+				sum := sha256.Sum256([]byte(token))
+				for _, h := range hashes {
+					found |= subtle.ConstantTimeCompare(sum[:], h[:])
+				}
+			}
+			if found != 1 {
+				writeError(w, r, &apiError{http.StatusUnauthorized, codeUnauthorized, "Send Authorization: Bearer <token> with the admin token."})
+				return
+			}
+			next.ServeHTTP(w, r)
+		})
+	}
+}
+
+// adminError answers an operator's request the vault refused. Its text is
+// the refusal's (member names, key labels, counts): the operator needs it,
+// and it holds no secret.
+func adminError(w http.ResponseWriter, r *http.Request, status int, code string, err error) {
+	logger(r.Context()).Warn("key lifecycle request refused", "path", r.URL.Path, "error", err.Error())
+	writeJSON(w, status, map[string]any{
+		"type": "urn:keyvault:problem:" + code, "title": "Refused", "status": status, "code": code, "detail": err.Error(),
+	})
+}
+
+func usageJSON(u vault.KeyUsage) map[string]map[string]int {
+	out := map[string]map[string]int{"wrap": {}, "pin": {}}
+	for v, n := range u.Wrap {
+		out["wrap"][strconv.FormatUint(uint64(v), 10)] = n
+	}
+	for v, n := range u.PIN {
+		out["pin"][strconv.FormatUint(uint64(v), 10)] = n
+	}
+	return out
+}
+
+func rewrapJSON(s vault.RewrapStatus) map[string]any {
+	out := map[string]any{
+		"running": s.Running, "target_version": s.Target, "total": s.Total, "done": s.Done,
+		"skipped": s.Skipped, "errors": s.Errors, "last_error": s.LastError,
+	}
+	if !s.StartedAt.IsZero() {
+		out["started_at"] = s.StartedAt.Format(time.RFC3339Nano)
+	}
+	if !s.FinishedAt.IsZero() {
+		out["finished_at"] = s.FinishedAt.Format(time.RFC3339Nano)
+	}
+	return out
+}
