@@ -220,11 +220,12 @@ func anchorStore(ctx context.Context, cfg *config.Config, store *boltstore.Store
 	case !refused:
 		return err
 	}
-	log.Error("refusing to serve the store: rollback check failed", "reason", string(reason), "error", err.Error())
 	adminLn, lerr := net.Listen("tcp", cfg.AdminListen)
 	if lerr != nil {
 		return errors.Join(err, fmt.Errorf("admin_listen: %w", lerr))
 	}
+	log.Error("refusing to serve the store: rollback check failed", "reason", string(reason), "error", err.Error(),
+		"admin", adminLn.Addr().String())
 	adminSrv := &http.Server{
 		Handler:           api.NewAdminRouter(reg, func() error { return err }),
 		ReadHeaderTimeout: 10 * time.Second,

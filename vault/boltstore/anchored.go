@@ -101,6 +101,9 @@ func newAnchorMetrics(reg prometheus.Registerer) *anchorMetrics {
 // commits, and a batch's answers go out only once an anchor vouches for it.
 // Call it once, before any write.
 func (s *Store) Anchor(ctx context.Context, keys anchor.Keys, members Anchors, reg prometheus.Registerer, log *slog.Logger) (anchor.Decision, error) {
+	if log == nil {
+		log = slog.Default()
+	}
 	a := &anchoring{keys: keys, hasher: anchor.NewHasher(keys.Digest), members: members, log: log, metrics: newAnchorMetrics(reg)}
 	st, err := s.scan(a.hasher)
 	if err != nil {

@@ -1,0 +1,315 @@
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/keyvault/keyvault/internal/softhsm/softhsmtest"
+)
+
+// enableAnchor turns store.rollback_anchor on in a dev config.
+func enableAnchor(t testing.TB, cfg string) {
+	t.Helper()
+	data, err := os.ReadFile(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, n := "", 0
+	for _, l := range strings.SplitAfter(string(data), "\n") {
+		out += l
+		if strings.HasPrefix(l, "  path: ") && strings.HasSuffix(strings.TrimSpace(l), "keyvault.db") {
+			out += "  rollback_anchor: true\n"
+			n++
+		}
+	}
+	if n != 1 {
+		t.Fatalf("no store path line in %s", cfg)
+	}
+	if err := os.WriteFile(cfg, []byte(out), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// startRefused runs keyvault dev on dir and expects it to refuse its store:
+// it returns the reason from the log, after checking that /readyz gives it
+// too and that the API is not served.
+func startRefused(t testing.TB, dir string) string {
+	t.Helper()
+	v := &vault{t: t, Dir: dir, out: &logBuffer{}, done: make(chan struct{})}
+	v.cmd = exec.Command(keyvaultBin, "dev", "--dir", dir, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0")
+	v.cmd.Stdout, v.cmd.Stderr = v.out, v.out
+	if err := v.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { v.err = v.cmd.Wait(); close(v.done) }()
+	defer v.Kill()
+	deadline := time.Now().Add(startTimeout)
+	for time.Now().Before(deadline) {
+		if _, _, ok := servingLine(v.out.Bytes()); ok {
+			t.Fatalf("the vault served a store it should refuse:\n%s", v.out.Bytes())
+		}
+		if reason, admin, ok := refusalLine(v.out.Bytes()); ok {
+			r := get(t, "http://"+admin+"/readyz")
+			if r.Status != 503 || !strings.Contains(string(r.Body), "("+reason+")") {
+				t.Fatalf("/readyz of a refused store: %d %s", r.Status, r.Body)
+			}
+			samples, _ := metrics(t, "http://"+admin)
+			if n, _ := metricSum(samples, "keyvault_anchor_refused", map[string]string{"reason": reason}); n != 1 {
+				t.Fatalf("keyvault_anchor_refused{reason=%q} = %v, want 1", reason, n)
+			}
+			return reason
+		}
+		select {
+		case <-v.done:
+			t.Fatalf("keyvault exited instead of refusing: %v\n%s", v.err, v.out.Bytes())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	t.Fatalf("no refusal within %v:\n%s", startTimeout, v.out.Bytes())
+	return ""
+}
+
+func refusalLine(out []byte) (reason, admin string, ok bool) {
+	sc := bufio.NewScanner(bytes.NewReader(out))
+	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
+	for sc.Scan() {
+		var l struct{ Msg, Reason, Admin string }
+		if json.Unmarshal(sc.Bytes(), &l) == nil && l.Msg == "refusing to serve the store: rollback check failed" {
+			return l.Reason, l.Admin, true
+		}
+	}
+	return "", "", false
+}
+
+func copyFile(t testing.TB, from, to string) {
+	t.Helper()
+	data, err := os.ReadFile(from)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(to, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// boltGet reads one value of a stopped store's bucket.
+func boltGet(t testing.TB, path, bucket string, key []byte) []byte {
+	t.Helper()
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 5 * time.Second, ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var v []byte
+	db.View(func(tx *bolt.Tx) error {
+		v = bytes.Clone(tx.Bucket([]byte(bucket)).Get(key))
+		return nil
+	})
+	if v == nil {
+		t.Fatalf("%s has no %q in bucket %s", path, key, bucket)
+	}
+	return v
+}
+
+// boltPut writes one value into a stopped store's bucket.
+func boltPut(t testing.TB, path, bucket string, key, value []byte) {
+	t.Helper()
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	if err := db.Update(func(tx *bolt.Tx) error { return tx.Bucket([]byte(bucket)).Put(key, value) }); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Rollback resistance against the real binary, SoftHSM and bbolt: every
+// way of putting an older state back is refused at start; the current
+// state is served; an accepted restore starts a new epoch in which the
+// pre-restore store and older copies are refused too.
+func TestRollback(t *testing.T) {
+	softhsmtest.Module(t)
+	t.Parallel()
+	dir := t.TempDir()
+	db := filepath.Join(dir, "keyvault.db")
+	startDev(t, dir).Stop()
+	enableAnchor(t, filepath.Join(dir, "keyvault.yaml"))
+
+	v := startDev(t, dir)
+	c := newClient(v.API, v.Token)
+	secret := randBytes(32)
+	users := map[string]string{}
+	for _, u := range []string{"alice", "bob", "carol", "dave"} {
+		users[u] = randPIN(u)
+		c.mustEnroll(t, 201, u, secret, users[u], 3)
+	}
+	v.Stop()
+	old := filepath.Join(dir, "old.db")
+	copyFile(t, db, old)
+
+	// Later: alice spends a guess, bob is deleted, carol is locked.
+	v = startDev(t, dir)
+	c = newClient(v.API, v.Token)
+	wantProblem(t, "alice's wrong guess", c.recover(t, "alice", "wrong-pin"), 403, "wrong_pin")
+	if r := c.delete(t, "bob"); r.Status != 204 {
+		t.Fatalf("delete bob: %s", r)
+	}
+	for range 2 {
+		wantProblem(t, "carol's wrong guess", c.recover(t, "carol", "wrong-pin"), 403, "wrong_pin")
+	}
+	wantProblem(t, "carol's last guess", c.recover(t, "carol", "wrong-pin"), 410, "locked")
+	v.Stop()
+	current := filepath.Join(dir, "current.db")
+	copyFile(t, db, current)
+
+	for _, tc := range []struct {
+		name, want string
+		make       func(path string)
+	}{
+		{"the whole store restored from an older copy", "rollback", func(p string) { copyFile(t, old, p) }},
+		{"alice's record rolled back to before her wrong guess", "tamper", func(p string) {
+			boltPut(t, p, "kv", recordKey("dev", "alice"), boltGet(t, old, "kv", recordKey("dev", "alice")))
+		}},
+		{"deleted bob revived", "tamper", func(p string) {
+			boltPut(t, p, "kv", recordKey("dev", "bob"), boltGet(t, old, "kv", recordKey("dev", "bob")))
+		}},
+		{"locked carol revived", "tamper", func(p string) {
+			boltPut(t, p, "kv", recordKey("dev", "carol"), boltGet(t, old, "kv", recordKey("dev", "carol")))
+		}},
+		{"the current meta spliced onto the older copy", "tamper", func(p string) {
+			copyFile(t, old, p)
+			boltPut(t, p, "meta", []byte("anchor"), boltGet(t, current, "meta", []byte("anchor")))
+		}},
+	} {
+		copyFile(t, current, db)
+		tc.make(db)
+		if got := startRefused(t, dir); got != tc.want {
+			t.Errorf("%s: refused for %s, want %s", tc.name, got, tc.want)
+		}
+	}
+
+	// The current store is served, as it was.
+	copyFile(t, current, db)
+	v = startDev(t, dir)
+	c = newClient(v.API, v.Token)
+	if r := c.mustStatus(t, "alice"); num(t, r, "attempts_remaining") != 2 {
+		t.Fatalf("alice after the refusals: %v", r)
+	}
+	wantProblem(t, "carol", c.recover(t, "carol", users["carol"]), 410, "locked")
+	v.Stop()
+
+	// A legitimate restore: accept it, with a reason, and the vault starts
+	// on it in a new epoch.
+	copyFile(t, old, db)
+	code, out := runCLI(t, "anchor", "accept", "--config", filepath.Join(dir, "keyvault.yaml"), "--reason", "restore drill")
+	if code != 0 || !strings.Contains(out, "accepted: epoch 2") || !strings.Contains(out, "anchored batches lost") || !strings.Contains(out, `"reason":"restore drill"`) {
+		t.Fatalf("anchor accept: exit %d:\n%s", code, out)
+	}
+	if code, out := runCLI(t, "anchor", "accept", "--config", filepath.Join(dir, "keyvault.yaml"), "--reason", "again"); code != 1 || !strings.Contains(out, "nothing to accept") {
+		t.Fatalf("a second accept: exit %d:\n%s", code, out)
+	}
+	if code, out := runCLI(t, "anchor", "status", "--config", filepath.Join(dir, "keyvault.yaml")); code != 0 || !strings.Contains(out, "epoch 2") || !strings.Contains(out, "check: passes") {
+		t.Fatalf("anchor status: exit %d:\n%s", code, out)
+	}
+	v = startDev(t, dir)
+	c = newClient(v.API, v.Token)
+	c.mustRecover(t, "bob", users["bob"], secret) // bob is back, as in the backup
+	v.Stop()
+	restored := filepath.Join(dir, "restored.db")
+	copyFile(t, db, restored)
+	// The store from before the restore, and the older copy the restore
+	// came from, are both refused now.
+	for name, p := range map[string]string{"the pre-restore store": current, "the older copy": old} {
+		copyFile(t, p, db)
+		if got := startRefused(t, dir); got != "epoch" {
+			t.Errorf("%s after the accept: refused for %s, want epoch", name, got)
+		}
+	}
+	copyFile(t, restored, db)
+	startDev(t, dir).Stop()
+
+	for _, args := range [][]string{
+		{"anchor"}, {"anchor", "bogus"}, {"anchor", "status"}, {"anchor", "accept", "--config", filepath.Join(dir, "keyvault.yaml")},
+	} {
+		if code, out := runCLI(t, args...); code != 2 {
+			t.Errorf("%v: exit %d, want 2:\n%s", args, code, out)
+		}
+	}
+}
+
+// SIGKILL at random instants under load: the store is never refused after
+// a kill (a clean state is never refused), and a copy taken before the
+// load is always refused afterwards (a rollback is never accepted).
+func TestRollbackCrash(t *testing.T) {
+	softhsmtest.Module(t)
+	t.Parallel()
+	dir := t.TempDir()
+	db := filepath.Join(dir, "keyvault.db")
+	startDev(t, dir).Stop()
+	enableAnchor(t, filepath.Join(dir, "keyvault.yaml"))
+	cycles := 3
+	if n := os.Getenv("KEYVAULT_E2E_ROLLBACK_KILLS"); n != "" {
+		fmt.Sscan(n, &cycles)
+	}
+	secret := randBytes(32)
+	for cycle := range cycles {
+		before := filepath.Join(dir, "before.db")
+		copyFile(t, db, before)
+		v := startDev(t, dir)
+		c := newClient(v.API, v.Token)
+		var stop atomic.Bool
+		var acked atomic.Int64
+		var wg sync.WaitGroup
+		for w := range 8 {
+			wg.Go(func() {
+				for i := 0; !stop.Load(); i++ {
+					u := fmt.Sprintf("c%d-w%d-%d", cycle, w, i%5)
+					var r response
+					var err error
+					if i%3 == 2 {
+						r, err = c.call("POST", backupPath(u)+"/recover", map[string]any{"pin": "wrong-pin"})
+					} else {
+						r, err = c.call("PUT", backupPath(u), map[string]any{"secret": b64(secret), "pin": "right-pin"})
+					}
+					if err == nil && r.Status < 500 {
+						acked.Add(1)
+					}
+				}
+			})
+		}
+		// Kill under load, never during start-up (see HSM-NOTES).
+		for acked.Load() < 20 {
+			time.Sleep(5 * time.Millisecond)
+		}
+		time.Sleep(time.Duration(rand.IntN(300)) * time.Millisecond)
+		v.Kill()
+		stop.Store(true)
+		wg.Wait()
+		// The killed store starts: a clean state is never refused.
+		v = startDev(t, dir)
+		newClient(v.API, v.Token).mustEnroll(t, 201, fmt.Sprintf("after-%d", cycle), secret, "right-pin", 3)
+		v.Stop()
+		// The copy from before this cycle's answered writes is refused.
+		current := filepath.Join(dir, "current.db")
+		copyFile(t, db, current)
+		copyFile(t, before, db)
+		if got := startRefused(t, dir); got != "rollback" {
+			t.Fatalf("cycle %d: the copy from before %d answered writes was refused for %s, want rollback", cycle, acked.Load(), got)
+		}
+		copyFile(t, current, db)
+	}
+}
