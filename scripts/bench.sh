@@ -10,7 +10,9 @@
 #    recover, then of one enroll, through the pool, vault stopped.
 # 3. The vault serves; "keyvault bench --url" runs recover and enroll over
 #    HTTP at the same concurrency on the same token, then recover at half
-#    the measured recover rate (open loop) for its latency.
+#    the measured recover rate (open loop) for its latency. Then the same
+#    three on a fresh store with rollback anchoring on (BENCH_ANCHOR=0
+#    skips them).
 # 4. One table: successful requests/s (a shed 503 is fast and is not
 #    capacity; errors are listed below the table), the ratio HTTP / raw,
 #    and latency percentiles of every request.
@@ -87,6 +89,21 @@ half=$(awk -F'"succeeded_per_second":' '/"op":"recover"/ { split($2, a, ","); pr
 run --url "http://$API" --token-file "$dir/token" --users "$U" --op recover --rate "$half"
 stop_vault
 
+if [ "${BENCH_ANCHOR:-1}" != 0 ]; then
+	echo "== over HTTP with rollback anchoring (a fresh store)"
+	rm -f "$dir/keyvault.db"
+	sed -i 's|^  path: \(.*keyvault.db\)$|  path: \1\n  rollback_anchor: true|' "$dir/keyvault.yaml"
+	"$BIN" serve --config "$dir/keyvault.yaml" >"$dir/log" 2>&1 &
+	pid=$!
+	wait_ready
+	results=$dir/results-anchor.jsonl
+	run --url "http://$API" --token-file "$dir/token" --users "$U" --op recover
+	run --url "http://$API" --token-file "$dir/token" --users "$U" --op enroll
+	run --url "http://$API" --token-file "$dir/token" --users "$U" --op recover --rate "$half"
+	stop_vault
+	results=$dir/results.jsonl
+fi
+
 echo
 # The raw runs come first in the file, so each HTTP line finds its ceiling.
 awk '
@@ -94,22 +111,23 @@ function field(name,    s) {
 	if (!index($0, "\"" name "\":")) return ""
 	s = $0; sub(".*\"" name "\":", "", s); sub("[,}].*", "", s); gsub("\"", "", s); return s
 }
-BEGIN { printf "%-5s %-8s %-9s %9s %6s %7s %7s %7s %7s\n", "path", "op", "load", "ok/s", "ratio", "p50 ms", "p90 ms", "p99 ms", "max ms" }
+BEGIN { printf "%-11s %-8s %-9s %9s %6s %7s %7s %7s %7s\n", "path", "op", "load", "ok/s", "ratio", "p50 ms", "p90 ms", "p99 ms", "max ms" }
 {
 	op = field("op"); rps = field("succeeded_per_second"); rate = field("rate")
-	path = "http"; ratio = "-"
+	path = (FILENAME ~ /anchor/ ? "http+anchor" : "http"); ratio = "-"
 	if (op ~ /^hsm-/) { path = "raw"; op = substr(op, 5); raw[op] = rps }
 	else if (raw[op] > 0) ratio = sprintf("%.2f", rps / raw[op])
-	printf "%-5s %-8s %-9s %9.0f %6s %7s %7s %7s %7s\n", path, op, (rate == "" ? "max" : rate "/s"), rps, ratio,
+	printf "%-11s %-8s %-9s %9.0f %6s %7s %7s %7s %7s\n", path, op, (rate == "" ? "max" : rate "/s"), rps, ratio,
 		field("p50_ms"), field("p90_ms"), field("p99_ms"), field("max_ms")
-}' "$results"
-if grep -v '"errors":{}' "$results" >/dev/null; then
+}' "$results" $(ls "$dir"/results-anchor.jsonl 2>/dev/null)
+results="$dir/results.jsonl $(ls "$dir"/results-anchor.jsonl 2>/dev/null)"
+if cat $results | grep -v '"errors":{}' >/dev/null; then
 	echo
 	echo "errors:"
-	grep -v '"errors":{}' "$results" | sed 's/.*"op":"\([^"]*\)".*"errors":\({[^}]*}\).*/  \1 \2/'
+	cat $results | grep -v '"errors":{}' | sed 's/.*"op":"\([^"]*\)".*"errors":\({[^}]*}\).*/  \1 \2/'
 	# Shedding (503 unavailable) is the vault protecting itself under load;
 	# any other error is a broken vault or bench.
-	if grep -v '"errors":{}' "$results" | sed 's/.*"errors":{\([^}]*\)}.*/\1/' | tr ',' '\n' | grep -v '^"unavailable":' >/dev/null; then
+	if cat $results | grep -v '"errors":{}' | sed 's/.*"errors":{\([^}]*\)}.*/\1/' | tr ',' '\n' | grep -v '^"unavailable":' >/dev/null; then
 		echo "errors other than shedding: failing" >&2
 		exit 1
 	fi
