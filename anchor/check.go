@@ -31,6 +31,9 @@ const (
 	ReasonEpoch Reason = "epoch"
 )
 
+// Reasons lists every Reason.
+var Reasons = []Reason{ReasonNoAnchor, ReasonMemberMissing, ReasonRollback, ReasonAhead, ReasonTamper, ReasonEpoch}
+
 // RefusedError is a start-up refusal: the store must not be served.
 type RefusedError struct {
 	Reason Reason

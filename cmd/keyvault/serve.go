@@ -114,8 +114,17 @@ func serve(cfg *config.Config, stderr io.Writer) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	// Always exported, so an alert on it works whether anchoring is on.
+	refused := prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "keyvault_anchor_refused",
+		Help: "1 while the vault refuses to serve its store because the rollback check failed, by reason.",
+	}, []string{"reason"})
+	reg.MustRegister(refused)
+	for _, r := range anchor.Reasons {
+		refused.WithLabelValues(string(r))
+	}
 	if cfg.Store.RollbackAnchor {
-		if err := anchorStore(ctx, cfg, store, pool, reg, log); err != nil {
+		if err := anchorStore(ctx, cfg, store, pool, reg, refused, log); err != nil {
 			return err
 		}
 	}
@@ -206,20 +215,21 @@ func serve(cfg *config.Config, stderr io.Writer) error {
 // anchorStore runs the rollback check. A refused store is never served:
 // the admin listener alone answers, /readyz with the reason, until the
 // process is stopped (see "keyvault anchor" for the way out).
-func anchorStore(ctx context.Context, cfg *config.Config, store *boltstore.Store, pool *hsmpool.Pool, reg *prometheus.Registry, log *slog.Logger) error {
+func anchorStore(ctx context.Context, cfg *config.Config, store *boltstore.Store, pool *hsmpool.Pool, reg *prometheus.Registry, refused *prometheus.GaugeVec, log *slog.Logger) error {
 	keys, err := vault.DeriveAnchorKeys(ctx, pool)
 	if err != nil {
 		return err
 	}
 	dec, err := store.Anchor(ctx, keys, pool, reg, log)
-	reason, refused := anchor.IsRefused(err)
+	reason, isRefused := anchor.IsRefused(err)
 	switch {
 	case err == nil:
 		log.Info("rollback check passed", "epoch", dec.Meta.Epoch, "seq", dec.Meta.Seq, "fresh", dec.Fresh, "ignored_anchor_objects", dec.Ignored)
 		return nil
-	case !refused:
+	case !isRefused:
 		return err
 	}
+	refused.WithLabelValues(string(reason)).Set(1)
 	adminLn, lerr := net.Listen("tcp", cfg.AdminListen)
 	if lerr != nil {
 		return errors.Join(err, fmt.Errorf("admin_listen: %w", lerr))

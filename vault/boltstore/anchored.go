@@ -53,7 +53,6 @@ type anchoring struct {
 }
 
 type anchorMetrics struct {
-	refused  *prometheus.GaugeVec
 	writes   *prometheus.CounterVec
 	duration prometheus.Histogram
 	live     prometheus.Gauge
@@ -62,11 +61,6 @@ type anchorMetrics struct {
 
 func newAnchorMetrics(reg prometheus.Registerer) *anchorMetrics {
 	m := &anchorMetrics{
-		refused: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "keyvault_anchor_refused",
-			Help: "1 while the vault refuses to serve its store because the rollback check failed, by reason " +
-				"(rollback, tamper, db_ahead, member_missing, no_anchor, epoch).",
-		}, []string{"reason"}),
 		writes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "keyvault_anchor_writes_total",
 			Help: "Rollback-anchor writes to HSM members, by member and result (ok, error).",
@@ -86,7 +80,7 @@ func newAnchorMetrics(reg prometheus.Registerer) *anchorMetrics {
 		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.refused, m.writes, m.duration, m.live, m.seq)
+		reg.MustRegister(m.writes, m.duration, m.live, m.seq)
 	}
 	return m
 }
@@ -111,9 +105,6 @@ func (s *Store) Anchor(ctx context.Context, keys anchor.Keys, members Anchors, r
 	}
 	found := members.ReadAnchors(ctx)
 	dec, err := keys.Check(found, st)
-	if reason, ok := anchor.IsRefused(err); ok {
-		a.metrics.refused.WithLabelValues(string(reason)).Set(1)
-	}
 	if err != nil {
 		return dec, err
 	}
