@@ -16,7 +16,9 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	"go.yaml.in/yaml/v3"
 
+	"github.com/keyvault/keyvault/internal/softhsm"
 	"github.com/keyvault/keyvault/internal/softhsm/softhsmtest"
 )
 
@@ -48,8 +50,14 @@ func enableAnchor(t testing.TB, cfg string) {
 // too and that the API is not served.
 func startRefused(t testing.TB, dir string) string {
 	t.Helper()
+	return startRefusedArgs(t, dir, "dev", "--dir", dir, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0")
+}
+
+// startRefusedArgs is startRefused for any keyvault command line.
+func startRefusedArgs(t testing.TB, dir string, args ...string) string {
+	t.Helper()
 	v := &vault{t: t, Dir: dir, out: &logBuffer{}, done: make(chan struct{})}
-	v.cmd = exec.Command(keyvaultBin, "dev", "--dir", dir, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0")
+	v.cmd = exec.Command(keyvaultBin, args...)
 	v.cmd.Stdout, v.cmd.Stderr = v.out, v.out
 	if err := v.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -311,5 +319,135 @@ func TestRollbackCrash(t *testing.T) {
 			t.Fatalf("cycle %d: the copy from before %d answered writes was refused for %s, want rollback", cycle, acked.Load(), got)
 		}
 		copyFile(t, current, db)
+	}
+}
+
+// Two members: the anchor must come from every member that was live at
+// the newest one. A hidden member is a refusal, a stale member cannot
+// stand in for a hidden current one, and a member that fails while the
+// vault runs drops out of the live set, so a start without it is accepted
+// and its return catches it up.
+func TestRollbackMembers(t *testing.T) {
+	module := softhsmtest.Module(t)
+	t.Parallel()
+	dev := t.TempDir()
+	startDev(t, dev).Stop()
+	template := readTrimmed(t, filepath.Join(dev, "keyvault.yaml"))
+
+	hsm := t.TempDir()
+	conf, err := softhsm.WriteConfig(hsm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tokens := filepath.Join(hsm, "tokens")
+	pinFile := filepath.Join(hsm, "hsm-pin")
+	if err := os.WriteFile(pinFile, []byte("pool-pin-1234\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	dirs := map[string]string{}
+	for _, label := range []string{"keyvault-a", "keyvault-b"} {
+		before := subdirs(t, tokens)
+		if err := softhsm.InitToken(conf, label, "so-pin-1234", "pool-pin-1234"); err != nil {
+			t.Fatal(err)
+		}
+		for d := range subdirs(t, tokens) {
+			if !before[d] {
+				dirs[label] = filepath.Join(tokens, d)
+			}
+		}
+	}
+	cfg := filepath.Join(hsm, "keyvault.yaml")
+	writePoolConfig(t, template, cfg, conf, filepath.Join(hsm, "keyvault.db"), module,
+		poolMember{"a", "keyvault-a", pinFile}, poolMember{"b", "keyvault-b", pinFile})
+	raw, _ := os.ReadFile(cfg)
+	var m map[string]any
+	if err := yaml.Unmarshal(raw, &m); err != nil {
+		t.Fatal(err)
+	}
+	m["store"].(map[string]any)["rollback_anchor"] = true
+	if raw, err = yaml.Marshal(m); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(cfg, raw, 0o600)
+	if code, out := runCLI(t, "keys", "init", "--config", cfg); code != 0 {
+		t.Fatalf("keys init: %d\n%s", code, out)
+	}
+	// SoftHSM finds a token in any directory under tokens/: hiding one
+	// moves it out.
+	hide := func(label string) (restore func()) {
+		t.Helper()
+		away := filepath.Join(hsm, label+".away")
+		if err := os.Rename(dirs[label], away); err != nil {
+			t.Fatal(err)
+		}
+		return func() {
+			if err := os.Rename(away, dirs[label]); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	refusedFor := func() string {
+		t.Helper()
+		return startRefusedArgs(t, hsm, "serve", "--config", cfg)
+	}
+	secret := randBytes(32)
+	enroll := func(user string) {
+		t.Helper()
+		v := startServe(t, hsm, cfg)
+		newClient(v.API, readTrimmed(t, filepath.Join(dev, "token"))).mustEnroll(t, 201, user, secret, "right-pin", 3)
+		v.Stop()
+	}
+	enroll("u1")
+
+	restore := hide("keyvault-b")
+	if got := refusedFor(); got != "member_missing" {
+		t.Fatalf("b hidden: refused for %s, want member_missing", got)
+	}
+	restore()
+
+	// b as it is now, kept aside: it will be stale.
+	stale := filepath.Join(hsm, "b-stale")
+	if out, err := exec.Command("cp", "-a", dirs["keyvault-b"], stale).CombinedOutput(); err != nil {
+		t.Fatalf("copy b: %v %s", err, out)
+	}
+	enroll("u2")
+	restoreA := hide("keyvault-a")
+	current := filepath.Join(hsm, "b-current")
+	if err := os.Rename(dirs["keyvault-b"], current); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("cp", "-a", stale, dirs["keyvault-b"]).CombinedOutput(); err != nil {
+		t.Fatalf("put stale b in place: %v %s", err, out)
+	}
+	if got := refusedFor(); got != "member_missing" {
+		t.Fatalf("a hidden, b stale: refused for %s, want member_missing", got)
+	}
+	os.RemoveAll(dirs["keyvault-b"])
+	if err := os.Rename(current, dirs["keyvault-b"]); err != nil {
+		t.Fatal(err)
+	}
+	restoreA()
+
+	// b fails while the vault runs: the writes after it go on, anchored on
+	// a alone, and a start without b is accepted.
+	v := startServe(t, hsm, cfg)
+	c := newClient(v.API, readTrimmed(t, filepath.Join(dev, "token")))
+	restore = hide("keyvault-b")
+	for i := range 5 {
+		c.mustEnroll(t, 201, fmt.Sprintf("after-b-%d", i), secret, "right-pin", 3)
+	}
+	v.Stop()
+	v = startServe(t, hsm, cfg)
+	c = newClient(v.API, readTrimmed(t, filepath.Join(dev, "token")))
+	c.mustRecover(t, "after-b-4", "right-pin", secret)
+	v.Stop()
+	// b comes back: accepted, and caught up by the start's anchor.
+	restore()
+	v = startServe(t, hsm, cfg)
+	newClient(v.API, readTrimmed(t, filepath.Join(dev, "token"))).mustRecover(t, "u1", "right-pin", secret)
+	v.Stop()
+	code, out := runCLI(t, "anchor", "status", "--config", cfg)
+	if code != 0 || strings.Count(out, "live a,b") != 2 {
+		t.Fatalf("after b's return, both members should hold the newest anchor with both live: exit %d\n%s", code, out)
 	}
 }
