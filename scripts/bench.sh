@@ -99,6 +99,7 @@ if [ "${BENCH_ANCHOR:-1}" != 0 ]; then
 	results=$dir/results-anchor.jsonl
 	run --url "http://$API" --token-file "$dir/token" --users "$U" --op recover
 	run --url "http://$API" --token-file "$dir/token" --users "$U" --op enroll
+	half=$(awk -F'"succeeded_per_second":' '/"op":"recover"/ { split($2, a, ","); printf "%d", a[1] / 2 }' "$results")
 	run --url "http://$API" --token-file "$dir/token" --users "$U" --op recover --rate "$half"
 	stop_vault
 	results=$dir/results.jsonl
