@@ -11,8 +11,8 @@
 # 3. The vault serves; "keyvault bench --url" runs recover and enroll over
 #    HTTP at the same concurrency on the same token, then recover at half
 #    the measured recover rate (open loop) for its latency. Then the same
-#    three on a fresh store with rollback anchoring on (BENCH_ANCHOR=0
-#    skips them).
+#    three on a fresh store with rollback anchoring on, the last at half
+#    its own recover rate (BENCH_ANCHOR=0 skips them).
 # 4. One table: successful requests/s (a shed 503 is fast and is not
 #    capacity; errors are listed below the table), the ratio HTTP / raw,
 #    and latency percentiles of every request.
