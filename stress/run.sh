@@ -2,7 +2,7 @@
 # What `make stress` runs: every scenario of the stress package at full size
 # on real SoftHSM and bbolt, then each fuzz target, and one summary line per
 # scenario and target at the end. Sizes come from the environment; the
-# defaults below finish in about 11 minutes on a 2-core machine.
+# defaults below finish in about 13 minutes on a 2-core machine.
 #
 #   STRESS_CYCLES         crash-loop cycles (SIGKILL each)            100
 #   STRESS_STORMS         storms of 64 concurrent wrong guesses       1000
