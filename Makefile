@@ -44,5 +44,10 @@ fuzz: ## run each fuzz target for FUZZTIME (default 30s)
 	$(GO) test ./config -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./anchor -run '^$$' -fuzz '^FuzzParseAnchor$$' -fuzztime $(FUZZTIME)
 
+stress: deps ## every stress scenario at full size, then each fuzz target (FUZZTIME, 60s here); knobs in stress/run.sh
+	FUZZTIME=$(if $(filter command line environment,$(origin FUZZTIME)),$(FUZZTIME),60s) stress/run.sh
+
+.PHONY: stress
+
 clean:
 	rm -rf bin .keyvault-dev

@@ -1,0 +1,58 @@
+#!/bin/sh
+# What `make stress` runs: every scenario of the stress package at full size
+# on real SoftHSM and bbolt, then each fuzz target, and one summary line per
+# scenario and target at the end. Sizes come from the environment; the
+# defaults below finish in about 13 minutes on a 2-core machine.
+#
+#   STRESS_CYCLES         crash-loop cycles (SIGKILL each)            100
+#   STRESS_STORMS         storms of 64 concurrent wrong guesses       1000
+#   STRESS_DURATION       member-loss run time                        60s
+#   STRESS_FLAP           member b gone, then back, this long each    3s
+#   STRESS_TAMPER_ROUNDS  tampering rounds (8 records edited each)    100
+#   STRESS_BACKUPS        backups enrolled for the scale figures      100000
+#                         (1000000 takes about 15 minutes more)
+#   STRESS_RUN            which scenarios (a go test -run pattern)    .
+#   FUZZTIME              per fuzz target; 0 skips fuzzing            60s
+set -u
+cd "$(dirname "$0")/.."
+
+: "${STRESS_CYCLES:=100}" "${STRESS_STORMS:=1000}" "${STRESS_DURATION:=60s}" "${STRESS_FLAP:=3s}"
+: "${STRESS_TAMPER_ROUNDS:=100}" "${STRESS_BACKUPS:=100000}" "${STRESS_RUN:=.}" "${FUZZTIME:=60s}"
+export STRESS_CYCLES STRESS_STORMS STRESS_DURATION STRESS_FLAP STRESS_TAMPER_ROUNDS STRESS_BACKUPS
+# CI=true: a missing SoftHSM fails the run instead of skipping it.
+export CI=true
+summary=$(mktemp)
+log=$(mktemp)
+trap 'rm -f "$summary" "$log"' EXIT
+export STRESS_SUMMARY="$summary"
+status=0
+
+echo "stress: scenarios matching '$STRESS_RUN' (cycles=$STRESS_CYCLES storms=$STRESS_STORMS duration=$STRESS_DURATION tamper_rounds=$STRESS_TAMPER_ROUNDS backups=$STRESS_BACKUPS)"
+if ! go test ./stress -count=1 -timeout 90m -run "$STRESS_RUN"; then
+	status=1
+fi
+
+if [ "$FUZZTIME" != 0 ]; then
+	for dir in $(go list -f '{{.Dir}}' ./...); do
+		pkg=./$(realpath --relative-to=. "$dir")
+		for target in $(grep -ho '^func Fuzz[A-Za-z0-9_]*' "$dir"/*_test.go 2>/dev/null | cut -c6-); do
+			echo "stress: fuzzing $pkg $target for $FUZZTIME"
+			# A crasher is written to $pkg/testdata/fuzz/$target by go test.
+			if go test "$pkg" -run '^$' -fuzz "^$target\$" -fuzztime "$FUZZTIME" >"$log" 2>&1; then
+				v=0
+			else
+				v=1
+				status=1
+				tail -n 30 "$log"
+			fi
+			execs=$(grep -o 'execs: [0-9]*' "$log" | tail -n 1 | cut -d' ' -f2)
+			echo "stress fuzz $pkg $target: runs=1 operations=${execs:-0} violations=$v time=$FUZZTIME" >>"$summary"
+		done
+	done
+fi
+
+echo
+echo "stress summary:"
+cat "$summary"
+[ "$status" = 0 ] && echo "stress: PASS" || echo "stress: FAIL"
+exit "$status"
