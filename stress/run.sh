@@ -11,6 +11,8 @@
 #   STRESS_TAMPER_ROUNDS  tampering rounds (8 records edited each)    100
 #   STRESS_BACKUPS        backups enrolled for the scale figures      100000
 #                         (1000000 takes about 15 minutes more)
+#   STRESS_ROLLBACK_KILLS SIGKILLs under load with rollback anchoring 50
+#                         (e2e TestRollbackCrash; 0 skips it)
 #   STRESS_RUN            which scenarios (a go test -run pattern)    .
 #   FUZZTIME              per fuzz target; 0 skips fuzzing            60s
 set -u
@@ -30,6 +32,22 @@ status=0
 echo "stress: scenarios matching '$STRESS_RUN' (cycles=$STRESS_CYCLES storms=$STRESS_STORMS duration=$STRESS_DURATION tamper_rounds=$STRESS_TAMPER_ROUNDS backups=$STRESS_BACKUPS)"
 if ! go test ./stress -count=1 -timeout 90m -run "$STRESS_RUN"; then
 	status=1
+fi
+
+# Rollback anchoring: after each SIGKILL under load the store must start
+# (a clean state is never refused) and the copy from before the cycle must
+# be refused (a rollback is never accepted).
+: "${STRESS_ROLLBACK_KILLS:=50}"
+if [ "$STRESS_ROLLBACK_KILLS" != 0 ]; then
+	echo "stress: rollback anchoring, $STRESS_ROLLBACK_KILLS SIGKILLs under load"
+	if KEYVAULT_E2E_ROLLBACK_KILLS=$STRESS_ROLLBACK_KILLS go test ./e2e -count=1 -timeout 30m -run '^TestRollbackCrash$' >"$log" 2>&1; then
+		v=0
+	else
+		v=1
+		status=1
+		tail -n 30 "$log"
+	fi
+	echo "stress rollback-crash: runs=$STRESS_ROLLBACK_KILLS operations=$STRESS_ROLLBACK_KILLS violations=$v" >>"$summary"
 fi
 
 if [ "$FUZZTIME" != 0 ]; then
