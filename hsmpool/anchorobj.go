@@ -39,6 +39,10 @@ type anchorObjects struct {
 	mu      sync.Mutex
 	ctx     *pkcs11.Ctx
 	session pkcs11.SessionHandle
+	// known are the anchor objects on the token as of the last find or
+	// write, so that a write need not search (a search costs SoftHSM a
+	// pass over the token's objects); nil: search.
+	known []pkcs11.ObjectHandle
 }
 
 func (a *anchorObjects) open() error {
@@ -95,7 +99,7 @@ func (a *anchorObjects) with(fn func(*pkcs11.Ctx, pkcs11.SessionHandle) error) e
 	if err := fn(a.ctx, a.session); err != nil {
 		a.ctx.CloseSession(a.session)
 		a.ctx.Destroy()
-		a.ctx = nil
+		a.ctx, a.known = nil, nil
 		return err
 	}
 	return nil
@@ -138,6 +142,7 @@ func (a *anchorObjects) ReadAnchors() ([][]byte, error) {
 		if err != nil {
 			return err
 		}
+		a.known = objs
 		for _, o := range objs {
 			attrs, err := p.GetAttributeValue(s, o, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_VALUE, nil)})
 			if err != nil {
@@ -152,9 +157,12 @@ func (a *anchorObjects) ReadAnchors() ([][]byte, error) {
 
 func (a *anchorObjects) WriteAnchor(value []byte) error {
 	return a.with(func(p *pkcs11.Ctx, s pkcs11.SessionHandle) error {
-		old, err := findAnchors(p, s)
-		if err != nil {
-			return err
+		old := a.known
+		if old == nil {
+			var err error
+			if old, err = findAnchors(p, s); err != nil {
+				return err
+			}
 		}
 		// Private: only a logged-in application reads it. Not modifiable:
 		// an anchor is replaced by a newer object, never edited.
@@ -163,11 +171,14 @@ func (a *anchorObjects) WriteAnchor(value []byte) error {
 			pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, false),
 			pkcs11.NewAttribute(pkcs11.CKA_APPLICATION, "keyvault"),
 			pkcs11.NewAttribute(pkcs11.CKA_VALUE, value))
-		if _, err := p.CreateObject(s, t); err != nil {
+		h, err := p.CreateObject(s, t)
+		if err != nil {
 			return fmt.Errorf("create anchor: %w", err)
 		}
+		a.known = []pkcs11.ObjectHandle{h}
 		for _, o := range old {
 			if err := p.DestroyObject(s, o); err != nil {
+				a.known = nil // search next time
 				return fmt.Errorf("destroy an older anchor: %w", err)
 			}
 		}
