@@ -31,14 +31,13 @@ func enableAnchor(t testing.TB, cfg string) {
 	}
 	out, n := "", 0
 	for _, l := range strings.SplitAfter(string(data), "\n") {
-		out += l
-		if strings.HasPrefix(l, "  path: ") && strings.HasSuffix(strings.TrimSpace(l), "keyvault.db") {
-			out += "  rollback_anchor: true\n"
-			n++
+		if strings.HasPrefix(l, "  rollback_anchor: ") {
+			l, n = "  rollback_anchor: true\n", n+1
 		}
+		out += l
 	}
 	if n != 1 {
-		t.Fatalf("no store path line in %s", cfg)
+		t.Fatalf("no store.rollback_anchor line in %s", cfg)
 	}
 	if err := os.WriteFile(cfg, []byte(out), 0o600); err != nil {
 		t.Fatal(err)

@@ -92,7 +92,7 @@ stop_vault
 if [ "${BENCH_ANCHOR:-1}" != 0 ]; then
 	echo "== over HTTP with rollback anchoring (a fresh store)"
 	rm -f "$dir/keyvault.db"
-	sed -i 's|^  path: \(.*keyvault.db\)$|  path: \1\n  rollback_anchor: true|' "$dir/keyvault.yaml"
+	sed -i 's|^  rollback_anchor: .*|  rollback_anchor: true|' "$dir/keyvault.yaml"
 	"$BIN" serve --config "$dir/keyvault.yaml" >"$dir/log" 2>&1 &
 	pid=$!
 	wait_ready
