@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bufio"
 	"bytes"
 	"crypto/rand"
 	"encoding/base64"
@@ -14,17 +13,16 @@ import (
 	"mime"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+
+	"github.com/keyvault/keyvault/internal/kvproc"
 )
 
 // keyvaultBin is the binary TestMain builds; moduleRoot is the repository
@@ -37,7 +35,7 @@ const startTimeout = 20 * time.Second
 func TestMain(m *testing.M) { os.Exit(runMain(m)) }
 
 func runMain(m *testing.M) int {
-	root, err := findModuleRoot()
+	root, err := kvproc.ModuleRoot()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "e2e:", err)
 		return 1
@@ -49,85 +47,32 @@ func runMain(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(dir)
-	keyvaultBin = filepath.Join(dir, "keyvault")
-	// Built without -race, whatever the tests run with: the binary is the
-	// product as shipped, and the race detector would slow the storms.
-	build := exec.Command("go", "build", "-o", keyvaultBin, "./cmd/keyvault")
-	build.Dir = root
-	if out, err := build.CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "e2e: go build ./cmd/keyvault: %v\n%s", err, out)
+	if keyvaultBin, err = kvproc.Build(dir); err != nil {
+		fmt.Fprintln(os.Stderr, "e2e:", err)
 		return 1
 	}
 	return m.Run()
 }
 
-// findModuleRoot walks up from the test's directory to the go.mod.
-func findModuleRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", errors.New("no go.mod above the test directory")
-		}
-		dir = parent
-	}
-}
-
-// logBuffer collects a process's stdout and stderr; safe for concurrent use.
-type logBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuffer) Bytes() []byte {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return bytes.Clone(l.b.Bytes())
-}
-
-// vault is one running keyvault process.
-type vault struct {
-	t     testing.TB
-	Dir   string
-	API   string // base URL of the REST API
-	Admin string // base URL of /metrics, /healthz, /readyz
-	Token string // the dev client's bearer token (DIR/token)
-
-	cmd  *exec.Cmd
-	out  *logBuffer
-	done chan struct{}
-	err  error // cmd.Wait's result; read only after done is closed
-}
+// logBuffer collects a process's output; vault is one keyvault process
+// (internal/kvproc, shared with the stress scenarios).
+type (
+	logBuffer = kvproc.LogBuffer
+	vault     = kvproc.Vault
+)
 
 // startDev runs `keyvault dev` on dir with ports picked by the kernel,
 // with the rate limits, the escalating delay and HSM admission shedding
-// off: the tests that storm one backup are about the guess budget alone. On a new dir it sets the dir
-// up with a first run, turns the limits off in its keyvault.yaml, and
-// starts again. TestRateLimits runs with the defaults (startDevLimited).
+// off: the tests that storm one backup are about the guess budget alone.
+// On a new dir it sets the dir up with a first run, turns the limits off in
+// its keyvault.yaml, and starts again. TestRateLimits runs with the
+// defaults (startDevLimited).
 func startDev(t testing.TB, dir string) *vault {
 	t.Helper()
 	cfg := filepath.Join(dir, "keyvault.yaml")
 	if _, err := os.Stat(cfg); errors.Is(err, os.ErrNotExist) {
 		startDevLimited(t, dir).Stop()
-		setRateLimits(t, cfg, `ratelimit:
-  guesses_per_user: {per_second: 0}
-  requests_per_client: {per_second: 0}
-  wrong_guesses_per_client: {per_second: 0}
-  hsm_queue_timeout: 0s
-  escalating_delay: {base: 0s}
-`)
+		setRateLimits(t, cfg, kvproc.LimitsOff)
 	}
 	return startDevLimited(t, dir)
 }
@@ -136,38 +81,12 @@ func startDev(t testing.TB, dir string) *vault {
 // the default rate limits.
 func startDevLimited(t testing.TB, dir string) *vault {
 	t.Helper()
-	return startVault(t, dir, "dev", "--dir", dir, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0")
+	return startVault(t, dir, kvproc.DevArgs(dir)...)
 }
 
 // setRateLimits replaces the ratelimit section of a config file with
 // block, editing the text so that the rest keeps its layout.
-func setRateLimits(t testing.TB, path, block string) {
-	t.Helper()
-	data, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	lines := strings.SplitAfter(string(data), "\n")
-	var out []string
-	in := false
-	for _, l := range lines {
-		switch {
-		case l == "ratelimit:\n":
-			in = true
-			out = append(out, block)
-		case in && strings.HasPrefix(l, "  "):
-		default:
-			in = false
-			out = append(out, l)
-		}
-	}
-	if !slices.Contains(lines, "ratelimit:\n") {
-		t.Fatalf("no ratelimit section in %s", path)
-	}
-	if err := os.WriteFile(path, []byte(strings.Join(out, "")), 0o600); err != nil {
-		t.Fatal(err)
-	}
-}
+var setRateLimits = kvproc.SetRateLimits
 
 // startServe runs `keyvault serve --config cfg`; dir is the dev directory
 // the config belongs to (for its token file).
@@ -178,98 +97,11 @@ func startServe(t testing.TB, dir, cfg string) *vault {
 
 func startVault(t testing.TB, dir string, args ...string) *vault {
 	t.Helper()
-	v := &vault{t: t, Dir: dir, out: &logBuffer{}, done: make(chan struct{})}
-	v.cmd = exec.Command(keyvaultBin, args...)
-	v.cmd.Stdout, v.cmd.Stderr = v.out, v.out
-	if err := v.cmd.Start(); err != nil {
-		t.Fatalf("start keyvault %s: %v", args[0], err)
-	}
-	go func() {
-		v.err = v.cmd.Wait()
-		close(v.done)
-	}()
-	t.Cleanup(v.Kill)
-	deadline := time.NewTimer(startTimeout)
-	defer deadline.Stop()
-	tick := time.NewTicker(20 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		if api, admin, ok := servingLine(v.out.Bytes()); ok {
-			v.API, v.Admin = "http://"+api, "http://"+admin
-			break
-		}
-		select {
-		case <-v.done:
-			t.Fatalf("keyvault %s exited before serving: %v\n%s", args[0], v.err, v.out.Bytes())
-		case <-deadline.C:
-			v.Kill()
-			t.Fatalf("keyvault %s did not log \"keyvault serving\" within %v:\n%s", args[0], startTimeout, v.out.Bytes())
-		case <-tick.C:
-		}
-	}
-	if tok, err := os.ReadFile(filepath.Join(dir, "token")); err == nil {
-		v.Token = strings.TrimSpace(string(tok))
-	}
-	return v
+	return kvproc.Start(t, keyvaultBin, dir, startTimeout, args...)
 }
 
-// servingLine finds the JSON log line "keyvault serving" and its bound
-// addresses.
-func servingLine(out []byte) (api, admin string, ok bool) {
-	sc := bufio.NewScanner(bytes.NewReader(out))
-	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
-	for sc.Scan() {
-		line := sc.Bytes()
-		if !bytes.HasPrefix(line, []byte("{")) {
-			continue
-		}
-		var l struct {
-			Msg   string `json:"msg"`
-			API   string `json:"api"`
-			Admin string `json:"admin"`
-		}
-		if json.Unmarshal(line, &l) == nil && l.Msg == "keyvault serving" && l.API != "" && l.Admin != "" {
-			return l.API, l.Admin, true
-		}
-	}
-	return "", "", false
-}
-
-// Logs returns everything the process wrote to stdout and stderr so far.
-func (v *vault) Logs() []byte { return v.out.Bytes() }
-
-// Stop sends SIGTERM and waits for a graceful exit, which must be status 0.
-func (v *vault) Stop() {
-	v.t.Helper()
-	select {
-	case <-v.done:
-		v.t.Fatalf("keyvault exited before SIGTERM: %v\n%s", v.err, v.out.Bytes())
-	default:
-	}
-	if err := v.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		v.t.Fatalf("SIGTERM: %v", err)
-	}
-	select {
-	case <-v.done:
-	case <-time.After(30 * time.Second):
-		v.Kill()
-		v.t.Fatalf("keyvault did not stop within 30s of SIGTERM:\n%s", v.out.Bytes())
-	}
-	if v.err != nil {
-		v.t.Errorf("keyvault exited with %v after SIGTERM, want status 0:\n%s", v.err, v.out.Bytes())
-	}
-}
-
-// Kill sends SIGKILL (if the process still runs) and waits for it.
-func (v *vault) Kill() {
-	select {
-	case <-v.done:
-		return
-	default:
-	}
-	_ = v.cmd.Process.Kill()
-	<-v.done
-}
+// servingLine finds the JSON log line "keyvault serving".
+var servingLine = kvproc.ServingLine
 
 // client speaks JSON to the API with a bearer token.
 type client struct {
@@ -648,13 +480,8 @@ func randID(prefix string) string {
 // randPIN is a distinctive PIN that cannot occur by chance.
 func randPIN(prefix string) string { return prefix + "-" + hex.EncodeToString(randBytes(6)) }
 
-// recordKey is the store key of a backup (vault/record.go).
-func recordKey(ns, user string) []byte {
-	k := []byte{'r', byte(len(ns))}
-	k = append(k, ns...)
-	k = append(k, byte(len(user)))
-	return append(k, user...)
-}
+// recordKey is the store key of a backup.
+var recordKey = kvproc.RecordKey
 
 // Offsets in a bbolt value: the 8-byte store revision, then the record
 // (vault/record.go): format, flags, generation, max_attempts, guesses,

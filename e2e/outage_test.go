@@ -1,11 +1,11 @@
 package e2e
 
 import (
-	"bytes"
 	"net/http"
 	"testing"
 	"time"
 
+	"github.com/keyvault/keyvault/internal/kvproc"
 	"github.com/keyvault/keyvault/internal/softhsm/softhsmtest"
 )
 
@@ -100,10 +100,4 @@ func TestHSMOutage(t *testing.T) {
 }
 
 // tail returns the last n lines of out.
-func tail(out []byte, n int) []byte {
-	lines := bytes.Split(bytes.TrimRight(out, "\n"), []byte("\n"))
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return bytes.Join(lines, []byte("\n"))
-}
+var tail = kvproc.Tail

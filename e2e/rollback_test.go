@@ -18,6 +18,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 	"go.yaml.in/yaml/v3"
 
+	"github.com/keyvault/keyvault/internal/kvproc"
 	"github.com/keyvault/keyvault/internal/softhsm"
 	"github.com/keyvault/keyvault/internal/softhsm/softhsmtest"
 )
@@ -55,20 +56,14 @@ func startRefused(t testing.TB, dir string) string {
 // startRefusedArgs is startRefused for any keyvault command line.
 func startRefusedArgs(t testing.TB, dir string, args ...string) string {
 	t.Helper()
-	v := &vault{t: t, Dir: dir, out: &logBuffer{}, done: make(chan struct{})}
-	v.cmd = exec.Command(keyvaultBin, args...)
-	v.cmd.Stdout, v.cmd.Stderr = v.out, v.out
-	if err := v.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { v.err = v.cmd.Wait(); close(v.done) }()
+	v := kvproc.Launch(t, keyvaultBin, dir, args...)
 	defer v.Kill()
 	deadline := time.Now().Add(startTimeout)
 	for time.Now().Before(deadline) {
-		if _, _, ok := servingLine(v.out.Bytes()); ok {
-			t.Fatalf("the vault served a store it should refuse:\n%s", v.out.Bytes())
+		if _, _, ok := servingLine(v.Logs()); ok {
+			t.Fatalf("the vault served a store it should refuse:\n%s", v.Logs())
 		}
-		if reason, admin, ok := refusalLine(v.out.Bytes()); ok {
+		if reason, admin, ok := refusalLine(v.Logs()); ok {
 			r := get(t, "http://"+admin+"/readyz")
 			if r.Status != 503 || !strings.Contains(string(r.Body), "("+reason+")") {
 				t.Fatalf("/readyz of a refused store: %d %s", r.Status, r.Body)
@@ -80,12 +75,12 @@ func startRefusedArgs(t testing.TB, dir string, args ...string) string {
 			return reason
 		}
 		select {
-		case <-v.done:
-			t.Fatalf("keyvault exited instead of refusing: %v\n%s", v.err, v.out.Bytes())
+		case <-v.Exited():
+			t.Fatalf("keyvault exited instead of refusing: %v\n%s", v.Err(), v.Logs())
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
-	t.Fatalf("no refusal within %v:\n%s", startTimeout, v.out.Bytes())
+	t.Fatalf("no refusal within %v:\n%s", startTimeout, v.Logs())
 	return ""
 }
 

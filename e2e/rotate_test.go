@@ -479,7 +479,7 @@ func TestReloadOnSIGHUP(t *testing.T) {
 	if w, p := keyVersions(t, c.status(t, "before")); w != 1 || p != 1 {
 		t.Fatalf("before the reload: versions %v/%v, want 1/1", w, p)
 	}
-	if err := v.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+	if err := v.Signal(syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(10 * time.Second)

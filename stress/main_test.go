@@ -1,7 +1,6 @@
 package stress
 
 import (
-	"bufio"
 	"bytes"
 	"crypto/rand"
 	"encoding/base64"
@@ -12,22 +11,21 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+
+	"github.com/keyvault/keyvault/internal/kvproc"
 )
 
-// The helpers below are the minimum of e2e/main_test.go that the scenarios
-// need, copied rather than shared: e2e stays as it is, and a change there
-// cannot silently weaken the stress checks.
+// Running the binary is shared with e2e (internal/kvproc); the client
+// helpers below return errors instead of failing, because a scenario
+// counts a failed request as a violation and goes on.
 
 // keyvaultBin is the binary TestMain builds.
 var keyvaultBin string
@@ -39,43 +37,17 @@ const startTimeout = 60 * time.Second
 func TestMain(m *testing.M) { os.Exit(runMain(m)) }
 
 func runMain(m *testing.M) int {
-	root, err := findModuleRoot()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "stress:", err)
-		return 1
-	}
 	dir, err := os.MkdirTemp("", "keyvault-stress-bin-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "stress:", err)
 		return 1
 	}
 	defer os.RemoveAll(dir)
-	keyvaultBin = filepath.Join(dir, "keyvault")
-	// Without -race, whatever the tests run with: the product as shipped.
-	build := exec.Command("go", "build", "-o", keyvaultBin, "./cmd/keyvault")
-	build.Dir = root
-	if out, err := build.CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "stress: go build ./cmd/keyvault: %v\n%s", err, out)
+	if keyvaultBin, err = kvproc.Build(dir); err != nil {
+		fmt.Fprintln(os.Stderr, "stress:", err)
 		return 1
 	}
 	return m.Run()
-}
-
-func findModuleRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", errors.New("no go.mod above the test directory")
-		}
-		dir = parent
-	}
 }
 
 // knob reads a positive integer size from the environment, or def.
@@ -179,38 +151,8 @@ func (s *tally) summary() {
 	}
 }
 
-// logBuffer collects a process's output; safe for concurrent use.
-type logBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuffer) Bytes() []byte {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return bytes.Clone(l.b.Bytes())
-}
-
 // vault is one running keyvault process.
-type vault struct {
-	t       testing.TB
-	Dir     string
-	API     string
-	Admin   string
-	Token   string
-	Started time.Duration // from exec to "keyvault serving"
-
-	cmd  *exec.Cmd
-	out  *logBuffer
-	done chan struct{}
-	err  error
-}
+type vault = kvproc.Vault
 
 // startDev runs `keyvault dev` on dir with the rate limits, the escalating
 // delay and HSM admission shedding off (as e2e's startDev does): the
@@ -219,165 +161,15 @@ func startDev(t testing.TB, dir string) *vault {
 	t.Helper()
 	cfg := filepath.Join(dir, "keyvault.yaml")
 	if _, err := os.Stat(cfg); errors.Is(err, os.ErrNotExist) {
-		startVault(t, dir, devArgs(dir)...).Stop()
-		setRateLimits(t, cfg, `ratelimit:
-  guesses_per_user: {per_second: 0}
-  requests_per_client: {per_second: 0}
-  wrong_guesses_per_client: {per_second: 0}
-  hsm_queue_timeout: 0s
-  escalating_delay: {base: 0s}
-`)
+		startVault(t, dir, kvproc.DevArgs(dir)...).Stop()
+		kvproc.SetRateLimits(t, cfg, kvproc.LimitsOff)
 	}
-	return startVault(t, dir, devArgs(dir)...)
-}
-
-func devArgs(dir string) []string {
-	return []string{"dev", "--dir", dir, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"}
-}
-
-// setRateLimits replaces the ratelimit section of a config file.
-func setRateLimits(t testing.TB, path, block string) {
-	t.Helper()
-	data, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	lines := strings.SplitAfter(string(data), "\n")
-	if !slices.Contains(lines, "ratelimit:\n") {
-		t.Fatalf("no ratelimit section in %s", path)
-	}
-	var out []string
-	in := false
-	for _, l := range lines {
-		switch {
-		case l == "ratelimit:\n":
-			in = true
-			out = append(out, block)
-		case in && strings.HasPrefix(l, "  "):
-		default:
-			in = false
-			out = append(out, l)
-		}
-	}
-	if err := os.WriteFile(path, []byte(strings.Join(out, "")), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	return startVault(t, dir, kvproc.DevArgs(dir)...)
 }
 
 func startVault(t testing.TB, dir string, args ...string) *vault {
 	t.Helper()
-	v := &vault{t: t, Dir: dir, out: &logBuffer{}, done: make(chan struct{})}
-	v.cmd = exec.Command(keyvaultBin, args...)
-	v.cmd.Stdout, v.cmd.Stderr = v.out, v.out
-	began := time.Now()
-	if err := v.cmd.Start(); err != nil {
-		t.Fatalf("start keyvault %s: %v", args[0], err)
-	}
-	go func() {
-		v.err = v.cmd.Wait()
-		close(v.done)
-	}()
-	t.Cleanup(v.Kill)
-	deadline := time.NewTimer(startTimeout)
-	defer deadline.Stop()
-	tick := time.NewTicker(5 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		if api, admin, ok := servingLine(v.out.Bytes()); ok {
-			v.API, v.Admin = "http://"+api, "http://"+admin
-			v.Started = time.Since(began)
-			break
-		}
-		select {
-		case <-v.done:
-			t.Fatalf("keyvault %s exited before serving: %v\n%s", args[0], v.err, v.out.Bytes())
-		case <-deadline.C:
-			v.Kill()
-			t.Fatalf("keyvault %s did not log \"keyvault serving\" within %v:\n%s", args[0], startTimeout, v.out.Bytes())
-		case <-tick.C:
-		}
-	}
-	if tok, err := os.ReadFile(filepath.Join(dir, "token")); err == nil {
-		v.Token = strings.TrimSpace(string(tok))
-	}
-	return v
-}
-
-func servingLine(out []byte) (api, admin string, ok bool) {
-	sc := bufio.NewScanner(bytes.NewReader(out))
-	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
-	for sc.Scan() {
-		line := sc.Bytes()
-		if !bytes.HasPrefix(line, []byte("{")) {
-			continue
-		}
-		var l struct {
-			Msg   string `json:"msg"`
-			API   string `json:"api"`
-			Admin string `json:"admin"`
-		}
-		if json.Unmarshal(line, &l) == nil && l.Msg == "keyvault serving" && l.API != "" && l.Admin != "" {
-			return l.API, l.Admin, true
-		}
-	}
-	return "", "", false
-}
-
-// Stop sends SIGTERM and requires a prompt exit with status 0.
-func (v *vault) Stop() {
-	v.t.Helper()
-	select {
-	case <-v.done:
-		v.t.Fatalf("keyvault exited before SIGTERM: %v\n%s", v.err, tail(v.out.Bytes(), 20))
-	default:
-	}
-	if err := v.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		v.t.Fatalf("SIGTERM: %v", err)
-	}
-	select {
-	case <-v.done:
-	case <-time.After(30 * time.Second):
-		v.Kill()
-		v.t.Fatalf("keyvault did not stop within 30s of SIGTERM:\n%s", tail(v.out.Bytes(), 20))
-	}
-	if v.err != nil {
-		v.t.Errorf("keyvault exited with %v after SIGTERM, want status 0:\n%s", v.err, tail(v.out.Bytes(), 20))
-	}
-}
-
-// Kill sends SIGKILL (if the process still runs) and waits for it.
-func (v *vault) Kill() {
-	select {
-	case <-v.done:
-		return
-	default:
-	}
-	_ = v.cmd.Process.Kill()
-	<-v.done
-}
-
-// RSS is the process's resident set size in bytes, from /proc.
-func (v *vault) RSS() (int64, error) {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", v.cmd.Process.Pid))
-	if err != nil {
-		return 0, err
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
-			return kb << 10, err
-		}
-	}
-	return 0, errors.New("no VmRSS in /proc status")
-}
-
-// tail returns the last n lines of out.
-func tail(out []byte, n int) []byte {
-	lines := bytes.Split(bytes.TrimRight(out, "\n"), []byte("\n"))
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return bytes.Join(lines, []byte("\n"))
+	return kvproc.Start(t, keyvaultBin, dir, startTimeout, args...)
 }
 
 // client speaks JSON to the API with a bearer token.
@@ -519,13 +311,8 @@ func randID(prefix string) string { return prefix + "." + strings.ToLower(rand.T
 // randPIN is a distinctive PIN that cannot occur by chance.
 func randPIN(prefix string) string { return prefix + "-" + hex.EncodeToString(randBytes(6)) }
 
-// recordKey is the store key of a backup (vault/record.go).
-func recordKey(ns, user string) []byte {
-	k := []byte{'r', byte(len(ns))}
-	k = append(k, ns...)
-	k = append(k, byte(len(user)))
-	return append(k, user...)
-}
+// recordKey is the store key of a backup.
+var recordKey = kvproc.RecordKey
 
 // revLen is the store's revision prefix in a bbolt value
 // (vault/boltstore); the record follows it.

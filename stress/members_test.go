@@ -142,7 +142,7 @@ func TestMemberLoss(t *testing.T) {
 		s.violation("/readyz with member a healthy: %v %v", r, err)
 	}
 	if readmissions == 0 {
-		t.Logf("member b never came back into service; the vault's log about it:\n%s", grepLog(v.out.Bytes(), `"member":"b"`, 12))
+		t.Logf("member b never came back into service; the vault's log about it:\n%s", grepLog(v.Logs(), `"member":"b"`, 12))
 	}
 	v.Stop()
 	mu.Lock()

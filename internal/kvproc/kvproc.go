@@ -1,0 +1,288 @@
+// Package kvproc runs the keyvault binary for the tests that drive it from
+// outside (e2e, stress): it builds it, starts it, waits for it to serve,
+// and stops or kills it, keeping everything it wrote.
+package kvproc
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// ModuleRoot finds the directory holding go.mod, from the working
+// directory up.
+func ModuleRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", errors.New("no go.mod above the test directory")
+		}
+		dir = parent
+	}
+}
+
+// Build builds ./cmd/keyvault of the module into dir and returns the
+// binary's path. It is built without -race, whatever the tests run with:
+// the product as shipped.
+func Build(dir string) (string, error) {
+	root, err := ModuleRoot()
+	if err != nil {
+		return "", err
+	}
+	bin := filepath.Join(dir, "keyvault")
+	build := exec.Command("go", "build", "-o", bin, "./cmd/keyvault")
+	build.Dir = root
+	if out, err := build.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("go build ./cmd/keyvault: %v\n%s", err, out)
+	}
+	return bin, nil
+}
+
+// LogBuffer collects a process's output; safe for concurrent use.
+type LogBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *LogBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+// Bytes returns a copy of everything written so far.
+func (l *LogBuffer) Bytes() []byte {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return bytes.Clone(l.b.Bytes())
+}
+
+// Vault is one keyvault process.
+type Vault struct {
+	Dir     string // the dev directory it belongs to (for its token)
+	API     string // base URL of the REST API
+	Admin   string // base URL of /metrics, /healthz, /readyz
+	Token   string // the dev client's bearer token (DIR/token), if any
+	Started time.Duration
+
+	t    testing.TB
+	cmd  *exec.Cmd
+	out  *LogBuffer
+	done chan struct{}
+	err  error // cmd.Wait's result; read only after done is closed
+}
+
+// Launch starts `bin args...` and returns at once; the test's cleanup
+// kills it.
+func Launch(t testing.TB, bin, dir string, args ...string) *Vault {
+	t.Helper()
+	v := &Vault{t: t, Dir: dir, out: &LogBuffer{}, done: make(chan struct{})}
+	v.cmd = exec.Command(bin, args...)
+	v.cmd.Stdout, v.cmd.Stderr = v.out, v.out
+	if err := v.cmd.Start(); err != nil {
+		t.Fatalf("start keyvault %s: %v", args[0], err)
+	}
+	go func() {
+		v.err = v.cmd.Wait()
+		close(v.done)
+	}()
+	t.Cleanup(v.Kill)
+	return v
+}
+
+// Start launches keyvault and waits, at most timeout, until it logs
+// "keyvault serving"; then API, Admin and Token are set.
+func Start(t testing.TB, bin, dir string, timeout time.Duration, args ...string) *Vault {
+	t.Helper()
+	began := time.Now()
+	v := Launch(t, bin, dir, args...)
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if api, admin, ok := ServingLine(v.out.Bytes()); ok {
+			v.API, v.Admin = "http://"+api, "http://"+admin
+			v.Started = time.Since(began)
+			break
+		}
+		select {
+		case <-v.done:
+			t.Fatalf("keyvault %s exited before serving: %v\n%s", args[0], v.err, v.out.Bytes())
+		case <-deadline.C:
+			v.Kill()
+			t.Fatalf("keyvault %s did not log \"keyvault serving\" within %v:\n%s", args[0], timeout, v.out.Bytes())
+		case <-tick.C:
+		}
+	}
+	if tok, err := os.ReadFile(filepath.Join(dir, "token")); err == nil {
+		v.Token = strings.TrimSpace(string(tok))
+	}
+	return v
+}
+
+// ServingLine finds the JSON log line "keyvault serving" and its bound
+// addresses.
+func ServingLine(out []byte) (api, admin string, ok bool) {
+	sc := bufio.NewScanner(bytes.NewReader(out))
+	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
+	for sc.Scan() {
+		line := sc.Bytes()
+		if !bytes.HasPrefix(line, []byte("{")) {
+			continue
+		}
+		var l struct {
+			Msg   string `json:"msg"`
+			API   string `json:"api"`
+			Admin string `json:"admin"`
+		}
+		if json.Unmarshal(line, &l) == nil && l.Msg == "keyvault serving" && l.API != "" && l.Admin != "" {
+			return l.API, l.Admin, true
+		}
+	}
+	return "", "", false
+}
+
+// Logs returns everything the process wrote to stdout and stderr so far.
+func (v *Vault) Logs() []byte { return v.out.Bytes() }
+
+// Exited is closed once the process has exited; Err then says how.
+func (v *Vault) Exited() <-chan struct{} { return v.done }
+
+// Err is the process's exit error; call it only after Exited is closed.
+func (v *Vault) Err() error { return v.err }
+
+// Signal sends sig to the process.
+func (v *Vault) Signal(sig os.Signal) error { return v.cmd.Process.Signal(sig) }
+
+// Stop sends SIGTERM and waits for a graceful exit, which must be status 0.
+func (v *Vault) Stop() {
+	v.t.Helper()
+	select {
+	case <-v.done:
+		v.t.Fatalf("keyvault exited before SIGTERM: %v\n%s", v.err, Tail(v.out.Bytes(), 40))
+	default:
+	}
+	if err := v.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		v.t.Fatalf("SIGTERM: %v", err)
+	}
+	select {
+	case <-v.done:
+	case <-time.After(30 * time.Second):
+		v.Kill()
+		v.t.Fatalf("keyvault did not stop within 30s of SIGTERM:\n%s", Tail(v.out.Bytes(), 40))
+	}
+	if v.err != nil {
+		v.t.Errorf("keyvault exited with %v after SIGTERM, want status 0:\n%s", v.err, Tail(v.out.Bytes(), 40))
+	}
+}
+
+// Kill sends SIGKILL (if the process still runs) and waits for it.
+func (v *Vault) Kill() {
+	select {
+	case <-v.done:
+		return
+	default:
+	}
+	_ = v.cmd.Process.Kill()
+	<-v.done
+}
+
+// RSS is the process's resident set size in bytes, from /proc.
+func (v *Vault) RSS() (int64, error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", v.cmd.Process.Pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
+			return kb << 10, err
+		}
+	}
+	return 0, errors.New("no VmRSS in /proc status")
+}
+
+// Tail returns the last n lines of out.
+func Tail(out []byte, n int) []byte {
+	lines := bytes.Split(bytes.TrimRight(out, "\n"), []byte("\n"))
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return bytes.Join(lines, []byte("\n"))
+}
+
+// DevArgs are the arguments of `keyvault dev` on dir with ports the
+// kernel picks.
+func DevArgs(dir string) []string {
+	return []string{"dev", "--dir", dir, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"}
+}
+
+// LimitsOff is a ratelimit section with the rate limits, the escalating
+// delay and HSM admission shedding off, for tests about the budget,
+// durability and the HSMs rather than the limits.
+const LimitsOff = `ratelimit:
+  guesses_per_user: {per_second: 0}
+  requests_per_client: {per_second: 0}
+  wrong_guesses_per_client: {per_second: 0}
+  hsm_queue_timeout: 0s
+  escalating_delay: {base: 0s}
+`
+
+// SetRateLimits replaces the ratelimit section of a config file with
+// block, editing the text so that the rest keeps its layout.
+func SetRateLimits(t testing.TB, path, block string) {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.SplitAfter(string(data), "\n")
+	if !slices.Contains(lines, "ratelimit:\n") {
+		t.Fatalf("no ratelimit section in %s", path)
+	}
+	var out []string
+	in := false
+	for _, l := range lines {
+		switch {
+		case l == "ratelimit:\n":
+			in = true
+			out = append(out, block)
+		case in && strings.HasPrefix(l, "  "):
+		default:
+			in = false
+			out = append(out, l)
+		}
+	}
+	if err := os.WriteFile(path, []byte(strings.Join(out, "")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// RecordKey is the store key of a backup (vault/record.go): "r", then the
+// namespace and the user ID, each after its one-byte length.
+func RecordKey(ns, user string) []byte {
+	k := []byte{'r', byte(len(ns))}
+	k = append(k, ns...)
+	k = append(k, byte(len(user)))
+	return append(k, user...)
+}
