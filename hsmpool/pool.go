@@ -77,6 +77,21 @@ var _ vault.HSM = (*Pool)(nil)
 // refused PIN, which is never retried: a token may lock itself after a few
 // bad logins. Open fails if no member is usable.
 func Open(cfgs []MemberConfig, opts Options) (*Pool, error) {
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	// crypto11 keeps one library instance per module path, and SoftHSM
+	// rescans its tokens only when the library is initialised: a member
+	// that shares its module with another cannot be re-opened after a
+	// failure while the other serves (README "Reliability").
+	byModule := map[string]string{}
+	for _, c := range cfgs {
+		if other, ok := byModule[c.Module]; ok {
+			opts.Logger.Warn("HSM members share a PKCS#11 module path: one that fails cannot come back while the other serves; give each member its own module path",
+				"members", other+","+c.Name, "module", c.Module)
+		}
+		byModule[c.Module] = c.Name
+	}
 	toks := make([]token, len(cfgs))
 	openErrs := make([]error, len(cfgs))
 	for i, c := range cfgs {

@@ -537,6 +537,9 @@ func TestWrongPINOnOneMember(t *testing.T) {
 	if !strings.Contains(out, "PIN is refused") || strings.Contains(out, "99999999") {
 		t.Fatalf("log: %s", out)
 	}
+	if !strings.Contains(out, "share a PKCS#11 module path") {
+		t.Fatalf("two members on one module, and no warning: %s", out)
+	}
 	if p.members[1].healthy.Load() || p.members[1].probing.Load() {
 		t.Fatal("the member with a wrong PIN is in service or being probed (its login retried)")
 	}
