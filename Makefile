@@ -36,13 +36,13 @@ vet:
 fmt-check:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 
-fuzz: ## run each fuzz target for FUZZTIME (default 30s)
-	$(GO) test ./api -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME)
-	$(GO) test ./api -run '^$$' -fuzz '^FuzzPreconditions$$' -fuzztime $(FUZZTIME)
-	$(GO) test ./vault -run '^$$' -fuzz '^FuzzParseRecord$$' -fuzztime $(FUZZTIME)
-	$(GO) test ./vault -run '^$$' -fuzz '^FuzzValidUserID$$' -fuzztime $(FUZZTIME)
-	$(GO) test ./config -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME)
-	$(GO) test ./anchor -run '^$$' -fuzz '^FuzzParseAnchor$$' -fuzztime $(FUZZTIME)
+fuzz: ## run every fuzz target of the module (found by name) for FUZZTIME (default 30s)
+	@for dir in $$($(GO) list -f '{{.Dir}}' $(PKGS)); do \
+		for target in $$(grep -ho '^func Fuzz[A-Za-z0-9_]*' $$dir/*_test.go 2>/dev/null | cut -c6-); do \
+			echo "fuzz $$target in $$dir"; \
+			$(GO) test $$dir -run '^$$' -fuzz "^$$target\$$" -fuzztime $(FUZZTIME) || exit 1; \
+		done; \
+	done
 
 stress: deps ## every stress scenario at full size, then each fuzz target (FUZZTIME, 60s here); knobs in stress/run.sh
 	FUZZTIME=$(if $(filter command line environment,$(origin FUZZTIME)),$(FUZZTIME),60s) stress/run.sh
