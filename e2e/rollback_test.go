@@ -1,9 +1,7 @@
 package e2e
 
 import (
-	"bufio"
 	"bytes"
-	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -58,42 +56,19 @@ func startRefusedArgs(t testing.TB, dir string, args ...string) string {
 	t.Helper()
 	v := kvproc.Launch(t, keyvaultBin, dir, args...)
 	defer v.Kill()
-	deadline := time.Now().Add(startTimeout)
-	for time.Now().Before(deadline) {
-		if _, _, ok := servingLine(v.Logs()); ok {
-			t.Fatalf("the vault served a store it should refuse:\n%s", v.Logs())
-		}
-		if reason, admin, ok := refusalLine(v.Logs()); ok {
-			r := get(t, "http://"+admin+"/readyz")
-			if r.Status != 503 || !strings.Contains(string(r.Body), "("+reason+")") {
-				t.Fatalf("/readyz of a refused store: %d %s", r.Status, r.Body)
-			}
-			samples, _ := metrics(t, "http://"+admin)
-			if n, _ := metricSum(samples, "keyvault_anchor_refused", map[string]string{"reason": reason}); n != 1 {
-				t.Fatalf("keyvault_anchor_refused{reason=%q} = %v, want 1", reason, n)
-			}
-			return reason
-		}
-		select {
-		case <-v.Exited():
-			t.Fatalf("keyvault exited instead of refusing: %v\n%s", v.Err(), v.Logs())
-		case <-time.After(20 * time.Millisecond):
-		}
+	reason, admin, err := v.WaitRefusal(startTimeout)
+	if err != nil {
+		t.Fatalf("%v:\n%s", err, v.Logs())
 	}
-	t.Fatalf("no refusal within %v:\n%s", startTimeout, v.Logs())
-	return ""
-}
-
-func refusalLine(out []byte) (reason, admin string, ok bool) {
-	sc := bufio.NewScanner(bytes.NewReader(out))
-	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
-	for sc.Scan() {
-		var l struct{ Msg, Reason, Admin string }
-		if json.Unmarshal(sc.Bytes(), &l) == nil && l.Msg == "refusing to serve the store: rollback check failed" {
-			return l.Reason, l.Admin, true
-		}
+	r := get(t, "http://"+admin+"/readyz")
+	if r.Status != 503 || !strings.Contains(string(r.Body), "("+reason+")") {
+		t.Fatalf("/readyz of a refused store: %d %s", r.Status, r.Body)
 	}
-	return "", "", false
+	samples, _ := metrics(t, "http://"+admin)
+	if n, _ := metricSum(samples, "keyvault_anchor_refused", map[string]string{"reason": reason}); n != 1 {
+		t.Fatalf("keyvault_anchor_refused{reason=%q} = %v, want 1", reason, n)
+	}
+	return reason
 }
 
 func copyFile(t testing.TB, from, to string) {

@@ -9,6 +9,8 @@
 #   STRESS_DURATION       member-loss run time                        60s
 #   STRESS_FLAP           member b gone, then back, this long each    3s
 #   STRESS_TAMPER_ROUNDS  tampering rounds (8 records edited each)    100
+#   STRESS_ANCHOR_TAMPER_ROUNDS  tampering with rollback anchoring on,
+#                         one edit each, the whole store refused      100
 #   STRESS_BACKUPS        backups enrolled for the scale figures      100000
 #                         (1000000 takes about 15 minutes more)
 #   STRESS_ROLLBACK_KILLS SIGKILLs under load with rollback anchoring 50
@@ -19,8 +21,8 @@ set -u
 cd "$(dirname "$0")/.."
 
 : "${STRESS_CYCLES:=100}" "${STRESS_STORMS:=1000}" "${STRESS_DURATION:=60s}" "${STRESS_FLAP:=3s}"
-: "${STRESS_TAMPER_ROUNDS:=100}" "${STRESS_BACKUPS:=100000}" "${STRESS_RUN:=.}" "${FUZZTIME:=60s}"
-export STRESS_CYCLES STRESS_STORMS STRESS_DURATION STRESS_FLAP STRESS_TAMPER_ROUNDS STRESS_BACKUPS
+: "${STRESS_TAMPER_ROUNDS:=100}" "${STRESS_ANCHOR_TAMPER_ROUNDS:=100}" "${STRESS_BACKUPS:=100000}" "${STRESS_RUN:=.}" "${FUZZTIME:=60s}"
+export STRESS_CYCLES STRESS_STORMS STRESS_DURATION STRESS_FLAP STRESS_TAMPER_ROUNDS STRESS_ANCHOR_TAMPER_ROUNDS STRESS_BACKUPS
 # CI=true: a missing SoftHSM fails the run instead of skipping it.
 export CI=true
 summary=$(mktemp)

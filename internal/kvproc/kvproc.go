@@ -162,6 +162,41 @@ func ServingLine(out []byte) (api, admin string, ok bool) {
 	return "", "", false
 }
 
+// RefusalLine finds the log line of a vault that refuses its store at
+// start (the rollback check), with the reason and the admin address.
+func RefusalLine(out []byte) (reason, admin string, ok bool) {
+	sc := bufio.NewScanner(bytes.NewReader(out))
+	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
+	for sc.Scan() {
+		var l struct{ Msg, Reason, Admin string }
+		if json.Unmarshal(sc.Bytes(), &l) == nil && l.Msg == "refusing to serve the store: rollback check failed" {
+			return l.Reason, l.Admin, true
+		}
+	}
+	return "", "", false
+}
+
+// WaitRefusal waits, at most timeout, for the vault to refuse its store,
+// and returns the reason. Serving instead, or exiting, is an error.
+func (v *Vault) WaitRefusal(timeout time.Duration) (reason, admin string, err error) {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		out := v.out.Bytes()
+		if _, _, ok := ServingLine(out); ok {
+			return "", "", errors.New("the vault served a store it should refuse")
+		}
+		if reason, admin, ok := RefusalLine(out); ok {
+			return reason, admin, nil
+		}
+		select {
+		case <-v.done:
+			return "", "", fmt.Errorf("keyvault exited instead of refusing: %v", v.err)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	return "", "", fmt.Errorf("no refusal within %v", timeout)
+}
+
 // Logs returns everything the process wrote to stdout and stderr so far.
 func (v *Vault) Logs() []byte { return v.out.Bytes() }
 
