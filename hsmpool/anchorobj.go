@@ -238,9 +238,16 @@ func (p *Pool) WriteAnchor(ctx context.Context, member string, value []byte) err
 // operation timeout and the pool's metrics. It does not fail the member:
 // whether a silent member is dropped from the live set is the anchor
 // writer's decision, and its key operations judge its health.
+//
+// It waits for a session as long as ctx allows, not QueueTimeout: shedding
+// is for requests, and an anchor write that lost its place to them would
+// hold back every answer of its batch, or drop a healthy member from the
+// live set.
 func (p *Pool) onMember(ctx context.Context, m *member, op string, fn func(anchorKeeper) error) error {
-	if err := p.acquire(ctx, m, op); err != nil {
-		return err
+	select {
+	case m.sessions <- struct{}{}:
+	case <-ctx.Done():
+		return fmt.Errorf("member %s: %s: waiting for a session: %w", m.name, op, ctx.Err())
 	}
 	_, err := p.run(ctx, m, op, func(_ *member, st *tokenState) ([]byte, error) {
 		if st == nil || st.tok == nil {
