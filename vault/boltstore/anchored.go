@@ -50,7 +50,22 @@ type anchoring struct {
 	metaRaw []byte
 	w       uint64   // the last anchor write number
 	live    []string // members the last anchor write reached
+	// retry holds, for members out of the live set, when to try one
+	// again and how long the wait after that will be: a member that hangs
+	// must not make every batch wait out anchorTimeout.
+	retry map[string]backoff
 }
+
+type backoff struct {
+	at   time.Time
+	wait time.Duration
+}
+
+// Waits between catch-up attempts on a member out of the live set.
+const (
+	retryFirst = time.Second
+	retryMax   = time.Minute
+)
 
 type anchorMetrics struct {
 	writes   *prometheus.CounterVec
@@ -188,10 +203,18 @@ func (a *anchoring) write(ctx context.Context, prev []string, base anchor.Point,
 	defer cancel()
 	w := a.w + 1
 	members := a.members.Members()
-	ok := make([]bool, len(members))
+	ok, tried := make([]bool, len(members)), make([]bool, len(members))
 	errs := make([]error, len(members))
+	if a.retry == nil {
+		a.retry = map[string]backoff{}
+	}
 	var wg sync.WaitGroup
 	for i, m := range members {
+		if b, out := a.retry[m]; out && !slices.Contains(prev, m) && time.Now().Before(b.at) {
+			errs[i] = errors.New("out of the live set; not tried again yet")
+			continue
+		}
+		tried[i] = true
 		wg.Go(func() {
 			raw, err := a.keys.MarshalAnchor(anchor.Anchor{VaultID: a.meta.VaultID, Member: m, Epoch: a.meta.Epoch, W: w, Live: prev, Base: base, Pending: pending})
 			if err == nil {
@@ -208,8 +231,16 @@ func (a *anchoring) write(ctx context.Context, prev []string, base anchor.Point,
 			live = append(live, m)
 			reachedPrev = reachedPrev || slices.Contains(prev, m)
 			a.metrics.writes.WithLabelValues(m, "ok").Inc()
+			delete(a.retry, m)
 			continue
 		}
+		if !tried[i] {
+			continue
+		}
+		b := a.retry[m]
+		b.wait = min(max(2*b.wait, retryFirst), retryMax)
+		b.at = time.Now().Add(b.wait)
+		a.retry[m] = b
 		a.metrics.writes.WithLabelValues(m, "error").Inc()
 		if slices.Contains(a.live, m) {
 			a.log.Warn("rollback anchor: member dropped from the live set", "member", m, "error", errs[i].Error())

@@ -3,6 +3,7 @@ package boltstore_test
 import (
 	"context"
 	"crypto/rand"
+	"fmt"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -16,6 +17,9 @@ import (
 // members (SoftHSM data objects) are tested in hsmpool and e2e. A write
 // waits while gate is closed.
 type fakeAnchors struct {
+	members []string        // default: one, "m"
+	hang    map[string]bool // members whose writes never answer
+
 	mu     sync.Mutex
 	values map[string][]byte
 	writes int
@@ -23,19 +27,32 @@ type fakeAnchors struct {
 	wrote  chan int      // told each write's number, if set
 }
 
-func (f *fakeAnchors) Members() []string { return []string{"m"} }
+func (f *fakeAnchors) Members() []string {
+	if f.members == nil {
+		return []string{"m"}
+	}
+	return f.members
+}
 
 func (f *fakeAnchors) ReadAnchors(context.Context) []anchor.Found {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	fd := anchor.Found{Member: "m"}
-	if v := f.values["m"]; v != nil {
-		fd.Values = [][]byte{v}
+	var out []anchor.Found
+	for _, m := range f.Members() {
+		fd := anchor.Found{Member: m}
+		if v := f.values[m]; v != nil {
+			fd.Values = [][]byte{v}
+		}
+		out = append(out, fd)
 	}
-	return []anchor.Found{fd}
+	return out
 }
 
-func (f *fakeAnchors) WriteAnchor(_ context.Context, member string, value []byte) error {
+func (f *fakeAnchors) WriteAnchor(ctx context.Context, member string, value []byte) error {
+	if f.hang[member] {
+		<-ctx.Done()
+		return ctx.Err()
+	}
 	f.mu.Lock()
 	gate := f.gate
 	f.writes++
@@ -130,5 +147,35 @@ func TestAnchorWriteOrder(t *testing.T) {
 	fa.gate, fa.wrote = nil, nil
 	if _, err := s2.Anchor(bg, keys, fa, nil, nil); err != nil {
 		t.Fatalf("restart on the current store: %v", err)
+	}
+}
+
+// A member that hangs costs one anchor timeout, then drops out of the live
+// set and is not waited on again by the writes that follow; the anchors
+// name only the member that took them.
+func TestHungMemberIsNotWaitedOn(t *testing.T) {
+	s, err := boltstore.Open(filepath.Join(t.TempDir(), "store.db"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	keys := anchorKeys()
+	fa := &fakeAnchors{values: map[string][]byte{}, members: []string{"a", "b"}, hang: map[string]bool{"b": true}}
+	if _, err := s.Anchor(bg, keys, fa, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	for i := range 20 {
+		mustCAS(t, s, fmt.Sprintf("k%d", i), 0, "v")
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Fatalf("20 writes took %v: the hung member is waited on", d)
+	}
+	a, err := keys.ParseAnchor(fa.values["a"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(a.Live) != 1 || a.Live[0] != "a" || fa.values["b"] != nil {
+		t.Fatalf("newest anchor on a names %v as live; b holds %d bytes", a.Live, len(fa.values["b"]))
 	}
 }
