@@ -43,6 +43,18 @@ func enableAnchor(t testing.TB, cfg string) {
 	}
 }
 
+// anchoredDev sets up a dev directory with rollback anchoring on and
+// returns it and its store file. The test runs in parallel.
+func anchoredDev(t *testing.T) (dir, db string) {
+	t.Helper()
+	softhsmtest.Module(t)
+	t.Parallel()
+	dir = t.TempDir()
+	startDev(t, dir).Stop()
+	enableAnchor(t, filepath.Join(dir, "keyvault.yaml"))
+	return dir, filepath.Join(dir, "keyvault.db")
+}
+
 // startRefused runs keyvault dev on dir and expects it to refuse its store:
 // it returns the reason from the log, after checking that /readyz gives it
 // too and that the API is not served.
@@ -119,12 +131,7 @@ func boltPut(t testing.TB, path, bucket string, key, value []byte) {
 // state is served; an accepted restore starts a new epoch in which the
 // pre-restore store and older copies are refused too.
 func TestRollback(t *testing.T) {
-	softhsmtest.Module(t)
-	t.Parallel()
-	dir := t.TempDir()
-	db := filepath.Join(dir, "keyvault.db")
-	startDev(t, dir).Stop()
-	enableAnchor(t, filepath.Join(dir, "keyvault.yaml"))
+	dir, db := anchoredDev(t)
 
 	v := startDev(t, dir)
 	c := newClient(v.API, v.Token)
@@ -232,12 +239,7 @@ func TestRollback(t *testing.T) {
 // a kill (a clean state is never refused), and a copy taken before the
 // load is always refused afterwards (a rollback is never accepted).
 func TestRollbackCrash(t *testing.T) {
-	softhsmtest.Module(t)
-	t.Parallel()
-	dir := t.TempDir()
-	db := filepath.Join(dir, "keyvault.db")
-	startDev(t, dir).Stop()
-	enableAnchor(t, filepath.Join(dir, "keyvault.yaml"))
+	dir, db := anchoredDev(t)
 	cycles := 3
 	if n := os.Getenv("KEYVAULT_E2E_ROLLBACK_KILLS"); n != "" {
 		fmt.Sscan(n, &cycles)
