@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/miekg/pkcs11"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Anchors live on each member as private, unmodifiable data objects; a
@@ -98,5 +99,29 @@ func TestReadAnchorsReportsSilentMembers(t *testing.T) {
 	f := p.ReadAnchors(context.Background())
 	if len(f) != 1 || f[0].Member != "x" || !errors.Is(f[0].Err, errNoAnchors) {
 		t.Fatalf("%+v", f)
+	}
+}
+
+// A key reload (SIGHUP, keys reload) or retire swaps each member's token
+// for a view with other keys; anchors must still be written and read
+// through it (found by review: the views had no anchor session).
+func TestAnchorsAfterReload(t *testing.T) {
+	a := newMember(t, "a")
+	if _, err := Provision([]MemberConfig{a}); err != nil {
+		t.Fatal(err)
+	}
+	p := openPool(t, prometheus.NewRegistry(), a)
+	ctx := context.Background()
+	if err := p.WriteAnchor(ctx, "a", []byte("before")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.WriteAnchor(ctx, "a", []byte("after")); err != nil {
+		t.Fatalf("anchor write after a reload: %v", err)
+	}
+	if f := p.ReadAnchors(ctx); f[0].Err != nil || len(f[0].Values) != 1 || string(f[0].Values[0]) != "after" {
+		t.Fatalf("anchors after a reload: %q %v", f[0].Values, f[0].Err)
 	}
 }

@@ -163,7 +163,7 @@ func (p *Pool) Retire(version uint32) (map[string][]string, error) {
 // without returns a view of the token without the keys ids, sharing its
 // context: Retire stops using them before it destroys them.
 func (t *p11Token) without(ids ...vault.KeyID) token {
-	n := &p11Token{ctx: t.ctx, keys: maps.Clone(t.keys), gcms: maps.Clone(t.gcms)}
+	n := &p11Token{ctx: t.ctx, keys: maps.Clone(t.keys), gcms: maps.Clone(t.gcms), anchorObjs: t.anchorObjs}
 	for _, id := range ids {
 		delete(n.keys, id)
 		delete(n.gcms, id)

@@ -43,7 +43,9 @@ type p11Token struct {
 	keys map[vault.KeyID]*crypto11.SecretKey
 	gcms map[vault.KeyID]cipher.AEAD
 	// anchorObjs keeps rollback anchors as data objects (anchorobj.go).
-	anchorObjs anchorObjects
+	// The views of one token that a key reload or retire makes share it:
+	// one session, one lock.
+	anchorObjs *anchorObjects
 }
 
 // openToken configures crypto11 on the member's token and finds its keys.
@@ -65,7 +67,7 @@ func openToken(cfg MemberConfig) (*p11Token, error) {
 		return nil, fmt.Errorf("open token %q on %s: %w", cfg.TokenLabel, cfg.Module, scrubPIN(err, cfg.PIN))
 	}
 	t := &p11Token{ctx: ctx, keys: map[vault.KeyID]*crypto11.SecretKey{}, gcms: map[vault.KeyID]cipher.AEAD{},
-		anchorObjs: anchorObjects{module: cfg.Module, label: cfg.TokenLabel}}
+		anchorObjs: &anchorObjects{module: cfg.Module, label: cfg.TokenLabel}}
 	if err := t.findKeys(); err != nil {
 		ctx.Close()
 		return nil, err
@@ -143,7 +145,7 @@ func parseLabel(label string) (vault.KeyID, bool) {
 // being re-initialised. The current token stays as it is: requests in
 // flight keep using it.
 func (t *p11Token) refreshed() (token, error) {
-	n := &p11Token{ctx: t.ctx, keys: map[vault.KeyID]*crypto11.SecretKey{}, gcms: map[vault.KeyID]cipher.AEAD{}}
+	n := &p11Token{ctx: t.ctx, keys: map[vault.KeyID]*crypto11.SecretKey{}, gcms: map[vault.KeyID]cipher.AEAD{}, anchorObjs: t.anchorObjs}
 	if err := n.findKeys(); err != nil {
 		return nil, err
 	}
