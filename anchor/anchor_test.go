@@ -387,3 +387,19 @@ func TestRefusedErrorText(t *testing.T) {
 		t.Fatalf("%v %v %q", r, ok, err)
 	}
 }
+
+// An accept raises the epoch; its anchor outranks the old epoch's even
+// with a lower write number, which members missed by nothing can keep.
+func TestNewerEpochOutranksHigherWriteNumber(t *testing.T) {
+	w := newWorld("a", "b")
+	w.writeAnchor(w.tag(), nil)
+	w.w = 50
+	w.writeAnchor(w.tag(), nil, "b") // old epoch, high write number, on b
+	w.meta.Epoch++
+	w.w = 3
+	w.writeAnchor(w.tag(), nil, "a") // new epoch, low write number, on a
+	d, err := w.k.Check(w.found(), w.state())
+	if err != nil || d.Anchor.Epoch != w.meta.Epoch || d.Anchor.W != 4 {
+		t.Fatalf("chose %+v, %v; want the new epoch's anchor", d.Anchor, err)
+	}
+}

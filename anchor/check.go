@@ -69,8 +69,10 @@ type Decision struct {
 	// creates the vault ID, meta and first anchor.
 	Fresh bool
 	Meta  Meta
-	// Anchor is the newest valid anchor (zero when Fresh).
-	Anchor Anchor
+	// Anchor is the newest valid anchor (zero when Fresh), and Holders
+	// the members that hold it.
+	Anchor  Anchor
+	Holders []string
 	// Ignored counts anchor objects that failed their MAC, were found on
 	// another member than the one they name, or belong to another vault.
 	Ignored int
@@ -105,21 +107,31 @@ func (k Keys) Check(found []Found, st State) (Decision, error) {
 				d.Ignored++
 				continue
 			}
-			if best != nil && a.W == best.W && !sameAnchor(a, *best) {
+			// Newest is the highest epoch, then the highest write number:
+			// an accept raises the epoch on the members that answered it,
+			// and must outrank anchors of the old epoch that others keep.
+			if best != nil && a.Epoch == best.Epoch && a.W == best.W && !sameAnchor(a, *best) {
 				return Decision{}, refuse(ReasonTamper, "members %s and %s hold different anchors with write number %d", best.Member, a.Member, a.W)
 			}
-			if best == nil || a.W > best.W {
+			if best == nil || a.Epoch > best.Epoch || (a.Epoch == best.Epoch && a.W > best.W) {
 				best = &a
 			}
 		}
 	}
 	if best == nil {
-		if meta == nil && st.Records == 0 && d.Ignored == 0 {
+		// Fresh: an empty store (with or without the meta a first start
+		// that never reached a member wrote) and members that all answered
+		// with no anchor at all. A silent member may hold anchors, and an
+		// empty store where anchors exist is the oldest state of all.
+		silent := len(answered) < len(found)
+		switch {
+		case st.Records == 0 && d.Ignored == 0 && !silent:
 			d.Fresh = true
 			return d, nil
-		}
-		if meta == nil && st.Records == 0 {
+		case st.Records == 0 && d.Ignored > 0:
 			return Decision{}, refuse(ReasonRollback, "the store is empty but the members hold anchors")
+		case st.Records == 0:
+			return Decision{}, refuse(ReasonMemberMissing, "the store is empty and not every member answered: a silent one may hold its anchors")
 		}
 		return Decision{}, refuse(ReasonNoAnchor, "the store holds %d records but no member answered with an anchor of its vault", st.Records)
 	}
@@ -132,6 +144,14 @@ func (k Keys) Check(found []Found, st State) (Decision, error) {
 		return Decision{}, refuse(ReasonRollback, "the store has no meta but the members hold anchors (at seq %d)", best.Base.Seq)
 	}
 	d.Meta, d.Anchor = *meta, *best
+	for _, f := range found {
+		for _, v := range f.Values {
+			if a, err := k.ParseAnchor(v); err == nil && a.Member == f.Member && a.Epoch == best.Epoch && a.W == best.W {
+				d.Holders = append(d.Holders, f.Member)
+				break
+			}
+		}
+	}
 	if meta.Epoch != best.Epoch {
 		return Decision{}, refuse(ReasonEpoch, "the store is at epoch %d, the anchor at epoch %d", meta.Epoch, best.Epoch)
 	}

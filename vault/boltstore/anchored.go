@@ -48,8 +48,13 @@ type anchoring struct {
 	digest  anchor.Digest // of the committed store: every record and the meta
 	meta    anchor.Meta
 	metaRaw []byte
-	w       uint64   // the last anchor write number
-	live    []string // members the last anchor write reached
+	w       uint64 // the last anchor write number tried
+	// live are the members the last anchor write reached: the next anchor
+	// names them. named is the set the last anchor named: the next write
+	// must reach one of them, so that every member holding an older
+	// anchor names, in its live set, a member that holds a newer one, and
+	// no stale member can stand in for the current ones at start.
+	live, named []string
 	// retry holds, for members out of the live set, when to try one
 	// again and how long the wait after that will be: a member that hangs
 	// must not make every batch wait out anchorTimeout.
@@ -123,15 +128,11 @@ func (s *Store) Anchor(ctx context.Context, keys anchor.Keys, members Anchors, r
 	if err != nil {
 		return dec, err
 	}
-	for _, f := range found {
-		if f.Err == nil {
-			a.live = append(a.live, f.Member)
-		}
-	}
 	a.digest, a.metaRaw = st.Digest, st.Meta
 	switch {
 	case dec.Fresh && st.Meta == nil:
-		// A new store: its identity and first position.
+		// A new store: its identity and first position. Check found every
+		// member answering, with no anchor.
 		var m anchor.Meta
 		rand.Read(m.VaultID[:])
 		m.Epoch = 1
@@ -150,16 +151,14 @@ func (s *Store) Anchor(ctx context.Context, keys anchor.Keys, members Anchors, r
 	default:
 		a.meta, a.w = dec.Meta, dec.Anchor.W
 	}
-	if len(a.live) == 0 {
-		return dec, errors.New("rollback anchor: no HSM member answered")
+	if dec.Fresh {
+		a.live, a.named = members.Members(), members.Members()
+	} else {
+		a.live, a.named = dec.Holders, dec.Anchor.Live
 	}
 	// Vouch for the state just checked; it also catches up members that
 	// were behind.
-	prev := a.live
-	if !dec.Fresh {
-		prev = dec.Anchor.Live
-	}
-	if err := a.write(ctx, prev, a.point(a.meta, a.digest), nil); err != nil {
+	if err := a.write(ctx, a.point(a.meta, a.digest), nil); err != nil {
 		return dec, err
 	}
 	s.anc.Store(a)
@@ -191,26 +190,35 @@ func (a *anchoring) point(m anchor.Meta, d anchor.Digest) anchor.Point {
 }
 
 // write writes the next anchor to every configured member at once. The
-// anchor names as live the members the previous write reached (prev); it
-// must reach at least one of them, or a stale member could later stand in
-// for the ones that have it. The members it reaches are the next live set:
-// a member that fails drops out, and one that answers again is caught up
-// by this very write.
-func (a *anchoring) write(ctx context.Context, prev []string, base anchor.Point, pending *anchor.Point) error {
+// anchor names as live the members the previous write reached; it must
+// reach at least one member the previous anchor named, or a member holding
+// that one could later stand in for the ones holding this. The members it
+// reaches are the next live set: a member that fails drops out, and one
+// that answers again is caught up by this very write.
+func (a *anchoring) write(ctx context.Context, base anchor.Point, pending *anchor.Point) error {
+	prev := a.live
 	start := time.Now()
 	defer func() { a.metrics.duration.Observe(time.Since(start).Seconds()) }()
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), anchorTimeout)
 	defer cancel()
-	w := a.w + 1
+	// The number is used up even if the write fails: some members may
+	// have taken it, and another anchor under the same number would look
+	// like tampering.
+	a.w++
+	w := a.w
 	members := a.members.Members()
 	ok, tried := make([]bool, len(members)), make([]bool, len(members))
 	errs := make([]error, len(members))
 	if a.retry == nil {
 		a.retry = map[string]backoff{}
 	}
+	// Members out of the live set wait for their backoff, unless none of
+	// the named members is live and one of them is needed.
+	namedLive := slices.ContainsFunc(a.named, func(m string) bool { return slices.Contains(prev, m) })
 	var wg sync.WaitGroup
 	for i, m := range members {
-		if b, out := a.retry[m]; out && !slices.Contains(prev, m) && time.Now().Before(b.at) {
+		needed := !namedLive && slices.Contains(a.named, m)
+		if b, out := a.retry[m]; out && !slices.Contains(prev, m) && !needed && time.Now().Before(b.at) {
 			errs[i] = errors.New("out of the live set; not tried again yet")
 			continue
 		}
@@ -225,11 +233,11 @@ func (a *anchoring) write(ctx context.Context, prev []string, base anchor.Point,
 	}
 	wg.Wait()
 	var live []string
-	reachedPrev := false
+	reachedNamed := false
 	for i, m := range members {
 		if ok[i] {
 			live = append(live, m)
-			reachedPrev = reachedPrev || slices.Contains(prev, m)
+			reachedNamed = reachedNamed || slices.Contains(a.named, m)
 			a.metrics.writes.WithLabelValues(m, "ok").Inc()
 			delete(a.retry, m)
 			continue
@@ -246,10 +254,10 @@ func (a *anchoring) write(ctx context.Context, prev []string, base anchor.Point,
 			a.log.Warn("rollback anchor: member dropped from the live set", "member", m, "error", errs[i].Error())
 		}
 	}
-	if !reachedPrev {
-		return fmt.Errorf("rollback anchor: write %d reached no member of the live set %v: %w", w, prev, errors.Join(errs...))
+	if !reachedNamed {
+		return fmt.Errorf("rollback anchor: write %d reached no member of the live set %v: %w", w, a.named, errors.Join(errs...))
 	}
-	a.w, a.live = w, live
+	a.live, a.named = live, prev
 	a.metrics.live.Set(float64(len(live)))
 	a.metrics.seq.Set(float64(a.meta.Seq))
 	return nil
@@ -277,7 +285,7 @@ func (a *anchoring) prepare(ctx context.Context, tx *bolt.Tx, changes []change) 
 		return d, m, raw, err
 	}
 	pending := a.point(m, d)
-	if err := a.write(ctx, a.live, a.point(a.meta, a.digest), &pending); err != nil {
+	if err := a.write(ctx, a.point(a.meta, a.digest), &pending); err != nil {
 		return d, m, raw, err
 	}
 	return d, m, raw, nil
@@ -286,7 +294,7 @@ func (a *anchoring) prepare(ctx context.Context, tx *bolt.Tx, changes []change) 
 // idle vouches for the committed state with no batch pending, so that the
 // answers held for it may go out.
 func (a *anchoring) idle() error {
-	return a.write(context.Background(), a.live, a.point(a.meta, a.digest), nil)
+	return a.write(context.Background(), a.point(a.meta, a.digest), nil)
 }
 
 // AnchorMeta returns the store's anchor meta as stored, nil if none.
@@ -358,6 +366,13 @@ func (s *Store) AcceptRestore(ctx context.Context, keys anchor.Keys, members Anc
 	if _, ok := anchor.IsRefused(before.Err); !ok {
 		return Accepted{Before: before}, before.Err
 	}
+	// Every member must answer: one that does not may hold the newest
+	// anchors, and the new epoch must reach all of them.
+	for _, f := range before.Found {
+		if f.Err != nil {
+			return Accepted{Before: before}, fmt.Errorf("member %s does not answer (%v): an accept needs every member; bring it back, or remove it from the config if it is gone for good", f.Member, f.Err)
+		}
+	}
 	// The new position: above every epoch and write number seen, so that
 	// the new anchor wins and nothing older can pass for current.
 	var m anchor.Meta
@@ -396,16 +411,8 @@ func (s *Store) AcceptRestore(ctx context.Context, keys anchor.Keys, members Anc
 	}
 	a := &anchoring{keys: keys, hasher: anchor.NewHasher(keys.Digest), members: members, log: slog.New(slog.DiscardHandler),
 		metrics: newAnchorMetrics(nil), meta: m, metaRaw: raw, digest: st.Digest, w: w}
-	var answered []string
-	for _, f := range before.Found {
-		if f.Err == nil {
-			answered = append(answered, f.Member)
-		}
-	}
-	if len(answered) == 0 {
-		return acc, errors.New("no HSM member answered: the new epoch is in the store only; run accept again once a member answers")
-	}
-	if err := a.write(ctx, answered, a.point(m, st.Digest), nil); err != nil {
+	a.live, a.named = members.Members(), members.Members()
+	if err := a.write(ctx, a.point(m, st.Digest), nil); err != nil {
 		return acc, err
 	}
 	acc.Epoch, acc.Seq, acc.Members = m.Epoch, m.Seq, a.live

@@ -3,14 +3,19 @@ package boltstore_test
 import (
 	"context"
 	"crypto/rand"
+	"encoding/binary"
+	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/keyvault/keyvault/anchor"
 	"github.com/keyvault/keyvault/vault/boltstore"
+	bolt "go.etcd.io/bbolt"
 )
 
 // fakeAnchors keeps anchors in memory, for exact interleavings; the real
@@ -177,5 +182,231 @@ func TestHungMemberIsNotWaitedOn(t *testing.T) {
 	}
 	if len(a.Live) != 1 || a.Live[0] != "a" || fa.values["b"] != nil {
 		t.Fatalf("newest anchor on a names %v as live; b holds %d bytes", a.Live, len(fa.values["b"]))
+	}
+}
+
+// ctlAnchors: members whose writes fail, and members that do not answer
+// reads (found by review, with the tests that use it).
+type ctlAnchors struct {
+	mu     sync.Mutex
+	names  []string
+	values map[string][][]byte
+	fail   map[string]bool
+	silent map[string]bool
+}
+
+func (f *ctlAnchors) Members() []string { return f.names }
+func (f *ctlAnchors) ReadAnchors(context.Context) []anchor.Found {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []anchor.Found
+	for _, m := range f.names {
+		if f.silent[m] {
+			out = append(out, anchor.Found{Member: m, Err: errors.New("silent")})
+			continue
+		}
+		out = append(out, anchor.Found{Member: m, Values: f.values[m]})
+	}
+	return out
+}
+func (f *ctlAnchors) WriteAnchor(_ context.Context, m string, v []byte) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.fail[m] {
+		return errors.New("down")
+	}
+	f.values[m] = [][]byte{v}
+	return nil
+}
+func (f *ctlAnchors) set(fail ...string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.fail = map[string]bool{}
+	for _, m := range fail {
+		f.fail[m] = true
+	}
+}
+
+// Live set {a} -> {a,b} -> {b}: a keeps an anchor naming only itself, and
+// stands in for b, which holds the newer ones.
+func TestStaleMemberCannotStandIn(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "store.db")
+	s, err := boltstore.Open(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys := anchorKeys()
+	fa := &ctlAnchors{names: []string{"a", "b"}, values: map[string][][]byte{}}
+	fa.set("b")
+	if _, err := s.Anchor(bg, keys, fa, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	mustCAS(t, s, "x", 0, "v0") // live {a}
+	old, _ := os.ReadFile(path) // the store at this point: the copy to roll back to
+	fa.set()
+	time.Sleep(1100 * time.Millisecond) // b's retry is due
+	// prepare write: reaches a and b, names Live={a}; then a fails.
+	yErr := make(chan error, 1)
+	go func() {
+		_, err := s.CompareAndSwap(bg, []byte("y"), 0, []byte("v1"))
+		yErr <- err
+	}()
+	// make a fail right after the prepare write: poll until b holds an anchor
+	for {
+		fa.mu.Lock()
+		n := len(fa.values["b"])
+		if n > 0 {
+			fa.fail = map[string]bool{"a": true}
+		}
+		fa.mu.Unlock()
+		if n > 0 {
+			break
+		}
+		time.Sleep(50 * time.Microsecond)
+	}
+	errY := <-yErr // answered only if an anchor vouched for it
+	_, errZ := s.CompareAndSwap(bg, []byte("z"), 0, []byte("released"))
+	answered := errY == nil || errZ == nil
+	s.Close()
+	if err := os.WriteFile(path, old, 0o600); err != nil { // roll the store back
+		t.Fatal(err)
+	}
+	fa.set("b")
+	fa.silent = map[string]bool{"b": true} // b does not answer; a is back
+	s2, err := boltstore.Open(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	aa, _ := keys.ParseAnchor(fa.values["a"][0])
+	bb, _ := keys.ParseAnchor(fa.values["b"][0])
+	t.Logf("a: W=%d live=%v base=%d; b: W=%d live=%v base=%d", aa.W, aa.Live, aa.Base.Seq, bb.W, bb.Live, bb.Base.Seq)
+	if _, err := s2.Anchor(bg, keys, fa, nil, nil); err == nil && answered {
+		t.Fatalf("a store rolled back past answered writes (y: %v, z: %v) was accepted on the stale member a alone", errY, errZ)
+	} else {
+		t.Logf("y: %v; z: %v; start on the rolled-back store: %v", errY, errZ, err)
+	}
+}
+
+// A failed anchor write uses up its write number: it may have landed on
+// some member, and another anchor under the same number would make a
+// clean store look tampered with.
+func TestFailedAnchorWriteUsesUpItsNumber(t *testing.T) {
+	s, err := boltstore.Open(filepath.Join(t.TempDir(), "store.db"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	keys := anchorKeys()
+	fa := &ctlAnchors{names: []string{"a"}, values: map[string][][]byte{}}
+	fa.set()
+	if _, err := s.Anchor(bg, keys, fa, nil, nil); err != nil { // write 1
+		t.Fatal(err)
+	}
+	fa.set("a")
+	if _, err := s.CompareAndSwap(bg, []byte("x"), 0, []byte("v")); err == nil { // write 2 fails
+		t.Fatal("a write whose anchor reached no member succeeded")
+	}
+	fa.set()
+	mustCAS(t, s, "x", 0, "v") // writes 3 (pending) and 4 (vouching)
+	a, err := keys.ParseAnchor(fa.values["a"][0])
+	if err != nil || a.W != 4 {
+		t.Fatalf("newest anchor: write %d (%v), want 4: the failed write's number was reused", a.W, err)
+	}
+}
+
+// An accept needs every member: one that does not answer may hold the
+// newest anchors. Once it is back, the store it vouches for starts.
+func TestAcceptNeedsEveryMember(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "store.db")
+	s, err := boltstore.Open(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys := anchorKeys()
+	fa := &ctlAnchors{names: []string{"a", "b"}, values: map[string][][]byte{}}
+	fa.set()
+	if _, err := s.Anchor(bg, keys, fa, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	mustCAS(t, s, "x", 0, "v")
+	fa.set("a") // a drops out; b carries on
+	for _, k := range []string{"y", "z", "w", "u"} {
+		mustCAS(t, s, k, 0, "v")
+	}
+	s.Close()
+	fa.set("b")
+	fa.silent = map[string]bool{"b": true}
+	s, _ = boltstore.Open(path, nil)
+	if _, err := s.Anchor(bg, keys, fa, nil, nil); err == nil {
+		t.Fatal("b, the current member, is silent, and the store was accepted")
+	}
+	if _, err := s.AcceptRestore(bg, keys, fa); err == nil || !strings.Contains(err.Error(), "member b does not answer") {
+		t.Fatalf("accept with b silent: %v", err)
+	}
+	s.Close()
+	fa.set()
+	fa.silent = nil
+	s, _ = boltstore.Open(path, nil)
+	defer s.Close()
+	if _, err := s.Anchor(bg, keys, fa, nil, nil); err != nil {
+		t.Fatalf("b is back: %v", err)
+	}
+}
+
+// A first start while no member answers writes nothing, and a later one,
+// with the member back, starts the store fresh.
+func TestFirstStartWithoutMembers(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "store.db")
+	s, _ := boltstore.Open(path, nil)
+	keys := anchorKeys()
+	fa := &ctlAnchors{names: []string{"a"}, values: map[string][][]byte{}, silent: map[string]bool{"a": true}}
+	fa.set("a")
+	if _, err := s.Anchor(bg, keys, fa, nil, nil); err == nil {
+		t.Fatal("a first start with no member answering was accepted")
+	}
+	s.Close()
+	fa.set()
+	fa.silent = nil
+	s, _ = boltstore.Open(path, nil)
+	defer s.Close()
+	if _, err := s.Anchor(bg, keys, fa, nil, nil); err != nil {
+		t.Fatalf("an untouched, empty store is refused: %v", err)
+	}
+}
+
+// A key's revision only grows, even if the store-wide counter (outside the
+// digest) is set back while the vault is stopped: two compare-and-swaps
+// from one read cannot both land.
+func TestRevisionsOnlyGrow(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "store.db")
+	s, _ := boltstore.Open(path, nil)
+	keys := anchorKeys()
+	fa := &ctlAnchors{names: []string{"a"}, values: map[string][][]byte{}}
+	fa.set()
+	if _, err := s.Anchor(bg, keys, fa, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	rx := mustCAS(t, s, "x", 0, "attempts=0")
+	s.Close()
+	db, err := bolt.Open(path, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	db.Update(func(tx *bolt.Tx) error {
+		return tx.Bucket([]byte("meta")).Put([]byte("revision"), binary.BigEndian.AppendUint64(nil, rx-1))
+	})
+	db.Close()
+	s, _ = boltstore.Open(path, nil)
+	defer s.Close()
+	if _, err := s.Anchor(bg, keys, fa, nil, nil); err != nil {
+		t.Fatalf("edited counter refused: %v", err)
+	}
+	// Two guesses read x at rx; both compare-and-swap from rx.
+	r1, err1 := s.CompareAndSwap(bg, []byte("x"), rx, []byte("attempts=1"))
+	r2, err2 := s.CompareAndSwap(bg, []byte("x"), rx, []byte("attempts=1"))
+	if err1 == nil && err2 == nil {
+		t.Fatalf("both compare-and-swaps from rev %d landed (new revs %d, %d): one guess lost", rx, r1, r2)
 	}
 }

@@ -295,8 +295,12 @@ func (s *Store) commit(batch []*write, held []*write) []*write {
 				w.err = vault.ErrConflict
 				continue
 			}
+			// A key's revision only ever grows, even if the store-wide
+			// counter was set back by hand: otherwise a compare-and-swap
+			// read before the edit could land over a newer value.
+			next := max(last, cur) + 1
 			buf := make([]byte, revLen, revLen+len(w.value))
-			binary.BigEndian.PutUint64(buf, last+1)
+			binary.BigEndian.PutUint64(buf, next)
 			buf = append(buf, w.value...)
 			if anc != nil {
 				// bbolt's slice dies with the write that follows.
@@ -307,7 +311,7 @@ func (s *Store) commit(batch []*write, held []*write) []*write {
 			if w.err = data.Put(w.key, buf); w.err != nil {
 				continue
 			}
-			last++
+			last = next
 			w.newRev = last
 			if anc != nil {
 				changes = append(changes, change{key: w.key, old: old, new: buf})
