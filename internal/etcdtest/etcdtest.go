@@ -53,7 +53,7 @@ func Start(dir string, n int) (*Cluster, error) {
 		cfg := embed.NewConfig()
 		cfg.Name = fmt.Sprintf("m%d", i)
 		cfg.Dir = filepath.Join(dir, cfg.Name)
-		cfg.LogLevel = "error"
+		cfg.LogLevel = "fatal" // its close logs a harmless "use of closed network connection" at error level
 		cfg.ListenPeerUrls = []url.URL{mustURL(peers[i])}
 		cfg.AdvertisePeerUrls = cfg.ListenPeerUrls
 		cfg.ListenClientUrls = []url.URL{mustURL(clients[i])}
