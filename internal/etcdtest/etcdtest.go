@@ -125,6 +125,19 @@ func (c *Cluster) Stop(i int) {
 	}
 }
 
+// Kill stops member i abruptly: no leadership transfer first, as when its
+// machine dies (Stop lets a leader hand over).
+func (c *Cluster) Kill(i int) {
+	c.mu.Lock()
+	e := c.members[i]
+	c.members[i] = nil
+	c.mu.Unlock()
+	if e != nil {
+		e.Server.HardStop()
+		e.Close()
+	}
+}
+
 // Close stops every member.
 func (c *Cluster) Close() {
 	for i := range c.members {
