@@ -287,3 +287,32 @@ func TestEtcdNodeKilledMidStorm(t *testing.T) {
 		nodes[1].Stop()
 	}
 }
+
+// /readyz follows etcd: ready with the cluster up, 503 naming the store
+// once it is gone, while /healthz (the process) stays 200.
+func TestEtcdReadyz(t *testing.T) {
+	softhsmtest.Module(t)
+	t.Parallel()
+	cluster := etcdtest.New(t, 1)
+	node := etcdNodes(t, cluster, 1)[0]
+	if r := get(t, node.Admin+"/readyz"); r.Status != http.StatusOK {
+		t.Fatalf("/readyz with etcd up: %v", r)
+	}
+	cluster.Kill(0)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		r := get(t, node.Admin+"/readyz")
+		if r.Status == http.StatusServiceUnavailable && strings.Contains(string(r.Body), "store") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("/readyz 10s after etcd died: %v", r)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if r := get(t, node.Admin+"/healthz"); r.Status != http.StatusOK {
+		t.Fatalf("/healthz: %v", r)
+	}
+	c := newClient(node.API, node.Token)
+	wantProblem(t, "enroll with etcd gone", c.enroll(t, randID("gone"), randBytes(32), "right-pin-1", 5), http.StatusServiceUnavailable, "unavailable")
+}
