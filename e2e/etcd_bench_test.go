@@ -88,7 +88,7 @@ func TestEtcdBench(t *testing.T) {
 		for i := range n {
 			wg.Go(func() {
 				out, err := exec.Command(keyvaultBin, "bench", "--url", nodes[i].API, "--token-file", token, "--op", "recover",
-					"--concurrency", fmt.Sprint(32/n), "--users", "300", "--duration", d.String(), "--json").Output()
+					"--concurrency", fmt.Sprint(32/n), "--users", "300", "--user-prefix", fmt.Sprintf("b%d-%d-", n, i), "--duration", d.String(), "--json").Output()
 				if err != nil {
 					t.Errorf("bench on node %d: %v\n%s", i, err, out)
 					return
