@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -69,6 +70,7 @@ type stormResult struct {
 	unexpected     []string
 	acknowledged   []string // users whose enrollment during the storm answered 201
 	enrollsStarted int
+	afterChaos     int // guesses answered (or not) after the chaos began: it was mid-storm
 }
 
 // storm sends `requests` concurrent wrong guesses at user, spread over the
@@ -81,6 +83,7 @@ func storm(clients []*client, user string, requests int, chaosAfter int, chaos f
 		wg      sync.WaitGroup
 		start   = make(chan struct{})
 		answers = make(chan struct{}, requests)
+		chaosOn atomic.Bool
 	)
 	for i := range requests {
 		c := clients[i%len(clients)]
@@ -90,6 +93,9 @@ func storm(clients []*client, user string, requests int, chaosAfter int, chaos f
 			answers <- struct{}{}
 			mu.Lock()
 			defer mu.Unlock()
+			if chaosOn.Load() {
+				res.afterChaos++
+			}
 			if err != nil {
 				res.transport++
 				return
@@ -133,6 +139,7 @@ func storm(clients []*client, user string, requests int, chaosAfter int, chaos f
 			for range chaosAfter {
 				<-answers
 			}
+			chaosOn.Store(true)
 			chaos()
 		})
 	}
@@ -188,6 +195,9 @@ func checkAfterChaos(t *testing.T, round int, clients []*client, u, pin string, 
 	t.Helper()
 	if len(res.unexpected) > 0 {
 		t.Fatalf("round %d: unexpected answers %v", round, res.unexpected)
+	}
+	if res.afterChaos == 0 {
+		t.Fatalf("round %d: every guess was answered before the failure began: not a mid-storm test", round)
 	}
 	if len(res.left) > 4 || len(slices.Compact(slices.Clone(res.left))) != len(res.left) {
 		t.Fatalf("round %d: 403s with attempts_remaining %v: more wrong guesses checked than the budget", round, res.left)
@@ -247,8 +257,8 @@ func TestEtcdLeaderKilledMidStorm(t *testing.T) {
 			t.Fatal("no etcd leader")
 		}
 		res := storm(clients, u, 64, 1, func() { cluster.Kill(leader) })
-		t.Logf("round %d: leader %d stopped: 403s %v, %d 410, %d 503, %d/%d enrollments acknowledged",
-			round, leader, res.left, res.n410, res.n503, len(res.acknowledged), res.enrollsStarted)
+		t.Logf("round %d: leader %d killed with %d of 64 guesses still in flight: 403s %v, %d 410, %d 503, %d/%d enrollments acknowledged",
+			round, leader, res.afterChaos, res.left, res.n410, res.n503, len(res.acknowledged), res.enrollsStarted)
 		if res.transport > 0 {
 			t.Fatalf("round %d: %d requests got no HTTP answer", round, res.transport)
 		}
@@ -280,8 +290,8 @@ func TestEtcdNodeKilledMidStorm(t *testing.T) {
 		clients[0].mustEnroll(t, http.StatusCreated, u, randBytes(32), pin, 5)
 		res := storm(clients, u, 64, 4, func() { nodes[2].Signal(syscall.SIGKILL) })
 		<-nodes[2].Exited()
-		t.Logf("round %d: node 2 killed: 403s %v, %d 410, %d 503, %d unanswered, %d/%d enrollments acknowledged",
-			round, res.left, res.n410, res.n503, res.transport, len(res.acknowledged), res.enrollsStarted)
+		t.Logf("round %d: node 2 killed with %d of 64 guesses still in flight: 403s %v, %d 410, %d 503, %d unanswered, %d/%d enrollments acknowledged",
+			round, res.afterChaos, res.left, res.n410, res.n503, res.transport, len(res.acknowledged), res.enrollsStarted)
 		checkAfterChaos(t, round, clients[:2], u, pin, res)
 		nodes[0].Stop()
 		nodes[1].Stop()
