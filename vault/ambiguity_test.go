@@ -12,8 +12,10 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/keyvault/keyvault/vault"
+	"github.com/keyvault/keyvault/vault/etcdstore"
 )
 
 // How an injected write with an unknown outcome behaves.
@@ -307,4 +309,82 @@ func TestAmbiguousStorm(t *testing.T) {
 	if stores[0].injected.Load()+stores[1].injected.Load() == 0 {
 		t.Fatal("no fault injected")
 	}
+}
+
+// shortTxnKV gives each etcd Txn a deadline of 0 to 3 ms: long enough to
+// reach etcd, often too short for its answer, so real etcd leaves real
+// outcomes unknown (some applied, some not, some later).
+type shortTxnKV struct{ clientv3.KV }
+
+func (k shortTxnKV) Txn(ctx context.Context) clientv3.Txn {
+	ctx, cancel := context.WithCancel(ctx)
+	time.AfterFunc(time.Duration(rand.IntN(3000))*time.Microsecond, cancel)
+	return k.KV.Txn(ctx)
+}
+
+// On a real etcd, with writes cut off by deadlines at random, wrong guesses
+// from two vaults are still counted one by one: 4, 3, 2 left in turn, and
+// in a storm of 64 exactly four 403s while every outcome resolved.
+func TestRealDeadlinesResolveAsCounted(t *testing.T) {
+	t.Parallel()
+	if !onEtcd() {
+		t.Skip("etcd only (KEYVAULT_TEST_STORE=etcd)")
+	}
+	e := newEnv(t, vault.Options{})
+	st, err := etcdstore.Open(etcdstore.Options{Endpoints: etcdCluster.Endpoints(), KeyPrefix: e.path,
+		WrapKV: func(kv clientv3.KV) clientv3.KV { return shortTxnKV{kv} }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	reg := prometheus.NewRegistry()
+	v := e.newVault(st, e.hsm, reg)
+	resolved := func() (n float64) {
+		for _, r := range []string{"applied", "resent", "not_applied"} {
+			n += gathered(t, reg, "keyvault_store_ambiguous_writes_total", r)
+		}
+		return n
+	}
+	e.enroll("deadlines", randBytes(32), rightPIN, 5)
+	for want := 4; want >= 2; want-- {
+		_, _, err := v.Recover(bg, ns, "deadlines", []byte("0000-wrong"))
+		if r, ok := isWrongPIN(err); !ok || r != want {
+			t.Fatalf("wrong guess: %v, want wrong_pin with %d left", err, want)
+		}
+	}
+	vaults := []*vault.Vault{e.v, v}
+	for round := range 5 {
+		user := fmt.Sprintf("deadlines-%d", round)
+		e.enroll(user, randBytes(32), rightPIN, 5)
+		checks := e.hsm.pinChecks()
+		errs := make([]error, 64)
+		var wg sync.WaitGroup
+		for i := range errs {
+			wg.Go(func() { _, _, errs[i] = vaults[i%2].Recover(bg, ns, user, fmt.Appendf(nil, "w%04d", i)) })
+		}
+		wg.Wait()
+		var left []int
+		for _, err := range errs {
+			if r, ok := isWrongPIN(err); ok {
+				left = append(left, r)
+			} else if !errors.Is(err, vault.ErrLocked) && !errors.Is(err, vault.ErrUnavailable) {
+				t.Fatalf("round %d: unexpected answer %v", round, err)
+			}
+		}
+		slices.Sort(left)
+		if n := e.hsm.pinChecks() - checks; n > 5 {
+			t.Fatalf("round %d: %d PINs checked, budget 5", round, n)
+		}
+		if gathered(t, reg, "keyvault_store_ambiguous_writes_total", "unresolved") == 0 && !slices.Equal(left, []int{1, 2, 3, 4}) ||
+			len(left) > 4 {
+			t.Fatalf("round %d: wrong_pin answers with remaining %v", round, left)
+		}
+	}
+	if resolved() == 0 {
+		t.Fatal("no write outcome was left unknown: the deadlines did not bite")
+	}
+	t.Logf("unknown outcomes resolved: applied %v, resent %v, not applied %v",
+		gathered(t, reg, "keyvault_store_ambiguous_writes_total", "applied"),
+		gathered(t, reg, "keyvault_store_ambiguous_writes_total", "resent"),
+		gathered(t, reg, "keyvault_store_ambiguous_writes_total", "not_applied"))
 }

@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
+	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -42,6 +44,9 @@ func openStore(cfg *config.Config, reg prometheus.Registerer) (*openedStore, err
 		if tc, err = etcdTLS(e.TLS); err != nil {
 			return nil, usageError{err}
 		}
+	} else if slices.ContainsFunc(e.Endpoints, func(ep string) bool { return strings.HasPrefix(ep, "https://") }) {
+		// https:// without a tls section: the system roots, no client certificate.
+		tc = &tls.Config{MinVersion: tls.VersionTLS12}
 	}
 	st, err := etcdstore.Open(etcdstore.Options{
 		Endpoints: e.Endpoints, KeyPrefix: e.KeyPrefix, TLS: tc,
