@@ -60,8 +60,9 @@ func Start(dir string, n int) (*Cluster, error) {
 		cfg.AdvertiseClientUrls = cfg.ListenClientUrls
 		cfg.InitialCluster = strings.Join(initial, ",")
 		cfg.InitialClusterToken = "keyvault-test"
-		// Quick elections, so failover tests stay short.
-		cfg.TickMs, cfg.ElectionMs = 50, 500
+		// etcd's default timing (100 ms ticks, 1 s elections): shorter
+		// ones make spurious elections likely on a loaded CI machine.
+		cfg.TickMs, cfg.ElectionMs = 100, 1000
 		wg.Add(1)
 		go func() { // members of a new cluster must start together
 			defer wg.Done()
