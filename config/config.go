@@ -151,13 +151,73 @@ type TLS struct {
 
 // Store configures the record database.
 type Store struct {
-	// Path is the database file. Required; its directory must exist.
+	// Driver is "bolt" (one bbolt file, one process) or "etcd" (an etcd
+	// cluster that several keyvault processes share). Default "bolt".
+	Driver string `yaml:"driver"`
+	// Path is the database file. Required with driver bolt, refused with
+	// etcd; its directory must exist.
 	Path string `yaml:"path"`
 	// RollbackAnchor keeps a digest of the store anchored in every HSM
 	// member, and refuses at start a store rolled back, in whole or in
 	// part, behind the anchor (README "Rollback resistance"). Default
-	// false.
+	// false. bbolt only: refused with driver etcd.
 	RollbackAnchor bool `yaml:"rollback_anchor"`
+	// Etcd configures the etcd driver. Required with driver etcd, refused
+	// with bolt.
+	Etcd *Etcd `yaml:"etcd"`
+}
+
+// Store drivers.
+const (
+	DriverBolt = "bolt"
+	DriverEtcd = "etcd"
+)
+
+// Defaults of the etcd driver.
+const (
+	DefaultEtcdKeyPrefix      = "/keyvault/"
+	DefaultEtcdDialTimeout    = 5 * time.Second
+	DefaultEtcdRequestTimeout = 5 * time.Second
+)
+
+// Etcd configures the connection to an etcd v3 cluster.
+type Etcd struct {
+	// Endpoints are the client URLs of the members, http:// or https://
+	// host:port. At least one.
+	Endpoints []string `yaml:"endpoints"`
+	// KeyPrefix is put in front of every key, so that several deployments
+	// can share one cluster. Default "/keyvault/".
+	KeyPrefix string `yaml:"key_prefix"`
+	// TLS, when set, secures the connections (https:// endpoints).
+	// Optional; default none.
+	TLS *EtcdTLS `yaml:"tls"`
+	// DialTimeout bounds the first connection. Default 5s.
+	DialTimeout time.Duration `yaml:"dial_timeout"`
+	// RequestTimeout bounds each request to etcd. Default 5s.
+	RequestTimeout time.Duration `yaml:"request_timeout"`
+}
+
+// EtcdTLS holds the files of a TLS connection to etcd.
+type EtcdTLS struct {
+	// CAFile is the PEM CA that signs the members' certificates. Optional;
+	// default the system roots.
+	CAFile string `yaml:"ca_file"`
+	// CertFile and KeyFile are the client certificate and key, for etcd
+	// with --client-cert-auth. Optional, but both or neither.
+	CertFile string `yaml:"cert_file"`
+	KeyFile  string `yaml:"key_file"`
+}
+
+// UnmarshalYAML decodes the etcd settings over their defaults, so that an
+// absent timeout gets its default while an explicit 0 is refused.
+func (e *Etcd) UnmarshalYAML(n *yaml.Node) error {
+	type plain Etcd
+	p := plain{KeyPrefix: DefaultEtcdKeyPrefix, DialTimeout: DefaultEtcdDialTimeout, RequestTimeout: DefaultEtcdRequestTimeout}
+	if err := n.Decode(&p); err != nil {
+		return err
+	}
+	*e = Etcd(p)
+	return nil
 }
 
 // HSM configures the PKCS#11 tokens.
@@ -276,6 +336,7 @@ func defaults() *Config {
 	return &Config{
 		Listen:      DefaultListen,
 		AdminListen: DefaultAdminListen,
+		Store:       Store{Driver: DriverBolt},
 		Budget: Budget{
 			DefaultMaxAttempts: DefaultMaxAttempts,
 			MaxAttemptsLimit:   DefaultMaxAttemptsLimit,

@@ -42,6 +42,11 @@
 //	admin_listen                   127.0.0.1:9090   ([DefaultAdminListen])
 //	insecure_plaintext             false
 //	tls                            absent: plain HTTP, loopback only
+//	store.driver                   bolt             ([DriverBolt]; or etcd)
+//	store.etcd.key_prefix          /keyvault/       ([DefaultEtcdKeyPrefix])
+//	store.etcd.dial_timeout        5s               ([DefaultEtcdDialTimeout])
+//	store.etcd.request_timeout     5s               ([DefaultEtcdRequestTimeout])
+//	store.etcd.tls                 absent: plain connections
 //	hsm.module_env                 empty
 //	hsm.members[].max_sessions     8                ([DefaultMaxSessions])
 //	budget.default_max_attempts    10               ([DefaultMaxAttempts])

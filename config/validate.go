@@ -6,6 +6,7 @@ import (
 	"io/fs"
 	"maps"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -133,6 +134,24 @@ func (v *validator) tls(t *TLS) {
 }
 
 func (v *validator) store(s Store) {
+	switch s.Driver {
+	case DriverBolt, "": // "": a Config built by hand before drivers existed
+		if s.Etcd != nil {
+			v.add("store.etcd", "only with driver etcd")
+		}
+	case DriverEtcd:
+		if s.Path != "" {
+			v.add("store.path", "not used with driver etcd")
+		}
+		if s.RollbackAnchor {
+			v.add("store.rollback_anchor", "not available with driver etcd: rollback anchoring is bbolt only (README \"Running on etcd\")")
+		}
+		v.etcd(s.Etcd)
+		return
+	default:
+		v.add("store.driver", "must be bolt or etcd")
+		return
+	}
 	if s.Path == "" {
 		v.add("store.path", "required")
 		return
@@ -151,6 +170,42 @@ func (v *validator) store(s Store) {
 	}
 	if fi, err := os.Stat(s.Path); err == nil && fi.IsDir() {
 		v.add("store.path", "%q is a directory; want the database file", s.Path)
+	}
+}
+
+func (v *validator) etcd(e *Etcd) {
+	if e == nil {
+		v.add("store.etcd", "required with driver etcd")
+		return
+	}
+	if len(e.Endpoints) == 0 {
+		v.add("store.etcd.endpoints", "at least one endpoint required")
+	}
+	for i, ep := range e.Endpoints {
+		u, err := url.Parse(ep)
+		if err != nil || u.Scheme != "http" && u.Scheme != "https" || u.Port() == "" || u.Hostname() == "" || u.Path != "" && u.Path != "/" {
+			v.add(indexKey("store.etcd.endpoints", i), "want http:// or https://host:port")
+		}
+	}
+	if e.KeyPrefix == "" {
+		v.add("store.etcd.key_prefix", "must not be empty")
+	}
+	if e.DialTimeout <= 0 {
+		v.add("store.etcd.dial_timeout", "must be positive")
+	}
+	if e.RequestTimeout <= 0 {
+		v.add("store.etcd.request_timeout", "must be positive")
+	}
+	if t := e.TLS; t != nil {
+		if t.CAFile != "" {
+			v.file("store.etcd.tls.ca_file", t.CAFile)
+		}
+		if (t.CertFile == "") != (t.KeyFile == "") {
+			v.add("store.etcd.tls", "cert_file and key_file go together")
+		} else if t.CertFile != "" {
+			v.file("store.etcd.tls.cert_file", t.CertFile)
+			v.file("store.etcd.tls.key_file", t.KeyFile)
+		}
 	}
 }
 

@@ -2,7 +2,7 @@
 # What `make stress` runs: every scenario of the stress package at full size
 # on real SoftHSM and bbolt, then each fuzz target, and one summary line per
 # scenario and target at the end. Sizes come from the environment; the
-# defaults below finish in about 13 minutes on a 2-core machine.
+# defaults below finish in about 16 minutes on a 2-core machine.
 #
 #   STRESS_CYCLES         crash-loop cycles (SIGKILL each)            100
 #   STRESS_STORMS         storms of 64 concurrent wrong guesses       1000
@@ -15,6 +15,9 @@
 #                         (1000000 takes about 15 minutes more)
 #   STRESS_ROLLBACK_KILLS SIGKILLs under load with rollback anchoring 50
 #                         (e2e TestRollbackCrash; 0 skips it)
+#   STRESS_ETCD_ROUNDS    storms on 3 nodes / 3-member etcd, and     10
+#                         rounds of each failover (e2e TestEtcd*;
+#                         0 skips them)
 #   STRESS_RUN            which scenarios (a go test -run pattern)    .
 #   FUZZTIME              per fuzz target; 0 skips fuzzing            60s
 set -u
@@ -50,6 +53,21 @@ if [ "$STRESS_ROLLBACK_KILLS" != 0 ]; then
 		tail -n 30 "$log"
 	fi
 	echo "stress rollback-crash: runs=$STRESS_ROLLBACK_KILLS operations=$STRESS_ROLLBACK_KILLS violations=$v" >>"$summary"
+fi
+
+# Several nodes on etcd: one budget, through etcd leader kills and node
+# SIGKILLs (each failover round takes some seconds; node kills up to 20s).
+: "${STRESS_ETCD_ROUNDS:=10}"
+if [ "$STRESS_ETCD_ROUNDS" != 0 ]; then
+	echo "stress: etcd, $STRESS_ETCD_ROUNDS rounds of each scenario"
+	if KEYVAULT_ETCD_ROUNDS=$STRESS_ETCD_ROUNDS go test ./e2e -count=1 -timeout 60m -run '^TestEtcd(ThreeNodesOneBudget|LeaderKilledMidStorm|NodeKilledMidStorm)$' >"$log" 2>&1; then
+		v=0
+	else
+		v=1
+		status=1
+		tail -n 30 "$log"
+	fi
+	echo "stress etcd: runs=3 operations=$((STRESS_ETCD_ROUNDS * 3)) violations=$v" >>"$summary"
 fi
 
 if [ "$FUZZTIME" != 0 ]; then

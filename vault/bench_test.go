@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/keyvault/keyvault/hsmpool"
+	"github.com/keyvault/keyvault/internal/etcdtest"
 	"github.com/keyvault/keyvault/internal/softhsm/softhsmtest"
 	"github.com/keyvault/keyvault/vault"
 	"github.com/keyvault/keyvault/vault/boltstore"
@@ -27,12 +28,30 @@ var (
 	hsmOnce sync.Once
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if hsmDir != "" {
-		os.RemoveAll(hsmDir)
+// TestMain runs the suite on bbolt, or with KEYVAULT_TEST_STORE=etcd on a
+// 1-member embedded etcd started here for the whole package.
+func TestMain(m *testing.M) { os.Exit(runTests(m)) }
+
+func runTests(m *testing.M) int {
+	defer func() {
+		if hsmDir != "" {
+			os.RemoveAll(hsmDir)
+		}
+	}()
+	if etcdtest.Want() {
+		dir, err := os.MkdirTemp("", "vault-test-etcd-")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		defer os.RemoveAll(dir)
+		if etcdCluster, err = etcdtest.Start(dir, 1); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		defer etcdCluster.Close()
 	}
-	os.Exit(code)
+	return m.Run()
 }
 
 // benchVault is a vault on the real parts: a SoftHSM token with keys

@@ -534,7 +534,7 @@ func TestConcurrentWrongGuesses(t *testing.T) {
 // and of the last one (a wrong guess forgiven before it was checked is
 // counted again under a new index: see vault.settleForgiven).
 type observedStore struct {
-	*boltstore.Store
+	vault.Store
 	key    []byte
 	mu     sync.Mutex
 	counts map[string]uint32

@@ -21,6 +21,12 @@
 // key derived from the HSM at start, so a record edited in the store is
 // refused with ErrIntegrity rather than trusted.
 //
+// A store error other than a conflict leaves a write's outcome unknown (etcd
+// may apply a write it answered with an error). The vault resolves it with
+// the operation IDs each record keeps of its last writes (Vault.resolve),
+// and answers ErrUnavailable, checking no PIN, when it cannot: an unknown
+// outcome may over-count a guess, never under-count one.
+//
 // # Caveats
 //
 // The record MAC stops edits, not rollbacks: restoring an older copy of the

@@ -12,6 +12,15 @@ import (
 // seedRecords are valid encodings of a live, a locked and a tombstone
 // record, each followed by a 32-byte MAC.
 func seedRecords() [][]byte {
+	var out [][]byte
+	for _, r := range seedRecordValues() {
+		out = append(out, append(r.marshal(), bytes.Repeat([]byte{0xaa}, macLen)...))
+	}
+	return out
+}
+
+// seedRecordValues are a live, a locked and a tombstone record.
+func seedRecordValues() []*record {
 	live := &record{
 		Generation: 3, MaxAttempts: 10, Guesses: 4, Forgiven: 2, Refunds: 1,
 		CreatedAt: 1700000000000000000, UpdatedAt: 1700000000000000001,
@@ -22,11 +31,7 @@ func seedRecords() [][]byte {
 	locked := *live
 	locked.Locked, locked.Guesses, locked.Forgiven, locked.Refunds, locked.Sealed = true, 10, 0, 0, nil
 	tomb := &record{Generation: 7, Tombstone: true, UpdatedAt: 5, MACVersion: 1}
-	var out [][]byte
-	for _, r := range []*record{live, &locked, tomb} {
-		out = append(out, append(r.marshal(), bytes.Repeat([]byte{0xaa}, macLen)...))
-	}
-	return out
+	return []*record{live, &locked, tomb}
 }
 
 func FuzzParseRecord(f *testing.F) {
@@ -35,7 +40,7 @@ func FuzzParseRecord(f *testing.F) {
 		f.Add(s[:len(s)-1])                // truncated
 		f.Add(append(s, 0))                // extended
 		f.Add(s[:len(s)-macLen])           // no MAC
-		f.Add(append([]byte{2}, s[1:]...)) // unknown format
+		f.Add(append([]byte{3}, s[1:]...)) // unknown format
 		bad := bytes.Clone(s)
 		bad[1] = 0x80 // unknown flag
 		f.Add(bad)

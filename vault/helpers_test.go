@@ -7,6 +7,7 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"log/slog"
 	"path/filepath"
 	"sync"
@@ -16,18 +17,45 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/keyvault/keyvault/internal/etcdtest"
 	"github.com/keyvault/keyvault/vault"
 	"github.com/keyvault/keyvault/vault/boltstore"
+	"github.com/keyvault/keyvault/vault/etcdstore"
 )
+
+// testStore is a store driver the env can open and close: bbolt by default,
+// etcd when KEYVAULT_TEST_STORE=etcd (see TestMain).
+type testStore interface {
+	vault.Store
+	Close() error
+}
+
+// etcdCluster is the package's 1-member embedded etcd when the suite runs
+// on etcd; each env uses a key prefix of its own.
+var (
+	etcdCluster *etcdtest.Cluster
+	etcdPrefix  atomic.Int64
+)
+
+// onEtcd reports whether the suite runs on etcd.
+func onEtcd() bool { return etcdCluster != nil }
+
+// boltOnly skips a test that inspects the bbolt file itself.
+func boltOnly(t *testing.T) {
+	if onEtcd() {
+		t.Skip("inspects the bbolt file: bbolt driver only")
+	}
+}
 
 const ns = "messenger"
 
-// env is one vault on a real bbolt file in t.TempDir() and a fake HSM.
+// env is one vault on a real store (a bbolt file in t.TempDir(), or a key
+// prefix of an embedded etcd) and a fake HSM.
 type env struct {
 	t     *testing.T
-	path  string
+	path  string // the bbolt file; on etcd, the key prefix
 	opts  vault.Options
-	store *boltstore.Store
+	store testStore
 	hsm   *fakeHSM
 	reg   *prometheus.Registry
 	v     *vault.Vault
@@ -43,9 +71,13 @@ type env struct {
 // set by the env (a fresh registry, a captured log, a stepping clock).
 func newEnv(t *testing.T, opts vault.Options) *env {
 	t.Helper()
+	path := filepath.Join(t.TempDir(), "keyvault.db")
+	if onEtcd() {
+		path = fmt.Sprintf("/vault-test-%d/", etcdPrefix.Add(1))
+	}
 	e := &env{
 		t:    t,
-		path: filepath.Join(t.TempDir(), "keyvault.db"),
+		path: path,
 		opts: opts,
 		hsm:  newFakeHSM(t),
 		logs: &syncBuffer{},
@@ -57,7 +89,13 @@ func newEnv(t *testing.T, opts vault.Options) *env {
 
 func (e *env) open() {
 	e.t.Helper()
-	st, err := boltstore.Open(e.path, nil)
+	var st testStore
+	var err error
+	if onEtcd() {
+		st, err = etcdstore.Open(etcdstore.Options{Endpoints: etcdCluster.Endpoints(), KeyPrefix: e.path})
+	} else {
+		st, err = boltstore.Open(e.path, nil)
+	}
 	if err != nil {
 		e.t.Fatalf("open store: %v", err)
 	}
@@ -103,7 +141,7 @@ func (e *env) newVault(st vault.Store, hsm vault.HSM, reg *prometheus.Registry) 
 	return v
 }
 
-// reopen stops the vault and starts a new one on the same bbolt file and
+// reopen stops the vault and starts a new one on the same store and
 // the same HSM keys, with fresh metrics and HSM counters.
 func (e *env) reopen() {
 	e.t.Helper()

@@ -13,6 +13,7 @@ type metrics struct {
 	lockouts          prometheus.Counter
 	integrityFailures prometheus.Counter
 	storeConflicts    prometheus.Counter
+	ambiguous         *prometheus.CounterVec
 	sealsReserved     *prometheus.GaugeVec
 	recordsByWrap     *prometheus.GaugeVec
 	recordsByPIN      *prometheus.GaugeVec
@@ -53,6 +54,13 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "keyvault_store_conflicts_total",
 			Help: "Compare-and-swap writes retried because the record changed since it was read.",
 		}),
+		ambiguous: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "keyvault_store_ambiguous_writes_total",
+			Help: "Record writes whose outcome the store left unknown (an error, not a conflict), by how they resolved: " +
+				"applied (the write's operation ID was found), resent (unchanged revision: the identical write was sent again and landed), " +
+				"not_applied (the record moved on without it: the operation runs again on the new record), " +
+				"unresolved (no answer in time, or the ID fell out of the record's window: 503, nothing checked).",
+		}, []string{"resolution"}),
 		sealsReserved: f.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "keyvault_wrap_key_seals",
 			Help: "Seals reserved under each wrap key version (an upper bound of seals done); the limit is 2^32.",
@@ -89,6 +97,9 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	}
 	for _, r := range []string{"created", "replaced", "error"} {
 		m.enrollments.WithLabelValues(r)
+	}
+	for _, r := range []string{resApplied, resResent, resNotApplied, resUnresolved} {
+		m.ambiguous.WithLabelValues(r)
 	}
 	return m
 }

@@ -8,9 +8,22 @@ import (
 	"fmt"
 )
 
-// recordFormatV1 is the first byte of every record. docs/format.md has the
-// layout; a change to it needs a new format number and a reader for the old.
-const recordFormatV1 = 1
+// recordFormatV1 and recordFormatV2 are the first byte of a record.
+// docs/format.md has the layouts; a change needs a new format number and a
+// reader for the old. Version 2 adds the operation IDs of the last writes;
+// records are written as version 2 and read in either.
+const (
+	recordFormatV1 = 1
+	recordFormatV2 = 2
+)
+
+const (
+	// opIDLen and maxOpIDs size the operation IDs a record keeps: enough
+	// that a writer whose answer was lost can still find its own write
+	// after a few others (see Vault.resolve).
+	opIDLen  = 8
+	maxOpIDs = 8
+)
 
 const (
 	flagLocked    = 1 << 0
@@ -55,6 +68,13 @@ type record struct {
 	Nonce       []byte // the outer GCM nonce actually used
 	Sealed      []byte // outer ciphertext; empty when locked or a tombstone
 
+	// OpSeq counts the writes of this key (all generations); OpIDs are the
+	// random IDs of the last of them, oldest first, the newest being write
+	// OpSeq. A writer whose write had an unknown outcome looks for its ID
+	// here (format 2; a format 1 record has none).
+	OpSeq uint64
+	OpIDs [][]byte
+
 	// freshWrap and freshPIN mark a record whose outer layer, or PIN check,
 	// this process just made under the versions it names (not stored):
 	// such a write must not land under a key version being retired. A
@@ -95,7 +115,7 @@ func (r *record) marshal() []byte {
 	if r.LockFinal {
 		flags |= flagLockFinal
 	}
-	b = append(b, recordFormatV1, flags)
+	b = append(b, recordFormatV2, flags)
 	b = binary.BigEndian.AppendUint64(b, r.Generation)
 	b = binary.BigEndian.AppendUint32(b, r.MaxAttempts)
 	b = binary.BigEndian.AppendUint32(b, r.Guesses)
@@ -114,7 +134,23 @@ func (r *record) marshal() []byte {
 	b = append(b, byte(len(r.Nonce)))
 	b = append(b, r.Nonce...)
 	b = binary.BigEndian.AppendUint32(b, uint32(len(r.Sealed)))
-	return append(b, r.Sealed...)
+	b = append(b, r.Sealed...)
+	b = binary.BigEndian.AppendUint64(b, r.OpSeq)
+	b = append(b, byte(len(r.OpIDs)))
+	for _, id := range r.OpIDs {
+		b = append(b, id...)
+	}
+	return b
+}
+
+// hasOp reports whether the record holds the operation ID id.
+func (r *record) hasOp(id []byte) bool {
+	for _, o := range r.OpIDs {
+		if hmac.Equal(o, id) {
+			return true
+		}
+	}
+	return false
 }
 
 var errMalformed = errors.New("malformed record")
@@ -128,8 +164,9 @@ func parseRecord(b []byte) (r *record, body, mac []byte, err error) {
 	}
 	body, mac = b[:len(b)-macLen], b[len(b)-macLen:]
 	d := decoder{b: body}
-	if v := d.byte(); v != recordFormatV1 {
-		return nil, nil, nil, fmt.Errorf("%w: unknown format %d", errMalformed, v)
+	format := d.byte()
+	if format != recordFormatV1 && format != recordFormatV2 {
+		return nil, nil, nil, fmt.Errorf("%w: unknown format %d", errMalformed, format)
 	}
 	flags := d.byte()
 	r = &record{
@@ -152,6 +189,16 @@ func parseRecord(b []byte) (r *record, body, mac []byte, err error) {
 	r.Verifier = d.bytes(int(d.byte()))
 	r.Nonce = d.bytes(int(d.byte()))
 	r.Sealed = d.bytes(int(d.u32()))
+	if format == recordFormatV2 {
+		r.OpSeq = d.u64()
+		n := int(d.byte())
+		if n > maxOpIDs {
+			return nil, nil, nil, errMalformed
+		}
+		for range n {
+			r.OpIDs = append(r.OpIDs, d.bytes(opIDLen))
+		}
+	}
 	if d.err || len(d.b) != 0 || flags&^(flagLocked|flagTombstone|flagLockFinal) != 0 {
 		return nil, nil, nil, errMalformed
 	}
@@ -161,6 +208,9 @@ func parseRecord(b []byte) (r *record, body, mac []byte, err error) {
 // check validates what a record with a correct MAC must satisfy anyway;
 // a failure means a bug or a forged MAC, and is treated as tampering.
 func (r *record) check() error {
+	if len(r.OpIDs) > maxOpIDs || uint64(len(r.OpIDs)) > r.OpSeq {
+		return errors.New("operation IDs out of range")
+	}
 	switch {
 	case r.Generation == 0:
 		return errors.New("generation 0")

@@ -203,12 +203,14 @@ func (v *Vault) rewrapUpdate(f func(*RewrapStatus)) {
 
 func (v *Vault) runRewrap(ctx context.Context, perSecond float64, target uint32) {
 	defer func() {
-		v.rewrapUpdate(func(s *RewrapStatus) { s.Running, s.FinishedAt = false, v.opts.Now().UTC() })
-		v.metrics.rewrapRunning.Set(0)
-		v.metrics.rewrapPending.Set(0)
+		// The gauges first, so that a finished run shows its final counts
+		// (a slower store made the old order visible).
 		if _, err := v.KeyUsage(context.WithoutCancel(ctx)); err != nil {
 			v.log.Warn("counting records by key version", "error", err.Error())
 		}
+		v.rewrapUpdate(func(s *RewrapStatus) { s.Running, s.FinishedAt = false, v.opts.Now().UTC() })
+		v.metrics.rewrapRunning.Set(0)
+		v.metrics.rewrapPending.Set(0)
 	}()
 	// Collect the keys first, so that no read transaction stays open
 	// while records are re-wrapped.

@@ -40,6 +40,10 @@ type Options struct {
 	// record's last write, k being the attempts used. It lives in the
 	// record, so it holds across processes and restarts. Default off.
 	EscalatingDelay EscalatingDelay
+	// ResolveWindow bounds how long a write whose outcome the store left
+	// unknown is resolved before the request answers ErrUnavailable
+	// (default 10s: an etcd leader election with room to spare).
+	ResolveWindow time.Duration
 }
 
 // EscalatingDelay configures the durable delay between wrong guesses.
@@ -113,6 +117,9 @@ func New(ctx context.Context, store Store, hsm HSM, opts Options) (*Vault, error
 	}
 	if opts.Now == nil {
 		opts.Now = time.Now
+	}
+	if opts.ResolveWindow == 0 {
+		opts.ResolveWindow = 10 * time.Second
 	}
 	v := &Vault{
 		store:   store,
@@ -228,7 +235,10 @@ func (v *Vault) integrityFailure(key []byte, what string, err error) {
 // write is the one function through which every record reaches the store:
 // it MACs the record under its store key and compare-and-swaps it against
 // the revision it was read at (0 for a new key). Counting writes run under
-// context.WithoutCancel so a client hanging up cannot skip them.
+// context.WithoutCancel so a client hanging up cannot skip them. A store
+// error that is neither a conflict nor damage leaves the outcome unknown;
+// write resolves it (see resolve) and returns nil only if the record
+// surely landed, ErrConflict only if it surely never will.
 func (v *Vault) write(ctx context.Context, key []byte, rev uint64, r *record) error {
 	if err := r.check(); err != nil {
 		return fmt.Errorf("vault: refusing to write an invalid record: %w", err)
@@ -245,18 +255,96 @@ func (v *Vault) write(ctx context.Context, key []byte, rev uint64, r *record) er
 	r.MACVersion = v.macVersion
 	body := r.marshal()
 	val := append(body, recordMAC(v.macKeys[v.macVersion], key, body)...)
-	if _, err := v.store.CompareAndSwap(context.WithoutCancel(ctx), key, rev, val); err != nil {
-		if errors.Is(err, ErrConflict) || errors.Is(err, ErrIntegrity) {
-			return err
-		}
-		return fmt.Errorf("%w: write record: %w", ErrUnavailable, err)
+	ctx = context.WithoutCancel(ctx)
+	_, err := v.store.CompareAndSwap(ctx, key, rev, val)
+	if err == nil || errors.Is(err, ErrConflict) || errors.Is(err, ErrIntegrity) {
+		return err
 	}
-	return nil
+	return v.resolve(ctx, key, rev, val, r, err)
+}
+
+// Resolutions of a write whose outcome the store left unknown (metric
+// keyvault_store_ambiguous_writes_total).
+const (
+	resApplied    = "applied"
+	resResent     = "resent"
+	resNotApplied = "not_applied"
+	resUnresolved = "unresolved"
+)
+
+// resolve finds out whether a write whose store call failed (casErr) was
+// applied. Any write error may hide an applied write, or one that applies
+// later, so nothing is assumed: the record is read again until one of
+//
+//   - it holds r's operation ID: applied (whatever came after);
+//   - its revision is still rev: nothing was written since, so the
+//     identical write is sent again (at most one of the copies can land,
+//     both being compare-and-swaps on rev);
+//   - its revision moved and its window of operation IDs reaches back to
+//     the write r would have been, without r's ID: another write took that
+//     place, and r's compare-and-swap can never land: ErrConflict, so the
+//     caller runs its change again on the new record.
+//
+// Otherwise (the store does not answer, or r's place fell out of the
+// window) the outcome stays unknown: ErrUnavailable. For a guess that
+// means 503 and no PIN check, so an unknown outcome can over-count a
+// guess, never under-count one.
+func (v *Vault) resolve(ctx context.Context, key []byte, rev uint64, val []byte, r *record, casErr error) error {
+	id := r.OpIDs[len(r.OpIDs)-1]
+	deadline := time.Now().Add(v.opts.ResolveWindow)
+	delay := 10 * time.Millisecond
+	lastErr := casErr
+	for {
+		cur, err := v.read(ctx, key)
+		switch {
+		case errors.Is(err, ErrIntegrity):
+			return err
+		case err != nil:
+			lastErr = err
+		case cur != nil && cur.hasOp(id):
+			v.metrics.ambiguous.WithLabelValues(resApplied).Inc()
+			return nil
+		case cur == nil && rev == 0 || cur != nil && cur.rev == rev:
+			_, err = v.store.CompareAndSwap(ctx, key, rev, val)
+			if err == nil {
+				v.metrics.ambiguous.WithLabelValues(resResent).Inc()
+				return nil
+			}
+			if errors.Is(err, ErrConflict) {
+				continue // something landed meanwhile, maybe the first copy: look again
+			}
+			if errors.Is(err, ErrIntegrity) {
+				return err
+			}
+			lastErr = err
+		case cur == nil:
+			lastErr = errors.New("record vanished") // no store deletes: treat as unknown
+		case cur.OpSeq-uint64(len(cur.OpIDs)) < r.OpSeq:
+			// The record moved (so r, a compare-and-swap on rev, can never
+			// land) and either never reached r's place or shows who took
+			// it (an older writer without IDs counts as another writer).
+			v.metrics.ambiguous.WithLabelValues(resNotApplied).Inc()
+			return ErrConflict
+		default:
+			v.metrics.ambiguous.WithLabelValues(resUnresolved).Inc()
+			return fmt.Errorf("%w: write outcome unknown (its ID left the record's window): %w", ErrUnavailable, casErr)
+		}
+		if time.Now().After(deadline) {
+			v.metrics.ambiguous.WithLabelValues(resUnresolved).Inc()
+			return fmt.Errorf("%w: write outcome unknown after %v: %w", ErrUnavailable, v.opts.ResolveWindow, lastErr)
+		}
+		time.Sleep(delay)
+		delay = min(2*delay, 250*time.Millisecond)
+	}
 }
 
 // update runs a read-modify-write of one record until it lands without a
 // conflict. fn gets the current verified record (nil if none) and returns
-// the record to write, or nil to write nothing.
+// the record to write, or nil to write nothing. Every write gets a fresh
+// random operation ID, kept in the record with those of the last few
+// writes, so that a write whose answer was lost can be found (resolve).
+// The IDs are random rather than the request ID: a caller chooses its
+// X-Request-Id, and a repeated one would pass for a write that never landed.
 func (v *Vault) update(ctx context.Context, key []byte, fn func(cur *stored) (*record, error)) error {
 	for attempt := 0; ; attempt++ {
 		cur, err := v.read(ctx, key)
@@ -268,9 +356,15 @@ func (v *Vault) update(ctx context.Context, key []byte, fn func(cur *stored) (*r
 			return err
 		}
 		var rev uint64
+		var prev record
 		if cur != nil {
-			rev = cur.rev
+			rev, prev = cur.rev, *cur.record
 		}
+		next.OpSeq = prev.OpSeq + 1
+		ids := prev.OpIDs[len(prev.OpIDs)-min(len(prev.OpIDs), maxOpIDs-1):]
+		id := make([]byte, opIDLen)
+		rand.Read(id)
+		next.OpIDs = append(append(make([][]byte, 0, maxOpIDs), ids...), id)
 		err = v.write(ctx, key, rev, next)
 		if errors.Is(err, ErrIntegrity) {
 			v.integrityFailure(key, "store value", err)

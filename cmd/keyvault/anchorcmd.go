@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/keyvault/keyvault/anchor"
+	"github.com/keyvault/keyvault/config"
 	"github.com/keyvault/keyvault/vault"
 	"github.com/keyvault/keyvault/vault/boltstore"
 )
@@ -52,6 +53,9 @@ func cmdAnchor(args []string, stdout, stderr io.Writer) error {
 	cfg, err := loadConfig(*path)
 	if err != nil {
 		return err
+	}
+	if cfg.Store.Driver == config.DriverEtcd {
+		return usageError{errors.New("rollback anchoring is bbolt only; this config uses store.driver etcd")}
 	}
 	log := newLogger(cfg, stderr)
 	store, err := boltstore.Open(cfg.Store.Path, nil)

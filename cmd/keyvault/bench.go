@@ -58,6 +58,7 @@ type benchFlags struct {
 	warmup      time.Duration
 	rate        float64
 	users       int
+	userPrefix  string
 	json        bool
 }
 
@@ -75,6 +76,7 @@ func cmdBench(args []string, stdout, stderr io.Writer) error {
 	fs.DurationVar(&f.warmup, "warmup", 2*time.Second, "unmeasured load before the window (connections, sessions, caches)")
 	fs.Float64Var(&f.rate, "rate", 0, "requests per `second` in all (open loop); 0: as fast as answers come")
 	fs.IntVar(&f.users, "users", 1000, "`number` of users to enroll and spread the load over (at least --concurrency)")
+	fs.StringVar(&f.userPrefix, "user-prefix", "bench-", "`prefix` of the enrolled users' IDs (several bench processes on one store need one each)")
 	fs.BoolVar(&f.json, "json", false, "print one JSON object instead of a table")
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -299,7 +301,7 @@ func newHTTPWorkload(ctx context.Context, f benchFlags, stderr io.Writer) (bench
 		mix:    make([]string, f.concurrency),
 	}
 	for i := range f.users {
-		u := &benchUser{id: fmt.Sprintf("bench-%07d", i), pin: fmt.Sprintf("%06d", mrand.IntN(1e6)), secret: make([]byte, 32)}
+		u := &benchUser{id: fmt.Sprintf("%s%07d", f.userPrefix, i), pin: fmt.Sprintf("%06d", mrand.IntN(1e6)), secret: make([]byte, 32)}
 		w.owned[i%f.concurrency] = append(w.owned[i%f.concurrency], u)
 	}
 	fmt.Fprintf(stderr, "keyvault bench: enrolling %d users at %s\n", f.users, f.url)

@@ -101,11 +101,11 @@ func serve(cfg *config.Config, stderr io.Writer) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
-	store, err := boltstore.Open(cfg.Store.Path, reg)
+	store, err := openStore(cfg, reg)
 	if err != nil {
 		return err
 	}
-	defer store.Close()
+	defer store.close()
 	pool, err := openPool(cfg, reg, log)
 	if err != nil {
 		return err
@@ -123,8 +123,8 @@ func serve(cfg *config.Config, stderr io.Writer) error {
 	for _, r := range anchor.Reasons {
 		refused.WithLabelValues(string(r))
 	}
-	if cfg.Store.RollbackAnchor {
-		if err := anchorStore(ctx, cfg, store, pool, reg, refused, log); err != nil {
+	if cfg.Store.RollbackAnchor && store.bolt != nil { // config refuses anchoring on etcd
+		if err := anchorStore(ctx, cfg, store.bolt, pool, reg, refused, log); err != nil {
 			return err
 		}
 	}
@@ -159,7 +159,7 @@ func serve(cfg *config.Config, stderr io.Writer) error {
 	keys := &keyAdmin{ctx: ctx, pool: pool, v: v}
 	watchKeys(ctx, keys, log)
 	admin := api.NewAdminRouterWith(reg, func() error {
-		if err := store.Ping(); err != nil {
+		if err := store.ready(ctx); err != nil {
 			return fmt.Errorf("store: %w", err)
 		}
 		return pool.Ready()
@@ -197,7 +197,7 @@ func serve(cfg *config.Config, stderr io.Writer) error {
 	}()
 	go func() { errs <- adminSrv.Serve(adminLn) }()
 	log.Info("keyvault serving", "version", versionString(), "api", apiLn.Addr().String(), "admin", adminLn.Addr().String(),
-		"tls", cfg.TLS != nil, "hsm_members_healthy", pool.Healthy(), "store", cfg.Store.Path)
+		"tls", cfg.TLS != nil, "hsm_members_healthy", pool.Healthy(), "store", store.desc)
 
 	select {
 	case <-ctx.Done():

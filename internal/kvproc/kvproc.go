@@ -287,19 +287,27 @@ const LimitsOff = `ratelimit:
 // block, editing the text so that the rest keeps its layout.
 func SetRateLimits(t testing.TB, path, block string) {
 	t.Helper()
+	SetSection(t, path, "ratelimit", block)
+}
+
+// SetSection replaces the top-level section name (its line "name:" and
+// the indented lines under it) of a config file with block.
+func SetSection(t testing.TB, path, name, block string) {
+	t.Helper()
 	data, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
+	head := name + ":\n"
 	lines := strings.SplitAfter(string(data), "\n")
-	if !slices.Contains(lines, "ratelimit:\n") {
-		t.Fatalf("no ratelimit section in %s", path)
+	if !slices.Contains(lines, head) {
+		t.Fatalf("no %s section in %s", name, path)
 	}
 	var out []string
 	in := false
 	for _, l := range lines {
 		switch {
-		case l == "ratelimit:\n":
+		case l == head:
 			in = true
 			out = append(out, block)
 		case in && strings.HasPrefix(l, "  "):

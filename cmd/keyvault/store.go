@@ -1,0 +1,83 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"strings"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/keyvault/keyvault/config"
+	"github.com/keyvault/keyvault/vault"
+	"github.com/keyvault/keyvault/vault/boltstore"
+	"github.com/keyvault/keyvault/vault/etcdstore"
+)
+
+// openedStore is the configured store driver, with what serve needs
+// beside the vault.Store: a readiness check and a close. bolt is set only
+// for the bbolt driver (rollback anchoring needs it).
+type openedStore struct {
+	vault.Store
+	ready func(context.Context) error
+	close func() error
+	bolt  *boltstore.Store
+	desc  string // for the start log: a path or the endpoints, never a secret
+}
+
+func openStore(cfg *config.Config, reg prometheus.Registerer) (*openedStore, error) {
+	if cfg.Store.Driver != config.DriverEtcd {
+		st, err := boltstore.Open(cfg.Store.Path, reg)
+		if err != nil {
+			return nil, err
+		}
+		return &openedStore{Store: st, ready: func(context.Context) error { return st.Ping() }, close: st.Close, bolt: st, desc: cfg.Store.Path}, nil
+	}
+	e := cfg.Store.Etcd
+	var tc *tls.Config
+	if e.TLS != nil {
+		var err error
+		if tc, err = etcdTLS(e.TLS); err != nil {
+			return nil, usageError{err}
+		}
+	} else if slices.ContainsFunc(e.Endpoints, func(ep string) bool { return strings.HasPrefix(ep, "https://") }) {
+		// https:// without a tls section: the system roots, no client certificate.
+		tc = &tls.Config{MinVersion: tls.VersionTLS12}
+	}
+	st, err := etcdstore.Open(etcdstore.Options{
+		Endpoints: e.Endpoints, KeyPrefix: e.KeyPrefix, TLS: tc,
+		DialTimeout: e.DialTimeout, RequestTimeout: e.RequestTimeout, Registerer: reg,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &openedStore{Store: st, ready: st.Ping, close: st.Close, desc: fmt.Sprintf("etcd %v", e.Endpoints)}, nil
+}
+
+// etcdTLS builds the client side of TLS to etcd: the members' CA (or the
+// system roots) and, if given, a client certificate.
+func etcdTLS(t *config.EtcdTLS) (*tls.Config, error) {
+	c := &tls.Config{MinVersion: tls.VersionTLS12}
+	if t.CAFile != "" {
+		pem, err := os.ReadFile(t.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("store.etcd.tls.ca_file: %w", err)
+		}
+		c.RootCAs = x509.NewCertPool()
+		if !c.RootCAs.AppendCertsFromPEM(pem) {
+			return nil, errors.New("store.etcd.tls.ca_file: no PEM certificate in it")
+		}
+	}
+	if t.CertFile != "" {
+		cert, err := tls.LoadX509KeyPair(t.CertFile, t.KeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("store.etcd.tls: %w", err)
+		}
+		c.Certificates = []tls.Certificate{cert}
+	}
+	return c, nil
+}
