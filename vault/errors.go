@@ -37,6 +37,12 @@ var (
 	// ErrConflict is returned by a Store's CompareAndSwap when the key's
 	// revision is not the expected one. The vault retries; it never escapes.
 	ErrConflict = errors.New("store: revision conflict")
+	// ErrWithheld, from a Store, means a write's outcome must not be acted
+	// on: it may have landed, but nothing vouches for it (rollback
+	// anchoring found no HSM member to take the anchor). The vault answers
+	// ErrUnavailable at once and never resolves or resends it: resolving
+	// would find it landed and act on it unanchored.
+	ErrWithheld = errors.New("store: write outcome withheld")
 )
 
 // WrongPINError is the error of a wrong guess that left attempts.

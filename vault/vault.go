@@ -260,6 +260,9 @@ func (v *Vault) write(ctx context.Context, key []byte, rev uint64, r *record) er
 	if err == nil || errors.Is(err, ErrConflict) || errors.Is(err, ErrIntegrity) {
 		return err
 	}
+	if errors.Is(err, ErrWithheld) {
+		return fmt.Errorf("%w: write record: %w", ErrUnavailable, err)
+	}
 	return v.resolve(ctx, key, rev, val, r, err)
 }
 

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/keyvault/keyvault/anchor"
+	"github.com/keyvault/keyvault/vault"
 	"github.com/keyvault/keyvault/vault/boltstore"
 	bolt "go.etcd.io/bbolt"
 )
@@ -267,6 +268,11 @@ func TestStaleMemberCannotStandIn(t *testing.T) {
 	}
 	errY := <-yErr // answered only if an anchor vouched for it
 	_, errZ := s.CompareAndSwap(bg, []byte("z"), 0, []byte("released"))
+	for _, err := range []error{errY, errZ} {
+		if err != nil && !errors.Is(err, vault.ErrWithheld) {
+			t.Fatalf("an unanchored write failed with %v, want ErrWithheld", err)
+		}
+	}
 	answered := errY == nil || errZ == nil
 	s.Close()
 	if err := os.WriteFile(path, old, 0o600); err != nil { // roll the store back
@@ -305,8 +311,10 @@ func TestFailedAnchorWriteUsesUpItsNumber(t *testing.T) {
 		t.Fatal(err)
 	}
 	fa.set("a")
-	if _, err := s.CompareAndSwap(bg, []byte("x"), 0, []byte("v")); err == nil { // write 2 fails
-		t.Fatal("a write whose anchor reached no member succeeded")
+	// Write 2 fails, and says its outcome is withheld: the vault must
+	// answer 503 at once rather than look for the write and act on it.
+	if _, err := s.CompareAndSwap(bg, []byte("x"), 0, []byte("v")); !errors.Is(err, vault.ErrWithheld) {
+		t.Fatalf("a write whose anchor reached no member: %v, want ErrWithheld", err)
 	}
 	fa.set()
 	mustCAS(t, s, "x", 0, "v") // writes 3 (pending) and 4 (vouching)

@@ -254,9 +254,14 @@ func answer(ws []*write, err error) {
 	}
 }
 
-// errUnanchored: the write committed, but no anchor could vouch for it, so
-// its answer is withheld: the caller must treat its outcome as unknown.
-var errUnanchored = errors.New("committed but not anchored")
+// errUnanchored: the write committed, but no anchor could vouch for it,
+// so its outcome is withheld; errNotAnchored: no anchor could name its
+// batch, so it was not written. Either way the vault must not act on it
+// (vault.ErrWithheld): it answers 503.
+var (
+	errUnanchored  = fmt.Errorf("%w: committed but not anchored", vault.ErrWithheld)
+	errNotAnchored = fmt.Errorf("%w: not written: no anchor could name its batch", vault.ErrWithheld)
+)
 
 // commit applies a batch in one transaction. A write that conflicts or
 // finds damage fails alone and changes nothing; if the transaction itself
@@ -332,7 +337,7 @@ func (s *Store) commit(batch []*write, held []*write) []*write {
 		var err error
 		next.digest, next.meta, next.metaRaw, err = anc.prepare(context.Background(), tx, changes)
 		if err != nil {
-			return err
+			return fmt.Errorf("%w: %w", errNotAnchored, err)
 		}
 		answer(held, nil)
 		held = nil
