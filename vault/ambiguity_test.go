@@ -27,6 +27,9 @@ const (
 	faultLost          // not applied, answered with an error (never reached a leader)
 	faultLate          // answered with an error at once, applied a little later (a proposal still in flight)
 	faultDown          // not applied, and from then on reads fail too
+	// applied, then answered as a conflict: the etcd client re-sent a Txn
+	// whose first copy landed, and the copy's compare failed
+	faultAppliedConflict
 )
 
 var errInjected = errors.New("injected: etcdserver: request timed out")
@@ -88,6 +91,11 @@ func (s *ambiguousStore) CompareAndSwap(ctx context.Context, key []byte, rev uin
 		if _, err := s.Store.CompareAndSwap(ctx, key, rev, value); err != nil {
 			return 0, err // a real answer (a conflict): pass it on
 		}
+	case faultAppliedConflict:
+		if _, err := s.Store.CompareAndSwap(ctx, key, rev, value); err != nil {
+			return 0, err
+		}
+		return 0, vault.ErrConflict
 	case faultLate:
 		s.late.Go(func() {
 			time.Sleep(time.Duration(1+rand.IntN(20)) * time.Millisecond)
@@ -148,6 +156,7 @@ func TestAmbiguousWritesResolveAsCounted(t *testing.T) {
 		{"applied", faultApplied, []string{"applied"}},
 		{"lost", faultLost, []string{"resent"}},
 		{"late", faultLate, nil}, // resent or applied, by the race
+		{"applied-answered-conflict", faultAppliedConflict, nil},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()

@@ -349,10 +349,18 @@ func (v *Vault) resolve(ctx context.Context, key []byte, rev uint64, val []byte,
 // The IDs are random rather than the request ID: a caller chooses its
 // X-Request-Id, and a repeated one would pass for a write that never landed.
 func (v *Vault) update(ctx context.Context, key []byte, fn func(cur *stored) (*record, error)) error {
+	var lastID []byte // the operation ID of the attempt that conflicted
 	for attempt := 0; ; attempt++ {
 		cur, err := v.read(ctx, key)
 		if err != nil {
 			return err
+		}
+		// A conflict can hide our own write: the etcd client may re-send
+		// a Txn whose first copy landed, and the copy's compare fails. Its
+		// ID in the record means it landed: applying fn again would count
+		// a guess, or refund one, twice.
+		if lastID != nil && cur != nil && cur.hasOp(lastID) {
+			return nil
 		}
 		next, err := fn(cur)
 		if err != nil || next == nil {
@@ -375,6 +383,7 @@ func (v *Vault) update(ctx context.Context, key []byte, fn func(cur *stored) (*r
 		if !errors.Is(err, ErrConflict) {
 			return err
 		}
+		lastID = id
 		v.metrics.storeConflicts.Inc()
 		if attempt >= 1000 {
 			return fmt.Errorf("%w: record too contended", ErrUnavailable)
