@@ -30,8 +30,8 @@ type fakeAnchors struct {
 	values   map[string][]byte
 	writes   int
 	attempts map[string]int
-	gate   chan struct{} // nil: open
-	wrote  chan int      // told each write's number, if set
+	gate     chan struct{} // nil: open
+	wrote    chan int      // told each write's number, if set
 }
 
 func (f *fakeAnchors) Members() []string {
