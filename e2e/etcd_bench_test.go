@@ -21,16 +21,17 @@ import (
 // compare-and-swap rate (read, then Txn on ModRevision, distinct keys) at
 // concurrency 1 and 32, then recover throughput and p99 through one
 // keyvault node and through three (32 workers in all, `keyvault bench`).
-// It is a measurement, not a check: it runs only with
-// KEYVAULT_ETCD_BENCH=1, for BENCH_DURATION (default 5s) each.
+// It is a measurement more than a check: make test runs a short pass (1 s
+// each, so that it cannot rot); KEYVAULT_ETCD_BENCH=1 runs it for
+// BENCH_DURATION (default 5s) each.
 //
 //	KEYVAULT_ETCD_BENCH=1 go test -run TestEtcdBench -v ./e2e
 func TestEtcdBench(t *testing.T) {
-	if os.Getenv("KEYVAULT_ETCD_BENCH") != "1" {
-		t.Skip("a measurement: set KEYVAULT_ETCD_BENCH=1")
-	}
 	softhsmtest.Module(t)
-	d := 5 * time.Second
+	d := time.Second
+	if os.Getenv("KEYVAULT_ETCD_BENCH") == "1" {
+		d = 5 * time.Second
+	}
 	if s := os.Getenv("BENCH_DURATION"); s != "" {
 		var err error
 		if d, err = time.ParseDuration(s); err != nil {

@@ -40,20 +40,14 @@ var (
 // onEtcd reports whether the suite runs on etcd.
 func onEtcd() bool { return etcdCluster != nil }
 
-// boltOnly skips a test that inspects the bbolt file itself.
-func boltOnly(t *testing.T) {
-	if onEtcd() {
-		t.Skip("inspects the bbolt file: bbolt driver only")
-	}
-}
-
 const ns = "messenger"
 
 // env is one vault on a real store (a bbolt file in t.TempDir(), or a key
 // prefix of an embedded etcd) and a fake HSM.
 type env struct {
 	t     *testing.T
-	path  string // the bbolt file; on etcd, the key prefix
+	etcd  []string // the etcd endpoints it runs on; nil: a bbolt file
+	path  string   // the bbolt file; on etcd, the key prefix
 	opts  vault.Options
 	store testStore
 	hsm   *fakeHSM
@@ -71,12 +65,30 @@ type env struct {
 // set by the env (a fresh registry, a captured log, a stepping clock).
 func newEnv(t *testing.T, opts vault.Options) *env {
 	t.Helper()
-	path := filepath.Join(t.TempDir(), "keyvault.db")
+	var endpoints []string
 	if onEtcd() {
+		endpoints = etcdCluster.Endpoints()
+	}
+	return newEnvOn(t, opts, endpoints)
+}
+
+// newBoltEnv is newEnv on a bbolt file whichever store the suite runs on,
+// for tests that inspect the file itself.
+func newBoltEnv(t *testing.T, opts vault.Options) *env {
+	t.Helper()
+	return newEnvOn(t, opts, nil)
+}
+
+// newEnvOn is newEnv on the etcd at endpoints, or on a bbolt file (nil).
+func newEnvOn(t *testing.T, opts vault.Options, endpoints []string) *env {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "keyvault.db")
+	if endpoints != nil {
 		path = fmt.Sprintf("/vault-test-%d/", etcdPrefix.Add(1))
 	}
 	e := &env{
 		t:    t,
+		etcd: endpoints,
 		path: path,
 		opts: opts,
 		hsm:  newFakeHSM(t),
@@ -91,8 +103,8 @@ func (e *env) open() {
 	e.t.Helper()
 	var st testStore
 	var err error
-	if onEtcd() {
-		st, err = etcdstore.Open(etcdstore.Options{Endpoints: etcdCluster.Endpoints(), KeyPrefix: e.path})
+	if e.etcd != nil {
+		st, err = etcdstore.Open(etcdstore.Options{Endpoints: e.etcd, KeyPrefix: e.path})
 	} else {
 		st, err = boltstore.Open(e.path, nil)
 	}
