@@ -103,89 +103,20 @@ func startVault(t testing.TB, dir string, args ...string) *vault {
 // servingLine finds the JSON log line "keyvault serving".
 var servingLine = kvproc.ServingLine
 
-// client speaks JSON to the API with a bearer token.
-type client struct {
-	base  string
-	token string
-	hc    *http.Client
-}
+// client speaks JSON to the API with a bearer token; response is one
+// answer; rawBody is a body sent as is (internal/kvproc, shared with the
+// stress scenarios).
+type client struct{ *kvproc.Client }
 
-func newClient(base, token string) *client {
-	return &client{base: base, token: token, hc: &http.Client{
-		Timeout:   60 * time.Second,
-		Transport: &http.Transport{MaxIdleConns: 128, MaxIdleConnsPerHost: 128, IdleConnTimeout: 30 * time.Second},
-	}}
-}
+type (
+	response = kvproc.Response
+	rawBody  = kvproc.RawBody
+)
 
-// response is one HTTP answer, body read in full.
-type response struct {
-	Status int
-	Header http.Header
-	Body   []byte
-}
+func newClient(base, token string) *client { return &client{kvproc.NewClient(base, token)} }
 
-func (r response) String() string {
-	return fmt.Sprintf("%d %s", r.Status, bytes.TrimSpace(r.Body))
-}
-
-// JSON decodes the body as an object; numbers become float64.
-func (r response) JSON(t testing.TB) map[string]any {
-	t.Helper()
-	var m map[string]any
-	if err := json.Unmarshal(r.Body, &m); err != nil {
-		t.Fatalf("body is not a JSON object: %v: %s", err, r.Body)
-	}
-	return m
-}
-
-// rawBody is sent as is; an io.Reader is sent with no length (chunked).
-type rawBody []byte
-
-// call sends a request. body: nil (none), rawBody, io.Reader, or a value
-// sent as JSON. hdr holds name/value pairs; an empty Authorization value
-// removes the header.
 func (c *client) call(method, path string, body any, hdr ...string) (response, error) {
-	var rd io.Reader
-	switch b := body.(type) {
-	case nil:
-	case rawBody:
-		rd = bytes.NewReader(b)
-	case io.Reader:
-		rd = struct{ io.Reader }{b} // hide the length: chunked encoding
-	default:
-		j, err := json.Marshal(b)
-		if err != nil {
-			return response{}, err
-		}
-		rd = bytes.NewReader(j)
-	}
-	req, err := http.NewRequest(method, c.base+path, rd)
-	if err != nil {
-		return response{}, err
-	}
-	if rd != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	if c.token != "" {
-		req.Header.Set("Authorization", "Bearer "+c.token)
-	}
-	for i := 0; i+1 < len(hdr); i += 2 {
-		if hdr[i+1] == "" {
-			req.Header.Del(hdr[i])
-		} else {
-			req.Header.Set(hdr[i], hdr[i+1])
-		}
-	}
-	resp, err := c.hc.Do(req)
-	if err != nil {
-		return response{}, err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return response{}, err
-	}
-	return response{Status: resp.StatusCode, Header: resp.Header, Body: b}, nil
+	return c.Call(method, path, body, hdr...)
 }
 
 // do is call that fails the test on a transport error.

@@ -149,7 +149,7 @@ func (u *ledgerUser) step(s *tally, c *client, unavailable *atomic.Int64) bool {
 			u.cut(op, r, err, unavailable)
 			return err == nil
 		}
-		a, _ := r.answer()
+		a, _ := answerOf(r)
 		if (r.Status != http.StatusCreated && r.Status != http.StatusOK) || a.Generation <= u.gen || a.AttemptsRemaining != op.max {
 			s.violation("%s: PUT over generation %d answered %v", u.id, u.gen, r)
 			return true
@@ -173,7 +173,7 @@ func (u *ledgerUser) step(s *tally, c *client, unavailable *atomic.Int64) bool {
 			u.cut(op, r, err, unavailable)
 			return err == nil
 		}
-		a, _ := r.answer()
+		a, _ := answerOf(r)
 		if r.Status != http.StatusOK || a.Generation <= u.gen || a.AttemptsRemaining != u.max {
 			s.violation("%s: PIN change with the right PIN at generation %d answered %v", u.id, u.gen, r)
 			return true
@@ -185,7 +185,7 @@ func (u *ledgerUser) step(s *tally, c *client, unavailable *atomic.Int64) bool {
 			u.cut(&pendingOp{kind: "right"}, r, err, unavailable)
 			return err == nil
 		}
-		a, _ := r.answer()
+		a, _ := answerOf(r)
 		switch {
 		case u.locked && r.Status == http.StatusGone:
 		case u.locked:
@@ -201,7 +201,7 @@ func (u *ledgerUser) step(s *tally, c *client, unavailable *atomic.Int64) bool {
 			u.cut(&pendingOp{kind: "wrong"}, r, err, unavailable)
 			return err == nil
 		}
-		a, _ := r.answer()
+		a, _ := answerOf(r)
 		switch {
 		case u.locked && r.Status == http.StatusGone:
 		case u.locked:
@@ -251,7 +251,7 @@ func (u *ledgerUser) enrolled(gen uint64, op *pendingOp) {
 
 // checkStatus holds a GET answer to the ledger, which has no pending request.
 func (u *ledgerUser) checkStatus(s *tally, r response, what string) {
-	a, _ := r.answer()
+	a, _ := answerOf(r)
 	switch {
 	case !u.exists && r.Status == http.StatusNotFound:
 	case !u.exists:
@@ -291,7 +291,7 @@ func (u *ledgerUser) check(s *tally, c *client) {
 		s.violation("GET %s after restart: %v", u.id, err)
 		return
 	}
-	a, _ := r.answer()
+	a, _ := answerOf(r)
 	if p := u.pending; p != nil {
 		u.pending = nil
 		same := r.Status == http.StatusOK && a.Generation == u.gen
@@ -331,7 +331,7 @@ func (u *ledgerUser) check(s *tally, c *client) {
 		s.violation("recover %s after restart: %v", u.id, err)
 		return
 	}
-	a, _ = r.answer()
+	a, _ = answerOf(r)
 	switch {
 	case u.locked && r.Status != http.StatusGone:
 		s.violation("%s: locked before the restart, the right PIN now answers %v", u.id, r)

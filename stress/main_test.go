@@ -1,7 +1,6 @@
 package stress
 
 import (
-	"bytes"
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/hex"
@@ -172,60 +171,16 @@ func startVault(t testing.TB, dir string, args ...string) *vault {
 	return kvproc.Start(t, keyvaultBin, dir, startTimeout, args...)
 }
 
-// client speaks JSON to the API with a bearer token.
-type client struct {
-	base  string
-	token string
-	hc    *http.Client
-}
+// client speaks JSON to the API with a bearer token; response is one
+// answer (internal/kvproc, shared with e2e).
+type client struct{ *kvproc.Client }
 
-func newClient(base, token string) *client {
-	return &client{base: base, token: token, hc: &http.Client{
-		Timeout:   60 * time.Second,
-		Transport: &http.Transport{MaxIdleConns: 256, MaxIdleConnsPerHost: 256, IdleConnTimeout: 30 * time.Second},
-	}}
-}
+type response = kvproc.Response
 
-// response is one HTTP answer, body read in full.
-type response struct {
-	Status int
-	Header http.Header
-	Body   []byte
-}
+func newClient(base, token string) *client { return &client{kvproc.NewClient(base, token)} }
 
-func (r response) String() string { return fmt.Sprintf("%d %s", r.Status, bytes.TrimSpace(r.Body)) }
-
-// call sends a request with body (nil: none) sent as JSON.
 func (c *client) call(method, path string, body any, hdr ...string) (response, error) {
-	var rd io.Reader
-	if body != nil {
-		j, err := json.Marshal(body)
-		if err != nil {
-			return response{}, err
-		}
-		rd = bytes.NewReader(j)
-	}
-	req, err := http.NewRequest(method, c.base+path, rd)
-	if err != nil {
-		return response{}, err
-	}
-	if rd != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	req.Header.Set("Authorization", "Bearer "+c.token)
-	for i := 0; i+1 < len(hdr); i += 2 {
-		req.Header.Set(hdr[i], hdr[i+1])
-	}
-	resp, err := c.hc.Do(req)
-	if err != nil {
-		return response{}, err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return response{}, err
-	}
-	return response{Status: resp.StatusCode, Header: resp.Header, Body: b}, nil
+	return c.Call(method, path, body, hdr...)
 }
 
 func backupPath(user string) string { return "/v1/backups/" + user }
@@ -252,7 +207,7 @@ type answer struct {
 	Code              string `json:"code"`
 }
 
-func (r response) answer() (answer, error) {
+func answerOf(r response) (answer, error) {
 	var a answer
 	err := json.Unmarshal(r.Body, &a)
 	return a, err

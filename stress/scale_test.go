@@ -122,7 +122,7 @@ func measure(s *tally, v *vault, c *client, n, samples int) figures {
 			lat = append(lat, time.Since(t0))
 		}
 		s.op(1)
-		if a, _ := r.answer(); err != nil || r.Status != http.StatusOK || a.Secret != b64(secret) {
+		if a, _ := answerOf(r); err != nil || r.Status != http.StatusOK || a.Secret != b64(secret) {
 			s.violation("recover %s: %v %v", user, r, err)
 		}
 	}

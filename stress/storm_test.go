@@ -78,7 +78,7 @@ func storm(s *tally, c *client, prefix string, maxAttempts, guesses int) {
 			s.violation("%s: guess %d: %v", user, g, errs[g])
 			continue
 		}
-		a, _ := r.answer()
+		a, _ := answerOf(r)
 		switch {
 		case r.Status == http.StatusForbidden && a.Code == "wrong_pin":
 			n403++
@@ -101,7 +101,7 @@ func storm(s *tally, c *client, prefix string, maxAttempts, guesses int) {
 	s.op(2)
 	if r, err := c.status(user); err != nil || r.Status != http.StatusOK {
 		s.violation("%s: GET after the storm: %v %v", user, r, err)
-	} else if a, _ := r.answer(); !a.Locked || a.AttemptsRemaining != 0 {
+	} else if a, _ := answerOf(r); !a.Locked || a.AttemptsRemaining != 0 {
 		s.violation("%s: after %d wrong guesses, GET says %v", user, guesses, r)
 	}
 	if r, err := c.recover(user, pin); err != nil || r.Status != http.StatusGone {

@@ -119,7 +119,7 @@ func TestTampering(t *testing.T) {
 				}
 				if r, err := c.recover(b.user, b.pin); err != nil || r.Status != http.StatusOK {
 					s.violation("untouched %s: the right PIN answered %v %v", b.user, r, err)
-				} else if a, _ := r.answer(); a.Secret != b64(b.secret) {
+				} else if a, _ := answerOf(r); a.Secret != b64(b.secret) {
 					s.violation("untouched %s: the right PIN answered another secret", b.user)
 				}
 				continue
@@ -132,7 +132,7 @@ func TestTampering(t *testing.T) {
 			try := func(what string, r response, err error) {
 				s.op(1)
 				requests++
-				a, _ := r.answer()
+				a, _ := answerOf(r)
 				switch {
 				case err != nil:
 					s.violation("%s %s (%s): %v", what, b.user, b.kind, err)

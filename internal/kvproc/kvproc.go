@@ -9,6 +9,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -328,4 +330,90 @@ func RecordKey(ns, user string) []byte {
 	k = append(k, ns...)
 	k = append(k, byte(len(user)))
 	return append(k, user...)
+}
+
+// Client speaks JSON to the API with a bearer token.
+type Client struct {
+	base, token string
+	hc          *http.Client
+}
+
+// NewClient is a client of the API at base with the bearer token (none if
+// empty), with connections enough for a load of concurrent callers.
+func NewClient(base, token string) *Client {
+	return &Client{base: base, token: token, hc: &http.Client{
+		Timeout:   60 * time.Second,
+		Transport: &http.Transport{MaxIdleConns: 256, MaxIdleConnsPerHost: 256, IdleConnTimeout: 30 * time.Second},
+	}}
+}
+
+// Response is one HTTP answer, body read in full.
+type Response struct {
+	Status int
+	Header http.Header
+	Body   []byte
+}
+
+func (r Response) String() string {
+	return fmt.Sprintf("%d %s", r.Status, bytes.TrimSpace(r.Body))
+}
+
+// JSON decodes the body as an object; numbers become float64.
+func (r Response) JSON(t testing.TB) map[string]any {
+	t.Helper()
+	var m map[string]any
+	if err := json.Unmarshal(r.Body, &m); err != nil {
+		t.Fatalf("body is not a JSON object: %v: %s", err, r.Body)
+	}
+	return m
+}
+
+// RawBody is sent as is; an io.Reader is sent with no length (chunked).
+type RawBody []byte
+
+// Call sends a request. body: nil (none), RawBody, io.Reader, or a value
+// sent as JSON. hdr holds name/value pairs; an empty Authorization value
+// removes the header.
+func (c *Client) Call(method, path string, body any, hdr ...string) (Response, error) {
+	var rd io.Reader
+	switch b := body.(type) {
+	case nil:
+	case RawBody:
+		rd = bytes.NewReader(b)
+	case io.Reader:
+		rd = struct{ io.Reader }{b} // hide the length: chunked encoding
+	default:
+		j, err := json.Marshal(b)
+		if err != nil {
+			return Response{}, err
+		}
+		rd = bytes.NewReader(j)
+	}
+	req, err := http.NewRequest(method, c.base+path, rd)
+	if err != nil {
+		return Response{}, err
+	}
+	if rd != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	for i := 0; i+1 < len(hdr); i += 2 {
+		if hdr[i+1] == "" {
+			req.Header.Del(hdr[i])
+		} else {
+			req.Header.Set(hdr[i], hdr[i+1])
+		}
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return Response{}, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return Response{}, err
+	}
+	return Response{Status: resp.StatusCode, Header: resp.Header, Body: b}, nil
 }
