@@ -297,16 +297,6 @@ func (a *anchoring) idle() error {
 	return a.write(context.Background(), a.point(a.meta, a.digest), nil)
 }
 
-// AnchorMeta returns the store's anchor meta as stored, nil if none.
-func (s *Store) AnchorMeta() []byte {
-	var raw []byte
-	s.db.View(func(tx *bolt.Tx) error {
-		raw = bytes.Clone(tx.Bucket(bucketMeta).Get(keyAnchorMeta))
-		return nil
-	})
-	return raw
-}
-
 // Status is what the store and the members say about rollback resistance.
 type Status struct {
 	Meta     *anchor.Meta // nil: the store has none
@@ -315,6 +305,8 @@ type Status struct {
 	Anchors  map[string][]anchor.Anchor // valid anchors by member
 	Decision anchor.Decision
 	Err      error // the check's verdict: nil, or why it refuses
+
+	scanned anchor.State // the store as scanned, for AcceptRestore
 }
 
 // AnchorStatus runs the start-up check without changing anything.
@@ -323,7 +315,7 @@ func (s *Store) AnchorStatus(ctx context.Context, keys anchor.Keys, members Anch
 	if err != nil {
 		return Status{}, err
 	}
-	out := Status{Records: st.Records, Found: members.ReadAnchors(ctx), Anchors: map[string][]anchor.Anchor{}}
+	out := Status{Records: st.Records, Found: members.ReadAnchors(ctx), Anchors: map[string][]anchor.Anchor{}, scanned: st}
 	if st.Meta != nil {
 		if m, err := keys.ParseMeta(st.Meta); err == nil {
 			out.Meta = &m
@@ -405,14 +397,18 @@ func (s *Store) AcceptRestore(ctx context.Context, keys anchor.Keys, members Anc
 	if err := s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketMeta).Put(keyAnchorMeta, raw) }); err != nil {
 		return acc, fmt.Errorf("write the new epoch to the store: %w", err)
 	}
-	st, err := s.scan(anchor.NewHasher(keys.Digest))
-	if err != nil {
-		return acc, err
+	// The digest of the store as it is now: the scanned one with its meta
+	// replaced, not a second scan.
+	h := anchor.NewHasher(keys.Digest)
+	d := before.scanned.Digest
+	if before.scanned.Meta != nil {
+		d = h.RemoveMeta(d, before.scanned.Meta)
 	}
-	a := &anchoring{keys: keys, hasher: anchor.NewHasher(keys.Digest), members: members, log: slog.New(slog.DiscardHandler),
-		metrics: newAnchorMetrics(nil), meta: m, metaRaw: raw, digest: st.Digest, w: w}
+	d = h.AddMeta(d, raw)
+	a := &anchoring{keys: keys, hasher: h, members: members, log: slog.New(slog.DiscardHandler),
+		metrics: newAnchorMetrics(nil), meta: m, metaRaw: raw, digest: d, w: w}
 	a.live, a.named = members.Members(), members.Members()
-	if err := a.write(ctx, a.point(m, st.Digest), nil); err != nil {
+	if err := a.write(ctx, a.point(m, d), nil); err != nil {
 		return acc, err
 	}
 	acc.Epoch, acc.Seq, acc.Members = m.Epoch, m.Seq, a.live
