@@ -2,6 +2,7 @@ package hsmpool
 
 import (
 	"context"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"sync"
@@ -11,27 +12,47 @@ import (
 	"github.com/keyvault/keyvault/anchor"
 )
 
-// AnchorLabel is the CKA_LABEL of the data objects that hold rollback
-// anchors on each member (see package anchor).
-const AnchorLabel = "keyvault-anchor"
+// AnchorApplication is the CKA_APPLICATION of the data objects that hold
+// rollback anchors on each member (see package anchor).
+const AnchorApplication = "keyvault-anchor"
+
+// legacyAnchorLabel is the CKA_LABEL of the anchor objects of keyvault
+// before anchors moved to slots: such an object holds its anchor in
+// CKA_VALUE. They are still read, and the first write removes them.
+const legacyAnchorLabel = "keyvault-anchor"
 
 // anchorKeeper is a token that can keep anchor objects. Tokens that tests
 // inject need not be one.
 type anchorKeeper interface {
-	// ReadAnchors returns the value of every anchor object on the token.
+	// ReadAnchors returns every anchor the token holds.
 	ReadAnchors() ([][]byte, error)
-	// WriteAnchor creates an anchor object holding value, then destroys
-	// every other one. A failure after the create leaves both; readers
-	// take the newest valid one, so that is safe.
-	WriteAnchor(value []byte) error
+	// WriteAnchor stores value, the anchor with write number w, so that
+	// it and at least the anchor written before it can be read back, even
+	// if the process dies during the write. It refuses a w not above the
+	// last one it wrote: a write abandoned after its timeout may still run
+	// later, and must not take the member's anchor backwards.
+	WriteAnchor(w uint64, value []byte) error
 }
 
-// anchorObjects reaches a token's data objects through miekg/pkcs11:
-// crypto11 has no data-object calls. It shares the module crypto11 loaded
-// (Initialize answers CKR_CRYPTOKI_ALREADY_INITIALIZED, which is fine),
-// never finalises it and never logs in or out: PKCS#11 login state belongs
-// to the application, so its session is logged in through crypto11's, and
-// a logout here would invalidate every key handle. Its one session is
+// errStaleAnchor: an anchor write arrived after a newer one.
+var errStaleAnchor = errors.New("a newer anchor has been written to this member")
+
+// anchorObjects keeps a token's anchors in two private data objects,
+// "slots", and writes them in turn: each write replaces the older slot in
+// place, so the newer one stands if the write is cut off. (SoftHSM rewrites
+// an object's file in place without fsync; a SIGKILL mid-write leaves a
+// torn file, which C_FindObjects skips.) The anchor is kept, base64
+// encoded, in the slot's CKA_LABEL: SoftHSM makes a data object's
+// CKA_VALUE read-only once created, and replacing an object costs a create
+// (about 2.7 ms on SoftHSM) where an in-place update costs about 0.3 ms,
+// and every write of the store waits for one.
+//
+// It reaches the objects through miekg/pkcs11, as crypto11 has no
+// data-object calls. It shares the module crypto11 loaded (Initialize
+// answers CKR_CRYPTOKI_ALREADY_INITIALIZED, which is fine), never
+// finalises it and never logs in or out: PKCS#11 login state belongs to
+// the application, so its session is logged in through crypto11's, and a
+// logout here would invalidate every key handle. Its one session is
 // opened on first use and serialised by mu.
 type anchorObjects struct {
 	module, label string
@@ -39,10 +60,12 @@ type anchorObjects struct {
 	mu      sync.Mutex
 	ctx     *pkcs11.Ctx
 	session pkcs11.SessionHandle
-	// known are the anchor objects on the token as of the last find or
-	// write, so that a write need not search (a search costs SoftHSM a
-	// pass over the token's objects); nil: search.
-	known []pkcs11.ObjectHandle
+	// slots are the slot objects this session has written, the newest
+	// last; nil: not known, so the next write starts over from a new
+	// object and removes every other anchor object on the token.
+	slots []pkcs11.ObjectHandle
+	// lastW is the highest write number written through this session.
+	lastW uint64
 }
 
 func (a *anchorObjects) open() error {
@@ -97,24 +120,37 @@ func (a *anchorObjects) with(fn func(*pkcs11.Ctx, pkcs11.SessionHandle) error) e
 		return err
 	}
 	if err := fn(a.ctx, a.session); err != nil {
+		if errors.Is(err, errStaleAnchor) {
+			return err // refused before any call: the session is fine
+		}
 		a.ctx.CloseSession(a.session)
 		a.ctx.Destroy()
-		a.ctx, a.known = nil, nil
+		a.ctx, a.slots = nil, nil
 		return err
 	}
 	return nil
 }
 
-func anchorTemplate() []*pkcs11.Attribute {
-	return []*pkcs11.Attribute{
+// anchorKinds are the two kinds of anchor object: slots (the anchor in
+// CKA_LABEL) and legacy objects (the anchor in CKA_VALUE).
+var anchorKinds = []struct {
+	find []*pkcs11.Attribute
+	attr uint
+}{
+	{[]*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_DATA),
 		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
-		pkcs11.NewAttribute(pkcs11.CKA_LABEL, AnchorLabel),
-	}
+		pkcs11.NewAttribute(pkcs11.CKA_APPLICATION, AnchorApplication),
+	}, pkcs11.CKA_LABEL},
+	{[]*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_DATA),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, legacyAnchorLabel),
+	}, pkcs11.CKA_VALUE},
 }
 
-func findAnchors(p *pkcs11.Ctx, s pkcs11.SessionHandle) ([]pkcs11.ObjectHandle, error) {
-	if err := p.FindObjectsInit(s, anchorTemplate()); err != nil {
+func findObjects(p *pkcs11.Ctx, s pkcs11.SessionHandle, template []*pkcs11.Attribute) ([]pkcs11.ObjectHandle, error) {
+	if err := p.FindObjectsInit(s, template); err != nil {
 		return nil, fmt.Errorf("find anchors: %w", err)
 	}
 	var all []pkcs11.ObjectHandle
@@ -135,50 +171,90 @@ func findAnchors(p *pkcs11.Ctx, s pkcs11.SessionHandle) ([]pkcs11.ObjectHandle, 
 	return all, nil
 }
 
+// findAnchors returns every anchor object on the token, of both kinds,
+// with the attribute that holds each one's anchor.
+func findAnchors(p *pkcs11.Ctx, s pkcs11.SessionHandle) (objs []pkcs11.ObjectHandle, attrs []uint, err error) {
+	for _, k := range anchorKinds {
+		found, err := findObjects(p, s, k.find)
+		if err != nil {
+			return nil, nil, err
+		}
+		for _, o := range found {
+			objs, attrs = append(objs, o), append(attrs, k.attr)
+		}
+	}
+	return objs, attrs, nil
+}
+
 func (a *anchorObjects) ReadAnchors() ([][]byte, error) {
 	var values [][]byte
 	err := a.with(func(p *pkcs11.Ctx, s pkcs11.SessionHandle) error {
-		objs, err := findAnchors(p, s)
+		objs, kinds, err := findAnchors(p, s)
 		if err != nil {
 			return err
 		}
-		a.known = objs
-		for _, o := range objs {
-			attrs, err := p.GetAttributeValue(s, o, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_VALUE, nil)})
+		for i, o := range objs {
+			attrs, err := p.GetAttributeValue(s, o, []*pkcs11.Attribute{pkcs11.NewAttribute(kinds[i], nil)})
 			if err != nil {
 				return fmt.Errorf("read anchor: %w", err)
 			}
-			values = append(values, attrs[0].Value)
+			v := attrs[0].Value
+			if kinds[i] == pkcs11.CKA_LABEL {
+				// A label that does not decode is passed on as it is: it
+				// fails the anchor's MAC, and the check counts it.
+				if d, err := base64.RawStdEncoding.DecodeString(string(v)); err == nil {
+					v = d
+				}
+			}
+			values = append(values, v)
 		}
 		return nil
 	})
 	return values, err
 }
 
-func (a *anchorObjects) WriteAnchor(value []byte) error {
+func (a *anchorObjects) WriteAnchor(w uint64, value []byte) error {
 	return a.with(func(p *pkcs11.Ctx, s pkcs11.SessionHandle) error {
-		old := a.known
-		if old == nil {
+		if w <= a.lastW {
+			return fmt.Errorf("anchor write %d: %w (%d)", w, errStaleAnchor, a.lastW)
+		}
+		label := pkcs11.NewAttribute(pkcs11.CKA_LABEL, base64.RawStdEncoding.EncodeToString(value))
+		if len(a.slots) == 2 {
+			older := a.slots[0]
+			if err := p.SetAttributeValue(s, older, []*pkcs11.Attribute{label}); err != nil {
+				return fmt.Errorf("write anchor: %w", err)
+			}
+			a.slots[0], a.slots[1] = a.slots[1], older
+			a.lastW = w
+			return nil
+		}
+		var old []pkcs11.ObjectHandle
+		if a.slots == nil {
 			var err error
-			if old, err = findAnchors(p, s); err != nil {
+			if old, _, err = findAnchors(p, s); err != nil {
 				return err
 			}
 		}
-		// Private: only a logged-in application reads it. Not modifiable:
-		// an anchor is replaced by a newer object, never edited.
-		t := append(anchorTemplate(),
+		// Private: only a logged-in application reads or writes it.
+		h, err := p.CreateObject(s, []*pkcs11.Attribute{
+			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_DATA),
+			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
 			pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
-			pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, false),
-			pkcs11.NewAttribute(pkcs11.CKA_APPLICATION, "keyvault"),
-			pkcs11.NewAttribute(pkcs11.CKA_VALUE, value))
-		h, err := p.CreateObject(s, t)
+			pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, true),
+			pkcs11.NewAttribute(pkcs11.CKA_APPLICATION, AnchorApplication),
+			label,
+		})
 		if err != nil {
 			return fmt.Errorf("create anchor: %w", err)
 		}
-		a.known = []pkcs11.ObjectHandle{h}
+		a.slots = append(a.slots, h)
+		a.lastW = w
+		// Starting over: the new object is the newest; the others go, so
+		// that the next write, which creates the second slot, knows both.
+		// A failure here leaves them beside it; readers take the newest
+		// valid anchor, so that is safe.
 		for _, o := range old {
 			if err := p.DestroyObject(s, o); err != nil {
-				a.known = nil // search next time
 				return fmt.Errorf("destroy an older anchor: %w", err)
 			}
 		}
@@ -187,7 +263,9 @@ func (a *anchorObjects) WriteAnchor(value []byte) error {
 }
 
 func (t *p11Token) ReadAnchors() ([][]byte, error) { return t.anchorObjs.ReadAnchors() }
-func (t *p11Token) WriteAnchor(v []byte) error     { return t.anchorObjs.WriteAnchor(v) }
+func (t *p11Token) WriteAnchor(w uint64, v []byte) error {
+	return t.anchorObjs.WriteAnchor(w, v)
+}
 
 // errNoAnchors: the member's token cannot keep anchor objects.
 var errNoAnchors = errors.New("this member's token keeps no anchor objects")
@@ -224,11 +302,12 @@ func (p *Pool) ReadAnchors(ctx context.Context) []anchor.Found {
 	return found
 }
 
-// WriteAnchor writes value as the anchor of the named member.
-func (p *Pool) WriteAnchor(ctx context.Context, member string, value []byte) error {
+// WriteAnchor writes value, the anchor with write number w, as the anchor
+// of the named member.
+func (p *Pool) WriteAnchor(ctx context.Context, member string, w uint64, value []byte) error {
 	for _, m := range p.members {
 		if m.name == member {
-			return p.onMember(ctx, m, "anchor_write", func(k anchorKeeper) error { return k.WriteAnchor(value) })
+			return p.onMember(ctx, m, "anchor_write", func(k anchorKeeper) error { return k.WriteAnchor(w, value) })
 		}
 	}
 	return fmt.Errorf("write anchor: no member named %q", member)

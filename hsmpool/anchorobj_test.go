@@ -4,14 +4,17 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"slices"
 	"testing"
 
 	"github.com/miekg/pkcs11"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// Anchors live on each member as private, unmodifiable data objects; a
-// write leaves exactly the newest one, and they outlive the process.
+// Anchors live on each member in two private slot objects written in
+// turn, so a member keeps its newest anchor and the one before; a write
+// never takes a member backwards; anchors outlive the process; and the
+// first write of a process starts over from one object.
 func TestAnchorObjects(t *testing.T) {
 	a, b := newMember(t, "a"), newMember(t, "b")
 	if _, err := Provision([]MemberConfig{a, b}); err != nil {
@@ -30,27 +33,37 @@ func TestAnchorObjects(t *testing.T) {
 			t.Fatalf("fresh member %s: %d anchors, %v", f.Member, len(f.Values), f.Err)
 		}
 	}
-	for _, v := range []string{"first", "second", "third"} {
-		if err := p.WriteAnchor(ctx, "a", []byte(v)); err != nil {
+	for i, v := range []string{"first", "second", "third"} {
+		if err := p.WriteAnchor(ctx, "a", uint64(i+1), []byte(v)); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := p.WriteAnchor(ctx, "b", []byte("b's")); err != nil {
+	if err := p.WriteAnchor(ctx, "b", 1, []byte("b's")); err != nil {
 		t.Fatal(err)
 	}
-	if err := p.WriteAnchor(ctx, "c", []byte("x")); err == nil {
+	for _, w := range []uint64{3, 2} {
+		if err := p.WriteAnchor(ctx, "a", w, []byte("stale")); !errors.Is(err, errStaleAnchor) {
+			t.Fatalf("write %d after write 3: %v, want errStaleAnchor", w, err)
+		}
+	}
+	if err := p.WriteAnchor(ctx, "c", 1, []byte("x")); err == nil {
 		t.Fatal("wrote an anchor to a member that does not exist")
 	}
 	// Key operations still work beside the anchor session.
 	if _, err := p.HMAC(ctx, pin1, []byte("m")); err != nil {
 		t.Fatal(err)
 	}
-	want := map[string]string{"a": "third", "b": "b's"}
+	want := map[string][]string{"a": {"second", "third"}, "b": {"b's"}}
 	check := func(p *Pool) {
 		t.Helper()
 		for _, f := range p.ReadAnchors(ctx) {
-			if f.Err != nil || len(f.Values) != 1 || string(f.Values[0]) != want[f.Member] {
-				t.Fatalf("member %s: %q %v, want only %q", f.Member, f.Values, f.Err, want[f.Member])
+			var got []string
+			for _, v := range f.Values {
+				got = append(got, string(v))
+			}
+			slices.Sort(got)
+			if f.Err != nil || !slices.Equal(got, want[f.Member]) {
+				t.Fatalf("member %s: %q %v, want %q", f.Member, got, f.Err, want[f.Member])
 			}
 		}
 	}
@@ -61,30 +74,73 @@ func TestAnchorObjects(t *testing.T) {
 		t.Fatal(err)
 	}
 	check(p)
+	// A new process does not know which slot is older: it starts over
+	// from a new object, then writes the second slot, then updates in
+	// place, oldest first.
+	for i, w := range []string{"fourth", "fifth", "sixth", "seventh"} {
+		if err := p.WriteAnchor(ctx, "a", uint64(4+i), []byte(w)); err != nil {
+			t.Fatal(err)
+		}
+		want["a"] = [][]string{{"fourth"}, {"fifth", "fourth"}, {"fifth", "sixth"}, {"seventh", "sixth"}}[i]
+		slices.Sort(want["a"])
+		check(p)
+	}
 	p.Close()
 
-	// Outside the vault: the object is private (invisible without login)
-	// and refuses edits.
+	// Outside the vault: two private objects, invisible without login.
 	err = withSession(a, func(c *pkcs11.Ctx, s pkcs11.SessionHandle) error {
-		objs, err := findAnchors(c, s)
-		if err != nil || len(objs) != 1 {
+		objs, _, err := findAnchors(c, s)
+		if err != nil || len(objs) != 2 {
 			t.Fatalf("%d anchors on a: %v", len(objs), err)
 		}
-		attrs, err := c.GetAttributeValue(s, objs[0], []*pkcs11.Attribute{
-			pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, nil), pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, nil)})
-		if err != nil {
-			return err
-		}
-		if !bytes.Equal(attrs[0].Value, []byte{1}) || !bytes.Equal(attrs[1].Value, []byte{0}) {
-			t.Errorf("private %v, modifiable %v; want true, false", attrs[0].Value, attrs[1].Value)
-		}
-		if err := c.SetAttributeValue(s, objs[0], []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_VALUE, []byte("edited"))}); err == nil {
-			t.Error("an anchor object was edited in place")
+		for _, o := range objs {
+			attrs, err := c.GetAttributeValue(s, o, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, nil)})
+			if err != nil {
+				return err
+			}
+			if !bytes.Equal(attrs[0].Value, []byte{1}) {
+				t.Errorf("private %v, want true", attrs[0].Value)
+			}
 		}
 		return nil
 	}, func(*pkcs11.Ctx, pkcs11.SessionHandle, string) error { return nil })
 	if err != nil {
 		t.Fatal(err)
+	}
+}
+
+// An anchor object of the layout before slots (the anchor in CKA_VALUE of
+// an object labelled keyvault-anchor) is read, and the first write removes it.
+func TestLegacyAnchorObjects(t *testing.T) {
+	a := newMember(t, "a")
+	if _, err := Provision([]MemberConfig{a}); err != nil {
+		t.Fatal(err)
+	}
+	err := withSession(a, func(c *pkcs11.Ctx, s pkcs11.SessionHandle) error {
+		_, err := c.CreateObject(s, []*pkcs11.Attribute{
+			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_DATA),
+			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+			pkcs11.NewAttribute(pkcs11.CKA_LABEL, legacyAnchorLabel),
+			pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
+			pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, false),
+			pkcs11.NewAttribute(pkcs11.CKA_APPLICATION, "keyvault"),
+			pkcs11.NewAttribute(pkcs11.CKA_VALUE, []byte("legacy")),
+		})
+		return err
+	}, func(*pkcs11.Ctx, pkcs11.SessionHandle, string) error { return nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := openPool(t, prometheus.NewRegistry(), a)
+	ctx := context.Background()
+	if f := p.ReadAnchors(ctx); f[0].Err != nil || len(f[0].Values) != 1 || string(f[0].Values[0]) != "legacy" {
+		t.Fatalf("legacy anchor: %q %v", f[0].Values, f[0].Err)
+	}
+	if err := p.WriteAnchor(ctx, "a", 7, []byte("slot")); err != nil {
+		t.Fatal(err)
+	}
+	if f := p.ReadAnchors(ctx); f[0].Err != nil || len(f[0].Values) != 1 || string(f[0].Values[0]) != "slot" {
+		t.Fatalf("after the first write: %q %v", f[0].Values, f[0].Err)
 	}
 }
 
@@ -112,16 +168,16 @@ func TestAnchorsAfterReload(t *testing.T) {
 	}
 	p := openPool(t, prometheus.NewRegistry(), a)
 	ctx := context.Background()
-	if err := p.WriteAnchor(ctx, "a", []byte("before")); err != nil {
+	if err := p.WriteAnchor(ctx, "a", 1, []byte("before")); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := p.Reload(); err != nil {
 		t.Fatal(err)
 	}
-	if err := p.WriteAnchor(ctx, "a", []byte("after")); err != nil {
+	if err := p.WriteAnchor(ctx, "a", 2, []byte("after")); err != nil {
 		t.Fatalf("anchor write after a reload: %v", err)
 	}
-	if f := p.ReadAnchors(ctx); f[0].Err != nil || len(f[0].Values) != 1 || string(f[0].Values[0]) != "after" {
+	if f := p.ReadAnchors(ctx); f[0].Err != nil || len(f[0].Values) != 2 || !slices.ContainsFunc(f[0].Values, func(v []byte) bool { return string(v) == "after" }) {
 		t.Fatalf("anchors after a reload: %q %v", f[0].Values, f[0].Err)
 	}
 }

@@ -21,7 +21,8 @@
 # BENCH_WARMUP (2s, unmeasured load before each run),
 # BENCH_USERS (2000), BENCH_API (127.0.0.1:18480), BENCH_ADMIN (127.0.0.1:18490),
 # BENCH_KEEP=1 keeps the directory, BENCH_PROFILE=FILE saves a 10 s CPU
-# profile of the vault taken during the recover run.
+# profile of the vault taken during the recover run in FILE, and during the
+# anchored one in FILE.anchor.
 set -euo pipefail
 
 BIN=${BIN:-bin/keyvault}
@@ -96,10 +97,14 @@ if [ "${BENCH_ANCHOR:-1}" != 0 ]; then
 	"$BIN" serve --config "$dir/keyvault.yaml" >"$dir/log" 2>&1 &
 	pid=$!
 	wait_ready
+	if [ -n "${BENCH_PROFILE:-}" ]; then
+		(sleep 4; curl -fsS -o "$BENCH_PROFILE.anchor" "http://$ADMIN/debug/pprof/profile?seconds=10") &
+	fi
 	results=$dir/results-anchor.jsonl
 	run --url "http://$API" --token-file "$dir/token" --users "$U" --op recover
 	run --url "http://$API" --token-file "$dir/token" --users "$U" --op enroll
-	half=$(awk -F'"succeeded_per_second":' '/"op":"recover"/ { split($2, a, ","); printf "%d", a[1] / 2 }' "$results")
+	# The same offered load as the run without anchoring, so that the
+	# latencies compare.
 	run --url "http://$API" --token-file "$dir/token" --users "$U" --op recover --rate "$half"
 	stop_vault
 	results=$dir/results.jsonl

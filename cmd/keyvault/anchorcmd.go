@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -114,13 +115,22 @@ func printAnchorStatus(w io.Writer, st boltstore.Status) {
 		case len(st.Anchors[f.Member]) == 0:
 			fmt.Fprintf(w, "member %s: no anchor (%d objects)\n", f.Member, len(f.Values))
 		}
-		for _, a := range st.Anchors[f.Member] {
+		// Newest first; a member keeps the anchor before its newest too,
+		// in case a write is cut off.
+		as := slices.SortedFunc(slices.Values(st.Anchors[f.Member]), func(a, b anchor.Anchor) int {
+			return cmp.Or(cmp.Compare(b.Epoch, a.Epoch), cmp.Compare(b.W, a.W))
+		})
+		for i, a := range as {
 			pending := "none"
 			if a.Pending != nil {
 				pending = fmt.Sprint(a.Pending.Seq)
 			}
-			fmt.Fprintf(w, "member %s: epoch %d, write %d, base seq %d, pending %s, live %s\n",
-				f.Member, a.Epoch, a.W, a.Base.Seq, pending, strings.Join(slices.Sorted(slices.Values(a.Live)), ","))
+			who := "member " + f.Member
+			if i > 0 {
+				who = "  older"
+			}
+			fmt.Fprintf(w, "%s: epoch %d, write %d, base seq %d, pending %s, live %s\n",
+				who, a.Epoch, a.W, a.Base.Seq, pending, strings.Join(slices.Sorted(slices.Values(a.Live)), ","))
 		}
 	}
 	if st.Err != nil {

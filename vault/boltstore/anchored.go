@@ -28,8 +28,10 @@ type Anchors interface {
 	Members() []string
 	// ReadAnchors reads the anchor objects of every configured member.
 	ReadAnchors(ctx context.Context) []anchor.Found
-	// WriteAnchor replaces the named member's anchor with value.
-	WriteAnchor(ctx context.Context, member string, value []byte) error
+	// WriteAnchor replaces the named member's anchor with value, the
+	// anchor with write number w; it refuses a w not above the last one
+	// written to that member.
+	WriteAnchor(ctx context.Context, member string, w uint64, value []byte) error
 }
 
 // anchorTimeout bounds one anchor write to the members: answers wait for
@@ -226,7 +228,7 @@ func (a *anchoring) write(ctx context.Context, base anchor.Point, pending *ancho
 		wg.Go(func() {
 			raw, err := a.keys.MarshalAnchor(anchor.Anchor{VaultID: a.meta.VaultID, Member: m, Epoch: a.meta.Epoch, W: w, Live: prev, Base: base, Pending: pending})
 			if err == nil {
-				err = a.members.WriteAnchor(ctx, m, raw)
+				err = a.members.WriteAnchor(ctx, m, w, raw)
 			}
 			ok[i], errs[i] = err == nil, err
 		})

@@ -55,7 +55,7 @@ func (f *fakeAnchors) ReadAnchors(context.Context) []anchor.Found {
 	return out
 }
 
-func (f *fakeAnchors) WriteAnchor(ctx context.Context, member string, value []byte) error {
+func (f *fakeAnchors) WriteAnchor(ctx context.Context, member string, _ uint64, value []byte) error {
 	f.mu.Lock()
 	if f.attempts == nil {
 		f.attempts = map[string]int{}
@@ -224,7 +224,7 @@ func (f *ctlAnchors) ReadAnchors(context.Context) []anchor.Found {
 	}
 	return out
 }
-func (f *ctlAnchors) WriteAnchor(_ context.Context, m string, v []byte) error {
+func (f *ctlAnchors) WriteAnchor(_ context.Context, m string, _ uint64, v []byte) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.fail[m] {
