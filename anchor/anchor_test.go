@@ -330,6 +330,19 @@ func TestCheck(t *testing.T) {
 		c.anchor = map[string][][]byte{}
 		wantRefused(t, check(c, w.state()), ReasonNoAnchor)
 	})
+	t.Run("a store kept with anchoring off is adopted", func(t *testing.T) {
+		c := w.clone()
+		c.anchor = map[string][][]byte{}
+		st := w.state()
+		st.Meta = nil // never anchored: no meta
+		if d, err := c.k.Check(c.found(), st); err != nil || !d.Fresh || !d.Adopted {
+			t.Fatalf("%+v %v, want fresh and adopted", d, err)
+		}
+		// Not with a member silent (it may hold the anchors), nor where
+		// anchors exist (a copy from before anchoring was turned on).
+		wantRefused(t, check(c, st, "b"), ReasonMemberMissing)
+		wantRefused(t, check(w, st), ReasonRollback)
+	})
 	t.Run("an empty store where anchors exist", func(t *testing.T) {
 		wantRefused(t, check(w, State{}), ReasonRollback)
 	})

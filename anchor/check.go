@@ -68,7 +68,12 @@ type Decision struct {
 	// Fresh: neither store nor members hold anything yet; the caller
 	// creates the vault ID, meta and first anchor.
 	Fresh bool
-	Meta  Meta
+	// Adopted: Fresh, but the store already holds records: it was kept
+	// with anchoring off (it has no meta, which every anchored store
+	// has) and no member holds an anchor. Anchoring starts from it as it
+	// is; the caller should say so loudly.
+	Adopted bool
+	Meta    Meta
 	// Anchor is the newest valid anchor (zero when Fresh), and Holders
 	// the members that hold it.
 	Anchor  Anchor
@@ -123,17 +128,23 @@ func (k Keys) Check(found []Found, st State) (Decision, error) {
 		// that never reached a member wrote) and members that all answered
 		// with no anchor at all. A silent member may hold anchors, and an
 		// empty store where anchors exist is the oldest state of all.
+		//
+		// A store with records but no meta was kept with anchoring off
+		// (an anchored store gets its meta at its first start, before any
+		// write): with every member answering and holding nothing, it is
+		// adopted as it is. A store with a meta and no anchor anywhere had
+		// its anchors removed, and is refused.
 		silent := len(answered) < len(found)
 		switch {
-		case st.Records == 0 && d.Ignored == 0 && !silent:
-			d.Fresh = true
+		case (st.Records == 0 || meta == nil) && d.Ignored == 0 && !silent:
+			d.Fresh, d.Adopted = true, st.Records > 0
 			return d, nil
 		case st.Records == 0 && d.Ignored > 0:
 			return Decision{}, refuse(ReasonRollback, "the store is empty but the members hold anchors")
-		case st.Records == 0:
-			return Decision{}, refuse(ReasonMemberMissing, "the store is empty and not every member answered: a silent one may hold its anchors")
+		case st.Records == 0 || meta == nil:
+			return Decision{}, refuse(ReasonMemberMissing, "the store has no anchor meta and not every member answered: a silent one may hold its anchors")
 		}
-		return Decision{}, refuse(ReasonNoAnchor, "the store holds %d records but no member answered with an anchor of its vault", st.Records)
+		return Decision{}, refuse(ReasonNoAnchor, "the store holds %d records and its anchor meta, but no member answered with an anchor of its vault", st.Records)
 	}
 	for _, m := range best.Live {
 		if !answered[m] {

@@ -159,12 +159,19 @@ type Store struct {
 	Path string `yaml:"path"`
 	// RollbackAnchor keeps a digest of the store anchored in every HSM
 	// member, and refuses at start a store rolled back, in whole or in
-	// part, behind the anchor (README "Rollback resistance"). Default
-	// false. bbolt only: refused with driver etcd.
-	RollbackAnchor bool `yaml:"rollback_anchor"`
+	// part, behind the anchor (README "Rollback resistance"). bbolt only:
+	// on by default with driver bolt, refused with driver etcd. Read it
+	// through Anchored.
+	RollbackAnchor *bool `yaml:"rollback_anchor"`
 	// Etcd configures the etcd driver. Required with driver etcd, refused
 	// with bolt.
 	Etcd *Etcd `yaml:"etcd"`
+}
+
+// Anchored reports whether rollback anchoring is on: with driver bolt
+// unless rollback_anchor is false, never with etcd.
+func (s Store) Anchored() bool {
+	return (s.Driver == DriverBolt || s.Driver == "") && (s.RollbackAnchor == nil || *s.RollbackAnchor)
 }
 
 // Store drivers.

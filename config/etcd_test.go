@@ -22,8 +22,17 @@ func TestStoreDriverEtcd(t *testing.T) {
 	if err != nil || cfg.Store.Etcd.KeyPrefix != "/kv-eu/" || cfg.Store.Etcd.DialTimeout != 2*time.Second || cfg.Store.Etcd.RequestTimeout != 750*time.Millisecond {
 		t.Fatalf("explicit settings: %v %+v", err, cfg)
 	}
-	if cfg, err := Parse(render(t, fx, minimalYAML)); err != nil || cfg.Store.Driver != DriverBolt {
-		t.Fatalf("default driver: %v", err)
+	if cfg.Store.Anchored() {
+		t.Error("rollback anchoring is on with driver etcd")
+	}
+	if cfg, err := Parse(render(t, fx, minimalYAML)); err != nil || cfg.Store.Driver != DriverBolt || !cfg.Store.Anchored() {
+		t.Fatalf("default driver: %v, or rollback anchoring off by default on bolt", err)
+	}
+	if cfg, err := Parse(render(t, fx, "store:\n  path: {{.Store}}\n  rollback_anchor: false\n"+hsmBlock+clientsBlock)); err != nil || cfg.Store.Anchored() {
+		t.Fatalf("rollback_anchor false: %v, or still on", err)
+	}
+	if cfg, err := Parse(render(t, fx, "store:\n  driver: etcd\n  rollback_anchor: false\n  etcd:\n    endpoints: [http://127.0.0.1:2379]\n"+hsmBlock+clientsBlock)); err != nil || cfg.Store.Anchored() {
+		t.Fatalf("rollback_anchor false on etcd: %v", err)
 	}
 
 	for _, c := range []struct {

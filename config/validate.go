@@ -143,7 +143,7 @@ func (v *validator) store(s Store) {
 		if s.Path != "" {
 			v.add("store.path", "not used with driver etcd")
 		}
-		if s.RollbackAnchor {
+		if s.RollbackAnchor != nil && *s.RollbackAnchor {
 			v.add("store.rollback_anchor", "not available with driver etcd: rollback anchoring is bbolt only (README \"Running on etcd\")")
 		}
 		v.etcd(s.Etcd)

@@ -77,6 +77,20 @@ func startDev(t testing.TB, dir string) *vault {
 	return startDevLimited(t, dir)
 }
 
+// startDevUnanchored is startDev with rollback anchoring off, for tests of
+// the record MACs that edit records of a stopped vault (see
+// kvproc.SetRollbackAnchor).
+func startDevUnanchored(t testing.TB, dir string) *vault {
+	t.Helper()
+	cfg := filepath.Join(dir, "keyvault.yaml")
+	if _, err := os.Stat(cfg); errors.Is(err, os.ErrNotExist) {
+		startDevLimited(t, dir).Stop()
+		setRateLimits(t, cfg, kvproc.LimitsOff)
+		kvproc.SetRollbackAnchor(t, cfg, false)
+	}
+	return startDevLimited(t, dir)
+}
+
 // startDevLimited runs `keyvault dev` on dir as it is: on a new dir, with
 // the default rate limits.
 func startDevLimited(t testing.TB, dir string) *vault {

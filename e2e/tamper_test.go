@@ -25,7 +25,7 @@ func TestTamper(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
 	db := filepath.Join(dir, "keyvault.db")
-	v := startDev(t, dir)
+	v := startDevUnanchored(t, dir)
 	c := newClient(v.API, v.Token)
 
 	a := enrolled{randID("tamper-a"), randBytes(32), randPIN("pa")}
@@ -71,7 +71,7 @@ func TestTamper(t *testing.T) {
 		return kv.Put(kd, vd[:28])
 	})
 
-	v = startDev(t, dir)
+	v = startDevUnanchored(t, dir)
 	c = newClient(v.API, v.Token)
 	secrets := [][]byte{a.secret, b.secret, cc.secret, d.secret}
 	refused := 0
@@ -129,7 +129,7 @@ func TestTamperShortValue(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
 	db := filepath.Join(dir, "keyvault.db")
-	v := startDev(t, dir)
+	v := startDevUnanchored(t, dir)
 	c := newClient(v.API, v.Token)
 	e := enrolled{randID("short"), randBytes(32), randPIN("pe")}
 	ok := enrolled{randID("intact"), randBytes(32), randPIN("pk")}
@@ -147,7 +147,7 @@ func TestTamperShortValue(t *testing.T) {
 		return kv.Put(k, val[:5])
 	})
 
-	v = startDev(t, dir)
+	v = startDevUnanchored(t, dir)
 	c = newClient(v.API, v.Token)
 	refused := 0
 	for _, tc := range []struct {

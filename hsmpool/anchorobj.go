@@ -60,9 +60,9 @@ type anchorObjects struct {
 	mu      sync.Mutex
 	ctx     *pkcs11.Ctx
 	session pkcs11.SessionHandle
-	// slots are the slot objects this session has written, the newest
-	// last; nil: not known, so the next write starts over from a new
-	// object and removes every other anchor object on the token.
+	// slots are the two slot objects this session has written, the
+	// newest last; nil: not known, so the next write starts over: it
+	// creates both and removes every other anchor object on the token.
 	slots []pkcs11.ObjectHandle
 	// lastW is the highest write number written through this session.
 	lastW uint64
@@ -228,31 +228,33 @@ func (a *anchorObjects) WriteAnchor(w uint64, value []byte) error {
 			a.lastW = w
 			return nil
 		}
-		var old []pkcs11.ObjectHandle
-		if a.slots == nil {
-			var err error
-			if old, _, err = findAnchors(p, s); err != nil {
-				return err
+		old, _, err := findAnchors(p, s)
+		if err != nil {
+			return err
+		}
+		// Starting over: both slots are created at once, holding the same
+		// anchor, and every other anchor object goes. Creating objects
+		// after start is avoided: a SoftHSM process that creates or
+		// destroys an object stops noticing objects other processes
+		// created meanwhile (keys rotate while the vault runs), and a key
+		// reload would then miss the new keys.
+		slots := make([]pkcs11.ObjectHandle, 2)
+		for i := range slots {
+			// Private: only a logged-in application reads or writes it.
+			if slots[i], err = p.CreateObject(s, []*pkcs11.Attribute{
+				pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_DATA),
+				pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+				pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
+				pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, true),
+				pkcs11.NewAttribute(pkcs11.CKA_APPLICATION, AnchorApplication),
+				label,
+			}); err != nil {
+				return fmt.Errorf("create anchor: %w", err)
 			}
 		}
-		// Private: only a logged-in application reads or writes it.
-		h, err := p.CreateObject(s, []*pkcs11.Attribute{
-			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_DATA),
-			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
-			pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
-			pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, true),
-			pkcs11.NewAttribute(pkcs11.CKA_APPLICATION, AnchorApplication),
-			label,
-		})
-		if err != nil {
-			return fmt.Errorf("create anchor: %w", err)
-		}
-		a.slots = append(a.slots, h)
-		a.lastW = w
-		// Starting over: the new object is the newest; the others go, so
-		// that the next write, which creates the second slot, knows both.
-		// A failure here leaves them beside it; readers take the newest
-		// valid anchor, so that is safe.
+		a.slots, a.lastW = slots, w
+		// A failure here leaves the older objects beside the new ones;
+		// readers take the newest valid anchor, so that is safe.
 		for _, o := range old {
 			if err := p.DestroyObject(s, o); err != nil {
 				return fmt.Errorf("destroy an older anchor: %w", err)

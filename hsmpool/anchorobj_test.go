@@ -53,7 +53,7 @@ func TestAnchorObjects(t *testing.T) {
 	if _, err := p.HMAC(ctx, pin1, []byte("m")); err != nil {
 		t.Fatal(err)
 	}
-	want := map[string][]string{"a": {"second", "third"}, "b": {"b's"}}
+	want := map[string][]string{"a": {"second", "third"}, "b": {"b's", "b's"}}
 	check := func(p *Pool) {
 		t.Helper()
 		for _, f := range p.ReadAnchors(ctx) {
@@ -74,14 +74,13 @@ func TestAnchorObjects(t *testing.T) {
 		t.Fatal(err)
 	}
 	check(p)
-	// A new process does not know which slot is older: it starts over
-	// from a new object, then writes the second slot, then updates in
-	// place, oldest first.
+	// A new process does not know which slot is older: it starts over,
+	// creating both slots, then updates them in place, oldest first.
 	for i, w := range []string{"fourth", "fifth", "sixth", "seventh"} {
 		if err := p.WriteAnchor(ctx, "a", uint64(4+i), []byte(w)); err != nil {
 			t.Fatal(err)
 		}
-		want["a"] = [][]string{{"fourth"}, {"fifth", "fourth"}, {"fifth", "sixth"}, {"seventh", "sixth"}}[i]
+		want["a"] = [][]string{{"fourth", "fourth"}, {"fifth", "fourth"}, {"fifth", "sixth"}, {"seventh", "sixth"}}[i]
 		slices.Sort(want["a"])
 		check(p)
 	}
@@ -139,7 +138,7 @@ func TestLegacyAnchorObjects(t *testing.T) {
 	if err := p.WriteAnchor(ctx, "a", 7, []byte("slot")); err != nil {
 		t.Fatal(err)
 	}
-	if f := p.ReadAnchors(ctx); f[0].Err != nil || len(f[0].Values) != 1 || string(f[0].Values[0]) != "slot" {
+	if f := p.ReadAnchors(ctx); f[0].Err != nil || len(f[0].Values) != 2 || string(f[0].Values[0]) != "slot" || string(f[0].Values[1]) != "slot" {
 		t.Fatalf("after the first write: %q %v", f[0].Values, f[0].Err)
 	}
 }

@@ -166,6 +166,20 @@ func startDev(t testing.TB, dir string) *vault {
 	return startVault(t, dir, kvproc.DevArgs(dir)...)
 }
 
+// startDevUnanchored is startDev with rollback anchoring off, for the
+// scenario that edits records of a stopped vault and expects each edited
+// record refused on its own (see kvproc.SetRollbackAnchor).
+func startDevUnanchored(t testing.TB, dir string) *vault {
+	t.Helper()
+	cfg := filepath.Join(dir, "keyvault.yaml")
+	if _, err := os.Stat(cfg); errors.Is(err, os.ErrNotExist) {
+		startVault(t, dir, kvproc.DevArgs(dir)...).Stop()
+		kvproc.SetRateLimits(t, cfg, kvproc.LimitsOff)
+		kvproc.SetRollbackAnchor(t, cfg, false)
+	}
+	return startVault(t, dir, kvproc.DevArgs(dir)...)
+}
+
 func startVault(t testing.TB, dir string, args ...string) *vault {
 	t.Helper()
 	return kvproc.Start(t, keyvaultBin, dir, startTimeout, args...)

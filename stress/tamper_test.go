@@ -41,7 +41,7 @@ func TestTampering(t *testing.T) {
 
 	for round := range rounds {
 		s.run()
-		v := startDev(t, dir)
+		v := startDevUnanchored(t, dir)
 		c := newClient(v.API, v.Token)
 		bs := make([]*tamperTarget, perRound)
 		for i := range bs {
@@ -108,7 +108,7 @@ func TestTampering(t *testing.T) {
 			return nil
 		})
 
-		v = startDev(t, dir)
+		v = startDevUnanchored(t, dir)
 		c = newClient(v.API, v.Token)
 		for _, b := range bs {
 			if b.kind == "" {

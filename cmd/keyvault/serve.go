@@ -123,7 +123,7 @@ func serve(cfg *config.Config, stderr io.Writer) error {
 	for _, r := range anchor.Reasons {
 		refused.WithLabelValues(string(r))
 	}
-	if cfg.Store.RollbackAnchor && store.bolt != nil { // config refuses anchoring on etcd
+	if cfg.Store.Anchored() && store.bolt != nil { // never on etcd
 		if err := anchorStore(ctx, cfg, store.bolt, pool, reg, refused, log); err != nil {
 			return err
 		}
@@ -223,6 +223,10 @@ func anchorStore(ctx context.Context, cfg *config.Config, store *boltstore.Store
 	dec, err := store.Anchor(ctx, keys, pool, reg, log)
 	reason, isRefused := anchor.IsRefused(err)
 	switch {
+	case err == nil && dec.Adopted:
+		log.Warn("rollback anchoring: adopting a store kept with anchoring off, as it is; from now on a rollback behind this point is refused",
+			"epoch", dec.Meta.Epoch, "seq", dec.Meta.Seq)
+		return nil
 	case err == nil:
 		log.Info("rollback check passed", "epoch", dec.Meta.Epoch, "seq", dec.Meta.Seq, "fresh", dec.Fresh, "ignored_anchor_objects", dec.Ignored)
 		return nil

@@ -292,6 +292,30 @@ func SetRateLimits(t testing.TB, path, block string) {
 	SetSection(t, path, "ratelimit", block)
 }
 
+// SetRollbackAnchor sets store.rollback_anchor in a dev config (on by
+// default): tests of the record MACs edit a stopped vault's store and
+// expect each edited record refused on its own, which anchoring would
+// turn into a refusal of the whole store.
+func SetRollbackAnchor(t testing.TB, path string, on bool) {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines, n := strings.SplitAfter(string(data), "\n"), 0
+	for i, l := range lines {
+		if strings.HasPrefix(l, "  rollback_anchor: ") {
+			lines[i], n = fmt.Sprintf("  rollback_anchor: %v\n", on), n+1
+		}
+	}
+	if n != 1 {
+		t.Fatalf("%d store.rollback_anchor lines in %s, want 1", n, path)
+	}
+	if err := os.WriteFile(path, []byte(strings.Join(lines, "")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // SetSection replaces the top-level section name (its line "name:" and
 // the indented lines under it) of a config file with block.
 func SetSection(t testing.TB, path, name, block string) {
