@@ -22,7 +22,8 @@ type Keys struct {
 const VaultIDLen = 16
 
 const (
-	metaMagic   = "kvmeta\x01"
+	metaMagicV1 = "kvmeta\x01" // read only: no record digest, no parent
+	metaMagic   = "kvmeta\x02"
 	anchorMagic = "kvanchor\x01"
 	labelMeta   = "keyvault/v1/meta"
 	labelTag    = "keyvault/v1/anchor-tag"
@@ -38,10 +39,20 @@ const (
 // every accepted restore), and which batch of writes (seq) it holds. It is
 // written in the same transaction as each batch, so no two states of the
 // store share a digest.
+//
+// It also vouches, under its MAC, for the batch's records and for its
+// place in the store's history: Records is the digest of the records
+// alone, and Parent the tag of the position the batch was written on. So a
+// store one batch ahead of its newest anchor (killed after the commit,
+// before the anchor) can prove at start that it is a state the vault wrote
+// on the anchored position (see Check). A meta of the first layout has
+// neither (both zero) and cannot prove it.
 type Meta struct {
 	VaultID [VaultIDLen]byte
 	Epoch   uint64
 	Seq     uint64
+	Records Digest
+	Parent  [macLen]byte
 }
 
 // MarshalMeta encodes m with its MAC.
@@ -49,26 +60,37 @@ func (k Keys) MarshalMeta(m Meta) []byte {
 	b := append([]byte(metaMagic), m.VaultID[:]...)
 	b = binary.BigEndian.AppendUint64(b, m.Epoch)
 	b = binary.BigEndian.AppendUint64(b, m.Seq)
+	b = append(b, m.Records.Bytes()...)
+	b = append(b, m.Parent[:]...)
 	return append(b, mac(k.Meta, labelMeta, b)...)
 }
 
 // ErrTampered: a meta or anchor object whose bytes or MAC are wrong.
 var ErrTampered = errors.New("failed its integrity check")
 
-// ParseMeta decodes and authenticates the store's meta.
+// ParseMeta decodes and authenticates the store's meta, of either layout.
 func (k Keys) ParseMeta(raw []byte) (Meta, error) {
-	const n = len(metaMagic) + VaultIDLen + 16
-	if len(raw) != n+macLen || !bytes.HasPrefix(raw, []byte(metaMagic)) {
+	n := len(metaMagic) + VaultIDLen + 16 + digestLen + macLen
+	if bytes.HasPrefix(raw, []byte(metaMagicV1)) {
+		n = len(metaMagicV1) + VaultIDLen + 16
+	} else if !bytes.HasPrefix(raw, []byte(metaMagic)) {
+		return Meta{}, fmt.Errorf("store meta: malformed: %w", ErrTampered)
+	}
+	if len(raw) != n+macLen {
 		return Meta{}, fmt.Errorf("store meta: malformed: %w", ErrTampered)
 	}
 	if !hmac.Equal(raw[n:], mac(k.Meta, labelMeta, raw[:n])) {
 		return Meta{}, fmt.Errorf("store meta: MAC mismatch: %w", ErrTampered)
 	}
 	var m Meta
-	b := raw[len(metaMagic):]
+	b := raw[len(metaMagic):n]
 	copy(m.VaultID[:], b)
 	m.Epoch = binary.BigEndian.Uint64(b[VaultIDLen:])
 	m.Seq = binary.BigEndian.Uint64(b[VaultIDLen+8:])
+	if b = b[VaultIDLen+16:]; len(b) > 0 {
+		m.Records = limbs(b)
+		copy(m.Parent[:], b[digestLen:])
+	}
 	return m, nil
 }
 

@@ -3,6 +3,7 @@ package anchor
 import (
 	"bytes"
 	"crypto/rand"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"testing"
@@ -186,12 +187,20 @@ func newWorld(members ...string) *world {
 	return w
 }
 
-func (w *world) state() State {
-	d := w.h.AddMeta(Digest{}, w.k.MarshalMeta(w.meta))
+func (w *world) recordDigest() Digest {
+	var d Digest
 	for key, v := range w.recs {
 		d = w.h.AddRecord(d, []byte(key), []byte(v))
 	}
-	return State{Meta: w.k.MarshalMeta(w.meta), Digest: d, Records: len(w.recs)}
+	return d
+}
+
+// state is the store as a scan finds it. Its meta is w.meta as the writer
+// left it: records edited since keep the meta's record digest stale, as
+// an attacker without the meta key must.
+func (w *world) state() State {
+	raw, r := w.k.MarshalMeta(w.meta), w.recordDigest()
+	return State{Meta: raw, Digest: w.h.AddMeta(r, raw), RecordDigest: r, Records: len(w.recs)}
 }
 
 func (w *world) tag() Point {
@@ -214,19 +223,26 @@ func (w *world) writeAnchor(base Point, pending *Point, to ...string) {
 	}
 }
 
-// batch applies a batch of writes in the order the writer must: anchor
-// (base: the current position, pending: the next), then the commit.
+// batch commits a batch of writes as the writer does: on the current
+// position, which its meta names as parent. The anchor that vouches for
+// it comes after (vouch).
 func (w *world) batch(set map[string]string) {
-	base := w.tag()
-	next := w.clone()
-	for k, v := range set {
-		next.recs[k] = v
+	parent := w.tag()
+	recs := map[string]string{}
+	for k, v := range w.recs {
+		recs[k] = v
 	}
-	next.meta.Seq++
-	p := next.tag()
-	w.writeAnchor(base, &p)
-	w.recs, w.meta = next.recs, next.meta
+	for k, v := range set {
+		recs[k] = v
+	}
+	w.recs = recs
+	w.meta.Seq++
+	w.meta.Parent = parent.Tag
+	w.meta.Records = w.recordDigest()
 }
+
+// vouch writes the anchor for the current position.
+func (w *world) vouch() { w.writeAnchor(w.tag(), nil) }
 
 func (w *world) clone() *world {
 	c := *w
@@ -267,28 +283,32 @@ func TestCheck(t *testing.T) {
 	if d, err := w.k.Check(w.found(), State{}); err != nil || !d.Fresh {
 		t.Fatalf("empty store, no anchors: %+v %v", d, err)
 	}
-	w.writeAnchor(w.tag(), nil)
+	w.vouch()
 	if err := check(w, w.state()); err != nil {
 		t.Fatalf("first anchor: %v", err)
 	}
 	w.batch(map[string]string{"u1": "g1", "u2": "g1", "u3": "g1"})
+	w.vouch()
 	old := w.clone() // a backup taken at seq 1
 	w.batch(map[string]string{"u1": "g2", "u2": "locked"})
+	w.vouch()
+	before := w.clone()
 	w.batch(map[string]string{"u3": "g2"})
-	// Killed after the commit, before the next anchor: pending matches.
+	// Killed after the commit, before its anchor: one batch past the
+	// anchor, written on it.
 	if err := check(w, w.state()); err != nil {
-		t.Fatalf("store at pending: %v", err)
+		t.Fatalf("store one batch past its anchor: %v", err)
 	}
 	// Killed before the commit: the store is still at base.
-	before := w.clone()
-	before.meta.Seq--
-	before.recs["u3"] = "g1"
 	if err := check(w, before.state()); err != nil {
 		t.Fatalf("store at base, batch not committed: %v", err)
 	}
-	w.writeAnchor(w.tag(), nil) // idle
+	w.vouch()
 	if err := check(w, w.state()); err != nil {
 		t.Fatalf("store at base: %v", err)
+	}
+	if err := check(w, before.state()); err == nil {
+		t.Fatal("the store from before the batch passes after the batch's anchor")
 	}
 
 	t.Run("an older copy of the store", func(t *testing.T) {
@@ -324,6 +344,55 @@ func TestCheck(t *testing.T) {
 		r := w.clone()
 		r.meta.Seq += 2
 		wantRefused(t, check(w, r.state()), ReasonAhead)
+		r = w.clone()
+		r.batch(map[string]string{"u9": "g1"})
+		r.batch(map[string]string{"u9": "g2"})
+		wantRefused(t, check(w, r.state()), ReasonAhead)
+	})
+	t.Run("one batch past the anchor, records edited", func(t *testing.T) {
+		r := w.clone()
+		r.batch(map[string]string{"u9": "g2"})
+		r.recs["u1"] = "g1"
+		wantRefused(t, check(w, r.state()), ReasonTamper)
+		r = w.clone()
+		r.batch(map[string]string{"u9": "g2"})
+		delete(r.recs, "u9")
+		wantRefused(t, check(w, r.state()), ReasonTamper)
+	})
+	t.Run("one batch past the anchor, written on another position", func(t *testing.T) {
+		// A fork: before the last batch, the store went another way (an
+		// old copy was put back and the vault went on from it); that
+		// branch's next batch does not descend from the anchored position.
+		fork := before.clone()
+		fork.batch(map[string]string{"u3": "forked"})
+		fork.batch(map[string]string{"u1": "forked"})
+		if fork.meta.Seq != w.meta.Seq+1 {
+			t.Fatalf("fork at seq %d, want %d", fork.meta.Seq, w.meta.Seq+1)
+		}
+		wantRefused(t, check(w, fork.state()), ReasonTamper)
+	})
+	t.Run("one batch past the anchor with a meta of the first layout", func(t *testing.T) {
+		// It names no parent, so it cannot show where it was written.
+		r := w.clone()
+		r.batch(map[string]string{"u9": "g2"})
+		st := r.state()
+		st.Meta = metaV1(r.k, r.meta)
+		st.Digest = r.h.AddMeta(st.RecordDigest, st.Meta)
+		wantRefused(t, check(w, st), ReasonTamper)
+	})
+	t.Run("an anchor of the first layout naming a pending batch", func(t *testing.T) {
+		c := w.clone()
+		c.anchor = map[string][][]byte{}
+		base := c.tag()
+		c.batch(map[string]string{"u9": "g1"})
+		p := c.tag()
+		c.writeAnchor(base, &p)
+		if err := check(c, c.state()); err != nil {
+			t.Fatalf("store at the pending batch: %v", err)
+		}
+		r := c.clone()
+		r.recs["u9"] = "g0"
+		wantRefused(t, check(c, r.state()), ReasonTamper)
 	})
 	t.Run("a store with records and no anchor", func(t *testing.T) {
 		c := w.clone()
@@ -367,7 +436,7 @@ func TestCheck(t *testing.T) {
 	// Member b fails: the next anchors reach only a, and drop b.
 	w.live = []string{"a"}
 	w.batch(map[string]string{"u1": "g3"})
-	w.writeAnchor(w.tag(), nil)
+	w.vouch()
 	w.live = []string{"a", "b"} // both configured
 	if err := check(w, w.state(), "b"); err != nil {
 		t.Fatalf("b out of the live set and down: %v", err)
@@ -375,10 +444,7 @@ func TestCheck(t *testing.T) {
 	t.Run("the stale member alone cannot stand in for the current one", func(t *testing.T) {
 		// a is hidden; b's newest anchor names a as live.
 		wantRefused(t, check(w, w.state(), "a"), ReasonMemberMissing)
-		r := w.clone()
-		r.meta.Seq -= 1
-		r.recs["u1"] = "g2"
-		wantRefused(t, check(w, r.state(), "a"), ReasonMemberMissing)
+		wantRefused(t, check(w, before.state(), "a"), ReasonMemberMissing)
 	})
 	t.Run("two members disagree at one write number", func(t *testing.T) {
 		c := w.clone()
@@ -392,6 +458,24 @@ func TestCheck(t *testing.T) {
 		c.meta.Seq--
 		wantRefused(t, check(c, c.state()), ReasonTamper)
 	})
+}
+
+// metaV1 encodes m in the first meta layout: no record digest, no parent.
+func metaV1(k Keys, m Meta) []byte {
+	b := append([]byte(metaMagicV1), m.VaultID[:]...)
+	b = binary.BigEndian.AppendUint64(b, m.Epoch)
+	b = binary.BigEndian.AppendUint64(b, m.Seq)
+	return append(b, mac(k.Meta, labelMeta, b)...)
+}
+
+func TestMetaOfTheFirstLayout(t *testing.T) {
+	k := testKeys()
+	m := Meta{Epoch: 2, Seq: 7}
+	rand.Read(m.VaultID[:])
+	got, err := k.ParseMeta(metaV1(k, m))
+	if err != nil || got != m {
+		t.Fatalf("first layout: %+v %v, want %+v", got, err, m)
+	}
 }
 
 func TestRefusedErrorText(t *testing.T) {

@@ -58,9 +58,10 @@ type Found struct {
 
 // State is the store as scanned at start.
 type State struct {
-	Meta    []byte // the stored meta; nil when the store has none
-	Digest  Digest // over every record and the meta
-	Records int
+	Meta         []byte // the stored meta; nil when the store has none
+	Digest       Digest // over every record and the meta
+	RecordDigest Digest // over every record alone
+	Records      int
 }
 
 // Decision is an accepted start.
@@ -83,12 +84,17 @@ type Decision struct {
 	Ignored int
 }
 
-// Check decides whether the store may be served. It accepts only if the
-// store is exactly at a position the newest anchor vouches for: its base
-// (the last position whose answers may have been released) or its pending
-// batch (committed, or not, when the process stopped). Every member live at
-// that anchor must have answered, so that a stale member cannot stand in
-// for a current one that is hidden.
+// Check decides whether the store may be served. It accepts the store at
+// the newest anchor's base (the last position whose answers may have been
+// released) with the digest the anchor tags, or one batch beyond it (the
+// process stopped after a commit, before the anchor that vouches for it)
+// if the store's meta proves that batch was written on that very base: its
+// MAC covers the records' digest, which must match the store, and the
+// tag of its parent position, which must be the anchor's base tag. Such a
+// batch's answers were never released, so accepting it gives nothing
+// back. (An anchor of the earlier layout may instead name a pending batch
+// by its tag.) Every member live at that anchor must have answered, so
+// that a stale member cannot stand in for a current one that is hidden.
 func (k Keys) Check(found []Found, st State) (Decision, error) {
 	var meta *Meta
 	if st.Meta != nil {
@@ -166,24 +172,28 @@ func (k Keys) Check(found []Found, st State) (Decision, error) {
 	if meta.Epoch != best.Epoch {
 		return Decision{}, refuse(ReasonEpoch, "the store is at epoch %d, the anchor at epoch %d", meta.Epoch, best.Epoch)
 	}
-	top := best.Base.Seq
-	if best.Pending != nil {
-		top = best.Pending.Seq
-	}
+	tag := k.Tag(meta.VaultID, meta.Epoch, meta.Seq, st.Digest)
 	switch {
 	case meta.Seq < best.Base.Seq:
 		return Decision{}, refuse(ReasonRollback, "the store is at seq %d, the anchor vouches for %d", meta.Seq, best.Base.Seq)
-	case meta.Seq > top:
-		return Decision{}, refuse(ReasonAhead, "the store is at seq %d, beyond the anchor's %d", meta.Seq, top)
-	}
-	tag := k.Tag(meta.VaultID, meta.Epoch, meta.Seq, st.Digest)
-	switch {
-	case meta.Seq == best.Base.Seq && tag == best.Base.Tag:
+	case meta.Seq == best.Base.Seq:
+		if tag != best.Base.Tag {
+			return Decision{}, refuse(ReasonTamper, "the store is at the anchored seq %d but its records do not match the anchored digest", meta.Seq)
+		}
 		return d, nil
-	case best.Pending != nil && meta.Seq == best.Pending.Seq && tag == best.Pending.Tag:
+	case meta.Seq > best.Base.Seq+1:
+		return Decision{}, refuse(ReasonAhead, "the store is at seq %d, beyond the anchor's %d", meta.Seq, best.Base.Seq)
+	case best.Pending != nil:
+		if meta.Seq != best.Pending.Seq || tag != best.Pending.Tag {
+			return Decision{}, refuse(ReasonTamper, "the store is at seq %d but its records do not match the anchored pending digest", meta.Seq)
+		}
 		return d, nil
+	case meta.Records != st.RecordDigest:
+		return Decision{}, refuse(ReasonTamper, "the store is one batch past the anchor (seq %d) but its records do not match its meta", meta.Seq)
+	case meta.Parent != best.Base.Tag:
+		return Decision{}, refuse(ReasonTamper, "the store is one batch past the anchor (seq %d) but was not written on the anchored position", meta.Seq)
 	}
-	return Decision{}, refuse(ReasonTamper, "the store is at seq %d but its records do not match the anchored digest", meta.Seq)
+	return d, nil
 }
 
 func sameAnchor(a, b Anchor) bool {

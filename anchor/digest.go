@@ -34,6 +34,9 @@ const (
 // value is the digest of nothing.
 type Digest [4]uint64
 
+// digestLen is the length of a Digest's bytes.
+const digestLen = 32
+
 // Bytes is the digest's big-endian encoding.
 func (d Digest) Bytes() []byte {
 	b := make([]byte, 0, 32)

@@ -47,10 +47,15 @@ type anchoring struct {
 	log     *slog.Logger
 	metrics *anchorMetrics
 
+	records anchor.Digest // of the committed store's records
 	digest  anchor.Digest // of the committed store: every record and the meta
 	meta    anchor.Meta
 	metaRaw []byte
-	w       uint64 // the last anchor write number tried
+	// anchored is the seq the members' newest anchor vouches for: the
+	// committed one (meta.Seq), or the one before it if the anchor for the
+	// last batch failed.
+	anchored uint64
+	w        uint64 // the last anchor write number tried
 	// live are the members the last anchor write reached: the next anchor
 	// names them. named is the set the last anchor named: the next write
 	// must reach one of them, so that every member holding an older
@@ -109,12 +114,12 @@ func newAnchorMetrics(reg prometheus.Registerer) *anchorMetrics {
 
 // Anchor turns rollback resistance on (see package anchor). It scans the
 // store into its digest, reads every member's anchor, and accepts the store
-// only if the newest anchor vouches for exactly its state; otherwise it
-// returns an *anchor.RefusedError and the store must not be served. On
+// only if the newest anchor vouches for its state (anchor.Check); otherwise
+// it returns an *anchor.RefusedError and the store must not be served. On
 // acceptance (or on a fresh store) it writes an anchor for the current
-// state. From then on every commit follows the write order: an anchor
-// naming the batch as pending reaches the members before the batch
-// commits, and a batch's answers go out only once an anchor vouches for it.
+// state. From then on every commit follows the write order: a batch
+// commits only on an anchored position, its meta naming that position as
+// its parent, and its answers go out only once an anchor vouches for it.
 // Call it once, before any write.
 func (s *Store) Anchor(ctx context.Context, keys anchor.Keys, members Anchors, reg prometheus.Registerer, log *slog.Logger) (anchor.Decision, error) {
 	if log == nil {
@@ -130,19 +135,19 @@ func (s *Store) Anchor(ctx context.Context, keys anchor.Keys, members Anchors, r
 	if err != nil {
 		return dec, err
 	}
-	a.digest, a.metaRaw = st.Digest, st.Meta
+	a.records, a.digest, a.metaRaw = st.RecordDigest, st.Digest, st.Meta
 	switch {
 	case dec.Fresh && st.Meta == nil:
-		// A new store: its identity and first position. Check found every
-		// member answering, with no anchor.
-		var m anchor.Meta
+		// A new store (or one kept with anchoring off): its identity and
+		// first position. Check found every member answering, with no
+		// anchor.
+		m := anchor.Meta{Epoch: 1, Records: st.RecordDigest}
 		rand.Read(m.VaultID[:])
-		m.Epoch = 1
 		raw := keys.MarshalMeta(m)
 		if err := s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketMeta).Put(keyAnchorMeta, raw) }); err != nil {
 			return dec, fmt.Errorf("write the first anchor meta: %w", err)
 		}
-		a.meta, a.metaRaw, a.digest = m, raw, a.hasher.AddMeta(st.Digest, raw)
+		a.meta, a.metaRaw, a.digest = m, raw, a.hasher.AddMeta(st.RecordDigest, raw)
 		dec.Meta = m
 	case dec.Fresh:
 		m, err := keys.ParseMeta(st.Meta)
@@ -160,7 +165,7 @@ func (s *Store) Anchor(ctx context.Context, keys anchor.Keys, members Anchors, r
 	}
 	// Vouch for the state just checked; it also catches up members that
 	// were behind.
-	if err := a.write(ctx, a.point(a.meta, a.digest), nil); err != nil {
+	if err := a.vouch(ctx); err != nil {
 		return dec, err
 	}
 	s.anc.Store(a)
@@ -173,14 +178,17 @@ func (s *Store) scan(h *anchor.Hasher) (anchor.State, error) {
 	err := s.db.View(func(tx *bolt.Tx) error {
 		if m := tx.Bucket(bucketMeta).Get(keyAnchorMeta); m != nil {
 			st.Meta = bytes.Clone(m)
-			st.Digest = h.AddMeta(st.Digest, m)
 		}
 		return tx.Bucket(bucketData).ForEach(func(k, v []byte) error {
-			st.Digest = h.AddRecord(st.Digest, k, v)
+			st.RecordDigest = h.AddRecord(st.RecordDigest, k, v)
 			st.Records++
 			return nil
 		})
 	})
+	st.Digest = st.RecordDigest
+	if st.Meta != nil {
+		st.Digest = h.AddMeta(st.Digest, st.Meta)
+	}
 	if err != nil {
 		return st, fmt.Errorf("scan the store for its digest: %w", err)
 	}
@@ -261,43 +269,55 @@ func (a *anchoring) write(ctx context.Context, base anchor.Point, pending *ancho
 	}
 	a.live, a.named = live, prev
 	a.metrics.live.Set(float64(len(live)))
-	a.metrics.seq.Set(float64(a.meta.Seq))
+	a.metrics.seq.Set(float64(base.Seq))
 	return nil
 }
 
 // change is one record write of a batch, for the digest.
 type change struct{ key, old, new []byte }
 
-// prepare extends an anchored batch's transaction: the digest and meta of
-// the state the batch makes, and the anchor that names it as pending. It
-// returns the state to adopt once the transaction has committed.
-func (a *anchoring) prepare(ctx context.Context, tx *bolt.Tx, changes []change) (anchor.Digest, anchor.Meta, []byte, error) {
-	d := a.digest
+// prepare extends an anchored batch's transaction with the meta of the
+// state it makes: the next seq, the digest of its records, and the tag of
+// the position it is written on (which an anchor vouches for: see
+// anchored). It returns the state to adopt once the transaction has
+// committed.
+func (a *anchoring) prepare(tx *bolt.Tx, changes []change) (next anchoring, err error) {
+	r := a.records
 	for _, c := range changes {
 		if c.old != nil {
-			d = a.hasher.RemoveRecord(d, c.key, c.old)
+			r = a.hasher.RemoveRecord(r, c.key, c.old)
 		}
-		d = a.hasher.AddRecord(d, c.key, c.new)
+		r = a.hasher.AddRecord(r, c.key, c.new)
 	}
 	m := a.meta
 	m.Seq++
+	m.Records = r
+	m.Parent = a.point(a.meta, a.digest).Tag
 	raw := a.keys.MarshalMeta(m)
-	d = a.hasher.AddMeta(a.hasher.RemoveMeta(d, a.metaRaw), raw)
-	if err := tx.Bucket(bucketMeta).Put(keyAnchorMeta, raw); err != nil {
-		return d, m, raw, err
-	}
-	pending := a.point(m, d)
-	if err := a.write(ctx, a.point(a.meta, a.digest), &pending); err != nil {
-		return d, m, raw, err
-	}
-	return d, m, raw, nil
+	next = anchoring{records: r, digest: a.hasher.AddMeta(r, raw), meta: m, metaRaw: raw}
+	return next, tx.Bucket(bucketMeta).Put(keyAnchorMeta, raw)
 }
 
-// idle vouches for the committed state with no batch pending, so that the
-// answers held for it may go out.
-func (a *anchoring) idle() error {
-	return a.write(context.Background(), a.point(a.meta, a.digest), nil)
+// commit adopts the state a committed batch made.
+func (a *anchoring) commit(next anchoring) {
+	a.records, a.digest, a.meta, a.metaRaw = next.records, next.digest, next.meta, next.metaRaw
 }
+
+// vouch writes an anchor for the committed state, so that the answers of
+// the batch that made it may go out and the next batch may be written on
+// it.
+func (a *anchoring) vouch(ctx context.Context) error {
+	if err := a.write(ctx, a.point(a.meta, a.digest), nil); err != nil {
+		return err
+	}
+	a.anchored = a.meta.Seq
+	return nil
+}
+
+// behind reports whether the committed state lacks an anchor (the last
+// one failed): a batch written on it now would put the store two batches
+// past the anchor, where no start-up check could follow it.
+func (a *anchoring) behind() bool { return a.anchored != a.meta.Seq }
 
 // Status is what the store and the members say about rollback resistance.
 type Status struct {
@@ -393,24 +413,22 @@ func (s *Store) AcceptRestore(ctx context.Context, keys anchor.Keys, members Anc
 	if before.Meta != nil && top > before.Meta.Seq {
 		acc.BatchesLost = top - before.Meta.Seq
 	}
+	// The new epoch starts a history of its own: no parent.
 	m.Epoch++
 	m.Seq++
+	m.Records, m.Parent = before.scanned.RecordDigest, [32]byte{}
 	raw := keys.MarshalMeta(m)
 	if err := s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketMeta).Put(keyAnchorMeta, raw) }); err != nil {
 		return acc, fmt.Errorf("write the new epoch to the store: %w", err)
 	}
-	// The digest of the store as it is now: the scanned one with its meta
-	// replaced, not a second scan.
+	// The digest of the store as it is now: the scanned records with the
+	// new meta, not a second scan.
 	h := anchor.NewHasher(keys.Digest)
-	d := before.scanned.Digest
-	if before.scanned.Meta != nil {
-		d = h.RemoveMeta(d, before.scanned.Meta)
-	}
-	d = h.AddMeta(d, raw)
+	d := h.AddMeta(before.scanned.RecordDigest, raw)
 	a := &anchoring{keys: keys, hasher: h, members: members, log: slog.New(slog.DiscardHandler),
-		metrics: newAnchorMetrics(nil), meta: m, metaRaw: raw, digest: d, w: w}
+		metrics: newAnchorMetrics(nil), meta: m, metaRaw: raw, records: before.scanned.RecordDigest, digest: d, w: w}
 	a.live, a.named = members.Members(), members.Members()
-	if err := a.write(ctx, a.point(m, d), nil); err != nil {
+	if err := a.vouch(ctx); err != nil {
 		return acc, err
 	}
 	acc.Epoch, acc.Seq, acc.Members = m.Epoch, m.Seq, a.live

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -92,11 +93,14 @@ func anchorKeys() anchor.Keys {
 	return k
 }
 
-// The two ordering rules of rollback resistance, one instant at a time:
-// a batch commits only after the anchor naming it as pending is written,
-// and its answer goes out only after an anchor vouches for it as base.
+// The write order of rollback resistance, one instant at a time: a batch
+// commits on an anchored position and is answered only after an anchor
+// vouches for the position it made; a store caught between the two (killed
+// after the commit) is one batch past its anchor and is accepted, and the
+// store from before the batch is refused once the anchor has moved.
 func TestAnchorWriteOrder(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "store.db")
+	dir := t.TempDir()
+	path := filepath.Join(dir, "store.db")
 	s, err := boltstore.Open(path, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -108,6 +112,7 @@ func TestAnchorWriteOrder(t *testing.T) {
 		t.Fatalf("fresh store: %+v %v", dec, err)
 	}
 	mustCAS(t, s, "a", 0, "v")
+	beforeB, anchorsBeforeB := copyStore(t, path, filepath.Join(dir, "before-b.db")), fa.snapshot()
 
 	gate, wrote := make(chan struct{}), make(chan int, 4)
 	fa.mu.Lock()
@@ -119,48 +124,130 @@ func TestAnchorWriteOrder(t *testing.T) {
 		done <- err
 	}()
 	// A broken order shows as a write that never comes: wait, but not
-	// for ever.
-	next := func(what string) {
-		t.Helper()
+	// for ever (and open the gate on the way out, so Close can finish).
+	defer func() {
+		fa.mu.Lock()
+		fa.gate = nil
+		fa.mu.Unlock()
 		select {
-		case <-wrote:
-		case <-time.After(10 * time.Second):
-			t.Fatalf("no anchor write: %s", what)
+		case <-gate:
+		default:
+			close(gate)
 		}
+	}()
+	select {
+	case <-wrote:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no anchor write for b's batch")
 	}
-	next("the anchor naming b's batch as pending") // held at the gate
-	if v, _, _ := s.Get(bg, []byte("b")); v != nil {
-		t.Fatal("rule 1: the batch committed before its pending anchor was written")
-	}
-	gate <- struct{}{}                         // let the pending anchor land
-	next("the idle anchor that vouches for b") // held at the gate
+	// The anchor vouching for b is held at the gate: b is committed, not
+	// answered.
 	if v, _, _ := s.Get(bg, []byte("b")); v == nil {
-		t.Fatal("b did not commit after its pending anchor")
+		t.Fatal("b's batch was not committed before the anchor that vouches for it")
 	}
 	select {
 	case err := <-done:
-		t.Fatalf("rule 2: b was answered (%v) before an anchor vouched for it", err)
+		t.Fatalf("b was answered (%v) before an anchor vouched for it", err)
 	case <-time.After(50 * time.Millisecond):
 	}
+	// Killed now: the store is one batch past its anchor.
+	killed, anchorsAtKill := copyStore(t, path, filepath.Join(dir, "killed.db")), fa.snapshot()
 	close(gate)
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
 
-	// Every state the writes went through is accepted at the next start;
-	// with the anchors unchanged, a store rolled back is not.
+	start := func(path string, anchors map[string][]byte) error {
+		t.Helper()
+		s, err := boltstore.Open(path, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		_, err = s.Anchor(bg, keys, &fakeAnchors{values: anchors}, nil, nil)
+		return err
+	}
+	if err := start(killed, anchorsAtKill); err != nil {
+		t.Fatalf("the store killed between b's commit and its anchor: %v", err)
+	}
+	if err := start(copyStore(t, beforeB, filepath.Join(dir, "before-b-2.db")), anchorsBeforeB); err != nil {
+		t.Fatalf("the store before b, with its anchors: %v", err)
+	}
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	s2, err := boltstore.Open(path, nil)
+	if err := start(path, fa.snapshot()); err != nil {
+		t.Fatalf("restart on the current store: %v", err)
+	}
+	if r, _ := anchor.IsRefused(start(beforeB, fa.snapshot())); r != anchor.ReasonRollback {
+		t.Fatalf("the store from before b, after b's anchor: %v, want refused as rollback", r)
+	}
+}
+
+// While the anchor for the last batch fails, no batch is written on top of
+// it: the store stays at most one batch past its anchor, the position the
+// start-up check can follow. The first anchor that succeeds lets writes on.
+func TestNoWriteOnAnUnanchoredPosition(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "store.db")
+	s, err := boltstore.Open(path, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s2.Close()
-	fa.gate, fa.wrote = nil, nil
-	if _, err := s2.Anchor(bg, keys, fa, nil, nil); err != nil {
-		t.Fatalf("restart on the current store: %v", err)
+	defer s.Close()
+	keys := anchorKeys()
+	fa := &ctlAnchors{names: []string{"a"}, values: map[string][][]byte{}}
+	fa.set()
+	if _, err := s.Anchor(bg, keys, fa, nil, nil); err != nil {
+		t.Fatal(err)
 	}
+	fa.set("a")
+	if _, err := s.CompareAndSwap(bg, []byte("c"), 0, []byte("v")); !errors.Is(err, vault.ErrWithheld) {
+		t.Fatalf("a write whose anchor failed: %v, want ErrWithheld", err)
+	}
+	if _, err := s.CompareAndSwap(bg, []byte("d"), 0, []byte("v")); !errors.Is(err, vault.ErrWithheld) {
+		t.Fatalf("a write on an unanchored position: %v, want ErrWithheld", err)
+	}
+	if v, _, _ := s.Get(bg, []byte("d")); v != nil {
+		t.Fatal("d was written on a position no anchor vouches for")
+	}
+	fa.set()
+	mustCAS(t, s, "d", 0, "v")
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s, err = boltstore.Open(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if _, err := s.Anchor(bg, keys, fa, nil, nil); err != nil {
+		t.Fatalf("restart: %v", err)
+	}
+	for _, k := range []string{"c", "d"} {
+		if v, _, _ := s.Get(bg, []byte(k)); v == nil {
+			t.Fatalf("%s is gone", k)
+		}
+	}
+}
+
+// copyStore copies a store file (open or not: bbolt's committed pages are
+// consistent) to dst, as a backup or a kill at that instant would leave it.
+func copyStore(t *testing.T, src, dst string) string {
+	t.Helper()
+	data, err := os.ReadFile(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(dst, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return dst
+}
+
+func (f *fakeAnchors) snapshot() map[string][]byte {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return maps.Clone(f.values)
 }
 
 // A member that hangs costs one anchor timeout, then drops out of the live
@@ -331,7 +418,7 @@ func TestFailedAnchorWriteUsesUpItsNumber(t *testing.T) {
 		t.Fatalf("a write whose anchor reached no member: %v, want ErrWithheld", err)
 	}
 	fa.set()
-	mustCAS(t, s, "x", 0, "v") // writes 3 (pending) and 4 (vouching)
+	mustCAS(t, s, "y", 0, "v") // writes 3 (for x's position, first) and 4 (for y's)
 	a, err := keys.ParseAnchor(fa.values["a"][0])
 	if err != nil || a.W != 4 {
 		t.Fatalf("newest anchor: write %d (%v), want 4: the failed write's number was reused", a.W, err)

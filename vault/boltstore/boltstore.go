@@ -39,7 +39,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promauto"
 	bolt "go.etcd.io/bbolt"
 
-	"github.com/keyvault/keyvault/anchor"
 	"github.com/keyvault/keyvault/vault"
 )
 
@@ -205,30 +204,17 @@ func (s *Store) CompareAndSwap(ctx context.Context, key []byte, rev uint64, valu
 
 // commitLoop is the one writer: it takes a write, adds every other one
 // already waiting, applies them in one transaction, and answers them all
-// after the commit. With rollback resistance on, a committed batch's
-// answers are held until an anchor vouches for it: the next batch's
-// anchor, or, when nothing else waits, an anchor of its own.
+// after the commit (and, with rollback resistance on, after the anchor
+// that vouches for the batch).
 func (s *Store) commitLoop() {
 	defer close(s.committed)
 	batch := make([]*write, 0, maxBatch)
-	var held []*write
 	for {
-		if len(held) > 0 {
-			select {
-			case w := <-s.writes:
-				batch = append(batch, w)
-			default:
-				answer(held, s.anc.Load().idle())
-				held = nil
-				continue
-			}
-		} else {
-			select {
-			case w := <-s.writes:
-				batch = append(batch, w)
-			case <-s.closing:
-				return
-			}
+		select {
+		case w := <-s.writes:
+			batch = append(batch, w)
+		case <-s.closing:
+			return
 		}
 	more:
 		for len(batch) < maxBatch {
@@ -239,7 +225,7 @@ func (s *Store) commitLoop() {
 				break more
 			}
 		}
-		held = s.commit(batch, held)
+		s.commit(batch)
 		batch = make([]*write, 0, maxBatch)
 	}
 }
@@ -248,36 +234,45 @@ func (s *Store) commitLoop() {
 func answer(ws []*write, err error) {
 	for _, w := range ws {
 		if err != nil && w.err == nil {
-			w.newRev, w.err = 0, fmt.Errorf("%w: rollback anchor: %w", errUnanchored, err)
+			w.newRev, w.err = 0, err
 		}
 		close(w.done)
 	}
 }
 
 // errUnanchored: the write committed, but no anchor could vouch for it,
-// so its outcome is withheld; errNotAnchored: no anchor could name its
-// batch, so it was not written. Either way the vault must not act on it
-// (vault.ErrWithheld): it answers 503.
+// so its outcome is withheld; errNotAnchored: the state it would have been
+// written on had no anchor, so it was not written. Either way the vault
+// must not act on it (vault.ErrWithheld): it answers 503.
 var (
 	errUnanchored  = fmt.Errorf("%w: committed but not anchored", vault.ErrWithheld)
-	errNotAnchored = fmt.Errorf("%w: not written: no anchor could name its batch", vault.ErrWithheld)
+	errNotAnchored = fmt.Errorf("%w: not written: the store's position has no anchor", vault.ErrWithheld)
 )
 
-// commit applies a batch in one transaction. A write that conflicts or
-// finds damage fails alone and changes nothing; if the transaction itself
-// fails, every write in it fails, and none was applied. held are the
-// answers of the previous batch, still withheld; commit returns the
-// answers to withhold now (none without rollback resistance).
-func (s *Store) commit(batch []*write, held []*write) []*write {
+// commit applies a batch in one transaction and answers its writes. A
+// write that conflicts or finds damage fails alone and changes nothing; if
+// the transaction itself fails, every write in it fails, and none was
+// applied.
+//
+// With rollback resistance on, it follows the write order (see package
+// anchor): the batch is written only on a position an anchor vouches for,
+// its meta naming that position as its parent, and its answers go out only
+// after an anchor vouches for the position it made. So the store is never
+// more than one batch past its newest anchor, and only by a batch whose
+// answers are still held.
+func (s *Store) commit(batch []*write) {
 	defer s.observe("commit", time.Now())
 	s.batches.Observe(float64(len(batch)))
 	anc := s.anc.Load()
-	var changes []change
-	var next struct {
-		digest  anchor.Digest
-		meta    anchor.Meta
-		metaRaw []byte
+	if anc != nil && anc.behind() {
+		// The last batch's anchor failed; try again before writing on it.
+		if err := anc.vouch(context.Background()); err != nil {
+			answer(batch, fmt.Errorf("%w: rollback anchor: %w", errNotAnchored, err))
+			return
+		}
 	}
+	var changes []change
+	var next anchoring
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		data, meta := tx.Bucket(bucketData), tx.Bucket(bucketMeta)
 		var rev uint64
@@ -331,34 +326,29 @@ func (s *Store) commit(batch []*write, held []*write) []*write {
 		if anc == nil {
 			return nil
 		}
-		// The write order of rollback resistance: the anchor naming this
-		// batch as pending reaches the members first; then the previous
-		// batch's answers go out; then this batch commits.
 		var err error
-		next.digest, next.meta, next.metaRaw, err = anc.prepare(context.Background(), tx, changes)
-		if err != nil {
-			return fmt.Errorf("%w: %w", errNotAnchored, err)
-		}
-		answer(held, nil)
-		held = nil
-		return nil
+		next, err = anc.prepare(tx, changes)
+		return err
 	})
 	if err != nil {
 		for _, w := range batch {
 			w.newRev, w.err = 0, err
 		}
-		answer(held, err)
 		answer(batch, nil)
-		return nil
+		return
 	}
 	if anc == nil || len(changes) == 0 {
 		// Nothing changed (or nothing to anchor): these answers reveal no
 		// new state, so they need no anchor.
 		answer(batch, nil)
-		return held
+		return
 	}
-	anc.digest, anc.meta, anc.metaRaw = next.digest, next.meta, next.metaRaw
-	return batch
+	anc.commit(next)
+	if err := anc.vouch(context.Background()); err != nil {
+		answer(batch, fmt.Errorf("%w: rollback anchor: %w", errUnanchored, err))
+		return
+	}
+	answer(batch, nil)
 }
 
 // Scan implements vault.Store.
