@@ -102,9 +102,10 @@ type Point struct {
 }
 
 // Anchor is what one HSM member keeps: the newest anchor write (W) it took,
-// the members that were live when it was written, the last position whose
-// answers may have been released (Base), and the batch being committed
-// (Pending), if any.
+// the members that were live when it was written, and the last position
+// whose answers may have been released (Base). Pending, a batch named
+// before its commit, is written no more (the store's meta names its
+// parent instead: see Check) but still honoured in anchors that have it.
 type Anchor struct {
 	VaultID [VaultIDLen]byte
 	Member  string

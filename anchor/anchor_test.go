@@ -296,8 +296,8 @@ func TestCheck(t *testing.T) {
 	w.batch(map[string]string{"u3": "g2"})
 	// Killed after the commit, before its anchor: one batch past the
 	// anchor, written on it.
-	if err := check(w, w.state()); err != nil {
-		t.Fatalf("store one batch past its anchor: %v", err)
+	if d, err := w.k.Check(w.found(), w.state()); err != nil || !d.Past {
+		t.Fatalf("store one batch past its anchor: %+v %v", d, err)
 	}
 	// Killed before the commit: the store is still at base.
 	if err := check(w, before.state()); err != nil {

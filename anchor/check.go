@@ -74,6 +74,9 @@ type Decision struct {
 	// has) and no member holds an anchor. Anchoring starts from it as it
 	// is; the caller should say so loudly.
 	Adopted bool
+	// Past: the store is one batch past the anchor (the process stopped
+	// between a commit and the anchor that vouches for it).
+	Past bool
 	Meta    Meta
 	// Anchor is the newest valid anchor (zero when Fresh), and Holders
 	// the members that hold it.
@@ -193,6 +196,7 @@ func (k Keys) Check(found []Found, st State) (Decision, error) {
 	case meta.Parent != best.Base.Tag:
 		return Decision{}, refuse(ReasonTamper, "the store is one batch past the anchor (seq %d) but was not written on the anchored position", meta.Seq)
 	}
+	d.Past = true
 	return d, nil
 }
 

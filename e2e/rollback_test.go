@@ -227,6 +227,10 @@ func TestRollbackCrash(t *testing.T) {
 		fmt.Sscan(n, &cycles)
 	}
 	secret := randBytes(32)
+	var answered, past int64
+	defer func() {
+		t.Logf("%d SIGKILLs under load, %d writes answered before them; %d stores found one batch past their anchor", cycles, answered, past)
+	}()
 	for cycle := range cycles {
 		before := filepath.Join(dir, "before.db")
 		copyFile(t, db, before)
@@ -260,10 +264,14 @@ func TestRollbackCrash(t *testing.T) {
 		v.Kill()
 		stop.Store(true)
 		wg.Wait()
+		answered += acked.Load()
 		// The killed store starts: a clean state is never refused.
 		v = startDev(t, dir)
 		newClient(v.API, v.Token).mustEnroll(t, 201, fmt.Sprintf("after-%d", cycle), secret, "right-pin", 3)
 		v.Stop()
+		if strings.Contains(string(v.Logs()), `"one_batch_past_anchor":true`) {
+			past++
+		}
 		// The copy from before this cycle's answered writes is refused.
 		current := filepath.Join(dir, "current.db")
 		copyFile(t, db, current)

@@ -228,7 +228,8 @@ func anchorStore(ctx context.Context, cfg *config.Config, store *boltstore.Store
 			"epoch", dec.Meta.Epoch, "seq", dec.Meta.Seq)
 		return nil
 	case err == nil:
-		log.Info("rollback check passed", "epoch", dec.Meta.Epoch, "seq", dec.Meta.Seq, "fresh", dec.Fresh, "ignored_anchor_objects", dec.Ignored)
+		log.Info("rollback check passed", "epoch", dec.Meta.Epoch, "seq", dec.Meta.Seq, "fresh", dec.Fresh,
+			"one_batch_past_anchor", dec.Past, "ignored_anchor_objects", dec.Ignored)
 		return nil
 	case !isRefused:
 		return err

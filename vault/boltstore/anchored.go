@@ -205,7 +205,7 @@ func (a *anchoring) point(m anchor.Meta, d anchor.Digest) anchor.Point {
 // that one could later stand in for the ones holding this. The members it
 // reaches are the next live set: a member that fails drops out, and one
 // that answers again is caught up by this very write.
-func (a *anchoring) write(ctx context.Context, base anchor.Point, pending *anchor.Point) error {
+func (a *anchoring) write(ctx context.Context, base anchor.Point) error {
 	prev := a.live
 	start := time.Now()
 	defer func() { a.metrics.duration.Observe(time.Since(start).Seconds()) }()
@@ -234,7 +234,7 @@ func (a *anchoring) write(ctx context.Context, base anchor.Point, pending *ancho
 		}
 		tried[i] = true
 		wg.Go(func() {
-			raw, err := a.keys.MarshalAnchor(anchor.Anchor{VaultID: a.meta.VaultID, Member: m, Epoch: a.meta.Epoch, W: w, Live: prev, Base: base, Pending: pending})
+			raw, err := a.keys.MarshalAnchor(anchor.Anchor{VaultID: a.meta.VaultID, Member: m, Epoch: a.meta.Epoch, W: w, Live: prev, Base: base})
 			if err == nil {
 				err = a.members.WriteAnchor(ctx, m, w, raw)
 			}
@@ -307,7 +307,7 @@ func (a *anchoring) commit(next anchoring) {
 // the batch that made it may go out and the next batch may be written on
 // it.
 func (a *anchoring) vouch(ctx context.Context) error {
-	if err := a.write(ctx, a.point(a.meta, a.digest), nil); err != nil {
+	if err := a.write(ctx, a.point(a.meta, a.digest)); err != nil {
 		return err
 	}
 	a.anchored = a.meta.Seq
