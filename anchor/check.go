@@ -77,7 +77,7 @@ type Decision struct {
 	// Past: the store is one batch past the anchor (the process stopped
 	// between a commit and the anchor that vouches for it).
 	Past bool
-	Meta    Meta
+	Meta Meta
 	// Anchor is the newest valid anchor (zero when Fresh), and Holders
 	// the members that hold it.
 	Anchor  Anchor
