@@ -56,6 +56,9 @@ type anchoring struct {
 	// last batch failed.
 	anchored uint64
 	w        uint64 // the last anchor write number tried
+	// unsure: a transaction failed, so the store may or may not hold its
+	// batch; the state above is read back from the store before the next.
+	unsure bool
 	// live are the members the last anchor write reached: the next anchor
 	// names them. named is the set the last anchor named: the next write
 	// must reach one of them, so that every member holding an older
@@ -311,6 +314,25 @@ func (a *anchoring) vouch(ctx context.Context) error {
 		return err
 	}
 	a.anchored = a.meta.Seq
+	return nil
+}
+
+// resync reads the committed state back from the store after a failed
+// transaction, which may have landed. A store that moved is then one
+// batch past its anchor, and the next batch vouches for it first.
+func (s *Store) resync(a *anchoring) error {
+	st, err := s.scan(a.hasher)
+	if err != nil {
+		return err
+	}
+	m, err := a.keys.ParseMeta(st.Meta)
+	if err != nil {
+		return fmt.Errorf("read the store's meta back: %w", err)
+	}
+	if m.VaultID != a.meta.VaultID || m.Epoch != a.meta.Epoch || m.Seq < a.meta.Seq || m.Seq > a.meta.Seq+1 {
+		return fmt.Errorf("the store's meta moved from seq %d to %d (epoch %d to %d) under the writer", a.meta.Seq, m.Seq, a.meta.Epoch, m.Epoch)
+	}
+	a.records, a.digest, a.meta, a.metaRaw, a.unsure = st.RecordDigest, st.Digest, m, st.Meta, false
 	return nil
 }
 

@@ -528,3 +528,48 @@ func TestRevisionsOnlyGrow(t *testing.T) {
 		t.Fatalf("both compare-and-swaps from rev %d landed (new revs %d, %d): one guess lost", rx, r1, r2)
 	}
 }
+
+// A transaction that reports failure may have landed all the same (an
+// fsync failing after bbolt wrote its meta page). With anchoring on its
+// writes are withheld, not failed, since resolving them would act on a
+// state no anchor vouches for; and the writer reads the store back before
+// the next batch, so its digest and position follow what is on disk and a
+// restart accepts the store.
+func TestCommitThatLandedButFailed(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "store.db")
+	s, err := boltstore.Open(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	keys, fa := anchorKeys(), &fakeAnchors{values: map[string][]byte{}}
+	if _, err := s.Anchor(bg, keys, fa, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	mustCAS(t, s, "a", 0, "v")
+	boltstore.SetAfterCommit(s, func() error { return errors.New("fdatasync: input/output error") })
+	if _, err := s.CompareAndSwap(bg, []byte("b"), 0, []byte("v")); !errors.Is(err, vault.ErrWithheld) {
+		t.Fatalf("a commit that reported failure: %v, want ErrWithheld", err)
+	}
+	boltstore.SetAfterCommit(s, nil)
+	if v, _, _ := s.Get(bg, []byte("b")); v == nil {
+		t.Fatal("the failed commit did not land; the test needs one that did")
+	}
+	mustCAS(t, s, "c", 0, "v")
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s2, err := boltstore.Open(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	if _, err := s2.Anchor(bg, keys, fa, nil, nil); err != nil {
+		t.Fatalf("restart after a commit that landed but failed: %v", err)
+	}
+	for _, k := range []string{"a", "b", "c"} {
+		if v, _, _ := s2.Get(bg, []byte(k)); v == nil {
+			t.Fatalf("%s is gone", k)
+		}
+	}
+}

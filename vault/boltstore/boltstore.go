@@ -74,6 +74,10 @@ type Store struct {
 
 	anc atomic.Pointer[anchoring] // nil: rollback resistance off (see Anchor)
 
+	// afterCommit, set by tests, replaces the result of a commit that
+	// succeeded: it stands for one that landed but reported a failure.
+	afterCommit func() error
+
 	writes    chan *write // unbuffered: a write is taken or refused, never stranded
 	closing   chan struct{}
 	committed chan struct{} // closed when the committer has stopped
@@ -247,6 +251,7 @@ func answer(ws []*write, err error) {
 var (
 	errUnanchored  = fmt.Errorf("%w: committed but not anchored", vault.ErrWithheld)
 	errNotAnchored = fmt.Errorf("%w: not written: the store's position has no anchor", vault.ErrWithheld)
+	errUnsure      = fmt.Errorf("%w: the transaction failed and may have landed", vault.ErrWithheld)
 )
 
 // commit applies a batch in one transaction and answers its writes. A
@@ -264,6 +269,14 @@ func (s *Store) commit(batch []*write) {
 	defer s.observe("commit", time.Now())
 	s.batches.Observe(float64(len(batch)))
 	anc := s.anc.Load()
+	if anc != nil && anc.unsure {
+		// The last transaction failed, and may have landed all the same:
+		// read the store's state back before writing on it.
+		if err := s.resync(anc); err != nil {
+			answer(batch, fmt.Errorf("%w: %w", errNotAnchored, err))
+			return
+		}
+	}
 	if anc != nil && anc.behind() {
 		// The last batch's anchor failed; try again before writing on it.
 		if err := anc.vouch(context.Background()); err != nil {
@@ -330,7 +343,18 @@ func (s *Store) commit(batch []*write) {
 		next, err = anc.prepare(tx, changes)
 		return err
 	})
+	if err == nil && s.afterCommit != nil {
+		err = s.afterCommit()
+	}
 	if err != nil {
+		if anc != nil {
+			// A commit that reports failure may still have landed (an
+			// fsync failing after the meta page was written). Acting on
+			// its outcome, as the vault does to resolve a failed write,
+			// could release an answer no anchor vouches for.
+			err = fmt.Errorf("%w: %w", errUnsure, err)
+			anc.unsure = true
+		}
 		for _, w := range batch {
 			w.newRev, w.err = 0, err
 		}
