@@ -141,17 +141,23 @@ func (k Keys) Check(found []Found, st State) (Decision, error) {
 		// A store with records but no meta was kept with anchoring off
 		// (an anchored store gets its meta at its first start, before any
 		// write): with every member answering and holding nothing, it is
-		// adopted as it is. A store with a meta and no anchor anywhere had
-		// its anchors removed, and is refused.
+		// adopted as it is. So is one whose meta is the first one, at seq
+		// 0 over the records it holds: that first start stopped before its
+		// first anchor landed. Any other store with a meta and no anchor
+		// anywhere had its anchors removed, and is refused.
 		silent := len(answered) < len(found)
+		first := meta != nil && meta.Epoch == 1 && meta.Seq == 0 && meta.Parent == [macLen]byte{} && meta.Records == st.RecordDigest
+		adoptable := st.Records == 0 || meta == nil || first
 		switch {
-		case (st.Records == 0 || meta == nil) && d.Ignored == 0 && !silent:
+		case adoptable && d.Ignored == 0 && !silent:
 			d.Fresh, d.Adopted = true, st.Records > 0
 			return d, nil
 		case st.Records == 0 && d.Ignored > 0:
 			return Decision{}, refuse(ReasonRollback, "the store is empty but the members hold anchors")
-		case st.Records == 0 || meta == nil:
-			return Decision{}, refuse(ReasonMemberMissing, "the store has no anchor meta and not every member answered: a silent one may hold its anchors")
+		case adoptable && silent:
+			return Decision{}, refuse(ReasonMemberMissing, "no member answered with an anchor, and not every member answered: a silent one may hold the store's anchors")
+		case adoptable:
+			return Decision{}, refuse(ReasonTamper, "no member holds a valid anchor of the store, but %d anchor objects fail their check", d.Ignored)
 		}
 		return Decision{}, refuse(ReasonNoAnchor, "the store holds %d records and its anchor meta, but no member answered with an anchor of its vault", st.Records)
 	}

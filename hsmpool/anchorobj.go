@@ -64,8 +64,28 @@ type anchorObjects struct {
 	// newest last; nil: not known, so the next write starts over: it
 	// creates both and removes every other anchor object on the token.
 	slots []pkcs11.ObjectHandle
-	// lastW is the highest write number written through this session.
+	// guard is the token's, shared by every anchorObjects of it.
+	guard *anchorGuard
+}
+
+// anchorGuard serialises the anchor writes to one token and keeps the
+// highest write number written to it. It belongs to the token, not to one
+// anchorObjects: a member that fails is reopened with a new one, and a
+// write abandoned on the old one (queued behind a hung call) may run after
+// the new one has taken newer writes; starting over, it would destroy them
+// (found by review).
+type anchorGuard struct {
+	mu    sync.Mutex
 	lastW uint64
+}
+
+// anchorGuards holds the guard of every token this process has opened, by
+// module path and token label.
+var anchorGuards sync.Map
+
+func newAnchorObjects(module, label string) *anchorObjects {
+	g, _ := anchorGuards.LoadOrStore(module+"\x00"+label, &anchorGuard{})
+	return &anchorObjects{module: module, label: label, guard: g.(*anchorGuard)}
 }
 
 func (a *anchorObjects) open() error {
@@ -107,7 +127,7 @@ func (a *anchorObjects) close() {
 	if a.ctx != nil {
 		a.ctx.CloseSession(a.session)
 		a.ctx.Destroy()
-		a.ctx = nil
+		a.ctx, a.slots = nil, nil
 	}
 }
 
@@ -120,9 +140,6 @@ func (a *anchorObjects) with(fn func(*pkcs11.Ctx, pkcs11.SessionHandle) error) e
 		return err
 	}
 	if err := fn(a.ctx, a.session); err != nil {
-		if errors.Is(err, errStaleAnchor) {
-			return err // refused before any call: the session is fine
-		}
 		a.ctx.CloseSession(a.session)
 		a.ctx.Destroy()
 		a.ctx, a.slots = nil, nil
@@ -214,10 +231,12 @@ func (a *anchorObjects) ReadAnchors() ([][]byte, error) {
 }
 
 func (a *anchorObjects) WriteAnchor(w uint64, value []byte) error {
+	a.guard.mu.Lock()
+	defer a.guard.mu.Unlock()
+	if w <= a.guard.lastW {
+		return fmt.Errorf("anchor write %d: %w (%d)", w, errStaleAnchor, a.guard.lastW)
+	}
 	return a.with(func(p *pkcs11.Ctx, s pkcs11.SessionHandle) error {
-		if w <= a.lastW {
-			return fmt.Errorf("anchor write %d: %w (%d)", w, errStaleAnchor, a.lastW)
-		}
 		label := pkcs11.NewAttribute(pkcs11.CKA_LABEL, base64.RawStdEncoding.EncodeToString(value))
 		if len(a.slots) == 2 {
 			older := a.slots[0]
@@ -225,7 +244,7 @@ func (a *anchorObjects) WriteAnchor(w uint64, value []byte) error {
 				return fmt.Errorf("write anchor: %w", err)
 			}
 			a.slots[0], a.slots[1] = a.slots[1], older
-			a.lastW = w
+			a.guard.lastW = w
 			return nil
 		}
 		old, _, err := findAnchors(p, s)
@@ -252,7 +271,7 @@ func (a *anchorObjects) WriteAnchor(w uint64, value []byte) error {
 				return fmt.Errorf("create anchor: %w", err)
 			}
 		}
-		a.slots, a.lastW = slots, w
+		a.slots, a.guard.lastW = slots, w
 		// A failure here leaves the older objects beside the new ones;
 		// readers take the newest valid anchor, so that is safe.
 		for _, o := range old {

@@ -180,3 +180,40 @@ func TestAnchorsAfterReload(t *testing.T) {
 		t.Fatalf("anchors after a reload: %q %v", f[0].Values, f[0].Err)
 	}
 }
+
+// A reopened member gets a new anchorObjects. A write abandoned on the old
+// one after its timeout (queued behind a hung call, whose error reset its
+// slots) may run after the new one has taken newer writes: starting over,
+// it would destroy them and take the member back to the abandoned anchor.
+// The refusal of a write number not above the last one taken belongs to
+// the token, so it refuses it (found by review: it was per instance).
+func TestAbandonedWriteOnAReopenedMemberCannotTakeItBack(t *testing.T) {
+	a := newMember(t, "a")
+	if _, err := Provision([]MemberConfig{a}); err != nil {
+		t.Fatal(err)
+	}
+	p := openPool(t, prometheus.NewRegistry(), a) // logs the token in
+	ctx := context.Background()
+	// The old token's instance, its slots unknown; write 5 waits on it.
+	old := newAnchorObjects(a.Module, a.TokenLabel)
+	defer old.close()
+	// Meanwhile the re-opened member (a new instance) takes writes 6 and 7.
+	for _, w := range []uint64{6, 7} {
+		if err := p.WriteAnchor(ctx, "a", w, []byte{byte('0' + w)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The abandoned write 5 runs now.
+	err := old.WriteAnchor(5, []byte("5"))
+	if !errors.Is(err, errStaleAnchor) {
+		t.Errorf("the abandoned write 5 after write 7: %v, want errStaleAnchor", err)
+	}
+	f := p.ReadAnchors(ctx)
+	var got []string
+	for _, v := range f[0].Values {
+		got = append(got, string(v))
+	}
+	if !slices.Contains(got, "7") {
+		t.Fatalf("after the abandoned write 5 (err %v) the member holds %q: write 7 is gone", err, got)
+	}
+}

@@ -67,7 +67,7 @@ func openToken(cfg MemberConfig) (*p11Token, error) {
 		return nil, fmt.Errorf("open token %q on %s: %w", cfg.TokenLabel, cfg.Module, scrubPIN(err, cfg.PIN))
 	}
 	t := &p11Token{ctx: ctx, keys: map[vault.KeyID]*crypto11.SecretKey{}, gcms: map[vault.KeyID]cipher.AEAD{},
-		anchorObjs: &anchorObjects{module: cfg.Module, label: cfg.TokenLabel}}
+		anchorObjs: newAnchorObjects(cfg.Module, cfg.TokenLabel)}
 	if err := t.findKeys(); err != nil {
 		ctx.Close()
 		return nil, err

@@ -60,11 +60,13 @@ type anchoring struct {
 	// batch; the state above is read back from the store before the next.
 	unsure bool
 	// live are the members the last anchor write reached: the next anchor
-	// names them. named is the set the last anchor named: the next write
-	// must reach one of them, so that every member holding an older
-	// anchor names, in its live set, a member that holds a newer one, and
-	// no stale member can stand in for the current ones at start.
-	live, named []string
+	// names them. need are sets of members the next write must reach one
+	// of each: the set the last anchor named, so that every member holding
+	// an older anchor names, in its live set, a member that holds a newer
+	// one, and no stale member can stand in for the current ones at start.
+	// After a start or an accept there are more (see Anchor, AcceptRestore).
+	live []string
+	need [][]string
 	// retry holds, for members out of the live set, when to try one
 	// again and how long the wait after that will be: a member that hangs
 	// must not make every batch wait out anchorTimeout.
@@ -159,12 +161,29 @@ func (s *Store) Anchor(ctx context.Context, keys anchor.Keys, members Anchors, r
 		}
 		a.meta, dec.Meta = m, m
 	default:
-		a.meta, a.w = dec.Meta, dec.Anchor.W
+		a.meta = dec.Meta
 	}
+	newest, maxW := newestAnchors(keys, found, a.meta.VaultID)
+	a.w = writeBlock(maxW)
 	if dec.Fresh {
-		a.live, a.named = members.Members(), members.Members()
+		a.live, a.need = members.Members(), [][]string{members.Members()}
 	} else {
-		a.live, a.named = dec.Holders, dec.Anchor.Live
+		// The start-up write must reach a member the newest anchor names,
+		// and, for every member holding an older anchor, that member or
+		// one its anchor names: the newest anchor may be a failed write
+		// that reached none of the members the anchor before it named,
+		// and a member still holding that one must not be left naming
+		// only members without a newer anchor (found by review).
+		a.live, a.need = dec.Holders, [][]string{dec.Anchor.Live}
+		for m, an := range newest {
+			if an.Epoch != dec.Anchor.Epoch || an.W != dec.Anchor.W {
+				if set := slices.Clone(an.Live); !slices.Contains(set, m) {
+					a.need = append(a.need, append(set, m))
+				} else {
+					a.need = append(a.need, set)
+				}
+			}
+		}
 	}
 	// Vouch for the state just checked; it also catches up members that
 	// were behind.
@@ -198,16 +217,47 @@ func (s *Store) scan(h *anchor.Hasher) (anchor.State, error) {
 	return st, nil
 }
 
+// newestAnchors returns, for each member that answered, its newest valid
+// anchor of the vault, and the highest write number among all of them.
+func newestAnchors(keys anchor.Keys, found []anchor.Found, vault [anchor.VaultIDLen]byte) (map[string]anchor.Anchor, uint64) {
+	newest := map[string]anchor.Anchor{}
+	var maxW uint64
+	for _, f := range found {
+		for _, v := range f.Values {
+			an, err := keys.ParseAnchor(v)
+			if err != nil || an.Member != f.Member || an.VaultID != vault {
+				continue
+			}
+			maxW = max(maxW, an.W)
+			if cur, ok := newest[f.Member]; !ok || an.Epoch > cur.Epoch || (an.Epoch == cur.Epoch && an.W > cur.W) {
+				newest[f.Member] = an
+			}
+		}
+	}
+	return newest, maxW
+}
+
+// writeBlock is where a process starts numbering its anchor writes: in a
+// block of 2^32 numbers above every number it read. A member that did not
+// answer may hold a number above those, from a failed write of the last
+// process, but never one of a later block: each start reads the anchors of
+// the last process's successful writes (the start-up check requires it), so
+// its block is above that process's. Numbering on from the highest number
+// read would reuse that silent member's number with other content, which
+// the check refuses as tampering once it answers (found by review).
+func writeBlock(maxW uint64) uint64 { return (maxW>>32 + 1) << 32 }
+
 func (a *anchoring) point(m anchor.Meta, d anchor.Digest) anchor.Point {
 	return anchor.Point{Seq: m.Seq, Tag: a.keys.Tag(m.VaultID, m.Epoch, m.Seq, d)}
 }
 
 // write writes the next anchor to every configured member at once. The
 // anchor names as live the members the previous write reached; it must
-// reach at least one member the previous anchor named, or a member holding
-// that one could later stand in for the ones holding this. The members it
-// reaches are the next live set: a member that fails drops out, and one
-// that answers again is caught up by this very write.
+// reach at least one member of each set in need (at least one member the
+// previous anchor named), or a member holding that one could later stand
+// in for the ones holding this. The members it reaches are the next live
+// set: a member that fails drops out, and one that answers again is
+// caught up by this very write.
 func (a *anchoring) write(ctx context.Context, base anchor.Point) error {
 	prev := a.live
 	start := time.Now()
@@ -225,12 +275,14 @@ func (a *anchoring) write(ctx context.Context, base anchor.Point) error {
 	if a.retry == nil {
 		a.retry = map[string]backoff{}
 	}
-	// Members out of the live set wait for their backoff, unless none of
-	// the named members is live and one of them is needed.
-	namedLive := slices.ContainsFunc(a.named, func(m string) bool { return slices.Contains(prev, m) })
+	// Members out of the live set wait for their backoff, unless one is
+	// in a needed set with no live member.
+	unmet := func(set []string) bool {
+		return !slices.ContainsFunc(set, func(m string) bool { return slices.Contains(prev, m) })
+	}
 	var wg sync.WaitGroup
 	for i, m := range members {
-		needed := !namedLive && slices.Contains(a.named, m)
+		needed := slices.ContainsFunc(a.need, func(set []string) bool { return unmet(set) && slices.Contains(set, m) })
 		if b, out := a.retry[m]; out && !slices.Contains(prev, m) && !needed && time.Now().Before(b.at) {
 			errs[i] = errors.New("out of the live set; not tried again yet")
 			continue
@@ -246,11 +298,9 @@ func (a *anchoring) write(ctx context.Context, base anchor.Point) error {
 	}
 	wg.Wait()
 	var live []string
-	reachedNamed := false
 	for i, m := range members {
 		if ok[i] {
 			live = append(live, m)
-			reachedNamed = reachedNamed || slices.Contains(a.named, m)
 			a.metrics.writes.WithLabelValues(m, "ok").Inc()
 			delete(a.retry, m)
 			continue
@@ -267,10 +317,12 @@ func (a *anchoring) write(ctx context.Context, base anchor.Point) error {
 			a.log.Warn("rollback anchor: member dropped from the live set", "member", m, "error", errs[i].Error())
 		}
 	}
-	if !reachedNamed {
-		return fmt.Errorf("rollback anchor: write %d reached no member of the live set %v: %w", w, a.named, errors.Join(errs...))
+	for _, set := range a.need {
+		if !slices.ContainsFunc(set, func(m string) bool { return slices.Contains(live, m) }) {
+			return fmt.Errorf("rollback anchor: write %d reached no member of %v: %w", w, set, errors.Join(errs...))
+		}
 	}
-	a.live, a.named = live, prev
+	a.live, a.need = live, [][]string{prev}
 	a.metrics.live.Set(float64(len(live)))
 	a.metrics.seq.Set(float64(base.Seq))
 	return nil
@@ -424,7 +476,7 @@ func (s *Store) AcceptRestore(ctx context.Context, keys anchor.Keys, members Anc
 				continue
 			}
 			m.Epoch = max(m.Epoch, a.Epoch)
-			w = max(w, a.W)
+			w = max(w, writeBlock(a.W))
 			top = max(top, a.Base.Seq)
 			if a.Pending != nil {
 				top = max(top, a.Pending.Seq)
@@ -449,7 +501,13 @@ func (s *Store) AcceptRestore(ctx context.Context, keys anchor.Keys, members Anc
 	d := h.AddMeta(before.scanned.RecordDigest, raw)
 	a := &anchoring{keys: keys, hasher: h, members: members, log: slog.New(slog.DiscardHandler),
 		metrics: newAnchorMetrics(nil), meta: m, metaRaw: raw, records: before.scanned.RecordDigest, digest: d, w: w}
-	a.live, a.named = members.Members(), members.Members()
+	// The new epoch must reach every member: one it misses keeps an
+	// anchor of the old epoch, which, with the others hidden, would vouch
+	// for the store from before the restore (found by review).
+	a.live = members.Members()
+	for _, m := range a.live {
+		a.need = append(a.need, []string{m})
+	}
 	if err := a.vouch(ctx); err != nil {
 		return acc, err
 	}

@@ -1,0 +1,239 @@
+package boltstore_test
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/keyvault/keyvault/anchor"
+	"github.com/keyvault/keyvault/vault"
+	"github.com/keyvault/keyvault/vault/boltstore"
+)
+
+// Found by review of the rollback-anchor protocol (restarts, accepts,
+// adoption, write numbers); each failed before its fix.
+
+// openAnchored opens the store at path and runs the start-up check.
+func openAnchored(t *testing.T, path string, keys anchor.Keys, fa *ctlAnchors) (*boltstore.Store, error) {
+	t.Helper()
+	s, err := boltstore.Open(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Anchor(bg, keys, fa, nil, nil); err != nil {
+		s.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// A restart whose newest anchor is a failed write (it reached only a
+// member outside the live set the write had to reach) takes that anchor's
+// live set as the set the start-up write must reach. But the members
+// still holding the last successful anchor name an older live set, which
+// neither the failed write nor the start-up write reached: such a member
+// keeps an anchor that names only itself, and stands in for the current
+// member once that one is hidden.
+//
+//	W1 (start)  reaches {a}      live {a,b}
+//	W2 (x)      reaches {a,b}    live {a}     a keeps W2 for good
+//	W3 (y)      reaches {b}      live {a,b}   fails: must reach {a}
+//	restart: best W3, must reach {a,b}
+//	W4 (start)  reaches {b}      live {b}
+//	W5 (z)      reaches {b}      live {b}     z answered
+//	hide b, restore the store at x: a's W2 (live {a}) vouches for it.
+func TestRestartOnAFailedAnchorLeavesAStaleMemberStanding(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "store.db")
+	keys := anchorKeys()
+	fa := &ctlAnchors{names: []string{"a", "b"}, values: map[string][][]byte{}}
+	fa.set("b")
+	s, err := openAnchored(t, path, keys, fa) // W1 on a
+	if err != nil {
+		t.Fatal(err)
+	}
+	fa.set()
+	time.Sleep(1100 * time.Millisecond) // b's retry is due
+	mustCAS(t, s, "x", 0, "v")          // W2 on a and b
+	atX, _ := os.ReadFile(path)
+	fa.set("a")
+	if _, err := s.CompareAndSwap(bg, []byte("y"), 0, []byte("v")); !errors.Is(err, vault.ErrWithheld) {
+		t.Fatalf("y: %v, want ErrWithheld (its anchor reached only b)", err) // W3 on b only
+	}
+	s.Close()
+
+	// Restart with a still failing writes (it answers reads): the start
+	// must reach a, which holds W2 naming only itself, and fails closed.
+	if s, err := openAnchored(t, path, keys, fa); err == nil {
+		s.Close()
+		t.Fatal("started without reaching a, whose anchor names only itself")
+	}
+	// a takes writes again: the start catches it up.
+	fa.set()
+	s, err = openAnchored(t, path, keys, fa)
+	if err != nil {
+		t.Fatalf("restart: %v", err)
+	}
+	mustCAS(t, s, "z", 0, "released") // z's answer is out
+	s.Close()
+
+	// The attack: the store as it was at x, and b hidden.
+	if err := os.WriteFile(path, atX, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	fa.set("b")
+	fa.silent = map[string]bool{"b": true}
+	for _, m := range []string{"a", "b"} {
+		if len(fa.values[m]) > 0 {
+			a, _ := keys.ParseAnchor(fa.values[m][0])
+			t.Logf("%s: W=%d live=%v base=%d", m, a.W, a.Live, a.Base.Seq)
+		}
+	}
+	if s, err := openAnchored(t, path, keys, fa); err == nil {
+		s.Close()
+		t.Fatal("the store from before y and z (z answered) was accepted on the stale member a while b is hidden")
+	}
+}
+
+// An accept raises the epoch on the members it reaches; it succeeds when it
+// reaches any one. A member it did not reach keeps its anchor of the old
+// epoch, and if that anchor's live set names only members the accept did
+// not reach either, it vouches on its own for the pre-restore store once
+// the members holding the new epoch are hidden: every answer of the new
+// epoch is lost.
+func TestAcceptReachingOneMemberLeavesTheOldEpochStanding(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "store.db")
+	keys := anchorKeys()
+	fa := &ctlAnchors{names: []string{"a", "b"}, values: map[string][][]byte{}}
+	fa.set()
+	s, err := openAnchored(t, path, keys, fa) // W1 on a, b
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustCAS(t, s, "k", 0, "v")
+	backup, _ := os.ReadFile(path) // the backup the operator restores later
+	fa.set("a")                    // a drops out; b carries on
+	mustCAS(t, s, "p1", 0, "v")    // live {a,b} -> reaches {b}
+	mustCAS(t, s, "p2", 0, "v")    // names live {b}
+	s.Close()
+	preRestore, _ := os.ReadFile(path) // the store the restore replaced
+
+	// The operator restores the backup and accepts it; b answers, but its
+	// write fails.
+	if err := os.WriteFile(path, backup, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	fa.set("b")
+	s, err = boltstore.Open(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.AcceptRestore(bg, keys, fa); err == nil {
+		t.Fatal("an accept that reached only a succeeded")
+	}
+	s.Close()
+	// The failed accept left the new epoch on a alone. The start must
+	// reach b as well (its old-epoch anchor names only itself): it fails
+	// while b's writes fail, and catches b up once they work.
+	if s, err := openAnchored(t, path, keys, fa); err == nil {
+		s.Close()
+		t.Fatal("started without reaching b, which holds the old epoch")
+	}
+	fa.set()
+	s, err = openAnchored(t, path, keys, fa)
+	if err != nil {
+		t.Fatalf("start on the accepted store: %v", err)
+	}
+	mustCAS(t, s, "k", mustRev(t, s, "k"), "attempts=1") // an answer of the new epoch
+	s.Close()
+
+	// The attack: the pre-restore store, and a hidden.
+	if err := os.WriteFile(path, preRestore, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	fa.set("a")
+	fa.silent = map[string]bool{"a": true}
+	if s, err := openAnchored(t, path, keys, fa); err == nil {
+		s.Close()
+		t.Fatal("the pre-restore store of the old epoch was accepted on b while a, holding the new epoch, is hidden")
+	}
+}
+
+func mustRev(t *testing.T, s *boltstore.Store, key string) uint64 {
+	t.Helper()
+	_, rev, err := s.Get(bg, []byte(key))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rev
+}
+
+// Adoption writes the store's first meta, then the first anchor. A kill
+// (or a failed anchor write) between the two leaves a clean store with
+// records and a meta but no anchor anywhere, which every later start
+// refuses as no_anchor.
+func TestAdoptionCutOffBeforeItsFirstAnchor(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "store.db")
+	s, err := boltstore.Open(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustCAS(t, s, "kept-without-anchoring", 0, "v") // anchoring off
+	s.Close()
+	keys := anchorKeys()
+	fa := &ctlAnchors{names: []string{"a"}, values: map[string][][]byte{}}
+	fa.set("a") // the first anchor write fails (as a kill right before it would)
+	if s, err := openAnchored(t, path, keys, fa); err == nil {
+		s.Close()
+		t.Fatal("adopted without an anchor")
+	}
+	fa.set()
+	s, err = openAnchored(t, path, keys, fa)
+	if err != nil {
+		t.Fatalf("the untouched store, after an adoption cut off before its first anchor: %v", err)
+	}
+	s.Close()
+}
+
+// A start takes up the write numbers after the newest anchor it can read;
+// a silent member outside that anchor's live set may hold a higher one (a
+// write that failed because it reached no member it had to). The start-up
+// anchor then reuses that number with another content, and once every
+// member answers again, the clean store is refused as tampered with.
+func TestStartReusesAWriteNumberASilentMemberHolds(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "store.db")
+	keys := anchorKeys()
+	fa := &ctlAnchors{names: []string{"a", "b", "c"}, values: map[string][][]byte{}}
+	fa.set("b", "c")
+	s, err := openAnchored(t, path, keys, fa) // W1 on a; named {a,b,c}
+	if err != nil {
+		t.Fatal(err)
+	}
+	fa.set("b")
+	time.Sleep(1100 * time.Millisecond) // c's retry is due
+	mustCAS(t, s, "x", 0, "v")          // W2 on a, c (live {a}); b failed again
+	fa.set("a", "c")
+	time.Sleep(2100 * time.Millisecond) // b's retry is due
+	if _, err := s.CompareAndSwap(bg, []byte("y"), 0, []byte("v")); !errors.Is(err, vault.ErrWithheld) {
+		t.Fatalf("y: %v, want ErrWithheld", err) // W3 on b only (live {a,c}); must reach {a}
+	}
+	s.Close()
+	// Restart with b and c silent: W2 on a is the newest readable one.
+	fa.silent = map[string]bool{"b": true, "c": true}
+	fa.set("b", "c")
+	s, err = openAnchored(t, path, keys, fa) // W3 again, on a, live {a}
+	if err != nil {
+		t.Fatalf("restart with b and c silent: %v", err)
+	}
+	s.Close()
+	fa.silent = nil
+	fa.set()
+	s, err = openAnchored(t, path, keys, fa)
+	if err != nil {
+		t.Fatalf("clean store, every member back: %v", err)
+	}
+	s.Close()
+}
