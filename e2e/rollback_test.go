@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -418,5 +419,74 @@ func TestRollbackMembers(t *testing.T) {
 	}
 	if code != 0 || !strings.HasSuffix(newest("a"), "live a,b") || newest("a")[len("member a"):] != newest("b")[len("member b"):] {
 		t.Fatalf("after b's return, both members should hold the newest anchor with both live: exit %d\n%s", code, out)
+	}
+}
+
+// A kill can tear the anchor slot being written (SoftHSM rewrites the
+// object file in place, without fsync): the other slot holds the anchor
+// before, and the store, at most one batch past it, still starts. With
+// both slots gone, no anchor is left and the store is refused. The slots
+// are the two token object files written last: keys are written once, at
+// setup, and every batch rewrites one slot.
+func TestTornAnchorSlot(t *testing.T) {
+	dir, _ := anchoredDev(t)
+	v := startDev(t, dir)
+	c := newClient(v.API, v.Token)
+	secret := randBytes(32)
+	for i := range 5 {
+		c.mustEnroll(t, 201, fmt.Sprintf("torn-%d", i), secret, "right-pin", 3)
+	}
+	v.Stop()
+
+	var objs []string
+	filepath.Walk(filepath.Join(dir, "tokens"), func(path string, info os.FileInfo, err error) error {
+		if err == nil && strings.HasSuffix(path, ".object") && filepath.Base(path) != "token.object" {
+			objs = append(objs, path)
+		}
+		return nil
+	})
+	mtime := func(p string) time.Time {
+		fi, err := os.Stat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return fi.ModTime()
+	}
+	slices.SortFunc(objs, func(a, b string) int { return mtime(b).Compare(mtime(a)) })
+	if len(objs) < 3 {
+		t.Fatalf("%d token objects, want keys and two anchor slots", len(objs))
+	}
+	tear := func(p string) {
+		t.Helper()
+		fi, err := os.Stat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Truncate(p, fi.Size()/2); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	tear(objs[0]) // the slot written last
+	v = startDev(t, dir)
+	newClient(v.API, v.Token).mustRecover(t, "torn-4", "right-pin", secret)
+	v.Stop()
+	if !strings.Contains(string(v.Logs()), `"msg":"rollback check passed"`) {
+		t.Fatalf("no passed rollback check in the log:\n%s", v.Logs())
+	}
+
+	// The start wrote both slots again; tear them both.
+	objs = objs[:0]
+	filepath.Walk(filepath.Join(dir, "tokens"), func(path string, info os.FileInfo, err error) error {
+		if err == nil && strings.HasSuffix(path, ".object") && filepath.Base(path) != "token.object" {
+			objs = append(objs, path)
+		}
+		return nil
+	})
+	slices.SortFunc(objs, func(a, b string) int { return mtime(b).Compare(mtime(a)) })
+	tear(objs[0])
+	tear(objs[1])
+	if got := startRefused(t, dir); got != "no_anchor" {
+		t.Fatalf("both anchor slots torn: refused for %s, want no_anchor", got)
 	}
 }
