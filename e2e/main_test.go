@@ -67,26 +67,25 @@ type (
 // On a new dir it sets the dir up with a first run, turns the limits off in
 // its keyvault.yaml, and starts again. TestRateLimits runs with the
 // defaults (startDevLimited).
-func startDev(t testing.TB, dir string) *vault {
-	t.Helper()
-	cfg := filepath.Join(dir, "keyvault.yaml")
-	if _, err := os.Stat(cfg); errors.Is(err, os.ErrNotExist) {
-		startDevLimited(t, dir).Stop()
-		setRateLimits(t, cfg, kvproc.LimitsOff)
-	}
-	return startDevLimited(t, dir)
-}
+func startDev(t testing.TB, dir string) *vault { t.Helper(); return startDevWith(t, dir, true) }
 
 // startDevUnanchored is startDev with rollback anchoring off, for tests of
 // the record MACs that edit records of a stopped vault (see
 // kvproc.SetRollbackAnchor).
 func startDevUnanchored(t testing.TB, dir string) *vault {
 	t.Helper()
+	return startDevWith(t, dir, false)
+}
+
+func startDevWith(t testing.TB, dir string, anchored bool) *vault {
+	t.Helper()
 	cfg := filepath.Join(dir, "keyvault.yaml")
 	if _, err := os.Stat(cfg); errors.Is(err, os.ErrNotExist) {
 		startDevLimited(t, dir).Stop()
 		setRateLimits(t, cfg, kvproc.LimitsOff)
-		kvproc.SetRollbackAnchor(t, cfg, false)
+		if !anchored {
+			kvproc.SetRollbackAnchor(t, cfg, false)
+		}
 	}
 	return startDevLimited(t, dir)
 }

@@ -156,26 +156,25 @@ type vault = kvproc.Vault
 // startDev runs `keyvault dev` on dir with the rate limits, the escalating
 // delay and HSM admission shedding off (as e2e's startDev does): the
 // scenarios are about the budget, durability and the HSMs, not the limits.
-func startDev(t testing.TB, dir string) *vault {
-	t.Helper()
-	cfg := filepath.Join(dir, "keyvault.yaml")
-	if _, err := os.Stat(cfg); errors.Is(err, os.ErrNotExist) {
-		startVault(t, dir, kvproc.DevArgs(dir)...).Stop()
-		kvproc.SetRateLimits(t, cfg, kvproc.LimitsOff)
-	}
-	return startVault(t, dir, kvproc.DevArgs(dir)...)
-}
+func startDev(t testing.TB, dir string) *vault { t.Helper(); return startDevWith(t, dir, true) }
 
 // startDevUnanchored is startDev with rollback anchoring off, for the
 // scenario that edits records of a stopped vault and expects each edited
 // record refused on its own (see kvproc.SetRollbackAnchor).
 func startDevUnanchored(t testing.TB, dir string) *vault {
 	t.Helper()
+	return startDevWith(t, dir, false)
+}
+
+func startDevWith(t testing.TB, dir string, anchored bool) *vault {
+	t.Helper()
 	cfg := filepath.Join(dir, "keyvault.yaml")
 	if _, err := os.Stat(cfg); errors.Is(err, os.ErrNotExist) {
 		startVault(t, dir, kvproc.DevArgs(dir)...).Stop()
 		kvproc.SetRateLimits(t, cfg, kvproc.LimitsOff)
-		kvproc.SetRollbackAnchor(t, cfg, false)
+		if !anchored {
+			kvproc.SetRollbackAnchor(t, cfg, false)
+		}
 	}
 	return startVault(t, dir, kvproc.DevArgs(dir)...)
 }

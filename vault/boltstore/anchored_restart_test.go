@@ -29,6 +29,15 @@ func openAnchored(t *testing.T, path string, keys anchor.Keys, fa *ctlAnchors) (
 	return s, nil
 }
 
+// noStart runs the start-up check and fails the test if it passes.
+func noStart(t *testing.T, path string, keys anchor.Keys, fa *ctlAnchors, why string) {
+	t.Helper()
+	if s, err := openAnchored(t, path, keys, fa); err == nil {
+		s.Close()
+		t.Fatal(why)
+	}
+}
+
 // A restart whose newest anchor is a failed write (it reached only a
 // member outside the live set the write had to reach) takes that anchor's
 // live set as the set the start-up write must reach. But the members
@@ -66,10 +75,7 @@ func TestRestartOnAFailedAnchorLeavesAStaleMemberStanding(t *testing.T) {
 
 	// Restart with a still failing writes (it answers reads): the start
 	// must reach a, which holds W2 naming only itself, and fails closed.
-	if s, err := openAnchored(t, path, keys, fa); err == nil {
-		s.Close()
-		t.Fatal("started without reaching a, whose anchor names only itself")
-	}
+	noStart(t, path, keys, fa, "started without reaching a, whose anchor names only itself")
 	// a takes writes again: the start catches it up.
 	fa.set()
 	s, err = openAnchored(t, path, keys, fa)
@@ -91,10 +97,7 @@ func TestRestartOnAFailedAnchorLeavesAStaleMemberStanding(t *testing.T) {
 			t.Logf("%s: W=%d live=%v base=%d", m, a.W, a.Live, a.Base.Seq)
 		}
 	}
-	if s, err := openAnchored(t, path, keys, fa); err == nil {
-		s.Close()
-		t.Fatal("the store from before y and z (z answered) was accepted on the stale member a while b is hidden")
-	}
+	noStart(t, path, keys, fa, "the store from before y and z (z answered) was accepted on the stale member a while b is hidden")
 }
 
 // An accept raises the epoch on the members it reaches; it succeeds when it
@@ -138,10 +141,7 @@ func TestAcceptReachingOneMemberLeavesTheOldEpochStanding(t *testing.T) {
 	// The failed accept left the new epoch on a alone. The start must
 	// reach b as well (its old-epoch anchor names only itself): it fails
 	// while b's writes fail, and catches b up once they work.
-	if s, err := openAnchored(t, path, keys, fa); err == nil {
-		s.Close()
-		t.Fatal("started without reaching b, which holds the old epoch")
-	}
+	noStart(t, path, keys, fa, "started without reaching b, which holds the old epoch")
 	fa.set()
 	s, err = openAnchored(t, path, keys, fa)
 	if err != nil {
@@ -156,10 +156,7 @@ func TestAcceptReachingOneMemberLeavesTheOldEpochStanding(t *testing.T) {
 	}
 	fa.set("a")
 	fa.silent = map[string]bool{"a": true}
-	if s, err := openAnchored(t, path, keys, fa); err == nil {
-		s.Close()
-		t.Fatal("the pre-restore store of the old epoch was accepted on b while a, holding the new epoch, is hidden")
-	}
+	noStart(t, path, keys, fa, "the pre-restore store of the old epoch was accepted on b while a, holding the new epoch, is hidden")
 }
 
 func mustRev(t *testing.T, s *boltstore.Store, key string) uint64 {
@@ -186,10 +183,7 @@ func TestAdoptionCutOffBeforeItsFirstAnchor(t *testing.T) {
 	keys := anchorKeys()
 	fa := &ctlAnchors{names: []string{"a"}, values: map[string][][]byte{}}
 	fa.set("a") // the first anchor write fails (as a kill right before it would)
-	if s, err := openAnchored(t, path, keys, fa); err == nil {
-		s.Close()
-		t.Fatal("adopted without an anchor")
-	}
+	noStart(t, path, keys, fa, "adopted without an anchor")
 	fa.set()
 	s, err = openAnchored(t, path, keys, fa)
 	if err != nil {
