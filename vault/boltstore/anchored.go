@@ -38,6 +38,14 @@ type Anchors interface {
 // it, so a slow member is dropped from the live set rather than waited on.
 const anchorTimeout = 2 * time.Second
 
+// position is a state of the store, as the writer keeps it.
+type position struct {
+	records anchor.Digest // of its records
+	digest  anchor.Digest // of every record and the meta
+	meta    anchor.Meta
+	metaRaw []byte
+}
+
 // anchoring is the committer's rollback-resistance state. Only the
 // committer goroutine touches it after Anchor has returned.
 type anchoring struct {
@@ -47,10 +55,7 @@ type anchoring struct {
 	log     *slog.Logger
 	metrics *anchorMetrics
 
-	records anchor.Digest // of the committed store's records
-	digest  anchor.Digest // of the committed store: every record and the meta
-	meta    anchor.Meta
-	metaRaw []byte
+	position // the committed store's
 	// anchored is the seq the members' newest anchor vouches for: the
 	// committed one (meta.Seq), or the one before it if the anchor for the
 	// last batch failed.
@@ -336,7 +341,7 @@ type change struct{ key, old, new []byte }
 // the position it is written on (which an anchor vouches for: see
 // anchored). It returns the state to adopt once the transaction has
 // committed.
-func (a *anchoring) prepare(tx *bolt.Tx, changes []change) (next anchoring, err error) {
+func (a *anchoring) prepare(tx *bolt.Tx, changes []change) (next position, err error) {
 	r := a.records
 	for _, c := range changes {
 		if c.old != nil {
@@ -349,14 +354,12 @@ func (a *anchoring) prepare(tx *bolt.Tx, changes []change) (next anchoring, err 
 	m.Records = r
 	m.Parent = a.point(a.meta, a.digest).Tag
 	raw := a.keys.MarshalMeta(m)
-	next = anchoring{records: r, digest: a.hasher.AddMeta(r, raw), meta: m, metaRaw: raw}
+	next = position{records: r, digest: a.hasher.AddMeta(r, raw), meta: m, metaRaw: raw}
 	return next, tx.Bucket(bucketMeta).Put(keyAnchorMeta, raw)
 }
 
 // commit adopts the state a committed batch made.
-func (a *anchoring) commit(next anchoring) {
-	a.records, a.digest, a.meta, a.metaRaw = next.records, next.digest, next.meta, next.metaRaw
-}
+func (a *anchoring) commit(next position) { a.position = next }
 
 // vouch writes an anchor for the committed state, so that the answers of
 // the batch that made it may go out and the next batch may be written on
@@ -384,7 +387,8 @@ func (s *Store) resync(a *anchoring) error {
 	if m.VaultID != a.meta.VaultID || m.Epoch != a.meta.Epoch || m.Seq < a.meta.Seq || m.Seq > a.meta.Seq+1 {
 		return fmt.Errorf("the store's meta moved from seq %d to %d (epoch %d to %d) under the writer", a.meta.Seq, m.Seq, a.meta.Epoch, m.Epoch)
 	}
-	a.records, a.digest, a.meta, a.metaRaw, a.unsure = st.RecordDigest, st.Digest, m, st.Meta, false
+	a.position = position{records: st.RecordDigest, digest: st.Digest, meta: m, metaRaw: st.Meta}
+	a.unsure = false
 	return nil
 }
 
@@ -500,7 +504,8 @@ func (s *Store) AcceptRestore(ctx context.Context, keys anchor.Keys, members Anc
 	h := anchor.NewHasher(keys.Digest)
 	d := h.AddMeta(before.scanned.RecordDigest, raw)
 	a := &anchoring{keys: keys, hasher: h, members: members, log: slog.New(slog.DiscardHandler),
-		metrics: newAnchorMetrics(nil), meta: m, metaRaw: raw, records: before.scanned.RecordDigest, digest: d, w: w}
+		metrics: newAnchorMetrics(nil), w: w,
+		position: position{meta: m, metaRaw: raw, records: before.scanned.RecordDigest, digest: d}}
 	// The new epoch must reach every member: one it misses keeps an
 	// anchor of the old epoch, which, with the others hidden, would vouch
 	// for the store from before the restore (found by review).

@@ -285,7 +285,7 @@ func (s *Store) commit(batch []*write) {
 		}
 	}
 	var changes []change
-	var next anchoring
+	var next position
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		data, meta := tx.Bucket(bucketData), tx.Bucket(bucketMeta)
 		var rev uint64
