@@ -31,7 +31,7 @@ type anchorKeeper interface {
 	// if the process dies during the write. It refuses a w not above the
 	// last one it wrote: a write abandoned after its timeout may still run
 	// later, and must not take the member's anchor backwards.
-	WriteAnchor(w uint64, value []byte) error
+	WriteAnchor(ctx context.Context, w uint64, value []byte) error
 }
 
 // errStaleAnchor: an anchor write arrived after a newer one.
@@ -73,10 +73,13 @@ type anchorObjects struct {
 // anchorObjects: a member that fails is reopened with a new one, and a
 // write abandoned on the old one (queued behind a hung call) may run after
 // the new one has taken newer writes; starting over, it would destroy them
-// (found by review).
+// (found by review). A write waits for its turn only as long as its
+// context allows, so a call that hangs holding the turn costs the writes
+// after it their timeout, not their goroutines and sessions (found by the
+// second review).
 type anchorGuard struct {
-	mu    sync.Mutex
-	lastW uint64
+	turn  chan struct{} // holds a value while a write runs
+	lastW uint64        // read and written only while holding the turn
 }
 
 // anchorGuards holds the guard of every token this process has opened, by
@@ -84,7 +87,7 @@ type anchorGuard struct {
 var anchorGuards sync.Map
 
 func newAnchorObjects(module, label string) *anchorObjects {
-	g, _ := anchorGuards.LoadOrStore(module+"\x00"+label, &anchorGuard{})
+	g, _ := anchorGuards.LoadOrStore(module+"\x00"+label, &anchorGuard{turn: make(chan struct{}, 1)})
 	return &anchorObjects{module: module, label: label, guard: g.(*anchorGuard)}
 }
 
@@ -230,9 +233,13 @@ func (a *anchorObjects) ReadAnchors() ([][]byte, error) {
 	return values, err
 }
 
-func (a *anchorObjects) WriteAnchor(w uint64, value []byte) error {
-	a.guard.mu.Lock()
-	defer a.guard.mu.Unlock()
+func (a *anchorObjects) WriteAnchor(ctx context.Context, w uint64, value []byte) error {
+	select {
+	case a.guard.turn <- struct{}{}:
+	case <-ctx.Done():
+		return fmt.Errorf("anchor write %d: waiting for the token's previous write: %w", w, ctx.Err())
+	}
+	defer func() { <-a.guard.turn }()
 	if w <= a.guard.lastW {
 		return fmt.Errorf("anchor write %d: %w (%d)", w, errStaleAnchor, a.guard.lastW)
 	}
@@ -284,8 +291,8 @@ func (a *anchorObjects) WriteAnchor(w uint64, value []byte) error {
 }
 
 func (t *p11Token) ReadAnchors() ([][]byte, error) { return t.anchorObjs.ReadAnchors() }
-func (t *p11Token) WriteAnchor(w uint64, v []byte) error {
-	return t.anchorObjs.WriteAnchor(w, v)
+func (t *p11Token) WriteAnchor(ctx context.Context, w uint64, v []byte) error {
+	return t.anchorObjs.WriteAnchor(ctx, w, v)
 }
 
 // errNoAnchors: the member's token cannot keep anchor objects.
@@ -328,7 +335,7 @@ func (p *Pool) ReadAnchors(ctx context.Context) []anchor.Found {
 func (p *Pool) WriteAnchor(ctx context.Context, member string, w uint64, value []byte) error {
 	for _, m := range p.members {
 		if m.name == member {
-			return p.onMember(ctx, m, "anchor_write", func(k anchorKeeper) error { return k.WriteAnchor(w, value) })
+			return p.onMember(ctx, m, "anchor_write", func(k anchorKeeper) error { return k.WriteAnchor(ctx, w, value) })
 		}
 	}
 	return fmt.Errorf("write anchor: no member named %q", member)

@@ -3,9 +3,11 @@ package hsmpool
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"errors"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/miekg/pkcs11"
 	"github.com/prometheus/client_golang/prometheus"
@@ -204,7 +206,7 @@ func TestAbandonedWriteOnAReopenedMemberCannotTakeItBack(t *testing.T) {
 		}
 	}
 	// The abandoned write 5 runs now.
-	err := old.WriteAnchor(5, []byte("5"))
+	err := old.WriteAnchor(ctx, 5, []byte("5"))
 	if !errors.Is(err, errStaleAnchor) {
 		t.Errorf("the abandoned write 5 after write 7: %v, want errStaleAnchor", err)
 	}
@@ -215,5 +217,28 @@ func TestAbandonedWriteOnAReopenedMemberCannotTakeItBack(t *testing.T) {
 	}
 	if !slices.Contains(got, "7") {
 		t.Fatalf("after the abandoned write 5 (err %v) the member holds %q: write 7 is gone", err, got)
+	}
+}
+
+// A call that hangs holding the token's turn (the case the shared guard is
+// for: a member reopened while an abandoned write is stuck on the old
+// session) costs the writes after it their deadline, not a goroutine and
+// a session each, blocked for ever (found by review).
+func TestAnchorWriteBehindAHungOneKeepsItsDeadline(t *testing.T) {
+	label := "hung-" + rand.Text()[:8]
+	old := newAnchorObjects("/nonexistent/module.so", label)
+	old.guard.turn <- struct{}{} // stuck inside a PKCS#11 call, for ever
+	reopened := newAnchorObjects("/nonexistent/module.so", label)
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- reopened.WriteAnchor(ctx, 1, []byte("anchor")) }()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("write behind a hung one: %v, want its deadline", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("an anchor write behind a hung one on the same token is still blocked after 5 s")
 	}
 }

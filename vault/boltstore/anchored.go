@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -20,6 +21,11 @@ import (
 // keyAnchorMeta holds the store's anchor meta (vault ID, epoch, seq) in
 // the meta bucket. Like every record, it is part of the digest.
 var keyAnchorMeta = []byte("anchor")
+
+// keyAnchorBlock holds the block of anchor write numbers the last start
+// took (see writeBlock). It is outside the digest: it only keeps write
+// numbers apart, and an edit of it costs liveness, never safety.
+var keyAnchorBlock = []byte("anchor-block")
 
 // Anchors is where the store's anchors live: one per HSM member (the
 // HSM pool implements it).
@@ -169,7 +175,9 @@ func (s *Store) Anchor(ctx context.Context, keys anchor.Keys, members Anchors, r
 		a.meta = dec.Meta
 	}
 	newest, maxW := newestAnchors(keys, found, a.meta.VaultID)
-	a.w = writeBlock(maxW)
+	if a.w, err = s.takeBlock(maxW); err != nil {
+		return dec, err
+	}
 	if dec.Fresh {
 		a.live, a.need = members.Members(), [][]string{members.Members()}
 	} else {
@@ -242,15 +250,31 @@ func newestAnchors(keys anchor.Keys, found []anchor.Found, vault [anchor.VaultID
 	return newest, maxW
 }
 
-// writeBlock is where a process starts numbering its anchor writes: in a
-// block of 2^32 numbers above every number it read. A member that did not
-// answer may hold a number above those, from a failed write of the last
-// process, but never one of a later block: each start reads the anchors of
-// the last process's successful writes (the start-up check requires it), so
-// its block is above that process's. Numbering on from the highest number
-// read would reuse that silent member's number with other content, which
-// the check refuses as tampering once it answers (found by review).
-func writeBlock(maxW uint64) uint64 { return (maxW>>32 + 1) << 32 }
+// takeBlock returns where a process starts numbering its anchor writes:
+// in a block of 2^32 numbers above every number it read and above the
+// block the last start on this store took, which it records first. A
+// member that did not answer may hold a number above those read, from a
+// failed write; numbering on from the highest number read would reuse it
+// with other content, which the check refuses as tampering once that
+// member answers (found by review). The member's number comes either from
+// a process that wrote an anchor the start-up check read, so its block is
+// below the one read, or from one whose writes all failed, whose block
+// was recorded here before its first write (found by the second review).
+func (s *Store) takeBlock(maxW uint64) (uint64, error) {
+	block := maxW >> 32
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		meta := tx.Bucket(bucketMeta)
+		if v := meta.Get(keyAnchorBlock); len(v) == 8 {
+			block = max(block, binary.BigEndian.Uint64(v))
+		}
+		block++
+		return meta.Put(keyAnchorBlock, binary.BigEndian.AppendUint64(nil, block))
+	})
+	if err != nil {
+		return 0, fmt.Errorf("record the anchor write block: %w", err)
+	}
+	return block << 32, nil
+}
 
 func (a *anchoring) point(m anchor.Meta, d anchor.Digest) anchor.Point {
 	return anchor.Point{Seq: m.Seq, Tag: a.keys.Tag(m.VaultID, m.Epoch, m.Seq, d)}
@@ -432,6 +456,20 @@ func (s *Store) AnchorStatus(ctx context.Context, keys anchor.Keys, members Anch
 	return out, nil
 }
 
+// newestOf returns the newest of the anchors (by epoch, then write
+// number), or nil.
+func newestOf(byMember map[string][]anchor.Anchor) *anchor.Anchor {
+	var best *anchor.Anchor
+	for _, as := range byMember {
+		for i := range as {
+			if a := &as[i]; best == nil || a.Epoch > best.Epoch || (a.Epoch == best.Epoch && a.W > best.W) {
+				best = a
+			}
+		}
+	}
+	return best
+}
+
 // Accepted reports what an accepted restore changed.
 type Accepted struct {
 	Before      Status
@@ -468,19 +506,27 @@ func (s *Store) AcceptRestore(ctx context.Context, keys anchor.Keys, members Anc
 	// The new position: above every epoch and write number seen, so that
 	// the new anchor wins and nothing older can pass for current.
 	var m anchor.Meta
-	if before.Meta != nil {
+	switch newest := newestOf(before.Anchors); {
+	case before.Meta != nil:
 		m = *before.Meta
-	} else {
+	case newest != nil:
+		// A store with no meta takes the identity of the vault whose
+		// anchors the members hold: under a new one, those anchors would
+		// be another vault's, which the start-up reach rule does not see,
+		// and a member the accept missed would keep vouching for the store
+		// from before the restore (found by the second review).
+		m.VaultID = newest.VaultID
+	default:
 		rand.Read(m.VaultID[:])
 	}
-	var top, w uint64
+	var top, maxW uint64
 	for _, as := range before.Anchors {
 		for _, a := range as {
 			if a.VaultID != m.VaultID {
 				continue
 			}
 			m.Epoch = max(m.Epoch, a.Epoch)
-			w = max(w, writeBlock(a.W))
+			maxW = max(maxW, a.W)
 			top = max(top, a.Base.Seq)
 			if a.Pending != nil {
 				top = max(top, a.Pending.Seq)
@@ -503,6 +549,10 @@ func (s *Store) AcceptRestore(ctx context.Context, keys anchor.Keys, members Anc
 	// new meta, not a second scan.
 	h := anchor.NewHasher(keys.Digest)
 	d := h.AddMeta(before.scanned.RecordDigest, raw)
+	w, err := s.takeBlock(maxW)
+	if err != nil {
+		return acc, err
+	}
 	a := &anchoring{keys: keys, hasher: h, members: members, log: slog.New(slog.DiscardHandler),
 		metrics: newAnchorMetrics(nil), w: w,
 		position: position{meta: m, metaRaw: raw, records: before.scanned.RecordDigest, digest: d}}
