@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"slices"
 	"sync"
 	"time"
@@ -264,8 +265,19 @@ func (s *Store) takeBlock(maxW uint64) (uint64, error) {
 	block := maxW >> 32
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		meta := tx.Bucket(bucketMeta)
+		// The record has no MAC: a value far above the numbers read is an
+		// edit (failed starts move it a block at a time), and is not
+		// followed, so that nobody with the file alone can push the
+		// numbers to the end of their range (found by the third review).
 		if v := meta.Get(keyAnchorBlock); len(v) == 8 {
-			block = max(block, binary.BigEndian.Uint64(v))
+			if rec := binary.BigEndian.Uint64(v); rec > block && rec-block <= maxBlockLead {
+				block = rec
+			}
+		}
+		if block >= math.MaxUint32 {
+			// Numbers must never wrap: a wrapped number would rank below
+			// every older anchor.
+			return errors.New("anchor write numbers are exhausted")
 		}
 		block++
 		return meta.Put(keyAnchorBlock, binary.BigEndian.AppendUint64(nil, block))
@@ -275,6 +287,11 @@ func (s *Store) takeBlock(maxW uint64) (uint64, error) {
 	}
 	return block << 32, nil
 }
+
+// maxBlockLead bounds how far the recorded block may lead the numbers read
+// and still be followed: one block per start that failed before any of its
+// anchors could be read again.
+const maxBlockLead = 1 << 16
 
 func (a *anchoring) point(m anchor.Meta, d anchor.Digest) anchor.Point {
 	return anchor.Point{Seq: m.Seq, Tag: a.keys.Tag(m.VaultID, m.Epoch, m.Seq, d)}

@@ -1,11 +1,15 @@
 package boltstore_test
 
 import (
+	"encoding/binary"
 	"errors"
+	"math"
 	"os"
 	"path/filepath"
 	"testing"
 	"time"
+
+	bolt "go.etcd.io/bbolt"
 
 	"github.com/keyvault/keyvault/anchor"
 	"github.com/keyvault/keyvault/vault"
@@ -323,4 +327,73 @@ func TestAcceptOfAStoreWithoutMetaLeavesTheOldVaultStanding(t *testing.T) {
 	preRestore, _ := os.ReadFile(path)
 
 	halfFailedAccept(t, path, keys, fa, backup, preRestore)
+}
+
+// Found by a third review. The recorded write-number block ("anchor-block")
+// is outside the digest and under no MAC: whoever holds the database can
+// set it to any value. takeBlock adds one to it and shifts it left by 32
+// bits in uint64, so a value of 2^32-1 or more wraps the process's write
+// numbers round to 0. Its anchors then rank below every older anchor of
+// the same epoch, and a member hidden at that start keeps an anchor that
+// outranks every newer one: it vouches for the store it names once the
+// members come back. An edit of the key must cost liveness, never safety.
+//
+//	start 1      W=B1+1, B1+2 (k=0) on a,b              <- copy "old"
+//	start 2      W=B2+1 on a,b (base: old); b fails
+//	             W=B2+2 live {a,b}, W=B2+3 live {a} on a (k=5, p)
+//	edit anchor-block = MaxUint64; hide b
+//	start 3      block wraps: W=1 on a; W=2 (k=6, answered) on a
+//	put old back, every member answers: b's W=B2+1 (live {a,b}) is newest
+func TestEditedAnchorBlockWrapsWriteNumbers(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "store.db")
+	keys := anchorKeys()
+	fa := &ctlAnchors{names: []string{"a", "b"}, values: map[string][][]byte{}}
+	fa.set()
+	s, err := openAnchored(t, path, keys, fa)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustCAS(t, s, "k", 0, "attempts=0")
+	s.Close()
+	old, _ := os.ReadFile(path)
+
+	s, err = openAnchored(t, path, keys, fa) // B2+1 on a, b: base is old
+	if err != nil {
+		t.Fatal(err)
+	}
+	fa.set("b")
+	mustCAS(t, s, "k", mustRev(t, s, "k"), "attempts=5") // B2+2 on a
+	mustCAS(t, s, "p", 0, "v")                           // B2+3 on a, live {a}
+	s.Close()
+
+	// The attacker edits the unauthenticated block record and hides b.
+	db, err := bolt.Open(path, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Update(func(tx *bolt.Tx) error {
+		return tx.Bucket([]byte("meta")).Put([]byte("anchor-block"), binary.BigEndian.AppendUint64(nil, math.MaxUint64))
+	}); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	fa.silent = map[string]bool{"b": true}
+	s, err = openAnchored(t, path, keys, fa)
+	if err != nil {
+		t.Fatalf("start with b hidden: %v", err) // refusing here would be fine
+	}
+	mustCAS(t, s, "k", mustRev(t, s, "k"), "attempts=6") // answered
+	s.Close()
+	for _, m := range []string{"a", "b"} {
+		a, _ := keys.ParseAnchor(fa.values[m][0])
+		t.Logf("%s: W=%#x live=%v base=%d", m, a.W, a.Live, a.Base.Seq)
+	}
+
+	// The rollback: the store from before attempts=5 and attempts=6.
+	if err := os.WriteFile(path, old, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	fa.silent = nil
+	fa.set()
+	noStart(t, path, keys, fa, "the store from before released answers was accepted: the edited anchor-block wrapped the write numbers, and b's older anchor outranks a's newer ones")
 }
