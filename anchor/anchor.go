@@ -116,6 +116,29 @@ type Anchor struct {
 	Pending *Point
 }
 
+// Outranks reports whether a is newer than b: a higher epoch, then a
+// higher base seq, then a higher write number. The base seq comes before
+// the write number because write numbers are only as ordered as the
+// anchors each process could read at its start: a process that started
+// with a member hidden may number its writes below an anchor that member
+// holds from a start that failed. Such an anchor must not outrank the
+// positions written since, whose answers went out (found by the fourth
+// review); the write number orders anchors of one position.
+func (a Anchor) Outranks(b Anchor) bool {
+	if a.Epoch != b.Epoch {
+		return a.Epoch > b.Epoch
+	}
+	if a.Base.Seq != b.Base.Seq {
+		return a.Base.Seq > b.Base.Seq
+	}
+	return a.W > b.W
+}
+
+// sameRank reports whether neither of a and b outranks the other.
+func sameRank(a, b Anchor) bool {
+	return a.Epoch == b.Epoch && a.Base.Seq == b.Base.Seq && a.W == b.W
+}
+
 // Tag binds a digest to its vault, epoch and seq under the anchor key, so
 // that neither the digest nor a difference of digests leaves the process.
 func (k Keys) Tag(vaultID [VaultIDLen]byte, epoch, seq uint64, d Digest) [macLen]byte {

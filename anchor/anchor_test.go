@@ -453,10 +453,26 @@ func TestCheck(t *testing.T) {
 		c.live = []string{"a", "b"}
 		c.writeAnchor(c.tag(), nil)
 		c.w--
-		c.meta.Seq++
-		c.writeAnchor(c.tag(), nil, "b")
-		c.meta.Seq--
+		c.writeAnchor(c.tag(), nil, "b") // same position, live {b}
 		wantRefused(t, check(c, c.state()), ReasonTamper)
+	})
+	// The seq ranks before the write number: an anchor of a newer
+	// position outranks one with a higher write number, which a process
+	// may have written at a member the next start could not read.
+	t.Run("a newer position outranks a higher write number", func(t *testing.T) {
+		c := w.clone()
+		c.anchor = map[string][][]byte{}
+		c.live = []string{"a", "b"}
+		c.w = 100
+		c.writeAnchor(c.tag(), nil, "b") // W 101 at this position
+		atX := c.state()
+		c.w = 10
+		c.batch(map[string]string{"k": "newer"})
+		c.writeAnchor(c.tag(), nil) // W 11, one position on
+		if err := check(c, c.state()); err != nil {
+			t.Fatalf("the newest position: %v", err)
+		}
+		wantRefused(t, check(c, atX), ReasonRollback)
 	})
 }
 

@@ -121,13 +121,13 @@ func (k Keys) Check(found []Found, st State) (Decision, error) {
 				d.Ignored++
 				continue
 			}
-			// Newest is the highest epoch, then the highest write number:
-			// an accept raises the epoch on the members that answered it,
-			// and must outrank anchors of the old epoch that others keep.
-			if best != nil && a.Epoch == best.Epoch && a.W == best.W && !sameAnchor(a, *best) {
+			// Newest is the highest epoch (an accept raises it on every
+			// member, and must outrank anchors of the old epoch), then
+			// the highest seq, then write number: see Outranks.
+			if best != nil && sameRank(a, *best) && !sameAnchor(a, *best) {
 				return Decision{}, refuse(ReasonTamper, "members %s and %s hold different anchors with write number %d", best.Member, a.Member, a.W)
 			}
-			if best == nil || a.Epoch > best.Epoch || (a.Epoch == best.Epoch && a.W > best.W) {
+			if best == nil || a.Outranks(*best) {
 				best = &a
 			}
 		}
@@ -172,7 +172,7 @@ func (k Keys) Check(found []Found, st State) (Decision, error) {
 	d.Meta, d.Anchor = *meta, *best
 	for _, f := range found {
 		for _, v := range f.Values {
-			if a, err := k.ParseAnchor(v); err == nil && a.Member == f.Member && a.Epoch == best.Epoch && a.W == best.W {
+			if a, err := k.ParseAnchor(v); err == nil && a.Member == f.Member && a.VaultID == best.VaultID && sameRank(a, *best) {
 				d.Holders = append(d.Holders, f.Member)
 				break
 			}

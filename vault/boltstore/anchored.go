@@ -175,7 +175,7 @@ func (s *Store) Anchor(ctx context.Context, keys anchor.Keys, members Anchors, r
 	default:
 		a.meta = dec.Meta
 	}
-	newest, maxW := newestAnchors(keys, found, a.meta.VaultID)
+	newest, maxW := newestAnchors(keys, found, a.meta)
 	if a.w, err = s.takeBlock(maxW); err != nil {
 		return dec, err
 	}
@@ -190,7 +190,7 @@ func (s *Store) Anchor(ctx context.Context, keys anchor.Keys, members Anchors, r
 		// only members without a newer anchor (found by review).
 		a.live, a.need = dec.Holders, [][]string{dec.Anchor.Live}
 		for m, an := range newest {
-			if an.Epoch != dec.Anchor.Epoch || an.W != dec.Anchor.W {
+			if dec.Anchor.Outranks(an) {
 				if set := slices.Clone(an.Live); !slices.Contains(set, m) {
 					a.need = append(a.need, append(set, m))
 				} else {
@@ -232,18 +232,22 @@ func (s *Store) scan(h *anchor.Hasher) (anchor.State, error) {
 }
 
 // newestAnchors returns, for each member that answered, its newest valid
-// anchor of the vault, and the highest write number among all of them.
-func newestAnchors(keys anchor.Keys, found []anchor.Found, vault [anchor.VaultIDLen]byte) (map[string]anchor.Anchor, uint64) {
+// anchor of the store's vault, and the highest write number among the
+// anchors of the store's epoch: write numbers order anchors within an
+// epoch only, so an accept starts them over (see takeBlock).
+func newestAnchors(keys anchor.Keys, found []anchor.Found, m anchor.Meta) (map[string]anchor.Anchor, uint64) {
 	newest := map[string]anchor.Anchor{}
 	var maxW uint64
 	for _, f := range found {
 		for _, v := range f.Values {
 			an, err := keys.ParseAnchor(v)
-			if err != nil || an.Member != f.Member || an.VaultID != vault {
+			if err != nil || an.Member != f.Member || an.VaultID != m.VaultID {
 				continue
 			}
-			maxW = max(maxW, an.W)
-			if cur, ok := newest[f.Member]; !ok || an.Epoch > cur.Epoch || (an.Epoch == cur.Epoch && an.W > cur.W) {
+			if an.Epoch == m.Epoch {
+				maxW = max(maxW, an.W)
+			}
+			if cur, ok := newest[f.Member]; !ok || an.Outranks(cur) {
 				newest[f.Member] = an
 			}
 		}
@@ -252,40 +256,54 @@ func newestAnchors(keys anchor.Keys, found []anchor.Found, vault [anchor.VaultID
 }
 
 // takeBlock returns where a process starts numbering its anchor writes:
-// in a block of 2^32 numbers above every number it read and above the
-// block the last start on this store took, which it records first. A
-// member that did not answer may hold a number above those read, from a
-// failed write; numbering on from the highest number read would reuse it
-// with other content, which the check refuses as tampering once that
-// member answers (found by review). The member's number comes either from
-// a process that wrote an anchor the start-up check read, so its block is
-// below the one read, or from one whose writes all failed, whose block
-// was recorded here before its first write (found by the second review).
+// in a block of 2^32 numbers above every number of the epoch it read and
+// above the block the last start on this store took, which it records
+// first. A member that did not answer may hold a number above those read,
+// from a failed write; numbering on from the highest number read would
+// reuse it with other content, which the check refuses as tampering once
+// that member answers (found by review). The member's number comes either
+// from a process that wrote an anchor the start-up check read, so its
+// block is below the one read, or from one whose writes all failed, whose
+// block was recorded here before its first write (found by the second
+// review). The record only keeps write numbers apart: safety does not
+// rest on it (see anchor.Outranks and write), so it needs no MAC.
 func (s *Store) takeBlock(maxW uint64) (uint64, error) {
-	block := maxW >> 32
+	var block uint64
 	err := s.db.Update(func(tx *bolt.Tx) error {
-		meta := tx.Bucket(bucketMeta)
-		// The record has no MAC: a value far above the numbers read is an
-		// edit (failed starts move it a block at a time), and is not
-		// followed, so that nobody with the file alone can push the
-		// numbers to the end of their range (found by the third review).
-		if v := meta.Get(keyAnchorBlock); len(v) == 8 {
-			if rec := binary.BigEndian.Uint64(v); rec > block && rec-block <= maxBlockLead {
-				block = rec
-			}
+		var err error
+		if block, err = nextBlock(tx, maxW); err != nil {
+			return err
 		}
-		if block >= math.MaxUint32 {
-			// Numbers must never wrap: a wrapped number would rank below
-			// every older anchor.
-			return errors.New("anchor write numbers are exhausted")
-		}
-		block++
-		return meta.Put(keyAnchorBlock, binary.BigEndian.AppendUint64(nil, block))
+		return tx.Bucket(bucketMeta).Put(keyAnchorBlock, binary.BigEndian.AppendUint64(nil, block))
 	})
 	if err != nil {
 		return 0, fmt.Errorf("record the anchor write block: %w", err)
 	}
 	return block << 32, nil
+}
+
+// errExhausted: the epoch's write numbers are used up; an accept starts a
+// new epoch, where they start over.
+var errExhausted = errors.New("the anchor write numbers of this epoch are used up; run keyvault anchor accept to start a new epoch")
+
+// nextBlock returns the block takeBlock takes, without recording it.
+func nextBlock(tx *bolt.Tx, maxW uint64) (uint64, error) {
+	block := maxW >> 32
+	// The record has no MAC: a value far above the numbers read is an
+	// edit (failed starts move it a block at a time), and is not followed,
+	// so that nobody with the file alone can push the numbers to the end
+	// of their range at once (found by the third review).
+	if v := tx.Bucket(bucketMeta).Get(keyAnchorBlock); len(v) == 8 {
+		if rec := binary.BigEndian.Uint64(v); rec > block && rec-block <= maxBlockLead {
+			block = rec
+		}
+	}
+	if block >= math.MaxUint32 {
+		// Numbers must never wrap: a wrapped number would rank below
+		// every older anchor of its position.
+		return 0, errExhausted
+	}
+	return block + 1, nil
 }
 
 // maxBlockLead bounds how far the recorded block may lead the numbers read
@@ -297,13 +315,22 @@ func (a *anchoring) point(m anchor.Meta, d anchor.Digest) anchor.Point {
 	return anchor.Point{Seq: m.Seq, Tag: a.keys.Tag(m.VaultID, m.Epoch, m.Seq, d)}
 }
 
-// write writes the next anchor to every configured member at once. The
-// anchor names as live the members the previous write reached; it must
-// reach at least one member of each set in need (at least one member the
-// previous anchor named), or a member holding that one could later stand
-// in for the ones holding this. The members it reaches are the next live
-// set: a member that fails drops out, and one that answers again is
-// caught up by this very write.
+// write writes the next anchor to the configured members. The anchor
+// names as live the members the previous write reached; it must reach at
+// least one member of each set in need (at least one member the previous
+// anchor named), or a member holding that one could later stand in for
+// the ones holding this. The members it reaches are the next live set: a
+// member that fails drops out, and one that answers again is caught up by
+// this very write.
+//
+// It goes to the members of the needed sets first, and to the others only
+// once it has reached every needed set: a write that fails must not land
+// on a member outside them. Such a member would keep an anchor newer than
+// the ones the needed sets hold, naming none of the members that hold
+// those, and the next start, with that member hidden, could not know of
+// its write number and would number its own below it (found by the fourth
+// review). In steady running every member is in the needed set, so this
+// costs a second round only when a member is caught up.
 func (a *anchoring) write(ctx context.Context, base anchor.Point) error {
 	prev := a.live
 	start := time.Now()
@@ -326,23 +353,44 @@ func (a *anchoring) write(ctx context.Context, base anchor.Point) error {
 	unmet := func(set []string) bool {
 		return !slices.ContainsFunc(set, func(m string) bool { return slices.Contains(prev, m) })
 	}
-	var wg sync.WaitGroup
-	for i, m := range members {
-		needed := slices.ContainsFunc(a.need, func(set []string) bool { return unmet(set) && slices.Contains(set, m) })
-		if b, out := a.retry[m]; out && !slices.Contains(prev, m) && !needed && time.Now().Before(b.at) {
-			errs[i] = errors.New("out of the live set; not tried again yet")
-			continue
-		}
-		tried[i] = true
-		wg.Go(func() {
-			raw, err := a.keys.MarshalAnchor(anchor.Anchor{VaultID: a.meta.VaultID, Member: m, Epoch: a.meta.Epoch, W: w, Live: prev, Base: base})
-			if err == nil {
-				err = a.members.WriteAnchor(ctx, m, w, raw)
-			}
-			ok[i], errs[i] = err == nil, err
-		})
+	inNeed := func(m string) bool {
+		return slices.ContainsFunc(a.need, func(set []string) bool { return slices.Contains(set, m) })
 	}
-	wg.Wait()
+	met := func() error {
+		for _, set := range a.need {
+			if !slices.ContainsFunc(set, func(m string) bool { i := slices.Index(members, m); return i >= 0 && ok[i] }) {
+				return fmt.Errorf("rollback anchor: write %d reached no member of %v: %w", w, set, errors.Join(errs...))
+			}
+		}
+		return nil
+	}
+	round := func(first bool) {
+		var wg sync.WaitGroup
+		for i, m := range members {
+			if inNeed(m) != first {
+				continue
+			}
+			needed := slices.ContainsFunc(a.need, func(set []string) bool { return unmet(set) && slices.Contains(set, m) })
+			if b, out := a.retry[m]; out && !slices.Contains(prev, m) && !needed && time.Now().Before(b.at) {
+				errs[i] = errors.New("out of the live set; not tried again yet")
+				continue
+			}
+			tried[i] = true
+			wg.Go(func() {
+				raw, err := a.keys.MarshalAnchor(anchor.Anchor{VaultID: a.meta.VaultID, Member: m, Epoch: a.meta.Epoch, W: w, Live: prev, Base: base})
+				if err == nil {
+					err = a.members.WriteAnchor(ctx, m, w, raw)
+				}
+				ok[i], errs[i] = err == nil, err
+			})
+		}
+		wg.Wait()
+	}
+	round(true)
+	failed := met()
+	if failed == nil {
+		round(false)
+	}
 	var live []string
 	for i, m := range members {
 		if ok[i] {
@@ -363,10 +411,8 @@ func (a *anchoring) write(ctx context.Context, base anchor.Point) error {
 			a.log.Warn("rollback anchor: member dropped from the live set", "member", m, "error", errs[i].Error())
 		}
 	}
-	for _, set := range a.need {
-		if !slices.ContainsFunc(set, func(m string) bool { return slices.Contains(live, m) }) {
-			return fmt.Errorf("rollback anchor: write %d reached no member of %v: %w", w, set, errors.Join(errs...))
-		}
+	if failed != nil {
+		return failed
 	}
 	a.live, a.need = live, [][]string{prev}
 	a.metrics.live.Set(float64(len(live)))
@@ -473,18 +519,35 @@ func (s *Store) AnchorStatus(ctx context.Context, keys anchor.Keys, members Anch
 	return out, nil
 }
 
-// newestOf returns the newest of the anchors (by epoch, then write
-// number), or nil.
+// newestOf returns the newest of the anchors (see anchor.Outranks), or
+// nil.
 func newestOf(byMember map[string][]anchor.Anchor) *anchor.Anchor {
 	var best *anchor.Anchor
 	for _, as := range byMember {
 		for i := range as {
-			if a := &as[i]; best == nil || a.Epoch > best.Epoch || (a.Epoch == best.Epoch && a.W > best.W) {
+			if a := &as[i]; best == nil || a.Outranks(*best) {
 				best = a
 			}
 		}
 	}
 	return best
+}
+
+// exhausted reports whether a start on the store, as st found it, would
+// find its epoch's write numbers used up.
+func (s *Store) exhausted(keys anchor.Keys, st Status) (bool, error) {
+	if st.Meta == nil {
+		return false, nil
+	}
+	_, maxW := newestAnchors(keys, st.Found, *st.Meta)
+	err := s.db.View(func(tx *bolt.Tx) error {
+		_, err := nextBlock(tx, maxW)
+		return err
+	})
+	if errors.Is(err, errExhausted) {
+		return true, nil
+	}
+	return false, err
 }
 
 // Accepted reports what an accepted restore changed.
@@ -508,9 +571,12 @@ func (s *Store) AcceptRestore(ctx context.Context, keys anchor.Keys, members Anc
 		return Accepted{}, err
 	}
 	if before.Err == nil {
-		return Accepted{Before: before}, errors.New("the store passes the rollback check: there is nothing to accept")
-	}
-	if _, ok := anchor.IsRefused(before.Err); !ok {
+		// The one accept of a store that passes: its epoch's write numbers
+		// are used up (it takes some 65,000 starts on an edited store).
+		if exhausted, err := s.exhausted(keys, before); err != nil || !exhausted {
+			return Accepted{Before: before}, errors.Join(errors.New("the store passes the rollback check: there is nothing to accept"), err)
+		}
+	} else if _, ok := anchor.IsRefused(before.Err); !ok {
 		return Accepted{Before: before}, before.Err
 	}
 	// Every member must answer: one that does not may hold the newest
@@ -520,8 +586,8 @@ func (s *Store) AcceptRestore(ctx context.Context, keys anchor.Keys, members Anc
 			return Accepted{Before: before}, fmt.Errorf("member %s does not answer (%v): an accept needs every member; bring it back, or remove it from the config if it is gone for good", f.Member, f.Err)
 		}
 	}
-	// The new position: above every epoch and write number seen, so that
-	// the new anchor wins and nothing older can pass for current.
+	// The new position: above every epoch seen, so that the new anchor
+	// wins and nothing older can pass for current.
 	var m anchor.Meta
 	switch newest := newestOf(before.Anchors); {
 	case before.Meta != nil:
@@ -536,14 +602,13 @@ func (s *Store) AcceptRestore(ctx context.Context, keys anchor.Keys, members Anc
 	default:
 		rand.Read(m.VaultID[:])
 	}
-	var top, maxW uint64
+	var top uint64
 	for _, as := range before.Anchors {
 		for _, a := range as {
 			if a.VaultID != m.VaultID {
 				continue
 			}
 			m.Epoch = max(m.Epoch, a.Epoch)
-			maxW = max(maxW, a.W)
 			top = max(top, a.Base.Seq)
 			if a.Pending != nil {
 				top = max(top, a.Pending.Seq)
@@ -566,7 +631,10 @@ func (s *Store) AcceptRestore(ctx context.Context, keys anchor.Keys, members Anc
 	// new meta, not a second scan.
 	h := anchor.NewHasher(keys.Digest)
 	d := h.AddMeta(before.scanned.RecordDigest, raw)
-	w, err := s.takeBlock(maxW)
+	// Write numbers start over in the new epoch, which no anchor has
+	// yet: this is also the way out when an edited store has pushed them
+	// to the end of their range.
+	w, err := s.takeBlock(0)
 	if err != nil {
 		return acc, err
 	}

@@ -3,9 +3,11 @@ package boltstore_test
 import (
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"math"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -396,4 +398,130 @@ func TestEditedAnchorBlockWrapsWriteNumbers(t *testing.T) {
 	fa.silent = nil
 	fa.set()
 	noStart(t, path, keys, fa, "the store from before released answers was accepted: the edited anchor-block wrapped the write numbers, and b's older anchor outranks a's newer ones")
+}
+
+// Found by a fourth review. Start-up writes that fail (they must reach a,
+// which fails writes) still land on b, so b keeps an anchor from a failed
+// start that names only itself, with a write number above every number a
+// holds. The next start, with b hidden, reads only a, numbers its writes
+// below b's and serves answers. Then b's anchor from the failed start
+// outranks a's newer ones and vouches for the store before them: with a
+// hidden (b's anchor names only b), and, once the attacker has edited the
+// anchor-block record so the next start cannot learn b's block, with every
+// member answering.
+//
+//	W1 (fresh)  reaches {a}; W2 (x) reaches {a,b} live {a}   <- copy "old"
+//	start 1a    on b only: fails (must reach {a})
+//	start 1b    on b only, live {b}: fails
+//	(edit anchor-block); hide b
+//	start 2     on a; y answered
+//	put old back: b's anchor vouches for x
+func TestFailedStartsLetAHiddenMemberOutrank(t *testing.T) {
+	for _, edit := range []bool{false, true} {
+		path := filepath.Join(t.TempDir(), "store.db")
+		keys := anchorKeys()
+		fa := &ctlAnchors{names: []string{"a", "b"}, values: map[string][][]byte{}}
+		fa.set("b")
+		s, err := openAnchored(t, path, keys, fa) // W1 on a
+		if err != nil {
+			t.Fatal(err)
+		}
+		fa.set()
+		time.Sleep(1100 * time.Millisecond) // b's retry is due
+		mustCAS(t, s, "x", 0, "v")          // W2 on a and b, live {a}
+		s.Close()
+		old, _ := os.ReadFile(path)
+
+		fa.set("a") // a answers reads but fails writes
+		noStart(t, path, keys, fa, "start 1a without reaching a")
+		noStart(t, path, keys, fa, "start 1b without reaching a")
+
+		if edit {
+			db, err := bolt.Open(path, 0o600, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := db.Update(func(tx *bolt.Tx) error {
+				return tx.Bucket([]byte("meta")).Put([]byte("anchor-block"), binary.BigEndian.AppendUint64(nil, math.MaxUint64))
+			}); err != nil {
+				t.Fatal(err)
+			}
+			db.Close()
+		}
+		fa.silent = map[string]bool{"b": true}
+		fa.set("b")
+		if s, err = openAnchored(t, path, keys, fa); err != nil {
+			t.Fatalf("edit %v: start with b hidden: %v", edit, err)
+		}
+		mustCAS(t, s, "y", 0, "v") // answered
+		s.Close()
+
+		if err := os.WriteFile(path, old, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		fa.set()
+		fa.silent = map[string]bool{"a": true}
+		noStart(t, path, keys, fa, fmt.Sprintf("edit %v, a hidden: the store from before y's answer was accepted on b's anchor from a failed start", edit))
+		fa.silent = nil
+		noStart(t, path, keys, fa, fmt.Sprintf("edit %v, every member answering: the store from before y's answer was accepted on b's anchor from a failed start", edit))
+	}
+}
+
+// Write numbers never wrap, so an epoch can use them up (an attacker who
+// edits the store between some 65,000 starts could). A start then fails,
+// and an accept, though the store passes the check, starts a new epoch
+// in which they start over.
+func TestExhaustedWriteNumbersStartOverOnAccept(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "store.db")
+	keys := anchorKeys()
+	fa := &ctlAnchors{names: []string{"a", "b"}, values: map[string][][]byte{}}
+	fa.set()
+	s, err := openAnchored(t, path, keys, fa)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustCAS(t, s, "k", 0, "v")
+	s.Close()
+	// The members' anchors, renumbered into the last block.
+	for _, m := range fa.names {
+		a, err := keys.ParseAnchor(fa.values[m][0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		a.W |= math.MaxUint32 << 32
+		if fa.values[m][0], err = keys.MarshalAnchor(a); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := openAnchored(t, path, keys, fa); err == nil || !strings.Contains(err.Error(), "used up") {
+		t.Fatalf("start with the write numbers used up: %v, want a refusal saying so", err)
+	}
+	s, err = boltstore.Open(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	acc, err := s.AcceptRestore(bg, keys, fa)
+	s.Close()
+	if err != nil {
+		t.Fatalf("accept: %v", err)
+	}
+	if acc.BatchesLost != 0 || len(acc.Members) != 2 {
+		t.Fatalf("accept: %+v", acc)
+	}
+	s, err = openAnchored(t, path, keys, fa)
+	if err != nil {
+		t.Fatalf("start after the accept: %v", err)
+	}
+	mustCAS(t, s, "k", mustRev(t, s, "k"), "w")
+	s.Close()
+	a, _ := keys.ParseAnchor(fa.values["a"][0])
+	if a.Epoch != 2 || a.W>>32 > 10 {
+		t.Fatalf("anchor after the accept: epoch %d, W %#x; want epoch 2, numbers started over", a.Epoch, a.W)
+	}
+	// A store that passes, with numbers to spare, has nothing to accept.
+	s, _ = boltstore.Open(path, nil)
+	defer s.Close()
+	if _, err := s.AcceptRestore(bg, keys, fa); err == nil {
+		t.Fatal("accept of a store that passes the check, with write numbers left")
+	}
 }
