@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"slices"
 	"strings"
 
@@ -21,8 +22,8 @@ import (
 const anchorUsage = `keyvault anchor status --config FILE
        keyvault anchor accept --config FILE --reason TEXT
 
-status shows each HSM member's rollback anchor (epoch, write number, the
-batch it vouches for, the live set), the store's position, and whether the
+status shows each HSM member's rollback anchor (epoch, the batch it
+vouches for, write number as block.count, the live set), the store's position, and whether the
 store passes the start-up check. accept is the audited path after a
 legitimate restore of the store: it raises the epoch in the store and in
 every member, so the vault starts on the restored store and refuses older
@@ -118,7 +119,7 @@ func printAnchorStatus(w io.Writer, st boltstore.Status) {
 		// Newest first; a member keeps the anchor before its newest too,
 		// in case a write is cut off.
 		as := slices.SortedFunc(slices.Values(st.Anchors[f.Member]), func(a, b anchor.Anchor) int {
-			return cmp.Or(cmp.Compare(b.Epoch, a.Epoch), cmp.Compare(b.W, a.W))
+			return cmp.Or(cmp.Compare(b.Epoch, a.Epoch), cmp.Compare(b.Base.Seq, a.Base.Seq), cmp.Compare(b.W, a.W))
 		})
 		for i, a := range as {
 			pending := "none"
@@ -129,8 +130,9 @@ func printAnchorStatus(w io.Writer, st boltstore.Status) {
 			if i > 0 {
 				who = "  older"
 			}
-			fmt.Fprintf(w, "%s: epoch %d, write %d, base seq %d, pending %s, live %s\n",
-				who, a.Epoch, a.W, a.Base.Seq, pending, strings.Join(slices.Sorted(slices.Values(a.Live)), ","))
+			// A write number is a process's block and its count in it.
+			fmt.Fprintf(w, "%s: epoch %d, base seq %d, write %d.%d, pending %s, live %s\n",
+				who, a.Epoch, a.Base.Seq, a.W>>32, a.W&math.MaxUint32, pending, strings.Join(slices.Sorted(slices.Values(a.Live)), ","))
 		}
 	}
 	if st.Err != nil {
