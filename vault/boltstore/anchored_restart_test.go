@@ -60,18 +60,7 @@ func noStart(t *testing.T, path string, keys anchor.Keys, fa *ctlAnchors, why st
 //	W5 (z)      reaches {b}      live {b}     z answered
 //	hide b, restore the store at x: a's W2 (live {a}) vouches for it.
 func TestRestartOnAFailedAnchorLeavesAStaleMemberStanding(t *testing.T) {
-	dir := t.TempDir()
-	path := filepath.Join(dir, "store.db")
-	keys := anchorKeys()
-	fa := &ctlAnchors{names: []string{"a", "b"}, values: map[string][][]byte{}}
-	fa.set("b")
-	s, err := openAnchored(t, path, keys, fa) // W1 on a
-	if err != nil {
-		t.Fatal(err)
-	}
-	fa.set()
-	time.Sleep(1100 * time.Millisecond) // b's retry is due
-	mustCAS(t, s, "x", 0, "v")          // W2 on a and b
+	s, path, keys, fa := openLiveAHeldByAB(t)
 	atX, _ := os.ReadFile(path)
 	fa.set("a")
 	if _, err := s.CompareAndSwap(bg, []byte("y"), 0, []byte("v")); !errors.Is(err, vault.ErrWithheld) {
@@ -84,7 +73,7 @@ func TestRestartOnAFailedAnchorLeavesAStaleMemberStanding(t *testing.T) {
 	noStart(t, path, keys, fa, "started without reaching a, whose anchor names only itself")
 	// a takes writes again: the start catches it up.
 	fa.set()
-	s, err = openAnchored(t, path, keys, fa)
+	s, err := openAnchored(t, path, keys, fa)
 	if err != nil {
 		t.Fatalf("restart: %v", err)
 	}
@@ -251,6 +240,14 @@ func halfFailedAccept(t *testing.T, path string, keys anchor.Keys, fa *ctlAnchor
 // both, once b's retry was due.
 func liveAHeldByAB(t *testing.T) (string, anchor.Keys, *ctlAnchors) {
 	t.Helper()
+	s, path, keys, fa := openLiveAHeldByAB(t)
+	s.Close()
+	return path, keys, fa
+}
+
+// openLiveAHeldByAB is liveAHeldByAB with the store left open.
+func openLiveAHeldByAB(t *testing.T) (*boltstore.Store, string, anchor.Keys, *ctlAnchors) {
+	t.Helper()
 	path := filepath.Join(t.TempDir(), "store.db")
 	keys := anchorKeys()
 	fa := &ctlAnchors{names: []string{"a", "b"}, values: map[string][][]byte{}}
@@ -262,8 +259,7 @@ func liveAHeldByAB(t *testing.T) (string, anchor.Keys, *ctlAnchors) {
 	fa.set()
 	time.Sleep(1100 * time.Millisecond) // b's retry is due
 	mustCAS(t, s, "x", 0, "v")          // W2 on a and b, live {a}
-	s.Close()
-	return path, keys, fa
+	return s, path, keys, fa
 }
 
 // writeBlock assumes every start reads an anchor of the last process's
@@ -361,19 +357,10 @@ func TestAcceptOfAStoreWithoutMetaLeavesTheOldVaultStanding(t *testing.T) {
 //	start 3      block wraps: W=1 on a; W=2 (k=6, answered) on a
 //	put old back, every member answers: b's W=B2+1 (live {a,b}) is newest
 func TestEditedAnchorBlockWrapsWriteNumbers(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "store.db")
-	keys := anchorKeys()
-	fa := &ctlAnchors{names: []string{"a", "b"}, values: map[string][][]byte{}}
-	fa.set()
-	s, err := openAnchored(t, path, keys, fa)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustCAS(t, s, "k", 0, "attempts=0")
-	s.Close()
+	path, keys, fa := anchoredAB(t, "attempts=0")
 	old, _ := os.ReadFile(path)
 
-	s, err = openAnchored(t, path, keys, fa) // B2+1 on a, b: base is old
+	s, err := openAnchored(t, path, keys, fa) // B2+1 on a, b: base is old
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -458,16 +445,7 @@ func TestFailedStartsLetAHiddenMemberOutrank(t *testing.T) {
 // and an accept, though the store passes the check, starts a new epoch
 // in which they start over.
 func TestExhaustedWriteNumbersStartOverOnAccept(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "store.db")
-	keys := anchorKeys()
-	fa := &ctlAnchors{names: []string{"a", "b"}, values: map[string][][]byte{}}
-	fa.set()
-	s, err := openAnchored(t, path, keys, fa)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustCAS(t, s, "k", 0, "v")
-	s.Close()
+	path, keys, fa := anchoredAB(t, "v")
 	// The members' anchors, renumbered into the last block.
 	for _, m := range fa.names {
 		a, err := keys.ParseAnchor(fa.values[m][0])
@@ -482,7 +460,7 @@ func TestExhaustedWriteNumbersStartOverOnAccept(t *testing.T) {
 	if _, err := openAnchored(t, path, keys, fa); err == nil || !strings.Contains(err.Error(), "used up") {
 		t.Fatalf("start with the write numbers used up: %v, want a refusal saying so", err)
 	}
-	s, err = boltstore.Open(path, nil)
+	s, err := boltstore.Open(path, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -526,4 +504,21 @@ func setAnchorBlock(t *testing.T, path string, block uint64) {
 	}); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// anchoredAB makes a store anchored on members a and b, both up, holding
+// k=val, and closes it.
+func anchoredAB(t *testing.T, val string) (string, anchor.Keys, *ctlAnchors) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "store.db")
+	keys := anchorKeys()
+	fa := &ctlAnchors{names: []string{"a", "b"}, values: map[string][][]byte{}}
+	fa.set()
+	s, err := openAnchored(t, path, keys, fa)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustCAS(t, s, "k", 0, val)
+	s.Close()
+	return path, keys, fa
 }
