@@ -8,24 +8,27 @@
 #    shipped.
 # 2. The raw ceiling: "keyvault bench --hsm" runs the HSM calls of one
 #    recover, then of one enroll, through the pool, vault stopped.
-# 3. The vault serves, rollback anchoring off, on a store of its own;
-#    "keyvault bench --url" runs recover and enroll over HTTP at the same
-#    concurrency on the same token, then recover at half the measured
-#    recover rate (open loop) for its latency. Then the same three with
-#    rollback anchoring on (the default), on the store keyvault dev made,
-#    the last at the same rate as without, so the latencies compare
-#    (BENCH_ANCHOR=0 skips them).
+# 3. Rounds over HTTP (BENCH_ROUNDS, 3). In each, the vault serves with
+#    rollback anchoring off, on a store of its own, and "keyvault bench
+#    --url" runs recover and enroll at the same concurrency on the same
+#    token, then recover at half the first round's recover rate (open
+#    loop) for its latency; then the same three with rollback anchoring on
+#    (the default), on the store keyvault dev made (BENCH_ANCHOR=0 skips
+#    them). Even rounds run the anchored vault first: this shared machine
+#    drifts by more than the difference measured, so each round is one
+#    pair taken close together, in turn in either order.
 # 4. One table: successful requests/s (a shed 503 is fast and is not
 #    capacity; errors are listed below the table), the ratio HTTP / raw,
-#    for anchored runs the ratio to the same run without anchoring, and
-#    latency percentiles of every request.
+#    for anchored runs the ratio to the same round's run without
+#    anchoring, and latency percentiles of every request; then, over the
+#    rounds, the median anchored / off ratio and p50 and p99 difference.
 #
 # Knobs (environment): BENCH_CONCURRENCY (32), BENCH_DURATION (10s),
-# BENCH_WARMUP (2s, unmeasured load before each run),
+# BENCH_WARMUP (2s, unmeasured load before each run), BENCH_ROUNDS (3),
 # BENCH_USERS (2000), BENCH_API (127.0.0.1:18480), BENCH_ADMIN (127.0.0.1:18490),
 # BENCH_KEEP=1 keeps the directory, BENCH_PROFILE=FILE saves a 10 s CPU
-# profile of the vault taken during the recover run in FILE, and during the
-# anchored one in FILE.anchor.
+# profile of the vault taken during the first round's recover run in FILE,
+# and during the anchored one in FILE.anchor.
 set -euo pipefail
 
 BIN=${BIN:-bin/keyvault}
@@ -35,6 +38,8 @@ W=${BENCH_WARMUP:-2s}
 U=${BENCH_USERS:-2000}
 API=${BENCH_API:-127.0.0.1:18480}
 ADMIN=${BENCH_ADMIN:-127.0.0.1:18490}
+R=${BENCH_ROUNDS:-3}
+A=${BENCH_ANCHOR:-1}
 
 dir=$(mktemp -d "${TMPDIR:-/tmp}/keyvault-bench.XXXXXX")
 pid=
@@ -75,65 +80,100 @@ sed -i \
 	"$dir/keyvault.yaml"
 "$BIN" config check --config "$dir/keyvault.yaml" >/dev/null
 
-results=$dir/results.jsonl
+results=$dir/raw.jsonl
 run() { "$BIN" bench --json --concurrency "$C" --duration "$D" --warmup "$W" "$@" | tee -a "$results" >/dev/null; }
 
 echo "== raw HSM ceiling (concurrency $C, $D each)"
 run --hsm --config "$dir/keyvault.yaml" --op recover
 run --hsm --config "$dir/keyvault.yaml" --op enroll
 
-echo "== over HTTP ($U users)"
-"$BIN" serve --config "$dir/keyvault.yaml" >"$dir/log" 2>&1 &
-pid=$!
-wait_ready
-if [ -n "${BENCH_PROFILE:-}" ]; then
-	(sleep 4; curl -fsS -o "$BENCH_PROFILE" "http://$ADMIN/debug/pprof/profile?seconds=10") &
-fi
-run --url "http://$API" --token-file "$dir/token" --users "$U" --op recover
-run --url "http://$API" --token-file "$dir/token" --users "$U" --op enroll
-half=$(awk -F'"succeeded_per_second":' '/"op":"recover"/ { split($2, a, ","); printf "%d", a[1] / 2 }' "$results")
-run --url "http://$API" --token-file "$dir/token" --users "$U" --op recover --rate "$half"
-stop_vault
-
-if [ "${BENCH_ANCHOR:-1}" != 0 ]; then
-	echo "== over HTTP with rollback anchoring (on the store keyvault dev made, anchored since its first start)"
-	sed -i -e 's|^  rollback_anchor: .*|  rollback_anchor: true|' -e 's|^  path: .*|  path: '"$dir"'/keyvault.db|' "$dir/keyvault.yaml"
+# serve_runs NAME ANCHOR STORE: serve with rollback anchoring ANCHOR
+# (true|false) on STORE, and run recover and enroll at full load, then
+# recover at the half rate, into $dir/NAME.jsonl.
+serve_runs() {
+	sed -i -e "s|^  rollback_anchor: .*|  rollback_anchor: $2|" -e 's|^  path: .*|  path: '"$3"'|' "$dir/keyvault.yaml"
 	"$BIN" serve --config "$dir/keyvault.yaml" >"$dir/log" 2>&1 &
 	pid=$!
 	wait_ready
-	if [ -n "${BENCH_PROFILE:-}" ]; then
-		(sleep 4; curl -fsS -o "$BENCH_PROFILE.anchor" "http://$ADMIN/debug/pprof/profile?seconds=10") &
+	if [ -n "${BENCH_PROFILE:-}" ] && [ "$round" = 1 ]; then
+		(sleep 4; curl -fsS -o "$BENCH_PROFILE$([ "$2" = true ] && echo .anchor)" "http://$ADMIN/debug/pprof/profile?seconds=10") &
 	fi
-	results=$dir/results-anchor.jsonl
+	results=$dir/$1.jsonl
 	run --url "http://$API" --token-file "$dir/token" --users "$U" --op recover
 	run --url "http://$API" --token-file "$dir/token" --users "$U" --op enroll
-	# The same offered load as the run without anchoring, so that the
-	# latencies compare.
+	if [ -z "$half" ]; then
+		half=$(awk -F'"succeeded_per_second":' '/"op":"recover"/ { split($2, a, ","); printf "%d", a[1] / 2 }' "$results")
+	fi
+	# Every half-rate run offers the same load, so that the latencies
+	# compare.
 	run --url "http://$API" --token-file "$dir/token" --users "$U" --op recover --rate "$half"
 	stop_vault
-	results=$dir/results.jsonl
-fi
+}
+
+# Rounds alternate which of the two goes first, so that a machine getting
+# faster or slower during the run does not favour either.
+half=
+for round in $(seq "$R"); do
+	echo "== round $round of $R over HTTP ($U users): rollback anchoring off, on a store of its own$([ "$A" != 0 ] && echo ", and on, on the store keyvault dev made")"
+	if [ "$A" = 0 ] || [ $((round % 2)) = 1 ]; then
+		serve_runs "off-$round" false "$dir/unanchored.db"
+		[ "$A" = 0 ] || serve_runs "on-$round" true "$dir/keyvault.db"
+	else
+		serve_runs "on-$round" true "$dir/keyvault.db"
+		serve_runs "off-$round" false "$dir/unanchored.db"
+	fi
+done
 
 echo
-# The raw runs come first in the file, so each HTTP line finds its ceiling.
+# The raw runs come first, then each round's run without anchoring before
+# its run with, so each line finds its ceiling and its baseline.
+files="$dir/raw.jsonl"
+for round in $(seq "$R"); do
+	files="$files $dir/off-$round.jsonl"
+	[ "$A" = 0 ] || files="$files $dir/on-$round.jsonl"
+done
 awk '
 function field(name,    s) {
 	if (!index($0, "\"" name "\":")) return ""
 	s = $0; sub(".*\"" name "\":", "", s); sub("[,}].*", "", s); gsub("\"", "", s); return s
 }
-BEGIN { printf "%-11s %-8s %-9s %9s %6s %6s %7s %7s %7s %7s\n", "path", "op", "load", "ok/s", "ratio", "vs off", "p50 ms", "p90 ms", "p99 ms", "max ms" }
+# median of the n values in v[1..n] (n is small: an insertion sort)
+function median(v, n,    i, j, x) {
+	for (i = 2; i <= n; i++) { x = v[i]; for (j = i - 1; j > 0 && v[j] > x; j--) v[j + 1] = v[j]; v[j + 1] = x }
+	return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+}
+BEGIN { printf "%-5s %-11s %-8s %-9s %9s %6s %6s %7s %7s %7s %7s\n", "round", "path", "op", "load", "ok/s", "ratio", "vs off", "p50 ms", "p90 ms", "p99 ms", "max ms" }
 {
 	op = field("op"); rps = field("succeeded_per_second"); rate = field("rate")
 	load = (rate == "" ? "max" : rate "/s")
-	path = (FILENAME ~ /anchor/ ? "http+anchor" : "http"); ratio = "-"; off = "-"
+	n = split(FILENAME, parts, "/"); name = parts[n]; sub(/\.jsonl$/, "", name)
+	round = name; sub(/^[a-z]+-?/, "", round); if (round == "") round = "-"
+	path = (name ~ /^on-/ ? "http+anchor" : "http"); ratio = "-"; off = "-"
 	if (op ~ /^hsm-/) { path = "raw"; op = substr(op, 5); raw[op] = rps }
 	else if (raw[op] > 0) ratio = sprintf("%.2f", rps / raw[op])
-	if (path == "http") plain[op, load] = rps
-	else if (path == "http+anchor" && plain[op, load] > 0) off = sprintf("%.2f", rps / plain[op, load])
-	printf "%-11s %-8s %-9s %9.0f %6s %6s %7s %7s %7s %7s\n", path, op, load, rps, ratio, off,
+	if (path == "http") { plain[op, load] = rps; plainP50[op, load] = field("p50_ms"); plainP99[op, load] = field("p99_ms") }
+	else if (path == "http+anchor" && plain[op, load] > 0) {
+		off = sprintf("%.2f", rps / plain[op, load])
+		k = op SUBSEP load
+		if (!(k in cnt)) order[++nkeys] = k
+		keys[k] = op " " load; cnt[k]++
+		vsoff[k, cnt[k]] = rps / plain[op, load]
+		dp50[k, cnt[k]] = field("p50_ms") - plainP50[op, load]
+		dp99[k, cnt[k]] = field("p99_ms") - plainP99[op, load]
+	}
+	printf "%-5s %-11s %-8s %-9s %9.0f %6s %6s %7s %7s %7s %7s\n", round, path, op, load, rps, ratio, off,
 		field("p50_ms"), field("p90_ms"), field("p99_ms"), field("max_ms")
-}' "$results" $(ls "$dir"/results-anchor.jsonl 2>/dev/null)
-results="$dir/results.jsonl $(ls "$dir"/results-anchor.jsonl 2>/dev/null)"
+}
+END {
+	for (j = 1; j <= nkeys; j++) {
+		k = order[j]
+		if (cnt[k] == 1) break
+		if (!printed++) printf "\nanchored against off, median of %d rounds (each round its own pair):\n", cnt[k]
+		for (i = 1; i <= cnt[k]; i++) { a[i] = vsoff[k, i]; b[i] = dp50[k, i]; c[i] = dp99[k, i] }
+		printf "  %-18s ok/s %.2f, p50 %+.1f ms, p99 %+.1f ms\n", keys[k], median(a, cnt[k]), median(b, cnt[k]), median(c, cnt[k])
+	}
+}' $files
+results=$files
 if cat $results | grep -v '"errors":{}' >/dev/null; then
 	echo
 	echo "errors:"
