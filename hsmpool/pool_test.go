@@ -42,7 +42,7 @@ func TestMain(m *testing.M) {
 }
 
 // member returns the config of a fresh, empty token.
-func newMember(t *testing.T, name string) MemberConfig {
+func newMember(t testing.TB, name string) MemberConfig {
 	t.Helper()
 	hsmOnce.Do(func() { hsmModule, hsmConf = softhsmtest.Setup(t, hsmDir) })
 	if hsmModule == "" {

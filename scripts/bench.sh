@@ -177,7 +177,10 @@ results=$files
 if cat $results | grep -v '"errors":{}' >/dev/null; then
 	echo
 	echo "errors:"
-	cat $results | grep -v '"errors":{}' | sed 's/.*"op":"\([^"]*\)".*"errors":\({[^}]*}\).*/  \1 \2/'
+	cat $results | grep -v '"errors":{}' | while read -r line; do
+		echo "$line" | sed 's/.*"op":"\([^"]*\)".*"errors":\({[^}]*}\).*/  \1 \2/'
+		echo "$line" | sed -n 's/.*"first_errors":\(.*\)}$/    the first of each: \1/p'
+	done
 	# Shedding (503 unavailable) is the vault protecting itself under load;
 	# any other error is a broken vault or bench.
 	if cat $results | grep -v '"errors":{}' | sed 's/.*"errors":{\([^}]*\)}.*/\1/' | tr ',' '\n' | grep -v '^"unavailable":' >/dev/null; then

@@ -75,6 +75,9 @@ type Result struct {
 	P99                float64          `json:"p99_ms"`
 	Max                float64          `json:"max_ms"`
 	Errors             map[string]int64 `json:"errors"`
+	// FirstErrors holds the text of the first error of each code, so that
+	// a rare failure in a long run can be told apart from the rest.
+	FirstErrors map[string]string `json:"first_errors,omitempty"`
 }
 
 // Run calls op until o.Duration has passed and summarises every call that
@@ -121,8 +124,9 @@ func Run(ctx context.Context, o Options, op Op) (Result, error) {
 	}
 
 	type tally struct {
-		lat  []time.Duration
-		errs map[string]int64
+		lat   []time.Duration
+		errs  map[string]int64
+		first map[string]string
 	}
 	tallies := make([]tally, o.Concurrency)
 	var failOnce sync.Once
@@ -136,7 +140,7 @@ func Run(ctx context.Context, o Options, op Op) (Result, error) {
 		go func() {
 			defer wg.Done()
 			t := &tallies[w]
-			t.errs = map[string]int64{}
+			t.errs, t.first = map[string]int64{}, map[string]string{}
 			for {
 				var began time.Time
 				if schedule != nil {
@@ -163,7 +167,10 @@ func Run(ctx context.Context, o Options, op Op) (Result, error) {
 				err := op(ctx, w)
 				t.lat = append(t.lat, time.Since(began))
 				if err != nil {
-					t.errs[Code(err)]++
+					c := Code(err)
+					if t.errs[c]++; t.errs[c] == 1 {
+						t.first[c] = err.Error()
+					}
 				}
 			}
 		}()
@@ -178,12 +185,21 @@ func Run(ctx context.Context, o Options, op Op) (Result, error) {
 
 	var all []time.Duration
 	errs := map[string]int64{}
+	var first map[string]string
 	var failures int64
 	for _, t := range tallies {
 		all = append(all, t.lat...)
 		for c, n := range t.errs {
 			errs[c] += n
 			failures += n
+		}
+		for c, text := range t.first {
+			if _, ok := first[c]; !ok {
+				if first == nil {
+					first = map[string]string{}
+				}
+				first[c] = text
+			}
 		}
 	}
 	slices.Sort(all)
@@ -211,6 +227,7 @@ func Run(ctx context.Context, o Options, op Op) (Result, error) {
 		P99:                ms(0.99),
 		Max:                ms(1),
 		Errors:             errs,
+		FirstErrors:        first,
 	}, nil
 }
 

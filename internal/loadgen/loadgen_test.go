@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -40,6 +41,9 @@ func TestClosedRunCountsEveryCall(t *testing.T) {
 	}
 	if res.Errors["wrong_pin"] != calls.Load()/10 || res.Errors["error"] == 0 {
 		t.Fatalf("errors %v after %d calls", res.Errors, calls.Load())
+	}
+	if want := map[string]string{"wrong_pin": "wrapped: wrong_pin", "error": "plain"}; !maps.Equal(res.FirstErrors, want) {
+		t.Fatalf("first errors %q, want %q", res.FirstErrors, want)
 	}
 	if res.Succeeded != res.Requests-res.Errors["wrong_pin"]-res.Errors["error"] || res.SucceededPerSecond >= res.PerSecond {
 		t.Fatalf("succeeded %d (%v/s) of %d (%v/s)", res.Succeeded, res.SucceededPerSecond, res.Requests, res.PerSecond)
