@@ -211,16 +211,34 @@ func (w *hsmWorkload) close()                            { w.release() }
 
 func (w *hsmWorkload) op(ctx context.Context, _ int) error {
 	if _, err := w.pool.HMAC(ctx, w.pin, w.msg); err != nil {
-		return err
+		return hsmError{err}
 	}
+	var err error
 	if w.kind == "recover" {
-		_, err := w.pool.Open(ctx, w.wrap, w.nonce, w.ct, w.aad)
-		return err
+		_, err = w.pool.Open(ctx, w.wrap, w.nonce, w.ct, w.aad)
+	} else {
+		nonce := make([]byte, 12)
+		rand.Read(nonce)
+		_, err = w.pool.Seal(ctx, w.wrap, nonce, w.pt, w.aad)
 	}
-	nonce := make([]byte, 12)
-	rand.Read(nonce)
-	_, err := w.pool.Seal(ctx, w.wrap, nonce, w.pt, w.aad)
-	return err
+	if err != nil {
+		return hsmError{err}
+	}
+	return nil
+}
+
+// hsmError codes a raw HSM call's error as the API would: an operation the
+// pool shed (no session free within its queue timeout) is "unavailable",
+// the 503 the vault answers for it, and not a failure of the bench; any
+// other is "error".
+type hsmError struct{ error }
+
+func (e hsmError) Unwrap() error { return e.error }
+func (e hsmError) Code() string {
+	if errors.Is(e.error, vault.ErrUnavailable) {
+		return "unavailable"
+	}
+	return ""
 }
 
 // benchUser is one enrolled user as the load generator knows it. Each
