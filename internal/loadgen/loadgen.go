@@ -185,7 +185,7 @@ func Run(ctx context.Context, o Options, op Op) (Result, error) {
 
 	var all []time.Duration
 	errs := map[string]int64{}
-	var first map[string]string
+	first := map[string]string{} // empty: left out of the JSON
 	var failures int64
 	for _, t := range tallies {
 		all = append(all, t.lat...)
@@ -195,9 +195,6 @@ func Run(ctx context.Context, o Options, op Op) (Result, error) {
 		}
 		for c, text := range t.first {
 			if _, ok := first[c]; !ok {
-				if first == nil {
-					first = map[string]string{}
-				}
 				first[c] = text
 			}
 		}
