@@ -442,6 +442,12 @@ func (p *Pool) tryAdmit() admission {
 // caller's context and QueueTimeout allow: past that the request is shed,
 // so that a flood queues no deeper than the HSMs can drain in that time.
 func (p *Pool) acquire(ctx context.Context, m *member, op string) error {
+	// A caller that has already given up starts no operation: with a
+	// session free, run's wait would otherwise race the operation against
+	// ctx, and an answer nobody waits for could still come back.
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("%w: hsm %s: %w", ErrUnavailable, op, err)
+	}
 	select {
 	case m.sessions <- struct{}{}:
 		return nil
