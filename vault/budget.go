@@ -20,6 +20,18 @@ const lockSettleWindow = 20 * time.Second
 // errPendingLock: another request's last-attempt guess has not settled yet.
 var errPendingLock = errors.New("a concurrent last-attempt guess has not settled")
 
+// errUntold answers a guess whose count was taken away before its check
+// ended, by a later success that forgave it or by its generation being
+// replaced, when it cannot be counted again: the period since that success
+// has used every attempt, or the generation is gone. Telling its outcome
+// would reveal a PIN check counted nowhere, so neither a right nor a wrong
+// outcome is told: the answer is the one of a guess the HSM never answered.
+var errUntold = fmt.Errorf("%w: the backup changed while this guess was checked; its outcome is not told", ErrUnavailable)
+
+// erased reports whether a later success has forgiven g on cur: g is no
+// longer counted in the current period.
+func (g *guess) erased(cur *stored) bool { return g.index <= cur.Forgiven }
+
 // guess is one counted guess: the record as it was before counting (with
 // its sealed secret), the guess's index, whether counting it locked the
 // backup, and when (monotonic).
@@ -137,44 +149,77 @@ func (v *Vault) forgive(ctx context.Context, g *guess) (int, error) {
 // holds what the guess read (no re-wrap, re-seal or lock by another guess
 // came between): a pending lock of another guess would put back the
 // secret it read, which must match the record's salt and key versions.
+//
+// A right guess that a later success forgave, or whose generation was
+// replaced, while it was in the HSM is told only where a wrong one in its
+// place could be counted again (see settleForgiven): otherwise its outcome
+// is not told (errUntold), and the caller must not return the secret.
 func (v *Vault) forgiveResealed(ctx context.Context, g *guess, resealed *record) (int, error) {
 	remaining := int(g.before.MaxAttempts)
-	// Settling a counted guess must not depend on the client still waiting.
-	err := v.update(context.WithoutCancel(ctx), g.key, func(cur *stored) (*record, error) {
-		if !g.sameGeneration(cur) {
-			return nil, nil // replaced or deleted meanwhile: nothing to reset
-		}
-		next := *cur.record
-		switch {
-		case g.mayUnlock(cur):
-			next.Locked, next.Sealed = false, g.before.Sealed
-		case cur.Locked && (cur.Guesses == g.index || v.lockedOrPending(cur) == ErrLocked):
-			remaining = 0
-			return nil, nil // final: its 410 stands
-		case g.index <= cur.Forgiven:
-			remaining = cur.remaining()
-			return nil, nil // a later success already forgave this guess
-		}
-		if g.index > next.Forgiven {
-			// The refunds are of guesses after Forgiven. At most the
-			// g.index-Forgiven-1 guesses before this one (which was
-			// answered, so not refunded) are forgiven with it; the other
-			// refunds surely are of later guesses and are kept. That can
-			// count a guess too many, never too few.
-			spent := g.index - next.Forgiven - 1
-			next.Forgiven = g.index
-			next.Refunds -= min(next.Refunds, spent)
-		}
-		if resealed != nil && !next.Locked && sameSeal(cur.record, &g.before) {
-			next.Salt, next.Verifier, next.Nonce, next.Sealed = resealed.Salt, resealed.Verifier, resealed.Nonce, resealed.Sealed
-			next.WrapVersion, next.PINVersion = resealed.WrapVersion, resealed.PINVersion
-			next.freshWrap, next.freshPIN = true, true
-		}
-		next.UpdatedAt = v.now()
-		remaining = next.remaining()
-		return &next, nil
+	untold := false
+	// Settling a counted guess must not depend on the client still waiting;
+	// only waiting for another guess's pending lock does.
+	err := v.waitSettled(ctx, func() error {
+		return v.update(context.WithoutCancel(ctx), g.key, func(cur *stored) (*record, error) {
+			untold = false
+			if !g.sameGeneration(cur) {
+				untold = true
+				return nil, errUntold
+			}
+			if cur.Locked && g.erased(cur) {
+				// Locked by guesses after the success that forgave this
+				// one: told only if that lock is undone.
+				untold = true
+				if err := v.lockedOrPending(cur); errors.Is(err, errPendingLock) {
+					return nil, err
+				}
+				return nil, errUntold
+			}
+			return v.forgiveNext(g, cur, resealed, &remaining)
+		})
 	})
+	if err != nil && untold {
+		v.metrics.untold.Inc()
+		if !errors.Is(err, errUntold) {
+			err = errors.Join(errUntold, err) // gave up waiting for a pending lock
+		}
+		return 0, err
+	}
 	return remaining, err
+}
+
+// forgiveNext is the record a right guess g leaves on cur (nil: no write),
+// setting *remaining to the attempts left.
+func (v *Vault) forgiveNext(g *guess, cur *stored, resealed *record, remaining *int) (*record, error) {
+	next := *cur.record
+	switch {
+	case g.mayUnlock(cur):
+		next.Locked, next.Sealed = false, g.before.Sealed
+	case cur.Locked && (cur.Guesses == g.index || v.lockedOrPending(cur) == ErrLocked):
+		*remaining = 0
+		return nil, nil // final: its 410 stands
+	case g.erased(cur):
+		*remaining = cur.remaining()
+		return nil, nil // a later success already forgave this guess
+	}
+	if g.index > next.Forgiven {
+		// The refunds are of guesses after Forgiven. At most the
+		// g.index-Forgiven-1 guesses before this one (which was
+		// answered, so not refunded) are forgiven with it; the other
+		// refunds surely are of later guesses and are kept. That can
+		// count a guess too many, never too few.
+		spent := g.index - next.Forgiven - 1
+		next.Forgiven = g.index
+		next.Refunds -= min(next.Refunds, spent)
+	}
+	if resealed != nil && !next.Locked && sameSeal(cur.record, &g.before) {
+		next.Salt, next.Verifier, next.Nonce, next.Sealed = resealed.Salt, resealed.Verifier, resealed.Nonce, resealed.Sealed
+		next.WrapVersion, next.PINVersion = resealed.WrapVersion, resealed.PINVersion
+		next.freshWrap, next.freshPIN = true, true
+	}
+	next.UpdatedAt = v.now()
+	*remaining = next.remaining()
+	return &next, nil
 }
 
 // refund is step 3 when the HSM gave no result: the guess's outcome was
@@ -262,38 +307,50 @@ func (v *Vault) attempt(ctx context.Context, ns, userID string, pin []byte, pre 
 // settleForgiven answers a wrong guess that did not lock. If a right guess
 // counted after it was forgiven before it was checked, its wrong check would
 // fall after that success uncounted; so it is counted again, as a new
-// guess, before the answer leaves. (If the backup got locked meanwhile, the
-// lock stands and the answer is 410.)
+// guess, before the answer leaves. Where it cannot be (the period since the
+// success is used up and the lock is final, or the generation is gone), its
+// outcome is not told (errUntold), as a right one's would be.
 func (v *Vault) settleForgiven(ctx context.Context, g *guess) error {
 	var answer error
 	var lockedHere bool
-	err := v.update(context.WithoutCancel(ctx), g.key, func(cur *stored) (*record, error) {
-		answer, lockedHere = &WrongPINError{Remaining: g.before.remaining() - 1}, false
-		switch {
-		case !g.sameGeneration(cur) || g.index > cur.Forgiven:
-			return nil, nil // still counted: the usual answer
-		case cur.Locked:
-			answer = errCheckedLock
-			return nil, nil
-		}
-		next := *cur.record
-		next.Guesses++
-		next.UpdatedAt = v.now()
-		next.LastGuessAt = next.UpdatedAt
-		if next.used() == next.MaxAttempts {
-			// Known wrong, so the lock is final at once.
-			next.Locked, next.LockFinal, next.Sealed = true, true, nil
-			answer, lockedHere = errCheckedLock, true
-		} else {
-			answer = &WrongPINError{Remaining: next.remaining()}
-		}
-		return &next, nil
+	err := v.waitSettled(ctx, func() error {
+		return v.update(context.WithoutCancel(ctx), g.key, func(cur *stored) (*record, error) {
+			answer, lockedHere = &WrongPINError{Remaining: g.before.remaining() - 1}, false
+			switch {
+			case !g.sameGeneration(cur):
+				answer = errUntold
+				return nil, nil
+			case !g.erased(cur):
+				return nil, nil // still counted: the usual answer
+			case cur.Locked:
+				if err := v.lockedOrPending(cur); errors.Is(err, errPendingLock) {
+					return nil, err // counted again or left untold once it settles
+				}
+				answer = errUntold
+				return nil, nil
+			}
+			next := *cur.record
+			next.Guesses++
+			next.UpdatedAt = v.now()
+			next.LastGuessAt = next.UpdatedAt
+			if next.used() == next.MaxAttempts {
+				// Known wrong, so the lock is final at once.
+				next.Locked, next.LockFinal, next.Sealed = true, true, nil
+				answer, lockedHere = errCheckedLock, true
+			} else {
+				answer = &WrongPINError{Remaining: next.remaining()}
+			}
+			return &next, nil
+		})
 	})
 	if err != nil {
 		return err // not durably counted again: no answer
 	}
 	if lockedHere {
 		v.metrics.lockouts.Inc()
+	}
+	if answer == errUntold {
+		v.metrics.untold.Inc()
 	}
 	return answer
 }

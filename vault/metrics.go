@@ -11,6 +11,7 @@ type metrics struct {
 	enrollments       *prometheus.CounterVec
 	deletes           prometheus.Counter
 	lockouts          prometheus.Counter
+	untold            prometheus.Counter
 	integrityFailures prometheus.Counter
 	storeConflicts    prometheus.Counter
 	ambiguous         *prometheus.CounterVec
@@ -45,6 +46,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		lockouts: f.NewCounter(prometheus.CounterOpts{
 			Name: "keyvault_lockouts_total",
 			Help: "Guesses that used a backup's last attempt and removed its secret.",
+		}),
+		untold: f.NewCounter(prometheus.CounterOpts{
+			Name: "keyvault_guess_outcomes_untold_total",
+			Help: "Guesses answered unavailable after their PIN check, because a later success or a new generation took their count away and it could not be counted again.",
 		}),
 		integrityFailures: f.NewCounter(prometheus.CounterOpts{
 			Name: "keyvault_integrity_failures_total",

@@ -185,6 +185,9 @@ func (v *Vault) Recover(ctx context.Context, ns, userID string, pin []byte) (sec
 	// caller has not learnt that, but a damaged record should not burn the
 	// user's attempts either.
 	remaining, ferr := v.forgive(ctx, g)
+	if errors.Is(ferr, errUntold) {
+		return nil, 0, fmt.Errorf("recover: %w", ferr)
+	}
 	secret, err = v.open(ctx, ns, userID, &g.before, g.before.Sealed, inner)
 	if err != nil {
 		return nil, 0, fmt.Errorf("recover: %w", err)
@@ -222,7 +225,9 @@ func (v *Vault) ChangePIN(ctx context.Context, ns, userID string, pin, newPIN []
 	if err != nil {
 		if errors.Is(err, ErrIntegrity) {
 			// The PIN was right; keep the budget as a recovery would.
-			_, _ = v.forgive(ctx, g)
+			if _, ferr := v.forgive(ctx, g); errors.Is(ferr, errUntold) {
+				err = ferr
+			}
 		} else if rerr := v.refund(ctx, g); rerr != nil {
 			err = errors.Join(err, rerr)
 		}
@@ -239,11 +244,18 @@ func (v *Vault) ChangePIN(ctx context.Context, ns, userID string, pin, newPIN []
 	err = v.waitSettled(ctx, func() error {
 		return v.update(context.WithoutCancel(ctx), g.key, func(cur *stored) (*record, error) {
 			if !g.sameGeneration(cur) {
-				return nil, fmt.Errorf("%w: the backup was replaced or deleted during the PIN change", ErrPrecondition)
+				return nil, errUntold // replaced or deleted during the PIN change
 			}
 			switch {
 			case cur.Locked && cur.Guesses == g.index && !g.mayUnlock(cur):
 				return nil, ErrLocked // this guess locked it, too long ago to undo
+			case cur.Locked && cur.Guesses != g.index && g.erased(cur):
+				// Locked by guesses after a later success that forgave this
+				// one: told only if that lock is undone (see forgiveResealed).
+				if err := v.lockedOrPending(cur); errors.Is(err, errPendingLock) {
+					return nil, err
+				}
+				return nil, errUntold
 			case cur.Locked && cur.Guesses != g.index:
 				return nil, v.lockedOrPending(cur) // a later guess locked it
 			}
@@ -256,8 +268,11 @@ func (v *Vault) ChangePIN(ctx context.Context, ns, userID string, pin, newPIN []
 			return next, nil
 		})
 	})
+	if errors.Is(err, errUntold) {
+		v.metrics.untold.Inc()
+	}
 	if err != nil {
-		if !errors.Is(err, ErrPrecondition) && !errors.Is(err, ErrLocked) {
+		if !errors.Is(err, errUntold) && !errors.Is(err, ErrLocked) {
 			// No answer was given: put back what this guess took.
 			if rerr := v.refund(ctx, g); rerr != nil {
 				err = errors.Join(err, rerr)

@@ -45,7 +45,9 @@ func (v *Vault) recoverResealing(ctx context.Context, ns, userID string, g *gues
 	secret, err := v.open(ctx, ns, userID, &g.before, g.before.Sealed, inner)
 	if err != nil {
 		// The guess was right: it is forgiven, as on the usual path.
-		_, _ = v.forgive(ctx, g)
+		if _, ferr := v.forgive(ctx, g); errors.Is(ferr, errUntold) {
+			return nil, 0, fmt.Errorf("recover: %w", ferr)
+		}
 		return nil, 0, fmt.Errorf("recover: %w", err)
 	}
 	next, err := v.seal(ctx, ns, userID, g.before.Generation, secret, pin)
@@ -54,8 +56,12 @@ func (v *Vault) recoverResealing(ctx context.Context, ns, userID string, g *gues
 		next = nil
 	}
 	remaining, ferr := v.forgiveResealed(ctx, g, next)
-	if ferr != nil && next != nil {
+	if ferr != nil && next != nil && !errors.Is(ferr, errUntold) {
 		remaining, ferr = v.forgive(ctx, g)
+	}
+	if errors.Is(ferr, errUntold) {
+		wipe(secret)
+		return nil, 0, fmt.Errorf("recover: %w", ferr)
 	}
 	if ferr != nil {
 		v.log.Error("recovered, but the counter reset failed", "record", v.LogID(ns, userID), "error", ferr.Error())

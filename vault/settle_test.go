@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -312,5 +313,140 @@ func TestPrecheck(t *testing.T) {
 	}
 	if got := e.hsm.pinChecks() - checks; got != 2 {
 		t.Fatalf("%d PIN checks, want the 2 guesses only", got)
+	}
+}
+
+// Guesses counted before a success but checked by the HSM only after the
+// period since that success is used up (a recovery, then wrong guesses to
+// the lock), or after a PIN change started the next generation: their
+// checks can be counted nowhere, so no outcome is told, wrong or right.
+// Each answers unavailable, as a guess the HSM never answered, so at most
+// max_attempts wrong outcomes are told after any success, and a held right
+// PIN cannot be told apart from a wrong one.
+func TestHeldGuessesPastTheBudgetTellNothing(t *testing.T) {
+	t.Parallel()
+	for _, success := range []string{"recovery", "PIN change"} {
+		for _, heldRight := range []bool{false, true} {
+			name := success + "/held wrong PINs"
+			if heldRight {
+				name = success + "/held right and wrong PINs"
+			}
+			t.Run(name, func(t *testing.T) {
+				t.Parallel()
+				const max = 3
+				e := newEnv(t, vault.Options{Now: time.Now})
+				secret := randBytes(32)
+				e.enroll("zed", secret, rightPIN, max)
+				held := map[string][]byte{"h1": []byte("0000-h1"), "h2": []byte("0000-h2")}
+				if heldRight {
+					held["h2"] = rightPIN
+				}
+				entered, release := holdTags(e, "h1", "h2")
+				answers := make(chan error, len(held))
+				for _, tag := range []string{"h1", "h2"} {
+					go func() {
+						got, _, err := e.v.Recover(withTag(bg, tag), ns, "zed", held[tag])
+						if err == nil && !bytes.Equal(got, secret) {
+							err = errors.New("wrong secret")
+						}
+						answers <- err
+					}()
+					<-entered[tag] // counted, held in the HSM
+				}
+
+				switch success {
+				case "recovery":
+					if _, _, err := e.v.Recover(bg, ns, "zed", rightPIN); err != nil {
+						t.Fatalf("the user's recovery: %v", err)
+					}
+				default:
+					if _, err := e.v.ChangePIN(bg, ns, "zed", rightPIN, []byte("5678"), vault.Precondition{}); err != nil {
+						t.Fatalf("the user's PIN change: %v", err)
+					}
+				}
+				told := 0 // wrong outcomes told since the success
+				for i := 1; i <= max; i++ {
+					_, _, err := e.v.Recover(bg, ns, "zed", []byte(fmt.Sprintf("0000-fresh%d", i)))
+					var wrong *vault.WrongPINError
+					var locked *vault.LockedError
+					switch {
+					case errors.As(err, &wrong) && i < max && wrong.Remaining == max-i,
+						errors.As(err, &locked) && locked.Checked && i == max:
+						told++
+					default:
+						t.Fatalf("fresh wrong guess %d after the success: %v", i, err)
+					}
+				}
+
+				release["h1"]()
+				release["h2"]()
+				for range len(held) {
+					err := <-answers
+					var wrong *vault.WrongPINError
+					var locked *vault.LockedError
+					if errors.As(err, &wrong) || errors.As(err, &locked) && locked.Checked {
+						told++
+					}
+					if !errors.Is(err, vault.ErrUnavailable) {
+						t.Errorf("a guess held across the success and checked after the lock: %v, want unavailable", err)
+					}
+				}
+				if told > max {
+					t.Errorf("%d wrong outcomes told after one success, want at most %d", told, max)
+				}
+				if r, _ := e.raw(ns, "zed"); !r.Locked || !r.LockFinal || len(r.Sealed) != 0 {
+					t.Errorf("after: locked=%v final=%v sealed=%d, want the lock final and no secret", r.Locked, r.LockFinal, len(r.Sealed))
+				}
+				if got := e.metric("keyvault_guess_outcomes_untold_total"); got != 2 {
+					t.Errorf("keyvault_guess_outcomes_untold_total = %v, want 2", got)
+				}
+			})
+		}
+	}
+}
+
+// A guess a success forgave, checked wrong while a later guess's lock is
+// pending, waits for that lock: undone by a right PIN, the period has
+// attempts again, and the held guess is counted in it before its 403.
+func TestHeldGuessWaitsForAPendingLockBeforeCountingAgain(t *testing.T) {
+	t.Parallel()
+	const max = 3
+	e := newEnv(t, vault.Options{Now: time.Now})
+	secret := randBytes(32)
+	e.enroll("ada", secret, rightPIN, max)
+	entered, release := holdTags(e, "held", "last")
+	heldDone := make(chan error, 1)
+	go func() {
+		_, _, err := e.v.Recover(withTag(bg, "held"), ns, "ada", []byte("0000-held"))
+		heldDone <- err
+	}()
+	<-entered["held"]
+	if _, _, err := e.v.Recover(bg, ns, "ada", rightPIN); err != nil {
+		t.Fatalf("the user's recovery: %v", err)
+	}
+	e.wrong("ada", 2)
+	e.wrong("ada", 1)
+	lastDone := make(chan error, 1)
+	go func() {
+		_, _, err := e.v.Recover(withTag(bg, "last"), ns, "ada", rightPIN)
+		lastDone <- err
+	}()
+	<-entered["last"] // the last attempt is counted: the lock is pending
+	release["held"]()
+	select {
+	case err := <-heldDone:
+		t.Fatalf("the held guess answered %v while a lock was pending", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	release["last"]()
+	if err := <-lastDone; err != nil {
+		t.Fatalf("the right last attempt: %v", err)
+	}
+	var wrong *vault.WrongPINError
+	if err := <-heldDone; !errors.As(err, &wrong) || wrong.Remaining != max-1 {
+		t.Fatalf("the held wrong guess after the lock was undone: %v, want 403 with %d left", err, max-1)
+	}
+	if st := e.status("ada"); st.Locked || st.AttemptsRemaining != max-1 {
+		t.Fatalf("status: %+v, want unlocked with %d left", st, max-1)
 	}
 }
