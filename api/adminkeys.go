@@ -63,7 +63,7 @@ func mountKeyAdmin(r chi.Router, opts AdminOptions) {
 	}
 	k := opts.Keys
 	r.Route("/admin", func(r chi.Router) {
-		r.Use(withRequestID(log), recoverer, adminAuth(opts.TokenHashes))
+		r.Use(withRequestID(log), recoverer, adminAuth(opts.TokenHashes), writeDeadline(keyAdminWriteTimeout))
 		r.Post("/keys/reload", func(w http.ResponseWriter, r *http.Request) {
 			vs, err := k.Reload(r.Context())
 			if err != nil {
@@ -126,6 +126,24 @@ func mountKeyAdmin(r chi.Router, opts AdminOptions) {
 			writeJSON(w, http.StatusOK, rewrapJSON(k.RewrapStatus()))
 		})
 	})
+}
+
+// keyAdminWriteTimeout is how long a key lifecycle request may take to
+// answer, past the listener's write timeout: a usage count or a retire
+// reads every backup, which on a large store takes longer. The keys CLI
+// waits as long. Only a request with the admin token gets it.
+const keyAdminWriteTimeout = 2 * time.Minute
+
+// writeDeadline gives each request d to answer, from now.
+func writeDeadline(d time.Duration) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			// An error means the writer cannot move its deadline (a test
+			// recorder); the server's own deadline then stands.
+			_ = http.NewResponseController(w).SetWriteDeadline(time.Now().Add(d))
+			next.ServeHTTP(w, r)
+		})
+	}
 }
 
 type retireRequest struct {

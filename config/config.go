@@ -24,6 +24,24 @@ const (
 	DefaultMaxAttemptsLimit = 20
 	DefaultLogLevel         = "info"
 	DefaultLogFormat        = "json"
+	// DefaultMaxConnections caps the API listener's connections: far more
+	// than a few calling backends with connection pools need, and few
+	// enough that a flood cannot take the file descriptors the HSM modules
+	// and the store open on every operation (serve checks the sum against
+	// RLIMIT_NOFILE at start).
+	DefaultMaxConnections = 4096
+	// DefaultAdminMaxConnections caps the admin listener's connections:
+	// Prometheus, the kubelet's probes, an operator's CLI and a profile
+	// need a handful.
+	DefaultAdminMaxConnections = 32
+)
+
+// Defaults of http_timeouts, the same on both listeners.
+const (
+	DefaultReadHeaderTimeout = 10 * time.Second
+	DefaultReadTimeout       = 30 * time.Second
+	DefaultWriteTimeout      = 30 * time.Second
+	DefaultIdleTimeout       = 2 * time.Minute
 )
 
 // Limits checked by Validate.
@@ -31,6 +49,8 @@ const (
 	maxSessionsLimit        = 1024
 	maxAttemptsLimitCeiling = 1000
 	maxPINFileSize          = 1024 // bytes
+	maxConnectionsLimit     = 1 << 20
+	maxHTTPTimeout          = time.Hour
 )
 
 // Config is the whole keyvault configuration file.
@@ -41,7 +61,27 @@ type Config struct {
 	Listen string `yaml:"listen"`
 	// AdminListen is the host:port of /metrics, /healthz and /readyz.
 	// Default "127.0.0.1:9090". Must differ from Listen unless a port is 0.
+	// With AdminTokenSHA256 set, a non-loopback address needs AdminTLS or
+	// AdminInsecurePlaintext.
 	AdminListen string `yaml:"admin_listen"`
+	// AdminTLS enables HTTPS on AdminListen; with client_ca_file, client
+	// certificates are required (mTLS). Optional; nil (the default) means
+	// plain HTTP.
+	AdminTLS *TLS `yaml:"admin_tls"`
+	// AdminInsecurePlaintext allows the admin token over plain HTTP on a
+	// non-loopback AdminListen, for deployments where TLS ends in front of
+	// keyvault. Default false. Without an admin token the admin listener
+	// serves nothing that needs it: metrics, health and the profiler carry
+	// counts, timings and code paths, never a secret.
+	AdminInsecurePlaintext bool `yaml:"admin_insecure_plaintext"`
+	// MaxConnections caps the concurrent connections of Listen; the next
+	// waits in the kernel's accept queue. Default 4096; 1..1048576.
+	MaxConnections int `yaml:"max_connections"`
+	// AdminMaxConnections caps the concurrent connections of AdminListen.
+	// Default 32; 1..1048576.
+	AdminMaxConnections int `yaml:"admin_max_connections"`
+	// HTTPTimeouts bound the connections of both listeners alike.
+	HTTPTimeouts HTTPTimeouts `yaml:"http_timeouts"`
 	// AdminPprof serves Go's profiler under /debug/pprof/ on the admin
 	// listener, for finding where time goes under load. Default false:
 	// profiles reveal code paths and timings, not data, but they cost CPU
@@ -138,7 +178,25 @@ type EscalatingDelay struct {
 	Base        time.Duration `yaml:"base"`
 }
 
-// TLS configures HTTPS on the API listener.
+// HTTPTimeouts bound each connection of the API and admin listeners, so
+// that idle or stalled clients cannot hold connections (and the process's
+// file descriptors) for long. A profile from admin_pprof extends its own
+// write deadline by its duration.
+type HTTPTimeouts struct {
+	// ReadHeader bounds reading a request's headers. Default 10s; at most
+	// Read.
+	ReadHeader time.Duration `yaml:"read_header"`
+	// Read bounds reading a whole request, body included. Default 30s.
+	Read time.Duration `yaml:"read"`
+	// Write bounds handling a request and writing its answer, from the end
+	// of its headers. Default 30s.
+	Write time.Duration `yaml:"write"`
+	// Idle bounds the wait for the next request on a kept-alive
+	// connection. Default 2m.
+	Idle time.Duration `yaml:"idle"`
+}
+
+// TLS configures HTTPS on the API or the admin listener.
 type TLS struct {
 	// CertFile is the PEM server certificate chain. Required with tls.
 	CertFile string `yaml:"cert_file"`
@@ -198,6 +256,10 @@ type Etcd struct {
 	// TLS, when set, secures the connections (https:// endpoints).
 	// Optional; default none.
 	TLS *EtcdTLS `yaml:"tls"`
+	// InsecurePlaintext allows http:// endpoints on non-loopback hosts.
+	// Default false: etcd has no rollback anchoring, so whoever is on the
+	// path could replay an older record and restore its guess counter.
+	InsecurePlaintext bool `yaml:"insecure_plaintext"`
 	// DialTimeout bounds the first connection. Default 5s.
 	DialTimeout time.Duration `yaml:"dial_timeout"`
 	// RequestTimeout bounds each request to etcd. Default 5s.
@@ -341,9 +403,17 @@ func (m *Member) UnmarshalYAML(n *yaml.Node) error {
 // default; the file is decoded over it.
 func defaults() *Config {
 	return &Config{
-		Listen:      DefaultListen,
-		AdminListen: DefaultAdminListen,
-		Store:       Store{Driver: DriverBolt},
+		Listen:              DefaultListen,
+		AdminListen:         DefaultAdminListen,
+		MaxConnections:      DefaultMaxConnections,
+		AdminMaxConnections: DefaultAdminMaxConnections,
+		HTTPTimeouts: HTTPTimeouts{
+			ReadHeader: DefaultReadHeaderTimeout,
+			Read:       DefaultReadTimeout,
+			Write:      DefaultWriteTimeout,
+			Idle:       DefaultIdleTimeout,
+		},
+		Store: Store{Driver: DriverBolt},
 		Budget: Budget{
 			DefaultMaxAttempts: DefaultMaxAttempts,
 			MaxAttemptsLimit:   DefaultMaxAttemptsLimit,

@@ -42,11 +42,20 @@
 //	admin_listen                   127.0.0.1:9090   ([DefaultAdminListen])
 //	insecure_plaintext             false
 //	tls                            absent: plain HTTP, loopback only
+//	admin_tls                      absent: plain HTTP; an admin token then needs loopback
+//	admin_insecure_plaintext       false
+//	max_connections                4096             ([DefaultMaxConnections])
+//	admin_max_connections          32               ([DefaultAdminMaxConnections])
+//	http_timeouts.read_header      10s              ([DefaultReadHeaderTimeout])
+//	http_timeouts.read             30s              ([DefaultReadTimeout])
+//	http_timeouts.write            30s              ([DefaultWriteTimeout])
+//	http_timeouts.idle             2m               ([DefaultIdleTimeout])
 //	store.driver                   bolt             ([DriverBolt]; or etcd)
 //	store.etcd.key_prefix          /keyvault/       ([DefaultEtcdKeyPrefix])
 //	store.etcd.dial_timeout        5s               ([DefaultEtcdDialTimeout])
 //	store.etcd.request_timeout     5s               ([DefaultEtcdRequestTimeout])
 //	store.etcd.tls                 absent: plain connections
+//	store.etcd.insecure_plaintext  false: http:// endpoints on loopback only
 //	hsm.module_env                 empty
 //	hsm.members[].max_sessions     8                ([DefaultMaxSessions])
 //	budget.default_max_attempts    10               ([DefaultMaxAttempts])

@@ -9,7 +9,7 @@ import (
 func TestStoreDriverEtcd(t *testing.T) {
 	t.Parallel()
 	fx := newFixture(t)
-	cfg, err := Parse(render(t, fx, "store:\n  driver: etcd\n  etcd:\n    endpoints: [http://10.0.0.1:2379, https://etcd-2.internal:2379]\n    tls:\n      ca_file: {{.CA}}\n      cert_file: {{.Cert}}\n      key_file: {{.Key}}\n"+hsmBlock+clientsBlock))
+	cfg, err := Parse(render(t, fx, "store:\n  driver: etcd\n  etcd:\n    endpoints: [https://10.0.0.1:2379, https://etcd-2.internal:2379]\n    tls:\n      ca_file: {{.CA}}\n      cert_file: {{.Cert}}\n      key_file: {{.Key}}\n"+hsmBlock+clientsBlock))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -35,6 +35,20 @@ func TestStoreDriverEtcd(t *testing.T) {
 		t.Fatalf("rollback_anchor false on etcd: %v", err)
 	}
 
+	// Plain http:// is allowed where it cannot leave the machine, or where
+	// the operator says so.
+	for _, store := range []string{
+		"store:\n  driver: etcd\n  etcd:\n    endpoints: [http://127.0.0.1:2379, http://localhost:2379, 'http://[::1]:2379']\n",
+		"store:\n  driver: etcd\n  etcd:\n    endpoints: [http://10.0.0.7:2379, http://etcd-1:2379]\n    insecure_plaintext: true\n",
+	} {
+		cfg, err := Parse(render(t, fx, store+hsmBlock+clientsBlock))
+		if err != nil {
+			t.Errorf("%q: %v", store, err)
+		} else if want := strings.Contains(store, "insecure_plaintext"); cfg.Store.Etcd.InsecurePlaintext != want {
+			t.Errorf("%q: insecure_plaintext %v", store, cfg.Store.Etcd.InsecurePlaintext)
+		}
+	}
+
 	for _, c := range []struct {
 		name, store string
 		want        []string
@@ -51,6 +65,12 @@ func TestStoreDriverEtcd(t *testing.T) {
 		{"half a client certificate", "store:\n  driver: etcd\n  etcd:\n    endpoints: [https://h:2379]\n    tls:\n      cert_file: {{.Cert}}\n", []string{"store.etcd.tls: cert_file and key_file go together"}},
 		{"missing CA file", "store:\n  driver: etcd\n  etcd:\n    endpoints: [https://h:2379]\n    tls:\n      ca_file: {{.Missing}}\n", []string{"store.etcd.tls.ca_file"}},
 		{"typo", "store:\n  driver: etcd\n  etcd:\n    endpoint: [http://h:1]\n", []string{"store.etcd.endpoint: unknown key"}},
+		{"plain http to a network address", "store:\n  driver: etcd\n  etcd:\n    endpoints: [https://etcd-0:2379, http://10.0.0.7:2379]\n",
+			[]string{"store.etcd.endpoints[1]: plain http:// to a non-loopback host needs https:// or store.etcd.insecure_plaintext: true"}},
+		{"plain http to a host name, tls set", "store:\n  driver: etcd\n  etcd:\n    endpoints: [http://etcd-0.internal:2379]\n    tls:\n      ca_file: {{.CA}}\n",
+			[]string{"store.etcd.endpoints[0]: plain http:// to a non-loopback host"}},
+		{"insecure_plaintext not a bool", "store:\n  driver: etcd\n  etcd:\n    endpoints: [http://10.0.0.7:2379]\n    insecure_plaintext: yes\n",
+			[]string{"store.etcd.insecure_plaintext: expected a boolean"}},
 	} {
 		_, err := Parse(render(t, fx, c.store+hsmBlock+clientsBlock))
 		for _, w := range c.want {

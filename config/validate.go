@@ -57,7 +57,9 @@ func (c *Config) Validate() error {
 func (c *Config) validate(checkFS bool) error {
 	v := &validator{checkFS: checkFS}
 	v.listeners(c)
-	v.tls(c.TLS)
+	v.tls("tls", c.TLS)
+	v.tls("admin_tls", c.AdminTLS)
+	v.connections(c)
 	v.store(c.Store)
 	v.hsm(c.HSM)
 	v.budget(c.Budget)
@@ -77,6 +79,12 @@ func (v *validator) listeners(c *Config) {
 	// operator says TLS ends in front of us.
 	if apiOK && c.TLS == nil && !c.InsecurePlaintext && !isLoopback(apiHost) {
 		v.add("listen", "plain HTTP on a non-loopback address needs tls or insecure_plaintext: true")
+	}
+	// The admin token changes what protects every backup (key reload,
+	// re-wrap, retire): the same rule, for the admin listener, where that
+	// token is sent. Without one, nothing there needs hiding.
+	if adminOK && len(c.AdminTokenSHA256) > 0 && c.AdminTLS == nil && !c.AdminInsecurePlaintext && !isLoopback(adminHost) {
+		v.add("admin_listen", "plain HTTP on a non-loopback address with admin_token_sha256 set needs admin_tls or admin_insecure_plaintext: true")
 	}
 	if apiOK && adminOK && apiPort != "0" && apiPort == adminPort && hostsOverlap(apiHost, adminHost) {
 		v.add("admin_listen", "must differ from listen (both use port %s)", apiPort)
@@ -121,15 +129,40 @@ func hostsOverlap(a, b string) bool {
 	return strings.EqualFold(a, b) || wildcard(a) || wildcard(b)
 }
 
-func (v *validator) tls(t *TLS) {
+// tls checks the tls or admin_tls section, named by key.
+func (v *validator) tls(key string, t *TLS) {
 	if t == nil {
 		return
 	}
 	// The certificate and its key only make sense together.
-	v.requiredFile("tls.cert_file", t.CertFile)
-	v.requiredFile("tls.key_file", t.KeyFile)
+	v.requiredFile(key+".cert_file", t.CertFile)
+	v.requiredFile(key+".key_file", t.KeyFile)
 	if t.ClientCAFile != "" {
-		v.file("tls.client_ca_file", t.ClientCAFile)
+		v.file(key+".client_ca_file", t.ClientCAFile)
+	}
+}
+
+// connections checks the listeners' connection caps and timeouts.
+func (v *validator) connections(c *Config) {
+	for _, x := range []struct {
+		key string
+		n   int
+	}{{"max_connections", c.MaxConnections}, {"admin_max_connections", c.AdminMaxConnections}} {
+		if x.n < 1 || x.n > maxConnectionsLimit {
+			v.add(x.key, "must be from 1 to %d", maxConnectionsLimit)
+		}
+	}
+	t := c.HTTPTimeouts
+	for _, x := range []struct {
+		key string
+		d   time.Duration
+	}{{"read_header", t.ReadHeader}, {"read", t.Read}, {"write", t.Write}, {"idle", t.Idle}} {
+		if x.d <= 0 || x.d > maxHTTPTimeout {
+			v.add("http_timeouts."+x.key, "must be positive and at most %v", maxHTTPTimeout)
+		}
+	}
+	if t.Read > 0 && t.ReadHeader > t.Read {
+		v.add("http_timeouts.read_header", "must not exceed http_timeouts.read (%v)", t.Read)
 	}
 }
 
@@ -183,8 +216,15 @@ func (v *validator) etcd(e *Etcd) {
 	}
 	for i, ep := range e.Endpoints {
 		u, err := url.Parse(ep)
-		if err != nil || u.Scheme != "http" && u.Scheme != "https" || u.Port() == "" || u.Hostname() == "" || u.Path != "" && u.Path != "/" {
+		switch {
+		case err != nil || u.Scheme != "http" && u.Scheme != "https" || u.Port() == "" || u.Hostname() == "" || u.Path != "" && u.Path != "/":
 			v.add(indexKey("store.etcd.endpoints", i), "want http:// or https://host:port")
+		case u.Scheme == "http" && !e.InsecurePlaintext && !isLoopback(u.Hostname()):
+			// etcd has no rollback anchoring: an on-path attacker who
+			// replays an older record restores that backup's counter.
+			// (The etcd client never uses TLS for an http:// endpoint,
+			// whatever the tls section says.)
+			v.add(indexKey("store.etcd.endpoints", i), "plain http:// to a non-loopback host needs https:// or store.etcd.insecure_plaintext: true")
 		}
 	}
 	if e.KeyPrefix == "" {

@@ -37,6 +37,7 @@ const (
 	deployService    = "deploy/kubernetes/service.yaml"
 	deploySvcMonitor = "deploy/kubernetes/servicemonitor.yaml"
 	deployPDB        = "deploy/kubernetes/poddisruptionbudget.yaml"
+	deployNetPolicy  = "deploy/kubernetes/networkpolicy.yaml"
 	deployKeysJob    = "deploy/kubernetes/setup/keys-init-job.yaml"
 	deployDevEntry   = "deploy/docker/dev-entrypoint.sh"
 )
@@ -277,6 +278,14 @@ func deployKubernetes(t *testing.T) {
 		t.Errorf("ServiceMonitor endpoints %+v, want port admin, path /metrics", sm.Spec.Endpoints)
 	}
 
+	deployNetworkPolicy(t, pod.Metadata.Labels)
+	// An admin token crosses the admin port only over TLS (the validator
+	// refuses it in plain HTTP off loopback); the ServiceMonitor then
+	// scrapes over HTTPS.
+	if len(cfg.AdminTokenSHA256) > 0 && cfg.AdminTLS == nil && !cfg.AdminInsecurePlaintext {
+		t.Errorf("%s: admin_token_sha256 without admin_tls", deployConfigMap)
+	}
+
 	if len(pod.Spec.Containers) != 1 || len(job.Spec.Template.Spec.Containers) != 1 {
 		t.Fatalf("the StatefulSet has %d containers and the keys Job %d, want 1 each", len(pod.Spec.Containers), len(job.Spec.Template.Spec.Containers))
 	}
@@ -379,6 +388,45 @@ func deployKubernetes(t *testing.T) {
 	}
 	if mounts["/etc/keyvault/keyvault.yaml"] == "" {
 		t.Errorf("the config is not mounted at /etc/keyvault/keyvault.yaml (mounts %v)", mounts)
+	}
+}
+
+// deployNetworkPolicy checks that the NetworkPolicy selects the keyvault
+// pod, restricts its ingress, lets the API port in, and lets the admin port
+// in only from selected peers, never from everywhere.
+func deployNetworkPolicy(t *testing.T, podLabels map[string]string) {
+	var np struct {
+		Kind string `yaml:"kind"`
+		Spec struct {
+			PodSelector struct {
+				MatchLabels map[string]string `yaml:"matchLabels"`
+			} `yaml:"podSelector"`
+			PolicyTypes []string `yaml:"policyTypes"`
+			Ingress     []struct {
+				Ports []struct {
+					Port string `yaml:"port"`
+				} `yaml:"ports"`
+				From []map[string]any `yaml:"from"`
+			} `yaml:"ingress"`
+		} `yaml:"spec"`
+	}
+	if err := yaml.Unmarshal(deployRead(t, deployNetPolicy), &np); err != nil {
+		t.Fatalf("%s: %v", deployNetPolicy, err)
+	}
+	if np.Kind != "NetworkPolicy" || !deploySubset(np.Spec.PodSelector.MatchLabels, podLabels) || !slices.Contains(np.Spec.PolicyTypes, "Ingress") {
+		t.Fatalf("%s: kind %q, podSelector %v, policyTypes %v: want a NetworkPolicy on the keyvault pod's ingress", deployNetPolicy, np.Kind, np.Spec.PodSelector.MatchLabels, np.Spec.PolicyTypes)
+	}
+	allowed := map[string]bool{}
+	for _, rule := range np.Spec.Ingress {
+		for _, p := range rule.Ports {
+			if p.Port == "admin" && len(rule.From) == 0 {
+				t.Errorf("%s: the admin port is open to every peer", deployNetPolicy)
+			}
+			allowed[p.Port] = true
+		}
+	}
+	if !allowed["api"] || !allowed["admin"] {
+		t.Errorf("%s: ports allowed %v, want api and admin (by name)", deployNetPolicy, allowed)
 	}
 }
 

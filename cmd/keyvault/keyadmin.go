@@ -100,7 +100,7 @@ SHA-256 is admin_token_sha256 in the config.`
 func cmdKeysLifecycle(sub string, args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("keys "+sub, stderr, keysLifecycleUsage)
 	path := fs.String("config", "", "the YAML config `file` (required)")
-	adminURL := fs.String("admin-url", "", "the running vault's admin `URL` (default: http:// and the config's admin_listen)")
+	adminURL := fs.String("admin-url", "", "the running vault's admin `URL` (default: http://, or https:// with admin_tls, and the config's admin_listen)")
 	tokenFile := fs.String("admin-token-file", "", "a `file` holding the admin bearer token (default: $KEYVAULT_ADMIN_TOKEN)")
 	rate := fs.Float64("rate", 100, "rewrap: records per second, 0 for no limit")
 	status := fs.Bool("status", false, "rewrap: report progress, start nothing")
@@ -119,9 +119,13 @@ func cmdKeysLifecycle(sub string, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
-	ac := &adminClient{url: strings.TrimSuffix(*adminURL, "/")}
+	base, hc, err := adminHTTP(cfg)
+	if err != nil {
+		return err
+	}
+	ac := &adminClient{url: strings.TrimSuffix(*adminURL, "/"), hc: hc}
 	if ac.url == "" {
-		ac.url = "http://" + dialable(cfg.AdminListen)
+		ac.url = base
 	}
 	ac.token, err = adminToken(*tokenFile)
 	if err != nil {
@@ -272,6 +276,7 @@ func keysRetire(ac *adminClient, version uint32, stdout io.Writer) error {
 // adminClient calls the running vault's admin listener.
 type adminClient struct {
 	url, token string
+	hc         *http.Client
 }
 
 // call sends body as JSON and decodes a reply of one of the want statuses
@@ -294,7 +299,7 @@ func (c *adminClient) call(method, path string, body, out any, want ...int) erro
 	}
 	req.Header.Set("Authorization", "Bearer "+c.token)
 	req.Header.Set("Content-Type", "application/json")
-	resp, err := (&http.Client{Timeout: 2 * time.Minute}).Do(req)
+	resp, err := c.hc.Do(req)
 	if err != nil {
 		return err
 	}

@@ -2,14 +2,10 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
-	"net/http"
 	"os"
 	"os/signal"
 	"syscall"
@@ -97,6 +93,9 @@ func memberConfigs(cfg *config.Config) ([]hsmpool.MemberConfig, error) {
 // deadline: in-flight requests finish (their guesses are already counted
 // before any answer), then the HSMs and the store close.
 func serve(cfg *config.Config, stderr io.Writer) error {
+	if err := checkFileLimit(cfg); err != nil {
+		return err
+	}
 	log := newLogger(cfg, stderr)
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -143,19 +142,11 @@ func serve(cfg *config.Config, stderr io.Writer) error {
 	for _, c := range cfg.Clients {
 		clients = append(clients, api.Client{Name: c.Name, Namespace: c.Namespace, TokenHashes: c.TokenHashes()})
 	}
-	apiSrv := &http.Server{
-		Handler: api.NewRouter(v, api.Options{Clients: clients, Registerer: reg, Logger: log, Admission: pool, Limits: ratelimit.New(ratelimit.Config{
-			GuessesPerUser:        bucket(rl.GuessesPerUser),
-			RequestsPerClient:     bucket(rl.RequestsPerClient),
-			WrongGuessesPerClient: bucket(rl.WrongGuessesPerClient),
-		}, ratelimit.Options{Registerer: reg})}),
-		ReadHeaderTimeout: 10 * time.Second,
-		ReadTimeout:       30 * time.Second,
-		WriteTimeout:      30 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-		MaxHeaderBytes:    16 << 10,
-		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
-	}
+	apiHandler := api.NewRouter(v, api.Options{Clients: clients, Registerer: reg, Logger: log, Admission: pool, Limits: ratelimit.New(ratelimit.Config{
+		GuessesPerUser:        bucket(rl.GuessesPerUser),
+		RequestsPerClient:     bucket(rl.RequestsPerClient),
+		WrongGuessesPerClient: bucket(rl.WrongGuessesPerClient),
+	}, ratelimit.Options{Registerer: reg})})
 	keys := &keyAdmin{ctx: ctx, pool: pool, v: v}
 	watchKeys(ctx, keys, log)
 	admin := api.NewAdminRouterWith(reg, func() error {
@@ -167,37 +158,20 @@ func serve(cfg *config.Config, stderr io.Writer) error {
 	if cfg.AdminPprof {
 		admin = api.WithProfiler(admin)
 	}
-	adminSrv := &http.Server{
-		Handler:           admin,
-		ReadHeaderTimeout: 10 * time.Second,
-		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
-	}
-	if cfg.TLS != nil {
-		if apiSrv.TLSConfig, err = tlsConfig(cfg.TLS); err != nil {
-			return err
-		}
-	}
-
-	apiLn, err := net.Listen("tcp", cfg.Listen)
+	apiL, err := openAPI(cfg, apiHandler, log)
 	if err != nil {
-		return fmt.Errorf("listen: %w", err)
+		return err
 	}
-	adminLn, err := net.Listen("tcp", cfg.AdminListen)
+	adminL, err := openAdmin(cfg, admin, log)
 	if err != nil {
-		apiLn.Close()
-		return fmt.Errorf("admin_listen: %w", err)
+		apiL.ln.Close()
+		return err
 	}
 	errs := make(chan error, 2)
-	go func() {
-		if apiSrv.TLSConfig != nil {
-			errs <- apiSrv.ServeTLS(apiLn, "", "")
-		} else {
-			errs <- apiSrv.Serve(apiLn)
-		}
-	}()
-	go func() { errs <- adminSrv.Serve(adminLn) }()
-	log.Info("keyvault serving", "version", versionString(), "api", apiLn.Addr().String(), "admin", adminLn.Addr().String(),
-		"tls", cfg.TLS != nil, "hsm_members_healthy", pool.Healthy(), "store", store.desc)
+	go func() { errs <- apiL.serve() }()
+	go func() { errs <- adminL.serve() }()
+	log.Info("keyvault serving", "version", versionString(), "api", apiL.addr(), "admin", adminL.addr(),
+		"tls", cfg.TLS != nil, "admin_tls", cfg.AdminTLS != nil, "hsm_members_healthy", pool.Healthy(), "store", store.desc)
 
 	select {
 	case <-ctx.Done():
@@ -207,7 +181,7 @@ func serve(cfg *config.Config, stderr io.Writer) error {
 	}
 	shutdown, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	err = errors.Join(apiSrv.Shutdown(shutdown), adminSrv.Shutdown(shutdown))
+	err = errors.Join(apiL.srv.Shutdown(shutdown), adminL.srv.Shutdown(shutdown))
 	log.Info("stopped")
 	return err
 }
@@ -235,45 +209,18 @@ func anchorStore(ctx context.Context, cfg *config.Config, store *boltstore.Store
 		return err
 	}
 	refused.WithLabelValues(string(reason)).Set(1)
-	adminLn, lerr := net.Listen("tcp", cfg.AdminListen)
+	adminL, lerr := openAdmin(cfg, api.NewAdminRouter(reg, func() error { return err }), log)
 	if lerr != nil {
-		return errors.Join(err, fmt.Errorf("admin_listen: %w", lerr))
+		return errors.Join(err, lerr)
 	}
 	log.Error("refusing to serve the store: rollback check failed", "reason", string(reason), "error", err.Error(),
-		"admin", adminLn.Addr().String())
-	adminSrv := &http.Server{
-		Handler:           api.NewAdminRouter(reg, func() error { return err }),
-		ReadHeaderTimeout: 10 * time.Second,
-		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
-	}
-	go adminSrv.Serve(adminLn)
+		"admin", adminL.addr())
+	go adminL.serve()
 	<-ctx.Done()
-	adminSrv.Close()
+	adminL.srv.Close()
 	return err
 }
 
 func bucket(b config.Bucket) ratelimit.Rate {
 	return ratelimit.Rate{PerSecond: b.Rate(), Burst: b.Burst}
-}
-
-// tlsConfig loads the API's certificate and, if configured, the CA that
-// client certificates must chain to (mTLS). TLS 1.2 at least.
-func tlsConfig(t *config.TLS) (*tls.Config, error) {
-	cert, err := tls.LoadX509KeyPair(t.CertFile, t.KeyFile)
-	if err != nil {
-		return nil, usageError{fmt.Errorf("tls: %w", err)}
-	}
-	c := &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{cert}}
-	if t.ClientCAFile != "" {
-		pem, err := os.ReadFile(t.ClientCAFile)
-		if err != nil {
-			return nil, usageError{fmt.Errorf("tls.client_ca_file: %w", err)}
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, usageError{errors.New("tls.client_ca_file: no PEM certificate in it")}
-		}
-		c.ClientCAs, c.ClientAuth = pool, tls.RequireAndVerifyClientCert
-	}
-	return c, nil
 }

@@ -244,6 +244,9 @@ func (v *Vault) Kill() {
 	<-v.done
 }
 
+// Pid is the process's ID.
+func (v *Vault) Pid() int { return v.cmd.Process.Pid }
+
 // RSS is the process's resident set size in bytes, from /proc.
 func (v *Vault) RSS() (int64, error) {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", v.cmd.Process.Pid))
