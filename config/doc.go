@@ -46,6 +46,7 @@
 //	store.etcd.key_prefix          /keyvault/       ([DefaultEtcdKeyPrefix])
 //	store.etcd.dial_timeout        5s               ([DefaultEtcdDialTimeout])
 //	store.etcd.request_timeout     5s               ([DefaultEtcdRequestTimeout])
+//	store.etcd.heartbeat_interval  2s               ([DefaultEtcdHeartbeat])
 //	store.etcd.tls                 absent: plain connections
 //	hsm.module_env                 empty
 //	hsm.members[].max_sessions     8                ([DefaultMaxSessions])
