@@ -236,7 +236,12 @@ func (v *Vault) fenced() error {
 		return nil
 	}
 	at := v.syncedAt.Load()
-	if age := time.Duration(v.now() - at); at == 0 || age >= v.opts.Cluster.FenceAfter() {
+	if at == nil {
+		return fmt.Errorf("%w: this node has not read the cluster's key state yet: it seals nothing until it has", ErrUnavailable)
+	}
+	// On the monotonic clock where there is one: a wall clock set back
+	// must not stretch the fence.
+	if age := v.opts.Now().Sub(*at); age >= v.opts.Cluster.FenceAfter() {
 		return fmt.Errorf("%w: this node has not read the cluster's key state for %v (more than %v): it seals nothing until it has",
 			ErrUnavailable, age.Round(time.Millisecond), v.opts.Cluster.FenceAfter())
 	}
@@ -280,7 +285,7 @@ func (v *Vault) mayUse(wrap, pin uint32) error {
 func (v *Vault) SyncKeys(ctx context.Context) error {
 	v.syncMu.Lock()
 	defer v.syncMu.Unlock()
-	began := v.now()
+	began := v.opts.Now()
 	ks, rev, err := v.readKeyState(ctx)
 	if err != nil {
 		return fmt.Errorf("key sync: %w", err)
@@ -336,12 +341,12 @@ func (v *Vault) SyncKeys(ctx context.Context) error {
 		v.log.Info("key version announced to the cluster", "version", n)
 	}
 	if v.opts.Cluster.Shared {
-		hb := heartbeat{Node: v.opts.Cluster.NodeID, Wrap: wrap, PIN: pin, Acked: acked, StateRev: rev, At: began}
+		hb := heartbeat{Node: v.opts.Cluster.NodeID, Wrap: wrap, PIN: pin, Acked: acked, StateRev: rev, At: began.UnixNano()}
 		if err := v.putHeartbeat(ctx, hb); err != nil {
 			return fmt.Errorf("key sync: %w", err)
 		}
 	}
-	v.syncedAt.Store(began)
+	v.syncedAt.Store(&began)
 	return nil
 }
 
@@ -495,7 +500,7 @@ func (e *LaggingNodesError) Error() string {
 	for i, n := range e.Nodes {
 		parts[i] = fmt.Sprintf("%s (seals under wrap v%d, PIN v%d; last heartbeat %v ago)", n.Node, n.Wrap, n.PIN, n.Silent.Round(time.Millisecond))
 	}
-	return fmt.Sprintf("key version %d: %d nodes have not moved off it: %s", e.Version, len(e.Nodes), strings.Join(parts, ", "))
+	return fmt.Sprintf("key version %d: not every live node has moved off it: %s", e.Version, strings.Join(parts, ", "))
 }
 
 // ErrNodesLagging is matched by a *LaggingNodesError.

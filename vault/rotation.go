@@ -141,15 +141,17 @@ func (v *Vault) RetireKeys(ctx context.Context, version uint32, destroy func(ver
 }
 
 func (v *Vault) retireKeys(ctx context.Context, version uint32, destroy func(version uint32) error) error {
-	marked := false
+	marked, tried := false, false
 	_, markRev, err := v.changeKeyState(ctx, func(ks *keyState) (bool, error) {
 		// Already retired: destroy whatever copies remain. Already being
-		// retired (another request, or one that died): join it.
+		// retired (another request, or one that died): join it, unless
+		// the mark is this request's own, whose answer was lost.
 		if slices.Contains(ks.Retired, version) || slices.Contains(ks.Retiring, version) {
+			marked = tried && slices.Contains(ks.Retiring, version)
 			return false, nil
 		}
 		ks.Retiring = addVersion(ks.Retiring, version)
-		marked = true
+		marked, tried = true, true
 		return true, nil
 	})
 	if err != nil {

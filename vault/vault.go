@@ -105,10 +105,10 @@ type Vault struct {
 	rewrap   rewrapper
 
 	keys       KeyRing
-	syncMu     sync.Mutex      // one key sync round at a time; guards lastReload, forgotten
-	syncedAt   atomic.Int64    // when the last successful round began (unix ns of opts.Now)
-	lastReload string          // the last reload outcome logged
-	forgotten  map[uint32]bool // retired versions the key ring has let go
+	syncMu     sync.Mutex                // one key sync round at a time; guards lastReload, forgotten
+	syncedAt   atomic.Pointer[time.Time] // when the last successful round began
+	lastReload string                    // the last reload outcome logged
+	forgotten  map[uint32]bool           // retired versions the key ring has let go
 }
 
 // New derives the in-memory keys from the HSM's root key and returns a
