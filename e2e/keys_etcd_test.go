@@ -22,7 +22,7 @@ import (
 	"github.com/keyvault/keyvault/internal/softhsm/softhsmtest"
 )
 
-// etcdKeyNodes is etcdNodes with an admin token and a 200 ms heartbeat:
+// etcdKeyNodes is etcdNodes with an admin token and a 500 ms heartbeat:
 // n `serve` processes on one SoftHSM token and one etcd key prefix. It
 // returns the nodes, the admin token file, the config and the prefix.
 func etcdKeyNodes(t *testing.T, cluster *etcdtest.Cluster, n int) (nodes []*vault, tokenFile, cfg, prefix string) {
@@ -33,7 +33,7 @@ func etcdKeyNodes(t *testing.T, cluster *etcdtest.Cluster, n int) (nodes []*vaul
 	setRateLimits(t, cfg, kvproc.LimitsOff)
 	prefix = "/e2e-" + randID("keys") + "/"
 	kvproc.SetSection(t, cfg, "store", fmt.Sprintf(
-		"store:\n  driver: etcd\n  etcd:\n    endpoints: [%s]\n    key_prefix: %s\n    dial_timeout: 2s\n    request_timeout: 2s\n    heartbeat_interval: 200ms\n",
+		"store:\n  driver: etcd\n  etcd:\n    endpoints: [%s]\n    key_prefix: %s\n    dial_timeout: 2s\n    request_timeout: 2s\n    heartbeat_interval: 500ms\n",
 		strings.Join(cluster.Endpoints(), ", "), prefix))
 	adminToken := randID("admin")
 	tokenFile = filepath.Join(dir, "admin-token")
