@@ -180,6 +180,9 @@ func TestEtcdRetireWhileAnotherNodeEnrolls(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "Key version 1 retired") {
 		t.Errorf("keys retire --version 1 through node A: exit %d:\n%s", code, out)
 	}
+	if !strings.Contains(string(b.Logs()), "keys reloaded: a newer version was announced") {
+		t.Errorf("node B did not reload on the version announced through the store:\n%s", b.Logs())
+	}
 	if len(failures) > 0 {
 		t.Errorf("%d enrollments on B failed; first: %s", len(failures), failures[0])
 	}

@@ -293,10 +293,13 @@ func (v *Vault) SyncKeys(ctx context.Context) error {
 	wrap, pin := v.hsm.KeyVersion(RoleWrap), v.hsm.KeyVersion(RolePIN)
 	if v.keys != nil && (ks.Newest > wrap || ks.Newest > pin) {
 		vs, err := v.keys.Reload()
-		v.noteReload(ks.Newest, err)
 		if err == nil {
 			wrap, pin = vs[RoleWrap], vs[RolePIN]
+			if ks.Newest > wrap || ks.Newest > pin {
+				err = fmt.Errorf("the HSM members do not all hold version %d (this node has wrap v%d, PIN v%d)", ks.Newest, wrap, pin)
+			}
 		}
+		v.noteReload(ks.Newest, err)
 	}
 	// Mark what is retired, and what is being retired if this node seals
 	// under something newer; a version it still needs it cannot
@@ -350,22 +353,18 @@ func (v *Vault) SyncKeys(ctx context.Context) error {
 	return nil
 }
 
-// noteReload logs a reload triggered by the key state once per outcome,
-// not every round.
+// noteReload logs a reload triggered by the key state: every success (a
+// node reaches a version once), a failure once per reason, not every round.
 func (v *Vault) noteReload(newest uint32, err error) {
-	msg := ""
-	if err != nil {
-		msg = err.Error()
-	}
-	if msg == v.lastReload {
-		return
-	}
-	v.lastReload = msg
-	if err != nil {
-		v.log.Error("a newer key version is announced, but this node cannot take it into use", "version", newest, "error", msg)
-	} else {
+	if err == nil {
+		v.lastReload = ""
 		v.log.Info("keys reloaded: a newer version was announced", "version", newest,
 			"wrap_version", v.hsm.KeyVersion(RoleWrap), "pin_version", v.hsm.KeyVersion(RolePIN))
+		return
+	}
+	if msg := err.Error(); msg != v.lastReload {
+		v.lastReload = msg
+		v.log.Error("a newer key version is announced, but this node cannot take it into use", "version", newest, "error", msg)
 	}
 }
 
