@@ -97,6 +97,8 @@ func mountKeyAdmin(r chi.Router, opts AdminOptions) {
 				})
 			case errors.Is(err, vault.ErrInvalid):
 				writeError(w, r, err)
+			case errors.Is(err, vault.ErrNodesLagging):
+				adminError(w, r, http.StatusConflict, "nodes_lagging", err)
 			case err != nil:
 				adminError(w, r, http.StatusConflict, "retire_failed", err)
 			default:

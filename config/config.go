@@ -243,6 +243,7 @@ const (
 	DefaultEtcdKeyPrefix      = "/keyvault/"
 	DefaultEtcdDialTimeout    = 5 * time.Second
 	DefaultEtcdRequestTimeout = 5 * time.Second
+	DefaultEtcdHeartbeat      = 2 * time.Second
 )
 
 // Etcd configures the connection to an etcd v3 cluster.
@@ -264,6 +265,10 @@ type Etcd struct {
 	DialTimeout time.Duration `yaml:"dial_timeout"`
 	// RequestTimeout bounds each request to etcd. Default 5s.
 	RequestTimeout time.Duration `yaml:"request_timeout"`
+	// HeartbeatInterval is how often each node reads the cluster's key
+	// state and publishes the key versions it seals under (README "Key
+	// rotation"). Default 2s.
+	HeartbeatInterval time.Duration `yaml:"heartbeat_interval"`
 }
 
 // EtcdTLS holds the files of a TLS connection to etcd.
@@ -281,7 +286,7 @@ type EtcdTLS struct {
 // absent timeout gets its default while an explicit 0 is refused.
 func (e *Etcd) UnmarshalYAML(n *yaml.Node) error {
 	type plain Etcd
-	p := plain{KeyPrefix: DefaultEtcdKeyPrefix, DialTimeout: DefaultEtcdDialTimeout, RequestTimeout: DefaultEtcdRequestTimeout}
+	p := plain{KeyPrefix: DefaultEtcdKeyPrefix, DialTimeout: DefaultEtcdDialTimeout, RequestTimeout: DefaultEtcdRequestTimeout, HeartbeatInterval: DefaultEtcdHeartbeat}
 	if err := n.Decode(&p); err != nil {
 		return err
 	}

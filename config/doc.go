@@ -54,6 +54,7 @@
 //	store.etcd.key_prefix          /keyvault/       ([DefaultEtcdKeyPrefix])
 //	store.etcd.dial_timeout        5s               ([DefaultEtcdDialTimeout])
 //	store.etcd.request_timeout     5s               ([DefaultEtcdRequestTimeout])
+//	store.etcd.heartbeat_interval  2s               ([DefaultEtcdHeartbeat])
 //	store.etcd.tls                 absent: plain connections
 //	store.etcd.insecure_plaintext  false: http:// endpoints on loopback only
 //	hsm.module_env                 empty

@@ -236,6 +236,9 @@ func (v *validator) etcd(e *Etcd) {
 	if e.RequestTimeout <= 0 {
 		v.add("store.etcd.request_timeout", "must be positive")
 	}
+	if e.HeartbeatInterval <= 0 {
+		v.add("store.etcd.heartbeat_interval", "must be positive")
+	}
 	if t := e.TLS; t != nil {
 		if t.CAFile != "" {
 			v.file("store.etcd.tls.ca_file", t.CAFile)

@@ -22,8 +22,13 @@
 // process, like Provision); Reload, in the serving process, looks every
 // member's keys up again and publishes the new versions only once every
 // member holds them with the same check values; Retire stops using an old
-// version and destroys it on every member. A member may hold a version
-// newer than the pool's (between Rotate and Reload) and still be admitted.
+// version and destroys it on every member; Forget stops using one that
+// another process sharing the members is destroying. A member may hold a
+// version newer than the pool's (between Rotate and Reload), or an older
+// one the pool has let go, and still be admitted. A wrap or PIN version
+// gone from every member that holds a newer one was retired elsewhere:
+// Reload, and the probe of a failed member, move to the newer one rather
+// than refuse the member.
 //
 // # Telling a bad record from a bad HSM
 //

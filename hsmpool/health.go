@@ -2,6 +2,7 @@ package hsmpool
 
 import (
 	"errors"
+	"fmt"
 	"regexp"
 	"strings"
 	"time"
@@ -88,6 +89,19 @@ func (p *Pool) reopen(m *member) error {
 		return err
 	}
 	st, err := admit(t, p.ref())
+	if errors.Is(err, errKeyMismatch) {
+		// The member may have lost a version another node retired while
+		// holding a newer one: then the pool moves to it, with every
+		// member, rather than leave the member out.
+		p.rotateMu.Lock()
+		_, rerr := p.reload(m, t)
+		p.rotateMu.Unlock()
+		if rerr == nil {
+			p.log.Info("HSM member re-admitted with the keys it holds now; the pool reloaded", "member", m.name)
+			return nil
+		}
+		err = fmt.Errorf("%w (and reloading with it: %w)", err, rerr)
+	}
 	if err != nil {
 		closeToken(t)
 		p.log.Warn("HSM member still failing", "member", m.name, "error", err.Error())

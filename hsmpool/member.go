@@ -158,7 +158,9 @@ func sameKeys(ref, got map[vault.KeyID][]byte) error {
 // also hold versions newer than any the pool uses: `keys rotate` puts them
 // on every member before the pool reloads, and a member re-opened in
 // between must not be refused for it. The pool never uses them until
-// Reload has checked every member holds them alike.
+// Reload has checked every member holds them alike. Likewise it may hold
+// older wrap and PIN versions the pool has let go (Forget: another node
+// is destroying them).
 func holdsKeys(ref, got map[vault.KeyID][]byte) error {
 	newest := map[vault.KeyRole]uint32{}
 	for id := range ref {
@@ -166,7 +168,9 @@ func holdsKeys(ref, got map[vault.KeyID][]byte) error {
 	}
 	pending := map[vault.KeyID][]byte{}
 	for id, kcv := range got {
-		if _, ok := ref[id]; ok || id.Version <= newest[id.Role] {
+		_, used := ref[id]
+		letGo := (id.Role == vault.RoleWrap || id.Role == vault.RolePIN) && id.Version < newest[id.Role]
+		if used || id.Version <= newest[id.Role] && !letGo {
 			pending[id] = kcv
 		}
 	}

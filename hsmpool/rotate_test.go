@@ -7,8 +7,10 @@ import (
 	"errors"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/keyvault/keyvault/vault"
 )
@@ -148,6 +150,73 @@ func TestParseLabel(t *testing.T) {
 		got, ok := parseLabel(label)
 		if got != want || ok != (want != vault.KeyID{}) {
 			t.Errorf("parseLabel(%q) = %v %v, want %v", label, got, ok, want)
+		}
+	}
+}
+
+// Two pools on one member, as two nodes sharing an HSM: one rotates and
+// retires version 1. The other, still on version 1, lets it go on Forget
+// or on a reload (gone from every member, which holds version 2), and a
+// third whose member fails meanwhile comes back on version 2 instead of
+// being refused as a key mismatch.
+func TestPoolMovesOffAVersionRetiredElsewhere(t *testing.T) {
+	a := newMember(t, "a")
+	if _, err := Provision([]MemberConfig{a}); err != nil {
+		t.Fatal(err)
+	}
+	retirer := openPool(t, prometheus.NewRegistry(), a)
+	forgets, reloads := openPool(t, prometheus.NewRegistry(), a), openPool(t, prometheus.NewRegistry(), a)
+	reg := prometheus.NewRegistry()
+	probed, err := Open([]MemberConfig{a}, Options{Registerer: reg, ProbeBackoff: 5 * time.Millisecond, ProbeBackoffMax: 20 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { probed.Close() })
+	if _, _, err := Rotate([]MemberConfig{a}); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []*Pool{retirer, forgets} {
+		if vs, err := p.Reload(); err != nil || vs[vault.RoleWrap] != 2 {
+			t.Fatalf("reload: %v %v", vs, err)
+		}
+	}
+	if err := forgets.Forget(2); !errors.Is(err, ErrNewest) {
+		t.Fatalf("Forget(newest): %v", err)
+	}
+	if err := forgets.Forget(1); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := retirer.Retire(1); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := forgets.ref()[wrap1]; ok || forgets.KeyVersion(vault.RoleWrap) != 2 {
+		t.Fatalf("after Forget(1): ref holds wrap v1 %v, newest v%d", ok, forgets.KeyVersion(vault.RoleWrap))
+	}
+	if vs, err := reloads.Reload(); err != nil || vs[vault.RoleWrap] != 2 || vs[vault.RolePIN] != 2 {
+		t.Fatalf("reload of a pool on v1 after v1 was retired elsewhere: %v %v", vs, err)
+	}
+
+	// The member of the pool still on v1 fails: its probe finds v1 gone
+	// and v2 there, and the pool moves to v2 with it.
+	probed.fail(probed.members[0], "seal", errors.New("CKR_OBJECT_HANDLE_INVALID"))
+	deadline := time.Now().Add(10 * time.Second)
+	for !probed.members[0].healthy.Load() {
+		if time.Now().After(deadline) {
+			t.Fatalf("member not back 10s after v1 was retired elsewhere; key mismatch %v",
+				testutil.ToFloat64(probed.metrics.keyMismatch.WithLabelValues("a")))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if probed.KeyVersion(vault.RoleWrap) != 2 || testutil.ToFloat64(probed.metrics.keyMismatch.WithLabelValues("a")) != 0 {
+		t.Fatalf("after the probe: wrap v%d, key mismatch %v", probed.KeyVersion(vault.RoleWrap), testutil.ToFloat64(probed.metrics.keyMismatch.WithLabelValues("a")))
+	}
+	ctx := context.Background()
+	nonce := make([]byte, 12)
+	rand.Read(nonce)
+	wrap2 := vault.KeyID{Role: vault.RoleWrap, Version: 2}
+	for _, p := range []*Pool{forgets, reloads, probed} {
+		if _, err := p.Seal(ctx, wrap2, nonce, []byte("x"), nil); err != nil {
+			t.Fatalf("seal under v2: %v", err)
 		}
 	}
 }

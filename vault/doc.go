@@ -27,6 +27,15 @@
 // and answers ErrUnavailable, checking no PIN, when it cannot: an unknown
 // outcome may over-count a guess, never under-count one.
 //
+// # Key versions across nodes
+//
+// Nodes sharing a store agree on key versions through it: a key state entry
+// (newest version announced, versions being retired and retired) and one
+// heartbeat per node (the versions it seals under and the retirements it
+// has acknowledged). SyncKeys runs a node's round; RetireKeys counts records
+// only once every live node has acknowledged, and a node that cannot reach
+// the store stops sealing (keystate.go has the argument).
+//
 // # Caveats
 //
 // The record MAC stops edits, not rollbacks: restoring an older copy of the

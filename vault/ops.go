@@ -80,29 +80,38 @@ func (v *Vault) Enroll(ctx context.Context, ns, userID string, secret, pin []byt
 
 	key := recordKey(ns, userID)
 	var next *record
-	err = v.update(ctx, key, func(cur *stored) (*record, error) {
-		if err := pre.check(cur); err != nil {
-			return nil, err
-		}
-		gen := uint64(1)
-		if cur != nil {
-			gen = cur.Generation + 1
-		}
-		created = cur == nil || cur.Tombstone
-		// The AAD and PIN MAC bind the generation, so a conflict that
-		// changed it means sealing again.
-		if next == nil || next.Generation != gen {
-			r, err := v.seal(ctx, ns, userID, gen, secret, pin)
-			if err != nil {
+	// A record sealed before this node took its version out of use (a
+	// retirement) is refused at the write: seal again, once, under the
+	// newest.
+	for try := 0; try < 2; try++ {
+		next = nil
+		err = v.update(ctx, key, func(cur *stored) (*record, error) {
+			if err := pre.check(cur); err != nil {
 				return nil, err
 			}
-			next = r
+			gen := uint64(1)
+			if cur != nil {
+				gen = cur.Generation + 1
+			}
+			created = cur == nil || cur.Tombstone
+			// The AAD and PIN MAC bind the generation, so a conflict that
+			// changed it means sealing again.
+			if next == nil || next.Generation != gen {
+				r, err := v.seal(ctx, ns, userID, gen, secret, pin)
+				if err != nil {
+					return nil, err
+				}
+				next = r
+			}
+			now := v.now()
+			next.MaxAttempts = uint32(maxAttempts)
+			next.CreatedAt, next.UpdatedAt = now, now
+			return next, nil
+		})
+		if !errors.Is(err, errRetiring) {
+			break
 		}
-		now := v.now()
-		next.MaxAttempts = uint32(maxAttempts)
-		next.CreatedAt, next.UpdatedAt = now, now
-		return next, nil
-	})
+	}
 	if err != nil {
 		return Backup{}, false, fmt.Errorf("enroll: %w", err)
 	}

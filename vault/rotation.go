@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -125,35 +126,90 @@ var ErrKeysInUse = errors.New("key version in use")
 func (e *KeysInUseError) Is(target error) bool { return target == ErrKeysInUse }
 
 // RetireKeys destroys version of the wrap and PIN keys through destroy,
-// unless a backup still uses it (a *KeysInUseError saying how many). It
-// refuses the newest version of either key. From the moment it starts, no
-// freshly sealed record under the version is written (see write), so the
-// count cannot be outrun by an enrollment or re-wrap in flight; if it
-// refuses, the version is usable again.
+// unless a backup still uses it (a *KeysInUseError saying how many) or a
+// live node sharing the store has not moved off it (a
+// *LaggingNodesError naming the nodes). It refuses the newest version of
+// either key. It marks the version in the cluster's key state, so that
+// no node writes a freshly sealed record under it, waits until every
+// live node has acknowledged the mark, and only then counts the records:
+// the count cannot be outrun by an enrollment or re-wrap in flight on any
+// node (see keystate.go). If it refuses, the version is usable again.
 func (v *Vault) RetireKeys(ctx context.Context, version uint32, destroy func(version uint32) error) error {
 	if version == 0 || version >= v.hsm.KeyVersion(RoleWrap) || version >= v.hsm.KeyVersion(RolePIN) {
 		return invalid("version", "must be older than the newest wrap and PIN key version")
 	}
-	v.retireMu.Lock()
-	v.retired[version] = true
-	v.retireMu.Unlock()
-	u, err := v.KeyUsage(ctx)
-	if err == nil && (u.Wrap[version] > 0 || u.PIN[version] > 0) {
-		err = &KeysInUseError{Version: version, WrapRecords: u.Wrap[version], PINRecords: u.PIN[version]}
-	}
+	err := v.retireKeys(ctx, version, destroy)
 	if err != nil {
-		v.retireMu.Lock()
-		delete(v.retired, version)
-		v.retireMu.Unlock()
-		return fmt.Errorf("retire key version %d: %w", version, err)
-	}
-	// Once destruction begins the version stays marked, even if it fails
-	// half-way: a member may have lost the key already.
-	if err := destroy(version); err != nil {
 		return fmt.Errorf("retire key version %d: %w", version, err)
 	}
 	v.log.Info("key version retired", "version", version)
 	return nil
+}
+
+func (v *Vault) retireKeys(ctx context.Context, version uint32, destroy func(version uint32) error) error {
+	marked, tried := false, false
+	_, markRev, err := v.changeKeyState(ctx, func(ks *keyState) (bool, error) {
+		// Already retired: destroy whatever copies remain. Already being
+		// retired (another request, or one that died): join it, unless
+		// the mark is this request's own, whose answer was lost.
+		if slices.Contains(ks.Retired, version) || slices.Contains(ks.Retiring, version) {
+			marked = tried && slices.Contains(ks.Retiring, version)
+			return false, nil
+		}
+		ks.Retiring = addVersion(ks.Retiring, version)
+		marked, tried = true, true
+		return true, nil
+	})
+	if err != nil {
+		return fmt.Errorf("mark the version: %w", err)
+	}
+	err = v.SyncKeys(ctx) // this node's own acknowledgement
+	if err == nil && v.opts.Cluster.Shared {
+		err = v.awaitAcks(ctx, version, markRev)
+	}
+	var u KeyUsage
+	if err == nil {
+		// Read after every acknowledgement: every write under the version
+		// has landed before it.
+		u, err = v.KeyUsage(ctx)
+	}
+	if err == nil && (u.Wrap[version] > 0 || u.PIN[version] > 0) {
+		err = &KeysInUseError{Version: version, WrapRecords: u.Wrap[version], PINRecords: u.PIN[version]}
+	}
+	if err == nil {
+		// Retired before destroying: once destruction begins the version
+		// stays out of use, even if it fails half-way (a member may have
+		// lost the key already).
+		_, _, err = v.changeKeyState(ctx, func(ks *keyState) (bool, error) {
+			ks.Retiring = dropVersion(ks.Retiring, version)
+			ks.Retired = addVersion(ks.Retired, version)
+			return true, nil
+		})
+		if err != nil {
+			err = fmt.Errorf("record the version as retired: %w", err)
+		}
+	}
+	if err != nil {
+		if marked {
+			_, _, cerr := v.changeKeyState(context.WithoutCancel(ctx), func(ks *keyState) (bool, error) {
+				if !slices.Contains(ks.Retiring, version) {
+					return false, nil
+				}
+				ks.Retiring = dropVersion(ks.Retiring, version)
+				return true, nil
+			})
+			if cerr != nil {
+				err = errors.Join(err, fmt.Errorf("clear the mark (the nodes keep refusing the version until a retire succeeds): %w", cerr))
+			}
+			// Unmark here now; the other nodes do within a heartbeat.
+			_ = v.SyncKeys(context.WithoutCancel(ctx))
+		}
+		return err
+	}
+	if err := v.SyncKeys(ctx); err != nil {
+		v.log.Warn("key sync after marking a version retired", "version", version, "error", err.Error())
+	}
+	return destroy(version)
 }
 
 // RewrapStatus describes the re-wrap job, running or last run.

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -44,6 +45,12 @@ type Options struct {
 	// unknown is resolved before the request answers ErrUnavailable
 	// (default 10s: an etcd leader election with room to spare).
 	ResolveWindow time.Duration
+	// Keys reloads and lets go of HSM key versions when the nodes sharing
+	// the store move (see keystate.go). Default none: the vault never
+	// reloads on its own.
+	Keys KeyRing
+	// Cluster configures the key lifecycle across nodes sharing the store.
+	Cluster ClusterOptions
 }
 
 // EscalatingDelay configures the durable delay between wrong guesses.
@@ -90,11 +97,18 @@ type Vault struct {
 	sealMu sync.Mutex
 	seals  map[uint32]*sealBlock // per wrap key version
 
-	// retireMu guards retired, the key versions RetireKeys is taking away:
-	// a freshly sealed record under one of them is never written.
+	// retireMu guards retired, the key versions being retired or retired
+	// across the nodes: a freshly sealed record under one of them is
+	// never written.
 	retireMu sync.RWMutex
 	retired  map[uint32]bool
 	rewrap   rewrapper
+
+	keys       KeyRing
+	syncMu     sync.Mutex                // one key sync round at a time; guards lastReload, forgotten
+	syncedAt   atomic.Pointer[time.Time] // when the last successful round began
+	lastReload string                    // the last reload outcome logged
+	forgotten  map[uint32]bool           // retired versions the key ring has let go
 }
 
 // New derives the in-memory keys from the HSM's root key and returns a
@@ -121,6 +135,7 @@ func New(ctx context.Context, store Store, hsm HSM, opts Options) (*Vault, error
 	if opts.ResolveWindow == 0 {
 		opts.ResolveWindow = 10 * time.Second
 	}
+	opts.Cluster.setDefaults()
 	v := &Vault{
 		store:   store,
 		hsm:     hsm,
@@ -130,6 +145,9 @@ func New(ctx context.Context, store Store, hsm HSM, opts Options) (*Vault, error
 		macKeys: map[uint32][]byte{},
 		seals:   map[uint32]*sealBlock{},
 		retired: map[uint32]bool{},
+
+		keys:      opts.Keys,
+		forgotten: map[uint32]bool{},
 	}
 	// Records name the root key version of their MAC key, so every version
 	// is derived: records MAC'd under an older root still verify.
@@ -244,12 +262,13 @@ func (v *Vault) write(ctx context.Context, key []byte, rev uint64, r *record) er
 		return fmt.Errorf("vault: refusing to write an invalid record: %w", err)
 	}
 	if r.freshWrap || r.freshPIN {
-		// Held across the compare-and-swap, so that once RetireKeys has
-		// marked a version, no new record under it can land unseen.
+		// Held across the compare-and-swap (and its resolution), so that
+		// once a node has marked a version, no new record under it from
+		// this node can land unseen.
 		v.retireMu.RLock()
 		defer v.retireMu.RUnlock()
-		if r.freshWrap && v.retired[r.WrapVersion] || r.freshPIN && v.retired[r.PINVersion] {
-			return fmt.Errorf("%w: key version %d/%d is being retired", ErrUnavailable, r.WrapVersion, r.PINVersion)
+		if err := v.mayWrite(r); err != nil {
+			return err
 		}
 	}
 	r.MACVersion = v.macVersion
@@ -308,6 +327,14 @@ func (v *Vault) resolve(ctx context.Context, key []byte, rev uint64, val []byte,
 			v.metrics.ambiguous.WithLabelValues(resApplied).Inc()
 			return nil
 		case cur == nil && rev == 0 || cur != nil && cur.rev == rev:
+			if r.freshWrap || r.freshPIN {
+				// A resend is a new write: past the fence, it could land
+				// after a retirement counted this node's writes.
+				if err := v.fenced(); err != nil {
+					v.metrics.ambiguous.WithLabelValues(resUnresolved).Inc()
+					return fmt.Errorf("%w: write outcome unknown, and not sent again: %w", ErrUnavailable, err)
+				}
+			}
 			_, err = v.store.CompareAndSwap(ctx, key, rev, val)
 			if err == nil {
 				v.metrics.ambiguous.WithLabelValues(resResent).Inc()
@@ -531,6 +558,9 @@ func (v *Vault) seal(ctx context.Context, ns, userID string, gen uint64, secret,
 	}
 	if r.WrapVersion == 0 || r.PINVersion == 0 {
 		return nil, fmt.Errorf("%w: the HSM holds no wrap or PIN key", ErrUnavailable)
+	}
+	if err := v.mayUse(r.WrapVersion, r.PINVersion); err != nil {
+		return nil, err
 	}
 	rand.Read(r.Salt) // never fails (crypto/rand, Go 1.24+)
 	rand.Read(r.Nonce)

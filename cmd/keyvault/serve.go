@@ -134,6 +134,8 @@ func serve(cfg *config.Config, stderr io.Writer) error {
 		Registerer:         reg,
 		Logger:             log,
 		EscalatingDelay:    vault.EscalatingDelay{FreeGuesses: rl.EscalatingDelay.FreeGuesses, Base: rl.EscalatingDelay.Base},
+		Keys:               pool,
+		Cluster:            clusterOptions(cfg),
 	})
 	if err != nil {
 		return err
@@ -219,6 +221,17 @@ func anchorStore(ctx context.Context, cfg *config.Config, store *boltstore.Store
 	<-ctx.Done()
 	adminL.srv.Close()
 	return err
+}
+
+// clusterOptions: on etcd the nodes share the key lifecycle through the
+// store; a write passes the fence at most one request timeout before its
+// last send, so twice that bounds how long it takes to land.
+func clusterOptions(cfg *config.Config) vault.ClusterOptions {
+	e := cfg.Store.Etcd
+	if cfg.Store.Driver != config.DriverEtcd || e == nil {
+		return vault.ClusterOptions{}
+	}
+	return vault.ClusterOptions{Shared: true, Heartbeat: e.HeartbeatInterval, WriteBound: 2 * e.RequestTimeout}
 }
 
 func bucket(b config.Bucket) ratelimit.Rate {
