@@ -15,8 +15,9 @@ import (
 // token through a second miekg/pkcs11 handle on the module crypto11
 // loaded: one library instance, so its sessions share crypto11's login
 // (PKCS#11 login state belongs to the application, not the session) and
-// its object handles. It never logs in or out, and never finalises the
-// library: that belongs to crypto11.
+// its object handles. It never logs in or out, never finalises the
+// library, and never unloads it (the handle is never destroyed): some
+// token libraries do not survive being loaded again.
 type rawSessions struct {
 	mod  *p11raw.Module
 	p    *pkcs11.Ctx
@@ -30,21 +31,19 @@ type rawSessions struct {
 }
 
 func openRawSessions(module, label string, max int) (*rawSessions, error) {
-	mod, err := p11raw.Load(module)
-	if err != nil {
-		return nil, err
-	}
 	p := pkcs11.New(module)
 	if p == nil {
 		return nil, fmt.Errorf("cannot load PKCS#11 module %s", module)
 	}
 	if err := p.Initialize(); err != nil && !errors.Is(err, pkcs11.Error(pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED)) {
-		p.Destroy()
 		return nil, fmt.Errorf("initialise module: %w", err)
+	}
+	mod, err := p11raw.FromCtx(p)
+	if err != nil {
+		return nil, err
 	}
 	slot, err := findSlot(p, label)
 	if err != nil {
-		p.Destroy()
 		return nil, err
 	}
 	return &rawSessions{mod: mod, p: p, slot: slot, idle: make(chan pkcs11.SessionHandle, max)}, nil

@@ -9,15 +9,11 @@
 // HMAC-SHA256 and GCM are known in advance, so one call with a buffer of
 // that size is both portable and cheaper.
 //
-// Sessions, logins and object handles come from the module crypto11 (or
-// miekg/pkcs11) loaded in the same process: a module loaded twice is one
-// library instance, so handles are shared.
+// It calls through the function list of a miekg/pkcs11 handle, whose
+// sessions and object handles it uses.
 package p11raw
 
 /*
-#cgo linux LDFLAGS: -ldl
-#include <dlfcn.h>
-#include <stdlib.h>
 
 // The part of the PKCS#11 ABI used here (PKCS#11 v2.40, section 5, on
 // Unix: no structure packing). The function list's entries are in the
@@ -52,17 +48,6 @@ typedef struct {
 	kv_one_fn C_Sign;
 } kv_function_list;
 
-typedef CK_RV (*kv_get_function_list_fn)(kv_function_list **);
-
-static void *kv_open(const char *path, kv_function_list **fl, CK_RV *rv) {
-	void *h = dlopen(path, RTLD_NOW);
-	if (h == NULL) return NULL;
-	kv_get_function_list_fn get = (kv_get_function_list_fn)dlsym(h, "C_GetFunctionList");
-	if (get == NULL) { dlclose(h); return NULL; }
-	*rv = get(fl);
-	return h;
-}
-
 static CK_RV kv_sign(kv_function_list *f, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE k, CK_ULONG mech,
 		CK_BYTE *msg, CK_ULONG mlen, CK_BYTE *out, CK_ULONG *outlen) {
 	kv_mechanism m = {mech, NULL, 0};
@@ -84,8 +69,8 @@ static CK_RV kv_gcm(kv_function_list *f, int encrypt, CK_SESSION_HANDLE s, CK_OB
 import "C"
 
 import (
+	"errors"
 	"fmt"
-	"sync"
 	"unsafe"
 
 	"github.com/miekg/pkcs11"
@@ -94,42 +79,35 @@ import (
 // TagSize is the GCM tag length used: 128 bits.
 const TagSize = 16
 
-// Module is a PKCS#11 library's function list.
+// Module is the function list of one miekg/pkcs11 handle.
 type Module struct {
-	path string
-	fl   *C.kv_function_list
+	fl *C.kv_function_list
 }
 
-// modules holds every module this process has loaded here, by path. A
-// module is loaded once and never unloaded: its handles are the process's
-// for its life, and some token libraries do not survive being unloaded and
-// loaded again.
-var (
-	modulesMu sync.Mutex
-	modules   = map[string]*Module{}
-)
+// miekgCtx mirrors the layout of miekg/pkcs11's Ctx (v1.1.x): a pointer
+// to a C struct { void *handle; CK_FUNCTION_LIST_PTR sym; }. miekg keeps
+// the function list private, and it must be that very list: p11-kit-proxy
+// gives every C_GetFunctionList a state of its own, whose sessions and
+// slots the others do not know.
+type miekgCtx struct {
+	c *struct {
+		handle unsafe.Pointer
+		sym    *C.kv_function_list
+	}
+}
 
-// Load returns the function list of the library at path, loading it if
-// this process has not yet. It does not initialise the library.
-func Load(path string) (*Module, error) {
-	modulesMu.Lock()
-	defer modulesMu.Unlock()
-	if m := modules[path]; m != nil {
-		return m, nil
+// FromCtx returns the function list of p, which must be initialised.
+func FromCtx(p *pkcs11.Ctx) (*Module, error) {
+	c := (*miekgCtx)(unsafe.Pointer(p)).c
+	if c == nil || c.sym == nil {
+		return nil, errors.New("p11raw: miekg/pkcs11 handle without a function list")
 	}
-	cpath := C.CString(path)
-	defer C.free(unsafe.Pointer(cpath))
-	var fl *C.kv_function_list
-	var rv C.CK_RV
-	if h := C.kv_open(cpath, &fl, &rv); h == nil {
-		return nil, fmt.Errorf("load PKCS#11 module %s: %s", path, C.GoString(C.dlerror()))
+	// A function list starts with the Cryptoki version it implements: a
+	// check that the layout above still matches miekg's.
+	if v := c.sym.version[0]; v != 2 && v != 3 {
+		return nil, fmt.Errorf("p11raw: function list of Cryptoki version %d: miekg/pkcs11's layout changed?", v)
 	}
-	if rv != 0 || fl == nil {
-		return nil, fmt.Errorf("load PKCS#11 module %s: C_GetFunctionList: %w", path, pkcs11.Error(rv))
-	}
-	m := &Module{path: path, fl: fl}
-	modules[path] = m
-	return m, nil
+	return &Module{fl: c.sym}, nil
 }
 
 // empty stands in for an empty input: some tokens refuse a NULL data
