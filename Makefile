@@ -28,8 +28,9 @@ build: ## build bin/keyvault
 deps: ## install SoftHSM2 when it is missing (apt-get; sudo when not root)
 	@deploy/softhsm/install.sh
 
-test-deps: ## install promtool when it is missing: make test checks the alert rules with it
+test-deps: ## install what make test needs beside SoftHSM2 when it is missing: promtool (the alert rules), opencryptoki and NSS with p11-kit (the other PKCS#11 tokens)
 	@deploy/prometheus/install-promtool.sh
+	@deploy/pkcs11/install.sh
 
 vet:
 	$(GO) vet $(PKGS)

@@ -12,7 +12,10 @@ import (
 // NewAdminRouter serves the operator endpoints: /metrics from gatherer,
 // /healthz (the process answers), and /readyz (ready returns nil: the
 // store is open and at least one HSM member is healthy; else 503 with the
-// reason, which names components, never data).
+// reason, which names components, never data). An error from ready that
+// reports Degraded() true (itself, not an error it wraps) leaves the
+// service ready: 200, with its text (an HSM member refused while others
+// serve).
 func NewAdminRouter(gatherer prometheus.Gatherer, ready func() error) http.Handler {
 	return NewAdminRouterWith(gatherer, ready, AdminOptions{})
 }
@@ -29,7 +32,14 @@ func NewAdminRouterWith(gatherer prometheus.Gatherer, ready func() error, opts A
 	})
 	r.Get("/readyz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		if err := ready(); err != nil {
+		err := ready()
+		// Only the error itself, not one it wraps: "not ready, because of
+		// something degraded" stays not ready.
+		if d, ok := err.(degraded); ok && d.Degraded() {
+			_, _ = w.Write([]byte("ready, degraded: " + err.Error() + "\n"))
+			return
+		}
+		if err != nil {
 			w.WriteHeader(http.StatusServiceUnavailable)
 			_, _ = w.Write([]byte("not ready: " + err.Error() + "\n"))
 			return
@@ -37,6 +47,12 @@ func NewAdminRouterWith(gatherer prometheus.Gatherer, ready func() error, opts A
 		_, _ = w.Write([]byte("ready\n"))
 	})
 	return r
+}
+
+// degraded is an error that leaves the service ready (see NewAdminRouter).
+type degraded interface {
+	error
+	Degraded() bool
 }
 
 // WithProfiler adds Go's profiler under /debug/pprof/ in front of admin

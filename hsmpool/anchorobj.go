@@ -171,14 +171,14 @@ var anchorKinds = []struct {
 
 func findObjects(p *pkcs11.Ctx, s pkcs11.SessionHandle, template []*pkcs11.Attribute) ([]pkcs11.ObjectHandle, error) {
 	if err := p.FindObjectsInit(s, template); err != nil {
-		return nil, fmt.Errorf("find anchors: %w", err)
+		return nil, fmt.Errorf("find objects: %w", err)
 	}
 	var all []pkcs11.ObjectHandle
 	for {
 		objs, _, err := p.FindObjects(s, 16)
 		if err != nil {
 			p.FindObjectsFinal(s)
-			return nil, fmt.Errorf("find anchors: %w", err)
+			return nil, fmt.Errorf("find objects: %w", err)
 		}
 		if len(objs) == 0 {
 			break
@@ -186,7 +186,7 @@ func findObjects(p *pkcs11.Ctx, s pkcs11.SessionHandle, template []*pkcs11.Attri
 		all = append(all, objs...)
 	}
 	if err := p.FindObjectsFinal(s); err != nil {
-		return nil, fmt.Errorf("find anchors: %w", err)
+		return nil, fmt.Errorf("find objects: %w", err)
 	}
 	return all, nil
 }

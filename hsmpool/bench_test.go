@@ -118,3 +118,51 @@ func BenchmarkAnchorWrite(b *testing.B) {
 	b.ReportMetric(float64(checking.Microseconds())/float64(w), "hmac-µs")
 	b.ReportMetric(float64(writing)/float64(checking), "anchor/hmac")
 }
+
+// BenchmarkSoftHSMOps: the raw cost of each pool operation on one SoftHSM
+// member (token keys, 4 sessions, as many callers as sessions), the
+// ceiling every recover and enroll sits under:
+//
+//	go test ./hsmpool -run '^$' -bench SoftHSMOps -benchtime 3s
+func BenchmarkSoftHSMOps(b *testing.B) {
+	m := newMember(b, "a")
+	if _, err := Provision([]MemberConfig{m}); err != nil {
+		b.Fatal(err)
+	}
+	p, err := Open([]MemberConfig{m}, Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer p.Close()
+	ctx := context.Background()
+	nonce, aad, pt := make([]byte, 12), []byte("keyvault/v1/aad"), make([]byte, 32)
+	ct, err := p.Seal(ctx, wrap1, nonce, pt, aad)
+	if err != nil {
+		b.Fatal(err)
+	}
+	ops := []struct {
+		name string
+		fn   func() ([]byte, error)
+	}{
+		{"hmac", func() ([]byte, error) {
+			return p.HMAC(ctx, pin1, []byte("pin check, 64 bytes of input as the vault's PIN check has...."))
+		}},
+		{"seal", func() ([]byte, error) { return p.Seal(ctx, wrap1, nonce, pt, aad) }},
+		{"open", func() ([]byte, error) { return p.Open(ctx, wrap1, nonce, ct, aad) }},
+	}
+	for _, op := range ops {
+		b.Run(op.name, func(b *testing.B) {
+			b.SetParallelism(max(1, m.MaxSessions/runtime.GOMAXPROCS(0)))
+			start := time.Now()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					if _, err := op.fn(); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
+			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "ops/s")
+		})
+	}
+}

@@ -43,6 +43,9 @@ func (p *Pool) startProbe(m *member) {
 func (p *Pool) probe(m *member) {
 	defer p.wg.Done()
 	wait := p.opts.ProbeBackoff
+	if m.refusal.Load() != nil {
+		wait = p.opts.RefusedProbeInterval
+	}
 	for {
 		jitter := time.Duration(mrand.Int64N(int64(wait)/2 + 1))
 		select {
@@ -71,6 +74,9 @@ func (p *Pool) probe(m *member) {
 		case errors.Is(err, errKeyMismatch):
 			p.metrics.keyMismatch.WithLabelValues(m.name).Set(1)
 			p.log.Error("HSM member refused: its keys differ from the pool's", "member", m.name, "error", err.Error())
+		case m.refusal.Load() != nil:
+			wait = p.opts.RefusedProbeInterval
+			continue
 		}
 		wait = min(2*wait, p.opts.ProbeBackoffMax)
 	}
@@ -86,6 +92,13 @@ func (p *Pool) reopen(m *member) error {
 	t, err := m.reopen()
 	if err != nil {
 		p.log.Warn("HSM member still failing", "member", m.name, "error", err.Error())
+		return err
+	}
+	if err := p.checkCapabilities(m, t); err != nil {
+		closeToken(t)
+		if m.refusal.Load() == nil {
+			p.log.Warn("HSM member still failing", "member", m.name, "error", err.Error())
+		}
 		return err
 	}
 	st, err := admit(t, p.ref())

@@ -22,6 +22,9 @@ type member struct {
 	inFlight atomic.Int64
 	healthy  atomic.Bool
 	probing  atomic.Bool
+	// refusal is set while the member's token lacks what the vault needs
+	// (refusal.go).
+	refusal atomic.Pointer[RefusedError]
 }
 
 func (m *member) state() *tokenState { return m.st.Load() }

@@ -15,6 +15,8 @@ type metrics struct {
 	readmissions *prometheus.CounterVec
 	keyMismatch  *prometheus.GaugeVec
 	shed         *prometheus.CounterVec
+	refused      *prometheus.GaugeVec
+	capProbes    *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -53,6 +55,14 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "keyvault_hsm_shed_total",
 			Help: "Requests (stage admission) and HSM operations (stage session) refused because nothing came free within the queue timeout.",
 		}, []string{"stage"}),
+		refused: f.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "keyvault_hsm_member_refused",
+			Help: "1 while the member is refused because its token lacks what the vault needs, by member and reason (the missing mechanism or the failed known-answer test).",
+		}, []string{"member", "reason"}),
+		capProbes: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "keyvault_hsm_capability_probes_total",
+			Help: "Times a member's token was probed for the mechanisms the vault needs.",
+		}, []string{"member"}),
 		keyMismatch: f.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "keyvault_hsm_member_key_mismatch",
 			Help: "1 if the member was refused because its key check values differ from the pool's.",

@@ -42,6 +42,10 @@ type Options struct {
 	// QueueTimeout is the longest an operation waits for a session before
 	// it is shed with ErrUnavailable (0: as long as its context allows).
 	QueueTimeout time.Duration
+	// RefusedProbeInterval is how often a member refused for its token's
+	// capabilities is probed again (default 10m): the answer changes only
+	// when someone changes the token.
+	RefusedProbeInterval time.Duration
 	// AdmitPerSession is how many requests Admit lets in per session of
 	// the healthy members (default 1). A request spends most of its time
 	// in the store, not the HSM, so one per session leaves the HSMs idle
@@ -119,6 +123,9 @@ func newPool(cfgs []MemberConfig, toks []token, openErrs []error, opts Options) 
 	if opts.OpTimeout == 0 {
 		opts.OpTimeout = 5 * time.Second
 	}
+	if opts.RefusedProbeInterval == 0 {
+		opts.RefusedProbeInterval = 10 * time.Minute
+	}
 	p := &Pool{
 		log:     opts.Logger,
 		metrics: newMetrics(opts.Registerer),
@@ -149,6 +156,9 @@ func newPool(cfgs []MemberConfig, toks []token, openErrs []error, opts Options) 
 			err = errNoToken
 		}
 		if err == nil {
+			err = p.checkCapabilities(m, toks[i])
+		}
+		if err == nil {
 			var st *tokenState
 			if st, err = admit(toks[i], ref); err == nil {
 				m.st.Store(st)
@@ -164,6 +174,8 @@ func newPool(cfgs []MemberConfig, toks []token, openErrs []error, opts Options) 
 		}
 		errs = append(errs, fmt.Errorf("member %s: %w", c.Name, err))
 		switch {
+		case m.refusal.Load() != nil:
+			toProbe = append(toProbe, m) // logged by checkCapabilities
 		case isPINError(err):
 			p.log.Error("HSM member left out until restart: its PIN is refused, and retrying could lock the token", "member", c.Name, "error", err.Error())
 		case errors.Is(err, errKeyMismatch):
@@ -235,10 +247,19 @@ func (p *Pool) Healthy() int {
 	return n
 }
 
-// Ready returns nil if at least one member is healthy, else the reason.
+// Ready returns nil if at least one member is healthy and none is
+// refused; a *DegradedError naming the refused members if some serve;
+// else the reason none does.
 func (p *Pool) Ready() error {
+	refused := p.Refused()
 	if p.Healthy() == 0 {
+		if len(refused) > 0 {
+			return fmt.Errorf("no healthy HSM member: %w", &DegradedError{refused})
+		}
 		return errors.New("no healthy HSM member")
+	}
+	if len(refused) > 0 {
+		return &DegradedError{refused}
 	}
 	return nil
 }

@@ -255,10 +255,10 @@ func (st *tokenState) without(version uint32) *tokenState {
 // without returns a view of the token without the keys ids, sharing its
 // context: Retire stops using them before it destroys them.
 func (t *p11Token) without(ids ...vault.KeyID) token {
-	n := &p11Token{ctx: t.ctx, keys: maps.Clone(t.keys), gcms: maps.Clone(t.gcms), anchorObjs: t.anchorObjs}
+	n := &p11Token{ctx: t.ctx, raw: t.raw, keys: maps.Clone(t.keys), handles: maps.Clone(t.handles), anchorObjs: t.anchorObjs, name: t.name, label: t.label}
 	for _, id := range ids {
 		delete(n.keys, id)
-		delete(n.gcms, id)
+		delete(n.handles, id)
 	}
 	return n
 }

@@ -1,7 +1,7 @@
 package hsmpool
 
 import (
-	"crypto/cipher"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"slices"
@@ -36,40 +36,51 @@ type MemberConfig struct {
 	MaxSessions int // concurrent operations allowed on this member
 }
 
-// p11Token is a token reached through crypto11. Key handles are looked up
-// once, at open: FindKey per request would cost more than the operation.
+// p11Token is a token reached through crypto11, for finding and creating
+// keys, and through p11raw for the operations that serve requests, each
+// one call with a buffer sized here (see package p11raw). Key handles are
+// looked up once, at open: a lookup per request would cost more than the
+// operation.
 type p11Token struct {
 	ctx  *crypto11.Context
+	raw  *rawSessions
 	keys map[vault.KeyID]*crypto11.SecretKey
-	gcms map[vault.KeyID]cipher.AEAD
+	// handles are the keys' object handles, for raw's sessions.
+	handles map[vault.KeyID]pkcs11.ObjectHandle
 	// anchorObjs keeps rollback anchors as data objects (anchorobj.go).
 	// The views of one token that a key reload or retire makes share it:
 	// one session, one lock.
 	anchorObjs *anchorObjects
+	// name and label name the member and token in a capability verdict.
+	name, label string
 }
 
-// openToken configures crypto11 on the member's token and finds its keys.
+// openToken configures crypto11 on the member's token, opens its raw
+// sessions and finds its keys.
 func openToken(cfg MemberConfig) (*p11Token, error) {
 	ctx, err := crypto11.Configure(&crypto11.Config{
 		Path:       cfg.Module,
 		TokenLabel: cfg.TokenLabel,
 		Pin:        cfg.PIN,
-		// crypto11 keeps one session for itself and pools the rest.
-		MaxSessions: cfg.MaxSessions + 1,
-		// The pool's own semaphore keeps callers within MaxSessions, so
-		// this wait only guards against a bug; never block forever.
+		// crypto11 only finds, reads and creates keys; requests use the
+		// raw sessions. It keeps one session for itself and pools one.
+		MaxSessions:     2,
 		PoolWaitTimeout: 10 * time.Second,
-		// Always 12-byte nonces: crypto11 does not check, and SoftHSM
-		// would silently use a zero IV for a nil one.
+		// Always 12-byte nonces, should a crypto11 AEAD ever be made.
 		GCMIVLength: 12,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("open token %q on %s: %w", cfg.TokenLabel, cfg.Module, scrubPIN(err, cfg.PIN))
 	}
-	t := &p11Token{ctx: ctx, keys: map[vault.KeyID]*crypto11.SecretKey{}, gcms: map[vault.KeyID]cipher.AEAD{},
-		anchorObjs: newAnchorObjects(cfg.Module, cfg.TokenLabel)}
-	if err := t.findKeys(); err != nil {
+	raw, err := openRawSessions(cfg.Module, cfg.TokenLabel, max(cfg.MaxSessions, 1))
+	if err != nil {
 		ctx.Close()
+		return nil, fmt.Errorf("open token %q on %s: %w", cfg.TokenLabel, cfg.Module, err)
+	}
+	t := &p11Token{ctx: ctx, raw: raw, keys: map[vault.KeyID]*crypto11.SecretKey{}, handles: map[vault.KeyID]pkcs11.ObjectHandle{},
+		anchorObjs: newAnchorObjects(cfg.Module, cfg.TokenLabel), name: cfg.Name, label: cfg.TokenLabel}
+	if err := t.findKeys(); err != nil {
+		t.Close()
 		return nil, err
 	}
 	return t, nil
@@ -106,14 +117,11 @@ func (t *p11Token) findKeys() error {
 		if err := t.checkProtected(ks[0], id); err != nil {
 			return err
 		}
-		t.keys[id] = ks[0]
-		if id.Role == vault.RoleWrap {
-			g, err := ks[0].NewGCM()
-			if err != nil {
-				return fmt.Errorf("key %s: %w", id.Label(), err)
-			}
-			t.gcms[id] = g
+		h, err := t.raw.findKey(id.Label())
+		if err != nil {
+			return fmt.Errorf("find key %s: %w", id.Label(), err)
 		}
+		t.keys[id], t.handles[id] = ks[0], h
 	}
 	return nil
 }
@@ -145,7 +153,8 @@ func parseLabel(label string) (vault.KeyID, bool) {
 // being re-initialised. The current token stays as it is: requests in
 // flight keep using it.
 func (t *p11Token) refreshed() (token, error) {
-	n := &p11Token{ctx: t.ctx, keys: map[vault.KeyID]*crypto11.SecretKey{}, gcms: map[vault.KeyID]cipher.AEAD{}, anchorObjs: t.anchorObjs}
+	n := &p11Token{ctx: t.ctx, raw: t.raw, keys: map[vault.KeyID]*crypto11.SecretKey{}, handles: map[vault.KeyID]pkcs11.ObjectHandle{},
+		anchorObjs: t.anchorObjs, name: t.name, label: t.label}
 	if err := n.findKeys(); err != nil {
 		return nil, err
 	}
@@ -202,54 +211,77 @@ var errCaller = errors.New("bad HSM request")
 
 var errNoKey = fmt.Errorf("%w: no such key on this member", errCaller)
 
+// HMAC computes HMAC-SHA256 in one single-part C_Sign.
 func (t *p11Token) HMAC(id vault.KeyID, msg []byte) ([]byte, error) {
-	k, ok := t.keys[id]
+	h, ok := t.handles[id]
 	if !ok || id.Role == vault.RoleWrap {
 		return nil, fmt.Errorf("%s: %w", id.Label(), errNoKey)
 	}
-	h, err := k.NewHMAC(pkcs11.CKM_SHA256_HMAC, 0)
+	var out []byte
+	err := t.raw.with(func(s pkcs11.SessionHandle) (err error) {
+		out, err = t.raw.mod.Sign(s, h, pkcs11.CKM_SHA256_HMAC, msg, sha256.Size)
+		return err
+	})
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("hmac under %s: %w", id.Label(), err)
 	}
-	// An HMAC holds a pooled session until Sum, which always runs here.
-	_, err = h.Write(msg)
-	sum := h.Sum(nil) // panics on a PKCS#11 error; the pool recovers it
-	if err != nil {
-		return nil, err
-	}
-	return sum, nil
+	return out, nil
 }
 
-func (t *p11Token) gcm(id vault.KeyID, nonce []byte) (cipher.AEAD, error) {
-	g, ok := t.gcms[id]
-	if !ok {
-		return nil, fmt.Errorf("%s: %w", id.Label(), errNoKey)
+// gcmNonceSize is the only GCM nonce length the vault uses: a token given
+// none might pick its own, or a zero IV.
+const gcmNonceSize = 12
+
+func (t *p11Token) wrapKey(id vault.KeyID, nonce []byte) (pkcs11.ObjectHandle, error) {
+	h, ok := t.handles[id]
+	if !ok || id.Role != vault.RoleWrap {
+		return 0, fmt.Errorf("%s: %w", id.Label(), errNoKey)
 	}
-	if len(nonce) != g.NonceSize() {
-		return nil, fmt.Errorf("%w: GCM nonce of %d bytes, want %d", errCaller, len(nonce), g.NonceSize())
+	if len(nonce) != gcmNonceSize {
+		return 0, fmt.Errorf("%w: GCM nonce of %d bytes, want %d", errCaller, len(nonce), gcmNonceSize)
 	}
-	return g, nil
+	return h, nil
 }
 
+// Seal encrypts with AES-GCM in one C_Encrypt, into a buffer of
+// plaintext plus tag: no size query.
 func (t *p11Token) Seal(id vault.KeyID, nonce, plaintext, aad []byte) ([]byte, error) {
-	g, err := t.gcm(id, nonce)
+	h, err := t.wrapKey(id, nonce)
 	if err != nil {
 		return nil, err
 	}
-	return g.Seal(nil, nonce, plaintext, aad), nil // panics on error; recovered by the pool
+	var out []byte
+	err = t.raw.with(func(s pkcs11.SessionHandle) (err error) {
+		out, err = t.raw.mod.SealGCM(s, h, nonce, plaintext, aad)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("seal under %s: %w", id.Label(), err)
+	}
+	return out, nil
 }
 
+// Open decrypts and authenticates with AES-GCM in one C_Decrypt.
 func (t *p11Token) Open(id vault.KeyID, nonce, ciphertext, aad []byte) ([]byte, error) {
-	g, err := t.gcm(id, nonce)
+	h, err := t.wrapKey(id, nonce)
 	if err != nil {
 		return nil, err
 	}
-	return g.Open(nil, nonce, ciphertext, aad)
+	var out []byte
+	err = t.raw.with(func(s pkcs11.SessionHandle) (err error) {
+		out, err = t.raw.mod.OpenGCM(s, h, nonce, ciphertext, aad)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("open under %s: %w", id.Label(), err)
+	}
+	return out, nil
 }
 
-// Close closes the anchor session first: closing the last crypto11 context
-// finalises the library under it.
+// Close closes the raw and anchor sessions first: closing the last
+// crypto11 context finalises the library under them.
 func (t *p11Token) Close() error {
+	t.raw.close()
 	t.anchorObjs.close()
 	return t.ctx.Close()
 }

@@ -59,6 +59,21 @@ func keysInit(cfg *config.Config, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
+	// Every member must be able to serve and to take the keys before any
+	// is created: a refusal after the first member would leave keys on it
+	// alone.
+	var refusals []error
+	for _, c := range hsmpool.Check(members) {
+		if c.Err == nil {
+			c.Err = c.Caps.CanProvision(len(members))
+		}
+		if c.Err != nil {
+			refusals = append(refusals, c.Err)
+		}
+	}
+	if len(refusals) > 0 {
+		return fmt.Errorf("keys init: created nothing: %w (keyvault hsm check --config FILE shows each token's capabilities)", errors.Join(refusals...))
+	}
 	inHSM, err := hsmpool.Provision(members)
 	if err != nil {
 		return fmt.Errorf("keys init: %w", err)
@@ -87,6 +102,9 @@ func keysList(cfg *config.Config, stdout io.Writer) error {
 		for _, k := range m.Keys {
 			fmt.Fprintf(stdout, "  %-20s check value %s\n", k.Label, k.KCV)
 		}
+	}
+	for _, r := range pool.Refused() {
+		fmt.Fprintf(stdout, "member %s\n  refused (%s): %s\n", r.Member, r.Reason, r.Detail)
 	}
 	return nil
 }

@@ -24,6 +24,7 @@ Usage:
   keyvault keys list --config FILE   key versions and check values per member
   keyvault keys rotate|reload|usage|rewrap|retire --config FILE
                                      key rotation (see keyvault keys --help)
+  keyvault hsm check --config FILE   what each member's token can do; exit 2 if one cannot serve
   keyvault config check --config FILE
                                      validate a config without starting
   keyvault bench --hsm --config FILE  the raw HSM ceiling of a recover or enroll
@@ -65,6 +66,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdKeys(args[1:], stdout, stderr)
 	case "config":
 		err = cmdConfig(args[1:], stdout, stderr)
+	case "hsm":
+		err = cmdHSM(args[1:], stdout, stderr)
 	case "anchor":
 		err = cmdAnchor(args[1:], stdout, stderr)
 	case "bench":

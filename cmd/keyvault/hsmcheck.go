@@ -1,0 +1,61 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+
+	"github.com/keyvault/keyvault/hsmpool"
+)
+
+const hsmUsage = `hsm check --config FILE   each member's token: what it can do of what the vault needs, and whether it can serve (exit 0: every member can, 2: not)`
+
+func cmdHSM(args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 || args[0] != "check" {
+		if len(args) > 0 && (args[0] == "-h" || args[0] == "--help" || args[0] == "help") {
+			fmt.Fprintf(stdout, "Usage: keyvault %s\n", hsmUsage)
+			return flag.ErrHelp
+		}
+		fmt.Fprintf(stderr, "Usage: keyvault %s\n", hsmUsage)
+		return usageError{errors.New("hsm needs the subcommand check")}
+	}
+	fs := newFlags("hsm check", stderr, hsmUsage)
+	path := fs.String("config", "", "the YAML config `file` (required)")
+	if err := parseFlags(fs, args[1:]); err != nil {
+		return err
+	}
+	if *path == "" {
+		return usageError{errors.New("--config is required")}
+	}
+	cfg, err := loadConfig(*path)
+	if err != nil {
+		return err
+	}
+	members, err := memberConfigs(cfg)
+	if err != nil {
+		return err
+	}
+	if failed := printChecks(stdout, hsmpool.Check(members)); failed > 0 {
+		return usageError{fmt.Errorf("%d of %d members cannot serve", failed, len(members))}
+	}
+	return nil
+}
+
+// printChecks prints each member's capabilities and verdict and returns
+// how many cannot serve.
+func printChecks(w io.Writer, checks []hsmpool.MemberCheck) (failed int) {
+	for _, c := range checks {
+		fmt.Fprintf(w, "member %s\n", c.Member)
+		if c.Caps != nil {
+			c.Caps.Write(w)
+		}
+		if c.Err != nil {
+			failed++
+			fmt.Fprintf(w, "  verdict: cannot serve: %v\n", c.Err)
+		} else {
+			fmt.Fprintln(w, "  verdict: can serve (profile gcm)")
+		}
+	}
+	return failed
+}

@@ -1,0 +1,105 @@
+package hsmpool
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+)
+
+// capabilityProber is a token that can say what it can do. Tokens a test
+// injects need not be one; they are taken as capable.
+type capabilityProber interface {
+	probeCapabilities() (*Capabilities, error)
+}
+
+func (t *p11Token) probeCapabilities() (*Capabilities, error) {
+	return probeCapabilities(t.raw, t.name, t.label)
+}
+
+// checkCapabilities probes t before the member serves from it. A refusal
+// is kept on the member, shown in the refused metric and logged when it
+// starts or its reason changes, not on every probe: a refused member is
+// probed again only every RefusedProbeInterval.
+func (p *Pool) checkCapabilities(m *member, t token) error {
+	cp, ok := t.(capabilityProber)
+	if !ok {
+		return nil
+	}
+	p.metrics.capProbes.WithLabelValues(m.name).Inc()
+	_, err := cp.probeCapabilities()
+	var refusal *RefusedError
+	if err == nil {
+		if old := m.refusal.Swap(nil); old != nil {
+			p.metrics.refused.WithLabelValues(m.name, old.Reason).Set(0)
+			p.log.Info("HSM member's token now has what the vault needs", "member", m.name)
+		}
+		return nil
+	}
+	if !errors.As(err, &refusal) {
+		return err // a failure of the moment: the member's refusal, if any, stands
+	}
+	old := m.refusal.Swap(refusal)
+	if old == nil || old.Reason != refusal.Reason {
+		if old != nil {
+			p.metrics.refused.WithLabelValues(m.name, old.Reason).Set(0)
+		}
+		p.metrics.refused.WithLabelValues(m.name, refusal.Reason).Set(1)
+		p.log.Error("HSM member refused: its token lacks what the vault needs; probing it again only every "+p.opts.RefusedProbeInterval.String(),
+			"member", m.name, "reason", refusal.Reason, "error", refusal.Detail)
+	}
+	return refusal
+}
+
+// Refused lists the members refused for their token's capabilities, in
+// config order.
+func (p *Pool) Refused() []*RefusedError {
+	var out []*RefusedError
+	for _, m := range p.members {
+		if r := m.refusal.Load(); r != nil {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// DegradedError is what Ready returns while the pool serves but some
+// members are refused: ready, with the reasons to show (see
+// api.AdminOptions).
+type DegradedError struct{ Refused []*RefusedError }
+
+func (e *DegradedError) Error() string {
+	parts := make([]string, len(e.Refused))
+	for i, r := range e.Refused {
+		parts[i] = r.Error()
+	}
+	return strings.Join(parts, "; ")
+}
+
+// Degraded marks the error as one that leaves the service ready.
+func (e *DegradedError) Degraded() bool { return true }
+
+// MemberCheck is the capability verdict on one member.
+type MemberCheck struct {
+	Member string
+	Caps   *Capabilities // nil if the token could not be opened
+	Err    error         // nil: the member can serve
+}
+
+// Check opens each member's token, probes what it can do, and closes it,
+// one member at a time, for `keyvault hsm check` and `keys init`.
+func Check(cfgs []MemberConfig) []MemberCheck {
+	out := make([]MemberCheck, len(cfgs))
+	for i, c := range cfgs {
+		out[i].Member = c.Name
+		t, err := openToken(c)
+		if err != nil {
+			out[i].Err = fmt.Errorf("member %s: %w", c.Name, err)
+			continue
+		}
+		out[i].Caps, out[i].Err = t.probeCapabilities()
+		if err := t.Close(); err != nil && out[i].Err == nil {
+			out[i].Err = fmt.Errorf("member %s: close: %w", c.Name, err)
+		}
+	}
+	return out
+}
