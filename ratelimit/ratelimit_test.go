@@ -539,3 +539,33 @@ func TestReserveGuessUndo(t *testing.T) {
 		t.Fatal("the token was given back twice")
 	}
 }
+
+// undo gives the token back however much later it runs: the guess it
+// belongs to may wait for the HSMs for a while before it is shed. Tokens
+// taken by other guesses meanwhile stay taken, and the bucket's refill
+// over that time is neither lost nor counted twice.
+func TestReserveGuessUndoLater(t *testing.T) {
+	t.Parallel()
+	l, clk := newLimits(ratelimit.Config{GuessesPerUser: ratelimit.PerMinute(2, 2)})
+	undo, err := l.ReserveGuess("c", "ns", "u")
+	if err != nil {
+		t.Fatal(err)
+	}
+	clk.Advance(10 * time.Second)
+	if _, err := l.ReserveGuess("c", "ns", "u"); err != nil {
+		t.Fatalf("second guess of a burst of 2: %v", err)
+	}
+	clk.Advance(50 * time.Millisecond)
+	undo()
+	// Given back as of the time it was taken, net of the second guess.
+	if _, err := l.ReserveGuess("c", "ns", "u"); err != nil {
+		t.Fatalf("after undo, 50ms later: %v (the token was not given back)", err)
+	}
+	e := limited(t, func() error { _, err := l.ReserveGuess("c", "ns", "u"); return err }())
+	// The bucket held one token after the undo; 10.05 s of refill at 2 a
+	// minute, counted once, and the third guess leave 0.335 of a token, so
+	// the next is 19.95 s away, to the nanosecond.
+	if want := 30*time.Second - 10050*time.Millisecond; e.RetryAfter != want {
+		t.Fatalf("RetryAfter %v, want %v", e.RetryAfter, want)
+	}
+}
