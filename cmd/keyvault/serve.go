@@ -148,7 +148,8 @@ func serve(cfg *config.Config, stderr io.Writer) error {
 			GuessesPerUser:        bucket(rl.GuessesPerUser),
 			RequestsPerClient:     bucket(rl.RequestsPerClient),
 			WrongGuessesPerClient: bucket(rl.WrongGuessesPerClient),
-		}, ratelimit.Options{Registerer: reg})}),
+			HSMSharePerClient:     float64(rl.HSMSharePerClientPercent) / 100,
+		}, ratelimit.Options{Registerer: reg, HSMCapacity: hsmCapacity(cfg, pool)})}),
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       30 * time.Second,
 		WriteTimeout:      30 * time.Second,
@@ -254,6 +255,19 @@ func anchorStore(ctx context.Context, cfg *config.Config, store *boltstore.Store
 
 func bucket(b config.Bucket) ratelimit.Rate {
 	return ratelimit.Rate{PerSecond: b.Rate(), Burst: b.Burst}
+}
+
+// hsmCapacity is the pool's admission capacity as the per-client HSM share
+// sees it: admitted_per_hsm_session times the members' sessions, scaled to
+// the members in service (exact when they have the same max_sessions).
+func hsmCapacity(cfg *config.Config, pool *hsmpool.Pool) func() int {
+	sessions := 0
+	for _, m := range cfg.HSM.Members {
+		sessions += max(m.MaxSessions, 1)
+	}
+	all := sessions * cfg.RateLimit.AdmittedPerHSMSession
+	n := len(cfg.HSM.Members)
+	return func() int { return all * pool.Healthy() / n }
 }
 
 // tlsConfig loads the API's certificate and, if configured, the CA that
