@@ -155,6 +155,7 @@ func serve(cfg *config.Config, stderr io.Writer) error {
 		WriteTimeout:      30 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    16 << 10,
+		HTTP2:             api.HTTP2Config(),
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 	keys := &keyAdmin{ctx: ctx, pool: pool, v: v}
