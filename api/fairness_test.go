@@ -60,7 +60,7 @@ func TestHSMShareBetweenClients(t *testing.T) {
 	t.Parallel()
 	reg := prometheus.NewRegistry()
 	adm := &countingAdmitter{capacity: 4}
-	limits := ratelimit.New(ratelimit.Config{GuessesPerUser: ratelimit.PerMinute(1, 1), HSMSharePerClient: 0.5},
+	limits := ratelimit.New(ratelimit.Config{GuessesPerUser: ratelimit.PerMinute(1, 1), HSMSharePerClientPercent: 50},
 		ratelimit.Options{Registerer: reg, HSMCapacity: func() int { return int(adm.capacity) }})
 	b := &heldBackups{entered: make(chan struct{}, 16), release: make(chan struct{})}
 	h := newTestRouterWith(b, Options{Registerer: reg, Limits: limits, Admission: adm})
@@ -122,7 +122,7 @@ func TestHSMShareBetweenClients(t *testing.T) {
 func TestHSMShareOneClient(t *testing.T) {
 	t.Parallel()
 	adm := &countingAdmitter{capacity: 4}
-	limits := ratelimit.New(ratelimit.Config{HSMSharePerClient: 0.25},
+	limits := ratelimit.New(ratelimit.Config{HSMSharePerClientPercent: 25},
 		ratelimit.Options{HSMCapacity: func() int { return int(adm.capacity) }})
 	b := &heldBackups{entered: make(chan struct{}, 16), release: make(chan struct{})}
 	h := NewRouter(b, Options{Limits: limits, Admission: adm, Clients: []Client{{Name: "a", Namespace: "ns-a", TokenHashes: [][32]byte{sha256.Sum256([]byte("token-a"))}}}})

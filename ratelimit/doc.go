@@ -22,8 +22,8 @@
 //
 // The fourth is a cap on concurrency, not a rate:
 //
-//   - hsm_share_per_client (Config.HSMSharePerClient, default 0.5): the
-//     share of the HSM admission capacity (Options.HSMCapacity, which
+//   - hsm_share_per_client (Config.HSMSharePerClientPercent, default 50):
+//     the percentage of the HSM admission capacity (Options.HSMCapacity, which
 //     follows the members in service) that one client's requests may hold
 //     at once, rounded down and at least 1. Without it, one client's flood
 //     takes every place in the admission and the other clients' requests

@@ -25,8 +25,9 @@ const (
 	LimiterHSMSharePerClient = "hsm_share_per_client"
 )
 
-// DefaultHSMSharePerClient is the default Config.HSMSharePerClient.
-const DefaultHSMSharePerClient = 0.5
+// DefaultHSMSharePerClientPercent is the default
+// Config.HSMSharePerClientPercent.
+const DefaultHSMSharePerClientPercent = 50
 
 // hsmShareRetryAfter is the Retry-After of a refusal by the HSM share: a
 // place frees as soon as one of the client's own requests in the vault
@@ -77,21 +78,21 @@ type Config struct {
 	// across all its users, keyed by client name. Default 600 per minute,
 	// burst 600.
 	WrongGuessesPerClient Rate
-	// HSMSharePerClient is the share of the HSM admission capacity
-	// (Options.HSMCapacity) that one client may hold at once, so that a
-	// client flooding the vault leaves the rest to the others. Keyed by
-	// client name. Default 0.5; 0, 1 or more turns the cap off.
-	HSMSharePerClient float64
+	// HSMSharePerClientPercent is the percentage of the HSM admission
+	// capacity (Options.HSMCapacity) that one client may hold at once, so
+	// that a client flooding the vault leaves the rest to the others. Keyed
+	// by client name. Default 50; 0, 100 or more turns the cap off.
+	HSMSharePerClientPercent int
 }
 
 // DefaultConfig returns the documented defaults (the same as the config
 // package's).
 func DefaultConfig() Config {
 	return Config{
-		GuessesPerUser:        PerMinute(5, 5),
-		RequestsPerClient:     PerSecond(500, 1000),
-		WrongGuessesPerClient: PerMinute(600, 600),
-		HSMSharePerClient:     DefaultHSMSharePerClient,
+		GuessesPerUser:           PerMinute(5, 5),
+		RequestsPerClient:        PerSecond(500, 1000),
+		WrongGuessesPerClient:    PerMinute(600, 600),
+		HSMSharePerClientPercent: DefaultHSMSharePerClientPercent,
 	}
 }
 
@@ -111,7 +112,7 @@ type Options struct {
 	MaxKeys int
 	// HSMCapacity reports how many requests the HSM admission lets into
 	// the vault at once now (it shrinks while members are down), for
-	// Config.HSMSharePerClient. It is called on every HoldHSM, so it must
+	// Config.HSMSharePerClientPercent. It is called on every HoldHSM, so it must
 	// be cheap and safe for concurrent use. Default nil: no cap.
 	HSMCapacity func() int
 }
@@ -146,7 +147,7 @@ type Limits struct {
 	now     func() time.Time
 	metrics *metrics
 
-	hsmShare    float64    // 0: no cap
+	hsmShare    int        // percent; 0: no cap
 	hsmCapacity func() int // nil: no cap
 
 	users    *keyed  // per-user guess buckets; nil when GuessesPerUser is off
@@ -194,8 +195,8 @@ func New(cfg Config, opts Options) *Limits {
 	if b := cfg.GuessesPerUser.bucket(); b != nil {
 		l.users = newKeyed(b, opts.MaxKeys, opts.Now())
 	}
-	if cfg.HSMSharePerClient > 0 && cfg.HSMSharePerClient < 1 {
-		l.hsmShare = cfg.HSMSharePerClient
+	if cfg.HSMSharePerClientPercent > 0 && cfg.HSMSharePerClientPercent < 100 {
+		l.hsmShare = cfg.HSMSharePerClientPercent
 	}
 	l.metrics = newMetrics(opts.Registerer, func() float64 { return float64(l.Keys()) })
 	return l
@@ -280,7 +281,7 @@ func (l *Limits) WrongGuess(client string) {
 
 // HoldHSM admits one request of the client that will use the HSMs, if the
 // client holds fewer than its share of the HSM admission capacity:
-// Config.HSMSharePerClient times Options.HSMCapacity(), rounded down, and
+// Config.HSMSharePerClientPercent of Options.HSMCapacity(), rounded down, and
 // at least 1. release gives the place back; it is safe to call once, from
 // any goroutine. A refusal is an *Error with a RetryAfter of a second and
 // holds nothing. The caller asks before the HSM admission itself, so that
@@ -289,7 +290,7 @@ func (l *Limits) HoldHSM(client string) (release func(), err error) {
 	if l.hsmShare == 0 || l.hsmCapacity == nil {
 		return func() {}, nil
 	}
-	limit := max(1, int(l.hsmShare*float64(l.hsmCapacity())))
+	limit := max(1, l.hsmCapacity()*l.hsmShare/100)
 	c := l.client(client)
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -210,10 +210,10 @@ func TestOff(t *testing.T) {
 func TestDefaultConfig(t *testing.T) {
 	t.Parallel()
 	want := ratelimit.Config{
-		GuessesPerUser:        ratelimit.Rate{PerSecond: 5.0 / 60, Burst: 5},
-		RequestsPerClient:     ratelimit.Rate{PerSecond: 500, Burst: 1000},
-		WrongGuessesPerClient: ratelimit.Rate{PerSecond: 10, Burst: 600},
-		HSMSharePerClient:     0.5,
+		GuessesPerUser:           ratelimit.Rate{PerSecond: 5.0 / 60, Burst: 5},
+		RequestsPerClient:        ratelimit.Rate{PerSecond: 500, Burst: 1000},
+		WrongGuessesPerClient:    ratelimit.Rate{PerSecond: 10, Burst: 600},
+		HSMSharePerClientPercent: 50,
 	}
 	if got := ratelimit.DefaultConfig(); got != want {
 		t.Errorf("DefaultConfig() = %+v, want %+v", got, want)
@@ -553,7 +553,7 @@ func TestHoldHSM(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	var capacity atomic.Int64
 	capacity.Store(10)
-	l := ratelimit.New(ratelimit.Config{HSMSharePerClient: 0.5}, ratelimit.Options{
+	l := ratelimit.New(ratelimit.Config{HSMSharePerClientPercent: 50}, ratelimit.Options{
 		Registerer: reg, HSMCapacity: func() int { return int(capacity.Load()) },
 	})
 	hold := func(client string, want bool) func() {
@@ -599,12 +599,12 @@ func TestHoldHSM(t *testing.T) {
 		t.Errorf("rejections{limiter=hsm_share_per_client} = %v, want 6", got)
 	}
 
-	// Off: a share of 0 or 1, or no capacity function.
+	// Off: a share of 0 or 100%, or no capacity function.
 	for _, c := range []struct {
-		share    float64
+		share    int
 		capacity func() int
-	}{{0, func() int { return 1 }}, {1, func() int { return 1 }}, {0.5, nil}} {
-		l := ratelimit.New(ratelimit.Config{HSMSharePerClient: c.share}, ratelimit.Options{HSMCapacity: c.capacity})
+	}{{0, func() int { return 1 }}, {100, func() int { return 1 }}, {50, nil}} {
+		l := ratelimit.New(ratelimit.Config{HSMSharePerClientPercent: c.share}, ratelimit.Options{HSMCapacity: c.capacity})
 		for range 100 {
 			if _, err := l.HoldHSM("a"); err != nil {
 				t.Fatalf("share %v: %v, want the cap off", c.share, err)

@@ -145,10 +145,10 @@ func serve(cfg *config.Config, stderr io.Writer) error {
 	}
 	apiSrv := &http.Server{
 		Handler: api.NewRouter(v, api.Options{Clients: clients, Registerer: reg, Logger: log, Admission: pool, Limits: ratelimit.New(ratelimit.Config{
-			GuessesPerUser:        bucket(rl.GuessesPerUser),
-			RequestsPerClient:     bucket(rl.RequestsPerClient),
-			WrongGuessesPerClient: bucket(rl.WrongGuessesPerClient),
-			HSMSharePerClient:     float64(rl.HSMSharePerClientPercent) / 100,
+			GuessesPerUser:           bucket(rl.GuessesPerUser),
+			RequestsPerClient:        bucket(rl.RequestsPerClient),
+			WrongGuessesPerClient:    bucket(rl.WrongGuessesPerClient),
+			HSMSharePerClientPercent: rl.HSMSharePerClientPercent,
 		}, ratelimit.Options{Registerer: reg, HSMCapacity: hsmCapacity(cfg, pool)})}),
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       30 * time.Second,
