@@ -71,12 +71,19 @@ func (s *stubBackups) ChangePIN(_ context.Context, ns, _ string, pin, _ []byte, 
 }
 
 func newTestRouter(b Backups, reg prometheus.Registerer) http.Handler {
+	return newTestRouterWith(b, Options{Registerer: reg})
+}
+
+// newTestRouterWith is newTestRouter with opts, whose Clients it sets:
+// client a (tokens token-a and token-a-next) and client b (token-b).
+func newTestRouterWith(b Backups, opts Options) http.Handler {
 	tokA, tokB := sha256.Sum256([]byte("token-a")), sha256.Sum256([]byte("token-b"))
 	tokA2 := sha256.Sum256([]byte("token-a-next"))
-	return NewRouter(b, Options{Registerer: reg, Clients: []Client{
+	opts.Clients = []Client{
 		{Name: "a", Namespace: "ns-a", TokenHashes: [][32]byte{tokA, tokA2}},
 		{Name: "b", Namespace: "ns-b", TokenHashes: [][32]byte{tokB}},
-	}})
+	}
+	return NewRouter(b, opts)
 }
 
 func do(h http.Handler, method, path, token, body string, hdr ...string) *httptest.ResponseRecorder {

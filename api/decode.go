@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"unicode/utf16"
 	"unicode/utf8"
 
 	"github.com/keyvault/keyvault/vault"
@@ -41,6 +42,11 @@ func (s *sensitive) UnmarshalJSON(data []byte) error {
 	// equal: refuse it.
 	if !utf8.Valid(inner) {
 		return errors.New("must be valid UTF-8")
+	}
+	// decodeJSON has checked the whole body; checked again so that the
+	// type holds its promise wherever it is decoded.
+	if err := checkEscapes(inner); err != nil {
+		return err
 	}
 	// Escapes are rare in PINs; this path leaves an unwipeable string copy.
 	var str string
@@ -88,6 +94,9 @@ func decodeBody(r *http.Request, w http.ResponseWriter, dst any) error {
 
 // decodeJSON is decodeBody's pure part, fuzzed by FuzzDecode.
 func decodeJSON(body []byte, dst any) error {
+	if err := checkEscapes(body); err != nil {
+		return err
+	}
 	if err := checkFieldNames(body, dst); err != nil {
 		return err
 	}
@@ -191,4 +200,51 @@ func preconditions(r *http.Request, allowNoneMatch bool) (vault.Precondition, er
 		p.IfNoneMatch = true
 	}
 	return p, nil
+}
+
+// checkEscapes refuses a \u escape of a UTF-16 surrogate that is not a
+// high one directly followed by an escaped low one. encoding/json decodes
+// an unpaired surrogate to U+FFFD, so PINs written with different ones
+// would be one PIN; refused everywhere in the body, no field is special.
+// Backslashes are read from the start, each with the character after it,
+// so "\\u" is an escaped backslash and a letter u. A body that is not
+// valid JSON may be misread here, but the decoder refuses it anyway.
+func checkEscapes(body []byte) error {
+	for i := 0; i < len(body); i++ {
+		if body[i] != '\\' {
+			continue
+		}
+		r, ok := escapedUnit(body, i)
+		if !ok {
+			i++ // any other escape: skip the escaped character
+			continue
+		}
+		i += 5
+		switch {
+		case !utf16.IsSurrogate(r):
+		case r < 0xdc00: // high: the next escape must be a low one
+			if lo, ok := escapedUnit(body, i+1); ok && 0xdc00 <= lo && lo <= 0xdfff {
+				i += 6
+				continue
+			}
+			return errLoneSurrogate
+		default: // low, with no high before it
+			return errLoneSurrogate
+		}
+	}
+	return nil
+}
+
+var errLoneSurrogate = badRequest(`body: a \u escape of a UTF-16 surrogate must be a high one followed by a low one (a surrogate pair); an unpaired surrogate is not text`)
+
+// escapedUnit reads the escape \uXXXX at body[i:], if there is one.
+func escapedUnit(body []byte, i int) (rune, bool) {
+	if i+6 > len(body) || body[i] != '\\' || body[i+1] != 'u' {
+		return 0, false
+	}
+	n, err := strconv.ParseUint(string(body[i+2:i+6]), 16, 16)
+	if err != nil {
+		return 0, false
+	}
+	return rune(n), true
 }

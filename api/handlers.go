@@ -17,15 +17,29 @@ type handlers struct {
 	b         Backups
 	limits    Limiter  // nil: no limits
 	admission Admitter // nil: admit all
+	shareHSM  bool     // hold each client to its share of the HSM admission
 }
 
 // admit reserves HSM capacity for a request that will use the HSMs, after
-// everything that can refuse it cheaply has passed.
+// everything that can refuse it cheaply has passed. The client's share
+// comes first: a client at its cap is refused at once and never waits in
+// the admission queue ahead of other clients' requests.
 func (h *handlers) admit(r *http.Request) (release func(), err error) {
-	if h.admission == nil {
-		return func() {}, nil
+	releaseShare := func() {}
+	if h.shareHSM && h.limits != nil {
+		if releaseShare, err = h.limits.HoldHSM(clientOf(r.Context()).Name); err != nil {
+			return nil, err
+		}
 	}
-	return h.admission.Admit(r.Context())
+	if h.admission == nil {
+		return releaseShare, nil
+	}
+	releaseHSM, err := h.admission.Admit(r.Context())
+	if err != nil {
+		releaseShare()
+		return nil, err
+	}
+	return func() { releaseHSM(); releaseShare() }, nil
 }
 
 // admitGuess lets a guess whose request is otherwise valid through the

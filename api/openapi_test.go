@@ -386,8 +386,9 @@ func (l docLimiter) ReserveGuess(string, string, string) (func(), error) {
 	}
 	return func() {}, nil
 }
-func (docLimiter) WrongGuess(string)        {}
-func (docLimiter) EscalatingDelayRejected() {}
+func (docLimiter) WrongGuess(string)              {}
+func (docLimiter) EscalatingDelayRejected()       {}
+func (docLimiter) HoldHSM(string) (func(), error) { return func() {}, nil }
 
 // vaultErrors are the errors the vault's methods return, by name.
 var vaultErrors = map[string]error{

@@ -45,6 +45,9 @@ type Limiter interface {
 	WrongGuess(client string)
 	// EscalatingDelayRejected counts a guess the vault's delay refused.
 	EscalatingDelayRejected()
+	// HoldHSM admits one HSM-bound request of the client if it holds less
+	// than its share of the HSM admission; release gives the place back.
+	HoldHSM(client string) (release func(), err error)
 }
 
 // Client is one configured API client: its name, the namespace its
@@ -88,7 +91,10 @@ func NewRouter(b Backups, opts Options) http.Handler {
 	if opts.RequestTimeout == 0 {
 		opts.RequestTimeout = 25 * time.Second
 	}
-	h := &handlers{b: b, limits: opts.Limits, admission: opts.Admission}
+	h := &handlers{b: b, limits: opts.Limits, admission: opts.Admission,
+		// One client alone has no other client to starve: its share would
+		// only idle HSM capacity.
+		shareHSM: len(opts.Clients) > 1}
 	m := newMetrics(opts.Registerer)
 
 	r := chi.NewRouter()

@@ -135,6 +135,11 @@ type RateLimit struct {
 	// HSMQueueTimeout, then gets 503. A request spends most of its time
 	// waiting for its store commits, not in the HSM. Default 4.
 	AdmittedPerHSMSession int `yaml:"admitted_per_hsm_session"`
+	// HSMSharePerClientPercent is the percentage of those requests that one
+	// client may have in the vault at once, when two or more clients are
+	// configured, so that a client flooding the vault leaves room for the
+	// others; its next one is a 429. From 1 to 100 (100: no cap). Default 50.
+	HSMSharePerClientPercent int `yaml:"hsm_share_per_client_percent"`
 	// EscalatingDelay is kept in the record, so it holds across processes
 	// and restarts: after FreeGuesses wrong guesses in a row, the next
 	// guess must wait Base * 2^(k-FreeGuesses) after the last one, k being
@@ -425,12 +430,13 @@ func defaults() *Config {
 		},
 		Log: Log{Level: DefaultLogLevel, Format: DefaultLogFormat},
 		RateLimit: RateLimit{
-			GuessesPerUser:        Bucket{PerMinute: 5, Burst: 5},
-			RequestsPerClient:     Bucket{PerSecond: 500, Burst: 1000},
-			WrongGuessesPerClient: Bucket{PerMinute: 600, Burst: 600},
-			HSMQueueTimeout:       50 * time.Millisecond,
-			AdmittedPerHSMSession: 4,
-			EscalatingDelay:       EscalatingDelay{FreeGuesses: 5, Base: time.Minute},
+			GuessesPerUser:           Bucket{PerMinute: 5, Burst: 5},
+			RequestsPerClient:        Bucket{PerSecond: 500, Burst: 1000},
+			WrongGuessesPerClient:    Bucket{PerMinute: 600, Burst: 600},
+			HSMQueueTimeout:          50 * time.Millisecond,
+			AdmittedPerHSMSession:    4,
+			HSMSharePerClientPercent: 50,
+			EscalatingDelay:          EscalatingDelay{FreeGuesses: 5, Base: time.Minute},
 		},
 	}
 }

@@ -804,12 +804,13 @@ func TestRateLimitSection(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := RateLimit{
-		GuessesPerUser:        Bucket{PerMinute: 5, Burst: 5},
-		RequestsPerClient:     Bucket{PerSecond: 500, Burst: 1000},
-		WrongGuessesPerClient: Bucket{PerMinute: 600, Burst: 600},
-		HSMQueueTimeout:       50 * time.Millisecond,
-		AdmittedPerHSMSession: 4,
-		EscalatingDelay:       EscalatingDelay{FreeGuesses: 5, Base: time.Minute},
+		GuessesPerUser:           Bucket{PerMinute: 5, Burst: 5},
+		RequestsPerClient:        Bucket{PerSecond: 500, Burst: 1000},
+		WrongGuessesPerClient:    Bucket{PerMinute: 600, Burst: 600},
+		HSMQueueTimeout:          50 * time.Millisecond,
+		AdmittedPerHSMSession:    4,
+		HSMSharePerClientPercent: 50,
+		EscalatingDelay:          EscalatingDelay{FreeGuesses: 5, Base: time.Minute},
 	}
 	if cfg.RateLimit != want {
 		t.Fatalf("defaults: %+v", cfg.RateLimit)
@@ -819,6 +820,7 @@ func TestRateLimitSection(t *testing.T) {
   requests_per_client: {per_second: 0}
   hsm_queue_timeout: 20ms
   admitted_per_hsm_session: 2
+  hsm_share_per_client_percent: 25
   escalating_delay: {free_guesses: 3, base: 0s}
 `))
 	if err != nil {
@@ -827,7 +829,7 @@ func TestRateLimitSection(t *testing.T) {
 	r := cfg.RateLimit
 	if r.GuessesPerUser != (Bucket{PerSecond: 2, Burst: 3}) || r.GuessesPerUser.Rate() != 2 ||
 		r.RequestsPerClient.Rate() != 0 || r.WrongGuessesPerClient.Rate() != 10 ||
-		r.HSMQueueTimeout != 20*time.Millisecond || r.AdmittedPerHSMSession != 2 || r.EscalatingDelay != (EscalatingDelay{3, 0}) {
+		r.HSMQueueTimeout != 20*time.Millisecond || r.AdmittedPerHSMSession != 2 || r.HSMSharePerClientPercent != 25 || r.EscalatingDelay != (EscalatingDelay{3, 0}) {
 		t.Fatalf("overrides: %+v", r)
 	}
 	for _, c := range []struct{ yaml, want string }{
@@ -837,6 +839,9 @@ func TestRateLimitSection(t *testing.T) {
 		{"ratelimit:\n  hsm_queue_timeout: 50\n", "ratelimit.hsm_queue_timeout: expected a duration"},
 		{"ratelimit:\n  hsm_queue_timeout: soon\n", "ratelimit.hsm_queue_timeout: expected a duration"},
 		{"ratelimit:\n  admitted_per_hsm_session: 0\n", "ratelimit.admitted_per_hsm_session: must be from 1 to 1000"},
+		{"ratelimit:\n  hsm_share_per_client_percent: 0\n", "ratelimit.hsm_share_per_client_percent: must be from 1 to 100"},
+		{"ratelimit:\n  hsm_share_per_client_percent: 101\n", "ratelimit.hsm_share_per_client_percent: must be from 1 to 100"},
+		{"ratelimit:\n  hsm_share_per_client_percent: 0.5\n", "ratelimit.hsm_share_per_client_percent: expected an integer"},
 		{"ratelimit:\n  escalating_delay: {base: -1m}\n", "ratelimit.escalating_delay.base: must be from 0s (off) to 24h"},
 		{"ratelimit:\n  guesses_per_user: {per_hour: 1}\n", "ratelimit.guesses_per_user.per_hour: unknown key"},
 	} {

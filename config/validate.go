@@ -469,6 +469,9 @@ func (v *validator) rateLimit(r RateLimit) {
 	if r.AdmittedPerHSMSession < 1 || r.AdmittedPerHSMSession > 1000 {
 		v.add("ratelimit.admitted_per_hsm_session", "must be from 1 to 1000")
 	}
+	if r.HSMSharePerClientPercent < 1 || r.HSMSharePerClientPercent > 100 {
+		v.add("ratelimit.hsm_share_per_client_percent", "must be from 1 to 100 (100: no cap)")
+	}
 	if r.HSMQueueTimeout < 0 {
 		v.add("ratelimit.hsm_queue_timeout", "must not be negative")
 	}

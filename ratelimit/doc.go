@@ -4,10 +4,10 @@
 // escalating delay kept in the record) has to stop it. That budget is the
 // guarantee; these limits are a speed bump, kept in memory and per process.
 //
-// # The three limiters
+// # The limiters
 //
-// Each limiter is a token bucket (Rate: tokens a second, and a burst); a rate
-// of 0 turns it off. DefaultConfig holds the defaults.
+// Three limiters are token buckets (Rate: tokens a second, and a burst); a
+// rate of 0 turns one off. DefaultConfig holds the defaults.
 //
 //   - guesses_per_user (Config.GuessesPerUser, default 5 a minute, burst 5):
 //     PIN guesses, recover and PIN change, of one user, keyed by namespace and
@@ -19,6 +19,17 @@
 //     guesses one client may cause across all its users. A token holder can
 //     spend any user's guesses knowing only the user_id; spread over many
 //     users, the per-user limit does not slow it, this does.
+//
+// The fourth is a cap on concurrency, not a rate:
+//
+//   - hsm_share_per_client (Config.HSMSharePerClientPercent, default 50):
+//     the percentage of the HSM admission capacity (Options.HSMCapacity, which
+//     follows the members in service) that one client's requests may hold
+//     at once, rounded down and at least 1. Without it, one client's flood
+//     takes every place in the admission and the other clients' requests
+//     are shed; with it, they keep the rest. HoldHSM takes a place and
+//     returns its release; the API asks it just before the HSM admission,
+//     and only when two or more clients are configured.
 //
 // # Use
 //
@@ -54,9 +65,10 @@
 //
 // # Memory
 //
-// A client's state is two buckets, made on first use and kept; clients are
-// the configured few, so the name passed to Request, Guess and WrongGuess
-// must be a configured client's, never caller-chosen text.
+// A client's state is two buckets and a count of HSM places, made on first
+// use and kept; clients are the configured few, so the name passed to
+// Request, Guess, WrongGuess and HoldHSM must be a configured client's,
+// never caller-chosen text.
 //
 // Per-user states are bounded by Options.MaxKeys (default 65,536). They are
 // spread by hash over 16 shards, each with its own lock and two generations,
@@ -93,7 +105,8 @@
 //     address each have their own, so a caller spread over n of them gets n
 //     times the rates; the durable budget is shared through the store.
 //   - Metrics: keyvault_ratelimit_rejections_total{limiter} counts refusals,
-//     with limiter one of the three names above (all three exist from the
-//     start); keyvault_ratelimit_user_states is the number of per-user states.
+//     with limiter one of the names above or escalating_delay (every series
+//     exists from the start); keyvault_ratelimit_user_states is the number
+//     of per-user states.
 //     No label ever holds a user, a namespace or a client.
 package ratelimit

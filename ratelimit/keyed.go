@@ -101,10 +101,13 @@ func (k *keyed) take(key []byte, now func() time.Time, mayTake bool) (time.Durat
 		r.CancelAt(t)
 		return d, nil
 	}
+	// Cancelled at the time it was taken: rate gives nothing back once that
+	// time has passed, and at t it restores the token net of those taken
+	// since, so the refill since t is counted once.
 	return 0, func() {
 		s.mu.Lock()
 		defer s.mu.Unlock()
-		r.CancelAt(now())
+		r.CancelAt(t)
 	}
 }
 

@@ -11,7 +11,7 @@ type metrics struct {
 	rejections *prometheus.CounterVec
 	userStates prometheus.GaugeFunc
 	// The children of rejections, resolved once.
-	guessesPerUser, requestsPerClient, wrongGuessesPerClient, escalatingDelay prometheus.Counter
+	guessesPerUser, requestsPerClient, wrongGuessesPerClient, escalatingDelay, hsmSharePerClient prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer, userStates func() float64) *metrics {
@@ -26,11 +26,12 @@ func newMetrics(reg prometheus.Registerer, userStates func() float64) *metrics {
 			Help: "Per-user guess buckets held in memory; at most the configured maximum.",
 		}, userStates),
 	}
-	// Resolving the children creates all three series at 0.
+	// Resolving the children creates every series at 0.
 	m.guessesPerUser = m.rejections.WithLabelValues(LimiterGuessesPerUser)
 	m.requestsPerClient = m.rejections.WithLabelValues(LimiterRequestsPerClient)
 	m.wrongGuessesPerClient = m.rejections.WithLabelValues(LimiterWrongGuessesPerClient)
 	m.escalatingDelay = m.rejections.WithLabelValues(LimiterEscalatingDelay)
+	m.hsmSharePerClient = m.rejections.WithLabelValues(LimiterHSMSharePerClient)
 	return m
 }
 
@@ -44,5 +45,7 @@ func (m *metrics) rejected(limiter string) {
 		m.wrongGuessesPerClient.Inc()
 	case LimiterEscalatingDelay:
 		m.escalatingDelay.Inc()
+	case LimiterHSMSharePerClient:
+		m.hsmSharePerClient.Inc()
 	}
 }

@@ -19,9 +19,9 @@ func TestMetrics(t *testing.T) {
 		WrongGuessesPerClient: PerMinute(1, 1),
 	}, Options{Now: func() time.Time { return now }, Registerer: reg})
 
-	// All four series exist, at 0, before any refusal.
-	if n := testutil.CollectAndCount(l.metrics.rejections); n != 4 {
-		t.Fatalf("%d rejection series before any refusal, want 4", n)
+	// All five series exist, at 0, before any refusal.
+	if n := testutil.CollectAndCount(l.metrics.rejections); n != 5 {
+		t.Fatalf("%d rejection series before any refusal, want 5", n)
 	}
 	type call struct {
 		err      error

@@ -20,7 +20,19 @@ const (
 	// LimiterEscalatingDelay is the vault's durable delay between wrong
 	// guesses, counted here through EscalatingDelayRejected.
 	LimiterEscalatingDelay = "escalating_delay"
+	// LimiterHSMSharePerClient caps the requests one client has in the
+	// vault's HSM admission at once (HoldHSM).
+	LimiterHSMSharePerClient = "hsm_share_per_client"
 )
+
+// DefaultHSMSharePerClientPercent is the default
+// Config.HSMSharePerClientPercent.
+const DefaultHSMSharePerClientPercent = 50
+
+// hsmShareRetryAfter is the Retry-After of a refusal by the HSM share: a
+// place frees as soon as one of the client's own requests in the vault
+// ends, normally within milliseconds, and a Retry-After is whole seconds.
+const hsmShareRetryAfter = time.Second
 
 // DefaultMaxKeys is the default bound on the number of per-user states
 // (Options.MaxKeys).
@@ -53,8 +65,8 @@ func (r Rate) bucket() *bucket {
 	return &bucket{limit: rate.Limit(r.PerSecond), burst: max(r.Burst, 1)}
 }
 
-// Config holds the three limits. The zero Config limits nothing;
-// DefaultConfig holds the documented defaults.
+// Config holds the limits. The zero Config limits nothing; DefaultConfig
+// holds the documented defaults.
 type Config struct {
 	// GuessesPerUser limits PIN guesses (recover and PIN change) per user,
 	// keyed by namespace and user_id. Default 5 per minute, burst 5.
@@ -66,15 +78,21 @@ type Config struct {
 	// across all its users, keyed by client name. Default 600 per minute,
 	// burst 600.
 	WrongGuessesPerClient Rate
+	// HSMSharePerClientPercent is the percentage of the HSM admission
+	// capacity (Options.HSMCapacity) that one client may hold at once, so
+	// that a client flooding the vault leaves the rest to the others. Keyed
+	// by client name. Default 50; 0, 100 or more turns the cap off.
+	HSMSharePerClientPercent int
 }
 
 // DefaultConfig returns the documented defaults (the same as the config
 // package's).
 func DefaultConfig() Config {
 	return Config{
-		GuessesPerUser:        PerMinute(5, 5),
-		RequestsPerClient:     PerSecond(500, 1000),
-		WrongGuessesPerClient: PerMinute(600, 600),
+		GuessesPerUser:           PerMinute(5, 5),
+		RequestsPerClient:        PerSecond(500, 1000),
+		WrongGuessesPerClient:    PerMinute(600, 600),
+		HSMSharePerClientPercent: DefaultHSMSharePerClientPercent,
 	}
 }
 
@@ -92,6 +110,11 @@ type Options struct {
 	// doc). Default DefaultMaxKeys; values from 1 to 31 are raised to 32 so
 	// that each shard's generation holds at least one state.
 	MaxKeys int
+	// HSMCapacity reports how many requests the HSM admission lets into
+	// the vault at once now (it shrinks while members are down), for
+	// Config.HSMSharePerClientPercent. It is called on every HoldHSM, so it must
+	// be cheap and safe for concurrent use. Default nil: no cap.
+	HSMCapacity func() int
 }
 
 // Error is a refusal: which limiter refused, and how long until a retry can
@@ -119,10 +142,13 @@ func (e *Error) RetryAfterSeconds() int {
 	return int(max((e.RetryAfter+time.Second-1)/time.Second, 1))
 }
 
-// Limits holds the three limiters. It is safe for concurrent use.
+// Limits holds the limiters. It is safe for concurrent use.
 type Limits struct {
 	now     func() time.Time
 	metrics *metrics
+
+	hsmShare    int        // percent; 0: no cap
+	hsmCapacity func() int // nil: no cap
 
 	users    *keyed  // per-user guess buckets; nil when GuessesPerUser is off
 	requests *bucket // nil when RequestsPerClient is off
@@ -140,6 +166,7 @@ type clientLimits struct {
 	mu       sync.Mutex
 	requests *rate.Limiter // nil when off
 	wrong    *rate.Limiter // nil when off
+	hsm      int           // requests holding an HSM place (HoldHSM)
 }
 
 // New returns the limits of cfg and registers their metrics with
@@ -159,13 +186,17 @@ func New(cfg Config, opts Options) *Limits {
 		opts.MaxKeys = 2 * shardCount
 	}
 	l := &Limits{
-		now:      opts.Now,
-		requests: cfg.RequestsPerClient.bucket(),
-		wrong:    cfg.WrongGuessesPerClient.bucket(),
-		clients:  make(map[string]*clientLimits),
+		now:         opts.Now,
+		hsmCapacity: opts.HSMCapacity,
+		requests:    cfg.RequestsPerClient.bucket(),
+		wrong:       cfg.WrongGuessesPerClient.bucket(),
+		clients:     make(map[string]*clientLimits),
 	}
 	if b := cfg.GuessesPerUser.bucket(); b != nil {
 		l.users = newKeyed(b, opts.MaxKeys, opts.Now())
+	}
+	if cfg.HSMSharePerClientPercent > 0 && cfg.HSMSharePerClientPercent < 100 {
+		l.hsmShare = cfg.HSMSharePerClientPercent
 	}
 	l.metrics = newMetrics(opts.Registerer, func() float64 { return float64(l.Keys()) })
 	return l
@@ -246,6 +277,35 @@ func (l *Limits) WrongGuess(client string) {
 	c.mu.Lock()
 	c.wrong.ReserveN(l.now(), 1) // always OK: 1 <= burst, and no limit on the wait
 	c.mu.Unlock()
+}
+
+// HoldHSM admits one request of the client that will use the HSMs, if the
+// client holds fewer than its share of the HSM admission capacity:
+// Config.HSMSharePerClientPercent of Options.HSMCapacity(), rounded down, and
+// at least 1. release gives the place back; it is safe to call once, from
+// any goroutine. A refusal is an *Error with a RetryAfter of a second and
+// holds nothing. The caller asks before the HSM admission itself, so that
+// a client at its cap never queues there, ahead of other clients.
+func (l *Limits) HoldHSM(client string) (release func(), err error) {
+	if l.hsmShare == 0 || l.hsmCapacity == nil {
+		return func() {}, nil
+	}
+	limit := max(1, l.hsmCapacity()*l.hsmShare/100)
+	c := l.client(client)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.hsm >= limit {
+		return nil, l.refuse(LimiterHSMSharePerClient, hsmShareRetryAfter)
+	}
+	c.hsm++
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			c.mu.Lock()
+			c.hsm--
+			c.mu.Unlock()
+		})
+	}, nil
 }
 
 // EscalatingDelayRejected counts a guess that the vault's durable

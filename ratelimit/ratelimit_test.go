@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/keyvault/keyvault/ratelimit"
 )
 
@@ -208,9 +210,10 @@ func TestOff(t *testing.T) {
 func TestDefaultConfig(t *testing.T) {
 	t.Parallel()
 	want := ratelimit.Config{
-		GuessesPerUser:        ratelimit.Rate{PerSecond: 5.0 / 60, Burst: 5},
-		RequestsPerClient:     ratelimit.Rate{PerSecond: 500, Burst: 1000},
-		WrongGuessesPerClient: ratelimit.Rate{PerSecond: 10, Burst: 600},
+		GuessesPerUser:           ratelimit.Rate{PerSecond: 5.0 / 60, Burst: 5},
+		RequestsPerClient:        ratelimit.Rate{PerSecond: 500, Burst: 1000},
+		WrongGuessesPerClient:    ratelimit.Rate{PerSecond: 10, Burst: 600},
+		HSMSharePerClientPercent: 50,
 	}
 	if got := ratelimit.DefaultConfig(); got != want {
 		t.Errorf("DefaultConfig() = %+v, want %+v", got, want)
@@ -537,5 +540,123 @@ func TestReserveGuessUndo(t *testing.T) {
 	_ = undo2
 	if _, err := l.ReserveGuess("c", "ns", "u"); err == nil {
 		t.Fatal("the token was given back twice")
+	}
+}
+
+// HoldHSM holds each client to its share of the HSM admission capacity,
+// rounded down and at least 1, as the capacity is now: a refusal holds
+// nothing, says hsm_share_per_client with a Retry-After of a second, and
+// is counted; a release gives the place back once, however often called;
+// one client's places are not another's.
+func TestHoldHSM(t *testing.T) {
+	t.Parallel()
+	reg := prometheus.NewRegistry()
+	var capacity atomic.Int64
+	capacity.Store(10)
+	l := ratelimit.New(ratelimit.Config{HSMSharePerClientPercent: 50}, ratelimit.Options{
+		Registerer: reg, HSMCapacity: func() int { return int(capacity.Load()) },
+	})
+	hold := func(client string, want bool) func() {
+		t.Helper()
+		release, err := l.HoldHSM(client)
+		if (err == nil) != want {
+			t.Fatalf("HoldHSM(%s) = %v, want admitted %v", client, err, want)
+		}
+		if err != nil {
+			if e := limited(t, err); e.Limiter != ratelimit.LimiterHSMSharePerClient || e.RetryAfter != time.Second {
+				t.Fatalf("refusal %+v, want hsm_share_per_client after 1s", e)
+			}
+		}
+		return release
+	}
+	var held []func()
+	for range 5 {
+		held = append(held, hold("a", true))
+	}
+	hold("a", false)
+	other := hold("b", true) // b has its own five
+	held[0]()
+	held[0]() // a second release gives nothing more back
+	held = append(held[1:], hold("a", true))
+	hold("a", false)
+	// Members down: the share shrinks with the capacity, so a client
+	// holding five of what is now 4 waits until it holds fewer than 2.
+	capacity.Store(4)
+	for range 3 {
+		held[0]()
+		held = held[1:]
+		hold("a", false)
+	}
+	held[0]()
+	held = append(held[1:], hold("a", true))
+	// The least share is one place, even of a capacity of 1 or 0.
+	capacity.Store(1)
+	other()
+	release := hold("b", true)
+	hold("b", false)
+	release()
+	if got := rejectionsOf(t, reg, ratelimit.LimiterHSMSharePerClient); got != 6 {
+		t.Errorf("rejections{limiter=hsm_share_per_client} = %v, want 6", got)
+	}
+
+	// Off: a share of 0 or 100%, or no capacity function.
+	for _, c := range []struct {
+		share    int
+		capacity func() int
+	}{{0, func() int { return 1 }}, {100, func() int { return 1 }}, {50, nil}} {
+		l := ratelimit.New(ratelimit.Config{HSMSharePerClientPercent: c.share}, ratelimit.Options{HSMCapacity: c.capacity})
+		for range 100 {
+			if _, err := l.HoldHSM("a"); err != nil {
+				t.Fatalf("share %v: %v, want the cap off", c.share, err)
+			}
+		}
+	}
+}
+
+// rejectionsOf reads keyvault_ratelimit_rejections_total of one limiter.
+func rejectionsOf(t *testing.T, reg *prometheus.Registry, limiter string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		for _, m := range mf.GetMetric() {
+			if mf.GetName() == "keyvault_ratelimit_rejections_total" && m.GetLabel()[0].GetValue() == limiter {
+				return m.GetCounter().GetValue()
+			}
+		}
+	}
+	t.Fatalf("no rejections series for %s", limiter)
+	return 0
+}
+
+// undo gives the token back however much later it runs: the guess it
+// belongs to may wait for the HSMs for a while before it is shed. Tokens
+// taken by other guesses meanwhile stay taken, and the bucket's refill
+// over that time is neither lost nor counted twice.
+func TestReserveGuessUndoLater(t *testing.T) {
+	t.Parallel()
+	l, clk := newLimits(ratelimit.Config{GuessesPerUser: ratelimit.PerMinute(2, 2)})
+	undo, err := l.ReserveGuess("c", "ns", "u")
+	if err != nil {
+		t.Fatal(err)
+	}
+	clk.Advance(10 * time.Second)
+	if _, err := l.ReserveGuess("c", "ns", "u"); err != nil {
+		t.Fatalf("second guess of a burst of 2: %v", err)
+	}
+	clk.Advance(50 * time.Millisecond)
+	undo()
+	// Given back as of the time it was taken, net of the second guess.
+	if _, err := l.ReserveGuess("c", "ns", "u"); err != nil {
+		t.Fatalf("after undo, 50ms later: %v (the token was not given back)", err)
+	}
+	e := limited(t, func() error { _, err := l.ReserveGuess("c", "ns", "u"); return err }())
+	// The bucket held one token after the undo; 10.05 s of refill at 2 a
+	// minute, counted once, and the third guess leave 0.335 of a token, so
+	// the next is 19.95 s away, to the nanosecond.
+	if want := 30*time.Second - 10050*time.Millisecond; e.RetryAfter != want {
+		t.Fatalf("RetryAfter %v, want %v", e.RetryAfter, want)
 	}
 }

@@ -127,6 +127,7 @@ ratelimit:
   wrong_guesses_per_client: {per_minute: 600, burst: 600}
   hsm_queue_timeout: 50ms
   admitted_per_hsm_session: 4
+  hsm_share_per_client_percent: 50
   escalating_delay: {free_guesses: 5, base: 1m}
 log:
   level: info

@@ -13,6 +13,7 @@ import (
 
 	"golang.org/x/net/netutil"
 
+	"github.com/keyvault/keyvault/api"
 	"github.com/keyvault/keyvault/config"
 )
 
@@ -55,6 +56,7 @@ func openListener(cfg *config.Config, addrKey, addr string, maxConns int, tlsKey
 		WriteTimeout:      to.Write,
 		IdleTimeout:       to.Idle,
 		MaxHeaderBytes:    16 << 10,
+		HTTP2:             api.HTTP2Config(),
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 	if t != nil {

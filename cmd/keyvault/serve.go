@@ -145,10 +145,11 @@ func serve(cfg *config.Config, stderr io.Writer) error {
 		clients = append(clients, api.Client{Name: c.Name, Namespace: c.Namespace, TokenHashes: c.TokenHashes()})
 	}
 	apiHandler := api.NewRouter(v, api.Options{Clients: clients, Registerer: reg, Logger: log, Admission: pool, Limits: ratelimit.New(ratelimit.Config{
-		GuessesPerUser:        bucket(rl.GuessesPerUser),
-		RequestsPerClient:     bucket(rl.RequestsPerClient),
-		WrongGuessesPerClient: bucket(rl.WrongGuessesPerClient),
-	}, ratelimit.Options{Registerer: reg})})
+		GuessesPerUser:           bucket(rl.GuessesPerUser),
+		RequestsPerClient:        bucket(rl.RequestsPerClient),
+		WrongGuessesPerClient:    bucket(rl.WrongGuessesPerClient),
+		HSMSharePerClientPercent: rl.HSMSharePerClientPercent,
+	}, ratelimit.Options{Registerer: reg, HSMCapacity: hsmCapacity(cfg, pool)})})
 	keys := &keyAdmin{ctx: ctx, pool: pool, v: v}
 	watchKeys(ctx, keys, log)
 	admin := api.NewAdminRouterWith(reg, func() error {
@@ -236,4 +237,17 @@ func clusterOptions(cfg *config.Config) vault.ClusterOptions {
 
 func bucket(b config.Bucket) ratelimit.Rate {
 	return ratelimit.Rate{PerSecond: b.Rate(), Burst: b.Burst}
+}
+
+// hsmCapacity is the pool's admission capacity as the per-client HSM share
+// sees it: admitted_per_hsm_session times the members' sessions, scaled to
+// the members in service (exact when they have the same max_sessions).
+func hsmCapacity(cfg *config.Config, pool *hsmpool.Pool) func() int {
+	sessions := 0
+	for _, m := range cfg.HSM.Members {
+		sessions += max(m.MaxSessions, 1)
+	}
+	all := sessions * cfg.RateLimit.AdmittedPerHSMSession
+	n := len(cfg.HSM.Members)
+	return func() int { return all * pool.Healthy() / n }
 }
