@@ -251,13 +251,19 @@ func (v *Vault) refund(ctx context.Context, g *guess) error {
 // settleWrong is step 3 for a wrong guess that locked the backup. The lock
 // turns final, and the guess answers 410, unless right guesses that began
 // before it have been forgiven meanwhile and left attempts: then the secret
-// goes back and the guess answers 403 like any other wrong one.
+// goes back and the guess answers 403 like any other wrong one. If its
+// generation was replaced or deleted meanwhile, its count went with it and
+// its outcome is not told (errUntold), as a right one's would not be.
 func (v *Vault) settleWrong(ctx context.Context, g *guess) error {
 	var answer error = errCheckedLock
 	err := v.update(context.WithoutCancel(ctx), g.key, func(cur *stored) (*record, error) {
 		answer = errCheckedLock
-		if !g.sameGeneration(cur) || !cur.Locked || cur.Guesses != g.index || cur.LockFinal {
-			return nil, nil // replaced or deleted meanwhile: this generation is gone
+		if !g.sameGeneration(cur) {
+			answer = errUntold
+			return nil, nil
+		}
+		if !cur.Locked || cur.Guesses != g.index || cur.LockFinal {
+			return nil, nil // final already: the lock stands, its 410 is true
 		}
 		next := *cur.record
 		switch {
@@ -275,8 +281,11 @@ func (v *Vault) settleWrong(ctx context.Context, g *guess) error {
 	if err != nil {
 		return errors.Join(errCheckedLock, err) // the secret is out of the store either way
 	}
-	if answer == errCheckedLock {
+	switch answer {
+	case errCheckedLock:
 		v.metrics.lockouts.Inc()
+	case errUntold:
+		v.metrics.untold.Inc()
 	}
 	return answer
 }

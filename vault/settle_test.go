@@ -450,3 +450,54 @@ func TestHeldGuessWaitsForAPendingLockBeforeCountingAgain(t *testing.T) {
 		t.Fatalf("status: %+v, want unlocked with %d left", st, max-1)
 	}
 }
+
+// The guess that uses the last attempt, held in the HSM while its backup
+// is replaced (PUT) or deleted: its generation is gone, so its count can
+// never be kept, and a wrong PIN answers like a right one there, unavailable
+// (a right one cannot be told: see forgiveResealed). Were the wrong one told
+// 410, the answer would tell a held right PIN from a wrong one.
+func TestLastAttemptOnAReplacedBackupTellsNothing(t *testing.T) {
+	t.Parallel()
+	for _, replace := range []string{"PUT", "DELETE"} {
+		for _, heldRight := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/right=%v", replace, heldRight), func(t *testing.T) {
+				t.Parallel()
+				const max = 2
+				e := newEnv(t, vault.Options{Now: time.Now})
+				e.enroll("kim", randBytes(32), rightPIN, max)
+				e.wrong("kim", 1)
+				pin := []byte("0000-held")
+				if heldRight {
+					pin = rightPIN
+				}
+				entered, release := holdTags(e, "last")
+				done := make(chan error, 1)
+				go func() {
+					_, _, err := e.v.Recover(withTag(bg, "last"), ns, "kim", pin)
+					done <- err
+				}()
+				<-entered["last"] // counted: the lock is pending
+				switch replace {
+				case "PUT":
+					e.enroll("kim", randBytes(32), []byte("2222"), max)
+				default:
+					if err := e.v.Delete(bg, ns, "kim", vault.Precondition{}); err != nil {
+						t.Fatal(err)
+					}
+				}
+				_, before := e.raw(ns, "kim")
+				release["last"]()
+				err := <-done
+				if !errors.Is(err, vault.ErrUnavailable) || errors.Is(err, vault.ErrLocked) || vault.Checked(err) {
+					t.Fatalf("the last attempt on a replaced backup: %v, want unavailable, unchecked", err)
+				}
+				if got := e.metric("keyvault_guess_outcomes_untold_total"); got != 1 {
+					t.Errorf("keyvault_guess_outcomes_untold_total = %v, want 1", got)
+				}
+				if _, after := e.raw(ns, "kim"); !bytes.Equal(after, before) {
+					t.Errorf("the new generation was written by a guess of the old one")
+				}
+			})
+		}
+	}
+}
