@@ -285,10 +285,30 @@ func (v *Vault) mayUse(wrap, pin uint32) error {
 func (v *Vault) SyncKeys(ctx context.Context) error {
 	v.syncMu.Lock()
 	defer v.syncMu.Unlock()
+	for range 3 {
+		again, err := v.syncRound(ctx)
+		if err != nil || !again {
+			return err
+		}
+	}
+	return fmt.Errorf("key sync: %w: the key state kept changing during the round", ErrUnavailable)
+}
+
+// sameMarks reports whether two key states retire the same versions.
+func sameMarks(a, b keyState) bool {
+	return slices.Equal(a.Retiring, b.Retiring) && slices.Equal(a.Retired, b.Retired)
+}
+
+// syncRound is one round of SyncKeys. again means the retirement marks
+// changed while it ran: its heartbeat may have landed after a retire
+// looked at the heartbeats, to which this node was unknown or gone, so
+// the round does not count as having read the key state (the fence
+// stays) and the caller runs another. The caller holds syncMu.
+func (v *Vault) syncRound(ctx context.Context) (again bool, err error) {
 	began := v.opts.Now()
 	ks, rev, err := v.readKeyState(ctx)
 	if err != nil {
-		return fmt.Errorf("key sync: %w", err)
+		return false, fmt.Errorf("key sync: %w", err)
 	}
 	wrap, pin := v.hsm.KeyVersion(RoleWrap), v.hsm.KeyVersion(RolePIN)
 	if v.keys != nil && (ks.Newest > wrap || ks.Newest > pin) {
@@ -332,25 +352,36 @@ func (v *Vault) SyncKeys(ctx context.Context) error {
 	// reload here, or a node started after it). A store of one process
 	// has no one to tell.
 	if n := min(wrap, pin); v.opts.Cluster.Shared && n > ks.Newest {
-		if _, rev, err = v.changeKeyState(ctx, func(ks *keyState) (bool, error) {
-			if ks.Newest >= n {
+		if _, rev, err = v.changeKeyState(ctx, func(cur *keyState) (bool, error) {
+			again = again || !sameMarks(*cur, ks)
+			if cur.Newest >= n {
 				return false, nil
 			}
-			ks.Newest = n
+			cur.Newest = n
 			return true, nil
 		}); err != nil {
-			return fmt.Errorf("key sync: announce version %d: %w", n, err)
+			return false, fmt.Errorf("key sync: announce version %d: %w", n, err)
 		}
 		v.log.Info("key version announced to the cluster", "version", n)
 	}
 	if v.opts.Cluster.Shared {
 		hb := heartbeat{Node: v.opts.Cluster.NodeID, Wrap: wrap, PIN: pin, Acked: acked, StateRev: rev, At: began.UnixNano()}
 		if err := v.putHeartbeat(ctx, hb); err != nil {
-			return fmt.Errorf("key sync: %w", err)
+			return false, fmt.Errorf("key sync: %w", err)
+		}
+		// A retire that marked a version after the read above and looked
+		// at the heartbeats before this one landed did not wait for this
+		// node: read the marks again, after the heartbeat is visible.
+		now, _, err := v.readKeyState(ctx)
+		if err != nil {
+			return false, fmt.Errorf("key sync: %w", err)
+		}
+		if again = again || !sameMarks(now, ks); again {
+			return true, nil
 		}
 	}
 	v.syncedAt.Store(&began)
-	return nil
+	return false, nil
 }
 
 // noteReload logs a reload triggered by the key state: every success (a

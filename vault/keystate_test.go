@@ -23,6 +23,9 @@ type movingHSM struct {
 	cur    atomic.Pointer[fakeHSM]
 	next   *fakeHSM
 	refuse atomic.Bool
+	// onReload, if set, runs at the start of every Reload (which may
+	// block: a slow HSM listing).
+	onReload atomic.Pointer[func()]
 
 	mu     sync.Mutex
 	forgot []uint32
@@ -40,6 +43,9 @@ func (m *movingHSM) Open(ctx context.Context, id vault.KeyID, nonce, ct, aad []b
 func (m *movingHSM) KeyVersion(r vault.KeyRole) uint32 { return m.cur.Load().KeyVersion(r) }
 
 func (m *movingHSM) Reload() (map[vault.KeyRole]uint32, error) {
+	if f := m.onReload.Load(); f != nil {
+		(*f)()
+	}
 	if m.refuse.Load() {
 		return nil, errors.New("reload: member hsm-b is out of service")
 	}
@@ -71,6 +77,8 @@ func (c *manualClock) advance(d time.Duration) { c.off.Add(int64(d)) }
 // cluster is two vault "nodes" on one store, as two processes on etcd
 // would be: A already on key version 2, B on version 1 until it reloads.
 type cluster struct {
+	st     vault.Store
+	node   func(id string, st vault.Store, h vault.HSM, ring vault.KeyRing) *vault.Vault
 	a, b   *vault.Vault
 	hb     *movingHSM
 	clock  *manualClock
@@ -88,12 +96,12 @@ func newCluster(t *testing.T) *cluster {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	c := &cluster{clock: &manualClock{}, logs: &syncBuffer{}}
+	c := &cluster{st: st, clock: &manualClock{}, logs: &syncBuffer{}}
 	c.v1 = newFakeHSMVersions(t, v1Keys)
 	c.v2 = c.v1.withVersions(v2Keys)
 	c.hb = &movingHSM{next: c.v2.sameKeys()}
 	c.hb.cur.Store(c.v1.sameKeys())
-	node := func(id string, h vault.HSM, ring vault.KeyRing) *vault.Vault {
+	c.node = func(id string, st vault.Store, h vault.HSM, ring vault.KeyRing) *vault.Vault {
 		v, err := vault.New(bg, st, h, vault.Options{
 			Now:    c.clock.now,
 			Logger: slog.New(slog.NewTextHandler(c.logs, nil)),
@@ -107,8 +115,8 @@ func newCluster(t *testing.T) *cluster {
 		}
 		return v
 	}
-	c.a = node("node-a", c.v2.sameKeys(), nil)
-	c.b = node("node-b", c.hb, c.hb)
+	c.a = c.node("node-a", st, c.v2.sameKeys(), nil)
+	c.b = c.node("node-b", st, c.hb, c.hb)
 	return c
 }
 
@@ -255,5 +263,140 @@ func TestSilentNodeFencesItselfAndIsLeftBehind(t *testing.T) {
 	}
 	if n, _ := c.a.KeyUsage(bg); n.Wrap[1] != 0 || n.PIN[1] != 0 {
 		t.Fatalf("records on v1 after the retire: %+v", n)
+	}
+}
+
+// A node whose key sync round read the key state before a retire marked
+// the version, and publishes its heartbeat only after the retire has
+// looked at the heartbeats, was invisible to it: never heard of (just
+// started), or silent long enough to count as gone (back from a
+// partition). Its round must not end as if it had read the key state
+// then: it still seals under the version, which the retire has counted
+// and destroyed meanwhile.
+func TestNodeThatSyncsAcrossARetireDoesNotSealUnderIt(t *testing.T) {
+	t.Parallel()
+	for _, returning := range []bool{false, true} {
+		t.Run(map[bool]string{false: "new node", true: "node back after counting as gone"}[returning], func(t *testing.T) {
+			t.Parallel()
+			c := newCluster(t)
+			c.hb.refuse.Store(true) // node-b's members lack version 2
+			if returning {
+				mustSync(t, c.b)
+				c.clock.advance(vault.ClusterOptions{Heartbeat: 50 * time.Millisecond, WriteBound: 100 * time.Millisecond}.NodeGone())
+			}
+			mustSync(t, c.a) // A announces version 2
+			entered, release := make(chan struct{}), make(chan struct{})
+			var once sync.Once
+			hold := func() { once.Do(func() { close(entered); <-release }) }
+			c.hb.onReload.Store(&hold)
+			synced := make(chan error, 1)
+			go func() { synced <- c.b.SyncKeys(bg) }() // reads the key state, then reloads (held)
+			<-entered
+			if err := c.a.RetireKeys(bg, 1, func(uint32) error { return nil }); err != nil {
+				t.Fatalf("retire: %v", err)
+			}
+			close(release)
+			if err := <-synced; err != nil {
+				t.Fatalf("node-b's round across the retire: %v", err)
+			}
+			b, _, err := c.b.Enroll(bg, ns, "after", randBytes(32), rightPIN, 5, vault.Precondition{})
+			if err == nil && (b.KeyVersion == 1 || b.PINKeyVersion == 1) {
+				t.Fatalf("node-b sealed a new backup under retired version 1 (wrap v%d, PIN v%d)", b.KeyVersion, b.PINKeyVersion)
+			}
+			if n, err := c.a.KeyUsage(bg); err != nil || n.Wrap[1] != 0 || n.PIN[1] != 0 {
+				t.Fatalf("records on v1 after the retire: %+v %v", n, err)
+			}
+		})
+	}
+}
+
+// scanHookStore runs hook before each Scan of the store beneath, with the
+// scan's context and prefix, and after(...) once the scan is done; either
+// may block, and an error from hook fails the scan.
+type scanHookStore struct {
+	vault.Store
+	hook  func(ctx context.Context, prefix []byte) error
+	after func(ctx context.Context, prefix []byte)
+}
+
+func (s *scanHookStore) Scan(ctx context.Context, prefix []byte, fn func(key, value []byte, rev uint64) error) error {
+	if err := s.hook(ctx, prefix); err != nil {
+		return err
+	}
+	err := s.Store.Scan(ctx, prefix, fn)
+	s.after(ctx, prefix)
+	return err
+}
+
+// Two retires of one version at once: the second joins the first's mark.
+// When the first fails and clears the mark, the nodes take the version
+// back into use, so a seal begun under it before they moved may land;
+// the second, which counted before that, must not destroy the version.
+func TestRetireWhoseMarkAnotherClearedRefuses(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t)
+	r1Waiting, r1Gate := make(chan struct{}), make(chan struct{})
+	r2Counted, r2Gate := make(chan struct{}), make(chan struct{})
+	var r1Scans atomic.Int32
+	st := &scanHookStore{Store: c.st,
+		hook: func(ctx context.Context, prefix []byte) error {
+			if tagOf(ctx) == "r1" && string(prefix) == "m\x00keys/node/" {
+				switch r1Scans.Add(1) {
+				case 1:
+					close(r1Waiting)
+				case 2:
+					<-r1Gate
+					return errors.New("injected: heartbeats unreadable")
+				}
+			}
+			return nil
+		},
+		after: func(ctx context.Context, prefix []byte) {
+			if tagOf(ctx) == "r2" && string(prefix) == "r" {
+				close(r2Counted)
+				<-r2Gate
+			}
+		},
+	}
+	x := c.node("node-x", st, c.v2.sameKeys(), nil)
+
+	mustSync(t, c.b) // B seals under version 1
+	entered, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	c.hb.cur.Load().setHook(func(_ context.Context, id vault.KeyID, _ []byte) {
+		if id.Role == vault.RolePIN && id.Version == 1 {
+			once.Do(func() { close(entered); <-release })
+		}
+	})
+	straddler := make(chan vault.Backup, 1)
+	go func() {
+		b, _, err := c.b.Enroll(bg, ns, "straddler", randBytes(32), rightPIN, 5, vault.Precondition{})
+		if err != nil {
+			t.Errorf("enroll: %v", err)
+		}
+		straddler <- b
+	}()
+	<-entered           // B seals under version 1
+	mustSync(t, x, c.b) // X announces version 2; B moves to it
+
+	destroyed := atomic.Int32{}
+	destroy := func(uint32) error { destroyed.Add(1); return nil }
+	r1, r2 := make(chan error, 1), make(chan error, 1)
+	go func() { r1 <- x.RetireKeys(withTag(bg, "r1"), 1, destroy) }()
+	<-r1Waiting // marked; waiting for B
+	go func() { r2 <- x.RetireKeys(withTag(bg, "r2"), 1, destroy) }()
+	mustSync(t, c.b) // B acknowledges
+	<-r2Counted      // the second retire has counted: nothing under version 1
+	close(r1Gate)
+	if err := <-r1; err == nil {
+		t.Fatal("the first retire succeeded with its heartbeats unreadable")
+	}
+	mustSync(t, c.b) // the mark is cleared: B takes version 1 back into use
+	close(release)
+	b := <-straddler
+	close(r2Gate)
+	err := <-r2
+	if n, _ := c.a.KeyUsage(bg); err == nil && (n.Wrap[1] > 0 || n.PIN[1] > 0) {
+		t.Fatalf("version 1 destroyed (%d times) with backups on it: %+v (the straddler landed on %d/%d)", destroyed.Load(), n, b.KeyVersion, b.PINKeyVersion)
 	}
 }

@@ -181,6 +181,12 @@ func (v *Vault) retireKeys(ctx context.Context, version uint32, destroy func(ver
 		// stays out of use, even if it fails half-way (a member may have
 		// lost the key already).
 		_, _, err = v.changeKeyState(ctx, func(ks *keyState) (bool, error) {
+			if !slices.Contains(ks.Retiring, version) && !slices.Contains(ks.Retired, version) {
+				// A retire this one joined failed and cleared the mark:
+				// the nodes may seal under the version again, after the
+				// count.
+				return false, errMarkCleared
+			}
 			ks.Retiring = dropVersion(ks.Retiring, version)
 			ks.Retired = addVersion(ks.Retired, version)
 			return true, nil
@@ -211,6 +217,10 @@ func (v *Vault) retireKeys(ctx context.Context, version uint32, destroy func(ver
 	}
 	return destroy(version)
 }
+
+// errMarkCleared: the retirement mark was cleared while a retire that
+// joined it counted.
+var errMarkCleared = fmt.Errorf("%w: another retire of this version failed and cleared its mark meanwhile; run the retire again", ErrUnavailable)
 
 // RewrapStatus describes the re-wrap job, running or last run.
 type RewrapStatus struct {
