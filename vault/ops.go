@@ -273,6 +273,10 @@ func (v *Vault) ChangePIN(ctx context.Context, ns, userID string, pin, newPIN []
 			// Wrong guesses counted on the old generation after this one
 			// began stay counted on the new one.
 			next.Guesses = g.countedSince(cur)
+			if next.Guesses > 0 {
+				// and so does the escalating delay they started.
+				next.LastGuessAt = cur.LastGuessAt
+			}
 			next.CreatedAt, next.UpdatedAt = now, now
 			return next, nil
 		})

@@ -501,3 +501,38 @@ func TestLastAttemptOnAReplacedBackupTellsNothing(t *testing.T) {
 		}
 	}
 }
+
+// Wrong guesses counted while a PIN change was checked stay counted on the
+// new generation, and so does the escalating delay they started: the next
+// guess waits as it would have without the PIN change.
+func TestPINChangeKeepsTheDelayOfGuessesCountedMeanwhile(t *testing.T) {
+	t.Parallel()
+	var clock atomic.Int64
+	clock.Store(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC).UnixNano())
+	e := newEnv(t, vault.Options{
+		Now:             func() time.Time { return time.Unix(0, clock.Load()) },
+		EscalatingDelay: vault.EscalatingDelay{FreeGuesses: 2, Base: time.Minute},
+	})
+	e.enroll("lee", randBytes(32), rightPIN, 10)
+	entered, release := holdTags(e, "change")
+	done := make(chan error, 1)
+	go func() {
+		_, err := e.v.ChangePIN(withTag(bg, "change"), ns, "lee", rightPIN, []byte("5678"), vault.Precondition{})
+		done <- err
+	}()
+	<-entered["change"]
+	e.wrong("lee", 8)
+	clock.Add(int64(time.Minute))
+	e.wrong("lee", 7) // the two stay counted after the change: the next guess waits a minute
+	release["change"]()
+	if err := <-done; err != nil {
+		t.Fatalf("the PIN change: %v", err)
+	}
+	if st := e.status("lee"); st.AttemptsRemaining != 8 {
+		t.Fatalf("after the PIN change: %+v, want the two wrong guesses still counted", st)
+	}
+	var rl *vault.RateLimitedError
+	if _, _, err := e.v.Recover(bg, ns, "lee", []byte("5678")); !errors.As(err, &rl) {
+		t.Fatalf("a guess right after the PIN change: %v, want the escalating delay", err)
+	}
+}
