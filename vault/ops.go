@@ -274,7 +274,7 @@ func (v *Vault) ChangePIN(ctx context.Context, ns, userID string, pin, newPIN []
 			// began stay counted on the new one.
 			next.Guesses = g.countedSince(cur)
 			if next.Guesses > 0 {
-				// and so does the escalating delay they started.
+				// They keep the escalating delay they started, too.
 				next.LastGuessAt = cur.LastGuessAt
 			}
 			next.CreatedAt, next.UpdatedAt = now, now
