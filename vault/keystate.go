@@ -126,6 +126,9 @@ type keyState struct {
 	// Retiring are versions no node may seal under any more; RetireKeys
 	// waits for every live node to acknowledge them.
 	Retiring []uint32 `json:"retiring,omitempty"`
+	// MarkIDs names each retiring version's mark, so that a retire that
+	// joined a mark can tell it from a later one set after it was cleared.
+	MarkIDs map[uint32]string `json:"mark_ids,omitempty"`
 	// Retired are versions destroyed, or being destroyed: never used again.
 	Retired []uint32 `json:"retired,omitempty"`
 }

@@ -331,22 +331,42 @@ func (s *scanHookStore) Scan(ctx context.Context, prefix []byte, fn func(key, va
 // Two retires of one version at once: the second joins the first's mark.
 // When the first fails and clears the mark, the nodes take the version
 // back into use, so a seal begun under it before they moved may land;
-// the second, which counted before that, must not destroy the version.
+// the second, which counted before that, must not destroy the version,
+// even if a third retire has marked the version again by then.
 func TestRetireWhoseMarkAnotherClearedRefuses(t *testing.T) {
 	t.Parallel()
+	for _, remarked := range []bool{false, true} {
+		t.Run(map[bool]string{false: "cleared", true: "cleared and marked again"}[remarked], func(t *testing.T) {
+			t.Parallel()
+			retireAfterAClearedMark(t, remarked)
+		})
+	}
+}
+
+func retireAfterAClearedMark(t *testing.T, remarked bool) {
 	c := newCluster(t)
 	r1Waiting, r1Gate := make(chan struct{}), make(chan struct{})
 	r2Counted, r2Gate := make(chan struct{}), make(chan struct{})
-	var r1Scans atomic.Int32
+	r3Waiting, r3Gate := make(chan struct{}), make(chan struct{})
+	var r1Scans, r3Scans atomic.Int32
 	st := &scanHookStore{Store: c.st,
 		hook: func(ctx context.Context, prefix []byte) error {
-			if tagOf(ctx) == "r1" && string(prefix) == "m\x00keys/node/" {
+			if string(prefix) != "m\x00keys/node/" {
+				return nil
+			}
+			switch tagOf(ctx) {
+			case "r1":
 				switch r1Scans.Add(1) {
 				case 1:
 					close(r1Waiting)
 				case 2:
 					<-r1Gate
 					return errors.New("injected: heartbeats unreadable")
+				}
+			case "r3":
+				if r3Scans.Add(1) == 1 {
+					close(r3Waiting)
+					<-r3Gate
 				}
 			}
 			return nil
@@ -394,8 +414,20 @@ func TestRetireWhoseMarkAnotherClearedRefuses(t *testing.T) {
 	mustSync(t, c.b) // the mark is cleared: B takes version 1 back into use
 	close(release)
 	b := <-straddler
+	r3 := make(chan error, 1)
+	if remarked {
+		go func() { r3 <- x.RetireKeys(withTag(bg, "r3"), 1, destroy) }()
+		<-r3Waiting // marked again; waiting for acknowledgements
+	}
 	close(r2Gate)
 	err := <-r2
+	close(r3Gate)
+	if remarked {
+		mustSync(t, c.b) // B acknowledges the new mark
+		if err3 := <-r3; !errors.Is(err3, vault.ErrKeysInUse) {
+			t.Errorf("the third retire, with the straddler on version 1: %v, want keys in use", err3)
+		}
+	}
 	if n, _ := c.a.KeyUsage(bg); err == nil && (n.Wrap[1] > 0 || n.PIN[1] > 0) {
 		t.Fatalf("version 1 destroyed (%d times) with backups on it: %+v (the straddler landed on %d/%d)", destroyed.Load(), n, b.KeyVersion, b.PINKeyVersion)
 	}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"slices"
@@ -147,22 +148,29 @@ func (v *Vault) RetireKeys(ctx context.Context, version uint32, destroy func(ver
 }
 
 func (v *Vault) retireKeys(ctx context.Context, version uint32, destroy func(version uint32) error) error {
-	marked, tried := false, false
+	idBytes := make([]byte, 8)
+	rand.Read(idBytes)
+	ownID := hex.EncodeToString(idBytes)
+	var markID string // the mark this retire relies on: its own, or one it joined
 	_, markRev, err := v.changeKeyState(ctx, func(ks *keyState) (bool, error) {
 		// Already retired: destroy whatever copies remain. Already being
-		// retired (another request, or one that died): join it, unless
-		// the mark is this request's own, whose answer was lost.
+		// retired (another request, or one that died): join its mark;
+		// the mark may be this request's own, whose answer was lost.
 		if slices.Contains(ks.Retired, version) || slices.Contains(ks.Retiring, version) {
-			marked = tried && slices.Contains(ks.Retiring, version)
+			markID = ks.MarkIDs[version]
 			return false, nil
 		}
 		ks.Retiring = addVersion(ks.Retiring, version)
-		marked, tried = true, true
+		if ks.MarkIDs == nil {
+			ks.MarkIDs = map[uint32]string{}
+		}
+		ks.MarkIDs[version], markID = ownID, ownID
 		return true, nil
 	})
 	if err != nil {
 		return fmt.Errorf("mark the version: %w", err)
 	}
+	marked := markID == ownID
 	err = v.SyncKeys(ctx) // this node's own acknowledgement
 	if err == nil && v.opts.Cluster.Shared {
 		err = v.awaitAcks(ctx, version, markRev)
@@ -181,13 +189,17 @@ func (v *Vault) retireKeys(ctx context.Context, version uint32, destroy func(ver
 		// stays out of use, even if it fails half-way (a member may have
 		// lost the key already).
 		_, _, err = v.changeKeyState(ctx, func(ks *keyState) (bool, error) {
-			if !slices.Contains(ks.Retiring, version) && !slices.Contains(ks.Retired, version) {
-				// A retire this one joined failed and cleared the mark:
-				// the nodes may seal under the version again, after the
-				// count.
+			if slices.Contains(ks.Retired, version) {
+				return false, nil
+			}
+			if !slices.Contains(ks.Retiring, version) || ks.MarkIDs[version] != markID {
+				// A retire this one joined failed and cleared the mark
+				// (another may have set a new one since): the nodes may
+				// have sealed under the version again, after the count.
 				return false, errMarkCleared
 			}
 			ks.Retiring = dropVersion(ks.Retiring, version)
+			delete(ks.MarkIDs, version)
 			ks.Retired = addVersion(ks.Retired, version)
 			return true, nil
 		})
@@ -198,10 +210,11 @@ func (v *Vault) retireKeys(ctx context.Context, version uint32, destroy func(ver
 	if err != nil {
 		if marked {
 			_, _, cerr := v.changeKeyState(context.WithoutCancel(ctx), func(ks *keyState) (bool, error) {
-				if !slices.Contains(ks.Retiring, version) {
-					return false, nil
+				if !slices.Contains(ks.Retiring, version) || ks.MarkIDs[version] != ownID {
+					return false, nil // gone, or another retire's mark since
 				}
 				ks.Retiring = dropVersion(ks.Retiring, version)
+				delete(ks.MarkIDs, version)
 				return true, nil
 			})
 			if cerr != nil {
