@@ -3,6 +3,9 @@ GO      ?= go
 BIN     := bin/keyvault
 PKGS    := ./...
 FUZZTIME ?= 30s
+# The version stamped into the binary: the nearest tag, commits past it and
+# the commit, "-dirty" with uncommitted changes; "dev" outside a git checkout.
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 
 .PHONY: help run test bench build deps test-deps vet fmt-check fuzz clean
 
@@ -22,8 +25,8 @@ bench: deps build ## the HTTP / raw-HSM ratios of recover and enroll (scripts/be
 	BIN=$(BIN) scripts/bench.sh
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 3s $(PKGS)
 
-build: ## build bin/keyvault
-	$(GO) build -o $(BIN) ./cmd/keyvault
+build: ## build bin/keyvault, its version stamped from git describe (VERSION=... to set it)
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/keyvault
 
 deps: ## install SoftHSM2 when it is missing (apt-get; sudo when not root)
 	@deploy/softhsm/install.sh

@@ -193,3 +193,50 @@ func TestConfigCheck(t *testing.T) {
 		t.Fatalf("config check without --config: exit %d, want 2", code)
 	}
 }
+
+// TestVersion: --version and -v print what `keyvault version` prints, and
+// make build stamps the version git describe gives (or "dev" outside git).
+func TestVersion(t *testing.T) {
+	t.Parallel()
+	code, want := runCLI(t, "version")
+	if code != 0 || !strings.HasPrefix(want, "keyvault ") {
+		t.Fatalf("keyvault version: exit %d, output %q; want 0 and \"keyvault ...\"", code, want)
+	}
+	for _, flag := range []string{"--version", "-v"} {
+		if code, out := runCLI(t, flag); code != 0 || out != want {
+			t.Errorf("keyvault %s: exit %d, output %q; want 0 and %q", flag, code, out, want)
+		}
+	}
+
+	describe := exec.Command("git", "describe", "--tags", "--always", "--dirty")
+	describe.Dir = moduleRoot
+	tag, err := describe.Output()
+	if err != nil {
+		t.Fatalf("git describe in %s: %v", moduleRoot, err)
+	}
+	bin := filepath.Join(t.TempDir(), "keyvault")
+	mk := exec.Command("make", "build", "BIN="+bin)
+	mk.Dir = moduleRoot
+	if out, err := mk.CombinedOutput(); err != nil {
+		t.Fatalf("make build: %v\n%s", err, out)
+	}
+	out, err := exec.Command(bin, "--version").Output()
+	if err != nil {
+		t.Fatalf("%s --version: %v", bin, err)
+	}
+	if prefix := "keyvault " + strings.TrimSpace(string(tag)) + " ("; !strings.HasPrefix(string(out), prefix) {
+		t.Errorf("make build's binary says %q, want it to start %q (git describe)", out, prefix)
+	}
+
+	// Outside a git checkout (GIT_DIR names no repository) the stamp is dev.
+	dry := exec.Command("make", "-n", "build")
+	dry.Dir = moduleRoot
+	dry.Env = append(os.Environ(), "GIT_DIR="+t.TempDir())
+	plan, err := dry.CombinedOutput()
+	if err != nil {
+		t.Fatalf("make -n build: %v\n%s", err, plan)
+	}
+	if !strings.Contains(string(plan), "-X main.version=dev") {
+		t.Errorf("make -n build outside git:\n%s\nwant -X main.version=dev", plan)
+	}
+}

@@ -12,7 +12,8 @@ import (
 	"runtime/debug"
 )
 
-// version is set at build time with -ldflags "-X main.version=...".
+// version is set at build time with -ldflags "-X main.version=..." (make
+// build stamps git describe); without it, the module version Go records.
 var version = ""
 
 const usage = `keyvault: a PIN-protected key-backup vault in front of PKCS#11 HSMs.
@@ -34,7 +35,7 @@ Usage:
                                      the rollback anchors and the start-up check
   keyvault anchor accept --config FILE --reason TEXT
                                      accept a restored store (audited)
-  keyvault version                   print the version
+  keyvault version                   print the version (also --version, -v)
 
 Run "keyvault COMMAND --help" for a command's flags.
 `
@@ -72,7 +73,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdAnchor(args[1:], stdout, stderr)
 	case "bench":
 		err = cmdBench(args[1:], stdout, stderr)
-	case "version":
+	case "version", "--version", "-v":
 		fmt.Fprintln(stdout, "keyvault", versionString())
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
