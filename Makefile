@@ -12,8 +12,8 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-run: deps build ## set up a dev SoftHSM token, keys and store in .keyvault-dev, and serve on 127.0.0.1:8080 (admin :9090)
-	./$(BIN) dev
+run: deps build ## set up a dev SoftHSM token, keys and store in .keyvault-dev, and serve on 127.0.0.1:8080 (admin :9090), or on LISTEN=ADDR ADMIN_LISTEN=ADDR (kept in its keyvault.yaml for later runs)
+	./$(BIN) dev$(if $(LISTEN), --listen $(LISTEN))$(if $(ADMIN_LISTEN), --admin-listen $(ADMIN_LISTEN))
 
 test: deps test-deps fmt-check vet build ## the whole suite: unit, SoftHSM integration, end-to-end, fuzz corpora; under -race; a short make bench; the vault suite again on etcd
 	@out=$$($(GO) test -run '^$$' -bench . -benchtime 1x $(PKGS) 2>&1) || { echo "$$out"; exit 1; }; echo "benchmarks: each ran once, so none rots"
