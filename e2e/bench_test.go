@@ -2,6 +2,9 @@ package e2e
 
 import (
 	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
@@ -216,5 +219,37 @@ func TestBenchHelp(t *testing.T) {
 	}
 	if strings.Contains(out, "-rate second") {
 		t.Errorf("bench --help still says -rate second:\n%s", out)
+	}
+}
+
+// benchScriptRecover is the summary line of a round's HTTP recover run.
+var benchScriptRecover = regexp.MustCompile(`(?m)^1\s+http\s+recover\s+max\s+[1-9][0-9]*\s`)
+
+// make bench's script binds ports the kernel picks: two runs at once on
+// one machine (or beside another vault) do not collide.
+func TestBenchScriptFreePorts(t *testing.T) {
+	softhsmtest.Module(t)
+	t.Parallel()
+	errs := make(chan error, 2)
+	for range 2 {
+		go func() {
+			cmd := exec.Command(filepath.Join(moduleRoot, "scripts", "bench.sh"))
+			cmd.Dir = moduleRoot
+			cmd.Env = append(os.Environ(), "BIN="+keyvaultBin, "TMPDIR="+t.TempDir(), "BENCH_ROUNDS=1", "BENCH_ANCHOR=0",
+				"BENCH_DURATION=1s", "BENCH_WARMUP=0s", "BENCH_USERS=40", "BENCH_CONCURRENCY=4")
+			out, err := cmd.CombinedOutput()
+			if err == nil && !benchScriptRecover.Match(out) {
+				err = errors.New("no HTTP recover line with successes in the table")
+			}
+			if err != nil {
+				err = fmt.Errorf("%w:\n%s", err, out)
+			}
+			errs <- err
+		}()
+	}
+	for range 2 {
+		if err := <-errs; err != nil {
+			t.Errorf("scripts/bench.sh, two at once: %v", err)
+		}
 	}
 }
