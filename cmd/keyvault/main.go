@@ -20,7 +20,9 @@ const usage = `keyvault: a PIN-protected key-backup vault in front of PKCS#11 HS
 
 Usage:
   keyvault serve --config FILE       run the service
-  keyvault dev [--dir DIR]           set up SoftHSM, keys and a config in DIR, then serve
+  keyvault dev [--dir DIR] [--listen ADDR] [--admin-listen ADDR]
+                                     set up SoftHSM, keys and a config in DIR, then serve
+                                     (the addresses are kept in DIR/keyvault.yaml)
   keyvault keys init --config FILE   create key version 1 on every HSM member
   keyvault keys list --config FILE   key versions and check values per member
   keyvault keys rotate|reload|usage|rewrap|retire --config FILE
@@ -30,7 +32,8 @@ Usage:
                                      validate a config without starting
   keyvault bench --hsm --config FILE  the raw HSM ceiling of a recover or enroll
   keyvault bench --url URL --token-file FILE
-                                     load a running vault over HTTP
+                                     load a running vault over HTTP; exit 1 when
+                                     too many requests failed (--max-errors)
   keyvault anchor status --config FILE
                                      the rollback anchors and the start-up check
   keyvault anchor accept --config FILE --reason TEXT
