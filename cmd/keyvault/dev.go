@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"github.com/keyvault/keyvault/config"
@@ -67,7 +68,7 @@ func cmdDev(args []string, stdout, stderr io.Writer) error {
 			return fmt.Errorf("write the bound addresses into %s: %w", cfgPath, err)
 		}
 		fmt.Fprintf(stdout, "keyvault dev: serving %s\n  API    http://%s\n  admin  http://%s\n  bearer token (also in %s): %s\n",
-			abs, dialable(apiAddr), dialable(adminAddr), tokenPath, strings.TrimSpace(string(token)))
+			abs, dialable(listenAt), dialable(adminAt), tokenPath, strings.TrimSpace(string(token)))
 		return nil
 	})
 }
@@ -82,13 +83,30 @@ DIR/keyvault.yaml, as the addresses actually bound where port 0 was asked,
 and later runs without them serve there again.`
 
 // boundAddr is the address to write for a listener asked to listen on
-// requested and bound to bound: as asked, unless the kernel picked the
-// port (port 0), which only the bound address tells.
+// requested and bound to bound: as asked, with the port the kernel picked
+// where port 0 was asked. The host stays as asked: Go reports 0.0.0.0 as
+// [::], which would widen what a later run binds.
 func boundAddr(requested, bound string) string {
-	if _, port, err := net.SplitHostPort(requested); err == nil && port == "0" {
-		return bound
+	host, port, err := net.SplitHostPort(requested)
+	if err != nil || port != "0" {
+		return requested
 	}
-	return requested
+	if _, p, err := net.SplitHostPort(bound); err == nil {
+		return net.JoinHostPort(host, p)
+	}
+	return bound
+}
+
+// yamlScalar writes an address as a YAML scalar: plain when it is only
+// letters, digits and . : - _, else double-quoted (an IPv6 address's "["
+// would start a YAML list).
+func yamlScalar(v string) string {
+	for _, r := range v {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune(".:-_", r)) {
+			return strconv.Quote(v)
+		}
+	}
+	return v
 }
 
 // setListenAddrs sets the top-level listen and admin_listen keys of the
@@ -115,7 +133,7 @@ func setListenAddrs(path, listen, admin string) error {
 		if j := strings.Index(rest, " #"); j >= 0 {
 			comment = "   " + strings.TrimRight(rest[j+1:], "\n")
 		}
-		lines[i] = key + ": " + v + comment + "\n"
+		lines[i] = key + ": " + yamlScalar(v) + comment + "\n"
 		delete(want, key)
 	}
 	for _, key := range []string{"listen", "admin_listen"} {
@@ -123,7 +141,7 @@ func setListenAddrs(path, listen, admin string) error {
 			if len(lines) > 0 && !strings.HasSuffix(lines[len(lines)-1], "\n") {
 				lines = append(lines, "\n")
 			}
-			lines = append(lines, key+": "+v+"\n")
+			lines = append(lines, key+": "+yamlScalar(v)+"\n")
 		}
 	}
 	out := strings.Join(lines, "")
