@@ -157,6 +157,10 @@ func setListenAddrs(path, listen, admin string) error {
 		tmp.Close()
 		return err
 	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return err
+	}
 	if err := tmp.Chmod(fi.Mode().Perm()); err != nil {
 		tmp.Close()
 		return err
@@ -236,7 +240,7 @@ ratelimit:
   escalating_delay: {free_guesses: 5, base: 1m}
 log:
   level: info
-`, dir, listen, admin, conf, module, devTokenLabel, pinFile, hex.EncodeToString(sum[:]))
+`, dir, yamlScalar(listen), yamlScalar(admin), conf, module, devTokenLabel, pinFile, hex.EncodeToString(sum[:]))
 	cfg, err := config.Parse([]byte(yaml))
 	if err != nil {
 		return fmt.Errorf("generated config: %w", err)
