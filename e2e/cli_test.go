@@ -198,6 +198,22 @@ func TestConfigCheck(t *testing.T) {
 	}
 }
 
+// makeCmd is make run in the module root as a user runs it: not as a
+// sub-make of make test, whose MAKEFLAGS and MAKELEVEL would change what
+// it prints.
+func makeCmd(args ...string) *exec.Cmd {
+	cmd := exec.Command("make", append([]string{"--no-print-directory"}, args...)...)
+	cmd.Dir = moduleRoot
+	for _, kv := range os.Environ() {
+		switch name, _, _ := strings.Cut(kv, "="); name {
+		case "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES":
+		default:
+			cmd.Env = append(cmd.Env, kv)
+		}
+	}
+	return cmd
+}
+
 // TestVersion: --version and -v print what `keyvault version` prints, and
 // make build stamps the version git describe gives (or "dev" outside git).
 func TestVersion(t *testing.T) {
@@ -219,8 +235,7 @@ func TestVersion(t *testing.T) {
 		t.Fatalf("git describe in %s: %v", moduleRoot, err)
 	}
 	bin := filepath.Join(t.TempDir(), "keyvault")
-	mk := exec.Command("make", "build", "BIN="+bin)
-	mk.Dir = moduleRoot
+	mk := makeCmd("build", "BIN="+bin)
 	if out, err := mk.CombinedOutput(); err != nil {
 		t.Fatalf("make build: %v\n%s", err, out)
 	}
@@ -233,9 +248,8 @@ func TestVersion(t *testing.T) {
 	}
 
 	// Outside a git checkout (GIT_DIR names no repository) the stamp is dev.
-	dry := exec.Command("make", "-n", "build")
-	dry.Dir = moduleRoot
-	dry.Env = append(os.Environ(), "GIT_DIR="+t.TempDir())
+	dry := makeCmd("-n", "build")
+	dry.Env = append(dry.Env, "GIT_DIR="+t.TempDir())
 	plan, err := dry.CombinedOutput()
 	if err != nil {
 		t.Fatalf("make -n build: %v\n%s", err, plan)
@@ -392,8 +406,7 @@ func TestMakeRunPorts(t *testing.T) {
 		{[]string{"ADMIN_LISTEN=127.0.0.1:19091"}, "dev --admin-listen 127.0.0.1:19091\n"},
 		{nil, "dev\n"},
 	} {
-		dry := exec.Command("make", append([]string{"-n", "run"}, tc.vars...)...)
-		dry.Dir = moduleRoot
+		dry := makeCmd(append([]string{"-n", "run"}, tc.vars...)...)
 		plan, err := dry.CombinedOutput()
 		if err != nil {
 			t.Fatalf("make -n run %v: %v\n%s", tc.vars, err, plan)
