@@ -3,14 +3,17 @@ GO      ?= go
 BIN     := bin/keyvault
 PKGS    := ./...
 FUZZTIME ?= 30s
+# The version stamped into the binary: the nearest tag, commits past it and
+# the commit, "-dirty" with uncommitted changes; "dev" outside a git checkout.
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 
 .PHONY: help run test bench build deps test-deps vet fmt-check fuzz clean
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-run: deps build ## set up a dev SoftHSM token, keys and store in .keyvault-dev, and serve on 127.0.0.1:8080 (admin :9090)
-	./$(BIN) dev
+run: deps build ## set up a dev SoftHSM token, keys and store in .keyvault-dev, and serve on 127.0.0.1:8080 (admin :9090), or on LISTEN=ADDR ADMIN_LISTEN=ADDR (kept in its keyvault.yaml for later runs)
+	./$(BIN) dev$(if $(LISTEN), --listen $(LISTEN))$(if $(ADMIN_LISTEN), --admin-listen $(ADMIN_LISTEN))
 
 test: deps test-deps fmt-check vet build ## the whole suite: unit, SoftHSM integration, end-to-end, fuzz corpora; under -race; a short make bench; the vault suite again on etcd
 	@out=$$($(GO) test -run '^$$' -bench . -benchtime 1x $(PKGS) 2>&1) || { echo "$$out"; exit 1; }; echo "benchmarks: each ran once, so none rots"
@@ -22,8 +25,8 @@ bench: deps build ## the HTTP / raw-HSM ratios of recover and enroll (scripts/be
 	BIN=$(BIN) scripts/bench.sh
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 3s $(PKGS)
 
-build: ## build bin/keyvault
-	$(GO) build -o $(BIN) ./cmd/keyvault
+build: ## build bin/keyvault, its version stamped from git describe (VERSION=... to set it)
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/keyvault
 
 deps: ## install SoftHSM2 when it is missing (apt-get; sudo when not root)
 	@deploy/softhsm/install.sh

@@ -2,7 +2,10 @@ package e2e
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"errors"
+	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -12,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keyvault/keyvault/internal/kvproc"
 	"github.com/keyvault/keyvault/internal/softhsm/softhsmtest"
 )
 
@@ -191,5 +195,224 @@ func TestConfigCheck(t *testing.T) {
 	}
 	if code, _ := runCLI(t, "config", "check"); code != 2 {
 		t.Fatalf("config check without --config: exit %d, want 2", code)
+	}
+}
+
+// makeCmd is make run in the module root as a user runs it: not as a
+// sub-make of make test, whose MAKEFLAGS and MAKELEVEL would change what
+// it prints.
+func makeCmd(args ...string) *exec.Cmd {
+	cmd := exec.Command("make", append([]string{"--no-print-directory"}, args...)...)
+	cmd.Dir = moduleRoot
+	for _, kv := range os.Environ() {
+		switch name, _, _ := strings.Cut(kv, "="); name {
+		case "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES":
+		default:
+			cmd.Env = append(cmd.Env, kv)
+		}
+	}
+	return cmd
+}
+
+// TestVersion: --version and -v print what `keyvault version` prints, and
+// make build stamps the version git describe gives (or "dev" outside git).
+func TestVersion(t *testing.T) {
+	t.Parallel()
+	code, want := runCLI(t, "version")
+	if code != 0 || !strings.HasPrefix(want, "keyvault ") {
+		t.Fatalf("keyvault version: exit %d, output %q; want 0 and \"keyvault ...\"", code, want)
+	}
+	for _, flag := range []string{"--version", "-v"} {
+		if code, out := runCLI(t, flag); code != 0 || out != want {
+			t.Errorf("keyvault %s: exit %d, output %q; want 0 and %q", flag, code, out, want)
+		}
+	}
+
+	describe := exec.Command("git", "describe", "--tags", "--always", "--dirty")
+	describe.Dir = moduleRoot
+	tag, err := describe.Output()
+	if err != nil {
+		t.Fatalf("git describe in %s: %v", moduleRoot, err)
+	}
+	bin := filepath.Join(t.TempDir(), "keyvault")
+	mk := makeCmd("build", "BIN="+bin)
+	if out, err := mk.CombinedOutput(); err != nil {
+		t.Fatalf("make build: %v\n%s", err, out)
+	}
+	out, err := exec.Command(bin, "--version").Output()
+	if err != nil {
+		t.Fatalf("%s --version: %v", bin, err)
+	}
+	if prefix := "keyvault " + strings.TrimSpace(string(tag)) + " ("; !strings.HasPrefix(string(out), prefix) {
+		t.Errorf("make build's binary says %q, want it to start %q (git describe)", out, prefix)
+	}
+
+	// Outside a git checkout (GIT_DIR names no repository) the stamp is dev.
+	dry := makeCmd("-n", "build")
+	dry.Env = append(dry.Env, "GIT_DIR="+t.TempDir())
+	plan, err := dry.CombinedOutput()
+	if err != nil {
+		t.Fatalf("make -n build: %v\n%s", err, plan)
+	}
+	if !strings.Contains(string(plan), "-X main.version=dev") {
+		t.Errorf("make -n build outside git:\n%s\nwant -X main.version=dev", plan)
+	}
+}
+
+// devBanner matches the addresses in keyvault dev's "serving" banner.
+var devBanner = regexp.MustCompile(`keyvault dev: serving .*\n  API    http://(\S+)\n  admin  http://(\S+)\n`)
+
+// yamlAddrs reads the top-level listen and admin_listen of a config file.
+func yamlAddrs(t *testing.T, path string) (listen, admin string) {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(l, "listen: "); ok {
+			listen = strings.Fields(v)[0]
+		}
+		if v, ok := strings.CutPrefix(l, "admin_listen: "); ok {
+			admin = strings.Fields(v)[0]
+		}
+	}
+	return listen, admin
+}
+
+// freeAddr is a loopback address with a port no one listens on just now.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// TestDevPorts: keyvault dev prints its banner with the addresses it is
+// bound to, writes them into its keyvault.yaml (so the admin commands that
+// read the file reach it), updates them when run again with other flags,
+// and serves there again when run without them.
+func TestDevPorts(t *testing.T) {
+	softhsmtest.Module(t)
+	t.Parallel()
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "keyvault.yaml")
+	check := func(v *vault, wantAPI, wantAdmin string) {
+		t.Helper()
+		m := devBanner.FindStringSubmatch(string(v.Logs()))
+		if m == nil {
+			t.Fatalf("no serving banner:\n%s", v.Logs())
+		}
+		api, admin, _ := servingLine(v.Logs())
+		listen, adminListen := yamlAddrs(t, cfg)
+		if m[1] != api || m[2] != admin || listen != api || adminListen != admin {
+			t.Errorf("bound to API %s, admin %s; the banner says %s, %s; keyvault.yaml says %s, %s", api, admin, m[1], m[2], listen, adminListen)
+		}
+		if wantAPI != "" && (api != wantAPI || admin != wantAdmin) {
+			t.Errorf("bound to API %s, admin %s; want %s, %s", api, admin, wantAPI, wantAdmin)
+		}
+		if strings.HasSuffix(api, ":0") || strings.HasSuffix(admin, ":0") {
+			t.Errorf("bound to port 0: API %s, admin %s", api, admin)
+		}
+	}
+
+	v := startDevLimited(t, dir) // --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0
+	check(v, "", "")
+	v.Stop()
+
+	// The admin commands read the address from the file.
+	adminToken := "kvadmin_" + randID("tok")
+	sum := sha256.Sum256([]byte(adminToken))
+	f, err := os.OpenFile(cfg, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fmt.Fprintf(f, "admin_token_sha256: %x\n", sum); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	tokenFile := filepath.Join(dir, "admin-token")
+	if err := os.WriteFile(tokenFile, []byte(adminToken+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	v = startDevLimited(t, dir)
+	check(v, "", "")
+	if code, out := runCLI(t, "keys", "usage", "--config", cfg, "--admin-token-file", tokenFile); code != 0 {
+		t.Errorf("keys usage --config of the dev config: exit %d:\n%s", code, out)
+	}
+	v.Stop()
+
+	// Other flags: the file follows; no flags: the same addresses again.
+	api, admin := freeAddr(t), freeAddr(t)
+	v = startVault(t, dir, "dev", "--dir", dir, "--listen", api, "--admin-listen", admin)
+	check(v, api, admin)
+	v.Stop()
+	v = startVault(t, dir, "dev", "--dir", dir)
+	check(v, api, admin)
+	v.Stop()
+}
+
+// TestStoreInUse: every command that opens a bbolt store held by a running
+// vault says that the store is in use, and the way out.
+func TestStoreInUse(t *testing.T) {
+	softhsmtest.Module(t)
+	t.Parallel()
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "keyvault.yaml")
+	v := startDev(t, dir)
+	raw, err := os.ReadFile(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := filepath.Join(dir, "other.yaml")
+	if err := os.WriteFile(other, []byte(portZero(t, string(raw))), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{
+		{"serve", "--config", other},
+		kvproc.DevArgs(dir),
+		{"anchor", "status", "--config", other},
+		{"anchor", "accept", "--config", other, "--reason", "test"},
+	} {
+		code, out := runCLI(t, args...)
+		if code != 1 || !strings.Contains(out, "is in use by another process") ||
+			!strings.Contains(out, "stop the other process") || !strings.Contains(out, "another store") {
+			t.Errorf("keyvault %s while a vault serves the store: exit %d:\n%s\nwant 1, \"is in use by another process\" and the way out",
+				strings.Join(args, " "), code, out)
+		}
+		if strings.Contains(out, "serving") {
+			t.Errorf("keyvault %s printed a serving banner without serving:\n%s", strings.Join(args, " "), out)
+		}
+	}
+	// The vault that holds the store still serves.
+	if r := newClient(v.API, v.Token).do(t, http.MethodGet, "/v1/backups/nobody", nil); r.Status != http.StatusNotFound {
+		t.Errorf("GET a missing backup after the refusals: %s, want 404", r)
+	}
+	v.Stop()
+}
+
+// TestMakeRunPorts: make run passes LISTEN and ADMIN_LISTEN to keyvault
+// dev, and neither flag when they are not set (the config's then apply).
+func TestMakeRunPorts(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		vars []string
+		want string
+	}{
+		{[]string{"LISTEN=127.0.0.1:18081", "ADMIN_LISTEN=127.0.0.1:19091"}, "dev --listen 127.0.0.1:18081 --admin-listen 127.0.0.1:19091\n"},
+		{[]string{"ADMIN_LISTEN=127.0.0.1:19091"}, "dev --admin-listen 127.0.0.1:19091\n"},
+		{nil, "dev\n"},
+	} {
+		dry := makeCmd(append([]string{"-n", "run"}, tc.vars...)...)
+		plan, err := dry.CombinedOutput()
+		if err != nil {
+			t.Fatalf("make -n run %v: %v\n%s", tc.vars, err, plan)
+		}
+		if !strings.HasSuffix(string(plan), "/keyvault "+tc.want) {
+			t.Errorf("make -n run %v:\n%s\nwant its last line to end \"keyvault %s\"", tc.vars, plan, tc.want)
+		}
 	}
 }

@@ -25,7 +25,8 @@
 #
 # Knobs (environment): BENCH_CONCURRENCY (32), BENCH_DURATION (10s),
 # BENCH_WARMUP (2s, unmeasured load before each run), BENCH_ROUNDS (3),
-# BENCH_USERS (2000), BENCH_API (127.0.0.1:18480), BENCH_ADMIN (127.0.0.1:18490),
+# BENCH_USERS (2000), BENCH_API and BENCH_ADMIN (the vault's listeners;
+# 127.0.0.1:0, ports the kernel picks, read back from the vault's log),
 # BENCH_KEEP=1 keeps the directory, BENCH_PROFILE=FILE saves a 10 s CPU
 # profile of the vault taken during the first round's recover run in FILE,
 # and during the anchored one in FILE.anchor.
@@ -36,8 +37,8 @@ C=${BENCH_CONCURRENCY:-32}
 D=${BENCH_DURATION:-10s}
 W=${BENCH_WARMUP:-2s}
 U=${BENCH_USERS:-2000}
-API=${BENCH_API:-127.0.0.1:18480}
-ADMIN=${BENCH_ADMIN:-127.0.0.1:18490}
+API=${BENCH_API:-127.0.0.1:0}
+ADMIN=${BENCH_ADMIN:-127.0.0.1:0}
 R=${BENCH_ROUNDS:-3}
 A=${BENCH_ANCHOR:-1}
 
@@ -49,9 +50,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# wait_ready waits for the vault to log "keyvault serving", reads the
+# addresses it bound into api and admin, then waits for /readyz.
 wait_ready() {
+	api= admin=
 	for _ in $(seq 200); do
-		if curl -fsS "http://$ADMIN/readyz" >/dev/null 2>&1; then return 0; fi
+		if [ -z "$admin" ]; then
+			line=$(grep -m1 '"msg":"keyvault serving"' "$dir/log" || true)
+			api=$(printf '%s' "$line" | sed -n 's/.*"api":"\([^"]*\)".*/\1/p')
+			admin=$(printf '%s' "$line" | sed -n 's/.*"admin":"\([^"]*\)".*/\1/p')
+		fi
+		if [ -n "$admin" ] && curl -fsS "http://$admin/readyz" >/dev/null 2>&1; then return 0; fi
 		if ! kill -0 "$pid" 2>/dev/null; then echo "the vault exited; its log:" >&2; cat "$dir/log" >&2; return 1; fi
 		sleep 0.1
 	done
@@ -96,17 +105,17 @@ serve_runs() {
 	pid=$!
 	wait_ready
 	if [ -n "${BENCH_PROFILE:-}" ] && [ "$round" = 1 ]; then
-		(sleep 4; curl -fsS -o "$BENCH_PROFILE$([ "$2" = true ] && echo .anchor)" "http://$ADMIN/debug/pprof/profile?seconds=10") &
+		(sleep 4; curl -fsS -o "$BENCH_PROFILE$([ "$2" = true ] && echo .anchor)" "http://$admin/debug/pprof/profile?seconds=10") &
 	fi
 	results=$dir/$1.jsonl
-	run --url "http://$API" --token-file "$dir/token" --users "$U" --op recover
-	run --url "http://$API" --token-file "$dir/token" --users "$U" --op enroll
+	run --url "http://$api" --token-file "$dir/token" --users "$U" --op recover
+	run --url "http://$api" --token-file "$dir/token" --users "$U" --op enroll
 	if [ -z "$half" ]; then
 		half=$(awk -F'"succeeded_per_second":' '/"op":"recover"/ { split($2, a, ","); printf "%d", a[1] / 2 }' "$results")
 	fi
 	# Every half-rate run offers the same load, so that the latencies
 	# compare.
-	run --url "http://$API" --token-file "$dir/token" --users "$U" --op recover --rate "$half"
+	run --url "http://$api" --token-file "$dir/token" --users "$U" --op recover --rate "$half"
 	stop_vault
 }
 

@@ -60,9 +60,9 @@ func cmdAnchor(args []string, stdout, stderr io.Writer) error {
 		return usageError{errors.New("rollback anchoring is bbolt only; this config uses store.driver etcd")}
 	}
 	log := newLogger(cfg, stderr)
-	store, err := boltstore.Open(cfg.Store.Path, nil)
+	store, err := openBolt(cfg.Store.Path, nil)
 	if err != nil {
-		return fmt.Errorf("%w (is the vault running? stop it first)", err)
+		return err
 	}
 	defer store.Close()
 	pool, err := openPool(cfg, prometheus.NewRegistry(), slog.New(slog.DiscardHandler))

@@ -11,10 +11,12 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	mrand "math/rand/v2"
 	"net/http"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -44,7 +46,14 @@ The second loads a running vault over HTTP. It first enrolls --users users
 
 --rate R sends R requests per second in all (open loop: latency counts from
 each request's scheduled start); without it every worker sends its next
-request as soon as the last one is answered.`
+request as soon as the last one is answered.
+
+The table (or --json) gives req/s, every answer, and succeeded/s, the
+successes alone. The bench exits 1, naming the limit that bit, when nothing
+succeeded, or when more than --max-errors percent of the requests failed
+other than by shedding (a 503 unavailable is the vault protecting its HSMs
+and counts as shedding; a 429 rate_limited is a refusal and does not). On a
+terminal it prints a progress line a second on stderr.`
 
 type benchFlags struct {
 	hsm         bool
@@ -60,6 +69,7 @@ type benchFlags struct {
 	users       int
 	userPrefix  string
 	json        bool
+	maxErrors   float64 // percent
 }
 
 func cmdBench(args []string, stdout, stderr io.Writer) error {
@@ -71,13 +81,14 @@ func cmdBench(args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&f.tokenFile, "token-file", "", "`file` holding the bearer token")
 	fs.StringVar(&f.caFile, "ca-file", "", "PEM `file` of the CA the vault's TLS certificate chains to (default: system roots)")
 	fs.StringVar(&f.op, "op", "recover", "the `operation`: recover, enroll, wrong or mixed (--hsm: recover or enroll)")
-	fs.IntVar(&f.concurrency, "concurrency", 32, "concurrent `workers`")
-	fs.DurationVar(&f.duration, "duration", 10*time.Second, "the measured `window`")
+	fs.IntVar(&f.concurrency, "concurrency", 32, "`N` concurrent workers")
+	fs.DurationVar(&f.duration, "duration", 10*time.Second, "the measured window")
 	fs.DurationVar(&f.warmup, "warmup", 2*time.Second, "unmeasured load before the window (connections, sessions, caches)")
-	fs.Float64Var(&f.rate, "rate", 0, "requests per `second` in all (open loop); 0: as fast as answers come")
-	fs.IntVar(&f.users, "users", 1000, "`number` of users to enroll and spread the load over (at least --concurrency)")
+	fs.Float64Var(&f.rate, "rate", 0, "`R` requests per second in all (open loop); 0: as fast as answers come")
+	fs.IntVar(&f.users, "users", 1000, "`N` users to enroll and spread the load over (at least --concurrency)")
 	fs.StringVar(&f.userPrefix, "user-prefix", "bench-", "`prefix` of the enrolled users' IDs (several bench processes on one store need one each)")
 	fs.BoolVar(&f.json, "json", false, "print one JSON object instead of a table")
+	fs.Float64Var(&f.maxErrors, "max-errors", 1, "the `percent` of requests that may fail other than by shedding (503) before the bench exits 1")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -90,6 +101,8 @@ func cmdBench(args []string, stdout, stderr io.Writer) error {
 		return usageError{errors.New("--warmup must not be negative")}
 	case f.rate < 0:
 		return usageError{errors.New("--rate must not be negative")}
+	case f.maxErrors < 0 || f.maxErrors > 100:
+		return usageError{errors.New("--max-errors must be a percentage from 0 to 100")}
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
@@ -111,27 +124,69 @@ func cmdBench(args []string, stdout, stderr io.Writer) error {
 	}
 	defer w.close()
 
+	var limits *limiterTally
+	op := func(ctx context.Context, i int) error {
+		err := w.op(ctx, i)
+		limits.add(err)
+		return err
+	}
 	o := loadgen.Options{Name: w.name(), Concurrency: f.concurrency, Rate: f.rate, Before: w.before}
 	if f.warmup > 0 {
 		wo := o
 		wo.Duration = f.warmup
-		if _, err := loadgen.Run(ctx, wo, w.op); err != nil {
-			return fmt.Errorf("warm-up: %w", err)
+		if isTerminal(stderr) {
+			wo.Progress = progressLine(stderr, "warm-up", f.warmup)
+		}
+		limits = &limiterTally{}
+		if _, err := loadgen.Run(ctx, wo, op); err != nil {
+			return fmt.Errorf("warm-up: %w%s", err, setupHint(err))
 		}
 	}
 	o.Duration = f.duration
-	res, err := loadgen.Run(ctx, o, w.op)
+	if isTerminal(stderr) {
+		o.Progress = progressLine(stderr, w.name(), f.duration)
+	}
+	limits = &limiterTally{}
+	res, err := loadgen.Run(ctx, o, op)
 	if err != nil {
-		return err
+		return fmt.Errorf("%w%s", err, setupHint(err))
 	}
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("interrupted: %w", err)
 	}
 	if f.json {
-		enc := json.NewEncoder(stdout)
-		return enc.Encode(res)
+		err = json.NewEncoder(stdout).Encode(res)
+	} else {
+		err = loadgen.WriteTable(stdout, res)
 	}
-	return loadgen.WriteTable(stdout, res)
+	if err != nil {
+		return err
+	}
+	return benchVerdict(res, f.maxErrors, limits.counts())
+}
+
+// isTerminal reports whether w is a terminal, for the progress line: a
+// log file or a pipe gets the result alone.
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
+}
+
+// progressLine prints, each second, the requests and successes of the
+// last second and so far.
+func progressLine(w io.Writer, name string, total time.Duration) func(loadgen.Progress) {
+	var last loadgen.Progress
+	return func(p loadgen.Progress) {
+		dt := (p.Elapsed - last.Elapsed).Seconds()
+		fmt.Fprintf(w, "keyvault bench: %s %.0fs of %s: %.0f req/s, %.0f succeeded/s; %d requests, %d failed so far\n",
+			name, p.Elapsed.Seconds(), total, float64(p.Requests-last.Requests)/dt, float64(p.Succeeded-last.Succeeded)/dt,
+			p.Requests, p.Requests-p.Succeeded)
+		last = p
+	}
 }
 
 // benchWorkload is one kind of load: its operation, an optional untimed
@@ -246,8 +301,9 @@ func (e hsmError) Code() string {
 type benchUser struct {
 	id     string
 	pin    string
-	secret []byte
-	wrongs int // consecutive wrong guesses counted
+	secret []byte   // what the vault holds, as far as the answers tell
+	maybe  [][]byte // secrets of enrolls whose outcome was not learnt
+	wrongs int      // consecutive wrong guesses counted
 }
 
 // httpWorkload loads a running vault through the Go client, with retries
@@ -402,11 +458,21 @@ func (w *httpWorkload) op(ctx context.Context, i int) error {
 	}
 }
 
+// enroll replaces u's backup with a new secret. The bench expects the new
+// secret only once the vault has taken it (200 or 201): a refused enroll
+// (a 4xx such as 429) leaves the old one. One with no answer, or a 5xx,
+// may have been written or not; the next recover tells which.
 func enroll(ctx context.Context, c *client.Client, u *benchUser) error {
-	rand.Read(u.secret)
-	_, _, err := c.Enroll(ctx, u.id, u.secret, u.pin, client.EnrollOptions{})
-	if err == nil {
-		u.wrongs = 0
+	next := make([]byte, 32)
+	rand.Read(next)
+	_, _, err := c.Enroll(ctx, u.id, next, u.pin, client.EnrollOptions{})
+	var ce *client.Error
+	switch {
+	case err == nil:
+		u.secret, u.maybe, u.wrongs = next, nil, 0
+	case errors.As(err, &ce) && ce.Status >= 400 && ce.Status < 500:
+	default:
+		u.maybe = append(u.maybe, next)
 	}
 	return benchError(err, "")
 }
@@ -417,10 +483,17 @@ func (w *httpWorkload) recover(ctx context.Context, u *benchUser) error {
 		return benchError(err, "")
 	}
 	u.wrongs = 0
-	if subtle.ConstantTimeCompare(secret, u.secret) != 1 {
-		return benchError(nil, "wrong_secret")
+	if subtle.ConstantTimeCompare(secret, u.secret) == 1 {
+		u.maybe = nil
+		return nil
 	}
-	return nil
+	for _, m := range u.maybe {
+		if subtle.ConstantTimeCompare(secret, m) == 1 {
+			u.secret, u.maybe = m, nil
+			return nil
+		}
+	}
+	return benchError(nil, "wrong_secret")
 }
 
 // wrongPIN is a PIN of the same length that differs from pin in its last
@@ -433,8 +506,9 @@ func wrongPIN(pin string) string {
 // codedError names a failed request by the vault's problem code (or the
 // HTTP status, or "transport" when no answer came) for the error table.
 type codedError struct {
-	code string
-	err  error
+	code    string
+	err     error
+	limiter string // for rate_limited: the limit that refused, if the answer says
 }
 
 func (e *codedError) Error() string {
@@ -457,6 +531,8 @@ func benchError(err error, otherwise string) error {
 	}
 	var ce *client.Error
 	switch {
+	case errors.As(err, &ce) && ce.Code == client.CodeRateLimited:
+		return &codedError{code: ce.Code, err: err, limiter: limiterOf(ce.Detail)}
 	case errors.As(err, &ce) && ce.Code != "":
 		return &codedError{code: ce.Code, err: err}
 	case errors.As(err, &ce) && ce.Status != 0:
@@ -466,4 +542,142 @@ func benchError(err error, otherwise string) error {
 	default:
 		return &codedError{code: "transport", err: err}
 	}
+}
+
+// The limits a rate_limited answer can name (ratelimit's limiter names):
+// its detail says which one refused.
+var benchLimiters = []string{"wrong_guesses_per_client", "guesses_per_user", "requests_per_client"}
+
+// limiterOf reads the limiter from a rate_limited problem's detail; ""
+// when it names none the bench knows.
+func limiterOf(detail string) string {
+	for _, l := range benchLimiters { // wrong_guesses_per_client before its suffix
+		if strings.Contains(detail, "("+l+")") {
+			return l
+		}
+	}
+	if strings.Contains(detail, "wrong guesses in a row") {
+		return "escalating_delay"
+	}
+	return ""
+}
+
+// limitHint says what to do about a limit that refused the bench's load.
+func limitHint(limiter string) string {
+	switch limiter {
+	case "guesses_per_user":
+		return "ratelimit.guesses_per_user allows each user a few guesses a minute: for a bench, raise it in the vault's config, or spread the load over more users with --users N"
+	case "requests_per_client":
+		return "ratelimit.requests_per_client caps the bench's client: for a bench, raise it in the vault's config, or send less with --rate R"
+	case "wrong_guesses_per_client":
+		return "ratelimit.wrong_guesses_per_client caps the wrong guesses of the bench's client: for a bench, raise it in the vault's config, or send fewer (--rate R, --op recover)"
+	case "escalating_delay":
+		return "ratelimit.escalating_delay holds back a user's wrong guesses in a row, and the bench sends up to 4 in a row: for a bench, raise its free_guesses above 4 or set its base to 0s"
+	default:
+		return "the vault's per-user and per-client limits apply to the bench as to any client: for a bench, raise ratelimit.* in the vault's config, or spread the load with --users N and --rate R"
+	}
+}
+
+// limiterTally counts rate_limited answers by the limit that refused.
+// A nil tally counts nothing.
+type limiterTally struct {
+	mu sync.Mutex
+	m  map[string]int64
+}
+
+func (t *limiterTally) add(err error) {
+	var ce *codedError
+	if t == nil || !errors.As(err, &ce) || ce.code != client.CodeRateLimited {
+		return
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.m == nil {
+		t.m = map[string]int64{}
+	}
+	t.m[ce.limiter]++
+}
+
+func (t *limiterTally) counts() map[string]int64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return maps.Clone(t.m)
+}
+
+// setupHint is the hint for a run that stopped on an error of its
+// untimed steps (a reset recover before a wrong guess): "" unless a limit
+// refused it.
+func setupHint(err error) string {
+	var ce *codedError
+	if !errors.As(err, &ce) || ce.code != client.CodeRateLimited {
+		return ""
+	}
+	return "\n  " + limitHint(ce.limiter)
+}
+
+// benchVerdict fails a run in which nothing succeeded, or in which more
+// than maxErrors percent of the requests failed other than by shedding (a
+// 503 unavailable: the vault protecting its HSMs under overload). The
+// error says what failed and, for each refusing limit, what to change.
+func benchVerdict(res loadgen.Result, maxErrors float64, limiters map[string]int64) error {
+	var failed int64 // other than by shedding
+	for code, n := range res.Errors {
+		if code != client.CodeUnavailable {
+			failed += n
+		}
+	}
+	share := 0.0
+	if res.Requests > 0 {
+		share = 100 * float64(failed) / float64(res.Requests)
+	}
+	var head string
+	switch {
+	case res.Requests == 0:
+		return errors.New("no request was answered in the window: lengthen --duration")
+	case res.Succeeded == 0 && failed == 0:
+		head = fmt.Sprintf("nothing succeeded: every request was shed (%d unavailable, 503): the HSMs are saturated or down; lower --concurrency or --rate, or check /readyz", res.Requests)
+	case res.Succeeded == 0 && res.Errors[client.CodeRateLimited] == res.Requests:
+		head = fmt.Sprintf("nothing succeeded: every request was refused rate_limited (%d)", res.Requests)
+	case res.Succeeded == 0:
+		head = fmt.Sprintf("nothing succeeded: %d requests, errors %s", res.Requests, errorCounts(res.Errors))
+	case share > maxErrors:
+		head = fmt.Sprintf("%d of %d requests (%.1f%%) failed other than by shedding, above --max-errors %g%%: %s",
+			failed, res.Requests, share, maxErrors, errorCounts(res.Errors))
+	default:
+		return nil
+	}
+	lines := []string{head}
+	if n := res.Errors[client.CodeRateLimited]; n > 0 {
+		names := slices.Sorted(maps.Keys(limiters))
+		var by []string
+		for _, l := range names {
+			name := l
+			if name == "" {
+				name = "a limit the answer did not name"
+			}
+			by = append(by, fmt.Sprintf("%s %d", name, limiters[l]))
+		}
+		lines = append(lines, fmt.Sprintf("rate_limited (429) by: %s", strings.Join(by, ", ")))
+		for _, l := range names {
+			lines = append(lines, limitHint(l))
+		}
+	}
+	for _, code := range slices.Sorted(maps.Keys(res.Errors)) {
+		if code == client.CodeRateLimited || code == client.CodeUnavailable {
+			continue
+		}
+		if text := res.FirstErrors[code]; text != "" {
+			lines = append(lines, fmt.Sprintf("the first %s: %s", code, text))
+		}
+	}
+	return errors.New(strings.Join(lines, "\n  "))
+}
+
+// errorCounts lists error counts by code, sorted: "a=1, b=2".
+func errorCounts(errs map[string]int64) string {
+	var parts []string
+	for _, c := range slices.Sorted(maps.Keys(errs)) {
+		parts = append(parts, fmt.Sprintf("%s=%d", c, errs[c]))
+	}
+	return strings.Join(parts, ", ")
 }

@@ -1,10 +1,17 @@
 package main
 
 import (
+	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
 	"testing"
 
+	"github.com/keyvault/keyvault/client"
 	"github.com/keyvault/keyvault/internal/loadgen"
 	"github.com/keyvault/keyvault/vault"
 )
@@ -22,4 +29,134 @@ func TestHSMErrorCodes(t *testing.T) {
 	if !errors.Is(shed, vault.ErrUnavailable) {
 		t.Error("the coded error no longer wraps the pool's")
 	}
+}
+
+func TestLimiterOf(t *testing.T) {
+	for detail, want := range map[string]string{
+		"Too many requests or guesses (guesses_per_user); nothing was checked or counted.":         "guesses_per_user",
+		"Too many requests or guesses (requests_per_client); nothing was checked or counted.":      "requests_per_client",
+		"Too many requests or guesses (wrong_guesses_per_client); nothing was checked or counted.": "wrong_guesses_per_client",
+		"Too many wrong guesses in a row: wait before the next one.":                               "escalating_delay",
+		"Slow down.": "",
+	} {
+		if got := limiterOf(detail); got != want {
+			t.Errorf("limiterOf(%q) = %q, want %q", detail, got, want)
+		}
+	}
+}
+
+// The verdict passes shedding and errors up to the threshold, and fails
+// a run in which nothing succeeded or other errors passed it, naming the
+// limit that refused and what to change.
+func TestBenchVerdict(t *testing.T) {
+	run := func(requests int64, errs map[string]int64) loadgen.Result {
+		r := loadgen.Result{Requests: requests, Succeeded: requests, Errors: errs, FirstErrors: map[string]string{}}
+		for c, n := range errs {
+			r.Succeeded -= n
+			r.FirstErrors[c] = "keyvault: recover: " + c
+		}
+		return r
+	}
+	for _, tc := range []struct {
+		name     string
+		res      loadgen.Result
+		limiters map[string]int64
+		want     []string // in the error; none: the run passes
+	}{
+		{"clean", run(1000, nil), nil, nil},
+		{"shedding", run(1000, map[string]int64{"unavailable": 900}), nil, nil},
+		{"below the threshold", run(1000, map[string]int64{"rate_limited": 10}), map[string]int64{"guesses_per_user": 10}, nil},
+		{"above it", run(1000, map[string]int64{"rate_limited": 11, "unavailable": 500}), map[string]int64{"requests_per_client": 11},
+			[]string{"11 of 1000 requests (1.1%) failed other than by shedding, above --max-errors 1%", "requests_per_client 11", "--rate R"}},
+		{"every request refused", run(500, map[string]int64{"rate_limited": 500}), map[string]int64{"guesses_per_user": 400, "": 100},
+			[]string{"nothing succeeded: every request was refused rate_limited (500)", "guesses_per_user 400", "a limit the answer did not name 100",
+				"raise it in the vault's config, or spread the load over more users with --users N", "raise ratelimit.*"}},
+		{"every request shed", run(500, map[string]int64{"unavailable": 500}), nil, []string{"nothing succeeded: every request was shed"}},
+		{"wrong secrets", run(1000, map[string]int64{"wrong_secret": 20}), nil, []string{"the first wrong_secret: keyvault: recover: wrong_secret"}},
+		{"nothing answered", run(0, nil), nil, []string{"no request was answered"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := benchVerdict(tc.res, 1, tc.limiters)
+			if len(tc.want) == 0 {
+				if err != nil {
+					t.Fatalf("want a pass, got %v", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("want a failure, got a pass")
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("the verdict lacks %q:\n%v", w, err)
+				}
+			}
+		})
+	}
+}
+
+// An enroll that the vault refuses leaves the secret the bench expects
+// as it was; one with no outcome (a 503) may have been written, and the
+// next recover settles which secret the vault holds. The vault here is an
+// HTTP server that holds one secret and refuses or half-fails enrolls on
+// cue.
+func TestEnrollAdoptsOnlyWhatTheVaultTook(t *testing.T) {
+	var (
+		mu     sync.Mutex
+		held   string // base64, as sent
+		answer int    // the status of the next enroll
+	)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		defer mu.Unlock()
+		var body struct{ Secret string }
+		_ = json.NewDecoder(r.Body).Decode(&body)
+		switch {
+		case r.Method == http.MethodPut && answer == http.StatusTooManyRequests:
+			w.Header().Set("Content-Type", "application/problem+json")
+			w.Header().Set("Retry-After", "1")
+			w.WriteHeader(answer)
+			fmt.Fprint(w, `{"type":"urn:keyvault:problem:rate_limited","title":"Too many requests","status":429,"code":"rate_limited","detail":"Too many requests or guesses (requests_per_client); nothing was checked or counted."}`)
+		case r.Method == http.MethodPut:
+			held = body.Secret // written, whatever the answer says
+			if answer == http.StatusServiceUnavailable {
+				w.Header().Set("Content-Type", "application/problem+json")
+				w.Header().Set("Retry-After", "1")
+				w.WriteHeader(answer)
+				fmt.Fprint(w, `{"type":"urn:keyvault:problem:unavailable","title":"Service unavailable","status":503,"code":"unavailable"}`)
+				return
+			}
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusOK)
+			fmt.Fprint(w, `{"user_id":"u","generation":1,"max_attempts":10,"attempts_remaining":10,"key_version":1,"created_at":"2026-01-01T00:00:00Z"}`)
+		default: // recover
+			w.Header().Set("Content-Type", "application/json")
+			fmt.Fprintf(w, `{"secret":%q,"attempts_remaining":10}`, held)
+		}
+	}))
+	defer srv.Close()
+	c, err := client.New(srv.URL, "t", client.WithRetry(0, 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := &httpWorkload{c: c}
+	u := &benchUser{id: "u", pin: "123456", secret: make([]byte, 32)}
+	ctx := context.Background()
+	step := func(status int, wantEnroll string) {
+		t.Helper()
+		mu.Lock()
+		answer = status
+		mu.Unlock()
+		err := enroll(ctx, c, u)
+		if (wantEnroll == "" && err != nil) || (wantEnroll != "" && loadgen.Code(err) != wantEnroll) {
+			t.Fatalf("enroll answered %d: %v, want code %q", status, err, wantEnroll)
+		}
+		if err := w.recover(ctx, u); err != nil {
+			t.Fatalf("recover after an enroll answered %d: %v", status, err)
+		}
+	}
+	step(http.StatusOK, "")
+	step(http.StatusTooManyRequests, "rate_limited")
+	step(http.StatusServiceUnavailable, "unavailable")
+	step(http.StatusOK, "")
 }

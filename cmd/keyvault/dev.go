@@ -8,8 +8,10 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"github.com/keyvault/keyvault/config"
@@ -19,10 +21,10 @@ import (
 const devTokenLabel = "keyvault-dev"
 
 func cmdDev(args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("dev", stderr, "dev [--dir DIR] [--listen ADDR] [--admin-listen ADDR]")
+	fs := newFlags("dev", stderr, devHelp)
 	dir := fs.String("dir", ".keyvault-dev", "the `directory` holding the dev token, keys, store, config and bearer token")
-	listen := fs.String("listen", config.DefaultListen, "the API `address`")
-	admin := fs.String("admin-listen", config.DefaultAdminListen, "the admin `address` (/metrics, /healthz, /readyz)")
+	listen := fs.String("listen", config.DefaultListen, "the API `address` (port 0: one the kernel picks); written into DIR/keyvault.yaml")
+	admin := fs.String("admin-listen", config.DefaultAdminListen, "the admin `address` (/metrics, /healthz, /readyz); written into DIR/keyvault.yaml")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -32,7 +34,7 @@ func cmdDev(args []string, stdout, stderr io.Writer) error {
 	}
 	cfgPath := filepath.Join(abs, "keyvault.yaml")
 	if _, err := os.Stat(cfgPath); errors.Is(err, os.ErrNotExist) {
-		if err := devSetup(abs, stdout); err != nil {
+		if err := devSetup(abs, *listen, *admin, stdout); err != nil {
 			return fmt.Errorf("set up %s: %w", abs, err)
 		}
 	}
@@ -40,7 +42,8 @@ func cmdDev(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	// Flags given on this run override the addresses in the config.
+	// Flags given on this run override the addresses in the config; once
+	// bound, the config is updated to match.
 	fs.Visit(func(f *flag.Flag) {
 		switch f.Name {
 		case "listen":
@@ -52,19 +55,126 @@ func cmdDev(args []string, stdout, stderr io.Writer) error {
 	if err := cfg.Validate(); err != nil {
 		return usageError{err}
 	}
-	token, err := os.ReadFile(filepath.Join(abs, "token"))
+	tokenPath := filepath.Join(abs, "token")
+	token, err := os.ReadFile(tokenPath)
+	if err != nil {
+		return fmt.Errorf("read the bearer token: %w", err)
+	}
+	return serve(cfg, stderr, func(apiAddr, adminAddr string) error {
+		// The file must name the ports served on: keys admin commands and
+		// serve --config read it.
+		listenAt, adminAt := boundAddr(cfg.Listen, apiAddr), boundAddr(cfg.AdminListen, adminAddr)
+		if err := setListenAddrs(cfgPath, listenAt, adminAt); err != nil {
+			return fmt.Errorf("write the bound addresses into %s: %w", cfgPath, err)
+		}
+		fmt.Fprintf(stdout, "keyvault dev: serving %s\n  API    http://%s\n  admin  http://%s\n  bearer token (also in %s): %s\n",
+			abs, dialable(listenAt), dialable(adminAt), tokenPath, strings.TrimSpace(string(token)))
+		return nil
+	})
+}
+
+const devHelp = `dev [--dir DIR] [--listen ADDR] [--admin-listen ADDR]
+
+Sets up, once, in DIR: a SoftHSM config and token of its own, the keys, a
+bbolt store, a bearer token (DIR/token) and DIR/keyvault.yaml, usable with
+"keyvault serve --config". Then serves DIR. Run again on the same DIR, it
+serves the same data. --listen and --admin-listen are written into
+DIR/keyvault.yaml, as the addresses actually bound where port 0 was asked,
+and later runs without them serve there again.`
+
+// boundAddr is the address to write for a listener asked to listen on
+// requested and bound to bound: as asked, with the port the kernel picked
+// where port 0 was asked. The host stays as asked: Go reports 0.0.0.0 as
+// [::], which would widen what a later run binds.
+func boundAddr(requested, bound string) string {
+	host, port, err := net.SplitHostPort(requested)
+	if err != nil || port != "0" {
+		return requested
+	}
+	if _, p, err := net.SplitHostPort(bound); err == nil {
+		return net.JoinHostPort(host, p)
+	}
+	return bound
+}
+
+// yamlScalar writes an address as a YAML scalar: plain when it is only
+// letters, digits and . : - _, else double-quoted (an IPv6 address's "["
+// would start a YAML list).
+func yamlScalar(v string) string {
+	for _, r := range v {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune(".:-_", r)) {
+			return strconv.Quote(v)
+		}
+	}
+	return v
+}
+
+// setListenAddrs sets the top-level listen and admin_listen keys of the
+// YAML file at path, keeping every other line and each line's comment. The
+// file is replaced whole (rename), so a crash leaves the old one or the new.
+func setListenAddrs(path, listen, admin string) error {
+	data, err := os.ReadFile(path)
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "keyvault dev: serving %s\n  API    http://%s\n  admin  http://%s\n  bearer token (also in %s): %s\n",
-		abs, cfg.Listen, cfg.AdminListen, filepath.Join(abs, "token"), strings.TrimSpace(string(token)))
-	return serve(cfg, stderr)
+	fi, err := os.Stat(path)
+	if err != nil {
+		return err
+	}
+	want := map[string]string{"listen": listen, "admin_listen": admin}
+	lines := strings.SplitAfter(string(data), "\n")
+	for i, l := range lines {
+		key, rest, ok := strings.Cut(l, ":")
+		v, mine := want[key]
+		if !ok || !mine {
+			continue
+		}
+		comment := ""
+		if j := strings.Index(rest, " #"); j >= 0 {
+			comment = "   " + strings.TrimRight(rest[j+1:], "\n")
+		}
+		lines[i] = key + ": " + yamlScalar(v) + comment + "\n"
+		delete(want, key)
+	}
+	for _, key := range []string{"listen", "admin_listen"} {
+		if v, missing := want[key]; missing {
+			if len(lines) > 0 && !strings.HasSuffix(lines[len(lines)-1], "\n") {
+				lines = append(lines, "\n")
+			}
+			lines = append(lines, key+": "+yamlScalar(v)+"\n")
+		}
+	}
+	out := strings.Join(lines, "")
+	if out == string(data) {
+		return nil
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(path), ".keyvault.yaml.*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.WriteString(out); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Chmod(fi.Mode().Perm()); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), path)
 }
 
 // devSetup creates, in dir, a SoftHSM config and token of their own, the
 // keys, a bearer token and keyvault.yaml. The config is written last, so a
 // setup cut short is started over on the next run.
-func devSetup(dir string, stdout io.Writer) error {
+func devSetup(dir, listen, admin string, stdout io.Writer) error {
 	module, err := softhsm.Module()
 	if err != nil {
 		return err
@@ -131,7 +241,7 @@ ratelimit:
   escalating_delay: {free_guesses: 5, base: 1m}
 log:
   level: info
-`, dir, config.DefaultListen, config.DefaultAdminListen, conf, module, devTokenLabel, pinFile, hex.EncodeToString(sum[:]))
+`, dir, yamlScalar(listen), yamlScalar(admin), conf, module, devTokenLabel, pinFile, hex.EncodeToString(sum[:]))
 	cfg, err := config.Parse([]byte(yaml))
 	if err != nil {
 		return fmt.Errorf("generated config: %w", err)

@@ -12,14 +12,17 @@ import (
 	"runtime/debug"
 )
 
-// version is set at build time with -ldflags "-X main.version=...".
+// version is set at build time with -ldflags "-X main.version=..." (make
+// build stamps git describe); without it, the module version Go records.
 var version = ""
 
 const usage = `keyvault: a PIN-protected key-backup vault in front of PKCS#11 HSMs.
 
 Usage:
   keyvault serve --config FILE       run the service
-  keyvault dev [--dir DIR]           set up SoftHSM, keys and a config in DIR, then serve
+  keyvault dev [--dir DIR] [--listen ADDR] [--admin-listen ADDR]
+                                     set up SoftHSM, keys and a config in DIR, then serve
+                                     (the addresses are kept in DIR/keyvault.yaml)
   keyvault keys init --config FILE   create key version 1 on every HSM member
   keyvault keys list --config FILE   key versions and check values per member
   keyvault keys rotate|reload|usage|rewrap|retire --config FILE
@@ -29,12 +32,13 @@ Usage:
                                      validate a config without starting
   keyvault bench --hsm --config FILE  the raw HSM ceiling of a recover or enroll
   keyvault bench --url URL --token-file FILE
-                                     load a running vault over HTTP
+                                     load a running vault over HTTP; exit 1 when
+                                     too many requests failed (--max-errors)
   keyvault anchor status --config FILE
                                      the rollback anchors and the start-up check
   keyvault anchor accept --config FILE --reason TEXT
                                      accept a restored store (audited)
-  keyvault version                   print the version
+  keyvault version                   print the version (also --version, -v)
 
 Run "keyvault COMMAND --help" for a command's flags.
 `
@@ -72,7 +76,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdAnchor(args[1:], stdout, stderr)
 	case "bench":
 		err = cmdBench(args[1:], stdout, stderr)
-	case "version":
+	case "version", "--version", "-v":
 		fmt.Fprintln(stdout, "keyvault", versionString())
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)

@@ -36,7 +36,7 @@ func cmdServe(args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	return serve(cfg, stderr)
+	return serve(cfg, stderr, nil)
 }
 
 // loadConfig reads and validates a config; its errors are usage errors.
@@ -91,8 +91,11 @@ func memberConfigs(cfg *config.Config) ([]hsmpool.MemberConfig, error) {
 
 // serve runs the vault until SIGINT or SIGTERM, then shuts down within a
 // deadline: in-flight requests finish (their guesses are already counted
-// before any answer), then the HSMs and the store close.
-func serve(cfg *config.Config, stderr io.Writer) error {
+// before any answer), then the HSMs and the store close. bound, if set, is
+// called with the addresses both listeners are bound to (the kernel's
+// choice where port 0 was asked), before they serve; its error stops the
+// vault.
+func serve(cfg *config.Config, stderr io.Writer, bound func(api, admin string) error) error {
 	if err := checkFileLimit(cfg); err != nil {
 		return err
 	}
@@ -169,6 +172,13 @@ func serve(cfg *config.Config, stderr io.Writer) error {
 	if err != nil {
 		apiL.ln.Close()
 		return err
+	}
+	if bound != nil {
+		if err := bound(apiL.addr(), adminL.addr()); err != nil {
+			apiL.ln.Close()
+			adminL.ln.Close()
+			return err
+		}
 	}
 	errs := make(chan error, 2)
 	go func() { errs <- apiL.serve() }()

@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
+	bolterrors "go.etcd.io/bbolt/errors"
 
 	"github.com/keyvault/keyvault/config"
 	"github.com/keyvault/keyvault/vault"
@@ -31,7 +32,7 @@ type openedStore struct {
 
 func openStore(cfg *config.Config, reg prometheus.Registerer) (*openedStore, error) {
 	if cfg.Store.Driver != config.DriverEtcd {
-		st, err := boltstore.Open(cfg.Store.Path, reg)
+		st, err := openBolt(cfg.Store.Path, reg)
 		if err != nil {
 			return nil, err
 		}
@@ -57,6 +58,32 @@ func openStore(cfg *config.Config, reg prometheus.Registerer) (*openedStore, err
 	}
 	return &openedStore{Store: st, ready: st.Ping, close: st.Close, desc: fmt.Sprintf("etcd %v", e.Endpoints)}, nil
 }
+
+// openBolt opens the bbolt store at path for every command that needs it.
+// bbolt holds an exclusive lock on the file while it is open, so a second
+// process waits for it and times out: that is said as it is, with the way
+// out.
+func openBolt(path string, reg prometheus.Registerer) (*boltstore.Store, error) {
+	st, err := boltstore.Open(path, reg)
+	if errors.Is(err, bolterrors.ErrTimeout) {
+		return nil, storeInUseError{path: path, err: err}
+	}
+	return st, err
+}
+
+// storeInUseError is a bbolt store locked by another process.
+type storeInUseError struct {
+	path string
+	err  error
+}
+
+func (e storeInUseError) Error() string {
+	return fmt.Sprintf("store %s is in use by another process (bbolt lets one process open it at a time): "+
+		"stop the other process (a keyvault serve, dev or anchor command on this store), "+
+		"or point this one at another store (store.path in the config, or keyvault dev --dir DIR)", e.path)
+}
+
+func (e storeInUseError) Unwrap() error { return e.err }
 
 // etcdTLS builds the client side of TLS to etcd: the members' CA (or the
 // system roots) and, if given, a client certificate.

@@ -19,6 +19,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"text/tabwriter"
 	"time"
 )
@@ -55,6 +56,16 @@ type Options struct {
 	// closed run (an open run's latency starts at the scheduled time, so
 	// there it counts). Its error ends the run: it is set-up, not load.
 	Before Op
+	// Progress, if set, is called once a second while the run lasts, from
+	// a goroutine of its own.
+	Progress func(Progress)
+}
+
+// Progress is a running count, for a progress line.
+type Progress struct {
+	Elapsed   time.Duration
+	Requests  int64 // answered so far
+	Succeeded int64
 }
 
 // Result is one run's summary. The JSON names are the bench command's
@@ -134,6 +145,25 @@ func Run(ctx context.Context, o Options, op Op) (Result, error) {
 	fail := func(err error) {
 		failOnce.Do(func() { failed = err; cancel() })
 	}
+	// Progress stops before Run returns, so no report follows the result.
+	var requests, succeeded atomic.Int64
+	stopProgress, progressDone := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(progressDone)
+		if o.Progress == nil {
+			return
+		}
+		tick := time.NewTicker(time.Second)
+		defer tick.Stop()
+		for {
+			select {
+			case <-tick.C:
+				o.Progress(Progress{Elapsed: time.Since(start), Requests: requests.Load(), Succeeded: succeeded.Load()})
+			case <-stopProgress:
+				return
+			}
+		}
+	}()
 	var wg sync.WaitGroup
 	for w := range o.Concurrency {
 		wg.Add(1)
@@ -166,7 +196,10 @@ func Run(ctx context.Context, o Options, op Op) (Result, error) {
 				}
 				err := op(ctx, w)
 				t.lat = append(t.lat, time.Since(began))
-				if err != nil {
+				requests.Add(1)
+				if err == nil {
+					succeeded.Add(1)
+				} else {
 					c := Code(err)
 					if t.errs[c]++; t.errs[c] == 1 {
 						t.first[c] = err.Error()
@@ -176,6 +209,8 @@ func Run(ctx context.Context, o Options, op Op) (Result, error) {
 		}()
 	}
 	wg.Wait()
+	close(stopProgress)
+	<-progressDone
 	if failed != nil {
 		return Result{}, fmt.Errorf("%s: %w", o.Name, failed)
 	}
@@ -236,17 +271,19 @@ func round(x float64, digits int) float64 {
 	return float64(int64(x*p+0.5)) / p
 }
 
-// WriteTable prints results as an aligned table.
+// WriteTable prints results as an aligned table. req/s counts every
+// answer, succeeded/s only the successes: a refused or shed request is
+// answered fast and must not pass for capacity.
 func WriteTable(w io.Writer, rs ...Result) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "op\tconcurrency\trate\tduration_s\trequests\treq/s\tp50_ms\tp90_ms\tp99_ms\tmax_ms\terrors\t")
+	fmt.Fprintln(tw, "op\tconcurrency\trate\tduration_s\trequests\treq/s\tsucceeded/s\tp50_ms\tp90_ms\tp99_ms\tmax_ms\terrors\t")
 	for _, r := range rs {
 		rate := "max"
 		if r.Rate > 0 {
 			rate = fmt.Sprintf("%.0f/s", r.Rate)
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%.1f\t%d\t%.0f\t%.2f\t%.2f\t%.2f\t%.2f\t%s\t\n",
-			r.Op, r.Concurrency, rate, r.DurationS, r.Requests, r.PerSecond, r.P50, r.P90, r.P99, r.Max, errorList(r))
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%.1f\t%d\t%.0f\t%.0f\t%.2f\t%.2f\t%.2f\t%.2f\t%s\t\n",
+			r.Op, r.Concurrency, rate, r.DurationS, r.Requests, r.PerSecond, r.SucceededPerSecond, r.P50, r.P90, r.P99, r.Max, errorList(r))
 	}
 	return tw.Flush()
 }

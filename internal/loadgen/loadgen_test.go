@@ -6,7 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -104,7 +106,8 @@ func TestOptionsAreChecked(t *testing.T) {
 
 func TestWriteTable(t *testing.T) {
 	var b bytes.Buffer
-	err := WriteTable(&b, Result{Op: "recover", Concurrency: 32, Requests: 10, PerSecond: 5, Errors: map[string]int64{"unavailable": 2, "locked": 1}},
+	err := WriteTable(&b, Result{Op: "recover", Concurrency: 32, Requests: 10, PerSecond: 5, Succeeded: 7, SucceededPerSecond: 3.5,
+		Errors: map[string]int64{"unavailable": 2, "locked": 1}},
 		Result{Op: "enroll", Rate: 50, Errors: map[string]int64{}})
 	if err != nil {
 		t.Fatal(err)
@@ -113,6 +116,43 @@ func TestWriteTable(t *testing.T) {
 	for _, want := range []string{"recover", "locked=1,unavailable=2", "50/s", "max"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("table lacks %q:\n%s", want, out)
+		}
+	}
+	// succeeded/s stands beside req/s, in the header and in the row.
+	lines := strings.Split(out, "\n")
+	head, row := strings.Fields(lines[0]), strings.Fields(lines[1])
+	i := slices.Index(head, "req/s")
+	if i < 0 || i+1 >= len(head) || head[i+1] != "succeeded/s" || len(row) != len(head) || row[i] != "5" || row[i+1] != "4" {
+		t.Errorf("want req/s 5 then succeeded/s 4 (3.5 rounded):\n%s", out)
+	}
+}
+
+// Progress is reported about once a second with running counts.
+func TestProgress(t *testing.T) {
+	var mu sync.Mutex
+	var seen []Progress
+	var n atomic.Int64
+	res, err := Run(context.Background(), Options{Concurrency: 2, Duration: 2500 * time.Millisecond,
+		Progress: func(p Progress) { mu.Lock(); seen = append(seen, p); mu.Unlock() }},
+		func(context.Context, int) error {
+			time.Sleep(time.Millisecond)
+			if n.Add(1)%2 == 0 {
+				return errors.New("every other one fails")
+			}
+			return nil
+		})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(seen) != 2 {
+		t.Fatalf("%d progress reports in 2.5 s, want 2: %+v", len(seen), seen)
+	}
+	for i, p := range seen {
+		if p.Requests == 0 || p.Requests > res.Requests || p.Succeeded > p.Requests || p.Succeeded < p.Requests/2-1 ||
+			p.Elapsed < time.Duration(i+1)*time.Second || (i > 0 && p.Requests <= seen[i-1].Requests) {
+			t.Errorf("report %d: %+v (run: %d requests)", i, p, res.Requests)
 		}
 	}
 }
