@@ -167,7 +167,12 @@ func newPool(cfgs []MemberConfig, toks []token, openErrs []error, opts Options) 
 			if ref != nil {
 				ks = newKeySet(ref, refProfiles)
 			}
-			err = p.checkCapabilities(m, toks[i], p.profileOf(ks))
+			if err = p.checkCapabilities(m, toks[i], p.profileOf(ks)); err != nil {
+				// Its probes open the token afresh: this one's sessions
+				// would stay open for nothing (and a token may refuse to
+				// be initialised while a session exists).
+				closeToken(toks[i])
+			}
 		}
 		if err == nil {
 			var st *tokenState
