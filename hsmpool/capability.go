@@ -175,10 +175,11 @@ var (
 )
 
 // probeCapabilities asks the token behind r what it can do and refuses it
-// (*RefusedError) if the vault cannot serve with it under profile ("":
-// the newest of held, the profiles of the wrap key versions the token
-// holds, or DefaultProfile), nor open the records of every wrap key it
-// holds. Other errors are failures of the moment.
+// (*RefusedError) if the vault cannot serve from it under profile, or
+// cannot open the records of every wrap key it holds (held: their versions
+// and profiles). An empty profile is that of the newest wrap key in held,
+// or DefaultProfile on a token without keys. Other errors are failures of
+// the moment.
 func probeCapabilities(r *rawSessions, member, label string, profile vault.Profile, held map[uint32]vault.Profile) (*Capabilities, error) {
 	c := &Capabilities{
 		Member: member, Token: label, Profile: profile,
