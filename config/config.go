@@ -306,6 +306,15 @@ type HSM struct {
 	// process sees one SoftHSM config. Optional; default empty. Keys must be
 	// valid environment variable names.
 	ModuleEnv map[string]string `yaml:"module_env"`
+	// Profile is how records are sealed: "gcm" (AES-256-GCM inside the
+	// HSM under an AES wrap key) or "hmac" (AES-256-GCM on the host under
+	// a per-record key the HSM derives by HMAC-SHA256 from a generic
+	// secret wrap key; the tokens need only HMAC-SHA256). keys init and
+	// keys rotate make the wrap key of this profile, and serve refuses a
+	// store whose newest wrap key is of another. Optional; unset, a store
+	// keeps the profile of its newest wrap key, and keys init makes keys
+	// for hmac (docs/hsm.md says why).
+	Profile string `yaml:"profile"`
 	// Members are the tokens; at least one.
 	Members []Member `yaml:"members"`
 }

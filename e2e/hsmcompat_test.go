@@ -13,11 +13,14 @@ import (
 	"github.com/keyvault/keyvault/internal/softhsm/softhsmtest"
 )
 
-// TestRefusedMember runs the binary on a pool of the dev SoftHSM token and
-// opencryptoki's soft token, which has HMAC-SHA256 but no AES-GCM:
-// `hsm check` exits 2 and names the missing mechanism for opencryptoki
-// only; `keys init` creates nothing; `keys list`, /readyz and the metrics
-// show the member refused while the vault serves on SoftHSM.
+// TestRefusedMember runs the binary, under the gcm profile, on a pool of
+// the dev SoftHSM token and opencryptoki's soft token, which has
+// HMAC-SHA256 but no AES-GCM: `hsm check` exits 2 and names the missing
+// mechanism, and hmac as the profile that works, for opencryptoki only;
+// `keys init` creates nothing; `keys list`, /readyz and the metrics show
+// the member refused while the vault serves on SoftHSM. The dev token's
+// keys are of the hmac profile (the default), so a keys rotate under gcm
+// first adds a version for gcm.
 func TestRefusedMember(t *testing.T) {
 	softhsmtest.Module(t)
 	oc := p11test.Opencryptoki(t) // not parallel: the token is the machine's only one
@@ -33,17 +36,27 @@ func TestRefusedMember(t *testing.T) {
 		t.Fatal(err)
 	}
 	h := cfg["hsm"].(map[string]any)
+	h["profile"] = "gcm"
+	writeYAML := func(name string) string {
+		t.Helper()
+		out, err := yaml.Marshal(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, out, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	gcmCfg := writeYAML("gcm.yaml")
+	if code, text := runCLI(t, "keys", "rotate", "--config", gcmCfg); code != 0 {
+		t.Fatalf("keys rotate under gcm: exit %d:\n%s", code, text)
+	}
 	h["members"] = append(h["members"].([]any), map[string]any{
 		"name": "oc", "module": oc.Module, "token_label": oc.Label, "pin_file": pinFile, "max_sessions": 4,
 	})
-	out, err := yaml.Marshal(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mixed := filepath.Join(dir, "mixed.yaml")
-	if err := os.WriteFile(mixed, out, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	mixed := writeYAML("mixed.yaml")
 
 	code, text := runCLI(t, "hsm", "check", "--config", mixed)
 	if code != 2 {
@@ -53,8 +66,8 @@ func TestRefusedMember(t *testing.T) {
 	dev, ocPart, ok := strings.Cut(text, "member oc\n")
 	if !ok || strings.Contains(dev, "CKM_AES_GCM (0x1087): absent") || !strings.Contains(dev, "verdict: can serve") ||
 		!strings.Contains(ocPart, "lacks CKM_AES_GCM (0x1087)") || !strings.Contains(ocPart, "verdict: cannot serve") ||
-		!strings.Contains(ocPart, "CKM_SHA256_HMAC (0x251): sign") {
-		t.Errorf("hsm check should pass the dev member and refuse oc for CKM_AES_GCM:\n%s", text)
+		!strings.Contains(ocPart, "CKM_SHA256_HMAC (0x251): sign") || !strings.Contains(ocPart, "set hsm.profile: hmac") {
+		t.Errorf("hsm check should pass the dev member and refuse oc for CKM_AES_GCM, naming hmac:\n%s", text)
 	}
 	if code, text := runCLI(t, "hsm", "check", "--config", cfgPath); code != 0 {
 		t.Errorf("hsm check on SoftHSM alone: exit %d:\n%s", code, text)

@@ -11,6 +11,8 @@ import (
 
 	"github.com/miekg/pkcs11"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/keyvault/keyvault/vault"
 )
 
 // Anchors live on each member in two private slot objects written in
@@ -19,7 +21,7 @@ import (
 // first write of a process starts over from one object.
 func TestAnchorObjects(t *testing.T) {
 	a, b := newMember(t, "a"), newMember(t, "b")
-	if _, err := Provision([]MemberConfig{a, b}); err != nil {
+	if _, err := Provision([]MemberConfig{a, b}, vault.ProfileGCM); err != nil {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
@@ -114,7 +116,7 @@ func TestAnchorObjects(t *testing.T) {
 // an object labelled keyvault-anchor) is read, and the first write removes it.
 func TestLegacyAnchorObjects(t *testing.T) {
 	a := newMember(t, "a")
-	if _, err := Provision([]MemberConfig{a}); err != nil {
+	if _, err := Provision([]MemberConfig{a}, vault.ProfileGCM); err != nil {
 		t.Fatal(err)
 	}
 	err := withSession(a, func(c *pkcs11.Ctx, s pkcs11.SessionHandle) error {
@@ -164,7 +166,7 @@ func TestReadAnchorsReportsSilentMembers(t *testing.T) {
 // through it (found by review: the views had no anchor session).
 func TestAnchorsAfterReload(t *testing.T) {
 	a := newMember(t, "a")
-	if _, err := Provision([]MemberConfig{a}); err != nil {
+	if _, err := Provision([]MemberConfig{a}, vault.ProfileGCM); err != nil {
 		t.Fatal(err)
 	}
 	p := openPool(t, prometheus.NewRegistry(), a)
@@ -191,7 +193,7 @@ func TestAnchorsAfterReload(t *testing.T) {
 // the token, so it refuses it (found by review: it was per instance).
 func TestAbandonedWriteOnAReopenedMemberCannotTakeItBack(t *testing.T) {
 	a := newMember(t, "a")
-	if _, err := Provision([]MemberConfig{a}); err != nil {
+	if _, err := Provision([]MemberConfig{a}, vault.ProfileGCM); err != nil {
 		t.Fatal(err)
 	}
 	p := openPool(t, prometheus.NewRegistry(), a) // logs the token in

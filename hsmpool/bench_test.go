@@ -35,8 +35,9 @@ func (l latencyToken) Open(k vault.KeyID, nonce, ct, aad []byte) ([]byte, error)
 	return ct[:len(ct)-16], nil
 }
 
-func (latencyToken) Versions(vault.KeyRole) []uint32 { return []uint32{1} }
-func (latencyToken) Close() error                    { return nil }
+func (latencyToken) Versions(vault.KeyRole) []uint32  { return []uint32{1} }
+func (latencyToken) WrapProfile(uint32) vault.Profile { return vault.ProfileGCM }
+func (latencyToken) Close() error                     { return nil }
 
 // BenchmarkPoolScaling: throughput of PIN-check HMACs through the pool
 // with 1, 2 and 4 members of 2 ms latency and 4 sessions each, under more
@@ -85,7 +86,7 @@ func BenchmarkPoolScaling(b *testing.B) {
 //	go test ./hsmpool -run '^$' -bench AnchorWrite -benchtime 3s
 func BenchmarkAnchorWrite(b *testing.B) {
 	m := newMember(b, "a")
-	if _, err := Provision([]MemberConfig{m}); err != nil {
+	if _, err := Provision([]MemberConfig{m}, vault.ProfileGCM); err != nil {
 		b.Fatal(err)
 	}
 	p, err := Open([]MemberConfig{m}, Options{})
@@ -126,7 +127,7 @@ func BenchmarkAnchorWrite(b *testing.B) {
 //	go test ./hsmpool -run '^$' -bench SoftHSMOps -benchtime 3s
 func BenchmarkSoftHSMOps(b *testing.B) {
 	m := newMember(b, "a")
-	if _, err := Provision([]MemberConfig{m}); err != nil {
+	if _, err := Provision([]MemberConfig{m}, vault.ProfileGCM); err != nil {
 		b.Fatal(err)
 	}
 	p, err := Open([]MemberConfig{m}, Options{})

@@ -9,11 +9,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
+	"slices"
 	"strings"
 
 	"github.com/miekg/pkcs11"
 
 	"github.com/keyvault/keyvault/hsmpool/internal/p11raw"
+	"github.com/keyvault/keyvault/vault"
 )
 
 // Tokens differ in what they can do, so the pool asks each one before it
@@ -67,10 +70,22 @@ func flagNames(f uint) string {
 	return strings.Join(out, ", ")
 }
 
+// DefaultProfile is the profile keys init makes keys for when the config
+// names none: hmac needs only HMAC-SHA256 under a generic secret key,
+// which every HSM keyvault fronts has, so a pool may later take any of
+// them as a member without moving its records (docs/hsm.md argues it).
+const DefaultProfile = vault.ProfileHMAC
+
 // Capabilities is what a token can do of what the vault needs.
 type Capabilities struct {
-	Member, Token        string
-	Manufacturer, Model  string
+	Member, Token       string
+	Manufacturer, Model string
+	// Profile is the profile the verdict is for: the configured one, or
+	// the newest wrap key's, or DefaultProfile on a token without keys.
+	Profile vault.Profile
+	// GCMFor names the wrap keys of the gcm profile the token holds,
+	// whose records need its GCM whatever the profile.
+	GCMFor               []string
 	GCM, HMAC            MechanismCheck // serving: seal and open, PIN checks
 	AESKeyGen, SecretGen MechanismCheck // keys init with one member
 	// Import is "yes" when the token took key material as a sensitive
@@ -90,13 +105,21 @@ func (c *Capabilities) Write(w io.Writer) {
 	fmt.Fprintf(w, "  key import: %s\n", c.Import)
 	fmt.Fprintf(w, "  known answer, HMAC-SHA256: %s\n", c.KnownAnswerHMAC)
 	fmt.Fprintf(w, "  known answer, AES-256-GCM: %s\n", c.KnownAnswerGCM)
+	if len(c.GCMFor) > 0 {
+		fmt.Fprintf(w, "  wrap keys of the gcm profile held: %s\n", strings.Join(c.GCMFor, ", "))
+	}
 }
 
-// CanProvision says whether keys init can create keys on the token: with
-// one member it generates them inside it, with several it imports them.
-func (c *Capabilities) CanProvision(members int) error {
+// CanProvision says whether keys init can create the keys of profile on
+// the token: with one member it generates them inside it, with several it
+// imports them.
+func (c *Capabilities) CanProvision(members int, profile vault.Profile) error {
 	if members == 1 {
-		for _, m := range []MechanismCheck{c.AESKeyGen, c.SecretGen} {
+		gens := []MechanismCheck{c.SecretGen}
+		if profile == vault.ProfileGCM {
+			gens = append(gens, c.AESKeyGen)
+		}
+		for _, m := range gens {
 			if !m.OK() {
 				return fmt.Errorf("member %s: token %q cannot generate the keys: %s", c.Member, c.Token, m)
 			}
@@ -152,11 +175,14 @@ var (
 )
 
 // probeCapabilities asks the token behind r what it can do and refuses it
-// (*RefusedError) if the vault cannot serve with it. Other errors are
-// failures of the moment.
-func probeCapabilities(r *rawSessions, member, label string) (*Capabilities, error) {
+// (*RefusedError) if the vault cannot serve from it under profile, or
+// cannot open the records of every wrap key it holds (held: their versions
+// and profiles). An empty profile is that of the newest wrap key in held,
+// or DefaultProfile on a token without keys. Other errors are failures of
+// the moment.
+func probeCapabilities(r *rawSessions, member, label string, profile vault.Profile, held map[uint32]vault.Profile) (*Capabilities, error) {
 	c := &Capabilities{
-		Member: member, Token: label,
+		Member: member, Token: label, Profile: profile,
 		GCM:       MechanismCheck{Name: "CKM_AES_GCM", Code: pkcs11.CKM_AES_GCM, Needs: pkcs11.CKF_ENCRYPT | pkcs11.CKF_DECRYPT},
 		HMAC:      MechanismCheck{Name: "CKM_SHA256_HMAC", Code: pkcs11.CKM_SHA256_HMAC, Needs: pkcs11.CKF_SIGN},
 		AESKeyGen: MechanismCheck{Name: "CKM_AES_KEY_GEN", Code: pkcs11.CKM_AES_KEY_GEN, Needs: pkcs11.CKF_GENERATE},
@@ -184,30 +210,45 @@ func probeCapabilities(r *rawSessions, member, label string) (*Capabilities, err
 			mc.Flags = info.Flags
 		}
 	}
+	if c.Profile == "" {
+		c.Profile = DefaultProfile
+		if len(held) > 0 {
+			c.Profile = held[slices.Max(slices.Collect(maps.Keys(held)))]
+		}
+	}
+	for _, v := range slices.Sorted(maps.Keys(held)) {
+		if held[v] == vault.ProfileGCM {
+			c.GCMFor = append(c.GCMFor, vault.KeyID{Role: vault.RoleWrap, Version: v}.Label())
+		}
+	}
 	if err := knownAnswers(r, c); err != nil {
 		return c, fmt.Errorf("member %s: %w", member, err)
 	}
 	return c, c.verdict()
 }
 
-// verdict refuses the token if the gcm profile cannot run on it.
+// verdict refuses the token if the vault cannot serve from it under
+// c.Profile: HMAC-SHA256 always, and AES-GCM for the gcm profile or for
+// the records of a gcm wrap key the token holds.
 func (c *Capabilities) verdict() error {
 	refuse := func(reason, detail string) error {
 		return &RefusedError{Member: c.Member, Reason: reason, Detail: detail, Caps: c}
 	}
-	hmacOK := c.HMAC.OK() && passed(c.KnownAnswerHMAC)
+	needGCM := c.Profile == vault.ProfileGCM || len(c.GCMFor) > 0
 	switch {
 	case !c.HMAC.OK():
 		return refuse(c.HMAC.Name, fmt.Sprintf("token %q %s, which every keyvault profile needs (HMAC-SHA256 sign)", c.Token, c.HMAC.lacks()))
-	case !c.GCM.OK():
-		hint := "it has no HMAC-SHA256 that passes its known answer either"
-		if hmacOK {
-			hint = "it has HMAC-SHA256, all the hmac profile needs; that profile (AES-GCM on the host under HSM-derived keys) is planned, not built yet"
-		}
-		return refuse(c.GCM.Name, fmt.Sprintf("token %q %s, which the gcm profile needs (encrypt and decrypt); %s", c.Token, c.GCM.lacks(), hint))
 	case !passed(c.KnownAnswerHMAC):
 		return refuse("known_answer_hmac", fmt.Sprintf("token %q: HMAC-SHA256 known answer: %s", c.Token, c.KnownAnswerHMAC))
-	case !passed(c.KnownAnswerGCM):
+	case needGCM && !c.GCM.OK() && c.Profile == vault.ProfileGCM:
+		return refuse(c.GCM.Name, fmt.Sprintf("token %q %s, which the gcm profile needs (encrypt and decrypt); "+
+			"it has HMAC-SHA256, all the hmac profile needs: set hsm.profile: hmac, with keys made for it (keys init on new tokens, keys rotate on a store in use)",
+			c.Token, c.GCM.lacks()))
+	case needGCM && !c.GCM.OK():
+		return refuse(c.GCM.Name, fmt.Sprintf("token %q %s, which the gcm profile's wrap keys it holds (%s) need to open the records sealed under them; "+
+			"move those records to a wrap key of the hmac profile (keys rewrap) and retire those versions (keys retire) before this token serves",
+			c.Token, c.GCM.lacks(), strings.Join(c.GCMFor, ", ")))
+	case needGCM && !passed(c.KnownAnswerGCM):
 		return refuse("known_answer_gcm", fmt.Sprintf("token %q: AES-256-GCM known answer: %s", c.Token, c.KnownAnswerGCM))
 	}
 	return nil

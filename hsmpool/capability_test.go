@@ -25,14 +25,14 @@ import (
 
 func TestCapabilitiesAcceptSoftHSM(t *testing.T) {
 	m := newMember(t, "a")
-	c := Check([]MemberConfig{m})[0]
+	c := Check([]MemberConfig{m}, vault.ProfileGCM)[0]
 	if c.Err != nil {
 		t.Fatalf("SoftHSM refused: %v", c.Err)
 	}
 	if !c.Caps.GCM.OK() || !c.Caps.HMAC.OK() || c.Caps.KnownAnswerHMAC != katOK || c.Caps.KnownAnswerGCM != katOK || c.Caps.Import != "yes" {
 		t.Fatalf("SoftHSM capabilities: %+v", c.Caps)
 	}
-	if err := c.Caps.CanProvision(1); err != nil {
+	if err := c.Caps.CanProvision(1, vault.ProfileGCM); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -48,7 +48,7 @@ func opencryptokiMember(t *testing.T, name string) MemberConfig {
 // (crypto11's multi-part HMAC crashes the process on it).
 func TestCapabilitiesRefuseOpencryptokiForGCM(t *testing.T) {
 	m := opencryptokiMember(t, "oc")
-	c := Check([]MemberConfig{m})[0]
+	c := Check([]MemberConfig{m}, vault.ProfileGCM)[0]
 	var refusal *RefusedError
 	if !errors.As(c.Err, &refusal) {
 		t.Fatalf("opencryptoki: %v, want a refusal", c.Err)
@@ -72,7 +72,7 @@ func TestCapabilitiesRefuseOpencryptokiForGCM(t *testing.T) {
 // probe it again in a loop.
 func TestPoolServesBesideARefusedMember(t *testing.T) {
 	soft := newMember(t, "soft")
-	if _, err := Provision([]MemberConfig{soft}); err != nil {
+	if _, err := Provision([]MemberConfig{soft}, vault.ProfileGCM); err != nil {
 		t.Fatal(err)
 	}
 	oc := opencryptokiMember(t, "oc")
@@ -134,7 +134,7 @@ func TestNSSThroughP11KitMatchesGo(t *testing.T) {
 	}
 	tok := p11test.NSS(t, hsmDir)
 	m := MemberConfig{Name: "nss", Module: tok.Module, TokenLabel: tok.Label, PIN: tok.PIN, MaxSessions: 4}
-	c := Check([]MemberConfig{m})[0]
+	c := Check([]MemberConfig{m}, vault.ProfileGCM)[0]
 	if c.Err != nil {
 		t.Fatalf("NSS refused: %v", c.Err)
 	}
@@ -145,7 +145,7 @@ func TestNSSThroughP11KitMatchesGo(t *testing.T) {
 	}
 	err := withSession(m, func(p *pkcs11.Ctx, s pkcs11.SessionHandle) error {
 		for id, v := range material {
-			if _, err := p.CreateObject(s, keyTemplate(id, v)); err != nil {
+			if _, err := p.CreateObject(s, keyTemplate(id, v, vault.ProfileGCM)); err != nil {
 				return err
 			}
 		}

@@ -39,6 +39,18 @@
 // passes, the open is tried on the other healthy members too: failing on
 // every one of them, the record is damaged (vault.ErrIntegrity) and every
 // member stays in; opening on another, the first member is taken out.
+// Under the hmac profile the open runs on the host under a key the member
+// derived, and the member's check value of the wrap key stands in for the
+// known answer.
+//
+// # Profiles
+//
+// A wrap key's type is its profile: an AES key seals with GCM in the token
+// (gcm), a generic secret key derives a key per record by HMAC, under
+// which GCM runs in this package (hmac, derive.go). Seal and Open pick the
+// way by the key, so a pool may hold versions of both while a store moves
+// from one to the other; Options.Profile is the one new records must be
+// sealed under.
 //
 // # Failures and probes
 //

@@ -94,7 +94,7 @@ func (p *Pool) reopen(m *member) error {
 		p.log.Warn("HSM member still failing", "member", m.name, "error", err.Error())
 		return err
 	}
-	if err := p.checkCapabilities(m, t); err != nil {
+	if err := p.checkCapabilities(m, t, p.profileOf(p.keys.Load())); err != nil {
 		closeToken(t)
 		if m.refusal.Load() == nil {
 			p.log.Warn("HSM member still failing", "member", m.name, "error", err.Error())
@@ -156,8 +156,9 @@ func (brokenToken) Seal(vault.KeyID, []byte, []byte, []byte) ([]byte, error) {
 func (brokenToken) Open(vault.KeyID, []byte, []byte, []byte) ([]byte, error) {
 	return nil, errNoToken
 }
-func (brokenToken) Versions(vault.KeyRole) []uint32 { return nil }
-func (brokenToken) Close() error                    { return nil }
+func (brokenToken) Versions(vault.KeyRole) []uint32  { return nil }
+func (brokenToken) WrapProfile(uint32) vault.Profile { return "" }
+func (brokenToken) Close() error                     { return nil }
 
 // isPINError reports a login refused for the PIN. crypto11 flattens
 // PKCS#11 errors into text, so the codes are matched by name.

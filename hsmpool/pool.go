@@ -46,6 +46,12 @@ type Options struct {
 	// capabilities is probed again (default 10m): the answer changes only
 	// when someone changes the token.
 	RefusedProbeInterval time.Duration
+	// Profile is how new records are sealed (vault.ProfileGCM or
+	// ProfileHMAC): the pool refuses to start, and Reload refuses, if the
+	// newest wrap key is of another profile, and a member's token must
+	// have what the profile needs. "" (the default) follows the keys: the
+	// newest wrap key's profile.
+	Profile vault.Profile
 	// AdmitPerSession is how many requests Admit lets in per session of
 	// the healthy members (default 1). A request spends most of its time
 	// in the store, not the HSM, so one per session leaves the HSMs idle
@@ -133,6 +139,7 @@ func newPool(cfgs []MemberConfig, toks []token, openErrs []error, opts Options) 
 		stop:    make(chan struct{}),
 	}
 	var ref map[vault.KeyID][]byte // the first admitted member's keys
+	var refProfiles map[uint32]vault.Profile
 	var errs []error
 	var toProbe []*member
 	p.admitWake = make(chan struct{}, 1)
@@ -156,7 +163,16 @@ func newPool(cfgs []MemberConfig, toks []token, openErrs []error, opts Options) 
 			err = errNoToken
 		}
 		if err == nil {
-			err = p.checkCapabilities(m, toks[i])
+			var ks *keySet
+			if ref != nil {
+				ks = newKeySet(ref, refProfiles)
+			}
+			if err = p.checkCapabilities(m, toks[i], p.profileOf(ks)); err != nil {
+				// Its probes open the token afresh: this one's sessions
+				// would stay open for nothing (and a token may refuse to
+				// be initialised while a session exists).
+				closeToken(toks[i])
+			}
 		}
 		if err == nil {
 			var st *tokenState
@@ -164,7 +180,7 @@ func newPool(cfgs []MemberConfig, toks []token, openErrs []error, opts Options) 
 				m.st.Store(st)
 				if ref == nil {
 					// The first admitted member is the reference.
-					ref = st.kcvs
+					ref, refProfiles = st.kcvs, wrapProfiles(st.tok)
 				}
 				m.healthy.Store(true)
 				p.metrics.up.WithLabelValues(c.Name).Set(1)
@@ -190,7 +206,12 @@ func newPool(cfgs []MemberConfig, toks []token, openErrs []error, opts Options) 
 	if ref == nil {
 		return nil, fmt.Errorf("hsmpool: no usable member: %w", errors.Join(errs...))
 	}
-	p.keys.Store(newKeySet(ref))
+	ks := newKeySet(ref, refProfiles)
+	if err := checkProfile(opts.Profile, ks); err != nil {
+		p.Close()
+		return nil, fmt.Errorf("hsmpool: %w", err)
+	}
+	p.keys.Store(ks)
 	for _, m := range toProbe {
 		p.startProbe(m)
 	}
@@ -218,20 +239,64 @@ func (p *Pool) Close() error {
 // KeyVersion implements vault.HSM.
 func (p *Pool) KeyVersion(role vault.KeyRole) uint32 { return p.keys.Load().versions[role] }
 
+// WrapProfile implements vault.HSM.
+func (p *Pool) WrapProfile(version uint32) vault.Profile { return p.keys.Load().profiles[version] }
+
 // keySet is the pool's reference: the check value of every key all members
-// hold, and the newest version of each role. It is replaced whole, never
-// changed in place.
+// hold, the newest version of each role, and the profile of each wrap key
+// version. It is replaced whole, never changed in place.
 type keySet struct {
 	ref      map[vault.KeyID][]byte
 	versions map[vault.KeyRole]uint32
+	profiles map[uint32]vault.Profile
 }
 
-func newKeySet(ref map[vault.KeyID][]byte) *keySet {
-	ks := &keySet{ref: ref, versions: map[vault.KeyRole]uint32{}}
+// newKeySet builds the reference from the check values and the wrap key
+// profiles of one member; members with equal check values hold keys of
+// the same kinds, since a wrap key's check value is a GCM tag or an HMAC
+// by its kind.
+func newKeySet(ref map[vault.KeyID][]byte, profiles map[uint32]vault.Profile) *keySet {
+	ks := &keySet{ref: ref, versions: map[vault.KeyRole]uint32{}, profiles: map[uint32]vault.Profile{}}
 	for id := range ref {
 		ks.versions[id.Role] = max(ks.versions[id.Role], id.Version)
+		if id.Role == vault.RoleWrap {
+			ks.profiles[id.Version] = profiles[id.Version]
+		}
 	}
 	return ks
+}
+
+// wrapProfiles lists the profiles of a token's wrap key versions.
+func wrapProfiles(t token) map[uint32]vault.Profile {
+	out := map[uint32]vault.Profile{}
+	for _, v := range t.Versions(vault.RoleWrap) {
+		out[v] = t.WrapProfile(v)
+	}
+	return out
+}
+
+// ProfileError: the newest wrap key is not of the configured profile, so
+// new records cannot be sealed as configured.
+type ProfileError struct {
+	Want, Got vault.Profile
+	Key       vault.KeyID // the newest wrap key
+}
+
+func (e *ProfileError) Error() string {
+	return fmt.Sprintf("the configured profile (hsm.profile) is %s, but the newest wrap key, %s, is a key of the %s profile: "+
+		"run keyvault keys rotate with this config to add a wrap key version of the %s profile (records sealed under older versions "+
+		"keep opening by their own profile while every member can; keys rewrap moves them, keys retire then removes the old version), "+
+		"or set hsm.profile: %s", e.Want, e.Key.Label(), e.Got, e.Want, e.Got)
+}
+
+// checkProfile refuses a key set whose newest wrap key is not of the
+// configured profile ("" follows the keys).
+func checkProfile(want vault.Profile, ks *keySet) error {
+	newest := ks.versions[vault.RoleWrap]
+	if want == "" || ks.profiles[newest] == want {
+		return nil
+	}
+	return &ProfileError{Want: want, Got: ks.profiles[newest], Key: vault.KeyID{Role: vault.RoleWrap, Version: newest}}
 }
 
 func (p *Pool) ref() map[vault.KeyID][]byte { return p.keys.Load().ref }
@@ -297,25 +362,39 @@ func (p *Pool) Keys() []MemberKeys {
 	return out
 }
 
-// HMAC implements vault.HSM.
+// HMAC implements vault.HSM, under PIN and root keys. A wrap key of the
+// hmac profile derives record keys inside Seal and Open only: a caller
+// never gets one for a message of its choosing.
 func (p *Pool) HMAC(ctx context.Context, key vault.KeyID, msg []byte) ([]byte, error) {
+	if key.Role == vault.RoleWrap {
+		return nil, fmt.Errorf("%w: HMAC under the wrap key %s", errCaller, key.Label())
+	}
 	return p.do(ctx, "hmac", func(_ *member, st *tokenState) ([]byte, error) {
 		return st.tok.HMAC(key, msg)
 	})
 }
 
-// Seal implements vault.HSM.
+// Seal implements vault.HSM: GCM in the HSM under a wrap key of the gcm
+// profile, or on the host under a key derived in the HSM for the hmac
+// profile (sealDerived).
 func (p *Pool) Seal(ctx context.Context, key vault.KeyID, nonce, plaintext, aad []byte) ([]byte, error) {
 	return p.do(ctx, "seal", func(_ *member, st *tokenState) ([]byte, error) {
+		if derives(st.tok, key) {
+			return sealDerived(st.tok, key, nonce, plaintext, aad)
+		}
 		return st.tok.Seal(key, nonce, plaintext, aad)
 	})
 }
 
 // Open implements vault.HSM. A failed open is retried on the same member's
-// known answer: if that opens, the ciphertext is bad (ErrIntegrity) and the
-// member stays; if not, the member is taken out and another one tries.
+// known answer (gcm), or its check value of the wrap key (hmac): if that
+// passes, the ciphertext is bad (ErrIntegrity) and the member stays; if
+// not, the member is taken out and another one tries.
 func (p *Pool) Open(ctx context.Context, key vault.KeyID, nonce, ciphertext, aad []byte) ([]byte, error) {
 	return p.do(ctx, "open", func(m *member, st *tokenState) ([]byte, error) {
+		if derives(st.tok, key) {
+			return openDerived(m, st, key, nonce, ciphertext, aad)
+		}
 		pt, err := st.tok.Open(key, nonce, ciphertext, aad)
 		if err == nil {
 			return pt, nil

@@ -71,11 +71,11 @@ var (
 
 func TestSingleMemberKeysStayInHSM(t *testing.T) {
 	m := newMember(t, "a")
-	inHSM, err := Provision([]MemberConfig{m})
+	inHSM, err := Provision([]MemberConfig{m}, vault.ProfileGCM)
 	if err != nil || !inHSM {
 		t.Fatalf("Provision: inHSM=%v err=%v", inHSM, err)
 	}
-	if _, err := Provision([]MemberConfig{m}); !errors.Is(err, ErrKeysExist) {
+	if _, err := Provision([]MemberConfig{m}, vault.ProfileGCM); !errors.Is(err, ErrKeysExist) {
 		t.Fatalf("second Provision: %v, want ErrKeysExist", err)
 	}
 	reg := prometheus.NewRegistry()
@@ -134,7 +134,7 @@ func TestSingleMemberKeysStayInHSM(t *testing.T) {
 
 func TestSeveralMembersShareKeyMaterial(t *testing.T) {
 	a, b := newMember(t, "a"), newMember(t, "b")
-	inHSM, err := Provision([]MemberConfig{a, b})
+	inHSM, err := Provision([]MemberConfig{a, b}, vault.ProfileGCM)
 	if err != nil || inHSM {
 		t.Fatalf("Provision: inHSM=%v err=%v", inHSM, err)
 	}
@@ -170,7 +170,7 @@ func TestSeveralMembersShareKeyMaterial(t *testing.T) {
 func TestMemberWithOtherKeysIsLeftOut(t *testing.T) {
 	a, c := newMember(t, "a"), newMember(t, "c")
 	for _, m := range []MemberConfig{a, c} {
-		if _, err := Provision([]MemberConfig{m}); err != nil {
+		if _, err := Provision([]MemberConfig{m}, vault.ProfileGCM); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -185,7 +185,7 @@ func TestMemberWithOtherKeysIsLeftOut(t *testing.T) {
 
 func TestWrongPINIsReportedNotRetried(t *testing.T) {
 	a := newMember(t, "a")
-	if _, err := Provision([]MemberConfig{a}); err != nil {
+	if _, err := Provision([]MemberConfig{a}, vault.ProfileGCM); err != nil {
 		t.Fatal(err)
 	}
 	bad := a
@@ -338,7 +338,7 @@ func (p *pickyOpen) Open(k vault.KeyID, n, c, a []byte) ([]byte, error) {
 func twoMembers(t *testing.T, opts Options, wrapA func(token) token) *Pool {
 	t.Helper()
 	a, b := newMember(t, "a"), newMember(t, "b")
-	if _, err := Provision([]MemberConfig{a, b}); err != nil {
+	if _, err := Provision([]MemberConfig{a, b}, vault.ProfileGCM); err != nil {
 		t.Fatal(err)
 	}
 	ta, err := openToken(a)
@@ -428,7 +428,7 @@ func TestExtractableKeyIsRefused(t *testing.T) {
 	m := newMember(t, "x")
 	err := withSession(m, func(p *pkcs11.Ctx, s pkcs11.SessionHandle) error {
 		for _, id := range keyVersion1() {
-			tmpl := keyTemplate(id, bytes.Repeat([]byte{7}, 32))
+			tmpl := keyTemplate(id, bytes.Repeat([]byte{7}, 32), vault.ProfileGCM)
 			if id.Role == vault.RoleWrap {
 				for i, a := range tmpl {
 					if a.Type == pkcs11.CKA_EXTRACTABLE {
@@ -465,10 +465,10 @@ func TestReadmissionChecksKeys(t *testing.T) {
 	// Every token exists before the module is loaded: SoftHSM does not see
 	// tokens made by softhsm2-util after that.
 	a, b, c := newMember(t, "a"), newMember(t, "b"), newMember(t, "c")
-	if _, err := Provision([]MemberConfig{a, b}); err != nil {
+	if _, err := Provision([]MemberConfig{a, b}, vault.ProfileGCM); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := Provision([]MemberConfig{c}); err != nil {
+	if _, err := Provision([]MemberConfig{c}, vault.ProfileGCM); err != nil {
 		t.Fatal(err)
 	}
 	var toks []token
@@ -511,7 +511,7 @@ func TestReadmissionChecksKeys(t *testing.T) {
 // and the other member serves.
 func TestWrongPINOnOneMember(t *testing.T) {
 	a, b := newMember(t, "a"), newMember(t, "b")
-	if _, err := Provision([]MemberConfig{a, b}); err != nil {
+	if _, err := Provision([]MemberConfig{a, b}, vault.ProfileGCM); err != nil {
 		t.Fatal(err)
 	}
 	b.PIN = "99999999"

@@ -28,28 +28,35 @@ func keyVersion1() []vault.KeyID {
 }
 
 // Provision creates key version 1 of every role on every member, with the
-// same material on all of them. It refuses, creating nothing, if any member
-// already holds any of these keys.
+// same material on all of them, the wrap key of the kind profile needs
+// (AES for gcm, generic secret for hmac; "" is DefaultProfile). It
+// refuses, creating nothing, if any member already holds any of these keys.
 //
 // With one member the keys are generated inside the HSM and never exist
 // outside it (inHSM is true). Generic PKCS#11 cannot clone a key between
 // tokens, so with several members the material is drawn from crypto/rand in
 // this process, imported into each member as sensitive, non-extractable
 // token objects, and wiped.
-func Provision(cfgs []MemberConfig) (inHSM bool, err error) {
-	return provisionKeys(cfgs, keyVersion1())
+func Provision(cfgs []MemberConfig, profile vault.Profile) (inHSM bool, err error) {
+	if profile == "" {
+		profile = DefaultProfile
+	}
+	return provisionKeys(cfgs, keyVersion1(), profile)
 }
 
 // provisionKeys creates the key objects ids on every member, identical on
 // all, as Provision describes; it refuses, creating nothing, if any member
 // holds any of them.
-func provisionKeys(cfgs []MemberConfig, ids []vault.KeyID) (inHSM bool, err error) {
+func provisionKeys(cfgs []MemberConfig, ids []vault.KeyID, profile vault.Profile) (inHSM bool, err error) {
 	if len(cfgs) == 0 {
 		return false, errors.New("provision: no members")
 	}
+	if profile != vault.ProfileGCM && profile != vault.ProfileHMAC {
+		return false, fmt.Errorf("provision: unknown profile %q", profile)
+	}
 	checkAbsent := absent(ids)
 	if len(cfgs) == 1 {
-		return true, generateInHSM(cfgs[0], ids)
+		return true, generateInHSM(cfgs[0], ids, profile)
 	}
 	for _, c := range cfgs {
 		if err := withSession(c, func(*pkcs11.Ctx, pkcs11.SessionHandle) error { return nil }, checkAbsent); err != nil {
@@ -69,7 +76,7 @@ func provisionKeys(cfgs []MemberConfig, ids []vault.KeyID) (inHSM bool, err erro
 	for _, c := range cfgs {
 		err := withSession(c, func(p *pkcs11.Ctx, s pkcs11.SessionHandle) error {
 			for _, id := range ids {
-				if _, err := p.CreateObject(s, keyTemplate(id, material[id])); err != nil {
+				if _, err := p.CreateObject(s, keyTemplate(id, material[id], profile)); err != nil {
 					return fmt.Errorf("import %s: %w", id.Label(), err)
 				}
 			}
@@ -84,19 +91,25 @@ func provisionKeys(cfgs []MemberConfig, ids []vault.KeyID) (inHSM bool, err erro
 
 // Rotate creates the next version of the wrap and PIN keys (one number for
 // both: the newest of either plus one) on every member, with identical
-// material, as Provision does for version 1. It refuses if the members do
-// not hold the same key labels (a rotation that failed half-way: fix that
-// first), and creates nothing then. The root key is not rotated.
-func Rotate(cfgs []MemberConfig) (version uint32, inHSM bool, err error) {
+// material, as Provision does for version 1, the wrap key of the kind
+// profile needs ("": the kind of the newest wrap key). It refuses if the
+// members do not hold the same key labels (a rotation that failed
+// half-way: fix that first), and creates nothing then. The root key is not
+// rotated.
+func Rotate(cfgs []MemberConfig, profile vault.Profile) (version uint32, inHSM bool, err error) {
 	if len(cfgs) == 0 {
 		return 0, false, errors.New("rotate: no members")
 	}
 	var first []vault.KeyID
+	var newest vault.Profile // the newest wrap key's, on the first member
 	for i, c := range cfgs {
 		var ids []vault.KeyID
 		err := withSession(c, func(p *pkcs11.Ctx, s pkcs11.SessionHandle) error {
 			var err error
-			ids, err = keyIDsOn(p, s)
+			if ids, err = keyIDsOn(p, s); err != nil || i > 0 {
+				return err
+			}
+			newest, err = newestWrapProfile(p, s, ids)
 			return err
 		}, func(*pkcs11.Ctx, pkcs11.SessionHandle, string) error { return nil })
 		if err != nil {
@@ -118,9 +131,42 @@ func Rotate(cfgs []MemberConfig) (version uint32, inHSM bool, err error) {
 		return 0, false, errors.New("rotate: no wrap or PIN key yet (run keyvault keys init)")
 	}
 	version++
+	if profile == "" {
+		profile = newest
+	}
 	ids := []vault.KeyID{{Role: vault.RoleWrap, Version: version}, {Role: vault.RolePIN, Version: version}}
-	inHSM, err = provisionKeys(cfgs, ids)
+	inHSM, err = provisionKeys(cfgs, ids, profile)
 	return version, inHSM, err
+}
+
+// newestWrapProfile reads the profile of the newest wrap key among ids
+// from its key type ("" if there is none).
+func newestWrapProfile(p *pkcs11.Ctx, s pkcs11.SessionHandle, ids []vault.KeyID) (vault.Profile, error) {
+	var id vault.KeyID
+	for _, k := range ids {
+		if k.Role == vault.RoleWrap && k.Version > id.Version {
+			id = k
+		}
+	}
+	if id.Version == 0 {
+		return "", nil
+	}
+	objs, err := findObjects(p, s, []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, id.Label()),
+	})
+	if err != nil || len(objs) != 1 {
+		return "", fmt.Errorf("find %s: %d objects (%v)", id.Label(), len(objs), err)
+	}
+	a, err := p.GetAttributeValue(s, objs[0], []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, nil)})
+	if err != nil || len(a) != 1 {
+		return "", fmt.Errorf("key type of %s: %v", id.Label(), err)
+	}
+	kt, ok := ulongOf(a[0].Value)
+	if !ok {
+		return "", fmt.Errorf("key type of %s: %d bytes", id.Label(), len(a[0].Value))
+	}
+	return wrapProfileOf(id, kt)
 }
 
 // keyIDsOn lists the keyvault keys on a token by their labels, sorted.
@@ -168,10 +214,12 @@ func labels(ids []vault.KeyID) string {
 }
 
 // keyTemplate is the PKCS#11 template of a key object: a token object,
-// sensitive, never extractable, usable only for its own role.
-func keyTemplate(id vault.KeyID, value []byte) []*pkcs11.Attribute {
+// sensitive, never extractable, usable only for its own role. Every key is
+// an HMAC key, except the wrap key of the gcm profile, an AES key for
+// encryption only.
+func keyTemplate(id vault.KeyID, value []byte, profile vault.Profile) []*pkcs11.Attribute {
 	keyType, crypt, mac := uint(pkcs11.CKK_GENERIC_SECRET), false, true
-	if id.Role == vault.RoleWrap {
+	if id.Role == vault.RoleWrap && profile == vault.ProfileGCM {
 		keyType, crypt, mac = pkcs11.CKK_AES, true, false
 	}
 	t := []*pkcs11.Attribute{
@@ -198,7 +246,7 @@ func keyTemplate(id vault.KeyID, value []byte) []*pkcs11.Attribute {
 }
 
 // generateInHSM creates the keys inside the member's token.
-func generateInHSM(c MemberConfig, ids []vault.KeyID) error {
+func generateInHSM(c MemberConfig, ids []vault.KeyID, profile vault.Profile) error {
 	ctx, err := crypto11.Configure(&crypto11.Config{Path: c.Module, TokenLabel: c.TokenLabel, Pin: c.PIN, MaxSessions: 2, GCMIVLength: 12})
 	if err != nil {
 		return fmt.Errorf("member %s: open token %q: %w", c.Name, c.TokenLabel, scrubPIN(err, c.PIN))
@@ -218,9 +266,9 @@ func generateInHSM(c MemberConfig, ids []vault.KeyID) error {
 		if err != nil {
 			return err
 		}
-		attrs.AddIfNotPresent(keyTemplate(id, nil))
+		attrs.AddIfNotPresent(keyTemplate(id, nil, profile))
 		cipher := crypto11.CipherGeneric
-		if id.Role == vault.RoleWrap {
+		if id.Role == vault.RoleWrap && profile == vault.ProfileGCM {
 			cipher = crypto11.CipherAES
 		}
 		if _, err := ctx.GenerateSecretKeyWithAttributes(attrs, 256, cipher); err != nil {

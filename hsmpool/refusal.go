@@ -4,29 +4,32 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+
+	"github.com/keyvault/keyvault/vault"
 )
 
 // capabilityProber is a token that can say what it can do. Tokens a test
 // injects need not be one; they are taken as capable.
 type capabilityProber interface {
-	probeCapabilities() (*Capabilities, error)
+	probeCapabilities(profile vault.Profile) (*Capabilities, error)
 }
 
-func (t *p11Token) probeCapabilities() (*Capabilities, error) {
-	return probeCapabilities(t.raw, t.name, t.label)
+func (t *p11Token) probeCapabilities(profile vault.Profile) (*Capabilities, error) {
+	return probeCapabilities(t.raw, t.name, t.label, profile, t.profiles)
 }
 
-// checkCapabilities probes t before the member serves from it. A refusal
-// is kept on the member, shown in the refused metric and logged when it
-// starts or its reason changes, not on every probe: a refused member is
-// probed again only every RefusedProbeInterval.
-func (p *Pool) checkCapabilities(m *member, t token) error {
+// checkCapabilities probes t before the member serves from it, for
+// profile (the pool's: see profileOf). A refusal is kept on the member,
+// shown in the refused metric and logged when it starts or its reason
+// changes, not on every probe: a refused member is probed again only
+// every RefusedProbeInterval.
+func (p *Pool) checkCapabilities(m *member, t token, profile vault.Profile) error {
 	cp, ok := t.(capabilityProber)
 	if !ok {
 		return nil
 	}
 	p.metrics.capProbes.WithLabelValues(m.name).Inc()
-	_, err := cp.probeCapabilities()
+	_, err := cp.probeCapabilities(profile)
 	var refusal *RefusedError
 	if err == nil {
 		if old := m.refusal.Swap(nil); old != nil {
@@ -48,6 +51,16 @@ func (p *Pool) checkCapabilities(m *member, t token) error {
 			"member", m.name, "reason", refusal.Reason, "error", refusal.Detail)
 	}
 	return refusal
+}
+
+// profileOf is the profile a member must serve: the configured one, or,
+// if none is, the one of the newest wrap key of ks, the pool's keys (nil
+// before any member is admitted: then each token's own keys decide).
+func (p *Pool) profileOf(ks *keySet) vault.Profile {
+	if p.opts.Profile != "" || ks == nil {
+		return p.opts.Profile
+	}
+	return ks.profiles[ks.versions[vault.RoleWrap]]
 }
 
 // Refused lists the members refused for their token's capabilities, in
@@ -85,9 +98,10 @@ type MemberCheck struct {
 	Err    error         // nil: the member can serve
 }
 
-// Check opens each member's token, probes what it can do, and closes it,
-// one member at a time, for `keyvault hsm check` and `keys init`.
-func Check(cfgs []MemberConfig) []MemberCheck {
+// Check opens each member's token, probes what it can do for profile (""
+// as Options.Profile), and closes it, one member at a time, for
+// `keyvault hsm check` and `keys init`.
+func Check(cfgs []MemberConfig, profile vault.Profile) []MemberCheck {
 	out := make([]MemberCheck, len(cfgs))
 	for i, c := range cfgs {
 		out[i].Member = c.Name
@@ -96,7 +110,7 @@ func Check(cfgs []MemberConfig) []MemberCheck {
 			out[i].Err = fmt.Errorf("member %s: %w", c.Name, err)
 			continue
 		}
-		out[i].Caps, out[i].Err = t.probeCapabilities()
+		out[i].Caps, out[i].Err = t.probeCapabilities(profile)
 		if err := t.Close(); err != nil && out[i].Err == nil {
 			out[i].Err = fmt.Errorf("member %s: close: %w", c.Name, err)
 		}

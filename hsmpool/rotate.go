@@ -82,12 +82,15 @@ func (p *Pool) reload(probing *member, fresh token) (map[vault.KeyRole]uint32, e
 			return nil, fmt.Errorf("reload: member %s: %w", p.members[i+1].name, err)
 		}
 	}
+	ks := newKeySet(ref, wrapProfiles(news[0].tok))
+	if err := checkProfile(p.opts.Profile, ks); err != nil {
+		return nil, fmt.Errorf("reload: %w", err)
+	}
 	if err := p.install(olds, news); err != nil {
 		return nil, fmt.Errorf("reload: %w", err)
 	}
 	// Members first, then the versions: by the time a request seals under
 	// a new version, every member's state holds it.
-	ks := newKeySet(ref)
 	p.keys.Store(ks)
 	for id := range ref {
 		if _, ok := cur.ref[id]; !ok {
@@ -175,7 +178,7 @@ func (p *Pool) Retire(version uint32) (map[string][]string, error) {
 	if err := p.install(olds, news); err != nil {
 		return nil, fmt.Errorf("retire: %w", err)
 	}
-	p.keys.Store(newKeySet(ref))
+	p.keys.Store(newKeySet(ref, cur.profiles))
 
 	destroyed := map[string][]string{}
 	var errs []error
@@ -232,7 +235,7 @@ func (p *Pool) Forget(version uint32) error {
 	for _, id := range ids {
 		delete(ref, id)
 	}
-	p.keys.Store(newKeySet(ref))
+	p.keys.Store(newKeySet(ref, cur.profiles))
 	return nil
 }
 
@@ -255,10 +258,14 @@ func (st *tokenState) without(version uint32) *tokenState {
 // without returns a view of the token without the keys ids, sharing its
 // context: Retire stops using them before it destroys them.
 func (t *p11Token) without(ids ...vault.KeyID) token {
-	n := &p11Token{ctx: t.ctx, raw: t.raw, keys: maps.Clone(t.keys), handles: maps.Clone(t.handles), anchorObjs: t.anchorObjs, name: t.name, label: t.label}
+	n := &p11Token{ctx: t.ctx, raw: t.raw, keys: maps.Clone(t.keys), handles: maps.Clone(t.handles), profiles: maps.Clone(t.profiles),
+		anchorObjs: t.anchorObjs, name: t.name, label: t.label}
 	for _, id := range ids {
 		delete(n.keys, id)
 		delete(n.handles, id)
+		if id.Role == vault.RoleWrap {
+			delete(n.profiles, id.Version)
+		}
 	}
 	return n
 }

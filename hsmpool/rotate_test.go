@@ -21,7 +21,7 @@ import (
 // on both, so that a fresh pool finds the gap and still works.
 func TestRotateReloadRetire(t *testing.T) {
 	a, b := newMember(t, "a"), newMember(t, "b")
-	if _, err := Provision([]MemberConfig{a, b}); err != nil {
+	if _, err := Provision([]MemberConfig{a, b}, vault.ProfileGCM); err != nil {
 		t.Fatal(err)
 	}
 	p := openPool(t, prometheus.NewRegistry(), a, b)
@@ -33,7 +33,7 @@ func TestRotateReloadRetire(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	v, inHSM, err := Rotate([]MemberConfig{a, b})
+	v, inHSM, err := Rotate([]MemberConfig{a, b}, "")
 	if err != nil || v != 2 || inHSM {
 		t.Fatalf("Rotate: version %d inHSM %v err %v, want 2 false nil", v, inHSM, err)
 	}
@@ -69,7 +69,7 @@ func TestRotateReloadRetire(t *testing.T) {
 	}
 
 	// Version 3 on one member only: Reload refuses and keeps version 2.
-	if _, err := provisionKeys([]MemberConfig{a}, []vault.KeyID{{Role: vault.RoleWrap, Version: 3}, {Role: vault.RolePIN, Version: 3}}); err != nil {
+	if _, err := provisionKeys([]MemberConfig{a}, []vault.KeyID{{Role: vault.RoleWrap, Version: 3}, {Role: vault.RolePIN, Version: 3}}, vault.ProfileGCM); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := p.Reload(); !errors.Is(err, errKeyMismatch) {
@@ -78,7 +78,7 @@ func TestRotateReloadRetire(t *testing.T) {
 	if got := p.KeyVersion(vault.RoleWrap); got != 2 {
 		t.Fatalf("after a refused reload the pool uses wrap v%d, want v2", got)
 	}
-	if _, _, err := Rotate([]MemberConfig{a, b}); err == nil || !strings.Contains(err.Error(), "same keys") {
+	if _, _, err := Rotate([]MemberConfig{a, b}, ""); err == nil || !strings.Contains(err.Error(), "same keys") {
 		t.Fatalf("Rotate over members that differ: %v", err)
 	}
 	if _, err := p.Retire(3); !errors.Is(err, ErrNewest) {
@@ -161,7 +161,7 @@ func TestParseLabel(t *testing.T) {
 // being refused as a key mismatch.
 func TestPoolMovesOffAVersionRetiredElsewhere(t *testing.T) {
 	a := newMember(t, "a")
-	if _, err := Provision([]MemberConfig{a}); err != nil {
+	if _, err := Provision([]MemberConfig{a}, vault.ProfileGCM); err != nil {
 		t.Fatal(err)
 	}
 	retirer := openPool(t, prometheus.NewRegistry(), a)
@@ -172,7 +172,7 @@ func TestPoolMovesOffAVersionRetiredElsewhere(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { probed.Close() })
-	if _, _, err := Rotate([]MemberConfig{a}); err != nil {
+	if _, _, err := Rotate([]MemberConfig{a}, ""); err != nil {
 		t.Fatal(err)
 	}
 	for _, p := range []*Pool{retirer, forgets} {

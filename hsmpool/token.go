@@ -2,6 +2,7 @@ package hsmpool
 
 import (
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"slices"
@@ -24,6 +25,11 @@ type token interface {
 	Open(key vault.KeyID, nonce, ciphertext, aad []byte) ([]byte, error)
 	// Versions lists the versions of role held by the token, ascending.
 	Versions(role vault.KeyRole) []uint32
+	// WrapProfile is the profile of a wrap key version the token holds,
+	// by the kind of the key: gcm for AES, hmac for a generic secret.
+	// Seal and Open take gcm versions only; HMAC takes hmac ones (the
+	// pool derives their per-record keys).
+	WrapProfile(version uint32) vault.Profile
 	Close() error
 }
 
@@ -47,6 +53,8 @@ type p11Token struct {
 	keys map[vault.KeyID]*crypto11.SecretKey
 	// handles are the keys' object handles, for raw's sessions.
 	handles map[vault.KeyID]pkcs11.ObjectHandle
+	// profiles are the wrap key versions' profiles, by key type.
+	profiles map[uint32]vault.Profile
 	// anchorObjs keeps rollback anchors as data objects (anchorobj.go).
 	// The views of one token that a key reload or retire makes share it:
 	// one session, one lock.
@@ -78,7 +86,7 @@ func openToken(cfg MemberConfig) (*p11Token, error) {
 		return nil, fmt.Errorf("open token %q on %s: %w", cfg.TokenLabel, cfg.Module, err)
 	}
 	t := &p11Token{ctx: ctx, raw: raw, keys: map[vault.KeyID]*crypto11.SecretKey{}, handles: map[vault.KeyID]pkcs11.ObjectHandle{},
-		anchorObjs: newAnchorObjects(cfg.Module, cfg.TokenLabel), name: cfg.Name, label: cfg.TokenLabel}
+		profiles: map[uint32]vault.Profile{}, anchorObjs: newAnchorObjects(cfg.Module, cfg.TokenLabel), name: cfg.Name, label: cfg.TokenLabel}
 	if err := t.findKeys(); err != nil {
 		t.Close()
 		return nil, err
@@ -114,8 +122,18 @@ func (t *p11Token) findKeys() error {
 		if len(ks) != 1 {
 			return fmt.Errorf("find key %s: %d objects carry this label", id.Label(), len(ks))
 		}
-		if err := t.checkProtected(ks[0], id); err != nil {
+		keyType, err := t.checkProtected(ks[0], id)
+		if err != nil {
 			return err
+		}
+		if id.Role == vault.RoleWrap {
+			p, err := wrapProfileOf(id, keyType)
+			if err != nil {
+				return err
+			}
+			t.profiles[id.Version] = p
+		} else if keyType != pkcs11.CKK_GENERIC_SECRET {
+			return fmt.Errorf("key %s has key type %#x, not a generic secret for HMAC-SHA256; refusing to use it", id.Label(), keyType)
 		}
 		h, err := t.raw.findKey(id.Label())
 		if err != nil {
@@ -154,7 +172,7 @@ func parseLabel(label string) (vault.KeyID, bool) {
 // flight keep using it.
 func (t *p11Token) refreshed() (token, error) {
 	n := &p11Token{ctx: t.ctx, raw: t.raw, keys: map[vault.KeyID]*crypto11.SecretKey{}, handles: map[vault.KeyID]pkcs11.ObjectHandle{},
-		anchorObjs: t.anchorObjs, name: t.name, label: t.label}
+		profiles: map[uint32]vault.Profile{}, anchorObjs: t.anchorObjs, name: t.name, label: t.label}
 	if err := n.findKeys(); err != nil {
 		return nil, err
 	}
@@ -178,21 +196,53 @@ func (t *p11Token) destroy(id vault.KeyID) (bool, error) {
 
 // checkProtected refuses a key the HSM would let out: every keyvault key
 // is a sensitive, non-extractable token object, and one that is not was not
-// made by keyvault, or has been tampered with.
-func (t *p11Token) checkProtected(k *crypto11.SecretKey, id vault.KeyID) error {
-	attrs, err := t.ctx.GetAttributes(k, []crypto11.AttributeType{crypto11.CkaSensitive, crypto11.CkaExtractable, crypto11.CkaToken})
+// made by keyvault, or has been tampered with. It returns the key's type.
+func (t *p11Token) checkProtected(k *crypto11.SecretKey, id vault.KeyID) (keyType uint, err error) {
+	attrs, err := t.ctx.GetAttributes(k, []crypto11.AttributeType{crypto11.CkaSensitive, crypto11.CkaExtractable, crypto11.CkaToken, crypto11.CkaKeyType})
 	if err != nil {
-		return fmt.Errorf("key %s: read attributes: %w", id.Label(), err)
+		return 0, fmt.Errorf("key %s: read attributes: %w", id.Label(), err)
 	}
 	isTrue := func(a crypto11.AttributeType) bool {
 		v := attrs[a]
 		return v != nil && len(v.Value) == 1 && v.Value[0] == 1
 	}
 	if !isTrue(crypto11.CkaSensitive) || isTrue(crypto11.CkaExtractable) || !isTrue(crypto11.CkaToken) {
-		return fmt.Errorf("key %s is not a sensitive, non-extractable token object; refusing to use it", id.Label())
+		return 0, fmt.Errorf("key %s is not a sensitive, non-extractable token object; refusing to use it", id.Label())
 	}
-	return nil
+	kt := attrs[crypto11.CkaKeyType]
+	if kt == nil {
+		return 0, fmt.Errorf("key %s: the token gave no key type", id.Label())
+	}
+	keyType, ok := ulongOf(kt.Value)
+	if !ok {
+		return 0, fmt.Errorf("key %s: key type of %d bytes", id.Label(), len(kt.Value))
+	}
+	return keyType, nil
 }
+
+// ulongOf decodes a CK_ULONG attribute value, in the platform's byte order.
+func ulongOf(b []byte) (uint, bool) {
+	switch len(b) {
+	case 8:
+		return uint(binary.NativeEndian.Uint64(b)), true
+	case 4:
+		return uint(binary.NativeEndian.Uint32(b)), true
+	}
+	return 0, false
+}
+
+// wrapProfileOf is the profile a wrap key serves, by its key type.
+func wrapProfileOf(id vault.KeyID, keyType uint) (vault.Profile, error) {
+	switch keyType {
+	case pkcs11.CKK_AES:
+		return vault.ProfileGCM, nil
+	case pkcs11.CKK_GENERIC_SECRET:
+		return vault.ProfileHMAC, nil
+	}
+	return "", fmt.Errorf("key %s has key type %#x, neither AES (profile gcm) nor generic secret (profile hmac); refusing to use it", id.Label(), keyType)
+}
+
+func (t *p11Token) WrapProfile(version uint32) vault.Profile { return t.profiles[version] }
 
 func (t *p11Token) Versions(role vault.KeyRole) []uint32 {
 	var vs []uint32
@@ -211,11 +261,15 @@ var errCaller = errors.New("bad HSM request")
 
 var errNoKey = fmt.Errorf("%w: no such key on this member", errCaller)
 
-// HMAC computes HMAC-SHA256 in one single-part C_Sign.
+// HMAC computes HMAC-SHA256 in one single-part C_Sign, under a PIN or
+// root key, or a wrap key of the hmac profile.
 func (t *p11Token) HMAC(id vault.KeyID, msg []byte) ([]byte, error) {
 	h, ok := t.handles[id]
-	if !ok || id.Role == vault.RoleWrap {
+	if !ok {
 		return nil, fmt.Errorf("%s: %w", id.Label(), errNoKey)
+	}
+	if id.Role == vault.RoleWrap && t.profiles[id.Version] != vault.ProfileHMAC {
+		return nil, fmt.Errorf("%w: HMAC under %s, a wrap key of the %s profile", errCaller, id.Label(), t.profiles[id.Version])
 	}
 	var out []byte
 	err := t.raw.with(func(s pkcs11.SessionHandle) (err error) {
@@ -236,6 +290,9 @@ func (t *p11Token) wrapKey(id vault.KeyID, nonce []byte) (pkcs11.ObjectHandle, e
 	h, ok := t.handles[id]
 	if !ok || id.Role != vault.RoleWrap {
 		return 0, fmt.Errorf("%s: %w", id.Label(), errNoKey)
+	}
+	if p := t.profiles[id.Version]; p != vault.ProfileGCM {
+		return 0, fmt.Errorf("%w: GCM in the HSM under %s, a wrap key of the %s profile", errCaller, id.Label(), p)
 	}
 	if len(nonce) != gcmNonceSize {
 		return 0, fmt.Errorf("%w: GCM nonce of %d bytes, want %d", errCaller, len(nonce), gcmNonceSize)
@@ -306,11 +363,13 @@ func kcvInput(id vault.KeyID) []byte {
 // a random record nonce equals it with probability 2^-96.
 var kcvNonce = make([]byte, 12)
 
-// kcv computes the check value of one key on one token.
+// kcv computes the check value of one key on one token: a GCM tag for a
+// wrap key of the gcm profile, else an HMAC (the hmac profile's wrap key
+// included), so a key's check value also tells its kind.
 func kcv(t token, id vault.KeyID) ([]byte, error) {
 	var out []byte
 	var err error
-	if id.Role == vault.RoleWrap {
+	if id.Role == vault.RoleWrap && t.WrapProfile(id.Version) == vault.ProfileGCM {
 		out, err = t.Seal(id, kcvNonce, nil, kcvInput(id))
 	} else {
 		out, err = t.HMAC(id, kcvInput(id))

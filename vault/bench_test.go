@@ -70,7 +70,7 @@ func benchVault(b *testing.B) *vault.Vault {
 	label := fmt.Sprintf("bench-%d", time.Now().UnixNano())
 	softhsmtest.Token(b, conf, label, "1234")
 	m := hsmpool.MemberConfig{Name: "bench", Module: softhsmtest.Module(b), TokenLabel: label, PIN: "1234", MaxSessions: 8}
-	if _, err := hsmpool.Provision([]hsmpool.MemberConfig{m}); err != nil {
+	if _, err := hsmpool.Provision([]hsmpool.MemberConfig{m}, vault.ProfileGCM); err != nil {
 		b.Fatal(err)
 	}
 	pool, err := hsmpool.Open([]hsmpool.MemberConfig{m}, hsmpool.Options{})

@@ -214,7 +214,7 @@ func (v *Vault) forgiveNext(g *guess, cur *stored, resealed *record, remaining *
 	}
 	if resealed != nil && !next.Locked && sameSeal(cur.record, &g.before) {
 		next.Salt, next.Verifier, next.Nonce, next.Sealed = resealed.Salt, resealed.Verifier, resealed.Nonce, resealed.Sealed
-		next.WrapVersion, next.PINVersion = resealed.WrapVersion, resealed.PINVersion
+		next.WrapVersion, next.PINVersion, next.Sealing = resealed.WrapVersion, resealed.PINVersion, resealed.Sealing
 		next.freshWrap, next.freshPIN = true, true
 	}
 	next.UpdatedAt = v.now()

@@ -21,6 +21,7 @@ const (
 	labelLogIDKey   = "keyvault/v1/derive/log-id"
 	labelAnchorKey  = "keyvault/v1/derive/anchor-mac"
 	labelDigestKey  = "keyvault/v1/derive/digest"
+	labelSealKey    = "keyvault/v1/seal-key"
 	derivedKeyBytes = 32
 )
 
@@ -56,6 +57,21 @@ func outerAAD(ns, userID string, gen uint64, wrapVersion, pinVersion uint32) []b
 	b = binary.BigEndian.AppendUint64(b, gen)
 	b = binary.BigEndian.AppendUint32(b, wrapVersion)
 	return binary.BigEndian.AppendUint32(b, pinVersion)
+}
+
+// SealKeyInput is the message the HSM MACs under a wrap key of the hmac
+// profile to derive the AES-256 key that seals one record's outer layer:
+// its own label, then the record's 12-byte nonce and its outer associated
+// data, each length-prefixed. The associated data binds namespace,
+// user_id, generation and key versions, and the nonce is fresh for every
+// seal (a re-wrap included), so no two seals share a key; the label keeps
+// these MACs apart from the wrap key's check value.
+func SealKeyInput(nonce, aad []byte) []byte {
+	b := make([]byte, 0, len(labelSealKey)+1+8+len(nonce)+len(aad))
+	b = append(b, labelSealKey...)
+	b = append(b, 0)
+	b = lp(b, nonce)
+	return lp(b, aad)
 }
 
 func innerAAD(ns, userID string, gen uint64) []byte {

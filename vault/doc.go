@@ -7,7 +7,9 @@
 // A backup is one record in a Store, keyed by (namespace, user_id). The
 // record holds the user's secret sealed twice: an inner AES-256-GCM layer
 // under a key derived from the PIN check, and an outer AES-256-GCM layer
-// computed inside the HSM under the current wrap key. Checking a PIN needs an
+// under the current wrap key, as its profile says: inside the HSM (gcm), or
+// on the host under a key the HSM derives for the record by HMAC (hmac).
+// Each record says which profile sealed it. Checking a PIN needs an
 // HMAC computed inside the HSM under the PIN key, so a copy of the store alone
 // allows no offline guessing. The byte layouts are a stored format and are
 // documented in docs/format.md.

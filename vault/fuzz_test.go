@@ -20,19 +20,22 @@ func seedRecords() [][]byte {
 	return out
 }
 
-// seedRecordValues are a live, a locked and a tombstone record.
+// seedRecordValues are a live, a locked and a tombstone record, and a
+// live one sealed under the hmac profile.
 func seedRecordValues() []*record {
 	live := &record{
 		Generation: 3, MaxAttempts: 10, Guesses: 4, Forgiven: 2, Refunds: 1,
 		CreatedAt: 1700000000000000000, UpdatedAt: 1700000000000000001,
-		WrapVersion: 1, PINVersion: 1, MACVersion: 1,
+		WrapVersion: 1, PINVersion: 1, MACVersion: 1, Sealing: ProfileGCM,
 		Salt: bytes.Repeat([]byte{1}, saltLen), Verifier: bytes.Repeat([]byte{2}, verifierLen),
 		Nonce: bytes.Repeat([]byte{3}, nonceLen), Sealed: bytes.Repeat([]byte{4}, 76),
 	}
 	locked := *live
 	locked.Locked, locked.Guesses, locked.Forgiven, locked.Refunds, locked.Sealed = true, 10, 0, 0, nil
 	tomb := &record{Generation: 7, Tombstone: true, UpdatedAt: 5, MACVersion: 1}
-	return []*record{live, &locked, tomb}
+	derived := *live
+	derived.Sealing = ProfileHMAC
+	return []*record{live, &locked, tomb, &derived}
 }
 
 func FuzzParseRecord(f *testing.F) {
@@ -45,6 +48,9 @@ func FuzzParseRecord(f *testing.F) {
 		bad := bytes.Clone(s)
 		bad[1] = 0x80 // unknown flag
 		f.Add(bad)
+		sealing := bytes.Clone(s)
+		sealing[62] = 9 // unknown sealing
+		f.Add(sealing)
 		huge := bytes.Clone(s)
 		huge[54] = 0xff // salt length past the end
 		f.Add(huge)
@@ -72,10 +78,10 @@ func FuzzParseRecord(f *testing.F) {
 			t.Fatal("body and MAC are not a split of the input")
 		}
 		got := r.marshal()
-		if body[0] == recordFormatV2 && !bytes.Equal(got, body) {
+		if body[0] == recordFormatV3 && !bytes.Equal(got, body) {
 			t.Fatalf("re-marshal differs from the parsed body:\n got % x\nwant % x", got, body)
 		}
-		// A record of the first format is written back in the second: it
+		// A record of an older format is written back in the newest: it
 		// must hold the same record.
 		again, _, _, err := parseRecord(append(got, mac...))
 		if err != nil || !reflect.DeepEqual(again, r) {

@@ -153,6 +153,26 @@ func (e *env) newVault(st vault.Store, hsm vault.HSM, reg *prometheus.Registry) 
 	return v
 }
 
+// profiles are the sealing profiles tests of the stored layers run under.
+var profiles = []vault.Profile{vault.ProfileGCM, vault.ProfileHMAC}
+
+// newEnvProfile is newEnv on an HSM whose wrap keys are of profile.
+func newEnvProfile(t *testing.T, opts vault.Options, profile vault.Profile) *env {
+	t.Helper()
+	e := newEnv(t, opts)
+	e.reopenWith(map[uint32]vault.Profile{1: profile, 2: profile})
+	return e
+}
+
+// reopenWith is reopen on an HSM whose wrap key versions have the given
+// profiles, as after a rotation to another profile.
+func (e *env) reopenWith(profiles map[uint32]vault.Profile) {
+	e.t.Helper()
+	e.closeStore()
+	e.hsm = e.hsm.withProfiles(profiles)
+	e.open()
+}
+
 // reopen stops the vault and starts a new one on the same store and
 // the same HSM keys, with fresh metrics and HSM counters.
 func (e *env) reopen() {

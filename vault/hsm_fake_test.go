@@ -28,6 +28,10 @@ type fakeHSM struct {
 	t        *testing.T
 	ring     *keyring
 	versions map[vault.KeyRole]uint32 // read-only after construction
+	// profiles are the wrap key versions' profiles (absent: gcm); under
+	// hmac, Seal and Open derive a key per seal from the wrap key by HMAC
+	// over vault.SealKeyInput and run GCM under it, as hsmpool does.
+	profiles map[uint32]vault.Profile // read-only after construction
 
 	failHMAC atomic.Int64 // fail the next N HMAC calls
 	failTags sync.Map     // request tag -> fail its next HMAC
@@ -66,7 +70,11 @@ func newFakeHSMVersions(t *testing.T, versions map[vault.KeyRole]uint32) *fakeHS
 }
 
 func newFakeOnRing(t *testing.T, ring *keyring, versions map[vault.KeyRole]uint32) *fakeHSM {
-	f := &fakeHSM{t: t, ring: ring, versions: versions}
+	return newFakeProfiles(t, ring, versions, nil)
+}
+
+func newFakeProfiles(t *testing.T, ring *keyring, versions map[vault.KeyRole]uint32, profiles map[uint32]vault.Profile) *fakeHSM {
+	f := &fakeHSM{t: t, ring: ring, versions: versions, profiles: profiles}
 	t.Cleanup(func() {
 		ring.mu.Lock()
 		defer ring.mu.Unlock()
@@ -80,12 +88,19 @@ func newFakeOnRing(t *testing.T, ring *keyring, versions map[vault.KeyRole]uint3
 
 // sameKeys returns a fresh fake (no counters, hooks or pending failures)
 // holding the same key material: the HSM as a restarted vault finds it.
-func (f *fakeHSM) sameKeys() *fakeHSM { return newFakeOnRing(f.t, f.ring, f.versions) }
+func (f *fakeHSM) sameKeys() *fakeHSM { return newFakeProfiles(f.t, f.ring, f.versions, f.profiles) }
+
+// withProfiles returns a fake on the same key material whose wrap key
+// versions have the given profiles (absent: gcm). A version's profile is
+// the kind of its key, so a test gives each version one for good.
+func (f *fakeHSM) withProfiles(profiles map[uint32]vault.Profile) *fakeHSM {
+	return newFakeProfiles(f.t, f.ring, f.versions, profiles)
+}
 
 // withVersions returns a fake on the same key material that holds the
 // given versions: the HSM after keys of a new version were added.
 func (f *fakeHSM) withVersions(versions map[vault.KeyRole]uint32) *fakeHSM {
-	return newFakeOnRing(f.t, f.ring, versions)
+	return newFakeProfiles(f.t, f.ring, versions, f.profiles)
 }
 
 // withNewRoot returns a fake with the same wrap and PIN keys but another
@@ -99,7 +114,7 @@ func (f *fakeHSM) withNewRoot() *fakeHSM {
 		}
 	}
 	f.ring.mu.Unlock()
-	return newFakeOnRing(f.t, ring, f.versions)
+	return newFakeProfiles(f.t, ring, f.versions, f.profiles)
 }
 
 // failNextHMAC makes the next n HMAC calls fail with an error wrapping
@@ -210,13 +225,18 @@ func (f *fakeHSM) HMAC(ctx context.Context, id vault.KeyID, msg []byte) ([]byte,
 	return m.Sum(nil), nil
 }
 
-func (f *fakeHSM) gcm(id vault.KeyID, op string, nonce []byte) (cipher.AEAD, error) {
+func (f *fakeHSM) gcm(id vault.KeyID, op string, nonce, aad []byte) (cipher.AEAD, error) {
 	k, err := f.key(id, op, vault.RoleWrap)
 	if err != nil {
 		return nil, err
 	}
 	if len(nonce) != 12 {
 		return nil, f.misused("%s with a %d-byte nonce", op, len(nonce))
+	}
+	if f.WrapProfile(id.Version) == vault.ProfileHMAC {
+		m := hmac.New(sha256.New, k)
+		m.Write(vault.SealKeyInput(nonce, aad))
+		k = m.Sum(nil)
 	}
 	block, err := aes.NewCipher(k)
 	if err != nil {
@@ -233,7 +253,7 @@ func (f *fakeHSM) Seal(ctx context.Context, id vault.KeyID, nonce, plaintext, aa
 	if take(&f.failSeal) {
 		return nil, fmt.Errorf("fake hsm: injected seal failure: %w", vault.ErrUnavailable)
 	}
-	g, err := f.gcm(id, "seal", nonce)
+	g, err := f.gcm(id, "seal", nonce, aad)
 	if err != nil {
 		return nil, err
 	}
@@ -256,7 +276,7 @@ func (f *fakeHSM) Open(ctx context.Context, id vault.KeyID, nonce, ciphertext, a
 	if take(&f.failOpen) {
 		return nil, fmt.Errorf("fake hsm: injected open failure: %w", vault.ErrUnavailable)
 	}
-	g, err := f.gcm(id, "open", nonce)
+	g, err := f.gcm(id, "open", nonce, aad)
 	if err != nil {
 		return nil, err
 	}
@@ -268,6 +288,16 @@ func (f *fakeHSM) Open(ctx context.Context, id vault.KeyID, nonce, ciphertext, a
 }
 
 func (f *fakeHSM) KeyVersion(role vault.KeyRole) uint32 { return f.versions[role] }
+
+func (f *fakeHSM) WrapProfile(version uint32) vault.Profile {
+	if version == 0 || version > f.versions[vault.RoleWrap] {
+		return ""
+	}
+	if p, ok := f.profiles[version]; ok {
+		return p
+	}
+	return vault.ProfileGCM
+}
 
 // rawKey is the material of a key, for tests that recompute what the HSM
 // would (known-answer checks of the stored format).

@@ -51,6 +51,22 @@ type KeyID struct {
 // Label is the PKCS#11 CKA_LABEL of the key object, e.g. "keyvault-wrap-v1".
 func (k KeyID) Label() string { return fmt.Sprintf("keyvault-%s-v%d", k.Role, k.Version) }
 
+// Profile names how records are sealed under a wrap key version. The kind
+// of the wrap key decides it, so every version has exactly one, and a
+// record says in its own bytes which one sealed it.
+type Profile string
+
+const (
+	// ProfileGCM: the wrap key is an AES-256 key, and the HSM seals and
+	// opens with AES-256-GCM under it, with the vault's nonce.
+	ProfileGCM Profile = "gcm"
+	// ProfileHMAC: the wrap key is a 256-bit generic secret key, used only
+	// for HMAC-SHA256: the HSM derives a key for each record from the
+	// record's nonce and associated data (SealKeyInput), and AES-256-GCM
+	// runs on the host under that key, which is wiped after use.
+	ProfileHMAC Profile = "hmac"
+)
+
 // HSM performs the key operations that must never happen outside the
 // hardware. Implementations are safe for concurrent use and block until a
 // session is free or ctx ends.
@@ -61,10 +77,14 @@ func (k KeyID) Label() string { return fmt.Sprintf("keyvault-%s-v%d", k.Role, k.
 type HSM interface {
 	// HMAC returns HMAC-SHA256(key, msg) computed in the HSM.
 	HMAC(ctx context.Context, key KeyID, msg []byte) ([]byte, error)
-	// Seal encrypts with AES-256-GCM in the HSM; nonce is 12 bytes.
+	// Seal encrypts with AES-256-GCM under a wrap key version, as its
+	// profile says (WrapProfile); nonce is 12 bytes.
 	Seal(ctx context.Context, key KeyID, nonce, plaintext, aad []byte) ([]byte, error)
-	// Open decrypts and authenticates with AES-256-GCM in the HSM.
+	// Open decrypts and authenticates what Seal made.
 	Open(ctx context.Context, key KeyID, nonce, ciphertext, aad []byte) ([]byte, error)
+	// WrapProfile is the profile of a wrap key version: how Seal and Open
+	// work under it. It is "" for a version the HSM does not hold.
+	WrapProfile(version uint32) Profile
 	// KeyVersion is the newest version of role present on every member,
 	// the one used for new records.
 	KeyVersion(role KeyRole) uint32

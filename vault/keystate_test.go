@@ -40,7 +40,8 @@ func (m *movingHSM) Seal(ctx context.Context, id vault.KeyID, nonce, pt, aad []b
 func (m *movingHSM) Open(ctx context.Context, id vault.KeyID, nonce, ct, aad []byte) ([]byte, error) {
 	return m.cur.Load().Open(ctx, id, nonce, ct, aad)
 }
-func (m *movingHSM) KeyVersion(r vault.KeyRole) uint32 { return m.cur.Load().KeyVersion(r) }
+func (m *movingHSM) KeyVersion(r vault.KeyRole) uint32  { return m.cur.Load().KeyVersion(r) }
+func (m *movingHSM) WrapProfile(v uint32) vault.Profile { return m.cur.Load().WrapProfile(v) }
 
 func (m *movingHSM) Reload() (map[vault.KeyRole]uint32, error) {
 	if f := m.onReload.Load(); f != nil {

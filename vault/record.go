@@ -8,14 +8,46 @@ import (
 	"fmt"
 )
 
-// recordFormatV1 and recordFormatV2 are the first byte of a record.
+// recordFormatV1, V2 and V3 are the first byte of a record.
 // docs/format.md has the layouts; a change needs a new format number and a
-// reader for the old. Version 2 adds the operation IDs of the last writes;
-// records are written as version 2 and read in either.
+// reader for the old. Version 2 adds the operation IDs of the last writes,
+// version 3 the byte that says how the outer layer was sealed; records are
+// written as version 3 and read in any.
 const (
 	recordFormatV1 = 1
 	recordFormatV2 = 2
+	recordFormatV3 = 3
 )
+
+// The sealing byte of a format 3 record: the profile that sealed its outer
+// layer. Records of formats 1 and 2 were all sealed by GCM in the HSM.
+const (
+	sealingNone = 0 // a tombstone
+	sealingGCM  = 1
+	sealingHMAC = 2
+)
+
+func sealingByte(p Profile) byte {
+	switch p {
+	case ProfileGCM:
+		return sealingGCM
+	case ProfileHMAC:
+		return sealingHMAC
+	}
+	return sealingNone
+}
+
+func sealingOf(b byte) (Profile, bool) {
+	switch b {
+	case sealingNone:
+		return "", true
+	case sealingGCM:
+		return ProfileGCM, true
+	case sealingHMAC:
+		return ProfileHMAC, true
+	}
+	return "", false
+}
 
 const (
 	// opIDLen and maxOpIDs size the operation IDs a record keeps: enough
@@ -63,10 +95,14 @@ type record struct {
 	WrapVersion uint32
 	PINVersion  uint32
 	MACVersion  uint32
-	Salt        []byte
-	Verifier    []byte
-	Nonce       []byte // the outer GCM nonce actually used
-	Sealed      []byte // outer ciphertext; empty when locked or a tombstone
+	// Sealing is the profile that sealed the outer layer ("" in a
+	// tombstone). It goes with Nonce and Sealed: whatever replaces one
+	// replaces all three.
+	Sealing  Profile
+	Salt     []byte
+	Verifier []byte
+	Nonce    []byte // the outer GCM nonce actually used
+	Sealed   []byte // outer ciphertext; empty when locked or a tombstone
 
 	// OpSeq counts the writes of this key (all generations); OpIDs are the
 	// random IDs of the last of them, oldest first, the newest being write
@@ -115,7 +151,7 @@ func (r *record) marshal() []byte {
 	if r.LockFinal {
 		flags |= flagLockFinal
 	}
-	b = append(b, recordFormatV2, flags)
+	b = append(b, recordFormatV3, flags)
 	b = binary.BigEndian.AppendUint64(b, r.Generation)
 	b = binary.BigEndian.AppendUint32(b, r.MaxAttempts)
 	b = binary.BigEndian.AppendUint32(b, r.Guesses)
@@ -127,6 +163,7 @@ func (r *record) marshal() []byte {
 	b = binary.BigEndian.AppendUint32(b, r.WrapVersion)
 	b = binary.BigEndian.AppendUint32(b, r.PINVersion)
 	b = binary.BigEndian.AppendUint32(b, r.MACVersion)
+	b = append(b, sealingByte(r.Sealing))
 	b = append(b, byte(len(r.Salt)))
 	b = append(b, r.Salt...)
 	b = append(b, byte(len(r.Verifier)))
@@ -165,7 +202,7 @@ func parseRecord(b []byte) (r *record, body, mac []byte, err error) {
 	body, mac = b[:len(b)-macLen], b[len(b)-macLen:]
 	d := decoder{b: body}
 	format := d.byte()
-	if format != recordFormatV1 && format != recordFormatV2 {
+	if format != recordFormatV1 && format != recordFormatV2 && format != recordFormatV3 {
 		return nil, nil, nil, fmt.Errorf("%w: unknown format %d", errMalformed, format)
 	}
 	flags := d.byte()
@@ -185,11 +222,20 @@ func parseRecord(b []byte) (r *record, body, mac []byte, err error) {
 		PINVersion:  d.u32(),
 		MACVersion:  d.u32(),
 	}
+	switch {
+	case format >= recordFormatV3:
+		var ok bool
+		if r.Sealing, ok = sealingOf(d.byte()); !ok {
+			return nil, nil, nil, fmt.Errorf("%w: unknown sealing", errMalformed)
+		}
+	case !r.Tombstone:
+		r.Sealing = ProfileGCM
+	}
 	r.Salt = d.bytes(int(d.byte()))
 	r.Verifier = d.bytes(int(d.byte()))
 	r.Nonce = d.bytes(int(d.byte()))
 	r.Sealed = d.bytes(int(d.u32()))
-	if format == recordFormatV2 {
+	if format >= recordFormatV2 {
 		r.OpSeq = d.u64()
 		n := int(d.byte())
 		if n > maxOpIDs {
@@ -215,7 +261,7 @@ func (r *record) check() error {
 	case r.Generation == 0:
 		return errors.New("generation 0")
 	case r.Tombstone:
-		if r.Locked || r.LockFinal || len(r.Sealed) != 0 || len(r.Salt) != 0 {
+		if r.Locked || r.LockFinal || len(r.Sealed) != 0 || len(r.Salt) != 0 || r.Sealing != "" {
 			return errors.New("tombstone with contents")
 		}
 		return nil
@@ -235,6 +281,8 @@ func (r *record) check() error {
 		return errors.New("bad field length")
 	case len(r.Sealed) > maxSealedLen:
 		return errors.New("sealed secret too long")
+	case r.Sealing != ProfileGCM && r.Sealing != ProfileHMAC:
+		return errors.New("no sealing profile")
 	}
 	return nil
 }

@@ -3,21 +3,42 @@ package vault
 import (
 	"bytes"
 	"reflect"
+	"slices"
 	"testing"
 )
 
-// Records written before format 2 (no operation IDs) still parse, with
-// every field as it was; format 2 round-trips its operation IDs.
+// Records of formats 1 and 2 (no sealing byte: all sealed by GCM in the
+// HSM; format 1 also without operation IDs) still parse, with every field
+// as it was and the gcm profile as their sealing; format 3 round-trips
+// its sealing and operation IDs.
 func TestRecordFormats(t *testing.T) {
 	for _, r := range seedRecordValues() {
 		r.OpSeq = 9
 		r.OpIDs = [][]byte{bytes.Repeat([]byte{1}, opIDLen), bytes.Repeat([]byte{2}, opIDLen)}
-		v2 := r.marshal()
-		got, _, _, err := parseRecord(append(bytes.Clone(v2), make([]byte, macLen)...))
-		if err != nil || !reflect.DeepEqual(got, r) {
-			t.Fatalf("format 2 round trip: %v\n got %+v\nwant %+v", err, got, r)
+		v3 := r.marshal()
+		if v3[0] != recordFormatV3 || v3[62] != sealingByte(r.Sealing) {
+			t.Fatalf("format 3: format %d, sealing byte %d for %q", v3[0], v3[62], r.Sealing)
 		}
-		// The same record as format 1 wrote it: no trailing op fields.
+		got, _, _, err := parseRecord(append(bytes.Clone(v3), make([]byte, macLen)...))
+		if err != nil || !reflect.DeepEqual(got, r) {
+			t.Fatalf("format 3 round trip: %v\n got %+v\nwant %+v", err, got, r)
+		}
+		bad := bytes.Clone(v3)
+		bad[62] = 3
+		if _, _, _, err := parseRecord(append(bad, make([]byte, macLen)...)); err == nil {
+			t.Fatal("a record with an unknown sealing byte parsed")
+		}
+		if r.Sealing == ProfileHMAC {
+			continue // formats 1 and 2 predate it
+		}
+		// The same record as format 2 wrote it: no sealing byte.
+		v2 := slices.Delete(bytes.Clone(v3), 62, 63)
+		v2[0] = recordFormatV2
+		got, _, _, err = parseRecord(append(bytes.Clone(v2), make([]byte, macLen)...))
+		if err != nil || !reflect.DeepEqual(got, r) {
+			t.Fatalf("format 2: %v\n got %+v\nwant %+v", err, got, r)
+		}
+		// As format 1 wrote it: no trailing op fields either.
 		v1 := bytes.Clone(v2[:len(v2)-9-2*opIDLen])
 		v1[0] = recordFormatV1
 		got, _, _, err = parseRecord(append(v1, make([]byte, macLen)...))
@@ -27,10 +48,25 @@ func TestRecordFormats(t *testing.T) {
 			t.Fatalf("format 1: %v\n got %+v\nwant %+v", err, got, &want)
 		}
 		// Too many IDs is malformed, not a panic.
-		bad := bytes.Clone(v2)
+		bad = bytes.Clone(v3)
 		bad[len(bad)-1-2*opIDLen] = maxOpIDs + 1
 		if _, _, _, err := parseRecord(append(bad, make([]byte, macLen)...)); err == nil {
 			t.Fatal("a record with too many operation IDs parsed")
 		}
+	}
+}
+
+// A record's sealing must agree with what it is: a tombstone has none,
+// anything else gcm or hmac.
+func TestRecordSealingInvariant(t *testing.T) {
+	vals := seedRecordValues()
+	live, tomb := vals[0], vals[2]
+	live.Sealing = ""
+	if err := live.check(); err == nil {
+		t.Error("a live record without a sealing profile passed its check")
+	}
+	tomb.Sealing = ProfileGCM
+	if err := tomb.check(); err == nil {
+		t.Error("a tombstone with a sealing profile passed its check")
 	}
 }

@@ -34,7 +34,7 @@ func (v *Vault) stale(r *record) bool {
 // be absent while a guess holds a pending lock.
 func sameSeal(cur, r *record) bool {
 	return bytes.Equal(cur.Salt, r.Salt) && bytes.Equal(cur.Nonce, r.Nonce) &&
-		cur.WrapVersion == r.WrapVersion && cur.PINVersion == r.PINVersion
+		cur.WrapVersion == r.WrapVersion && cur.PINVersion == r.PINVersion && cur.Sealing == r.Sealing
 }
 
 // recoverResealing finishes a right guess on a record sealed under older
@@ -373,26 +373,21 @@ func (v *Vault) rewrapOne(ctx context.Context, key []byte, target uint32) (moved
 			// that nobody takes it for pending again.
 			next.LockFinal, next.freshPIN = true, true
 			next.WrapVersion, next.PINVersion = target, max(cur.PINVersion, v.hsm.KeyVersion(RolePIN))
+			if p := v.hsm.WrapProfile(target); p != "" {
+				next.Sealing = p // nothing is sealed; the mark follows the version
+			}
 			moved = true
 			return &next, nil
 		}
-		inner, err := v.hsm.Open(ctx, KeyID{RoleWrap, cur.WrapVersion}, cur.Nonce, cur.Sealed, outerAAD(ns, userID, cur.Generation, cur.WrapVersion, cur.PINVersion))
+		// Opened as the record says it was sealed, sealed as the target
+		// version's profile says.
+		inner, err := v.openOuter(ctx, ns, userID, cur.record, cur.Sealed)
 		if err != nil {
-			if errors.Is(err, ErrIntegrity) {
-				v.integrityFailure(key, "sealed secret", errors.New("outer layer failed authentication"))
-				return nil, fmt.Errorf("open outer layer: %w", err)
-			}
-			return nil, fmt.Errorf("%w: open outer layer: %w", ErrUnavailable, err)
-		}
-		defer wipe(inner)
-		if err := v.takeSeal(ctx, target); err != nil {
 			return nil, err
 		}
-		next.Nonce = make([]byte, nonceLen)
-		rand.Read(next.Nonce)
-		next.WrapVersion = target
-		if next.Sealed, err = v.hsm.Seal(ctx, KeyID{RoleWrap, target}, next.Nonce, inner, outerAAD(ns, userID, cur.Generation, target, cur.PINVersion)); err != nil {
-			return nil, fmt.Errorf("%w: seal: %w", ErrUnavailable, err)
+		defer wipe(inner)
+		if err := v.sealOuter(ctx, ns, userID, &next, target, inner); err != nil {
+			return nil, err
 		}
 		moved = true
 		return &next, nil

@@ -210,10 +210,20 @@ func TestOldGenerationOfAnotherUserIsRefused(t *testing.T) {
 }
 
 // (c) Every single-byte change of a record, its truncations and an
-// extension are refused, and none of them yields the secret or counts.
+// extension are refused, and none of them yields the secret or counts,
+// whichever profile sealed it.
 func TestEveryByteFlipIsRefused(t *testing.T) {
 	t.Parallel()
-	e, secret := tamperEnv(t)
+	for _, p := range profiles {
+		t.Run(string(p), func(t *testing.T) {
+			t.Parallel()
+			everyByteFlipIsRefused(t, newEnvProfile(t, vault.Options{}, p))
+		})
+	}
+}
+
+func everyByteFlipIsRefused(t *testing.T, e *env) {
+	e, secret := tamperEnvOn(t, e)
 	key := vault.RecordKey(ns, userA)
 	orig, _, err := e.store.Get(bg, key)
 	if err != nil || orig == nil {
@@ -276,11 +286,20 @@ func TestRecordsNeedTheSameRootKey(t *testing.T) {
 
 // Behind the record MAC: someone who holds the in-memory record MAC key
 // (but not the HSM) still cannot move a sealed secret to another user or
-// generation, nor a whole record to another user: the AEAD associated data
-// and the PIN MAC input bind them.
+// generation, nor a whole record to another user, nor flip a bit of the
+// sealed secret: the AEAD associated data (under the hmac profile, also
+// the record key derived from it) and the PIN MAC input bind them.
 func TestSealedSecretIsBoundToUserAndGeneration(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, vault.Options{})
+	for _, p := range profiles {
+		t.Run(string(p), func(t *testing.T) {
+			t.Parallel()
+			sealedSecretIsBound(t, newEnvProfile(t, vault.Options{}, p))
+		})
+	}
+}
+
+func sealedSecretIsBound(t *testing.T, e *env) {
 	secretA1, secretA2 := randBytes(32), randBytes(32)
 	e.enroll(userA, secretA1, rightPIN, 5)
 	rA1, _ := e.raw(ns, userA)
@@ -301,6 +320,17 @@ func TestSealedSecretIsBoundToUserAndGeneration(t *testing.T) {
 			t.Error("not counted as an integrity failure")
 		}
 		e.put(vault.RecordKey(ns, userB), rawB)
+	}
+	{ // a bit of the sealed secret flipped
+		rA, rawA := e.raw(ns, userA)
+		rA.Sealed = bytes.Clone(rA.Sealed) // it shares rawA's bytes
+		rA.Sealed[len(rA.Sealed)/2] ^= 1
+		e.put(vault.RecordKey(ns, userA), e.v.ForgeRecord(vault.RecordKey(ns, userA), rA))
+		s, _, err := e.v.Recover(bg, ns, userA, rightPIN)
+		if s != nil || !errors.Is(err, vault.ErrIntegrity) {
+			t.Fatalf("a flipped sealed secret: %v, want ErrIntegrity", err)
+		}
+		e.put(vault.RecordKey(ns, userA), rawA)
 	}
 	{ // the sealed secret of an older generation
 		rA, rawA := e.raw(ns, userA)
@@ -340,11 +370,19 @@ func TestSealedSecretIsBoundToUserAndGeneration(t *testing.T) {
 
 // The stored format, recomputed from docs/format.md with the HSM's key
 // material: field offsets, the PIN MAC input, the verifier, both sealing
-// layers and the record MAC. The database file holds no secret, PIN, M or
-// inner key.
+// layers (under each profile) and the record MAC. The database file holds
+// no secret, PIN, M or inner key.
 func TestStoredFormatMatchesTheDocs(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, vault.Options{})
+	for _, p := range profiles {
+		t.Run(string(p), func(t *testing.T) {
+			t.Parallel()
+			storedFormatMatchesTheDocs(t, newEnvProfile(t, vault.Options{}, p), p)
+		})
+	}
+}
+
+func storedFormatMatchesTheDocs(t *testing.T, e *env, profile vault.Profile) {
 	const user = "format-user@example.org"
 	secret := randBytes(40)
 	pin := []byte("a long and distinctive PIN 7391")
@@ -371,11 +409,12 @@ func TestStoredFormatMatchesTheDocs(t *testing.T) {
 	// Fixed fields at their documented offsets.
 	u32 := func(off int) uint32 { return binary.BigEndian.Uint32(raw[off:]) }
 	u64 := func(off int) uint64 { return binary.BigEndian.Uint64(raw[off:]) }
-	if raw[0] != 2 || raw[1] != 0 || u64(2) != 1 || u32(10) != 7 || u32(14) != 0 || u32(18) != 0 || u32(22) != 0 ||
-		u64(26) == 0 || u64(34) != u64(26) || u64(42) != 0 || u32(50) != 1 || u32(54) != 1 || u32(58) != 1 {
-		t.Fatalf("fixed fields differ from docs/format.md: % x", raw[:62])
+	sealing := map[vault.Profile]byte{vault.ProfileGCM: 1, vault.ProfileHMAC: 2}[profile]
+	if raw[0] != 3 || raw[1] != 0 || u64(2) != 1 || u32(10) != 7 || u32(14) != 0 || u32(18) != 0 || u32(22) != 0 ||
+		u64(26) == 0 || u64(34) != u64(26) || u64(42) != 0 || u32(50) != 1 || u32(54) != 1 || u32(58) != 1 || raw[62] != sealing {
+		t.Fatalf("fixed fields differ from docs/format.md: % x", raw[:63])
 	}
-	off := 62
+	off := 63
 	field := func(lenBytes int) []byte {
 		var n int
 		if lenBytes == 1 {
@@ -420,7 +459,19 @@ func TestStoredFormatMatchesTheDocs(t *testing.T) {
 	aad = lp(lp(aad, []byte(ns)), []byte(user))
 	aad = binary.BigEndian.AppendUint64(aad, 1)
 	aad = binary.BigEndian.AppendUint32(binary.BigEndian.AppendUint32(aad, 1), 1)
-	innerLayer, err := gcmOf(t, e.hsm.rawKey(vault.KeyID{Role: vault.RoleWrap, Version: 1})).Open(nil, nonce, sealed, aad)
+	outerKey := e.hsm.rawKey(vault.KeyID{Role: vault.RoleWrap, Version: 1})
+	if profile == vault.ProfileHMAC {
+		// The record key the HSM derives: HMAC under the wrap key.
+		in := append([]byte("keyvault/v1/seal-key"), 0)
+		in = lp(lp(in, nonce), aad)
+		dk := hmac.New(sha256.New, outerKey)
+		dk.Write(in)
+		outerKey = dk.Sum(nil)
+		if _, err := gcmOf(t, e.hsm.rawKey(vault.KeyID{Role: vault.RoleWrap, Version: 1})).Open(nil, nonce, sealed, aad); err == nil {
+			t.Fatal("under hmac, the outer layer opens under the wrap key itself")
+		}
+	}
+	innerLayer, err := gcmOf(t, outerKey).Open(nil, nonce, sealed, aad)
 	if err != nil {
 		t.Fatalf("outer layer does not open with the documented AAD: %v", err)
 	}
@@ -476,7 +527,7 @@ func TestStoredFormatMatchesTheDocs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for name, v := range map[string][]byte{"secret": secret, "PIN": pin, "M": m, "inner key": innerKey, "inner layer": innerLayer} {
+	for name, v := range map[string][]byte{"secret": secret, "PIN": pin, "M": m, "inner key": innerKey, "inner layer": innerLayer, "outer key": outerKey} {
 		if bytes.Contains(file, v) {
 			t.Errorf("the database file holds the %s", name)
 		}

@@ -517,16 +517,56 @@ func (v *Vault) verify(ctx context.Context, ns, userID string, r *record, pin []
 	return true, inner, nil
 }
 
-// open removes both layers of a record's sealed secret.
-func (v *Vault) open(ctx context.Context, ns, userID string, r *record, sealed, inner []byte) ([]byte, error) {
+// openOuter removes the outer layer of a record's sealed secret, as the
+// record's sealing profile says, and returns the inner layer; the caller
+// wipes it. The profile comes from the record, whose MAC vouches for it,
+// and must be the one of the wrap key version it names: a key of another
+// kind under that label cannot have sealed it.
+func (v *Vault) openOuter(ctx context.Context, ns, userID string, r *record, sealed []byte) ([]byte, error) {
+	key := recordKey(ns, userID)
+	if p := v.hsm.WrapProfile(r.WrapVersion); p != "" && p != r.Sealing {
+		err := fmt.Errorf("sealed by the %s profile, but wrap key v%d is of the %s profile", r.Sealing, r.WrapVersion, p)
+		v.integrityFailure(key, "sealed secret", err)
+		return nil, fmt.Errorf("%w: open outer layer: %w", ErrIntegrity, err)
+	}
 	aad := outerAAD(ns, userID, r.Generation, r.WrapVersion, r.PINVersion)
 	pt, err := v.hsm.Open(ctx, KeyID{RoleWrap, r.WrapVersion}, r.Nonce, sealed, aad)
 	if err != nil {
 		if errors.Is(err, ErrIntegrity) {
-			v.integrityFailure(recordKey(ns, userID), "sealed secret", errors.New("outer layer failed authentication"))
+			v.integrityFailure(key, "sealed secret", errors.New("outer layer failed authentication"))
 			return nil, fmt.Errorf("open outer layer: %w", err)
 		}
 		return nil, fmt.Errorf("%w: open outer layer: %w", ErrUnavailable, err)
+	}
+	return pt, nil
+}
+
+// sealOuter seals an inner layer under a wrap key version, with a fresh
+// nonce, and sets the record's outer fields: version, sealing profile,
+// nonce and sealed bytes, which always change together.
+func (v *Vault) sealOuter(ctx context.Context, ns, userID string, r *record, version uint32, inner []byte) error {
+	profile := v.hsm.WrapProfile(version)
+	if profile == "" {
+		return fmt.Errorf("%w: the HSM holds no wrap key v%d", ErrUnavailable, version)
+	}
+	if err := v.takeSeal(ctx, version); err != nil {
+		return err
+	}
+	nonce := make([]byte, nonceLen)
+	rand.Read(nonce) // never fails (crypto/rand, Go 1.24+)
+	sealed, err := v.hsm.Seal(ctx, KeyID{RoleWrap, version}, nonce, inner, outerAAD(ns, userID, r.Generation, version, r.PINVersion))
+	if err != nil {
+		return fmt.Errorf("%w: seal: %w", ErrUnavailable, err)
+	}
+	r.WrapVersion, r.Sealing, r.Nonce, r.Sealed = version, profile, nonce, sealed
+	return nil
+}
+
+// open removes both layers of a record's sealed secret.
+func (v *Vault) open(ctx context.Context, ns, userID string, r *record, sealed, inner []byte) ([]byte, error) {
+	pt, err := v.openOuter(ctx, ns, userID, r, sealed)
+	if err != nil {
+		return nil, err
 	}
 	defer wipe(pt)
 	g, err := innerGCM(inner)
@@ -547,23 +587,21 @@ func (v *Vault) open(ctx context.Context, ns, userID string, r *record, sealed, 
 
 // seal builds the PIN check and both layers of a new generation of a backup.
 func (v *Vault) seal(ctx context.Context, ns, userID string, gen uint64, secret, pin []byte) (*record, error) {
+	wrapVersion := v.hsm.KeyVersion(RoleWrap)
 	r := &record{
-		Generation:  gen,
-		WrapVersion: v.hsm.KeyVersion(RoleWrap),
-		PINVersion:  v.hsm.KeyVersion(RolePIN),
-		Salt:        make([]byte, saltLen),
-		Nonce:       make([]byte, nonceLen),
-		freshWrap:   true,
-		freshPIN:    true,
+		Generation: gen,
+		PINVersion: v.hsm.KeyVersion(RolePIN),
+		Salt:       make([]byte, saltLen),
+		freshWrap:  true,
+		freshPIN:   true,
 	}
-	if r.WrapVersion == 0 || r.PINVersion == 0 {
+	if wrapVersion == 0 || r.PINVersion == 0 {
 		return nil, fmt.Errorf("%w: the HSM holds no wrap or PIN key", ErrUnavailable)
 	}
-	if err := v.mayUse(r.WrapVersion, r.PINVersion); err != nil {
+	if err := v.mayUse(wrapVersion, r.PINVersion); err != nil {
 		return nil, err
 	}
 	rand.Read(r.Salt) // never fails (crypto/rand, Go 1.24+)
-	rand.Read(r.Nonce)
 
 	msg := pinMACInput(ns, userID, gen, r.Salt, pin)
 	defer wipe(msg)
@@ -588,12 +626,8 @@ func (v *Vault) seal(ctx context.Context, ns, userID string, gen uint64, secret,
 	inner = g.Seal(inner, inner[:nonceLen], secret, innerAAD(ns, userID, gen))
 	defer wipe(inner)
 
-	if err := v.takeSeal(ctx, r.WrapVersion); err != nil {
+	if err := v.sealOuter(ctx, ns, userID, r, wrapVersion, inner); err != nil {
 		return nil, err
-	}
-	aad := outerAAD(ns, userID, gen, r.WrapVersion, r.PINVersion)
-	if r.Sealed, err = v.hsm.Seal(ctx, KeyID{RoleWrap, r.WrapVersion}, r.Nonce, inner, aad); err != nil {
-		return nil, fmt.Errorf("%w: seal: %w", ErrUnavailable, err)
 	}
 	return r, nil
 }

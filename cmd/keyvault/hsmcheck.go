@@ -7,6 +7,7 @@ import (
 	"io"
 
 	"github.com/keyvault/keyvault/hsmpool"
+	"github.com/keyvault/keyvault/vault"
 )
 
 const hsmUsage = `hsm check --config FILE   each member's token: what it can do of what the vault needs, and whether it can serve (exit 0: every member can, 2: not)`
@@ -36,7 +37,7 @@ func cmdHSM(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if failed := printChecks(stdout, hsmpool.Check(members)); failed > 0 {
+	if failed := printChecks(stdout, hsmpool.Check(members, vault.Profile(cfg.HSM.Profile))); failed > 0 {
 		return usageError{fmt.Errorf("%d of %d members cannot serve", failed, len(members))}
 	}
 	return nil
@@ -54,7 +55,7 @@ func printChecks(w io.Writer, checks []hsmpool.MemberCheck) (failed int) {
 			failed++
 			fmt.Fprintf(w, "  verdict: cannot serve: %v\n", c.Err)
 		} else {
-			fmt.Fprintln(w, "  verdict: can serve (profile gcm)")
+			fmt.Fprintf(w, "  verdict: can serve (profile %s)\n", c.Caps.Profile)
 		}
 	}
 	return failed

@@ -161,7 +161,7 @@ func keysRotate(cfg *config.Config, ac *adminClient, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	version, inHSM, err := hsmpool.Rotate(members)
+	version, inHSM, err := hsmpool.Rotate(members, vault.Profile(cfg.HSM.Profile))
 	if err != nil {
 		return fmt.Errorf("keys rotate: %w", err)
 	}

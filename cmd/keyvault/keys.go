@@ -11,6 +11,7 @@ import (
 
 	"github.com/keyvault/keyvault/config"
 	"github.com/keyvault/keyvault/hsmpool"
+	"github.com/keyvault/keyvault/vault"
 )
 
 const keysUsage = `keys init --config FILE   create key version 1 on every HSM member
@@ -62,10 +63,14 @@ func keysInit(cfg *config.Config, stdout io.Writer) error {
 	// Every member must be able to serve and to take the keys before any
 	// is created: a refusal after the first member would leave keys on it
 	// alone.
+	profile := vault.Profile(cfg.HSM.Profile)
+	if profile == "" {
+		profile = hsmpool.DefaultProfile
+	}
 	var refusals []error
-	for _, c := range hsmpool.Check(members) {
+	for _, c := range hsmpool.Check(members, profile) {
 		if c.Err == nil {
-			c.Err = c.Caps.CanProvision(len(members))
+			c.Err = c.Caps.CanProvision(len(members), profile)
 		}
 		if c.Err != nil {
 			refusals = append(refusals, c.Err)
@@ -74,17 +79,17 @@ func keysInit(cfg *config.Config, stdout io.Writer) error {
 	if len(refusals) > 0 {
 		return fmt.Errorf("keys init: created nothing: %w (keyvault hsm check --config FILE shows each token's capabilities)", errors.Join(refusals...))
 	}
-	inHSM, err := hsmpool.Provision(members)
+	inHSM, err := hsmpool.Provision(members, profile)
 	if err != nil {
 		return fmt.Errorf("keys init: %w", err)
 	}
 	if inHSM {
-		fmt.Fprintln(stdout, "Created key version 1 inside the HSM; the key material never left it.")
+		fmt.Fprintf(stdout, "Created key version 1 for the %s profile inside the HSM; the key material never left it.\n", profile)
 	} else {
-		fmt.Fprintf(stdout, "Created key version 1 on %d members. Generic PKCS#11 cannot clone keys, so the\n"+
+		fmt.Fprintf(stdout, "Created key version 1 for the %s profile on %d members. Generic PKCS#11 cannot clone keys, so the\n"+
 			"material was generated in this process's memory, imported into each member as\n"+
 			"sensitive, non-extractable token objects, and wiped. With an HSM cluster that\n"+
-			"clones keys itself, provision one member and use the vendor's cloning instead.\n", len(members))
+			"clones keys itself, provision one member and use the vendor's cloning instead.\n", profile, len(members))
 	}
 	fmt.Fprintln(stdout, "Back up the HSM keys with the HSM's own means: losing every copy of a key\nversion loses every backup sealed under it.")
 	return nil

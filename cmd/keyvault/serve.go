@@ -63,7 +63,7 @@ func openPool(cfg *config.Config, reg prometheus.Registerer, log *slog.Logger) (
 		return nil, err
 	}
 	return hsmpool.Open(members, hsmpool.Options{
-		Registerer: reg, Logger: log,
+		Registerer: reg, Logger: log, Profile: vault.Profile(cfg.HSM.Profile),
 		QueueTimeout: cfg.RateLimit.HSMQueueTimeout, AdmitPerSession: cfg.RateLimit.AdmittedPerHSMSession,
 	})
 }
@@ -184,7 +184,8 @@ func serve(cfg *config.Config, stderr io.Writer, bound func(api, admin string) e
 	go func() { errs <- apiL.serve() }()
 	go func() { errs <- adminL.serve() }()
 	log.Info("keyvault serving", "version", versionString(), "api", apiL.addr(), "admin", adminL.addr(),
-		"tls", cfg.TLS != nil, "admin_tls", cfg.AdminTLS != nil, "hsm_members_healthy", pool.Healthy(), "store", store.desc)
+		"tls", cfg.TLS != nil, "admin_tls", cfg.AdminTLS != nil, "hsm_members_healthy", pool.Healthy(),
+		"hsm_profile", pool.WrapProfile(pool.KeyVersion(vault.RoleWrap)), "store", store.desc)
 
 	select {
 	case <-ctx.Done():
