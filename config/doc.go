@@ -24,9 +24,12 @@
 //     itself can be world-readable and checked into a repository.
 //
 // An empty file, a file of only comments, or a file with more than one YAML
-// document is refused. Structural problems are reported on their own; the
-// checks of values ([Config.Validate]) run only on a file that decoded
-// cleanly, so that a typo is not followed by a cascade of "required" errors.
+// document is refused. The walk prunes every key and value it reports, and
+// the rest of the file is decoded and its values checked ([Config.Validate])
+// in the same pass, so one run lists a typo and a bad address together. A
+// value pruned for its type is not reported again as missing; a field whose
+// key was misspelt keeps its default, and is checked as such (a misspelt
+// required key is also reported as required).
 //
 // Error messages never repeat a value from the file that could be a secret:
 // they name the key and the line, not the value.

@@ -185,13 +185,28 @@ func TestConfigCheck(t *testing.T) {
 		t.Fatal(err)
 	}
 	bad := filepath.Join(dir, "bad.yaml")
+	// Two unknown keys, a value of the wrong type and two bad values: one
+	// run names all five.
 	broken := strings.Replace(string(data), "budget:\n", "budget:\n  max_attempts: 3\n", 1) + "lisen: 127.0.0.1:1\n"
+	broken = strings.Replace(broken, "default_max_attempts: 10", "default_max_attempts: 30", 1)
+	broken = strings.Replace(broken, "max_sessions: 8", "max_sessions: many", 1)
+	broken = strings.Replace(broken, "level: info", "level: loud", 1)
 	if err := os.WriteFile(bad, []byte(broken), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	code, out := runCLI(t, "config", "check", "--config", bad)
-	if code != 2 || !strings.Contains(out, "budget.max_attempts: unknown key") || !strings.Contains(out, "lisen: unknown key") {
-		t.Fatalf("config check of a config with two unknown keys: exit %d: %s", code, out)
+	want := []string{
+		"5 problems:",
+		"budget.max_attempts: unknown key",
+		"lisen: unknown key",
+		"hsm.members[0].max_sessions: expected an integer, got a string",
+		"budget.default_max_attempts: must not exceed budget.max_attempts_limit (20)",
+		"log.level: must be one of",
+	}
+	for _, w := range want {
+		if code != 2 || !strings.Contains(out, w) {
+			t.Errorf("config check of a config with five problems: exit %d, output lacks %q:\n%s", code, w, out)
+		}
 	}
 	if code, _ := runCLI(t, "config", "check"); code != 2 {
 		t.Fatalf("config check without --config: exit %d, want 2", code)
