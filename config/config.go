@@ -366,7 +366,18 @@ type Log struct {
 	Level string `yaml:"level"`
 	// Format is json or text. Default "json".
 	Format string `yaml:"format"`
+	// Audit is where the audit events go, one JSON object per line, at
+	// every log level: "stdout", "stderr", or the path of a file, appended
+	// to and reopened on SIGHUP (for logrotate); its directory must exist.
+	// Default empty: the stream the log goes to.
+	Audit string `yaml:"audit"`
 }
+
+// Audit sinks besides a file path.
+const (
+	AuditStdout = "stdout"
+	AuditStderr = "stderr"
+)
 
 // StringList is a list of strings that may be written in YAML as a single
 // scalar ("abc") or as a sequence of scalars (["abc", "def"]).

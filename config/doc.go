@@ -68,6 +68,7 @@
 //	clients[].share_namespace      false
 //	log.level                      info             ([DefaultLogLevel])
 //	log.format                     json             ([DefaultLogFormat])
+//	log.audit                      empty: the log's stream, at every level
 //
 // [Config.Validate] checks a Config as it is and applies no defaults; a Config
 // built by hand must set these fields itself.
@@ -80,6 +81,17 @@
 // and exists to lint configs shipped for other machines, as
 // TestShippedConfigs does for every file under deploy/.
 //
+// # Schema
+//
+// keyvault.schema.json is the JSON Schema (draft 2020-12) of the file, for
+// editors (yaml-language-server: add
+// "# yaml-language-server: $schema=<path>/keyvault.schema.json" on the
+// first line). It is generated from the types of this package by
+// `go generate ./config`, and a test keeps it current. It knows the keys,
+// types, allowed values and defaults; the vault also checks files,
+// addresses and rules across keys, so `keyvault config check` has the last
+// word.
+//
 // # Caveats
 //
 // hsm.module_env is applied to the whole process before any PKCS#11 module is
@@ -87,3 +99,5 @@
 // HSM PIN is not read at load time: [Member.PIN] reads it when the HSM is
 // opened, so a missing PIN variable is reported then, by member name.
 package config
+
+//go:generate go run ./internal/schemagen -o keyvault.schema.json

@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"crypto/sha256"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -14,6 +15,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/santhosh-tekuri/jsonschema/v6"
+	"go.yaml.in/yaml/v3"
 
 	"github.com/keyvault/keyvault/internal/kvproc"
 	"github.com/keyvault/keyvault/internal/softhsm/softhsmtest"
@@ -183,6 +187,10 @@ func TestConfigCheck(t *testing.T) {
 	data, err := os.ReadFile(good)
 	if err != nil {
 		t.Fatal(err)
+	}
+	// The config dev writes passes the schema editors use, too.
+	if err := schemaCheck(t, data); err != nil {
+		t.Errorf("the dev config is refused by config/keyvault.schema.json: %v", err)
 	}
 	bad := filepath.Join(dir, "bad.yaml")
 	// Two unknown keys, a value of the wrong type and two bad values: one
@@ -430,4 +438,26 @@ func TestMakeRunPorts(t *testing.T) {
 			t.Errorf("make -n run %v:\n%s\nwant its last line to end \"keyvault %s\"", tc.vars, plan, tc.want)
 		}
 	}
+}
+
+// schemaCheck validates a YAML config against config/keyvault.schema.json.
+func schemaCheck(t *testing.T, data []byte) error {
+	t.Helper()
+	sch, err := jsonschema.NewCompiler().Compile(filepath.Join(moduleRoot, "config", "keyvault.schema.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var v any
+	if err := yaml.Unmarshal(data, &v); err != nil {
+		return err
+	}
+	j, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	inst, err := jsonschema.UnmarshalJSON(bytes.NewReader(j))
+	if err != nil {
+		return err
+	}
+	return sch.Validate(inst)
 }
