@@ -70,7 +70,7 @@ func TestAuditSink(t *testing.T) {
 	if bytes.Contains(v.Logs(), []byte(`"msg":"audit"`)) {
 		t.Errorf("audit events in the main log although log.audit is a file:\n%s", v.Logs())
 	}
-	all := bytes.Join([][]byte{readFile(t, auditPath + ".1"), readFile(t, auditPath), v.Logs()}, nil)
+	all := bytes.Join([][]byte{readFile(t, auditPath+".1"), readFile(t, auditPath), v.Logs()}, nil)
 	for _, s := range []string{pin, newPIN, user, string(secret), base64.StdEncoding.EncodeToString(secret), v.Token} {
 		if bytes.Contains(all, []byte(s)) {
 			t.Errorf("the audit events or the log hold %q", s)
