@@ -40,6 +40,9 @@ type AdminOptions struct {
 	TokenHashes [][32]byte
 	Keys        KeyAdmin
 	Logger      *slog.Logger // default slog.Default()
+	// Audit receives one event per reload, retire and re-wrap start
+	// (docs/audit.md). Default: Logger.
+	Audit *slog.Logger
 }
 
 // mountKeyAdmin adds the key lifecycle endpoints to the admin router:
@@ -61,15 +64,23 @@ func mountKeyAdmin(r chi.Router, opts AdminOptions) {
 	if log == nil {
 		log = slog.Default()
 	}
+	audit := opts.Audit
+	if audit == nil {
+		audit = log
+	}
 	k := opts.Keys
 	r.Route("/admin", func(r chi.Router) {
 		r.Use(withRequestID(log), recoverer, adminAuth(opts.TokenHashes), writeDeadline(keyAdminWriteTimeout))
 		r.Post("/keys/reload", func(w http.ResponseWriter, r *http.Request) {
+			start := time.Now()
 			vs, err := k.Reload(r.Context())
 			if err != nil {
+				adminAudit(audit, r, "keys_reload", start, "reload_refused")
 				adminError(w, r, http.StatusConflict, "reload_refused", err)
 				return
 			}
+			adminAudit(audit, r, "keys_reload", start, "success",
+				"wrap_version", vs[vault.RoleWrap], "pin_version", vs[vault.RolePIN])
 			writeJSON(w, http.StatusOK, map[string]any{"versions": vs})
 		})
 		r.Get("/keys/usage", func(w http.ResponseWriter, r *http.Request) {
@@ -81,12 +92,15 @@ func mountKeyAdmin(r chi.Router, opts AdminOptions) {
 			writeJSON(w, http.StatusOK, usageJSON(u))
 		})
 		r.Post("/keys/retire", func(w http.ResponseWriter, r *http.Request) {
+			start := time.Now()
 			var req retireRequest
 			if err := decodeBody(r, w, &req); err != nil {
+				adminAudit(audit, r, "keys_retire", start, codeInvalid)
 				writeError(w, r, err)
 				return
 			}
 			destroyed, err := k.Retire(r.Context(), req.Version)
+			adminAudit(audit, r, "keys_retire", start, retireResult(err), "key_version", req.Version)
 			var inUse *vault.KeysInUseError
 			switch {
 			case errors.As(err, &inUse):
@@ -107,27 +121,49 @@ func mountKeyAdmin(r chi.Router, opts AdminOptions) {
 		})
 		r.Post("/rewrap", func(w http.ResponseWriter, r *http.Request) {
 			var req rewrapRequest
+			start := time.Now()
 			if r.ContentLength != 0 {
 				if err := decodeBody(r, w, &req); err != nil {
+					adminAudit(audit, r, "rewrap_start", start, codeInvalid)
 					writeError(w, r, err)
 					return
 				}
 			}
 			if req.PerSecond < 0 {
+				adminAudit(audit, r, "rewrap_start", start, codeInvalid)
 				writeError(w, r, badRequest("per_second: must be 0 (no limit) or more"))
 				return
 			}
 			st, started := k.StartRewrap(req.PerSecond)
-			code := http.StatusOK
+			code, result := http.StatusOK, "already_running"
 			if started {
-				code = http.StatusAccepted
+				code, result = http.StatusAccepted, "started"
 			}
+			adminAudit(audit, r, "rewrap_start", start, result, "key_version", st.Target, "per_second", req.PerSecond)
 			writeJSON(w, code, rewrapJSON(st))
 		})
 		r.Get("/rewrap", func(w http.ResponseWriter, _ *http.Request) {
 			writeJSON(w, http.StatusOK, rewrapJSON(k.RewrapStatus()))
 		})
 	})
+}
+
+// retireResult names the outcome of a retire for its audit event, as the
+// answer's code does.
+func retireResult(err error) string {
+	var inUse *vault.KeysInUseError
+	switch {
+	case err == nil:
+		return "success"
+	case errors.As(err, &inUse):
+		return "keys_in_use"
+	case errors.Is(err, vault.ErrInvalid):
+		return codeInvalid
+	case errors.Is(err, vault.ErrNodesLagging):
+		return "nodes_lagging"
+	default:
+		return "retire_failed"
+	}
 }
 
 // keyAdminWriteTimeout is how long a key lifecycle request may take to

@@ -1,9 +1,12 @@
 package api
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/json"
+	"fmt"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -49,7 +52,9 @@ func TestAdminKeyEndpoints(t *testing.T) {
 	t.Parallel()
 	admin := sha256.Sum256([]byte("admin-token"))
 	ka := &fakeKeyAdmin{}
-	h := NewAdminRouterWith(prometheus.NewRegistry(), func() error { return nil }, AdminOptions{TokenHashes: [][32]byte{admin}, Keys: ka})
+	var audit bytes.Buffer
+	h := NewAdminRouterWith(prometheus.NewRegistry(), func() error { return nil }, AdminOptions{TokenHashes: [][32]byte{admin}, Keys: ka,
+		Audit: slog.New(slog.NewJSONHandler(&audit, nil))})
 	call := func(method, path, token, body string) (int, map[string]any) {
 		req := httptest.NewRequest(method, path, strings.NewReader(body))
 		if token != "" {
@@ -89,6 +94,24 @@ func TestAdminKeyEndpoints(t *testing.T) {
 	}
 	if code, out := call("GET", "/admin/rewrap", "admin-token", ""); code != 200 || out["done"] != 4.0 || out["running"] != true {
 		t.Errorf("rewrap status: %d %v", code, out)
+	}
+
+	// One audit event per change requested, none for the reads.
+	var got []string
+	for _, line := range bytes.Split(bytes.TrimSpace(audit.Bytes()), []byte("\n")) {
+		var ev map[string]any
+		if err := json.Unmarshal(line, &ev); err != nil || ev["msg"] != "audit" || ev["client"] != "admin" || ev["request_id"] == "" {
+			t.Fatalf("audit event %q: %v", line, err)
+		}
+		s := ev["op"].(string) + ":" + ev["result"].(string)
+		if v, ok := ev["key_version"]; ok {
+			s += ":" + fmt.Sprint(v)
+		}
+		got = append(got, s)
+	}
+	want := []string{"keys_reload:success", "keys_retire:keys_in_use:1", "keys_retire:invalid_request", "keys_retire:success:3", "rewrap_start:started:2", "rewrap_start:already_running:2"}
+	if strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Errorf("audit events %q, want %q", got, want)
 	}
 
 	// Without an admin token configured, the endpoints do not exist.

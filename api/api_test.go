@@ -568,3 +568,37 @@ func TestMethodNotAllowedListsAllow(t *testing.T) {
 		}
 	}
 }
+
+// The audit events go to Options.Audit, not to the request log: a log at
+// warn drops the request lines, never the audit trail.
+func TestAuditEventsIgnoreLogLevel(t *testing.T) {
+	t.Parallel()
+	var logBuf, auditBuf bytes.Buffer
+	tokA := sha256.Sum256([]byte("token-a"))
+	h := NewRouter(&logIDStub{}, Options{
+		Logger:  slog.New(slog.NewJSONHandler(&logBuf, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		Audit:   slog.New(slog.NewJSONHandler(&auditBuf, nil)),
+		Clients: []Client{{Name: "a", Namespace: "ns-a", TokenHashes: [][32]byte{tokA}}},
+	})
+	do(h, "PUT", "/v1/backups/alice-raw-id", "token-a", `{"secret":"MDEyMzQ1Njc4OWFiY2RlZg==","pin":"1234"}`, "X-Request-Id", "req-1")
+	do(h, "POST", "/v1/backups/alice-raw-id/recover", "token-a", `{"pin":"1234"}`, "X-Request-Id", "req-2")
+	if bytes.Contains(logBuf.Bytes(), []byte(`"audit"`)) {
+		t.Errorf("an audit event in the request log:\n%s", logBuf.Bytes())
+	}
+	lines := bytes.Split(bytes.TrimSpace(auditBuf.Bytes()), []byte("\n"))
+	if len(lines) != 2 {
+		t.Fatalf("%d audit events, want 2:\n%s", len(lines), auditBuf.Bytes())
+	}
+	for i, line := range lines {
+		var ev map[string]any
+		if err := json.Unmarshal(line, &ev); err != nil {
+			t.Fatalf("audit event %q: %v", line, err)
+		}
+		if ev["msg"] != "audit" || ev["request_id"] != fmt.Sprintf("req-%d", i+1) || ev["client"] != "a" || ev["result"] != "success" && ev["result"] != "created" {
+			t.Errorf("audit event %v", ev)
+		}
+	}
+	if bytes.Contains(auditBuf.Bytes(), []byte("alice-raw-id")) || bytes.Contains(auditBuf.Bytes(), []byte("1234")) || bytes.Contains(auditBuf.Bytes(), []byte("MDEyMzQ1")) {
+		t.Errorf("a raw user_id, PIN or secret in the audit events:\n%s", auditBuf.Bytes())
+	}
+}

@@ -2,6 +2,7 @@ package api
 
 import (
 	"errors"
+	"log/slog"
 	"net/http"
 	"time"
 
@@ -35,9 +36,16 @@ func (h *handlers) audit(r *http.Request, op, ns, userID string) *auditEvent {
 	return e
 }
 
-// done logs the event with the operation's outcome.
+// done writes the event, with the operation's outcome, to the audit
+// logger (Options.Audit), which no log level filters.
 func (e *auditEvent) done(err error) {
-	logger(e.r.Context()).Info("audit",
+	client := ""
+	if c := clientOf(e.r.Context()); c != nil {
+		client = c.Name
+	}
+	e.h.auditLog.Info("audit",
+		"request_id", requestID(e.r.Context()),
+		"client", client,
 		"op", e.op,
 		"namespace", e.ns,
 		"user", e.user,
@@ -65,4 +73,17 @@ func (e *auditEvent) result(err error) string {
 	default:
 		return r
 	}
+}
+
+// adminAudit writes the event of a key lifecycle request on the admin
+// listener: who asked (the request ID; the admin token has no name), the
+// operation, its result and the key version it names, if any.
+func adminAudit(log *slog.Logger, r *http.Request, op string, start time.Time, result string, attrs ...any) {
+	log.Info("audit", append([]any{
+		"request_id", requestID(r.Context()),
+		"client", "admin",
+		"op", op,
+		"result", result,
+		"duration_ms", float64(time.Since(start).Microseconds()) / 1000,
+	}, attrs...)...)
 }

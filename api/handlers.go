@@ -4,6 +4,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"log/slog"
 	"net/http"
 	"strconv"
 	"time"
@@ -18,6 +19,7 @@ type handlers struct {
 	limits    Limiter  // nil: no limits
 	admission Admitter // nil: admit all
 	shareHSM  bool     // hold each client to its share of the HSM admission
+	auditLog  *slog.Logger
 }
 
 // admit reserves HSM capacity for a request that will use the HSMs, after

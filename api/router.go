@@ -64,6 +64,9 @@ type Options struct {
 	Clients    []Client
 	Registerer prometheus.Registerer // default: a private registry
 	Logger     *slog.Logger          // default: slog.Default()
+	// Audit receives one event per decision (docs/audit.md); give it a
+	// logger no level filters. Default: Logger.
+	Audit *slog.Logger
 	// RequestTimeout bounds each request's time in the vault (default 25s,
 	// under the server's 30s write timeout).
 	RequestTimeout time.Duration
@@ -88,10 +91,13 @@ func NewRouter(b Backups, opts Options) http.Handler {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
+	if opts.Audit == nil {
+		opts.Audit = opts.Logger
+	}
 	if opts.RequestTimeout == 0 {
 		opts.RequestTimeout = 25 * time.Second
 	}
-	h := &handlers{b: b, limits: opts.Limits, admission: opts.Admission,
+	h := &handlers{b: b, limits: opts.Limits, admission: opts.Admission, auditLog: opts.Audit,
 		// One client alone has no other client to starve: its share would
 		// only idle HSM capacity.
 		shareHSM: len(opts.Clients) > 1}

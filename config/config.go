@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -374,7 +375,18 @@ type Log struct {
 	Level string `yaml:"level"`
 	// Format is json or text. Default "json".
 	Format string `yaml:"format"`
+	// Audit is where the audit events go, one JSON object per line, at
+	// every log level: "stdout", "stderr", or the path of a file, appended
+	// to and reopened on SIGHUP (for logrotate); its directory must exist.
+	// Default empty: the stream the log goes to.
+	Audit string `yaml:"audit"`
 }
+
+// Audit sinks besides a file path.
+const (
+	AuditStdout = "stdout"
+	AuditStderr = "stderr"
+)
 
 // StringList is a list of strings that may be written in YAML as a single
 // scalar ("abc") or as a sequence of scalars (["abc", "def"]).
@@ -485,11 +497,15 @@ func parse(data []byte, checkFS bool) (*Config, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := checkStructure(root); err != nil {
-		return nil, err
-	}
+	// The structure check prunes what it reports, so the rest decodes and
+	// is validated in the same pass: one run of config check lists a typo
+	// and a bad address together.
+	problems, pruned := checkStructure(root)
 	cfg := defaults()
 	if err := root.Decode(cfg); err != nil {
+		if len(problems) > 0 {
+			return nil, errors.Join(problems...)
+		}
 		// The structure check should have caught this; keep yaml's
 		// message, which names the line.
 		return nil, fmt.Errorf("decode config: %w", err)
@@ -500,9 +516,39 @@ func parse(data []byte, checkFS bool) (*Config, error) {
 		}
 	}
 	if err := cfg.validate(checkFS); err != nil {
-		return nil, err
+		problems = append(problems, withoutConsequences(err, pruned)...)
+	}
+	if len(problems) > 0 {
+		return nil, errors.Join(problems...)
 	}
 	return cfg, nil
+}
+
+// withoutConsequences returns the problems of a validation error, less
+// those at or under a key path the structure check pruned (a value of the
+// wrong type is reported once, not again as "required").
+func withoutConsequences(err error, pruned []string) []error {
+	var all []error
+	if multi, ok := err.(interface{ Unwrap() []error }); ok {
+		all = multi.Unwrap()
+	} else {
+		all = []error{err}
+	}
+	out := all[:0:0]
+	for _, e := range all {
+		p, ok := e.(*problem)
+		if ok && slices.ContainsFunc(pruned, func(q string) bool { return within(p.path, q) }) {
+			continue
+		}
+		out = append(out, e)
+	}
+	return out
+}
+
+// within reports whether key path p is q or lies under it
+// ("store.etcd.endpoints[0]" is within "store.etcd").
+func within(p, q string) bool {
+	return q != "" && strings.HasPrefix(p, q) && (len(p) == len(q) || p[len(q)] == '.' || p[len(q)] == '[')
 }
 
 // parseNode parses data as exactly one YAML document whose top level is a

@@ -493,6 +493,70 @@ func TestParseReportsAllUnknownKeys(t *testing.T) {
 	}
 }
 
+// TestParseReportsStructureAndValues: unknown, duplicate and ill-typed keys
+// are pruned and reported, and the rest of the file is still validated, so
+// one pass lists every kind of problem; a pruned value is not reported
+// again as missing.
+func TestParseReportsStructureAndValues(t *testing.T) {
+	t.Parallel()
+	fx := newFixture(t)
+	doc := `
+listen: 0.0.0.0
+lisen: 127.0.0.1:8080
+store:
+  path: [a, b]
+hsm:
+  members:
+    - name: hsm-a
+      module: {{.Module}}
+      token_label: keyvault-a
+      pin_env: KEYVAULT_HSM_A_PIN
+      max_sessions: eight
+    - name: hsm-b
+      module: {{.Module}}
+      token_label: keyvault-b
+      pin: "1234"
+budget:
+  default_max_attempts: 0
+  default_max_attempts: 3
+clients:
+  - name: messenger
+    token_sha256: abc
+log:
+  level: loud
+`
+	_, err := Parse(render(t, fx, doc))
+	if err == nil {
+		t.Fatal("Parse succeeded; want many problems")
+	}
+	want := []string{
+		"lisen: unknown key (line 3)",
+		"store.path: expected a string, got a list (line 5)",
+		"hsm.members[0].max_sessions: expected an integer, got a string (line 12)",
+		"hsm.members[1].pin: the HSM PIN must not be inline; use pin_env or pin_file (line 16)",
+		"budget.default_max_attempts: duplicate key (first at line 18) (line 19)",
+		"listen: invalid address",
+		"hsm.members[1].pin_env: required (or pin_file)",
+		"budget.default_max_attempts: must be at least 1",
+		"clients[0].token_sha256[0]: must be the hex SHA-256",
+		"log.level: must be one of",
+	}
+	for _, w := range want {
+		if !strings.Contains(err.Error(), w) {
+			t.Errorf("error does not contain %q:\n%v", w, err)
+		}
+	}
+	if n := countProblems(err); n != len(want) {
+		t.Errorf("got %d problems, want %d:\n%v", n, len(want), err)
+	}
+	if strings.Contains(err.Error(), "store.path: required") {
+		t.Errorf("a pruned value is reported again as missing:\n%v", err)
+	}
+	if strings.Contains(err.Error(), "1234") {
+		t.Errorf("error %q contains the inline PIN", err)
+	}
+}
+
 func countProblems(err error) int {
 	if multi, ok := err.(interface{ Unwrap() []error }); ok {
 		return len(multi.Unwrap())

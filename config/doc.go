@@ -24,9 +24,12 @@
 //     itself can be world-readable and checked into a repository.
 //
 // An empty file, a file of only comments, or a file with more than one YAML
-// document is refused. Structural problems are reported on their own; the
-// checks of values ([Config.Validate]) run only on a file that decoded
-// cleanly, so that a typo is not followed by a cascade of "required" errors.
+// document is refused. The walk prunes every key and value it reports, and
+// the rest of the file is decoded and its values checked ([Config.Validate])
+// in the same pass, so one run lists a typo and a bad address together. A
+// value pruned for its type is not reported again as missing; a field whose
+// key was misspelt keeps its default, and is checked as such (a misspelt
+// required key is also reported as required).
 //
 // Error messages never repeat a value from the file that could be a secret:
 // they name the key and the line, not the value.
@@ -65,6 +68,7 @@
 //	clients[].share_namespace      false
 //	log.level                      info             ([DefaultLogLevel])
 //	log.format                     json             ([DefaultLogFormat])
+//	log.audit                      empty: the log's stream, at every level
 //
 // [Config.Validate] checks a Config as it is and applies no defaults; a Config
 // built by hand must set these fields itself.
@@ -77,6 +81,17 @@
 // and exists to lint configs shipped for other machines, as
 // TestShippedConfigs does for every file under deploy/.
 //
+// # Schema
+//
+// keyvault.schema.json is the JSON Schema (draft 2020-12) of the file, for
+// editors (yaml-language-server: add
+// "# yaml-language-server: $schema=<path>/keyvault.schema.json" on the
+// first line). It is generated from the types of this package by
+// `go generate ./config`, and a test keeps it current. It knows the keys,
+// types, allowed values and defaults; the vault also checks files,
+// addresses and rules across keys, so `keyvault config check` has the last
+// word.
+//
 // # Caveats
 //
 // hsm.module_env is applied to the whole process before any PKCS#11 module is
@@ -84,3 +99,5 @@
 // HSM PIN is not read at load time: [Member.PIN] reads it when the HSM is
 // opened, so a missing PIN variable is reported then, by member name.
 package config
+
+//go:generate go run ./internal/schemagen -o keyvault.schema.json

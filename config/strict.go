@@ -1,7 +1,6 @@
 package config
 
 import (
-	"errors"
 	"fmt"
 	"reflect"
 	"regexp"
@@ -16,9 +15,11 @@ import (
 // Config before anything is decoded. yaml.v3's own KnownFields mode stops at
 // the first unknown key and does not say where it is nested; this walk
 // reports every unknown key, duplicate key and wrongly typed value with its
-// full key path. It knows the few Go types Config is made of; adding a field
-// of a new kind means adding a case to walk (a test parses a full config, so
-// a missing case panics there, not in production).
+// full key path, and prunes each of them from the tree, so that what is
+// left decodes and can be validated in the same pass. It knows the few Go
+// types Config is made of; adding a field of a new kind means adding a case
+// to walk (a test parses a full config, so a missing case panics there, not
+// in production).
 
 // inlinePINKeys are keys under which someone might write the PIN itself into
 // a member. They get a message that says what to do instead.
@@ -35,6 +36,9 @@ var (
 
 type structureChecker struct {
 	errs []error
+	// paths are the key paths of the values pruned for their type, so that
+	// validation does not report them again ("required").
+	paths []string
 	// done records the (node, type) pairs already walked. An anchored node
 	// reached again through aliases is checked once, which keeps the walk
 	// linear however the aliases nest, and reports its problems once, under
@@ -47,12 +51,13 @@ type visit struct {
 	t reflect.Type
 }
 
-// checkStructure checks the top-level mapping root against Config and
-// returns all problems joined, or nil.
-func checkStructure(root *yaml.Node) error {
+// checkStructure checks the top-level mapping root against Config, prunes
+// every key and list item it reports from the tree, and returns the
+// problems and their key paths.
+func checkStructure(root *yaml.Node) (problems []error, paths []string) {
 	c := &structureChecker{done: map[visit]bool{}}
 	c.walk(root, reflect.TypeFor[Config](), "")
-	return errors.Join(c.errs...)
+	return c.errs, c.paths
 }
 
 func (c *structureChecker) add(path string, line int, format string, args ...any) {
@@ -61,19 +66,30 @@ func (c *structureChecker) add(path string, line int, format string, args ...any
 		msg += fmt.Sprintf(" (line %d)", line)
 	}
 	c.errs = append(c.errs, &problem{path: path, msg: msg})
+	c.paths = append(c.paths, path)
 }
 
-// walk checks that n has the shape of Go type t. Callers skip null values in
-// mappings (an absent or empty value keeps the default), so a null that
-// reaches walk is a list item left empty, and is an error.
-func (c *structureChecker) walk(n *yaml.Node, t reflect.Type, path string) {
+// addKey reports a key that is itself wrong (unknown, duplicate, an inline
+// PIN). Its path is not recorded as pruned: the field it names, if any,
+// keeps its first or default value, which validation still checks.
+func (c *structureChecker) addKey(path string, line int, format string, args ...any) {
+	c.add(path, line, format, args...)
+	c.paths = c.paths[:len(c.paths)-1]
+}
+
+// walk checks that n has the shape of Go type t. It reports false when n
+// itself has the wrong shape, and the caller then prunes n; problems deeper
+// in n are pruned there. Callers skip null values in mappings (an absent or
+// empty value keeps the default), so a null that reaches walk is a list item
+// left empty, and is an error.
+func (c *structureChecker) walk(n *yaml.Node, t reflect.Type, path string) bool {
 	n = resolveAlias(n)
 	if n == nil {
-		return
+		return true
 	}
 	v := visit{n, t}
 	if c.done[v] {
-		return
+		return true // reported and pruned where it was first met
 	}
 	c.done[v] = true
 
@@ -81,61 +97,71 @@ func (c *structureChecker) walk(n *yaml.Node, t reflect.Type, path string) {
 		// A custom tag (!env, !include, ...) would be silently ignored by
 		// the decoder; say so instead.
 		c.add(path, n.Line, "unsupported YAML tag %s", n.ShortTag())
-		return
+		return false
 	}
 	if t == stringListType {
-		c.stringList(n, path)
-		return
+		return c.stringList(n, path)
 	}
 	if t == durationType {
 		_, err := time.ParseDuration(n.Value)
-		c.scalar(n, path, `a duration (like "50ms" or "1m")`, n.Kind == yaml.ScalarNode && n.ShortTag() == "!!str" && err == nil)
-		return
+		return c.scalar(n, path, `a duration (like "50ms" or "1m")`, n.Kind == yaml.ScalarNode && n.ShortTag() == "!!str" && err == nil)
 	}
 	switch t.Kind() {
 	case reflect.Pointer:
-		c.walk(n, t.Elem(), path)
+		return c.walk(n, t.Elem(), path)
 	case reflect.Struct:
-		c.mapping(n, t, path, func(key string) (reflect.Type, bool) {
+		return c.mapping(n, t, path, func(key string) (reflect.Type, bool) {
 			return structField(t, key)
 		})
 	case reflect.Map:
 		if t.Key().Kind() != reflect.String {
 			panic(fmt.Sprintf("config: structure check: map key type %s", t.Key()))
 		}
-		c.mapping(n, t, path, func(string) (reflect.Type, bool) {
+		return c.mapping(n, t, path, func(string) (reflect.Type, bool) {
 			return t.Elem(), true
 		})
 	case reflect.Slice:
 		if n.Kind != yaml.SequenceNode {
 			c.add(path, n.Line, "expected a list, got %s", describe(n))
-			return
+			return false
 		}
-		for i, item := range n.Content {
-			c.walk(item, t.Elem(), indexKey(path, i))
-		}
+		c.sequence(n, path, t.Elem())
+		return true
 	case reflect.String:
-		c.scalar(n, path, "a string", n.Kind == yaml.ScalarNode && isStringTag(n.ShortTag()))
+		return c.scalar(n, path, "a string", n.Kind == yaml.ScalarNode && isStringTag(n.ShortTag()))
 	case reflect.Int:
 		if n.Kind == yaml.ScalarNode && n.ShortTag() == "!!int" {
 			var x int
 			if err := n.Decode(&x); err != nil {
 				c.add(path, n.Line, "integer out of range")
+				return false
 			}
-			return
+			return true
 		}
-		c.scalar(n, path, "an integer", false)
+		return c.scalar(n, path, "an integer", false)
 	case reflect.Bool:
-		c.scalar(n, path, "a boolean (true or false)", n.Kind == yaml.ScalarNode && n.ShortTag() == "!!bool")
+		return c.scalar(n, path, "a boolean (true or false)", n.Kind == yaml.ScalarNode && n.ShortTag() == "!!bool")
 	default:
 		panic(fmt.Sprintf("config: structure check: no case for %s at %s", t, path))
 	}
 }
 
-func (c *structureChecker) scalar(n *yaml.Node, path, want string, ok bool) {
+// sequence walks the items of n as elem and prunes the ill-shaped ones.
+func (c *structureChecker) sequence(n *yaml.Node, path string, elem reflect.Type) {
+	kept := n.Content[:0:0]
+	for i, item := range n.Content {
+		if c.walk(item, elem, indexKey(path, i)) {
+			kept = append(kept, item)
+		}
+	}
+	n.Content = kept
+}
+
+func (c *structureChecker) scalar(n *yaml.Node, path, want string, ok bool) bool {
 	if !ok {
 		c.add(path, n.Line, "expected %s, got %s", want, describe(n))
 	}
+	return ok
 }
 
 // isStringTag reports whether a scalar with this tag may fill a string
@@ -150,76 +176,93 @@ func isStringTag(tag string) bool {
 	return false
 }
 
-func (c *structureChecker) stringList(n *yaml.Node, path string) {
+func (c *structureChecker) stringList(n *yaml.Node, path string) bool {
 	switch n.Kind {
 	case yaml.ScalarNode:
-		c.walk(n, reflect.TypeFor[string](), path)
+		return c.walk(n, reflect.TypeFor[string](), path)
 	case yaml.SequenceNode:
-		for i, item := range n.Content {
-			c.walk(item, reflect.TypeFor[string](), indexKey(path, i))
-		}
+		c.sequence(n, path, reflect.TypeFor[string]())
+		return true
 	default:
 		c.add(path, n.Line, "expected a string or a list of strings, got %s", describe(n))
+		return false
 	}
 }
 
 // mapping checks a mapping node whose keys are looked up with field (a
 // struct's yaml tags, or any key for a map). t is the Go type, used for
 // merge keys and for the member-specific PIN message.
-func (c *structureChecker) mapping(n *yaml.Node, t reflect.Type, path string, field func(string) (reflect.Type, bool)) {
+func (c *structureChecker) mapping(n *yaml.Node, t reflect.Type, path string, field func(string) (reflect.Type, bool)) bool {
 	if n.Kind != yaml.MappingNode {
 		c.add(path, n.Line, "expected a mapping, got %s", describe(n))
-		return
+		return false
 	}
 	seen := map[string]int{} // key -> line of its first occurrence
+	kept := n.Content[:0:0]
 	for i := 0; i+1 < len(n.Content); i += 2 {
 		k, val := resolveAlias(n.Content[i]), n.Content[i+1]
-		if k.Kind == yaml.ScalarNode && k.ShortTag() == "!!merge" {
-			c.merge(val, t, path)
-			continue
+		if c.entry(k, val, t, path, field, seen) {
+			kept = append(kept, n.Content[i], val)
 		}
-		if k.Kind != yaml.ScalarNode || k.ShortTag() == "!!null" {
-			c.add(path, k.Line, "keys must be strings, got %s", describe(k))
-			continue
-		}
-		name := k.Value
-		kp := fieldKey(path, name)
-		if first, dup := seen[name]; dup {
-			c.add(kp, k.Line, "duplicate key (first at line %d)", first)
-			continue
-		}
-		seen[name] = k.Line
-		ft, ok := field(name)
-		switch {
-		case !ok && t == memberType && inlinePINKeys[strings.ToLower(name)]:
-			c.add(kp, k.Line, "the HSM PIN must not be inline; use pin_env or pin_file")
-		case !ok:
-			c.add(kp, k.Line, "unknown key")
-		case isNull(val):
-			// An absent value: the field keeps its default.
-		default:
-			c.walk(val, ft, kp)
-		}
+	}
+	n.Content = kept
+	return true
+}
+
+// entry checks one key and its value in a mapping, and reports whether the
+// entry is kept.
+func (c *structureChecker) entry(k, val *yaml.Node, t reflect.Type, path string, field func(string) (reflect.Type, bool), seen map[string]int) bool {
+	if k.Kind == yaml.ScalarNode && k.ShortTag() == "!!merge" {
+		return c.merge(val, t, path)
+	}
+	if k.Kind != yaml.ScalarNode || k.ShortTag() == "!!null" {
+		c.add(path, k.Line, "keys must be strings, got %s", describe(k))
+		return false
+	}
+	name := k.Value
+	kp := fieldKey(path, name)
+	if first, dup := seen[name]; dup {
+		c.addKey(kp, k.Line, "duplicate key (first at line %d)", first)
+		return false
+	}
+	seen[name] = k.Line
+	ft, ok := field(name)
+	switch {
+	case !ok && t == memberType && inlinePINKeys[strings.ToLower(name)]:
+		c.addKey(kp, k.Line, "the HSM PIN must not be inline; use pin_env or pin_file")
+		return false
+	case !ok:
+		c.addKey(kp, k.Line, "unknown key")
+		return false
+	case isNull(val):
+		return true // an absent value: the field keeps its default
+	default:
+		return c.walk(val, ft, kp)
 	}
 }
 
 // merge checks the value of a YAML merge key ("<<: *base"), which yaml.v3
 // decodes as if the merged mapping's keys were written in place.
-func (c *structureChecker) merge(val *yaml.Node, t reflect.Type, path string) {
+func (c *structureChecker) merge(val *yaml.Node, t reflect.Type, path string) bool {
 	val = resolveAlias(val)
 	switch val.Kind {
 	case yaml.MappingNode:
-		c.walk(val, t, path)
+		return c.walk(val, t, path)
 	case yaml.SequenceNode:
+		kept := val.Content[:0:0]
 		for _, item := range val.Content {
-			if item = resolveAlias(item); item.Kind != yaml.MappingNode {
-				c.add(fieldKey(path, "<<"), item.Line, "merge needs a mapping, got %s", describe(item))
+			if r := resolveAlias(item); r.Kind != yaml.MappingNode {
+				c.add(fieldKey(path, "<<"), r.Line, "merge needs a mapping, got %s", describe(r))
 				continue
 			}
 			c.walk(item, t, path)
+			kept = append(kept, item)
 		}
+		val.Content = kept
+		return true
 	default:
 		c.add(fieldKey(path, "<<"), val.Line, "merge needs a mapping or a list of mappings, got %s", describe(val))
+		return false
 	}
 }
 

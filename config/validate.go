@@ -423,6 +423,31 @@ func (v *validator) log(l Log) {
 	default:
 		v.add("log.format", "must be json or text")
 	}
+	switch l.Audit {
+	case "", AuditStdout, AuditStderr:
+	default:
+		v.auditFile(l.Audit)
+	}
+}
+
+// auditFile checks a file sink: its directory must exist, and the file, if
+// it does, must not be a directory.
+func (v *validator) auditFile(path string) {
+	if !v.checkFS {
+		return
+	}
+	dir := filepath.Dir(path)
+	switch fi, err := os.Stat(dir); {
+	case errors.Is(err, fs.ErrNotExist):
+		v.add("log.audit", "directory %q does not exist", dir)
+	case err != nil:
+		v.add("log.audit", "%v", err)
+	case !fi.IsDir():
+		v.add("log.audit", "%q is not a directory", dir)
+	}
+	if fi, err := os.Stat(path); err == nil && fi.IsDir() {
+		v.add("log.audit", "%q is a directory; want a file", path)
+	}
 }
 
 // requiredFile checks that name is set and, with filesystem checks on, is an

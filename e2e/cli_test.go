@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"crypto/sha256"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -14,6 +15,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/santhosh-tekuri/jsonschema/v6"
+	"go.yaml.in/yaml/v3"
 
 	"github.com/keyvault/keyvault/internal/kvproc"
 	"github.com/keyvault/keyvault/internal/softhsm/softhsmtest"
@@ -184,14 +188,33 @@ func TestConfigCheck(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The config dev writes passes the schema editors use, too.
+	if err := schemaCheck(t, data); err != nil {
+		t.Errorf("the dev config is refused by config/keyvault.schema.json: %v", err)
+	}
 	bad := filepath.Join(dir, "bad.yaml")
+	// Two unknown keys, a value of the wrong type and two bad values: one
+	// run names all five.
 	broken := strings.Replace(string(data), "budget:\n", "budget:\n  max_attempts: 3\n", 1) + "lisen: 127.0.0.1:1\n"
+	broken = strings.Replace(broken, "default_max_attempts: 10", "default_max_attempts: 30", 1)
+	broken = strings.Replace(broken, "max_sessions: 8", "max_sessions: many", 1)
+	broken = strings.Replace(broken, "level: info", "level: loud", 1)
 	if err := os.WriteFile(bad, []byte(broken), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	code, out := runCLI(t, "config", "check", "--config", bad)
-	if code != 2 || !strings.Contains(out, "budget.max_attempts: unknown key") || !strings.Contains(out, "lisen: unknown key") {
-		t.Fatalf("config check of a config with two unknown keys: exit %d: %s", code, out)
+	want := []string{
+		"5 problems:",
+		"budget.max_attempts: unknown key",
+		"lisen: unknown key",
+		"hsm.members[0].max_sessions: expected an integer, got a string",
+		"budget.default_max_attempts: must not exceed budget.max_attempts_limit (20)",
+		"log.level: must be one of",
+	}
+	for _, w := range want {
+		if code != 2 || !strings.Contains(out, w) {
+			t.Errorf("config check of a config with five problems: exit %d, output lacks %q:\n%s", code, w, out)
+		}
 	}
 	if code, _ := runCLI(t, "config", "check"); code != 2 {
 		t.Fatalf("config check without --config: exit %d, want 2", code)
@@ -415,4 +438,26 @@ func TestMakeRunPorts(t *testing.T) {
 			t.Errorf("make -n run %v:\n%s\nwant its last line to end \"keyvault %s\"", tc.vars, plan, tc.want)
 		}
 	}
+}
+
+// schemaCheck validates a YAML config against config/keyvault.schema.json.
+func schemaCheck(t *testing.T, data []byte) error {
+	t.Helper()
+	sch, err := jsonschema.NewCompiler().Compile(filepath.Join(moduleRoot, "config", "keyvault.schema.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var v any
+	if err := yaml.Unmarshal(data, &v); err != nil {
+		return err
+	}
+	j, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	inst, err := jsonschema.UnmarshalJSON(bytes.NewReader(j))
+	if err != nil {
+		return err
+	}
+	return sch.Validate(inst)
 }

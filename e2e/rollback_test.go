@@ -183,7 +183,7 @@ func TestRollback(t *testing.T) {
 	// on it in a new epoch.
 	copyFile(t, old, db)
 	code, out := runCLI(t, "anchor", "accept", "--config", filepath.Join(dir, "keyvault.yaml"), "--reason", "restore drill")
-	if code != 0 || !strings.Contains(out, "accepted: epoch 2") || !strings.Contains(out, "anchored batches lost") || !strings.Contains(out, `"reason":"restore drill"`) {
+	if code != 0 || !strings.Contains(out, "accepted: epoch 2") || !strings.Contains(out, "anchored batches lost") || !strings.Contains(out, `"op":"rollback_accept","result":"success","reason":"restore drill"`) {
 		t.Fatalf("anchor accept: exit %d:\n%s", code, out)
 	}
 	if code, out := runCLI(t, "anchor", "accept", "--config", filepath.Join(dir, "keyvault.yaml"), "--reason", "again"); code != 1 || !strings.Contains(out, "nothing to accept") {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/keyvault/keyvault/anchor"
 	"github.com/keyvault/keyvault/config"
+	"github.com/keyvault/keyvault/internal/audit"
 	"github.com/keyvault/keyvault/vault"
 	"github.com/keyvault/keyvault/vault/boltstore"
 )
@@ -86,13 +87,25 @@ func cmdAnchor(args []string, stdout, stderr io.Writer) error {
 		}
 		return nil
 	}
-	acc, err := store.AcceptRestore(ctx, keys, pool)
+	// The sink opens before the accept: an accept the trail cannot record
+	// is not made.
+	sink, err := audit.Open(cfg.Log.Audit, stderr, audit.Options{Log: log})
 	if err != nil {
 		return err
 	}
-	log.Warn("anchor accept: the restored store is now the vault's truth", "audit", true, "reason", *reason,
+	defer sink.Close()
+	acc, err := store.AcceptRestore(ctx, keys, pool)
+	if err != nil {
+		sink.Logger().Info("audit", "client", "cli", "op", "rollback_accept", "result", "failed", "reason", *reason)
+		return err
+	}
+	sink.Logger().Info("audit", "client", "cli", "op", "rollback_accept", "result", "success", "reason", *reason,
 		"epoch", acc.Epoch, "seq", acc.Seq, "batches_lost", acc.BatchesLost, "refused_for", string(refusedReason(acc.Before.Err)),
 		"members", strings.Join(acc.Members, ","))
+	if cfg.Log.Audit != "" {
+		log.Warn("anchor accept: the restored store is now the vault's truth",
+			"epoch", acc.Epoch, "seq", acc.Seq, "batches_lost", acc.BatchesLost, "audit_log", cfg.Log.Audit)
+	}
 	fmt.Fprintf(stdout, "accepted: epoch %d, seq %d; %d anchored batches lost; anchored on %s\n",
 		acc.Epoch, acc.Seq, acc.BatchesLost, strings.Join(acc.Members, ", "))
 	return nil

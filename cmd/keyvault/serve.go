@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"sync"
 	"syscall"
 	"time"
 
@@ -18,6 +19,7 @@ import (
 	"github.com/keyvault/keyvault/api"
 	"github.com/keyvault/keyvault/config"
 	"github.com/keyvault/keyvault/hsmpool"
+	"github.com/keyvault/keyvault/internal/audit"
 	"github.com/keyvault/keyvault/ratelimit"
 	"github.com/keyvault/keyvault/vault"
 	"github.com/keyvault/keyvault/vault/boltstore"
@@ -99,9 +101,18 @@ func serve(cfg *config.Config, stderr io.Writer, bound func(api, admin string) e
 	if err := checkFileLimit(cfg); err != nil {
 		return err
 	}
-	log := newLogger(cfg, stderr)
+	// The log and, by default, the audit events share one stream; whole
+	// lines from either must not interleave.
+	out := &syncWriter{w: stderr}
+	log := newLogger(cfg, out)
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	sink, err := audit.Open(cfg.Log.Audit, out, audit.Options{Registerer: reg, Log: log})
+	if err != nil {
+		return err
+	}
+	defer sink.Close()
+	auditLog := sink.Logger()
 
 	store, err := openStore(cfg, reg)
 	if err != nil {
@@ -116,6 +127,7 @@ func serve(cfg *config.Config, stderr io.Writer, bound func(api, admin string) e
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	reopenOnHUP(ctx, sink, cfg.Log.Audit, log)
 	// Always exported, so an alert on it works whether anchoring is on.
 	refused := prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "keyvault_anchor_refused",
@@ -147,7 +159,7 @@ func serve(cfg *config.Config, stderr io.Writer, bound func(api, admin string) e
 	for _, c := range cfg.Clients {
 		clients = append(clients, api.Client{Name: c.Name, Namespace: c.Namespace, TokenHashes: c.TokenHashes()})
 	}
-	apiHandler := api.NewRouter(v, api.Options{Clients: clients, Registerer: reg, Logger: log, Admission: pool, Limits: ratelimit.New(ratelimit.Config{
+	apiHandler := api.NewRouter(v, api.Options{Clients: clients, Registerer: reg, Logger: log, Audit: auditLog, Admission: pool, Limits: ratelimit.New(ratelimit.Config{
 		GuessesPerUser:           bucket(rl.GuessesPerUser),
 		RequestsPerClient:        bucket(rl.RequestsPerClient),
 		WrongGuessesPerClient:    bucket(rl.WrongGuessesPerClient),
@@ -160,7 +172,7 @@ func serve(cfg *config.Config, stderr io.Writer, bound func(api, admin string) e
 			return fmt.Errorf("store: %w", err)
 		}
 		return pool.Ready()
-	}, api.AdminOptions{TokenHashes: cfg.AdminTokenHashes(), Keys: keys, Logger: log})
+	}, api.AdminOptions{TokenHashes: cfg.AdminTokenHashes(), Keys: keys, Logger: log, Audit: auditLog})
 	if cfg.AdminPprof {
 		admin = api.WithProfiler(admin)
 	}
@@ -198,6 +210,39 @@ func serve(cfg *config.Config, stderr io.Writer, bound func(api, admin string) e
 	err = errors.Join(apiL.srv.Shutdown(shutdown), adminL.srv.Shutdown(shutdown))
 	log.Info("stopped")
 	return err
+}
+
+// reopenOnHUP reopens a file audit sink on SIGHUP, for logrotate; the key
+// reload (watchKeys) gets the same signal through its own channel.
+func reopenOnHUP(ctx context.Context, sink *audit.Sink, dest string, log *slog.Logger) {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	go func() {
+		defer signal.Stop(hup)
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-hup:
+				// A failure is counted and logged by the sink.
+				if err := sink.Reopen(); err == nil && dest != audit.Stdout && dest != audit.Stderr && dest != "" {
+					log.Info("audit log reopened on SIGHUP", "path", dest)
+				}
+			}
+		}
+	}()
+}
+
+// syncWriter serializes writes to w, so that two loggers can share it.
+type syncWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (s *syncWriter) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.w.Write(p)
 }
 
 // anchorStore runs the rollback check. A refused store is never served:
