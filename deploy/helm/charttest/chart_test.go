@@ -71,6 +71,13 @@ func TestChart(t *testing.T) {
 			[]string{"ConfigMap", "NetworkPolicy", "PodDisruptionBudget", "Service", "Service", "StatefulSet"}},
 		{"etcd defaults", map[string]any{"mode": "etcd"},
 			[]string{"ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget", "Service", "Service"}},
+		{"bbolt admin token", map[string]any{
+			"adminTLS":   map[string]any{"enabled": true},
+			"config":     map[string]any{"admin_token_sha256": "8c6976e5b5410415bde908bd4dee15dfb167a9c873fc4bb8a81f6f2ab448a918"},
+			"monitoring": map[string]any{"serviceMonitor": map[string]any{"enabled": true, "tlsConfig": map[string]any{"serverName": "keyvault-metrics.keyvault.svc", "ca": map[string]any{"secret": map[string]any{"name": "keyvault-admin-ca", "key": "ca.crt"}}}}},
+		}, []string{"ConfigMap", "NetworkPolicy", "PodDisruptionBudget", "Service", "Service", "ServiceMonitor", "StatefulSet"}},
+		{"etcd admin mTLS", map[string]any{"mode": "etcd", "adminTLS": map[string]any{"enabled": true, "clientCA": true}},
+			[]string{"ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget", "Service", "Service"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -180,8 +187,10 @@ func subset(sel, labels map[string]string) bool {
 
 // kvConfig is the part of the keyvault config the checks read.
 type kvConfig struct {
-	Listen      string `json:"listen"`
-	AdminListen string `json:"admin_listen"`
+	Listen      string            `json:"listen"`
+	AdminListen string            `json:"admin_listen"`
+	AdminToken  string            `json:"admin_token_sha256"`
+	AdminTLS    map[string]string `json:"admin_tls"`
 	TLS         *struct {
 		CertFile string `json:"cert_file"`
 		KeyFile  string `json:"key_file"`
@@ -286,12 +295,33 @@ func checkObjects(t *testing.T, mode string, ms []Manifest) {
 			t.Errorf("Service %s ports %+v, want only %s", svc.Name, svc.Spec.Ports, name)
 		}
 	}
+	// The probes speak the admin listener's protocol: HTTP, HTTPS with
+	// admin_tls, a TCP connection when it wants client certificates.
+	scheme := corev1.URISchemeHTTP
+	if cfg.AdminTLS != nil {
+		scheme = corev1.URISchemeHTTPS
+		for k, f := range cfg.AdminTLS {
+			if secretOf(pod, path.Dir(f)) != "keyvault-tls" {
+				t.Errorf("admin_tls.%s %s is not on the TLS Secret's mount", k, f)
+			}
+		}
+	}
+	if cfg.AdminToken != "" && cfg.AdminTLS == nil {
+		t.Errorf("admin_token_sha256 without admin_tls: the token would cross the admin port in clear")
+	}
 	for what, p := range map[string]struct {
 		probe *corev1.Probe
 		path  string
 	}{"startup": {c.StartupProbe, "/healthz"}, "liveness": {c.LivenessProbe, "/healthz"}, "readiness": {c.ReadinessProbe, "/readyz"}} {
-		if p.probe == nil || p.probe.HTTPGet == nil || p.probe.HTTPGet.Path != p.path || p.probe.HTTPGet.Port.String() != "admin" {
-			t.Errorf("%s probe %+v: want GET %s on port admin", what, p.probe, p.path)
+		switch {
+		case p.probe == nil:
+			t.Errorf("no %s probe", what)
+		case cfg.AdminTLS["client_ca_file"] != "":
+			if p.probe.TCPSocket == nil || p.probe.TCPSocket.Port.String() != "admin" {
+				t.Errorf("%s probe %+v: with admin client certificates, want a TCP probe of port admin", what, p.probe)
+			}
+		case p.probe.HTTPGet == nil || p.probe.HTTPGet.Path != p.path || p.probe.HTTPGet.Port.String() != "admin" || p.probe.HTTPGet.Scheme != scheme && !(scheme == corev1.URISchemeHTTP && p.probe.HTTPGet.Scheme == ""):
+			t.Errorf("%s probe %+v: want %s GET %s on port admin", what, p.probe, scheme, p.path)
 		}
 	}
 	if !slices.Equal(c.Args, []string{"serve", "--config", "/etc/keyvault/keyvault.yaml"}) || mountOf(pod, "/etc/keyvault/keyvault.yaml") != "config" {
@@ -318,6 +348,9 @@ func checkObjects(t *testing.T, mode string, ms []Manifest) {
 	checkNetworkPolicy(t, o.np, pod.Labels)
 	if o.sm != nil {
 		checkServiceMonitor(t, o.sm, o.mon)
+		if want := map[bool]string{false: "http", true: "https"}[cfg.AdminTLS != nil]; len(o.sm.Spec.Endpoints) == 1 && o.sm.Spec.Endpoints[0].Scheme != nil && string(*o.sm.Spec.Endpoints[0].Scheme) != want {
+			t.Errorf("ServiceMonitor scheme %v, want %s", *o.sm.Spec.Endpoints[0].Scheme, want)
+		}
 	}
 	if o.pr != nil {
 		checkRules(t, o.pr)

@@ -46,6 +46,11 @@ set here and win over .Values.config.
 {{- else -}}
 {{- $_ := set $c "insecure_plaintext" true -}}
 {{- end -}}
+{{- if $v.adminTLS.enabled -}}
+{{- $atls := dict "cert_file" "/etc/keyvault/tls/tls.crt" "key_file" "/etc/keyvault/tls/tls.key" -}}
+{{- if $v.adminTLS.clientCA -}}{{- $_ := set $atls "client_ca_file" "/etc/keyvault/tls/ca.crt" -}}{{- end -}}
+{{- $_ := set $c "admin_tls" $atls -}}
+{{- end -}}
 {{- if eq $v.mode "bbolt" -}}
 {{- $_ := set $c "store" (dict "driver" "bolt" "path" "/var/lib/keyvault/keyvault.db" "rollback_anchor" $v.bbolt.rollbackAnchor) -}}
 {{- else -}}
@@ -84,7 +89,7 @@ set here and win over .Values.config.
   secret:
     secretName: {{ .Values.hsm.pinSecretName }}
     defaultMode: 0440
-{{- if .Values.tls.enabled }}
+{{- if or .Values.tls.enabled .Values.adminTLS.enabled }}
 - name: tls
   secret:
     secretName: {{ .Values.tls.secretName }}
@@ -110,7 +115,7 @@ set here and win over .Values.config.
 - name: hsm-pins
   mountPath: /etc/keyvault/hsm
   readOnly: true
-{{- if .Values.tls.enabled }}
+{{- if or .Values.tls.enabled .Values.adminTLS.enabled }}
 - name: tls
   mountPath: /etc/keyvault/tls
   readOnly: true
@@ -122,6 +127,26 @@ set here and win over .Values.config.
 {{- end }}
 - name: tmp   # PKCS#11 modules may want a writable /tmp
   mountPath: /tmp
+{{- end -}}
+
+{{/*
+A probe on the admin port: HTTP, HTTPS with adminTLS (the kubelet does not
+check the certificate), a TCP connection with adminTLS.clientCA (the kubelet
+has no client certificate). Argument: (list . path).
+*/}}
+{{- define "keyvault.probe" -}}
+{{- $ := index . 0 -}}
+{{- if and $.Values.adminTLS.enabled $.Values.adminTLS.clientCA -}}
+tcpSocket:
+  port: admin
+{{- else -}}
+httpGet:
+  path: {{ index . 1 }}
+  port: admin
+  {{- if $.Values.adminTLS.enabled }}
+  scheme: HTTPS
+  {{- end }}
+{{- end -}}
 {{- end -}}
 
 {{/* The server's pod template, for the StatefulSet and the Deployment. */}}
@@ -161,24 +186,18 @@ spec:
       # keyvault opens its store and HSM members before it listens: the
       # startup probe gives a slow HSM a minute before liveness counts.
       startupProbe:
-        httpGet:
-          path: /healthz
-          port: admin
+        {{- include "keyvault.probe" (list . "/healthz") | nindent 8 }}
         periodSeconds: 2
         failureThreshold: 30
       livenessProbe:
-        httpGet:
-          path: /healthz
-          port: admin
+        {{- include "keyvault.probe" (list . "/healthz") | nindent 8 }}
         periodSeconds: 10
         timeoutSeconds: 3
         failureThreshold: 6
       # /readyz fails while no HSM member is healthy or the store does not
       # answer: the Service then sends no traffic here.
       readinessProbe:
-        httpGet:
-          path: /readyz
-          port: admin
+        {{- include "keyvault.probe" (list . "/readyz") | nindent 8 }}
         periodSeconds: 5
         timeoutSeconds: 3
         failureThreshold: 2
