@@ -15,7 +15,8 @@ help: ## this list
 run: deps build ## set up a dev SoftHSM token, keys and store in .keyvault-dev, and serve on 127.0.0.1:8080 (admin :9090), or on LISTEN=ADDR ADMIN_LISTEN=ADDR (kept in its keyvault.yaml for later runs)
 	./$(BIN) dev$(if $(LISTEN), --listen $(LISTEN))$(if $(ADMIN_LISTEN), --admin-listen $(ADMIN_LISTEN))
 
-test: deps test-deps fmt-check vet build ## the whole suite: unit, SoftHSM integration, end-to-end, fuzz corpora; under -race; a short make bench; the vault suite again on etcd
+test: deps test-deps fmt-check vet build ## the whole suite: unit, SoftHSM integration, end-to-end, fuzz corpora; under -race; a short make bench; the vault suite again on etcd; the Helm chart (its own module)
+	cd deploy/helm/charttest && $(GO) vet ./... && $(GO) test -count=1 ./...
 	@out=$$($(GO) test -run '^$$' -bench . -benchtime 1x $(PKGS) 2>&1) || { echo "$$out"; exit 1; }; echo "benchmarks: each ran once, so none rots"
 	@out=$$(BIN=$(BIN) BENCH_DURATION=1s BENCH_WARMUP=0s BENCH_USERS=200 BENCH_ROUNDS=2 scripts/bench.sh 2>&1) || { echo "$$out"; exit 1; }; echo "make bench: two 1-second rounds of each run work"
 	$(GO) test -race -count=1 -timeout 20m $(PKGS)

@@ -26,7 +26,8 @@ import (
 )
 
 // The deploy kit's files that TestDeployKit checks, relative to the
-// repository root.
+// repository root. deploy/kubernetes is rendered from the Helm chart
+// (deploy/helm/generate.sh); the chart's own test renders both modes.
 const (
 	deployRules      = "deploy/prometheus/keyvault-rules.yaml"
 	deployRulesTest  = "deploy/prometheus/keyvault-rules.test.yaml"
@@ -35,6 +36,7 @@ const (
 	deployConfigMap  = "deploy/kubernetes/configmap.yaml"
 	deployStatefulSt = "deploy/kubernetes/statefulset.yaml"
 	deployService    = "deploy/kubernetes/service.yaml"
+	deploySvcMetrics = "deploy/kubernetes/service-metrics.yaml"
 	deploySvcMonitor = "deploy/kubernetes/servicemonitor.yaml"
 	deployPDB        = "deploy/kubernetes/poddisruptionbudget.yaml"
 	deployNetPolicy  = "deploy/kubernetes/networkpolicy.yaml"
@@ -93,7 +95,7 @@ func deployPromtool(t *testing.T) {
 }
 
 // deployPrometheusRuleInSync requires the PrometheusRule's groups to be
-// those of the rules file: gen-prometheusrule.sh writes one from the other.
+// those of the rules file: the chart renders one from the other.
 func deployPrometheusRuleInSync(t *testing.T) {
 	var rules, pr map[string]any
 	if err := yaml.Unmarshal(deployRead(t, deployRules), &rules); err != nil {
@@ -106,7 +108,7 @@ func deployPrometheusRuleInSync(t *testing.T) {
 		t.Errorf("%s: kind %v, apiVersion %v; want PrometheusRule, monitoring.coreos.com/v1", deployPromRule, pr["kind"], pr["apiVersion"])
 	}
 	if !reflect.DeepEqual(pr["spec"], rules) {
-		t.Errorf("%s differs from %s: run deploy/kubernetes/gen-prometheusrule.sh", deployPromRule, deployRules)
+		t.Errorf("%s differs from %s: run deploy/helm/generate.sh", deployPromRule, deployRules)
 	}
 }
 
@@ -139,6 +141,7 @@ type deployK8sObject struct {
 			TargetPort string `yaml:"targetPort"`
 		} `yaml:"ports"`
 		// ServiceMonitor
+		JobLabel  string `yaml:"jobLabel"`
 		Endpoints []struct {
 			Port string `yaml:"port"`
 			Path string `yaml:"path"`
@@ -162,7 +165,9 @@ type deployK8sPod struct {
 		Volumes    []struct {
 			Name      string         `yaml:"name"`
 			ConfigMap map[string]any `yaml:"configMap"`
-			Secret    map[string]any `yaml:"secret"`
+			Secret    struct {
+				SecretName string `yaml:"secretName"`
+			} `yaml:"secret"`
 		} `yaml:"volumes"`
 	} `yaml:"spec"`
 }
@@ -174,15 +179,6 @@ type deployK8sContainer struct {
 		Name          string `yaml:"name"`
 		ContainerPort int    `yaml:"containerPort"`
 	} `yaml:"ports"`
-	Env []struct {
-		Name      string `yaml:"name"`
-		ValueFrom struct {
-			SecretKeyRef struct {
-				Name string `yaml:"name"`
-				Key  string `yaml:"key"`
-			} `yaml:"secretKeyRef"`
-		} `yaml:"valueFrom"`
-	} `yaml:"env"`
 	ReadinessProbe deployK8sProbe `yaml:"readinessProbe"`
 	LivenessProbe  deployK8sProbe `yaml:"livenessProbe"`
 	StartupProbe   deployK8sProbe `yaml:"startupProbe"`
@@ -232,12 +228,13 @@ func deploySubset(sel, labels map[string]string) bool {
 }
 
 // deployKubernetes validates the ConfigMap's keyvault.yaml and checks the
-// manifests agree with it and with each other: ports, probes, PIN env
-// vars, volumes, selectors, hardening.
+// manifests agree with it and with each other: ports, probes, PIN files,
+// volumes, selectors, hardening.
 func deployKubernetes(t *testing.T) {
 	cm := deployManifest(t, deployConfigMap, "ConfigMap")
 	sts := deployManifest(t, deployStatefulSt, "StatefulSet")
 	svc := deployManifest(t, deployService, "Service")
+	msvc := deployManifest(t, deploySvcMetrics, "Service")
 	sm := deployManifest(t, deploySvcMonitor, "ServiceMonitor")
 	pdb := deployManifest(t, deployPDB, "PodDisruptionBudget")
 	job := deployManifest(t, deployKeysJob, "Job")
@@ -257,16 +254,18 @@ func deployKubernetes(t *testing.T) {
 	if sts.Spec.ServiceName != svc.Metadata.Name {
 		t.Errorf("StatefulSet serviceName %q, want the Service %q", sts.Spec.ServiceName, svc.Metadata.Name)
 	}
-	// The alert rules select job="keyvault", the name Prometheus Operator
-	// gives the scrape job of the Service "keyvault".
-	if svc.Metadata.Name != "keyvault" {
-		t.Errorf("Service name %q: the alert rules expect the scrape job \"keyvault\"", svc.Metadata.Name)
+	// The alert rules select job="keyvault": the ServiceMonitor names the
+	// scrape job after the metrics Service's label named by its jobLabel.
+	if job := msvc.Metadata.Labels[sm.Spec.JobLabel]; sm.Spec.JobLabel == "" || job != "keyvault" {
+		t.Errorf("ServiceMonitor jobLabel %q names the scrape job %q: the alert rules expect \"keyvault\"", sm.Spec.JobLabel, job)
 	}
-	if !deploySubset(deployServiceSelector(t), pod.Metadata.Labels) {
-		t.Errorf("Service selector does not match the pod labels %v", pod.Metadata.Labels)
+	for _, rel := range []string{deployService, deploySvcMetrics} {
+		if !deploySubset(deployServiceSelector(t, rel), pod.Metadata.Labels) {
+			t.Errorf("%s: selector does not match the pod labels %v", rel, pod.Metadata.Labels)
+		}
 	}
-	if !deploySubset(sm.Spec.Selector.MatchLabels, svc.Metadata.Labels) {
-		t.Errorf("ServiceMonitor selector %v does not match the Service labels %v", sm.Spec.Selector.MatchLabels, svc.Metadata.Labels)
+	if !deploySubset(sm.Spec.Selector.MatchLabels, msvc.Metadata.Labels) {
+		t.Errorf("ServiceMonitor selector %v does not match the metrics Service labels %v", sm.Spec.Selector.MatchLabels, msvc.Metadata.Labels)
 	}
 	if !deploySubset(pdb.Spec.Selector.MatchLabels, pod.Metadata.Labels) {
 		t.Errorf("PodDisruptionBudget selector %v does not match the pod labels %v", pdb.Spec.Selector.MatchLabels, pod.Metadata.Labels)
@@ -305,14 +304,16 @@ func deployKubernetes(t *testing.T) {
 		if !found {
 			t.Errorf("container has no port named %s", name)
 		}
+		// The API on one Service, the admin port on the metrics Service.
+		s := map[string]*deployK8sObject{"api": svc, "admin": msvc}[name]
 		svcFound := false
-		for _, p := range svc.Spec.Ports {
+		for _, p := range s.Spec.Ports {
 			if p.Name == name {
 				svcFound = p.TargetPort == name
 			}
 		}
 		if !svcFound {
-			t.Errorf("Service has no port %s with targetPort %s", name, name)
+			t.Errorf("Service %s has no port %s with targetPort %s", s.Metadata.Name, name, name)
 		}
 	}
 	for what, pr := range map[string]struct {
@@ -343,25 +344,19 @@ func deployKubernetes(t *testing.T) {
 		}
 	}
 
-	// Every member's PIN env var comes from a Secret, in the server and in
-	// the keys-init Job alike; PINs never sit in the config.
+	// Every member's PIN is a file on a Secret's mount, in the server and
+	// in the keys-init Job alike; PINs never sit in the config.
 	for _, ct := range []struct {
 		where string
-		c     deployK8sContainer
-	}{{"StatefulSet", c}, {"keys-init Job", job.Spec.Template.Spec.Containers[0]}} {
+		pod   deployK8sPod
+	}{{"StatefulSet", pod}, {"keys-init Job", job.Spec.Template}} {
 		for i, m := range cfg.HSM.Members {
-			if m.PinEnv == "" {
-				t.Errorf("%s: hsm.members[%d] has no pin_env; the manifests pass PINs as env vars from a Secret", deployConfigMap, i)
+			if m.PinFile == "" || m.PinEnv != "" {
+				t.Errorf("%s: hsm.members[%d]: pin_file %q, pin_env %q; the manifests mount PINs as files from a Secret", deployConfigMap, i, m.PinFile, m.PinEnv)
 				continue
 			}
-			ok := false
-			for _, e := range ct.c.Env {
-				if e.Name == m.PinEnv && e.ValueFrom.SecretKeyRef.Name != "" && e.ValueFrom.SecretKeyRef.Key != "" {
-					ok = true
-				}
-			}
-			if !ok {
-				t.Errorf("%s container: no env %s from a secretKeyRef (hsm.members[%d].pin_env)", ct.where, m.PinEnv, i)
+			if deploySecretAt(ct.pod, path.Dir(m.PinFile)) == "" {
+				t.Errorf("%s: hsm.members[%d].pin_file %s is not on a Secret's mount", ct.where, i, m.PinFile)
 			}
 		}
 	}
@@ -381,8 +376,8 @@ func deployKubernetes(t *testing.T) {
 	}
 	if cfg.TLS != nil {
 		for _, f := range []string{cfg.TLS.CertFile, cfg.TLS.KeyFile} {
-			if mounts[path.Dir(f)] == "" {
-				t.Errorf("tls file %s is not under a volume mount (mounts %v)", f, mounts)
+			if deploySecretAt(pod, path.Dir(f)) == "" {
+				t.Errorf("tls file %s is not on a Secret's mount (mounts %v)", f, mounts)
 			}
 		}
 	}
@@ -430,15 +425,34 @@ func deployNetworkPolicy(t *testing.T, podLabels map[string]string) {
 	}
 }
 
-// deployServiceSelector reads the Service's plain selector (a map, not
+// deploySecretAt returns the Secret mounted at dir in the pod's first
+// container, or "".
+func deploySecretAt(pod deployK8sPod, dir string) string {
+	if len(pod.Spec.Containers) == 0 {
+		return ""
+	}
+	for _, m := range pod.Spec.Containers[0].VolumeMounts {
+		if m.MountPath != dir {
+			continue
+		}
+		for _, v := range pod.Spec.Volumes {
+			if v.Name == m.Name {
+				return v.Secret.SecretName
+			}
+		}
+	}
+	return ""
+}
+
+// deployServiceSelector reads a Service's plain selector (a map, not
 // matchLabels).
-func deployServiceSelector(t *testing.T) map[string]string {
+func deployServiceSelector(t *testing.T, rel string) map[string]string {
 	var o struct {
 		Spec struct {
 			Selector map[string]string `yaml:"selector"`
 		} `yaml:"spec"`
 	}
-	if err := yaml.Unmarshal(deployRead(t, deployService), &o); err != nil {
+	if err := yaml.Unmarshal(deployRead(t, rel), &o); err != nil {
 		t.Fatal(err)
 	}
 	return o.Spec.Selector
