@@ -52,6 +52,9 @@ func TestAdminKeyEndpoints(t *testing.T) {
 	h := NewAdminRouterWith(prometheus.NewRegistry(), func() error { return nil }, AdminOptions{TokenHashes: [][32]byte{admin}, Keys: ka})
 	call := func(method, path, token, body string) (int, map[string]any) {
 		req := httptest.NewRequest(method, path, strings.NewReader(body))
+		if body != "" {
+			req.Header.Set("Content-Type", "application/json")
+		}
 		if token != "" {
 			req.Header.Set("Authorization", "Bearer "+token)
 		}
