@@ -22,7 +22,7 @@ func TestMetricFamilies(t *testing.T) {
 	softhsmtest.Module(t)
 	t.Parallel()
 	v := startDev(t, t.TempDir())
-	c := newClient(v.API, v.Token)
+	c := newClient(t, v.API, v.Token)
 	user, pin, secret := randID("metrics"), randPIN("metrics"), randBytes(32)
 	c.mustEnroll(t, http.StatusCreated, user, secret, pin, 2)
 	c.mustEnroll(t, http.StatusOK, user, secret, pin, 2)
@@ -36,7 +36,7 @@ func TestMetricFamilies(t *testing.T) {
 	c.status(t, randID("missing"))
 	c.delete(t, user)
 	c.recover(t, "bad id", pin)
-	newClient(v.API, "not-a-token").status(t, user)
+	newClient(t, v.API, "not-a-token").status(t, user)
 
 	_, text := metrics(t, v.Admin)
 	parser := expfmt.NewTextParser(model.LegacyValidation)
