@@ -775,3 +775,64 @@ func TestOpenAPISecretSchema(t *testing.T) {
 }
 
 const base64Alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+// Every problem response has its own schema, allOf the base Problem and
+// an object whose code and status are typed one-value (or, for 500,
+// two-value) enums, never const: generators such as oapi-codegen type
+// those fields, and leave allOf + const ones untyped. The status enum is
+// the status each operation lists the response under.
+func TestOpenAPIProblemSchemasTyped(t *testing.T) {
+	t.Parallel()
+	doc := loadOpenAPI(t)
+	codes := map[string]bool{}
+	for _, v := range doc.resolve(t, doc.lookup(t, "#/components/schemas/ProblemCode"))["enum"].([]any) {
+		codes[v.(string)] = true
+	}
+	statusOf := map[string]int{} // problem schema name -> its status enum
+	responses := doc.root["components"].(map[string]any)["responses"].(map[string]any)
+	for name, r := range responses {
+		media, _ := doc.resolve(t, r)["content"].(map[string]any)["application/problem+json"].(map[string]any)
+		if media == nil {
+			continue
+		}
+		ref, _ := media["schema"].(map[string]any)["$ref"].(string)
+		schemaName, ok := strings.CutPrefix(ref, "#/components/schemas/")
+		if !ok || !strings.HasSuffix(schemaName, "Problem") {
+			t.Errorf("response %s: the schema must be a $ref to its own components/schemas/...Problem, not %v", name, media["schema"])
+			continue
+		}
+		s := doc.resolve(t, doc.lookup(t, ref))
+		parts := asList(s["allOf"])
+		if len(parts) != 2 || parts[0].(map[string]any)["$ref"] != "#/components/schemas/Problem" {
+			t.Errorf("%s: want allOf [Problem, {properties: code, status}], got %v", schemaName, s)
+			continue
+		}
+		props, _ := parts[1].(map[string]any)["properties"].(map[string]any)
+		code, _ := props["code"].(map[string]any)
+		status, _ := props["status"].(map[string]any)
+		if code["type"] != "string" || len(asList(code["enum"])) == 0 || code["const"] != nil {
+			t.Errorf("%s: code must be type string with an enum, got %v", schemaName, code)
+		}
+		for _, c := range asList(code["enum"]) {
+			if !codes[c.(string)] {
+				t.Errorf("%s: code %v is not in ProblemCode", schemaName, c)
+			}
+		}
+		if status["type"] != "integer" || len(asList(status["enum"])) != 1 || status["const"] != nil {
+			t.Errorf("%s: status must be type integer with a one-value enum, got %v", schemaName, status)
+			continue
+		}
+		statusOf["#/components/responses/"+name] = asList(status["enum"])[0].(int)
+	}
+	if len(statusOf) < 12 {
+		t.Fatalf("only %d typed problem responses", len(statusOf))
+	}
+	for key, op := range doc.operations(t) {
+		for code, r := range op["responses"].(map[string]any) {
+			ref, _ := r.(map[string]any)["$ref"].(string)
+			if want, ok := statusOf[ref]; ok && strconv.Itoa(want) != code {
+				t.Errorf("%s lists %s under %s, whose schema's status is %d", key, ref, code, want)
+			}
+		}
+	}
+}
