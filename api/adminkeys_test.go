@@ -57,6 +57,9 @@ func TestAdminKeyEndpoints(t *testing.T) {
 		Audit: slog.New(slog.NewJSONHandler(&audit, nil))})
 	call := func(method, path, token, body string) (int, map[string]any) {
 		req := httptest.NewRequest(method, path, strings.NewReader(body))
+		if body != "" {
+			req.Header.Set("Content-Type", "application/json")
+		}
 		if token != "" {
 			req.Header.Set("Authorization", "Bearer "+token)
 		}

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"mime"
 	"net/http"
 	"slices"
 	"strconv"
@@ -77,6 +78,9 @@ type changePINRequest struct {
 // decodeBody reads at most MaxBodyBytes and decodes exactly one JSON object
 // with no unknown fields. Errors name the problem, never a value.
 func decodeBody(r *http.Request, w http.ResponseWriter, dst any) error {
+	if err := checkContentType(r); err != nil {
+		return err
+	}
 	if r.ContentLength > MaxBodyBytes {
 		return &apiError{http.StatusRequestEntityTooLarge, codeTooLarge, fmt.Sprintf("The body must be at most %d bytes.", MaxBodyBytes)}
 	}
@@ -91,6 +95,29 @@ func decodeBody(r *http.Request, w http.ResponseWriter, dst any) error {
 	}
 	return decodeJSON(body, dst)
 }
+
+// checkContentType refuses, with a 415, a body not sent as application/json
+// (a charset parameter of utf-8 allowed, no other parameter): a form-encoded
+// body that happens to hold JSON is still a client's mistake to report, not
+// to guess around. A request with neither body nor Content-Type passes, and
+// the decoder answers its missing object with a 400.
+func checkContentType(r *http.Request) error {
+	ct := r.Header.Get("Content-Type")
+	if ct == "" && r.ContentLength == 0 {
+		return nil
+	}
+	mt, params, err := mime.ParseMediaType(ct)
+	if err == nil && mt == "application/json" {
+		cs, ok := params["charset"]
+		if len(params) == 0 || len(params) == 1 && ok && strings.EqualFold(cs, "utf-8") {
+			return nil
+		}
+	}
+	return errUnsupportedMediaType
+}
+
+var errUnsupportedMediaType = &apiError{http.StatusUnsupportedMediaType, codeInvalid,
+	"Content-Type: the body must be sent as application/json (with charset=utf-8 or no parameter)."}
 
 // decodeJSON is decodeBody's pure part, fuzzed by FuzzDecode.
 func decodeJSON(body []byte, dst any) error {
@@ -171,8 +198,13 @@ func checkFieldNames(body []byte, dst any) error {
 	return nil
 }
 
-// decodeSecret decodes standard base64 with padding.
+// decodeSecret decodes standard base64 with padding, in its canonical form
+// only: Strict refuses nonzero unused bits, and line breaks, which it would
+// skip, are refused here, so the document's pattern is the whole rule.
 func decodeSecret(enc sensitive) ([]byte, error) {
+	if bytes.ContainsAny(enc, "\r\n") {
+		return nil, badRequest("secret: must be standard base64 with padding")
+	}
 	out := make([]byte, base64.StdEncoding.DecodedLen(len(enc)))
 	n, err := base64.StdEncoding.Strict().Decode(out, enc)
 	if err != nil {

@@ -91,3 +91,47 @@ func TestCheckEscapes(t *testing.T) {
 		}
 	}
 }
+
+// A body must be sent as application/json (charset utf-8 allowed): any
+// other Content-Type, or none with a body, is a 415 invalid_request that
+// reaches neither the limits nor the vault. A request with neither body
+// nor Content-Type is a 400 for its missing object.
+func TestContentTypeRequired(t *testing.T) {
+	t.Parallel()
+	const enroll = `{"secret":"MDEyMzQ1Njc4OWFiY2RlZg==","pin":"1234"}`
+	cases := []struct {
+		name, method, path, ct, body string
+		want                         int
+	}{
+		{"json", "PUT", "/v1/backups/u", "application/json", enroll, 201},
+		{"json with charset utf-8", "PUT", "/v1/backups/u", "application/json; charset=utf-8", enroll, 201},
+		{"json with charset UTF-8, no space", "POST", "/v1/backups/u/recover", "Application/JSON;charset=UTF-8", `{"pin":"1234"}`, 200},
+		{"form-encoded", "PUT", "/v1/backups/u", "application/x-www-form-urlencoded", enroll, 415},
+		{"no Content-Type with a body", "POST", "/v1/backups/u/recover", "", `{"pin":"1234"}`, 415},
+		{"text/plain", "POST", "/v1/backups/u/pin", "text/plain", `{"pin":"1234","new_pin":"5678"}`, 415},
+		{"json with charset latin1", "POST", "/v1/backups/u/recover", "application/json; charset=iso-8859-1", `{"pin":"1234"}`, 415},
+		{"json with another parameter", "POST", "/v1/backups/u/recover", "application/json; v=1", `{"pin":"1234"}`, 415},
+		{"a JSON suffix type", "POST", "/v1/backups/u/recover", "application/merge-patch+json", `{"pin":"1234"}`, 415},
+		{"unparsable", "POST", "/v1/backups/u/recover", "application/json; charset", `{"pin":"1234"}`, 415},
+		{"no body, no Content-Type", "POST", "/v1/backups/u/recover", "", "", 400},
+		{"GET needs none", "GET", "/v1/backups/u", "", "", 200},
+	}
+	for _, c := range cases {
+		s := &stubBackups{secretOut: []byte("0123456789abcdef")}
+		h := newTestRouter(s, nil)
+		w := do(h, c.method, c.path, "token-a", c.body, "Content-Type", c.ct)
+		if w.Code != c.want {
+			t.Errorf("%s: status %d, want %d: %s", c.name, w.Code, c.want, w.Body)
+			continue
+		}
+		if c.want < 400 {
+			continue
+		}
+		if p := decodeProblem(t, w); p.Code != codeInvalid {
+			t.Errorf("%s: code %q, want %s", c.name, p.Code, codeInvalid)
+		}
+		if s.calls != 0 {
+			t.Errorf("%s: the vault was called", c.name)
+		}
+	}
+}

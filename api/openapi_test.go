@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -450,6 +451,7 @@ func TestOpenAPIStatusesMatchHandlers(t *testing.T) {
 		token     string
 		path      string // default: the pattern with user_id alice
 		body      *string
+		hdr       []string // extra header name/value pairs
 	}
 	check := func(sc scenario) {
 		t.Helper()
@@ -465,7 +467,7 @@ func TestOpenAPIStatusesMatchHandlers(t *testing.T) {
 		}
 		h := NewRouter(sc.s, Options{Logger: quiet, Limits: sc.limits, Admission: sc.admission,
 			Clients: []Client{{Name: "a", Namespace: "ns-a", TokenHashes: [][32]byte{tokA}}}})
-		w := do(h, method, path, sc.token, body, "X-Request-Id", "doc-test-1")
+		w := do(h, method, path, sc.token, body, append([]string{"X-Request-Id", "doc-test-1"}, sc.hdr...)...)
 		where := fmt.Sprintf("%s (%s): %d", sc.key, sc.name, w.Code)
 		r, ok := doc.responses(t, op)[w.Code]
 		if !ok {
@@ -504,6 +506,8 @@ func TestOpenAPIStatusesMatchHandlers(t *testing.T) {
 		check(scenario{name: "bad user_id", key: key, s: &docStub{}, token: "token-a", path: strings.Replace(strings.Split(key, " ")[1], "{user_id}", "a%20b", 1)})
 		if docRequests[key].body != "" {
 			check(scenario{name: "body too large", key: key, s: &docStub{}, token: "token-a", body: &long})
+			check(scenario{name: "body not sent as JSON", key: key, s: &docStub{}, token: "token-a",
+				hdr: []string{"Content-Type", "application/x-www-form-urlencoded"}})
 		}
 		check(scenario{name: "client request limit", key: key, s: &docStub{}, token: "token-a",
 			limits: docLimiter{request: &ratelimit.Error{Limiter: "requests_per_client", RetryAfter: time.Second}}})
@@ -731,6 +735,104 @@ func TestOpenAPIRequestSchemas(t *testing.T) {
 		slices.Sort(want)
 		if !slices.Equal(names, want) {
 			t.Errorf("%s: documented fields %v, the decoder's %v", key, names, want)
+		}
+	}
+}
+
+// The Secret schema accepts exactly the texts the handler accepts: its
+// pattern and lengths agree with decodeSecret and vault.CheckSecret, length
+// by length and for the non-canonical encodings Strict decoding refuses.
+func TestOpenAPISecretSchema(t *testing.T) {
+	t.Parallel()
+	doc := loadOpenAPI(t)
+	schema := doc.resolve(t, doc.lookup(t, "#/components/schemas/Secret"))
+	if schema["type"] != "string" || schema["format"] != "byte" || schema["contentEncoding"] != nil || schema["contentMediaType"] != nil {
+		t.Errorf("Secret: want type string, format byte and no contentEncoding or contentMediaType (generators make those a file): %v", schema)
+	}
+	accepted := func(text string) bool {
+		secret, err := decodeSecret(sensitive(text))
+		return err == nil && vault.CheckSecret(secret) == nil
+	}
+	texts := []string{"", "MDEyMzQ1Njc4OWFiY2RlZg", "MDEyMzQ1Njc4OWFiY2RlZh==", "MDEyMzQ1Njc4OWFiY2RlZg==\n", "MDEy-zQ1Njc4OWFiY2RlZg=="}
+	for n := range 520 {
+		b := make([]byte, n)
+		for i := range b {
+			b[i] = byte(i*7 + n)
+		}
+		enc := base64.StdEncoding.EncodeToString(b)
+		texts = append(texts, enc)
+		if strings.HasSuffix(enc, "=") { // the same text with a nonzero unused bit
+			i := strings.IndexByte(enc, '=') - 1
+			texts = append(texts, enc[:i]+string(base64Alphabet[strings.IndexByte(base64Alphabet, enc[i])|1])+enc[i+1:])
+		}
+	}
+	for _, text := range texts {
+		want := accepted(text)
+		if errs := doc.validate(t, schema, text, "secret"); (len(errs) == 0) != want {
+			t.Errorf("secret of %d characters: the handler accepts it: %v; the schema: %v", len(text), want, errs)
+		}
+	}
+}
+
+const base64Alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+// Every problem response has its own schema, allOf the base Problem and
+// an object whose code and status are typed one-value (or, for 500,
+// two-value) enums, never const: generators such as oapi-codegen type
+// those fields, and leave allOf + const ones untyped. The status enum is
+// the status each operation lists the response under.
+func TestOpenAPIProblemSchemasTyped(t *testing.T) {
+	t.Parallel()
+	doc := loadOpenAPI(t)
+	codes := map[string]bool{}
+	for _, v := range doc.resolve(t, doc.lookup(t, "#/components/schemas/ProblemCode"))["enum"].([]any) {
+		codes[v.(string)] = true
+	}
+	statusOf := map[string]int{} // problem schema name -> its status enum
+	responses := doc.root["components"].(map[string]any)["responses"].(map[string]any)
+	for name, r := range responses {
+		media, _ := doc.resolve(t, r)["content"].(map[string]any)["application/problem+json"].(map[string]any)
+		if media == nil {
+			continue
+		}
+		ref, _ := media["schema"].(map[string]any)["$ref"].(string)
+		schemaName, ok := strings.CutPrefix(ref, "#/components/schemas/")
+		if !ok || !strings.HasSuffix(schemaName, "Problem") {
+			t.Errorf("response %s: the schema must be a $ref to its own components/schemas/...Problem, not %v", name, media["schema"])
+			continue
+		}
+		s := doc.resolve(t, doc.lookup(t, ref))
+		parts := asList(s["allOf"])
+		if len(parts) != 2 || parts[0].(map[string]any)["$ref"] != "#/components/schemas/Problem" {
+			t.Errorf("%s: want allOf [Problem, {properties: code, status}], got %v", schemaName, s)
+			continue
+		}
+		props, _ := parts[1].(map[string]any)["properties"].(map[string]any)
+		code, _ := props["code"].(map[string]any)
+		status, _ := props["status"].(map[string]any)
+		if code["type"] != "string" || len(asList(code["enum"])) == 0 || code["const"] != nil {
+			t.Errorf("%s: code must be type string with an enum, got %v", schemaName, code)
+		}
+		for _, c := range asList(code["enum"]) {
+			if !codes[c.(string)] {
+				t.Errorf("%s: code %v is not in ProblemCode", schemaName, c)
+			}
+		}
+		if status["type"] != "integer" || len(asList(status["enum"])) != 1 || status["const"] != nil {
+			t.Errorf("%s: status must be type integer with a one-value enum, got %v", schemaName, status)
+			continue
+		}
+		statusOf["#/components/responses/"+name] = asList(status["enum"])[0].(int)
+	}
+	if len(statusOf) < 12 {
+		t.Fatalf("only %d typed problem responses", len(statusOf))
+	}
+	for key, op := range doc.operations(t) {
+		for code, r := range op["responses"].(map[string]any) {
+			ref, _ := r.(map[string]any)["$ref"].(string)
+			if want, ok := statusOf[ref]; ok && strconv.Itoa(want) != code {
+				t.Errorf("%s lists %s under %s, whose schema's status is %d", key, ref, code, want)
+			}
 		}
 	}
 }

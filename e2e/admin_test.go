@@ -195,7 +195,7 @@ admin_max_connections: %d
 		}()
 		defer func() { close(stop); wg.Wait() }()
 
-		cl := newClient(v.API, v.Token)
+		cl := newClient(t, v.API, v.Token)
 		secret := []byte("history key of a flooded vault")
 		maxSockets := 0
 		for i := 0; i < 10; i++ {

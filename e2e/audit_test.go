@@ -35,7 +35,7 @@ func TestAuditSink(t *testing.T) {
 	const user, pin, newPIN = "alice-raw-user-id", "pin-7391-secret", "pin-8402-secret"
 	secret := []byte("history-key-0123456789abcdef-audit")
 	v := startQuiet(t, dir, cfg)
-	c := newClient(v.API, v.Token)
+	c := newClient(t, v.API, v.Token)
 	c.mustEnroll(t, http.StatusCreated, user, secret, pin, 5)
 	wantProblem(t, user, c.recover(t, user, "pin-0000-wrong"), http.StatusForbidden, "wrong_pin")
 	c.mustRecover(t, user, pin, secret)
@@ -80,7 +80,7 @@ func TestAuditSink(t *testing.T) {
 	// Without log.audit: the log's stream, whatever its level.
 	kvproc.SetSection(t, cfg, "log", "log:\n  level: warn\n")
 	v = startQuiet(t, dir, cfg)
-	c = newClient(v.API, v.Token)
+	c = newClient(t, v.API, v.Token)
 	c.mustEnroll(t, http.StatusCreated, "bob", secret, pin, 0)
 	v.Stop()
 	if got := auditOps(t, v.Logs()); got != "enroll:created" {

@@ -28,7 +28,7 @@ func TestConcurrentWrongGuesses(t *testing.T) {
 	softhsmtest.Module(t)
 	t.Parallel()
 	v := startDev(t, t.TempDir())
-	c := newClient(v.API, v.Token)
+	c := newClient(t, v.API, v.Token)
 	const (
 		rounds      = 45
 		requests    = 64
@@ -161,7 +161,7 @@ func TestCrashMidStorm(t *testing.T) {
 
 	v := startDev(t, dir)
 	for cycle, stop := range stops {
-		c := newClient(v.API, v.Token)
+		c := newClient(t, v.API, v.Token)
 		// Backups that no guess touches.
 		for i := range 3 {
 			e := enrolled{randID(fmt.Sprintf("keep%d-%d", cycle, i)), randBytes(32), randPIN("keep")}
@@ -280,7 +280,7 @@ func TestCrashMidStorm(t *testing.T) {
 		checkDB(t, db)
 
 		v = startDev(t, dir)
-		c = newClient(v.API, v.Token)
+		c = newClient(t, v.API, v.Token)
 		nLocked := 0
 		for _, tg := range ts {
 			g := c.mustStatus(t, tg.user)

@@ -74,7 +74,7 @@ func TestDevReuse(t *testing.T) {
 	if !bytes.Contains(v.Logs(), []byte(token)) {
 		t.Errorf("keyvault dev did not print its bearer token:\n%s", v.Logs())
 	}
-	c := newClient(v.API, token)
+	c := newClient(t, v.API, token)
 	e := enrolled{randID("reuse"), randBytes(32), randPIN("reuse")}
 	c.mustEnroll(t, http.StatusCreated, e.user, e.secret, e.pin, 0)
 	wantProblem(t, "a wrong guess", c.recover(t, e.user, "wrong-pin"), http.StatusForbidden, "wrong_pin")
@@ -85,7 +85,7 @@ func TestDevReuse(t *testing.T) {
 	if v.Token != token {
 		t.Errorf("the second dev run has token %q, want the first run's %q", v.Token, token)
 	}
-	c = newClient(v.API, token)
+	c = newClient(t, v.API, token)
 	if g := c.mustStatus(t, e.user); num(t, g, "attempts_remaining") != 9 {
 		t.Errorf("after a restart: %v, want attempts_remaining 9", g)
 	}
@@ -109,7 +109,7 @@ func TestDevReuse(t *testing.T) {
 		t.Fatal(err)
 	}
 	v = startServe(t, dir, cfg)
-	c = newClient(v.API, token)
+	c = newClient(t, v.API, token)
 	c.mustRecover(t, e.user, e.pin, e.secret)
 	e2 := enrolled{randID("reuse2"), randBytes(32), randPIN("reuse2")}
 	c.mustEnroll(t, http.StatusCreated, e2.user, e2.secret, e2.pin, 0)
@@ -138,7 +138,7 @@ func TestDevReuse(t *testing.T) {
 		t.Errorf("keys list after keys init: exit %d, output\n%s\nwant exit 0 and the same output as before\n%s", code, out3, out)
 	}
 	v = startDev(t, dir)
-	c = newClient(v.API, token)
+	c = newClient(t, v.API, token)
 	c.mustRecover(t, e.user, e.pin, e.secret)
 	c.mustRecover(t, e2.user, e2.pin, e2.secret)
 	v.Stop()
@@ -411,7 +411,7 @@ func TestStoreInUse(t *testing.T) {
 		}
 	}
 	// The vault that holds the store still serves.
-	if r := newClient(v.API, v.Token).do(t, http.MethodGet, "/v1/backups/nobody", nil); r.Status != http.StatusNotFound {
+	if r := newClient(t, v.API, v.Token).do(t, http.MethodGet, "/v1/backups/nobody", nil); r.Status != http.StatusNotFound {
 		t.Errorf("GET a missing backup after the refusals: %s, want 404", r)
 	}
 	v.Stop()

@@ -858,7 +858,7 @@ func deployMetricsExist(t *testing.T) {
 func deployTraffic(t *testing.T) string {
 	dir := t.TempDir()
 	v := startDev(t, dir)
-	c := newClient(v.API, v.Token)
+	c := newClient(t, v.API, v.Token)
 	user, pin, secret := randID("deploy"), randPIN("deploy"), randBytes(32)
 	c.mustEnroll(t, http.StatusCreated, user, secret, pin, 3)
 	c.mustEnroll(t, http.StatusOK, user, secret, pin, 3)
@@ -894,7 +894,7 @@ func deployTraffic(t *testing.T) string {
 		t.Fatal(err)
 	}
 	v = startDevLimited(t, dir)
-	c = newClient(v.API, v.Token)
+	c = newClient(t, v.API, v.Token)
 	for round := 0; ; round++ {
 		var wg sync.WaitGroup
 		for range 48 {
@@ -983,7 +983,7 @@ func deployDevEntrypoint(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		c := newClient(api, strings.TrimSpace(string(tok)))
+		c := newClient(t, api, strings.TrimSpace(string(tok)))
 		if run == 1 {
 			c.mustEnroll(t, http.StatusCreated, user, secret, pin, 0)
 		} else {

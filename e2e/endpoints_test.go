@@ -27,7 +27,7 @@ func TestEndpoints(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
 	v := startDev(t, dir)
-	c := newClient(v.API, v.Token)
+	c := newClient(t, v.API, v.Token)
 
 	var users []string // every user_id used, to look for in /metrics
 	newUser := func(prefix string) string {
@@ -306,6 +306,7 @@ func TestEndpoints(t *testing.T) {
 			{"secret not base64", put(`{"secret":"!!not base64!!","pin":"1234"}`)},
 			{"secret without padding", put(`{"secret":"` + base64.RawStdEncoding.EncodeToString(randBytes(17)) + `","pin":"1234"}`)},
 			{"secret in URL base64", put(`{"secret":"` + strings.Repeat("-_", 12) + `","pin":"1234"}`)},
+			{"secret with a line break", put(`{"secret":"` + good[:8] + `\n` + good[8:] + `","pin":"1234"}`)},
 			{"secret missing", put(`{"pin":"1234"}`)},
 			{"secret a number", put(`{"secret":12345,"pin":"1234"}`)},
 			{"PIN of 3 bytes", func() response { return c.enroll(t, other, s, "123", 0) }},
@@ -343,6 +344,18 @@ func TestEndpoints(t *testing.T) {
 		}
 		for _, tc := range cases {
 			wantProblem(t, tc.name, tc.call(), http.StatusBadRequest, "invalid_request")
+		}
+		// A body not sent as application/json (curl -d without -H sends a
+		// form) is a 415, before anything is counted.
+		for _, ct := range []string{"application/x-www-form-urlencoded", "text/plain", "application/json; charset=latin1", ""} {
+			r := c.do(t, http.MethodPost, backupPath(u)+"/recover", rawBody(`{"pin":"wrong-pin"}`), "Content-Type", ct)
+			wantProblem(t, "recover with Content-Type "+ct, r, http.StatusUnsupportedMediaType, "invalid_request")
+		}
+		for _, ct := range []string{"application/json; charset=utf-8", "application/json;charset=UTF-8"} {
+			r := c.do(t, http.MethodGet, backupPath(u), nil, "Content-Type", ct)
+			if r.Status != http.StatusOK {
+				t.Errorf("GET with Content-Type %s and no body: %v, want 200", ct, r)
+			}
 		}
 		if n, _ := remaining(t, u); n != 8 {
 			t.Errorf("after the 400s: attempts_remaining %d, want 8 (a 400 counts nothing)", n)
@@ -541,7 +554,7 @@ func TestEndpoints(t *testing.T) {
 			t.Fatal(err)
 		}
 		sv := startServe(t, dir, path)
-		c1, c2 := newClient(sv.API, v.Token), newClient(sv.API, token2)
+		c1, c2 := newClient(t, sv.API, v.Token), newClient(t, sv.API, token2)
 
 		c1.mustRecover(t, shared, pin1, s1) // the dev client still sees its backup
 		wantProblem(t, "the other client GETs dev's backup", c2.status(t, shared), http.StatusNotFound, "not_found")

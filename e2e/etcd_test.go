@@ -160,7 +160,7 @@ func TestEtcdThreeNodesOneBudget(t *testing.T) {
 	nodes := etcdNodes(t, cluster, 3)
 	var clients []*client
 	for _, n := range nodes {
-		clients = append(clients, newClient(n.API, n.Token))
+		clients = append(clients, newClient(t, n.API, n.Token))
 	}
 	rounds := etcdRounds(t, 8)
 	for round := range rounds {
@@ -248,7 +248,7 @@ func TestEtcdLeaderKilledMidStorm(t *testing.T) {
 		nodes := etcdNodes(t, cluster, 3)
 		var clients []*client
 		for _, n := range nodes {
-			clients = append(clients, newClient(n.API, n.Token))
+			clients = append(clients, newClient(t, n.API, n.Token))
 		}
 		u, pin := randID("leader"), randPIN("right")
 		clients[0].mustEnroll(t, http.StatusCreated, u, randBytes(32), pin, 5)
@@ -284,7 +284,7 @@ func TestEtcdNodeKilledMidStorm(t *testing.T) {
 		nodes := etcdNodes(t, cluster, 3)
 		var clients []*client
 		for _, n := range nodes {
-			clients = append(clients, newClient(n.API, n.Token))
+			clients = append(clients, newClient(t, n.API, n.Token))
 		}
 		u, pin := randID("nodekill"), randPIN("right")
 		clients[0].mustEnroll(t, http.StatusCreated, u, randBytes(32), pin, 5)
@@ -323,6 +323,6 @@ func TestEtcdReadyz(t *testing.T) {
 	if r := get(t, node.Admin+"/healthz"); r.Status != http.StatusOK {
 		t.Fatalf("/healthz: %v", r)
 	}
-	c := newClient(node.API, node.Token)
+	c := newClient(t, node.API, node.Token)
 	wantProblem(t, "enroll with etcd gone", c.enroll(t, randID("gone"), randBytes(32), "right-pin-1", 5), http.StatusServiceUnavailable, "unavailable")
 }

@@ -56,7 +56,7 @@ func TestHSMFairness(t *testing.T) {
 	}
 	v := startDevLimited(t, dir)
 	defer v.Stop()
-	dev, flood := newClient(v.API, v.Token), newClient(v.API, floodToken)
+	dev, flood := newClient(t, v.API, v.Token), newClient(t, v.API, floodToken)
 
 	const pin = "fairness-pin"
 	devUser, devSecret := randID("dev"), randBytes(32)

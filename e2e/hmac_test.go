@@ -143,7 +143,7 @@ func TestHMACProfileOnSoftHSM(t *testing.T) {
 		t.Fatalf("keys init under gcm: exit %d:\n%s", code, out)
 	}
 	v := k.start(t)
-	c := newClient(v.API, v.Token)
+	c := newClient(t, v.API, v.Token)
 	old := enrolled{randID("gcm-era"), randBytes(32), randPIN("old")}
 	c.mustEnroll(t, http.StatusCreated, old.user, old.secret, old.pin, 5)
 	v.Stop()
@@ -157,7 +157,7 @@ func TestHMACProfileOnSoftHSM(t *testing.T) {
 		t.Fatalf("keys rotate under hmac: exit %d:\n%s", code, out)
 	}
 	v = k.start(t)
-	c = newClient(v.API, v.Token)
+	c = newClient(t, v.API, v.Token)
 	c.mustRecover(t, old.user, old.pin, old.secret)
 	v.Stop()
 	profileScenario(t, k, old)
@@ -178,7 +178,7 @@ func profileScenario(t *testing.T, k *profileKit, earlier ...enrolled) {
 	if !strings.Contains(string(v.Logs()), `"hsm_profile":"`+k.profile+`"`) {
 		t.Errorf("the serving log line does not name the profile %s", k.profile)
 	}
-	c := newClient(v.API, v.Token)
+	c := newClient(t, v.API, v.Token)
 
 	// The contract: enroll, status, recover, a wrong PIN, the lock.
 	e := enrolled{randID("prof"), randBytes(32), randPIN("prof")}
@@ -282,7 +282,7 @@ func profileScenario(t *testing.T, k *profileKit, earlier ...enrolled) {
 		return kv.Put(key, val)
 	})
 	v = k.start(t)
-	c = newClient(v.API, v.Token)
+	c = newClient(t, v.API, v.Token)
 	for _, r := range []response{c.status(t, e.user), c.recover(t, e.user, e.pin)} {
 		wantProblem(t, "the tampered record", r, http.StatusInternalServerError, "integrity_error")
 		if n := findEncoded(r.Body, e.secret); n != "" {

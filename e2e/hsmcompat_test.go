@@ -90,7 +90,7 @@ func TestRefusedMember(t *testing.T) {
 	if n, ok := metricSum(samples, "keyvault_hsm_member_refused", map[string]string{"member": "oc", "reason": "CKM_AES_GCM"}); !ok || n != 1 {
 		t.Errorf("keyvault_hsm_member_refused{member=oc,reason=CKM_AES_GCM} = %v (found %v), want 1", n, ok)
 	}
-	c := newClient(v.API, v.Token)
+	c := newClient(t, v.API, v.Token)
 	e := enrolled{randID("mixed"), randBytes(32), randPIN("mixed")}
 	c.mustEnroll(t, http.StatusCreated, e.user, e.secret, e.pin, 0)
 	c.mustRecover(t, e.user, e.pin, e.secret)

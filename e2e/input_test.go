@@ -19,7 +19,7 @@ func TestLoneSurrogatePINs(t *testing.T) {
 	t.Parallel()
 	v := startDevLimited(t, t.TempDir())
 	defer v.Stop()
-	c := newClient(v.API, v.Token)
+	c := newClient(t, v.API, v.Token)
 	secret := randBytes(32)
 	put := func(user, pinJSON string) response {
 		return c.do(t, http.MethodPut, backupPath(user), rawBody(`{"secret":"`+b64(secret)+`","pin":"`+pinJSON+`","max_attempts":5}`))

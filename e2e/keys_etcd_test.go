@@ -96,7 +96,7 @@ func TestEtcdRetireWhileAnotherNodeEnrolls(t *testing.T) {
 	nodes, tokenFile, cfg, prefix := etcdKeyNodes(t, cluster, 2)
 	a, b := nodes[0], nodes[1]
 	padRecords(t, cluster, prefix, 40000)
-	ca, cb := newClient(a.API, a.Token), newClient(b.API, b.Token)
+	ca, cb := newClient(t, a.API, a.Token), newClient(t, b.API, b.Token)
 
 	// Both nodes must answer /readyz 200 from here to the end.
 	var stopWatch atomic.Bool

@@ -118,18 +118,61 @@ var servingLine = kvproc.ServingLine
 
 // client speaks JSON to the API with a bearer token; response is one
 // answer; rawBody is a body sent as is (internal/kvproc, shared with the
-// stress scenarios).
-type client struct{ *kvproc.Client }
+// stress scenarios). A client of the API holds every answer to
+// api/openapi.yaml (checkAgainstDoc) and fails its test on one that breaks
+// it.
+type client struct {
+	*kvproc.Client
+	doc *docReporter // nil: answers are not checked (the admin listener)
+}
 
 type (
 	response = kvproc.Response
 	rawBody  = kvproc.RawBody
 )
 
-func newClient(base, token string) *client { return &client{kvproc.NewClient(base, token)} }
+// newClient is a client of the API at base whose answers are checked
+// against the document; a breach fails t, from any goroutine, until t's
+// cleanup.
+func newClient(t testing.TB, base, token string) *client {
+	rep := &docReporter{t: t}
+	t.Cleanup(rep.stop)
+	return &client{Client: kvproc.NewClient(base, token), doc: rep}
+}
+
+// newAdminClient is a client of the admin listener, which the document
+// does not describe.
+func newAdminClient(base, token string) *client {
+	return &client{Client: kvproc.NewClient(base, token)}
+}
+
+// docReporter fails a test with a document breach; after the test's
+// cleanup (a request still in flight from a goroutine it left) it drops
+// the report, as t may no longer be used then.
+type docReporter struct {
+	mu      sync.Mutex
+	t       testing.TB
+	stopped bool
+}
+
+func (d *docReporter) stop() { d.mu.Lock(); d.stopped = true; d.mu.Unlock() }
+
+func (d *docReporter) errorf(format string, args ...any) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if !d.stopped {
+		d.t.Errorf(format, args...)
+	}
+}
 
 func (c *client) call(method, path string, body any, hdr ...string) (response, error) {
-	return c.Call(method, path, body, hdr...)
+	r, err := c.Call(method, path, body, hdr...)
+	if err == nil && c.doc != nil {
+		if bad := checkAgainstDoc(method, path, r); bad != nil {
+			c.doc.errorf("%s %s answered %s, which breaks api/openapi.yaml: %v", method, path, r, bad)
+		}
+	}
+	return r, err
 }
 
 // do is call that fails the test on a transport error.

@@ -1,7 +1,13 @@
 package e2e
 
 import (
+	"io/fs"
+	"maps"
 	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
 	"strings"
 	"testing"
 
@@ -22,7 +28,7 @@ func TestMetricFamilies(t *testing.T) {
 	softhsmtest.Module(t)
 	t.Parallel()
 	v := startDev(t, t.TempDir())
-	c := newClient(v.API, v.Token)
+	c := newClient(t, v.API, v.Token)
 	user, pin, secret := randID("metrics"), randPIN("metrics"), randBytes(32)
 	c.mustEnroll(t, http.StatusCreated, user, secret, pin, 2)
 	c.mustEnroll(t, http.StatusOK, user, secret, pin, 2)
@@ -36,7 +42,7 @@ func TestMetricFamilies(t *testing.T) {
 	c.status(t, randID("missing"))
 	c.delete(t, user)
 	c.recover(t, "bad id", pin)
-	newClient(v.API, "not-a-token").status(t, user)
+	newClient(t, v.API, "not-a-token").status(t, user)
 
 	_, text := metrics(t, v.Admin)
 	parser := expfmt.NewTextParser(model.LegacyValidation)
@@ -107,6 +113,7 @@ func TestMetricFamilies(t *testing.T) {
 		`keyvault_deletes_total`:                        1,
 		`keyvault_pin_changes_total{result="success"}`:  1,
 	}
+	checkMetricDocs(t, families)
 	samples, _ := metrics(t, v.Admin)
 	for series, n := range want {
 		name, sel, _ := strings.Cut(strings.TrimSuffix(series, "}"), "{")
@@ -119,4 +126,82 @@ func TestMetricFamilies(t *testing.T) {
 		}
 	}
 	v.Stop()
+}
+
+// checkMetricDocs holds the README's metric list (its "Operating it"
+// section) to the families a served vault exports: every exported
+// keyvault_ family is listed, and every listed one is exported or, if it
+// only appears on an event (a labelled family with no series yet, the etcd
+// driver's), defined in the code.
+func checkMetricDocs(t *testing.T, live map[string]*dto.MetricFamily) {
+	t.Helper()
+	readme, err := os.ReadFile(filepath.Join(moduleRoot, "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, ok := strings.Cut(string(readme), "\n## Operating it\n")
+	if !ok {
+		t.Fatal(`README.md has no "## Operating it" section`)
+	}
+	if i := strings.Index(section, "\n#"); i >= 0 {
+		section = section[:i]
+	}
+	familyName := regexp.MustCompile(`keyvault_[a-z0-9_]+`)
+	documented := map[string]bool{}
+	for _, n := range familyName.FindAllString(section, -1) {
+		documented[n] = true
+	}
+	defined := definedMetricFamilies(t)
+	for _, name := range slices.Sorted(maps.Keys(live)) {
+		if strings.HasPrefix(name, "keyvault_") && !documented[name] {
+			t.Errorf("metric family %s is exported on /metrics but missing from README.md's metric list (## Operating it)", name)
+		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(defined)) {
+		if !documented[name] && live[name] == nil {
+			t.Errorf("metric family %s is defined in the code but missing from README.md's metric list (## Operating it)", name)
+		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(documented)) {
+		if live[name] == nil && !defined[name] {
+			t.Errorf("README.md's metric list (## Operating it) names %s, which the vault neither exports nor defines", name)
+		}
+	}
+	if len(documented) < 30 {
+		t.Errorf("README.md's metric list names only %d families", len(documented))
+	}
+}
+
+// definedMetricFamilies lists the keyvault_ families the module's non-test
+// Go files name in a metric's options (Name: "keyvault_...").
+func definedMetricFamilies(t *testing.T) map[string]bool {
+	t.Helper()
+	nameField := regexp.MustCompile(`Name:\s*"(keyvault_[a-z0-9_]+)"`)
+	out := map[string]bool{}
+	err := filepath.WalkDir(moduleRoot, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() && (strings.HasPrefix(d.Name(), ".") && path != moduleRoot) {
+			return filepath.SkipDir
+		}
+		if d.IsDir() || !strings.HasSuffix(path, ".go") || strings.HasSuffix(path, "_test.go") {
+			return nil
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		for _, m := range nameField.FindAllSubmatch(b, -1) {
+			out[string(m[1])] = true
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(out) < 30 {
+		t.Fatalf("found only %d metric families in the code: %v", len(out), out)
+	}
+	return out
 }

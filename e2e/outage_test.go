@@ -20,7 +20,7 @@ func TestHSMOutage(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
 	v := startDev(t, dir)
-	c := newClient(v.API, v.Token)
+	c := newClient(t, v.API, v.Token)
 	e := enrolled{randID("outage"), randBytes(32), randPIN("outage")}
 	c.mustEnroll(t, http.StatusCreated, e.user, e.secret, e.pin, 10)
 	wantProblem(t, "a wrong guess", c.recover(t, e.user, "wrong-pin"), http.StatusForbidden, "wrong_pin")

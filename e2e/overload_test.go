@@ -29,7 +29,7 @@ func BenchmarkOverload(b *testing.B) {
 `)
 	v := startDevLimited(b, dir)
 	defer v.Stop()
-	c := newClient(v.API, v.Token)
+	c := newClient(b, v.API, v.Token)
 	const users, pin = 200, "overload-pin"
 	ids := make([]string, users)
 	for i := range ids {

@@ -119,7 +119,7 @@ func TestTwoMembers(t *testing.T) {
 	t.Logf("setup done in %v", time.Since(start).Round(time.Millisecond))
 
 	v := startServe(t, dev, cfg)
-	c := newClient(v.API, v.Token)
+	c := newClient(t, v.API, v.Token)
 	backups := make([]enrolled, 12)
 	for i := range backups {
 		backups[i] = enrolled{randID("pool"), randBytes(32), randPIN("pool")}

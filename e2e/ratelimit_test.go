@@ -19,7 +19,7 @@ func TestRateLimits(t *testing.T) {
 	softhsmtest.Module(t)
 	t.Parallel()
 	v := startDevLimited(t, t.TempDir())
-	c := newClient(v.API, v.Token)
+	c := newClient(t, v.API, v.Token)
 	user, pin := randID("limited"), randPIN("limited")
 	c.mustEnroll(t, http.StatusCreated, user, randBytes(32), pin, 10)
 

@@ -117,7 +117,7 @@ func TestRollback(t *testing.T) {
 	dir, db := anchoredDev(t)
 
 	v := startDev(t, dir)
-	c := newClient(v.API, v.Token)
+	c := newClient(t, v.API, v.Token)
 	secret := randBytes(32)
 	users := map[string]string{}
 	for _, u := range []string{"alice", "bob", "carol", "dave"} {
@@ -130,7 +130,7 @@ func TestRollback(t *testing.T) {
 
 	// Later: alice spends a guess, bob is deleted, carol is locked.
 	v = startDev(t, dir)
-	c = newClient(v.API, v.Token)
+	c = newClient(t, v.API, v.Token)
 	wantProblem(t, "alice's wrong guess", c.recover(t, "alice", "wrong-pin"), 403, "wrong_pin")
 	if r := c.delete(t, "bob"); r.Status != 204 {
 		t.Fatalf("delete bob: %s", r)
@@ -172,7 +172,7 @@ func TestRollback(t *testing.T) {
 	// The current store is served, as it was.
 	copyFile(t, current, db)
 	v = startDev(t, dir)
-	c = newClient(v.API, v.Token)
+	c = newClient(t, v.API, v.Token)
 	if r := c.mustStatus(t, "alice"); num(t, r, "attempts_remaining") != 2 {
 		t.Fatalf("alice after the refusals: %v", r)
 	}
@@ -193,7 +193,7 @@ func TestRollback(t *testing.T) {
 		t.Fatalf("anchor status: exit %d:\n%s", code, out)
 	}
 	v = startDev(t, dir)
-	c = newClient(v.API, v.Token)
+	c = newClient(t, v.API, v.Token)
 	c.mustRecover(t, "bob", users["bob"], secret) // bob is back, as in the backup
 	v.Stop()
 	restored := filepath.Join(dir, "restored.db")
@@ -236,7 +236,7 @@ func TestRollbackCrash(t *testing.T) {
 		before := filepath.Join(dir, "before.db")
 		copyFile(t, db, before)
 		v := startDev(t, dir)
-		c := newClient(v.API, v.Token)
+		c := newClient(t, v.API, v.Token)
 		var stop atomic.Bool
 		var acked atomic.Int64
 		var wg sync.WaitGroup
@@ -268,7 +268,7 @@ func TestRollbackCrash(t *testing.T) {
 		answered += acked.Load()
 		// The killed store starts: a clean state is never refused.
 		v = startDev(t, dir)
-		newClient(v.API, v.Token).mustEnroll(t, 201, fmt.Sprintf("after-%d", cycle), secret, "right-pin", 3)
+		newClient(t, v.API, v.Token).mustEnroll(t, 201, fmt.Sprintf("after-%d", cycle), secret, "right-pin", 3)
 		v.Stop()
 		if strings.Contains(string(v.Logs()), `"one_batch_past_anchor":true`) {
 			past++
@@ -356,7 +356,7 @@ func TestRollbackMembers(t *testing.T) {
 	enroll := func(user string) {
 		t.Helper()
 		v := startServe(t, hsm, cfg)
-		newClient(v.API, readTrimmed(t, filepath.Join(dev, "token"))).mustEnroll(t, 201, user, secret, "right-pin", 3)
+		newClient(t, v.API, readTrimmed(t, filepath.Join(dev, "token"))).mustEnroll(t, 201, user, secret, "right-pin", 3)
 		v.Stop()
 	}
 	enroll("u1")
@@ -393,20 +393,20 @@ func TestRollbackMembers(t *testing.T) {
 	// b fails while the vault runs: the writes after it go on, anchored on
 	// a alone, and a start without b is accepted.
 	v := startServe(t, hsm, cfg)
-	c := newClient(v.API, readTrimmed(t, filepath.Join(dev, "token")))
+	c := newClient(t, v.API, readTrimmed(t, filepath.Join(dev, "token")))
 	restore = hide("keyvault-b")
 	for i := range 5 {
 		c.mustEnroll(t, 201, fmt.Sprintf("after-b-%d", i), secret, "right-pin", 3)
 	}
 	v.Stop()
 	v = startServe(t, hsm, cfg)
-	c = newClient(v.API, readTrimmed(t, filepath.Join(dev, "token")))
+	c = newClient(t, v.API, readTrimmed(t, filepath.Join(dev, "token")))
 	c.mustRecover(t, "after-b-4", "right-pin", secret)
 	v.Stop()
 	// b comes back: accepted, and caught up by the start's anchor.
 	restore()
 	v = startServe(t, hsm, cfg)
-	newClient(v.API, readTrimmed(t, filepath.Join(dev, "token"))).mustRecover(t, "u1", "right-pin", secret)
+	newClient(t, v.API, readTrimmed(t, filepath.Join(dev, "token"))).mustRecover(t, "u1", "right-pin", secret)
 	v.Stop()
 	code, out := runCLI(t, "anchor", "status", "--config", cfg)
 	newest := func(m string) string {
@@ -431,7 +431,7 @@ func TestRollbackMembers(t *testing.T) {
 func TestTornAnchorSlot(t *testing.T) {
 	dir, _ := anchoredDev(t)
 	v := startDev(t, dir)
-	c := newClient(v.API, v.Token)
+	c := newClient(t, v.API, v.Token)
 	secret := randBytes(32)
 	for i := range 5 {
 		c.mustEnroll(t, 201, fmt.Sprintf("torn-%d", i), secret, "right-pin", 3)
@@ -469,7 +469,7 @@ func TestTornAnchorSlot(t *testing.T) {
 
 	tear(objs[0]) // the slot written last
 	v = startDev(t, dir)
-	newClient(v.API, v.Token).mustRecover(t, "torn-4", "right-pin", secret)
+	newClient(t, v.API, v.Token).mustRecover(t, "torn-4", "right-pin", secret)
 	v.Stop()
 	if !strings.Contains(string(v.Logs()), `"msg":"rollback check passed"`) {
 		t.Fatalf("no passed rollback check in the log:\n%s", v.Logs())

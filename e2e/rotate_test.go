@@ -103,7 +103,7 @@ func (k *rotationKit) keys(t *testing.T, v *vault, args ...string) (int, string)
 // usage reads the records by key version from the admin endpoint.
 func (k *rotationKit) usage(t *testing.T, v *vault) (wrap, pin map[string]int) {
 	t.Helper()
-	r := newClient(v.Admin, k.adminToken).do(t, http.MethodGet, "/admin/keys/usage", nil)
+	r := newAdminClient(v.Admin, k.adminToken).do(t, http.MethodGet, "/admin/keys/usage", nil)
 	var u map[string]map[string]int
 	if r.Status != 200 || json.Unmarshal(r.Body, &u) != nil {
 		t.Fatalf("keys usage: %s", r)
@@ -149,7 +149,7 @@ func TestRotateUnderLoad(t *testing.T) {
 	k := newRotationKit(t)
 	t.Parallel()
 	v := k.start(t)
-	c := newClient(v.API, v.Token)
+	c := newClient(t, v.API, v.Token)
 	old := make([]enrolled, 8)
 	for i := range old {
 		old[i] = enrolled{fmt.Sprintf("old-%d", i), randBytes(32), "1357"}
@@ -240,7 +240,7 @@ func TestRecoveryMovesPINKeyAndRetire(t *testing.T) {
 	k := newRotationKit(t)
 	t.Parallel()
 	v := k.start(t)
-	c := newClient(v.API, v.Token)
+	c := newClient(t, v.API, v.Token)
 	users := []enrolled{{"ann", randBytes(32), "1111"}, {"bob", randBytes(32), "2222"}, {"cyd", randBytes(32), "3333"}}
 	for _, u := range users {
 		if r := c.enroll(t, u.user, u.secret, u.pin, 5); r.Status != 201 {
@@ -319,7 +319,7 @@ func TestRecoveryMovesPINKeyAndRetire(t *testing.T) {
 		}
 	}
 	v = k.start(t)
-	c = newClient(v.API, v.Token)
+	c = newClient(t, v.API, v.Token)
 	for _, u := range users {
 		if r := c.recover(t, u.user, u.pin); r.Status != 200 || r.JSON(t)["secret"] != b64(u.secret) {
 			t.Fatalf("recover %s after a restart: %s", u.user, r)
@@ -351,7 +351,7 @@ func TestRewrapResumesAfterKill(t *testing.T) {
 	t.Parallel()
 	n := rewrapRecords(t)
 	v := k.start(t)
-	c := newClient(v.API, v.Token)
+	c := newClient(t, v.API, v.Token)
 	users := make([]enrolled, n)
 	began0 := time.Now()
 	parallel(t, n, func(i int) error {
@@ -371,7 +371,7 @@ func TestRewrapResumesAfterKill(t *testing.T) {
 	if code, out := k.keys(t, v, "rewrap", "--rate", strconv.Itoa(rate)); code != 0 || !strings.Contains(out, "running") {
 		t.Fatalf("keys rewrap: exit %d:\n%s", code, out)
 	}
-	admin := newClient(v.Admin, k.adminToken)
+	admin := newAdminClient(v.Admin, k.adminToken)
 	deadline := time.Now().Add(2 * time.Minute)
 	for {
 		var st struct{ Done, Total int }
@@ -388,7 +388,7 @@ func TestRewrapResumesAfterKill(t *testing.T) {
 	v.Kill()
 
 	v = k.start(t)
-	c = newClient(v.API, v.Token)
+	c = newClient(t, v.API, v.Token)
 	wrap, _ := k.usage(t, v)
 	t.Logf("%d backups seeded in %v; killed with %d on wrap v1 and %d on wrap v2", n, seeded.Sub(began0), wrap["1"], wrap["2"])
 	if wrap["1"] == 0 || wrap["2"] == 0 || wrap["1"]+wrap["2"] != n {
@@ -470,7 +470,7 @@ func TestReloadOnSIGHUP(t *testing.T) {
 	k := newRotationKit(t)
 	t.Parallel()
 	v := k.start(t)
-	c := newClient(v.API, v.Token)
+	c := newClient(t, v.API, v.Token)
 	code, out := k.keys(t, nil, "rotate")
 	if code != 0 || !strings.Contains(out, "No admin token given") || !strings.Contains(out, "keyvault-wrap-v2") {
 		t.Fatalf("keys rotate without an admin token: exit %d:\n%s", code, out)

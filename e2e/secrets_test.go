@@ -22,7 +22,7 @@ func TestSecretsStayOut(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
 	v := startDev(t, dir)
-	c := newClient(v.API, v.Token)
+	c := newClient(t, v.API, v.Token)
 
 	var (
 		secrets [][]byte // secrets and PINs: never in logs, metrics or answers

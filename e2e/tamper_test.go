@@ -26,7 +26,7 @@ func TestTamper(t *testing.T) {
 	dir := t.TempDir()
 	db := filepath.Join(dir, "keyvault.db")
 	v := startDevUnanchored(t, dir)
-	c := newClient(v.API, v.Token)
+	c := newClient(t, v.API, v.Token)
 
 	a := enrolled{randID("tamper-a"), randBytes(32), randPIN("pa")}
 	b := enrolled{randID("tamper-b"), randBytes(32), randPIN("pb")}
@@ -72,7 +72,7 @@ func TestTamper(t *testing.T) {
 	})
 
 	v = startDevUnanchored(t, dir)
-	c = newClient(v.API, v.Token)
+	c = newClient(t, v.API, v.Token)
 	secrets := [][]byte{a.secret, b.secret, cc.secret, d.secret}
 	refused := 0
 	refuse := func(what string, r response) {
@@ -130,7 +130,7 @@ func TestTamperShortValue(t *testing.T) {
 	dir := t.TempDir()
 	db := filepath.Join(dir, "keyvault.db")
 	v := startDevUnanchored(t, dir)
-	c := newClient(v.API, v.Token)
+	c := newClient(t, v.API, v.Token)
 	e := enrolled{randID("short"), randBytes(32), randPIN("pe")}
 	ok := enrolled{randID("intact"), randBytes(32), randPIN("pk")}
 	for _, x := range []enrolled{e, ok} {
@@ -148,7 +148,7 @@ func TestTamperShortValue(t *testing.T) {
 	})
 
 	v = startDevUnanchored(t, dir)
-	c = newClient(v.API, v.Token)
+	c = newClient(t, v.API, v.Token)
 	refused := 0
 	for _, tc := range []struct {
 		what string
