@@ -628,6 +628,10 @@ func (c *Client) do(ctx context.Context, r request) (*response, error) {
 				return nil, e
 			}
 			last, retryAfter = e, e.RetryAfter
+			// The vault's 503 may leave a write's outcome unknown (a store
+			// that could not confirm it), so the repeat's answer may
+			// describe this call's own earlier attempt.
+			uncertain = uncertain || e.Code == CodeUnavailable && r.method != http.MethodGet
 		}
 		if attempt >= c.maxRetries {
 			return nil, last

@@ -633,6 +633,25 @@ func TestRetryRepeatableAfterTransportError(t *testing.T) {
 			t.Errorf("Uncertain %v after %d requests, want true after 2", e.Uncertain, s.count())
 		}
 	})
+	// A store that cannot confirm a write answers 503 with the write maybe
+	// applied: the repeat's 412 may be this call's own.
+	t.Run("enroll If-None-Match after the vault's 503", func(t *testing.T) {
+		s, url := script(t, problem(503, "unavailable", "1", -1), problem(412, "precondition_failed", "", -1))
+		c, _ := newTestClient(t, url)
+		_, _, err := c.Enroll(ctx, "alice", testSecret, "2468", client.IfNoneMatch())
+		e := wantErr(t, "retried enroll", err, client.ErrPrecondition, 412)
+		if !e.Uncertain || s.count() != 2 {
+			t.Errorf("Uncertain %v after %d requests, want true after 2", e.Uncertain, s.count())
+		}
+	})
+	t.Run("status after the vault's 503", func(t *testing.T) {
+		s, url := script(t, problem(503, "unavailable", "1", -1), problem(404, "not_found", "", -1))
+		c, _ := newTestClient(t, url)
+		_, err := c.Status(ctx, "alice")
+		if e := wantErr(t, "retried status", err, client.ErrNotFound, 404); e.Uncertain || s.count() != 2 {
+			t.Errorf("Uncertain %v after %d requests, want false after 2: a read applies nothing", e.Uncertain, s.count())
+		}
+	})
 	t.Run("proxy 502 and 504", func(t *testing.T) {
 		s, url := script(t, plain(502, ""), plain(504, ""), okJSON(200, backupBody))
 		c, _ := newTestClient(t, url)

@@ -121,13 +121,15 @@ type Error struct {
 	// it exceeded the client's maximum wait, the context's deadline, or the
 	// retry budget.
 	RetryAfter time.Duration
-	// Uncertain reports that an earlier attempt of this same call (a
+	// Uncertain reports that an earlier attempt of this same call may have
+	// reached the vault and been applied: it was lost in transit (a
 	// conditional Enroll or Delete, the only writes the client repeats
-	// after a failure in transit) may have reached the vault and been
-	// applied; this answer then describes the vault after it. A 412 from an
-	// Enroll with IfNoneMatch or IfMatch, or a 404 from a Delete, can be
-	// the result of this call's own earlier, successful attempt: read the
-	// backup with Status to decide.
+	// then), or answered 503 unavailable, which can leave a write's or a
+	// guess's outcome unknown. This answer then describes the vault after
+	// it. A 412 from an Enroll with IfNoneMatch or IfMatch or from a
+	// ChangePIN with IfMatch, or a 404 from a Delete, can be the result of
+	// this call's own earlier, successful attempt: read the backup with
+	// Status to decide.
 	Uncertain bool
 }
 
