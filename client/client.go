@@ -316,7 +316,9 @@ func (c *Client) Enroll(ctx context.Context, userID string, secret []byte, pin s
 	}
 	var o writeOptions
 	for _, opt := range opts {
-		opt.applyEnroll(&o)
+		if opt != nil {
+			opt.applyEnroll(&o)
+		}
 	}
 	if err := o.check(op); err != nil {
 		return Backup{}, false, err
@@ -412,7 +414,9 @@ func (c *Client) Delete(ctx context.Context, userID string, opts ...DeleteOption
 	}
 	var o writeOptions
 	for _, opt := range opts {
-		opt.applyDelete(&o)
+		if opt != nil {
+			opt.applyDelete(&o)
+		}
 	}
 	if err := o.check(op); err != nil {
 		return err
@@ -441,7 +445,9 @@ func (c *Client) ChangePIN(ctx context.Context, userID, pin, newPIN string, opts
 	}
 	var o writeOptions
 	for _, opt := range opts {
-		opt.applyChangePIN(&o)
+		if opt != nil {
+			opt.applyChangePIN(&o)
+		}
 	}
 	if err := o.check(op); err != nil {
 		return Backup{}, err
