@@ -166,35 +166,41 @@ func isLoopback(host string) bool {
 	return ip != nil && ip.IsLoopback()
 }
 
-// Backup is the public state of a backup: never its secret.
+// Backup is the public state of a backup, never its secret: the
+// document's BackupStatus (Status), or its Backup (Enroll, ChangePIN),
+// which lacks locked and updated_at.
 type Backup struct {
 	UserID string
-	// Generation increases with every Enroll and ChangePIN of the user_id;
-	// pass it as IfMatch to make the next write conditional on it.
-	Generation        uint64
+	// Generation increases with every Enroll and ChangePIN of the user_id
+	// (1 or more); pass it to IfMatch to make the next write conditional
+	// on it.
+	Generation        int64
 	MaxAttempts       int
 	AttemptsRemaining int
-	// Locked: every attempt was used and the secret destroyed (Status
-	// only; Enroll and ChangePIN always answer with an unlocked backup).
+	// Locked: every attempt was used and the secret destroyed. Only Status
+	// reports it; Enroll and ChangePIN always answer with an unlocked
+	// backup.
 	Locked bool
 	// KeyVersion is the version of the wrap key sealing the record,
 	// PINKeyVersion that of the PIN key checking it.
-	KeyVersion, PINKeyVersion uint32
+	KeyVersion, PINKeyVersion int
 	// CreatedAt is when this generation was written; UpdatedAt when the
-	// record last changed (a counted guess, say). Enroll and ChangePIN
-	// write a new generation, so there UpdatedAt is CreatedAt.
+	// record last changed (a counted guess, say). Only Status reports
+	// UpdatedAt; Enroll and ChangePIN write a new generation, so there it
+	// is CreatedAt.
 	CreatedAt, UpdatedAt time.Time
 }
 
-// backupJSON is the wire form of Backup.
+// backupJSON is the wire form of Backup. Its fields are the properties of
+// the document's BackupStatus, a superset of its Backup (TestDocument).
 type backupJSON struct {
 	UserID            string    `json:"user_id"`
-	Generation        uint64    `json:"generation"`
+	Generation        int64     `json:"generation"`
 	MaxAttempts       int       `json:"max_attempts"`
 	AttemptsRemaining int       `json:"attempts_remaining"`
 	Locked            bool      `json:"locked"`
-	KeyVersion        uint32    `json:"key_version"`
-	PINKeyVersion     uint32    `json:"pin_key_version"`
+	KeyVersion        int       `json:"key_version"`
+	PINKeyVersion     int       `json:"pin_key_version"`
 	CreatedAt         time.Time `json:"created_at"`
 	UpdatedAt         time.Time `json:"updated_at"`
 }
@@ -210,27 +216,97 @@ func decodeBackup(op string, body []byte) (Backup, error) {
 	return Backup(j), nil
 }
 
-// EnrollOptions are Enroll's optional settings.
-type EnrollOptions struct {
-	// MaxAttempts is the number of wrong guesses in a row that destroy the
-	// secret; 0 means the vault's configured default (10).
-	MaxAttempts int
-	// IfMatch, when not 0, enrolls only over the live backup of this
-	// generation (replacing it); else ErrPrecondition.
-	IfMatch uint64
-	// IfNoneMatch enrolls only if no live backup exists; else
-	// ErrPrecondition. A locked backup is live.
-	IfNoneMatch bool
+// writeOptions are the settings of one write, set by its options.
+type writeOptions struct {
+	ifMatch        int64
+	hasIfMatch     bool
+	ifNoneMatch    bool
+	maxAttempts    int
+	hasMaxAttempts bool
+}
+
+// check refuses what the vault would refuse without counting anything:
+// a generation below 1, or both preconditions.
+func (w *writeOptions) check(op string) error {
+	switch {
+	case w.hasIfMatch && w.ifMatch < 1:
+		return localInvalid(op, "IfMatch: a generation is 1 or more")
+	case w.hasIfMatch && w.ifNoneMatch:
+		return localInvalid(op, "IfMatch and IfNoneMatch exclude each other")
+	}
+	return nil
+}
+
+// header is the precondition header of w, if any.
+func (w *writeOptions) header() [][2]string {
+	switch {
+	case w.hasIfMatch:
+		return [][2]string{{"If-Match", `"` + strconv.FormatInt(w.ifMatch, 10) + `"`}}
+	case w.ifNoneMatch:
+		return [][2]string{{"If-None-Match", "*"}}
+	}
+	return nil
+}
+
+// conditional reports whether w makes a write fail its precondition the
+// second time it is applied.
+func (w *writeOptions) conditional() bool { return w.hasIfMatch || w.ifNoneMatch }
+
+// EnrollOption is an option of Enroll: IfMatch, IfNoneMatch or
+// MaxAttempts.
+type EnrollOption interface{ applyEnroll(*writeOptions) }
+
+// ChangePINOption is an option of ChangePIN: IfMatch.
+type ChangePINOption interface{ applyChangePIN(*writeOptions) }
+
+// DeleteOption is an option of Delete: IfMatch.
+type DeleteOption interface{ applyDelete(*writeOptions) }
+
+// MatchOption is the option IfMatch returns; Enroll, ChangePIN and Delete
+// all take it.
+type MatchOption struct{ generation int64 }
+
+// IfMatch makes a write apply only to the live backup of this generation
+// (1 or more, as Backup.Generation gave it); else ErrPrecondition, with
+// nothing counted or written. It keeps two devices from overwriting each
+// other unseen, and makes an Enroll or Delete safe to retry after a
+// failure in transit (see the package documentation). Default: no
+// precondition.
+func IfMatch(generation int64) MatchOption { return MatchOption{generation} }
+
+func (o MatchOption) applyEnroll(w *writeOptions)    { o.apply(w) }
+func (o MatchOption) applyChangePIN(w *writeOptions) { o.apply(w) }
+func (o MatchOption) applyDelete(w *writeOptions)    { o.apply(w) }
+func (o MatchOption) apply(w *writeOptions)          { w.ifMatch, w.hasIfMatch = o.generation, true }
+
+type enrollOption func(*writeOptions)
+
+func (f enrollOption) applyEnroll(w *writeOptions) { f(w) }
+
+// IfNoneMatch makes Enroll create the backup only if no live one exists
+// (a locked backup is live); else ErrPrecondition. Use it for a first
+// enrollment: it also makes the call safe to retry after a failure in
+// transit. It excludes IfMatch. Default: replace any backup.
+func IfNoneMatch() EnrollOption {
+	return enrollOption(func(w *writeOptions) { w.ifNoneMatch = true })
+}
+
+// MaxAttempts sets the number of wrong guesses in a row that destroy the
+// secret (1 up to the vault's configured limit, else ErrInvalid).
+// Default: the vault's configured default (10).
+func MaxAttempts(n int) EnrollOption {
+	return enrollOption(func(w *writeOptions) { w.maxAttempts, w.hasMaxAttempts = n, true })
 }
 
 // Enroll stores secret (16 to 512 bytes) under pin (4 to 128 bytes of
 // UTF-8, normalised to NFC by the caller) for userID, as a new generation
 // with a fresh guess counter. created is true when no live backup existed;
-// else a live one (locked or not) was replaced. Use IfNoneMatch for a
-// first enrollment and IfMatch for a replacement: they keep two devices
-// from overwriting each other unseen, and make the call safe to retry
-// after a failure in transit (see the package documentation).
-func (c *Client) Enroll(ctx context.Context, userID string, secret []byte, pin string, o EnrollOptions) (b Backup, created bool, err error) {
+// else a live one (locked or not) was replaced. Its options are IfMatch,
+// IfNoneMatch and MaxAttempts. Use IfNoneMatch for a first enrollment and
+// IfMatch for a replacement: they keep two devices from overwriting each
+// other unseen, and make the call safe to retry after a failure in transit
+// (see the package documentation).
+func (c *Client) Enroll(ctx context.Context, userID string, secret []byte, pin string, opts ...EnrollOption) (b Backup, created bool, err error) {
 	const op = "enroll"
 	if err := checkUserID(op, userID); err != nil {
 		return Backup{}, false, err
@@ -238,28 +314,27 @@ func (c *Client) Enroll(ctx context.Context, userID string, secret []byte, pin s
 	if err := checkPIN(op, "pin", pin); err != nil {
 		return Backup{}, false, err
 	}
-	if o.IfMatch != 0 && o.IfNoneMatch {
-		return Backup{}, false, localInvalid(op, "IfMatch and IfNoneMatch exclude each other")
+	var o writeOptions
+	for _, opt := range opts {
+		if opt != nil {
+			opt.applyEnroll(&o)
+		}
+	}
+	if err := o.check(op); err != nil {
+		return Backup{}, false, err
 	}
 	body := make([]byte, 0, len(`{"secret":"","pin":,"max_attempts":}`)+base64.StdEncoding.EncodedLen(len(secret))+jsonStringMax(pin)+20)
 	body = append(body, `{"secret":"`...)
 	body = base64.StdEncoding.AppendEncode(body, secret)
 	body = append(body, `","pin":`...)
 	body = appendJSONString(body, pin)
-	if o.MaxAttempts != 0 {
+	if o.hasMaxAttempts {
 		body = append(body, `,"max_attempts":`...)
-		body = strconv.AppendInt(body, int64(o.MaxAttempts), 10)
+		body = strconv.AppendInt(body, int64(o.maxAttempts), 10)
 	}
 	body = append(body, '}')
-	r := request{op: op, method: http.MethodPut, path: backupPath(userID), body: body,
-		repeatable: o.IfMatch != 0 || o.IfNoneMatch, uncertainMeans: "the backup may have been written"}
-	if o.IfMatch != 0 {
-		r.header = append(r.header, [2]string{"If-Match", etag(o.IfMatch)})
-	}
-	if o.IfNoneMatch {
-		r.header = append(r.header, [2]string{"If-None-Match", "*"})
-	}
-	res, err := c.do(ctx, r)
+	res, err := c.do(ctx, request{op: op, method: http.MethodPut, path: backupPath(userID), body: body, header: o.header(),
+		repeatable: o.conditional(), uncertainMeans: "the backup may have been written"})
 	if err != nil {
 		return Backup{}, false, err
 	}
@@ -328,21 +403,26 @@ func (c *Client) Status(ctx context.Context, userID string) (Backup, error) {
 	return decodeBackup(op, res.body)
 }
 
-// Delete removes userID's backup (locked or not). ifMatch, when not 0,
-// deletes only the live backup of that generation (else ErrPrecondition),
-// and makes the call safe to retry after a failure in transit.
-// ErrNotFound when there is none.
-func (c *Client) Delete(ctx context.Context, userID string, ifMatch uint64) error {
+// Delete removes userID's backup (locked or not); ErrNotFound when there
+// is none. Its option is IfMatch, which deletes only the live backup of
+// that generation (else ErrPrecondition) and makes the call safe to retry
+// after a failure in transit.
+func (c *Client) Delete(ctx context.Context, userID string, opts ...DeleteOption) error {
 	const op = "delete"
 	if err := checkUserID(op, userID); err != nil {
 		return err
 	}
-	r := request{op: op, method: http.MethodDelete, path: backupPath(userID),
-		repeatable: ifMatch != 0, uncertainMeans: "the backup may have been deleted"}
-	if ifMatch != 0 {
-		r.header = append(r.header, [2]string{"If-Match", etag(ifMatch)})
+	var o writeOptions
+	for _, opt := range opts {
+		if opt != nil {
+			opt.applyDelete(&o)
+		}
 	}
-	_, err := c.do(ctx, r)
+	if err := o.check(op); err != nil {
+		return err
+	}
+	_, err := c.do(ctx, request{op: op, method: http.MethodDelete, path: backupPath(userID), header: o.header(),
+		repeatable: o.conditional(), uncertainMeans: "the backup may have been deleted"})
 	return err
 }
 
@@ -350,17 +430,26 @@ func (c *Client) Delete(ctx context.Context, userID string, ifMatch uint64) erro
 // max_attempts, and returns the new generation with a full counter. It
 // counts as a guess with pin, answering exactly as Recover does
 // (ErrWrongPIN, ErrLocked, ErrNotFound, ...); an invalid newPIN is
-// ErrInvalid before anything is counted. ifMatch, when not 0, changes only
-// the live backup of that generation (else ErrPrecondition, nothing
-// counted): pass the generation the user's device knows.
+// ErrInvalid before anything is counted. Its option is IfMatch, which
+// changes only the live backup of that generation (else ErrPrecondition,
+// nothing counted): pass the generation the user's device knows.
 //
 // Like Recover, a failure in transit after the request was sent is never
 // retried: the vault may have counted the guess. (If-Match makes a repeat
 // of a successful change harmless, but a repeat of a wrong one would be
 // counted twice.)
-func (c *Client) ChangePIN(ctx context.Context, userID, pin, newPIN string, ifMatch uint64) (Backup, error) {
+func (c *Client) ChangePIN(ctx context.Context, userID, pin, newPIN string, opts ...ChangePINOption) (Backup, error) {
 	const op = "change PIN"
 	if err := checkUserID(op, userID); err != nil {
+		return Backup{}, err
+	}
+	var o writeOptions
+	for _, opt := range opts {
+		if opt != nil {
+			opt.applyChangePIN(&o)
+		}
+	}
+	if err := o.check(op); err != nil {
 		return Backup{}, err
 	}
 	if err := checkPIN(op, "pin", pin); err != nil {
@@ -375,12 +464,8 @@ func (c *Client) ChangePIN(ctx context.Context, userID, pin, newPIN string, ifMa
 	body = append(body, `,"new_pin":`...)
 	body = appendJSONString(body, newPIN)
 	body = append(body, '}')
-	r := request{op: op, method: http.MethodPost, path: backupPath(userID) + "/pin", body: body,
-		uncertainMeans: "the guess may have been counted and the PIN changed"}
-	if ifMatch != 0 {
-		r.header = append(r.header, [2]string{"If-Match", etag(ifMatch)})
-	}
-	res, err := c.do(ctx, r)
+	res, err := c.do(ctx, request{op: op, method: http.MethodPost, path: backupPath(userID) + "/pin", body: body, header: o.header(),
+		uncertainMeans: "the guess may have been counted and the PIN changed"})
 	if err != nil {
 		return Backup{}, err
 	}
@@ -389,8 +474,6 @@ func (c *Client) ChangePIN(ctx context.Context, userID, pin, newPIN string, ifMa
 }
 
 func backupPath(userID string) string { return "/v1/backups/" + userID }
-
-func etag(generation uint64) string { return `"` + strconv.FormatUint(generation, 10) + `"` }
 
 // checkUserID applies the API's user_id rule, which also keeps the ID
 // from changing the request path: every allowed character is literal in
@@ -551,6 +634,10 @@ func (c *Client) do(ctx context.Context, r request) (*response, error) {
 				return nil, e
 			}
 			last, retryAfter = e, e.RetryAfter
+			// The vault's 503 may leave a write's outcome unknown (a store
+			// that could not confirm it), so the repeat's answer may
+			// describe this call's own earlier attempt.
+			uncertain = uncertain || e.Code == CodeUnavailable && r.method != http.MethodGet
 		}
 		if attempt >= c.maxRetries {
 			return nil, last
@@ -641,6 +728,7 @@ func (c *Client) apiError(r request, res *response, id string) *Error {
 	}
 	if mt, _, err := mime.ParseMediaType(res.header.Get("Content-Type")); err == nil && mt == "application/problem+json" {
 		var p struct {
+			Type              string `json:"type"`
 			Title             string `json:"title"`
 			Detail            string `json:"detail"`
 			Code              string `json:"code"`
@@ -648,7 +736,7 @@ func (c *Client) apiError(r request, res *response, id string) *Error {
 			RequestID         string `json:"request_id"`
 		}
 		if json.Unmarshal(res.body, &p) == nil {
-			e.Code, e.Title, e.Detail, e.AttemptsRemaining = p.Code, p.Title, p.Detail, p.AttemptsRemaining
+			e.Code, e.Type, e.Title, e.Detail, e.AttemptsRemaining = p.Code, p.Type, p.Title, p.Detail, p.AttemptsRemaining
 			if p.RequestID != "" {
 				e.RequestID = p.RequestID
 			}

@@ -182,7 +182,7 @@ func TestWireFormat(t *testing.T) {
 	c, _ := newTestClient(t, url+"/prefix/", client.WithUserAgent("test-agent/1"))
 	ctx := context.Background()
 
-	b, created, err := c.Enroll(ctx, "alice", testSecret, `24"6\8`, client.EnrollOptions{MaxAttempts: 5, IfNoneMatch: true})
+	b, created, err := c.Enroll(ctx, "alice", testSecret, `24"6\8`, client.MaxAttempts(5), client.IfNoneMatch())
 	if err != nil || !created {
 		t.Fatalf("Enroll: %v, created %v", err, created)
 	}
@@ -195,7 +195,7 @@ func TestWireFormat(t *testing.T) {
 	if b != want {
 		t.Errorf("Enroll: %+v, want %+v", b, want)
 	}
-	if _, created, err = c.Enroll(ctx, "alice", testSecret, "2468", client.EnrollOptions{IfMatch: 7}); err != nil || created {
+	if _, created, err = c.Enroll(ctx, "alice", testSecret, "2468", client.IfMatch(7)); err != nil || created {
 		t.Fatalf("Enroll over: %v, created %v", err, created)
 	}
 	secret, left, err := c.Recover(ctx, "alice", "2468")
@@ -206,10 +206,10 @@ func TestWireFormat(t *testing.T) {
 	if err != nil || !b.Locked || b.Generation != 8 || !b.UpdatedAt.Equal(time.Date(2026, 1, 3, 0, 0, 0, 0, time.UTC)) {
 		t.Fatalf("Status: %+v, %v", b, err)
 	}
-	if b, err = c.ChangePIN(ctx, "alice", "2468", "13579", 7); err != nil || b.Generation != 7 {
+	if b, err = c.ChangePIN(ctx, "alice", "2468", "13579", client.IfMatch(7)); err != nil || b.Generation != 7 {
 		t.Fatalf("ChangePIN: %+v, %v", b, err)
 	}
-	if err := c.Delete(ctx, "alice", 7); err != nil {
+	if err := c.Delete(ctx, "alice", client.IfMatch(7)); err != nil {
 		t.Fatalf("Delete: %v", err)
 	}
 
@@ -264,11 +264,11 @@ func TestRoundTrip(t *testing.T) {
 	secret := bytes.Repeat([]byte{7}, 32)
 	pin := "2468 ünïcødé \"\\\x01"
 
-	b, created, err := c.Enroll(ctx, "bob", secret, pin, client.EnrollOptions{MaxAttempts: 3, IfNoneMatch: true})
+	b, created, err := c.Enroll(ctx, "bob", secret, pin, client.MaxAttempts(3), client.IfNoneMatch())
 	if err != nil || !created || b.Generation != 1 || b.AttemptsRemaining != 3 {
 		t.Fatalf("Enroll: %+v %v %v", b, created, err)
 	}
-	_, _, err = c.Enroll(ctx, "bob", secret, pin, client.EnrollOptions{IfNoneMatch: true})
+	_, _, err = c.Enroll(ctx, "bob", secret, pin, client.IfNoneMatch())
 	wantErr(t, "Enroll again", err, client.ErrPrecondition, 412)
 	got, left, err := c.Recover(ctx, "bob", pin)
 	if err != nil || !bytes.Equal(got, secret) || left != 3 {
@@ -279,30 +279,30 @@ func TestRoundTrip(t *testing.T) {
 	if left != 2 || e.AttemptsRemaining != 2 {
 		t.Errorf("wrong PIN: attempts %d and %d, want 2", left, e.AttemptsRemaining)
 	}
-	_, err = c.ChangePIN(ctx, "bob", pin, "13579", 9)
+	_, err = c.ChangePIN(ctx, "bob", pin, "13579", client.IfMatch(9))
 	wantErr(t, "ChangePIN with a stale If-Match", err, client.ErrPrecondition, 412)
-	if b, err = c.ChangePIN(ctx, "bob", pin, "13579", 1); err != nil || b.Generation != 2 || b.AttemptsRemaining != 3 {
+	if b, err = c.ChangePIN(ctx, "bob", pin, "13579", client.IfMatch(1)); err != nil || b.Generation != 2 || b.AttemptsRemaining != 3 {
 		t.Fatalf("ChangePIN: %+v %v", b, err)
 	}
 	for i, want := range []error{client.ErrWrongPIN, client.ErrWrongPIN, client.ErrLocked, client.ErrLocked} {
 		_, _, err = c.Recover(ctx, "bob", pin) // the old PIN
 		wantErr(t, fmt.Sprintf("old PIN %d", i), err, want, 0)
 	}
-	_, err = c.ChangePIN(ctx, "bob", "13579", "97531", 0)
+	_, err = c.ChangePIN(ctx, "bob", "13579", "97531")
 	wantErr(t, "ChangePIN on a locked backup", err, client.ErrLocked, 410)
 	if b, err = c.Status(ctx, "bob"); err != nil || !b.Locked || b.AttemptsRemaining != 0 {
 		t.Fatalf("Status: %+v %v", b, err)
 	}
-	wantErr(t, "Delete stale", c.Delete(ctx, "bob", 1), client.ErrPrecondition, 412)
-	if err := c.Delete(ctx, "bob", 2); err != nil {
+	wantErr(t, "Delete stale", c.Delete(ctx, "bob", client.IfMatch(1)), client.ErrPrecondition, 412)
+	if err := c.Delete(ctx, "bob", client.IfMatch(2)); err != nil {
 		t.Fatal(err)
 	}
 	_, err = c.Status(ctx, "bob")
 	wantErr(t, "Status after Delete", err, client.ErrNotFound, 404)
 	_, _, err = c.Recover(ctx, "bob", pin)
 	wantErr(t, "Recover after Delete", err, client.ErrNotFound, 404)
-	wantErr(t, "Delete again", c.Delete(ctx, "bob", 0), client.ErrNotFound, 404)
-	if b, created, err = c.Enroll(ctx, "bob", secret, pin, client.EnrollOptions{}); err != nil || !created || b.Generation != 3 {
+	wantErr(t, "Delete again", c.Delete(ctx, "bob"), client.ErrNotFound, 404)
+	if b, created, err = c.Enroll(ctx, "bob", secret, pin); err != nil || !created || b.Generation != 3 {
 		t.Fatalf("Enroll after Delete: %+v %v %v", b, created, err)
 	}
 
@@ -312,7 +312,7 @@ func TestRoundTrip(t *testing.T) {
 	}
 	_, err = bad.Status(ctx, "bob")
 	wantErr(t, "bad token", err, client.ErrUnauthorized, 401)
-	_, _, err = c.Enroll(ctx, "bob", []byte("short"), pin, client.EnrollOptions{})
+	_, _, err = c.Enroll(ctx, "bob", []byte("short"), pin)
 	wantErr(t, "short secret", err, client.ErrInvalid, 400)
 }
 
@@ -366,7 +366,8 @@ func TestErrorMapping(t *testing.T) {
 			if !errors.As(err, &e) {
 				t.Fatalf("%v (%T), want *Error", err, err)
 			}
-			if e.Status != tc.status || e.Code != tc.code || e.Title != "T" || e.Detail != "D "+tc.code || e.RequestID == "" || e.Op != "status" {
+			if e.Status != tc.status || e.Code != tc.code || e.Title != "T" || e.Detail != "D "+tc.code || e.RequestID == "" || e.Op != "status" ||
+				e.Type != "urn:keyvault:problem:"+tc.code {
 				t.Errorf("%+v", e)
 			}
 			if retry != "" && e.RetryAfter != 120*time.Second {
@@ -411,15 +412,15 @@ func TestRetryVault503And429(t *testing.T) {
 			return err
 		}, okJSON(200, recoverBody)},
 		{"change PIN", func(c *client.Client) error {
-			_, err := c.ChangePIN(context.Background(), "alice", "2468", "1357", 0)
+			_, err := c.ChangePIN(context.Background(), "alice", "2468", "1357")
 			return err
 		}, okJSON(200, backupBody)},
 		{"blind enroll", func(c *client.Client) error {
-			_, _, err := c.Enroll(context.Background(), "alice", testSecret, "2468", client.EnrollOptions{})
+			_, _, err := c.Enroll(context.Background(), "alice", testSecret, "2468")
 			return err
 		}, okJSON(201, backupBody)},
 		{"blind delete", func(c *client.Client) error {
-			return c.Delete(context.Background(), "alice", 0)
+			return c.Delete(context.Background(), "alice")
 		}, func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(204) }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -528,11 +529,11 @@ func TestNoRetryOfGuessAfterTransportError(t *testing.T) {
 			return err
 		}},
 		{"change PIN", func(c *client.Client) error {
-			_, err := c.ChangePIN(context.Background(), "alice", pin, newPIN, 0)
+			_, err := c.ChangePIN(context.Background(), "alice", pin, newPIN)
 			return err
 		}},
 		{"change PIN with If-Match", func(c *client.Client) error {
-			_, err := c.ChangePIN(context.Background(), "alice", pin, newPIN, 7)
+			_, err := c.ChangePIN(context.Background(), "alice", pin, newPIN, client.IfMatch(7))
 			return err
 		}},
 	} {
@@ -567,10 +568,10 @@ func TestNoRetryOfBlindWriteAfterTransportError(t *testing.T) {
 		call func(*client.Client) error
 	}{
 		{"enroll", func(c *client.Client) error {
-			_, _, err := c.Enroll(context.Background(), "alice", testSecret, "2468", client.EnrollOptions{})
+			_, _, err := c.Enroll(context.Background(), "alice", testSecret, "2468")
 			return err
 		}},
-		{"delete", func(c *client.Client) error { return c.Delete(context.Background(), "alice", 0) }},
+		{"delete", func(c *client.Client) error { return c.Delete(context.Background(), "alice") }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s, url := script(t, hangUp, okJSON(200, backupBody))
@@ -601,7 +602,7 @@ func TestRetryRepeatableAfterTransportError(t *testing.T) {
 		vault := newFakeVault(testToken)
 		s, url := script(t, applyThenHangUp(vault), vault.ServeHTTP)
 		c, _ := newTestClient(t, url)
-		_, _, err := c.Enroll(ctx, "alice", testSecret, "2468", client.EnrollOptions{IfNoneMatch: true})
+		_, _, err := c.Enroll(ctx, "alice", testSecret, "2468", client.IfNoneMatch())
 		e := wantErr(t, "retried enroll", err, client.ErrPrecondition, 412)
 		if !e.Uncertain || !strings.Contains(err.Error(), "earlier attempt") {
 			t.Errorf("%v: Uncertain not set", err)
@@ -617,7 +618,7 @@ func TestRetryRepeatableAfterTransportError(t *testing.T) {
 	t.Run("enroll If-Match", func(t *testing.T) {
 		s, url := script(t, hangUp, okJSON(200, backupBody))
 		c, _ := newTestClient(t, url)
-		if _, _, err := c.Enroll(ctx, "alice", testSecret, "2468", client.EnrollOptions{IfMatch: 6}); err != nil {
+		if _, _, err := c.Enroll(ctx, "alice", testSecret, "2468", client.IfMatch(6)); err != nil {
 			t.Fatal(err)
 		}
 		if s.count() != 2 {
@@ -627,9 +628,28 @@ func TestRetryRepeatableAfterTransportError(t *testing.T) {
 	t.Run("delete If-Match", func(t *testing.T) {
 		s, url := script(t, hangUp, problem(404, "not_found", "", -1))
 		c, _ := newTestClient(t, url)
-		e := wantErr(t, "retried delete", c.Delete(ctx, "alice", 7), client.ErrNotFound, 404)
+		e := wantErr(t, "retried delete", c.Delete(ctx, "alice", client.IfMatch(7)), client.ErrNotFound, 404)
 		if !e.Uncertain || s.count() != 2 {
 			t.Errorf("Uncertain %v after %d requests, want true after 2", e.Uncertain, s.count())
+		}
+	})
+	// A store that cannot confirm a write answers 503 with the write maybe
+	// applied: the repeat's 412 may be this call's own.
+	t.Run("enroll If-None-Match after the vault's 503", func(t *testing.T) {
+		s, url := script(t, problem(503, "unavailable", "1", -1), problem(412, "precondition_failed", "", -1))
+		c, _ := newTestClient(t, url)
+		_, _, err := c.Enroll(ctx, "alice", testSecret, "2468", client.IfNoneMatch())
+		e := wantErr(t, "retried enroll", err, client.ErrPrecondition, 412)
+		if !e.Uncertain || s.count() != 2 {
+			t.Errorf("Uncertain %v after %d requests, want true after 2", e.Uncertain, s.count())
+		}
+	})
+	t.Run("status after the vault's 503", func(t *testing.T) {
+		s, url := script(t, problem(503, "unavailable", "1", -1), problem(404, "not_found", "", -1))
+		c, _ := newTestClient(t, url)
+		_, err := c.Status(ctx, "alice")
+		if e := wantErr(t, "retried status", err, client.ErrNotFound, 404); e.Uncertain || s.count() != 2 {
+			t.Errorf("Uncertain %v after %d requests, want false after 2: a read applies nothing", e.Uncertain, s.count())
 		}
 	})
 	t.Run("proxy 502 and 504", func(t *testing.T) {
@@ -697,16 +717,16 @@ func TestNoSecretsInErrors(t *testing.T) {
 	var errs []error
 	_, _, err := c.Recover(ctx, user, pin)
 	errs = append(errs, err)
-	_, err = c.ChangePIN(ctx, user, pin, newPIN, 0)
+	_, err = c.ChangePIN(ctx, user, pin, newPIN)
 	errs = append(errs, err)
-	_, _, err = c.Enroll(ctx, user, secret, pin+"\xff", client.EnrollOptions{})
+	_, _, err = c.Enroll(ctx, user, secret, pin+"\xff")
 	errs = append(errs, err)
 	_, _, err = c.Recover(ctx, user+"/x", pin)
 	errs = append(errs, err)
 
 	_, down := script(t, hangUp)
 	c, _ = newTestClient(t, down)
-	_, _, err = c.Enroll(ctx, user, secret, pin, client.EnrollOptions{})
+	_, _, err = c.Enroll(ctx, user, secret, pin)
 	errs = append(errs, err)
 	_, _, err = c.Recover(ctx, user, pin)
 	errs = append(errs, err)
@@ -741,8 +761,12 @@ func TestLocalValidation(t *testing.T) {
 		checks["user_id "+id] = err
 	}
 	_, _, checks["PIN not UTF-8"] = c.Recover(ctx, "alice", "12\xff4")
-	_, checks["new PIN not UTF-8"] = c.ChangePIN(ctx, "alice", "1234", "12\xff4", 0)
-	_, _, checks["IfMatch and IfNoneMatch"] = c.Enroll(ctx, "alice", testSecret, "1234", client.EnrollOptions{IfMatch: 1, IfNoneMatch: true})
+	_, checks["new PIN not UTF-8"] = c.ChangePIN(ctx, "alice", "1234", "12\xff4")
+	_, _, checks["IfMatch and IfNoneMatch"] = c.Enroll(ctx, "alice", testSecret, "1234", client.IfMatch(1), client.IfNoneMatch())
+	// Generations start at 1: IfMatch(0) is a mistake, not "no precondition".
+	_, _, checks["Enroll IfMatch(0)"] = c.Enroll(ctx, "alice", testSecret, "1234", client.IfMatch(0))
+	_, checks["ChangePIN IfMatch(-1)"] = c.ChangePIN(ctx, "alice", "1234", "5678", client.IfMatch(-1))
+	checks["Delete IfMatch(0)"] = c.Delete(ctx, "alice", client.IfMatch(0))
 	for what, err := range checks {
 		e := wantErr(t, what, err, client.ErrInvalid, 0)
 		if e.Status != 0 || e.RequestID != "" {

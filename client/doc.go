@@ -2,13 +2,27 @@
 // messaging backends that store their users' history keys in the vault
 // under a PIN. It uses the standard library only.
 //
-//	c, err := client.New("https://keyvault.internal:8443", token)
-//	b, created, err := c.Enroll(ctx, userID, historyKey, pin, client.EnrollOptions{IfNoneMatch: true})
+//	c, err := client.New("https://keyvault.internal:8443", token, client.WithMaxWait(2*time.Second))
+//	b, created, err := c.Enroll(ctx, userID, historyKey, pin, client.IfNoneMatch())
 //	key, left, err := c.Recover(ctx, userID, pin)
 //	switch {
 //	case errors.Is(err, client.ErrWrongPIN): // counted; left attempts remain (also in *client.Error)
 //	case errors.Is(err, client.ErrLocked):   // the key is destroyed; enroll again
 //	}
+//	b, err = c.ChangePIN(ctx, userID, pin, newPIN, client.IfMatch(b.Generation))
+//
+// # Options
+//
+// Every option is a function argument after the required ones: New takes
+// Options (WithRetry, WithMaxWait, ...), and each write takes its own,
+// typed so that the compiler refuses one the call has no use for: Enroll
+// takes IfMatch, IfNoneMatch and MaxAttempts; ChangePIN and Delete take
+// IfMatch. With none, a write has no precondition and Enroll uses the
+// vault's default max_attempts. Recover and Status take none.
+//
+// The types follow the API's OpenAPI document (api/openapi.yaml):
+// Backup is its BackupStatus, Generation an int64, and an Error carries
+// every member of its Problem.
 //
 // # Errors
 //
@@ -16,10 +30,11 @@
 // one sentinel (ErrWrongPIN, ErrLocked, ErrNotFound, ErrPrecondition,
 // ErrRateLimited, ErrUnavailable, ErrIntegrity, ErrUnauthorized,
 // ErrInvalid, ErrTooLarge, ErrInternal) by its problem code with
-// errors.Is, and carries the status, code, texts, request ID,
+// errors.Is, and carries the status, code, type, texts, request ID,
 // AttemptsRemaining (wrong PIN) and RetryAfter for errors.As. A call the
 // client refuses to send (a user_id outside [A-Za-z0-9._~:@-]{1,128}, a PIN
-// that is not UTF-8) is an *Error with Status 0 matching ErrInvalid. Any
+// that is not UTF-8, IfMatch below 1, IfMatch with IfNoneMatch) is an
+// *Error with Status 0 matching ErrInvalid. Any
 // other error is a failure in transit (or the context's), and then, for a
 // write or a guess, the vault may or may not have acted on the request:
 // the error text says so. No error text holds a PIN, a secret, the bearer
@@ -35,16 +50,21 @@
 // to the user. One call keeps one X-Request-Id across its attempts.
 //
 // Whether a failure is retried depends on what a repeat could do. The rule
-// protects the guess budget first: a guess whose outcome may already have
-// been counted is never sent again, because a repeat of a wrong PIN would
-// be counted twice.
+// protects the guess budget first: a guess whose answer was lost after
+// sending is never sent again, because the vault has most likely counted
+// and checked it, and a repeat of a wrong PIN would be counted twice. A
+// guess is repeated after an answer only when the vault said that it told
+// no outcome (503 unavailable), which but for rare cases means nothing
+// stays counted; the repeat is counted like any guess, so it costs the user
+// at most one attempt more than one send would, and never checks a PIN
+// uncounted.
 //
 //	                                   Status,           Enroll without a  Recover,
 //	                                   Enroll with       precondition,     ChangePIN
 //	                                   IfMatch or        Delete without
-//	                                   IfNoneMatch,      ifMatch
+//	                                   IfNoneMatch,      IfMatch
 //	                                   Delete with
-//	                                   ifMatch
+//	                                   IfMatch
 //	the vault's 429 rate_limited       retry             retry             retry
 //	the vault's 503 unavailable        retry             retry             retry
 //	could not connect (dial error)     retry             retry             retry
@@ -57,9 +77,25 @@
 // Why:
 //
 //   - The vault answers 429 rate_limited before checking or counting
-//     anything, and 503 unavailable only when no HSM or store gave a result:
-//     a guess is refunded (its outcome was never learnt), and a write was
-//     not made. So any call may be repeated.
+//     anything. So any call may be repeated.
+//   - The vault answers 503 unavailable when it tells no outcome. A guess
+//     was then refused before counting, refunded after the HSMs gave no
+//     result, or had its count taken away while the HSM checked it (a later
+//     success forgave it, or its backup was replaced or deleted) and could
+//     not be counted again; a repeat is a new guess, counted before its
+//     outcome is told, so it never lets a PIN be checked uncounted. In rare
+//     cases the first guess stays counted: a refund the store could not
+//     write, a count whose write the store could neither confirm nor deny,
+//     and a backup replaced by a concurrent PIN change, which carries the
+//     guesses counted while it ran onto the new generation. There the
+//     repeat counts one guess more than one send would, never fewer; a
+//     repeated ChangePIN with IfMatch finds the replaced generation and
+//     answers 412, counting nothing. A write answered 503 was usually not
+//     made, but one the store could neither confirm nor deny may have been,
+//     so the answers after it have Error.Uncertain set, as below. A write
+//     without a precondition is repeated all the same: what a repeat could
+//     do (replace whatever backup is there) is what it asked for, and
+//     shedding under load, which a repeat rides out, is the common 503.
 //   - A failure to connect means the request never left.
 //   - After the request was sent, a lost answer is ambiguous: the vault may
 //     have counted the guess, written the backup, or deleted it. A recover

@@ -38,9 +38,12 @@ var (
 	// ErrRateLimited (429 rate_limited): refused by a rate limit before
 	// anything was checked or counted; retry after Error.RetryAfter.
 	ErrRateLimited = errors.New("keyvault: rate limited")
-	// ErrUnavailable (503 unavailable): the vault's HSMs or store gave no
-	// answer in time. A guess was not counted (or was refunded); retry after
-	// Error.RetryAfter.
+	// ErrUnavailable (503 unavailable): the vault learnt or told no outcome:
+	// its HSMs or store gave no answer in time, or a guess's count was
+	// taken away while the HSM checked it (a later success forgave it, or
+	// its backup was replaced) and could not be counted again. A guess is
+	// then not counted (refused, refunded or forgiven), but for rare cases
+	// the package documentation names; retry after Error.RetryAfter.
 	ErrUnavailable = errors.New("keyvault: unavailable")
 	// ErrIntegrity (500 integrity_error): the stored record failed its
 	// integrity check and was not used; operators must look.
@@ -49,7 +52,7 @@ var (
 	ErrInternal = errors.New("keyvault: internal server error")
 )
 
-// Problem codes of the API (SPEC.md "REST API").
+// Problem codes of the API: the ProblemCode enum of api/openapi.yaml.
 const (
 	CodeInvalid      = "invalid_request"
 	CodeUnauthorized = "unauthorized"
@@ -100,6 +103,9 @@ type Error struct {
 	// ...); "" when the answer was not a keyvault problem document (for
 	// example a proxy's 502).
 	Code string
+	// Type is the problem document's type, "urn:keyvault:problem:" and
+	// the code; "" when there is no problem document.
+	Type string
 	// Title and Detail are the problem document's human-readable texts,
 	// written by the vault (they never quote request values). Title falls
 	// back to the HTTP status text.
@@ -115,13 +121,15 @@ type Error struct {
 	// it exceeded the client's maximum wait, the context's deadline, or the
 	// retry budget.
 	RetryAfter time.Duration
-	// Uncertain reports that an earlier attempt of this same call (a
+	// Uncertain reports that an earlier attempt of this same call may have
+	// reached the vault and been applied: it was lost in transit (a
 	// conditional Enroll or Delete, the only writes the client repeats
-	// after a failure in transit) may have reached the vault and been
-	// applied; this answer then describes the vault after it. A 412 from an
-	// Enroll with IfNoneMatch or IfMatch, or a 404 from a Delete, can be
-	// the result of this call's own earlier, successful attempt: read the
-	// backup with Status to decide.
+	// then), or answered 503 unavailable, which can leave a write's or a
+	// guess's outcome unknown. This answer then describes the vault after
+	// it. A 412 from an Enroll with IfNoneMatch or IfMatch or from a
+	// ChangePIN with IfMatch, or a 404 from a Delete, can be the result of
+	// this call's own earlier, successful attempt: read the backup with
+	// Status to decide.
 	Uncertain bool
 }
 

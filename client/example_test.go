@@ -27,7 +27,7 @@ func Example() {
 	// Enroll: IfNoneMatch refuses to overwrite another device's backup, and
 	// makes the call safe to retry.
 	historyKey := bytes.Repeat([]byte{0x42}, 32)
-	b, created, err := c.Enroll(ctx, "alice", historyKey, "2468", client.EnrollOptions{MaxAttempts: 3, IfNoneMatch: true})
+	b, created, err := c.Enroll(ctx, "alice", historyKey, "2468", client.MaxAttempts(3), client.IfNoneMatch())
 	if err != nil {
 		log.Fatal(err)
 	}

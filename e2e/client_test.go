@@ -26,7 +26,7 @@ func TestClient(t *testing.T) {
 		c := newKVClient(t, v.API, v.Token)
 		ctx := t.Context()
 		user, pin := randID("cl-limited"), randPIN("cl-limited")
-		if _, _, err := c.Enroll(ctx, user, randBytes(32), pin, kvclient.EnrollOptions{MaxAttempts: 10}); err != nil {
+		if _, _, err := c.Enroll(ctx, user, randBytes(32), pin, kvclient.MaxAttempts(10)); err != nil {
 			t.Fatal(err)
 		}
 		// Burst 5 per user: five wrong guesses are checked, the sixth is
@@ -70,7 +70,7 @@ func TestClient(t *testing.T) {
 
 	// Enroll, only if new.
 	before := time.Now()
-	b, created, err := c.Enroll(ctx, user, secret, pin, kvclient.EnrollOptions{MaxAttempts: 3, IfNoneMatch: true})
+	b, created, err := c.Enroll(ctx, user, secret, pin, kvclient.MaxAttempts(3), kvclient.IfNoneMatch())
 	if err != nil || !created {
 		t.Fatalf("Enroll: %v, created %v", err, created)
 	}
@@ -79,7 +79,7 @@ func TestClient(t *testing.T) {
 		t.Fatalf("Enroll: %+v", b)
 	}
 	g1 := b.Generation
-	_, _, err = c.Enroll(ctx, user, randBytes(32), pin, kvclient.EnrollOptions{IfNoneMatch: true})
+	_, _, err = c.Enroll(ctx, user, randBytes(32), pin, kvclient.IfNoneMatch())
 	wantKVErr(t, "Enroll If-None-Match over a backup", err, kvclient.ErrPrecondition, 412)
 
 	st, err := c.Status(ctx, user)
@@ -105,19 +105,19 @@ func TestClient(t *testing.T) {
 
 	// Change the PIN: a stale generation counts nothing; a wrong old PIN
 	// counts; the right one resets the counter in a new generation.
-	_, err = c.ChangePIN(ctx, user, pin, "new-"+pin, g1+100)
+	_, err = c.ChangePIN(ctx, user, pin, "new-"+pin, kvclient.IfMatch(g1+100))
 	wantKVErr(t, "ChangePIN with a stale If-Match", err, kvclient.ErrPrecondition, 412)
-	_, err = c.ChangePIN(ctx, user, pin, "1", g1)
+	_, err = c.ChangePIN(ctx, user, pin, "1", kvclient.IfMatch(g1))
 	wantKVErr(t, "ChangePIN to a too short PIN", err, kvclient.ErrInvalid, 400)
 	if st, err := c.Status(ctx, user); err != nil || st.AttemptsRemaining != 2 {
 		t.Fatalf("after a 412 and a 400: %+v, %v; want 2 attempts left (nothing counted)", st, err)
 	}
-	_, err = c.ChangePIN(ctx, user, wrong, "new-"+pin, g1)
+	_, err = c.ChangePIN(ctx, user, wrong, "new-"+pin, kvclient.IfMatch(g1))
 	if e := wantKVErr(t, "ChangePIN with a wrong PIN", err, kvclient.ErrWrongPIN, 403); e.AttemptsRemaining != 1 {
 		t.Fatalf("ChangePIN with a wrong PIN: %d attempts left, want 1", e.AttemptsRemaining)
 	}
 	newPIN := "new-" + pin
-	b, err = c.ChangePIN(ctx, user, pin, newPIN, g1)
+	b, err = c.ChangePIN(ctx, user, pin, newPIN, kvclient.IfMatch(g1))
 	if err != nil || b.Generation <= g1 || b.AttemptsRemaining != 3 || b.MaxAttempts != 3 {
 		t.Fatalf("ChangePIN: %+v, %v", b, err)
 	}
@@ -130,9 +130,9 @@ func TestClient(t *testing.T) {
 
 	// Replace, only over the generation we know.
 	secret2 := randBytes(48)
-	_, _, err = c.Enroll(ctx, user, secret2, pin, kvclient.EnrollOptions{IfMatch: g1})
+	_, _, err = c.Enroll(ctx, user, secret2, pin, kvclient.IfMatch(g1))
 	wantKVErr(t, "Enroll If-Match stale", err, kvclient.ErrPrecondition, 412)
-	b, created, err = c.Enroll(ctx, user, secret2, pin, kvclient.EnrollOptions{IfMatch: g2, MaxAttempts: 3})
+	b, created, err = c.Enroll(ctx, user, secret2, pin, kvclient.IfMatch(g2), kvclient.MaxAttempts(3))
 	if err != nil || created || b.Generation <= g2 {
 		t.Fatalf("Enroll If-Match: %+v, created %v, %v", b, created, err)
 	}
@@ -153,38 +153,38 @@ func TestClient(t *testing.T) {
 	}
 	_, _, err = c.Recover(ctx, user, pin)
 	wantKVErr(t, "the right PIN after the lock", err, kvclient.ErrLocked, 410)
-	_, err = c.ChangePIN(ctx, user, pin, newPIN, 0)
+	_, err = c.ChangePIN(ctx, user, pin, newPIN)
 	wantKVErr(t, "ChangePIN after the lock", err, kvclient.ErrLocked, 410)
 	if st, err := c.Status(ctx, user); err != nil || !st.Locked || st.AttemptsRemaining != 0 || st.Generation != g3 {
 		t.Fatalf("Status locked: %+v, %v", st, err)
 	}
 
 	// Delete: only the generation we know, then gone.
-	wantKVErr(t, "Delete stale", c.Delete(ctx, user, g2), kvclient.ErrPrecondition, 412)
-	if err := c.Delete(ctx, user, g3); err != nil {
+	wantKVErr(t, "Delete stale", c.Delete(ctx, user, kvclient.IfMatch(g2)), kvclient.ErrPrecondition, 412)
+	if err := c.Delete(ctx, user, kvclient.IfMatch(g3)); err != nil {
 		t.Fatalf("Delete: %v", err)
 	}
 	_, err = c.Status(ctx, user)
 	wantKVErr(t, "Status after Delete", err, kvclient.ErrNotFound, 404)
 	_, _, err = c.Recover(ctx, user, pin)
 	wantKVErr(t, "Recover after Delete", err, kvclient.ErrNotFound, 404)
-	_, err = c.ChangePIN(ctx, user, pin, newPIN, 0)
+	_, err = c.ChangePIN(ctx, user, pin, newPIN)
 	wantKVErr(t, "ChangePIN after Delete", err, kvclient.ErrNotFound, 404)
-	wantKVErr(t, "Delete again", c.Delete(ctx, user, 0), kvclient.ErrNotFound, 404)
+	wantKVErr(t, "Delete again", c.Delete(ctx, user), kvclient.ErrNotFound, 404)
 
 	// Enroll again: a new, higher generation (the tombstone keeps it).
-	b, created, err = c.Enroll(ctx, user, secret, pin, kvclient.EnrollOptions{})
+	b, created, err = c.Enroll(ctx, user, secret, pin)
 	if err != nil || !created || b.Generation <= g3 || b.AttemptsRemaining != 10 {
 		t.Fatalf("Enroll after Delete: %+v, created %v, %v; want a generation above %d and the default 10 attempts", b, created, err, g3)
 	}
-	if err := c.Delete(ctx, user, 0); err != nil {
+	if err := c.Delete(ctx, user); err != nil {
 		t.Fatalf("blind Delete: %v", err)
 	}
 
 	// Invalid requests, refused by the vault or by the client.
-	_, _, err = c.Enroll(ctx, user, randBytes(8), pin, kvclient.EnrollOptions{})
+	_, _, err = c.Enroll(ctx, user, randBytes(8), pin)
 	wantKVErr(t, "an 8-byte secret", err, kvclient.ErrInvalid, 400)
-	_, _, err = c.Enroll(ctx, user, secret, pin, kvclient.EnrollOptions{MaxAttempts: 1000})
+	_, _, err = c.Enroll(ctx, user, secret, pin, kvclient.MaxAttempts(1000))
 	wantKVErr(t, "max_attempts 1000", err, kvclient.ErrInvalid, 400)
 	_, _, err = c.Recover(ctx, user, "12")
 	wantKVErr(t, "a 2-byte PIN", err, kvclient.ErrInvalid, 400)

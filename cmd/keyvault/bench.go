@@ -465,7 +465,7 @@ func (w *httpWorkload) op(ctx context.Context, i int) error {
 func enroll(ctx context.Context, c *client.Client, u *benchUser) error {
 	next := make([]byte, 32)
 	rand.Read(next)
-	_, _, err := c.Enroll(ctx, u.id, next, u.pin, client.EnrollOptions{})
+	_, _, err := c.Enroll(ctx, u.id, next, u.pin)
 	var ce *client.Error
 	switch {
 	case err == nil:
