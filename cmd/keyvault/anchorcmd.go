@@ -15,6 +15,7 @@ import (
 
 	"github.com/keyvault/keyvault/anchor"
 	"github.com/keyvault/keyvault/config"
+	"github.com/keyvault/keyvault/hsmpool"
 	"github.com/keyvault/keyvault/vault"
 	"github.com/keyvault/keyvault/vault/boltstore"
 )
@@ -75,8 +76,12 @@ func cmdAnchor(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	members, err := anchorMembers(ctx, pool, log)
+	if err != nil {
+		return err
+	}
 	if sub == "status" {
-		st, err := store.AnchorStatus(ctx, keys, pool)
+		st, err := store.AnchorStatus(ctx, keys, members)
 		if err != nil {
 			return err
 		}
@@ -86,7 +91,7 @@ func cmdAnchor(args []string, stdout, stderr io.Writer) error {
 		}
 		return nil
 	}
-	acc, err := store.AcceptRestore(ctx, keys, pool)
+	acc, err := store.AcceptRestore(ctx, keys, members)
 	if err != nil {
 		return err
 	}
@@ -96,6 +101,20 @@ func cmdAnchor(args []string, stdout, stderr io.Writer) error {
 	fmt.Fprintf(stdout, "accepted: epoch %d, seq %d; %d anchored batches lost; anchored on %s\n",
 		acc.Epoch, acc.Seq, acc.BatchesLost, strings.Join(acc.Members, ", "))
 	return nil
+}
+
+// anchorMembers are the members whose tokens keep the rollback anchors;
+// each member left out is logged with the reason.
+func anchorMembers(ctx context.Context, pool *hsmpool.Pool, log *slog.Logger) (*hsmpool.AnchorMembers, error) {
+	members, err := pool.AnchorMembers(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for _, r := range members.Refused {
+		log.Warn("HSM member keeps no rollback anchors; the anchors live on the other members", "member", r.Member, "error", r.Error(),
+			"anchor_members", strings.Join(members.Members(), ","))
+	}
+	return members, nil
 }
 
 func refusedReason(err error) anchor.Reason {

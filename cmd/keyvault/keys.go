@@ -68,12 +68,24 @@ func keysInit(cfg *config.Config, stdout io.Writer) error {
 		profile = hsmpool.DefaultProfile
 	}
 	var refusals []error
-	for _, c := range hsmpool.Check(members, profile) {
+	checks := hsmpool.Check(members, profile)
+	for _, c := range checks {
 		if c.Err == nil {
 			c.Err = c.Caps.CanProvision(len(members), profile)
 		}
 		if c.Err != nil {
 			refusals = append(refusals, c.Err)
+		}
+	}
+	if cfg.Store.Anchored() {
+		// The vault would refuse to start on these members.
+		if err := hsmpool.CheckAnchors(checks); err != nil {
+			refusals = append(refusals, err)
+		}
+		for _, c := range checks {
+			if c.Anchors != nil && c.Err == nil && len(refusals) == 0 {
+				fmt.Fprintf(stdout, "Member %s keeps no rollback anchors: %s; they live on the other members.\n", c.Member, c.AnchorLine())
+			}
 		}
 	}
 	if len(refusals) > 0 {
