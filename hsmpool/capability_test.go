@@ -64,7 +64,8 @@ func TestCapabilitiesRefuseOpencryptokiForGCM(t *testing.T) {
 	}
 	if c.Caps.GCM.Present || !c.Caps.HMAC.OK() || c.Caps.KnownAnswerHMAC != katOK {
 		t.Errorf("opencryptoki capabilities: %+v", c.Caps)
-	} // Its data objects take CKA_VALUE and a label updated in place.
+	}
+	// Its data objects take CKA_VALUE and a label updated in place.
 	if c.Anchors != nil {
 		t.Errorf("opencryptoki anchors: %s, want yes", c.AnchorLine())
 	}
