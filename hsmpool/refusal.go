@@ -134,14 +134,19 @@ func CheckAnchors(checks []MemberCheck) error {
 // as Options.Profile) and whether it keeps rollback anchor objects (a
 // throwaway data object is created and destroyed), and closes it, one member at a time, for
 // `keyvault hsm check` and `keys init`.
-func Check(cfgs []MemberConfig, profile vault.Profile) []MemberCheck {
+func (m *Modules) Check(cfgs []MemberConfig, profile vault.Profile) []MemberCheck {
 	out := make([]MemberCheck, len(cfgs))
 	for i, c := range cfgs {
 		out[i].Member = c.Name
-		t, err := openToken(c)
+		var t *p11Token
+		_, err := m.use(c) // names the member
+		if err == nil {
+			if t, err = openToken(c); err != nil {
+				err = fmt.Errorf("member %s: %w", c.Name, err)
+			}
+		}
 		if err != nil {
-			out[i].Err = fmt.Errorf("member %s: %w", c.Name, err)
-			out[i].Anchors = out[i].Err
+			out[i].Err, out[i].Anchors = err, err
 			continue
 		}
 		out[i].Caps, out[i].Err = t.probeCapabilities(profile)
@@ -151,4 +156,11 @@ func Check(cfgs []MemberConfig, profile vault.Profile) []MemberCheck {
 		}
 	}
 	return out
+}
+
+// Check is Modules.Check on modules of its own.
+func Check(cfgs []MemberConfig, profile vault.Profile) []MemberCheck {
+	m := NewModules()
+	defer m.Close()
+	return m.Check(cfgs, profile)
 }

@@ -38,7 +38,9 @@ func cmdHSM(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	checks := hsmpool.Check(members, vault.Profile(cfg.HSM.Profile))
+	mods := hsmpool.NewModules()
+	defer mods.Close()
+	checks := mods.Check(members, vault.Profile(cfg.HSM.Profile))
 	failed := printChecks(stdout, checks)
 	anchors := anchorVerdict(stdout, cfg.Store.Anchored(), checks)
 	if failed > 0 {
