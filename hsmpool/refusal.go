@@ -132,8 +132,9 @@ func CheckAnchors(checks []MemberCheck) error {
 
 // Check opens each member's token, probes what it can do for profile (""
 // as Options.Profile) and whether it keeps rollback anchor objects (a
-// throwaway data object is created and destroyed), and closes it, one member at a time, for
-// `keyvault hsm check` and `keys init`.
+// throwaway data object is created and destroyed), and closes it, one
+// member at a time, for `keyvault hsm check` and `keys init`. The modules
+// stay initialised for the command's next pass.
 func (m *Modules) Check(cfgs []MemberConfig, profile vault.Profile) []MemberCheck {
 	out := make([]MemberCheck, len(cfgs))
 	for i, c := range cfgs {
