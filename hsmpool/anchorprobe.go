@@ -23,12 +23,16 @@ const anchorProbeApplication = "keyvault-anchor-probe"
 // back something else.
 type NoAnchorsError struct {
 	Member, Token string
-	// Step is what the token refused: create, update, read back, destroy.
+	// Step is what the token refused: create, update, read back, destroy
+	// ("": the token has no anchor objects at all).
 	Step string
 	Err  error
 }
 
 func (e *NoAnchorsError) Error() string {
+	if e.Step == "" {
+		return fmt.Sprintf("member %s: %v", e.Member, e.Err)
+	}
 	return fmt.Sprintf("member %s: token %q keeps no rollback anchor objects: %s a private token data object: %v", e.Member, e.Token, e.Step, e.Err)
 }
 
@@ -148,7 +152,7 @@ func (p *Pool) AnchorMembers(ctx context.Context) (*AnchorMembers, error) {
 			case errors.As(err, &na):
 				refusals[i] = na
 			case errors.Is(err, errNoAnchors):
-				refusals[i] = &NoAnchorsError{Member: m.name, Step: "keep", Err: errNoAnchors}
+				refusals[i] = &NoAnchorsError{Member: m.name, Err: errNoAnchors}
 			}
 		})
 	}

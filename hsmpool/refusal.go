@@ -109,6 +109,8 @@ func (c MemberCheck) AnchorLine() string {
 	switch {
 	case c.Anchors == nil:
 		return "yes"
+	case errors.As(c.Anchors, &na) && na.Step == "":
+		return fmt.Sprintf("no (%v)", na.Err)
 	case errors.As(c.Anchors, &na):
 		return fmt.Sprintf("no (%s a private token data object: %v)", na.Step, na.Err)
 	}
