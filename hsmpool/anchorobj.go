@@ -16,6 +16,10 @@ import (
 // rollback anchors on each member (see package anchor).
 const AnchorApplication = "keyvault-anchor"
 
+// anchorSlotValue is the CKA_VALUE of every slot object: fixed, as
+// SoftHSM makes a data object's value read-only once created.
+var anchorSlotValue = []byte("keyvault anchor slot")
+
 // legacyAnchorLabel is the CKA_LABEL of the anchor objects of keyvault
 // before anchors moved to slots: such an object holds its anchor in
 // CKA_VALUE. They are still read, and the first write removes them.
@@ -273,6 +277,10 @@ func (a *anchorObjects) WriteAnchor(ctx context.Context, w uint64, value []byte)
 				pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
 				pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, true),
 				pkcs11.NewAttribute(pkcs11.CKA_APPLICATION, AnchorApplication),
+				// Some tokens (tpm2-pkcs11) refuse a data object without
+				// CKA_VALUE. The anchor itself is in the label, which
+				// every token tested lets the owner update in place.
+				pkcs11.NewAttribute(pkcs11.CKA_VALUE, anchorSlotValue),
 				label,
 			}); err != nil {
 				return fmt.Errorf("create anchor: %w", err)
@@ -299,9 +307,11 @@ func (t *p11Token) WriteAnchor(ctx context.Context, w uint64, v []byte) error {
 var errNoAnchors = errors.New("this member's token keeps no anchor objects")
 
 // Members names the configured members, in config order.
-func (p *Pool) Members() []string {
-	names := make([]string, len(p.members))
-	for i, m := range p.members {
+func (p *Pool) Members() []string { return memberNames(p.members) }
+
+func memberNames(ms []*member) []string {
+	names := make([]string, len(ms))
+	for i, m := range ms {
 		names[i] = m.name
 	}
 	return names
@@ -310,10 +320,12 @@ func (p *Pool) Members() []string {
 // ReadAnchors reads the anchor objects of every configured member, healthy
 // or not: a member that does not answer is reported with its error, never
 // left out, so that the start-up check knows who was silent.
-func (p *Pool) ReadAnchors(ctx context.Context) []anchor.Found {
-	found := make([]anchor.Found, len(p.members))
+func (p *Pool) ReadAnchors(ctx context.Context) []anchor.Found { return p.readAnchors(ctx, p.members) }
+
+func (p *Pool) readAnchors(ctx context.Context, members []*member) []anchor.Found {
+	found := make([]anchor.Found, len(members))
 	var wg sync.WaitGroup
-	for i, m := range p.members {
+	for i, m := range members {
 		wg.Go(func() {
 			found[i] = anchor.Found{Member: m.name}
 			err := p.onMember(ctx, m, "anchor_read", func(k anchorKeeper) error {
@@ -333,12 +345,16 @@ func (p *Pool) ReadAnchors(ctx context.Context) []anchor.Found {
 // WriteAnchor writes value, the anchor with write number w, as the anchor
 // of the named member.
 func (p *Pool) WriteAnchor(ctx context.Context, member string, w uint64, value []byte) error {
-	for _, m := range p.members {
+	return p.writeAnchor(ctx, p.members, member, w, value)
+}
+
+func (p *Pool) writeAnchor(ctx context.Context, members []*member, member string, w uint64, value []byte) error {
+	for _, m := range members {
 		if m.name == member {
 			return p.onMember(ctx, m, "anchor_write", func(k anchorKeeper) error { return k.WriteAnchor(ctx, w, value) })
 		}
 	}
-	return fmt.Errorf("write anchor: no member named %q", member)
+	return fmt.Errorf("write anchor: no anchor-keeping member named %q", member)
 }
 
 // onMember runs an anchor call on one member with a session slot, the

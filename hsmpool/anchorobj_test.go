@@ -97,12 +97,16 @@ func TestAnchorObjects(t *testing.T) {
 			t.Fatalf("%d anchors on a: %v", len(objs), err)
 		}
 		for _, o := range objs {
-			attrs, err := c.GetAttributeValue(s, o, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, nil)})
+			attrs, err := c.GetAttributeValue(s, o, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, nil), pkcs11.NewAttribute(pkcs11.CKA_VALUE, nil)})
 			if err != nil {
 				return err
 			}
 			if !bytes.Equal(attrs[0].Value, []byte{1}) {
 				t.Errorf("private %v, want true", attrs[0].Value)
+			}
+			// tpm2-pkcs11 refuses a data object without CKA_VALUE.
+			if !bytes.Equal(attrs[1].Value, anchorSlotValue) {
+				t.Errorf("CKA_VALUE %q, want %q", attrs[1].Value, anchorSlotValue)
 			}
 		}
 		return nil

@@ -65,6 +65,10 @@ func TestCapabilitiesRefuseOpencryptokiForGCM(t *testing.T) {
 	if c.Caps.GCM.Present || !c.Caps.HMAC.OK() || c.Caps.KnownAnswerHMAC != katOK {
 		t.Errorf("opencryptoki capabilities: %+v", c.Caps)
 	}
+	// Its data objects take CKA_VALUE and a label updated in place.
+	if c.Anchors != nil {
+		t.Errorf("opencryptoki anchors: %s, want yes", c.AnchorLine())
+	}
 }
 
 // A pool with SoftHSM first and opencryptoki second serves on SoftHSM and
@@ -138,6 +142,12 @@ func TestNSSThroughP11KitMatchesGo(t *testing.T) {
 	if c.Err != nil {
 		t.Fatalf("NSS refused: %v", c.Err)
 	}
+	// NSS's softoken refuses every token data object.
+	var na *NoAnchorsError
+	if !errors.As(c.Anchors, &na) || na.Step != "create" || !errors.Is(na, pkcs11.Error(pkcs11.CKR_ATTRIBUTE_VALUE_INVALID)) {
+		t.Fatalf("NSS anchors: %v, want a refused create (CKR_ATTRIBUTE_VALUE_INVALID)", c.Anchors)
+	}
+	t.Logf("NSS anchors: %s", c.AnchorLine())
 	material := map[vault.KeyID][]byte{}
 	for _, id := range keyVersion1() {
 		material[id] = make([]byte, 32)
@@ -185,5 +195,10 @@ func TestNSSThroughP11KitMatchesGo(t *testing.T) {
 	ct[3] ^= 1
 	if _, err := p.Open(ctx, wrap1, nonce, ct, aad); !errors.Is(err, vault.ErrIntegrity) {
 		t.Fatalf("NSS open of a tampered record: %v, want ErrIntegrity", err)
+	}
+	// Anchoring on NSS alone: the start is refused with the ways out.
+	if _, err := p.AnchorMembers(ctx); !errors.Is(err, ErrNoAnchorMember) || !strings.Contains(err.Error(), "CKR_ATTRIBUTE_VALUE_INVALID") ||
+		!strings.Contains(err.Error(), "store.rollback_anchor: false") {
+		t.Fatalf("anchor members on NSS: %v", err)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 
@@ -37,17 +38,49 @@ func keyVersion1() []vault.KeyID {
 // tokens, so with several members the material is drawn from crypto/rand in
 // this process, imported into each member as sensitive, non-extractable
 // token objects, and wiped.
-func Provision(cfgs []MemberConfig, profile vault.Profile) (inHSM bool, err error) {
+//
+// It is all or nothing: if creating the keys fails on one member, what it
+// created on every member is destroyed again (see ProvisionError), so a
+// run after the fault is mended starts from empty tokens.
+func (m *Modules) Provision(cfgs []MemberConfig, profile vault.Profile) (inHSM bool, err error) {
 	if profile == "" {
 		profile = DefaultProfile
 	}
-	return provisionKeys(cfgs, keyVersion1(), profile)
+	return m.provisionKeys(cfgs, keyVersion1(), profile)
 }
+
+// Provision is Modules.Provision on modules of its own.
+func Provision(cfgs []MemberConfig, profile vault.Profile) (inHSM bool, err error) {
+	m := NewModules()
+	defer m.Close()
+	return m.Provision(cfgs, profile)
+}
+
+// ProvisionError: creating keys failed on a member, and what this run had
+// created was destroyed again (Left is empty), or not all of it could be
+// (Left names what remains, by member).
+type ProvisionError struct {
+	Err  error
+	Left map[string][]string
+}
+
+func (e *ProvisionError) Error() string {
+	if len(e.Left) == 0 {
+		return fmt.Sprintf("%v; every key this run created was destroyed again, so no member holds any of them: mend the fault and run it again", e.Err)
+	}
+	var left []string
+	for _, name := range slices.Sorted(maps.Keys(e.Left)) {
+		left = append(left, fmt.Sprintf("member %s holds %s", name, strings.Join(e.Left[name], ", ")))
+	}
+	return fmt.Sprintf("%v; some keys this run created could not be destroyed (%s): destroy them with the HSM's tools before running it again", e.Err, strings.Join(left, "; "))
+}
+
+func (e *ProvisionError) Unwrap() error { return e.Err }
 
 // provisionKeys creates the key objects ids on every member, identical on
 // all, as Provision describes; it refuses, creating nothing, if any member
 // holds any of them.
-func provisionKeys(cfgs []MemberConfig, ids []vault.KeyID, profile vault.Profile) (inHSM bool, err error) {
+func (m *Modules) provisionKeys(cfgs []MemberConfig, ids []vault.KeyID, profile vault.Profile) (inHSM bool, err error) {
 	if len(cfgs) == 0 {
 		return false, errors.New("provision: no members")
 	}
@@ -56,12 +89,10 @@ func provisionKeys(cfgs []MemberConfig, ids []vault.KeyID, profile vault.Profile
 	}
 	checkAbsent := absent(ids)
 	if len(cfgs) == 1 {
-		return true, generateInHSM(cfgs[0], ids, profile)
-	}
-	for _, c := range cfgs {
-		if err := withSession(c, func(*pkcs11.Ctx, pkcs11.SessionHandle) error { return nil }, checkAbsent); err != nil {
-			return false, err
+		if _, err := m.use(cfgs[0]); err != nil {
+			return true, err
 		}
+		return true, generateInHSM(cfgs[0], ids, profile)
 	}
 	material := make(map[vault.KeyID][]byte)
 	defer func() {
@@ -73,20 +104,68 @@ func provisionKeys(cfgs []MemberConfig, ids []vault.KeyID, profile vault.Profile
 		material[id] = make([]byte, 32)
 		rand.Read(material[id])
 	}
+	// Every member's session stays open, and logged in, until the run
+	// ends: a failed import destroys what the run created, by handle, on
+	// every member, and a private object's handle lasts only as long as
+	// the login (SoftHSM drops them at logout). No member is written
+	// before every member is found free of the keys.
+	opens := make([]*provisionSession, 0, len(cfgs))
+	defer func() {
+		for _, o := range opens {
+			o.end()
+		}
+	}()
 	for _, c := range cfgs {
-		err := withSession(c, func(p *pkcs11.Ctx, s pkcs11.SessionHandle) error {
-			for _, id := range ids {
-				if _, err := p.CreateObject(s, keyTemplate(id, material[id], profile)); err != nil {
-					return fmt.Errorf("import %s: %w", id.Label(), err)
-				}
-			}
-			return nil
-		}, checkAbsent)
+		p, s, end, err := m.session(c)
 		if err != nil {
 			return false, err
 		}
+		opens = append(opens, &provisionSession{member: c.Name, p: p, s: s, end: end})
+		if err := checkAbsent(p, s, c.Name); err != nil {
+			return false, err
+		}
+	}
+	for i, c := range cfgs {
+		o := opens[i]
+		for _, id := range ids {
+			if m.failImport != nil {
+				if err := m.failImport(c.Name, id); err != nil {
+					return false, undo(ids, opens, fmt.Errorf("member %s: import %s: %w", c.Name, id.Label(), err))
+				}
+			}
+			h, err := o.p.CreateObject(o.s, keyTemplate(id, material[id], profile))
+			if err != nil {
+				return false, undo(ids, opens, fmt.Errorf("member %s: import %s: %w", c.Name, id.Label(), err))
+			}
+			o.created = append(o.created, h)
+		}
 	}
 	return false, nil
+}
+
+// provisionSession is one member's logged-in session during a
+// provisioning run, with the objects the run created there, in the order
+// of the run's key IDs.
+type provisionSession struct {
+	member  string
+	p       *pkcs11.Ctx
+	s       pkcs11.SessionHandle
+	end     func()
+	created []pkcs11.ObjectHandle
+}
+
+// undo destroys the objects created on each member's still open session
+// after err stopped a provisioning run, and says what is left.
+func undo(ids []vault.KeyID, opens []*provisionSession, err error) error {
+	pe := &ProvisionError{Err: err, Left: map[string][]string{}}
+	for _, o := range opens {
+		for i, h := range o.created {
+			if derr := o.p.DestroyObject(o.s, h); derr != nil {
+				pe.Left[o.member] = append(pe.Left[o.member], ids[i].Label())
+			}
+		}
+	}
+	return pe
 }
 
 // Rotate creates the next version of the wrap and PIN keys (one number for
@@ -95,8 +174,8 @@ func provisionKeys(cfgs []MemberConfig, ids []vault.KeyID, profile vault.Profile
 // profile needs ("": the kind of the newest wrap key). It refuses if the
 // members do not hold the same key labels (a rotation that failed
 // half-way: fix that first), and creates nothing then. The root key is not
-// rotated.
-func Rotate(cfgs []MemberConfig, profile vault.Profile) (version uint32, inHSM bool, err error) {
+// rotated. Like Provision it is all or nothing.
+func (m *Modules) Rotate(cfgs []MemberConfig, profile vault.Profile) (version uint32, inHSM bool, err error) {
 	if len(cfgs) == 0 {
 		return 0, false, errors.New("rotate: no members")
 	}
@@ -104,7 +183,7 @@ func Rotate(cfgs []MemberConfig, profile vault.Profile) (version uint32, inHSM b
 	var newest vault.Profile // the newest wrap key's, on the first member
 	for i, c := range cfgs {
 		var ids []vault.KeyID
-		err := withSession(c, func(p *pkcs11.Ctx, s pkcs11.SessionHandle) error {
+		err := m.withSession(c, func(p *pkcs11.Ctx, s pkcs11.SessionHandle) error {
 			var err error
 			if ids, err = keyIDsOn(p, s); err != nil || i > 0 {
 				return err
@@ -135,8 +214,15 @@ func Rotate(cfgs []MemberConfig, profile vault.Profile) (version uint32, inHSM b
 		profile = newest
 	}
 	ids := []vault.KeyID{{Role: vault.RoleWrap, Version: version}, {Role: vault.RolePIN, Version: version}}
-	inHSM, err = provisionKeys(cfgs, ids, profile)
+	inHSM, err = m.provisionKeys(cfgs, ids, profile)
 	return version, inHSM, err
+}
+
+// Rotate is Modules.Rotate on modules of its own.
+func Rotate(cfgs []MemberConfig, profile vault.Profile) (version uint32, inHSM bool, err error) {
+	m := NewModules()
+	defer m.Close()
+	return m.Rotate(cfgs, profile)
 }
 
 // newestWrapProfile reads the profile of the newest wrap key among ids
@@ -261,19 +347,33 @@ func generateInHSM(c MemberConfig, ids []vault.KeyID, profile vault.Profile) err
 			return fmt.Errorf("member %s holds %s: %w", c.Name, id.Label(), ErrKeysExist)
 		}
 	}
+	// All or nothing, as with several members: a failure destroys the
+	// keys generated before it.
+	var made []*crypto11.SecretKey
+	fail := func(err error) error {
+		pe := &ProvisionError{Err: err, Left: map[string][]string{}}
+		for i, k := range made {
+			if derr := k.Delete(); derr != nil {
+				pe.Left[c.Name] = append(pe.Left[c.Name], ids[i].Label())
+			}
+		}
+		return pe
+	}
 	for _, id := range ids {
 		attrs, err := crypto11.NewAttributeSetWithIDAndLabel([]byte(id.Label()), []byte(id.Label()))
 		if err != nil {
-			return err
+			return fail(err)
 		}
 		attrs.AddIfNotPresent(keyTemplate(id, nil, profile))
 		cipher := crypto11.CipherGeneric
 		if id.Role == vault.RoleWrap && profile == vault.ProfileGCM {
 			cipher = crypto11.CipherAES
 		}
-		if _, err := ctx.GenerateSecretKeyWithAttributes(attrs, 256, cipher); err != nil {
-			return fmt.Errorf("member %s: generate %s: %w", c.Name, id.Label(), err)
+		k, err := ctx.GenerateSecretKeyWithAttributes(attrs, 256, cipher)
+		if err != nil {
+			return fail(fmt.Errorf("member %s: generate %s: %w", c.Name, id.Label(), err))
 		}
+		made = append(made, k)
 	}
 	return nil
 }
@@ -307,57 +407,4 @@ func checkAbsentOf(p *pkcs11.Ctx, s pkcs11.SessionHandle, member string, ids []v
 		}
 	}
 	return nil
-}
-
-// withSession loads the member's module with miekg/pkcs11 (crypto11 has no
-// import call), logs in to its token, runs check then fn, and unloads the
-// module again so that crypto11 can initialise it afterwards.
-func withSession(c MemberConfig, fn func(*pkcs11.Ctx, pkcs11.SessionHandle) error, check func(*pkcs11.Ctx, pkcs11.SessionHandle, string) error) error {
-	p := pkcs11.New(c.Module)
-	if p == nil {
-		return fmt.Errorf("member %s: cannot load PKCS#11 module %s", c.Name, c.Module)
-	}
-	defer p.Destroy()
-	// If crypto11 has the module loaded in this process already, the
-	// library is shared: use it, and leave finalising it to its owner.
-	switch err := p.Initialize(); {
-	case errors.Is(err, pkcs11.Error(pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED)):
-	case err != nil:
-		return fmt.Errorf("member %s: initialise module: %w", c.Name, err)
-	default:
-		defer p.Finalize()
-	}
-	slots, err := p.GetSlotList(true)
-	if err != nil {
-		return fmt.Errorf("member %s: list slots: %w", c.Name, err)
-	}
-	slot, found := uint(0), false
-	for _, s := range slots {
-		ti, err := p.GetTokenInfo(s)
-		if err == nil && ti.Label == c.TokenLabel {
-			slot, found = s, true
-			break
-		}
-	}
-	if !found {
-		return fmt.Errorf("member %s: no token labelled %q", c.Name, c.TokenLabel)
-	}
-	s, err := p.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
-	if err != nil {
-		return fmt.Errorf("member %s: open session: %w", c.Name, err)
-	}
-	defer p.CloseSession(s)
-	switch err := p.Login(s, pkcs11.CKU_USER, c.PIN); {
-	case errors.Is(err, pkcs11.Error(pkcs11.CKR_USER_ALREADY_LOGGED_IN)):
-		// The library is shared with a crypto11 context of this process:
-		// logging out would invalidate its key handles, so stay logged in.
-	case err != nil:
-		return fmt.Errorf("member %s: log in: %w", c.Name, scrubPIN(err, c.PIN))
-	default:
-		defer p.Logout(s)
-	}
-	if err := check(p, s, c.Name); err != nil {
-		return err
-	}
-	return fn(p, s)
 }

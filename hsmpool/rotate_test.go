@@ -69,7 +69,9 @@ func TestRotateReloadRetire(t *testing.T) {
 	}
 
 	// Version 3 on one member only: Reload refuses and keeps version 2.
-	if _, err := provisionKeys([]MemberConfig{a}, []vault.KeyID{{Role: vault.RoleWrap, Version: 3}, {Role: vault.RolePIN, Version: 3}}, vault.ProfileGCM); err != nil {
+	mods := NewModules()
+	defer mods.Close()
+	if _, err := mods.provisionKeys([]MemberConfig{a}, []vault.KeyID{{Role: vault.RoleWrap, Version: 3}, {Role: vault.RolePIN, Version: 3}}, vault.ProfileGCM); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := p.Reload(); !errors.Is(err, errKeyMismatch) {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/keyvault/keyvault/anchor"
 	"github.com/keyvault/keyvault/config"
+	"github.com/keyvault/keyvault/hsmpool"
 	"github.com/keyvault/keyvault/internal/audit"
 	"github.com/keyvault/keyvault/vault"
 	"github.com/keyvault/keyvault/vault/boltstore"
@@ -76,8 +77,12 @@ func cmdAnchor(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	members, err := anchorMembers(ctx, pool, log)
+	if err != nil {
+		return err
+	}
 	if sub == "status" {
-		st, err := store.AnchorStatus(ctx, keys, pool)
+		st, err := store.AnchorStatus(ctx, keys, members)
 		if err != nil {
 			return err
 		}
@@ -94,7 +99,7 @@ func cmdAnchor(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	defer sink.Close()
-	acc, err := store.AcceptRestore(ctx, keys, pool)
+	acc, err := store.AcceptRestore(ctx, keys, members)
 	if err != nil {
 		sink.Logger().Info("audit", "client", "cli", "op", "rollback_accept", "result", "failed", "reason", *reason)
 		return err
@@ -109,6 +114,20 @@ func cmdAnchor(args []string, stdout, stderr io.Writer) error {
 	fmt.Fprintf(stdout, "accepted: epoch %d, seq %d; %d anchored batches lost; anchored on %s\n",
 		acc.Epoch, acc.Seq, acc.BatchesLost, strings.Join(acc.Members, ", "))
 	return nil
+}
+
+// anchorMembers are the members whose tokens keep the rollback anchors;
+// each member left out is logged with the reason.
+func anchorMembers(ctx context.Context, pool *hsmpool.Pool, log *slog.Logger) (*hsmpool.AnchorMembers, error) {
+	members, err := pool.AnchorMembers(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for _, r := range members.Refused {
+		log.Warn("HSM member keeps no rollback anchors; the anchors live on the other members", "member", r.Member, "error", r.Error(),
+			"anchor_members", strings.Join(members.Members(), ","))
+	}
+	return members, nil
 }
 
 func refusedReason(err error) anchor.Reason {

@@ -15,6 +15,7 @@ import (
 	"strings"
 
 	"github.com/keyvault/keyvault/config"
+	"github.com/keyvault/keyvault/hsmpool"
 	"github.com/keyvault/keyvault/internal/softhsm"
 )
 
@@ -246,7 +247,9 @@ log:
 	if err != nil {
 		return fmt.Errorf("generated config: %w", err)
 	}
-	if err := keysInit(cfg, stdout); err != nil {
+	mods := hsmpool.NewModules()
+	defer mods.Close()
+	if err := keysInit(cfg, mods, stdout); err != nil {
 		return err
 	}
 	return os.WriteFile(filepath.Join(dir, "keyvault.yaml"), []byte(yaml), 0o600)

@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"strings"
 
 	"github.com/keyvault/keyvault/hsmpool"
 	"github.com/keyvault/keyvault/vault"
@@ -37,8 +38,16 @@ func cmdHSM(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if failed := printChecks(stdout, hsmpool.Check(members, vault.Profile(cfg.HSM.Profile))); failed > 0 {
-		return usageError{fmt.Errorf("%d of %d members cannot serve", failed, len(members))}
+	mods := hsmpool.NewModules()
+	defer mods.Close()
+	checks := mods.Check(members, vault.Profile(cfg.HSM.Profile))
+	failed := printChecks(stdout, checks)
+	anchors := anchorVerdict(stdout, cfg.Store.Anchored(), checks)
+	if failed > 0 {
+		return usageError{errors.Join(fmt.Errorf("%d of %d members cannot serve", failed, len(members)), anchors)}
+	}
+	if anchors != nil {
+		return usageError{anchors}
 	}
 	return nil
 }
@@ -51,6 +60,7 @@ func printChecks(w io.Writer, checks []hsmpool.MemberCheck) (failed int) {
 		if c.Caps != nil {
 			c.Caps.Write(w)
 		}
+		fmt.Fprintf(w, "  anchors: %s\n", c.AnchorLine())
 		if c.Err != nil {
 			failed++
 			fmt.Fprintf(w, "  verdict: cannot serve: %v\n", c.Err)
@@ -59,4 +69,25 @@ func printChecks(w io.Writer, checks []hsmpool.MemberCheck) (failed int) {
 		}
 	}
 	return failed
+}
+
+// anchorVerdict prints where the rollback anchors live and returns an
+// error if anchoring is on and no member can keep them.
+func anchorVerdict(w io.Writer, anchored bool, checks []hsmpool.MemberCheck) error {
+	if !anchored {
+		fmt.Fprintln(w, "rollback anchors: off (store.rollback_anchor: false, or the etcd store)")
+		return nil
+	}
+	if err := hsmpool.CheckAnchors(checks); err != nil {
+		fmt.Fprintf(w, "rollback anchors: cannot be kept: %v\n", err)
+		return err
+	}
+	var on []string
+	for _, c := range checks {
+		if c.Anchors == nil {
+			on = append(on, c.Member)
+		}
+	}
+	fmt.Fprintf(w, "rollback anchors: on members %s\n", strings.Join(on, ", "))
+	return nil
 }

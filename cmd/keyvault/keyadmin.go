@@ -161,7 +161,11 @@ func keysRotate(cfg *config.Config, ac *adminClient, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	version, inHSM, err := hsmpool.Rotate(members, vault.Profile(cfg.HSM.Profile))
+	// One load and initialisation of each module for the rotation and
+	// the listing after it.
+	mods := hsmpool.NewModules()
+	defer mods.Close()
+	version, inHSM, err := mods.Rotate(members, vault.Profile(cfg.HSM.Profile))
 	if err != nil {
 		return fmt.Errorf("keys rotate: %w", err)
 	}

@@ -46,8 +46,12 @@ func cmdKeys(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	// Each module is loaded and initialised once for every pass below:
+	// some do not survive being finalised and initialised again.
+	mods := hsmpool.NewModules()
+	defer mods.Close()
 	if args[0] == "init" {
-		if err := keysInit(cfg, stdout); err != nil {
+		if err := keysInit(cfg, mods, stdout); err != nil {
 			return err
 		}
 	}
@@ -55,7 +59,7 @@ func cmdKeys(args []string, stdout, stderr io.Writer) error {
 }
 
 // keysInit provisions key version 1 and says where the material was made.
-func keysInit(cfg *config.Config, stdout io.Writer) error {
+func keysInit(cfg *config.Config, mods *hsmpool.Modules, stdout io.Writer) error {
 	members, err := memberConfigs(cfg)
 	if err != nil {
 		return err
@@ -68,7 +72,8 @@ func keysInit(cfg *config.Config, stdout io.Writer) error {
 		profile = hsmpool.DefaultProfile
 	}
 	var refusals []error
-	for _, c := range hsmpool.Check(members, profile) {
+	checks := mods.Check(members, profile)
+	for _, c := range checks {
 		if c.Err == nil {
 			c.Err = c.Caps.CanProvision(len(members), profile)
 		}
@@ -76,10 +81,21 @@ func keysInit(cfg *config.Config, stdout io.Writer) error {
 			refusals = append(refusals, c.Err)
 		}
 	}
+	if cfg.Store.Anchored() {
+		// The vault would refuse to start on these members.
+		if err := hsmpool.CheckAnchors(checks); err != nil {
+			refusals = append(refusals, err)
+		}
+		for _, c := range checks {
+			if c.Anchors != nil && c.Err == nil && len(refusals) == 0 {
+				fmt.Fprintf(stdout, "Member %s keeps no rollback anchors: %s; they live on the other members.\n", c.Member, c.AnchorLine())
+			}
+		}
+	}
 	if len(refusals) > 0 {
 		return fmt.Errorf("keys init: created nothing: %w (keyvault hsm check --config FILE shows each token's capabilities)", errors.Join(refusals...))
 	}
-	inHSM, err := hsmpool.Provision(members, profile)
+	inHSM, err := mods.Provision(members, profile)
 	if err != nil {
 		return fmt.Errorf("keys init: %w", err)
 	}

@@ -253,7 +253,11 @@ func anchorStore(ctx context.Context, cfg *config.Config, store *boltstore.Store
 	if err != nil {
 		return err
 	}
-	dec, err := store.Anchor(ctx, keys, pool, reg, log)
+	members, err := anchorMembers(ctx, pool, log)
+	if err != nil {
+		return err
+	}
+	dec, err := store.Anchor(ctx, keys, members, reg, log)
 	reason, isRefused := anchor.IsRefused(err)
 	switch {
 	case err == nil && dec.Adopted:

@@ -1,0 +1,134 @@
+package hsmpool
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/ThalesGroup/crypto11"
+	"github.com/miekg/pkcs11"
+
+	"github.com/keyvault/keyvault/vault"
+)
+
+// Modules keeps the PKCS#11 modules of a command loaded and initialised
+// from their first use until Close, so that a command making several
+// passes over its members (the capability check, then provisioning, then
+// the key listing) loads and initialises each module once: some token
+// libraries do not survive C_Finalize and C_Initialize again in one
+// process (opencryptoki 3.8 crashed there), and SoftHSM sees tokens
+// another process changed only at C_Initialize, so every pass of one
+// command must see the same tokens.
+//
+// crypto11 initialises a module at its first context and finalises it
+// when its last context closes, and fails if anything else initialised
+// the module first. So Modules holds one crypto11 context per module, on
+// the token of the first member that uses it, for as long as it is open:
+// contexts opened and closed meanwhile (each pass's) never finalise it.
+// Its own miekg/pkcs11 handle, for the calls crypto11 lacks (import,
+// destroy by handle), shares that initialised library.
+//
+// Safe for concurrent use.
+type Modules struct {
+	mu   sync.Mutex
+	libs map[string]*library
+
+	// failImport, when a test sets it, runs before each key import and
+	// fails the import with its error: a fault on one member.
+	failImport func(member string, id vault.KeyID) error
+}
+
+type library struct {
+	pin *crypto11.Context
+	p   *pkcs11.Ctx
+}
+
+// NewModules returns an empty set; modules load at their first use.
+func NewModules() *Modules { return &Modules{libs: map[string]*library{}} }
+
+// use loads and initialises the member's module, once, and returns the
+// handle for calls crypto11 lacks.
+func (m *Modules) use(c MemberConfig) (*pkcs11.Ctx, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if l, ok := m.libs[c.Module]; ok {
+		return l.p, nil
+	}
+	pin, err := crypto11.Configure(&crypto11.Config{Path: c.Module, TokenLabel: c.TokenLabel, Pin: c.PIN, MaxSessions: 2, GCMIVLength: 12})
+	if err != nil {
+		return nil, fmt.Errorf("member %s: open token %q on %s: %w", c.Name, c.TokenLabel, c.Module, scrubPIN(err, c.PIN))
+	}
+	p := pkcs11.New(c.Module)
+	if p == nil {
+		pin.Close()
+		return nil, fmt.Errorf("member %s: cannot load PKCS#11 module %s", c.Name, c.Module)
+	}
+	if err := p.Initialize(); err != nil && !errors.Is(err, pkcs11.Error(pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED)) {
+		pin.Close()
+		return nil, fmt.Errorf("member %s: initialise module: %w", c.Name, err)
+	}
+	m.libs[c.Module] = &library{pin: pin, p: p}
+	return p, nil
+}
+
+// Close lets go of every module: crypto11 finalises one once no other
+// context of this process uses it. Call it when the command's HSM work is
+// over. The libraries stay loaded (the handle is never destroyed): a
+// later use initialises them again without loading them again.
+func (m *Modules) Close() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var errs []error
+	for path, l := range m.libs {
+		errs = append(errs, l.pin.Close())
+		delete(m.libs, path)
+	}
+	return errors.Join(errs...)
+}
+
+// withSession logs in to the member's token on a session of the module's
+// shared handle, runs check then fn, and ends the session (see session).
+func (m *Modules) withSession(c MemberConfig, fn func(*pkcs11.Ctx, pkcs11.SessionHandle) error, check func(*pkcs11.Ctx, pkcs11.SessionHandle, string) error) error {
+	p, s, end, err := m.session(c)
+	if err != nil {
+		return err
+	}
+	defer end()
+	if err := check(p, s, c.Name); err != nil {
+		return err
+	}
+	return fn(p, s)
+}
+
+// session opens a session on the member's token on its module's shared
+// handle and logs in. end closes it, and logs out unless the token was
+// logged in already (by a crypto11 context of this process: logging out
+// would invalidate its key handles). The module stays initialised.
+// Object handles of private objects last only while the login does.
+func (m *Modules) session(c MemberConfig) (p *pkcs11.Ctx, s pkcs11.SessionHandle, end func(), err error) {
+	if p, err = m.use(c); err != nil {
+		return nil, 0, nil, err
+	}
+	slot, err := findSlot(p, c.TokenLabel)
+	if err != nil {
+		return nil, 0, nil, fmt.Errorf("member %s: %w", c.Name, err)
+	}
+	if s, err = p.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION); err != nil {
+		return nil, 0, nil, fmt.Errorf("member %s: open session: %w", c.Name, err)
+	}
+	switch err := p.Login(s, pkcs11.CKU_USER, c.PIN); {
+	case errors.Is(err, pkcs11.Error(pkcs11.CKR_USER_ALREADY_LOGGED_IN)):
+		return p, s, func() { p.CloseSession(s) }, nil
+	case err != nil:
+		p.CloseSession(s)
+		return nil, 0, nil, fmt.Errorf("member %s: log in: %w", c.Name, scrubPIN(err, c.PIN))
+	}
+	return p, s, func() { p.Logout(s); p.CloseSession(s) }, nil
+}
+
+// withSession is Modules.withSession on modules of its own, for one pass.
+func withSession(c MemberConfig, fn func(*pkcs11.Ctx, pkcs11.SessionHandle) error, check func(*pkcs11.Ctx, pkcs11.SessionHandle, string) error) error {
+	m := NewModules()
+	defer m.Close()
+	return m.withSession(c, fn, check)
+}
