@@ -147,6 +147,8 @@ func newPool(cfgs []MemberConfig, toks []token, openErrs []error, opts Options) 
 	p.metrics.shed.WithLabelValues("session")
 	for i, c := range cfgs {
 		m := &member{name: c.Name, sessions: make(chan struct{}, max(c.MaxSessions, 1))}
+		m.limit.Store(int64(cap(m.sessions)))
+		p.metrics.sessionsMax.WithLabelValues(c.Name).Set(float64(cap(m.sessions)))
 		m.st.Store(brokenState())
 		if opts.reopen {
 			m.reopen = func() (token, error) { return openToken(c) }
@@ -520,7 +522,7 @@ func (p *Pool) tryAdmit() admission {
 	capacity := int64(0)
 	for _, m := range p.members {
 		if m.healthy.Load() {
-			capacity += int64(cap(m.sessions))
+			capacity += m.limit.Load()
 		}
 	}
 	if capacity == 0 {
@@ -611,9 +613,15 @@ func (p *Pool) call(m *member, op string, fn func(*member, *tokenState) ([]byte,
 	m.inFlight.Add(1)
 	p.metrics.inFlight.WithLabelValues(m.name).Inc()
 	start := time.Now()
+	st := m.state()
 	defer func() {
 		if r := recover(); r != nil {
 			err = fmt.Errorf("pkcs11 %s: %v", op, r)
+		}
+		if sl, ok := st.tok.(sessionLimiter); ok {
+			if n := sl.sessionLimit(); n > 0 {
+				p.limitSessions(m, n)
+			}
 		}
 		m.inFlight.Add(-1)
 		p.metrics.inFlight.WithLabelValues(m.name).Dec()
@@ -623,7 +631,59 @@ func (p *Pool) call(m *member, op string, fn func(*member, *tokenState) ([]byte,
 			p.metrics.errors.WithLabelValues(m.name, op, reasonOf(err)).Inc()
 		}
 	}()
-	return fn(m, m.state())
+	return fn(m, st)
+}
+
+// sessionLimiter is a token that reports the most sessions it has given
+// (0: it never refused one).
+type sessionLimiter interface{ sessionLimit() int }
+
+func (t *p11Token) sessionLimit() int { return t.raw.sessionLimit() }
+
+// limitSessions lowers the member's share of the pool to n sessions, the
+// most its token gave before it answered CKR_SESSION_COUNT: requests then
+// wait for one of those n in acquire, within QueueTimeout and their
+// context, instead of failing at the token, and Admit counts n. The
+// member's slots beyond n are held for good by a goroutine that takes
+// each as it comes free. The limit stays for the life of the pool, across
+// re-opens: a token's limit is a property of the HSM.
+func (p *Pool) limitSessions(m *member, n int) {
+	for {
+		cur := m.limit.Load()
+		if int64(n) >= cur {
+			return
+		}
+		if m.limit.CompareAndSwap(cur, int64(n)) {
+			p.metrics.sessionsMax.WithLabelValues(m.name).Set(float64(n))
+			if m.limitLogged.CompareAndSwap(false, true) {
+				p.log.Warn("HSM member's token refused a session (CKR_SESSION_COUNT): serving with the sessions it gives; raise its limit or lower max_sessions",
+					"member", m.name, "sessions", n, "max_sessions", cap(m.sessions))
+			}
+			p.holdSlots(m, int(cur)-n)
+			return
+		}
+	}
+}
+
+// holdSlots takes k of the member's session slots and never gives them
+// back, unless the pool closes first.
+func (p *Pool) holdSlots(m *member, k int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return
+	}
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		for range k {
+			select {
+			case m.sessions <- struct{}{}:
+			case <-p.stop:
+				return
+			}
+		}
+	}()
 }
 
 // pick returns the healthy member, not yet tried, with the fewest
@@ -639,7 +699,7 @@ func (p *Pool) pick(tried map[*member]bool) *member {
 		if tried[m] || !m.healthy.Load() {
 			continue
 		}
-		load := float64(m.inFlight.Load()) / float64(cap(m.sessions))
+		load := float64(m.inFlight.Load()) / float64(m.limit.Load())
 		if best == nil || load < bestLoad {
 			best, bestLoad = m, load
 		}
