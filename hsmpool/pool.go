@@ -70,8 +70,11 @@ type Pool struct {
 	metrics  *metrics
 	opts     Options
 
-	admitted  atomic.Int64  // requests holding an admission (see Admit)
-	admitWake chan struct{} // a request left: a waiter may be admitted
+	admitted atomic.Int64 // requests holding an admission (see Admit)
+	// admitQueue holds the waiters for an admission, first come first;
+	// each is handed its admission on its channel.
+	admitMu    sync.Mutex
+	admitQueue []chan struct{}
 
 	mu     sync.Mutex // guards closed, and wg.Add against Close
 	closed bool
@@ -142,7 +145,6 @@ func newPool(cfgs []MemberConfig, toks []token, openErrs []error, opts Options) 
 	var refProfiles map[uint32]vault.Profile
 	var errs []error
 	var toProbe []*member
-	p.admitWake = make(chan struct{}, 1)
 	p.metrics.shed.WithLabelValues("admission")
 	p.metrics.shed.WithLabelValues("session")
 	for i, c := range cfgs {
@@ -458,54 +460,98 @@ func (p *Pool) do(ctx context.Context, op string, fn func(*member, *tokenState) 
 
 // Admit admits one request that will use the HSMs until release is called.
 // At most AdmitPerSession times the healthy members' sessions (the sum of
-// their max_sessions) hold an admission; a request waits no longer than
-// QueueTimeout or ctx allows for one, and past that it is shed with
-// ErrUnavailable. Admitted requests queue for a session no deeper than
-// that bound, so under any load their latency stays bounded, and the rest
-// are refused fast, before anything is counted, instead of queuing
-// without bound.
+// their session limits: max_sessions, or what the token gives) hold an
+// admission; a request waits no longer than QueueTimeout or ctx allows for
+// one, and past that it is shed with ErrUnavailable. Admitted requests
+// queue for a session no deeper than that bound, so under any load their
+// latency stays bounded, and the rest are refused fast, before anything is
+// counted, instead of queuing without bound.
+//
+// Waiters are admitted in arrival order, and a request that arrives while
+// others wait queues behind them: a leaving request hands its admission to
+// the first waiter. Were a newcomer let in first, a client that loops
+// would take every admission that comes free, and waiters would be shed
+// after QueueTimeout with the HSMs far from full.
 func (p *Pool) Admit(ctx context.Context) (release func(), err error) {
 	release = func() {
 		p.admitted.Add(-1)
-		select {
-		case p.admitWake <- struct{}{}:
-		default:
+		p.handOff()
+	}
+	p.admitMu.Lock()
+	if len(p.admitQueue) == 0 {
+		switch p.tryAdmit() {
+		case admitted:
+			p.admitMu.Unlock()
+			return release, nil
+		case noMember:
+			p.admitMu.Unlock()
+			return nil, fmt.Errorf("%w: no healthy HSM member", ErrUnavailable)
 		}
 	}
-	switch p.tryAdmit() {
-	case admitted:
-		return release, nil
-	case noMember:
-		return nil, fmt.Errorf("%w: no healthy HSM member", ErrUnavailable)
-	}
+	w := make(chan struct{}, 1)
+	p.admitQueue = append(p.admitQueue, w)
+	p.admitMu.Unlock()
+
 	var queue <-chan time.Time
 	if p.opts.QueueTimeout > 0 {
 		t := time.NewTimer(p.opts.QueueTimeout)
 		defer t.Stop()
 		queue = t.C
 	}
-	// Capacity also grows when a member comes back: look again now and
-	// then, not only when a request leaves.
+	// Capacity also grows when a member comes back, and goes when the
+	// last one leaves: look again now and then, not only when a request
+	// leaves.
 	tick := time.NewTicker(5 * time.Millisecond)
 	defer tick.Stop()
 	for {
+		var refusal error
 		select {
-		case <-p.admitWake:
+		case <-w:
+			return release, nil
 		case <-tick.C:
+			if p.Healthy() > 0 {
+				p.handOff()
+				continue
+			}
+			refusal = fmt.Errorf("%w: no healthy HSM member", ErrUnavailable)
 		case <-queue:
 			p.metrics.shed.WithLabelValues("admission").Inc()
-			return nil, fmt.Errorf("%w: the HSMs are busy: no session within %v", ErrUnavailable, p.opts.QueueTimeout)
+			refusal = fmt.Errorf("%w: the HSMs are busy: no session within %v", ErrUnavailable, p.opts.QueueTimeout)
 		case <-ctx.Done():
 			p.metrics.shed.WithLabelValues("admission").Inc()
-			return nil, fmt.Errorf("%w: waiting for the HSMs: %w", ErrUnavailable, ctx.Err())
+			refusal = fmt.Errorf("%w: waiting for the HSMs: %w", ErrUnavailable, ctx.Err())
 		}
-		switch p.tryAdmit() {
-		case admitted:
-			return release, nil
-		case noMember:
-			return nil, fmt.Errorf("%w: no healthy HSM member", ErrUnavailable)
+		if p.leaveQueue(w) {
+			return nil, refusal
+		}
+		// Handed an admission while giving up: pass it on.
+		release()
+		return nil, refusal
+	}
+}
+
+// handOff admits waiters, first come first, while there is room.
+func (p *Pool) handOff() {
+	p.admitMu.Lock()
+	defer p.admitMu.Unlock()
+	for len(p.admitQueue) > 0 && p.tryAdmit() == admitted {
+		p.admitQueue[0] <- struct{}{}
+		p.admitQueue = p.admitQueue[1:]
+	}
+}
+
+// leaveQueue takes w out of the queue; false if it was handed an
+// admission first.
+func (p *Pool) leaveQueue(w chan struct{}) bool {
+	p.admitMu.Lock()
+	defer p.admitMu.Unlock()
+	for i, q := range p.admitQueue {
+		if q == w {
+			p.admitQueue = append(p.admitQueue[:i], p.admitQueue[i+1:]...)
+			return true
 		}
 	}
+	return false
 }
 
 type admission int

@@ -32,9 +32,13 @@ type rawSessions struct {
 	// session is closed rather than given back; done ends every wait.
 	freed, done chan struct{}
 
+	// openMu makes one session at a time, so that open is exact when the
+	// token refuses one. Sessions are opened only while the pool grows
+	// to its limit.
+	openMu sync.Mutex
 	mu     sync.Mutex
 	closed bool
-	open   int // sessions open or being opened, idle or busy
+	open   int // sessions open, idle or busy
 	// limit is the most sessions the token has given (0: no limit met):
 	// the count open when it answered CKR_SESSION_COUNT.
 	limit int
@@ -115,25 +119,11 @@ func (r *rawSessions) get() (pkcs11.SessionHandle, error) {
 			return s, nil
 		default:
 		}
-		r.mu.Lock()
-		if r.closed {
-			r.mu.Unlock()
-			return 0, errNoToken
-		}
-		r.open++
-		r.mu.Unlock()
-		s, err := r.openSession(r.slot)
+		s, n, err := r.openOne()
 		if err == nil {
 			return s, nil
 		}
-		r.mu.Lock()
-		r.open--
-		n := r.open
 		atLimit := errors.Is(err, pkcs11.Error(pkcs11.CKR_SESSION_COUNT)) && n > 0
-		if atLimit && (r.limit == 0 || n < r.limit) {
-			r.limit = n
-		}
-		r.mu.Unlock()
 		if !atLimit {
 			return 0, fmt.Errorf("open session: %w", err)
 		}
@@ -145,6 +135,31 @@ func (r *rawSessions) get() (pkcs11.SessionHandle, error) {
 			return 0, errNoToken
 		}
 	}
+}
+
+// openOne opens a session, and returns the count of open sessions after
+// it: when the token refuses one for its limit, that count is the limit,
+// which it records.
+func (r *rawSessions) openOne() (pkcs11.SessionHandle, int, error) {
+	r.openMu.Lock()
+	defer r.openMu.Unlock()
+	r.mu.Lock()
+	closed := r.closed
+	r.mu.Unlock()
+	if closed {
+		return 0, 0, errNoToken
+	}
+	s, err := r.openSession(r.slot)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err == nil {
+		r.open++
+		return s, r.open, nil
+	}
+	if errors.Is(err, pkcs11.Error(pkcs11.CKR_SESSION_COUNT)) && r.open > 0 && (r.limit == 0 || r.open < r.limit) {
+		r.limit = r.open
+	}
+	return 0, r.open, err
 }
 
 // closeLocked closes a session that is not given back, and wakes a
