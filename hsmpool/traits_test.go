@@ -35,7 +35,10 @@ func servingDefaults(reg prometheus.Registerer, log *slog.Logger) Options {
 
 // request does what one recover or enroll asks of the HSMs: an admission,
 // a PIN HMAC, a seal and an open of what it sealed.
-func request(ctx context.Context, p *Pool) error {
+func request(ctx context.Context, p *Pool) error { return requestOf(ctx, p, 32) }
+
+// requestOf is request with a secret of size bytes.
+func requestOf(ctx context.Context, p *Pool, size int) error {
 	release, err := p.Admit(ctx)
 	if err != nil {
 		return err
@@ -46,7 +49,7 @@ func request(ctx context.Context, p *Pool) error {
 	}
 	nonce := make([]byte, 12)
 	rand.Read(nonce)
-	secret := []byte("a secret of 32 bytes, or so.....")
+	secret := bytes.Repeat([]byte{'s'}, size)
 	ct, err := p.Seal(ctx, wrap1, nonce, secret, []byte("aad"))
 	if err != nil {
 		return err
@@ -64,6 +67,11 @@ func request(ctx context.Context, p *Pool) error {
 // load runs workers goroutines that make requests until stop is closed
 // (or each has made n, if stop is nil), and returns every error.
 func load(p *Pool, workers, n int, stop <-chan struct{}) []error {
+	return loadOf(p, workers, n, 32, stop)
+}
+
+// loadOf is load with secrets of size bytes.
+func loadOf(p *Pool, workers, n, size int, stop <-chan struct{}) []error {
 	var mu sync.Mutex
 	var errs []error
 	var wg sync.WaitGroup
@@ -77,7 +85,7 @@ func load(p *Pool, workers, n int, stop <-chan struct{}) []error {
 					default:
 					}
 				}
-				if err := request(context.Background(), p); err != nil {
+				if err := requestOf(context.Background(), p, size); err != nil {
 					mu.Lock()
 					errs = append(errs, err)
 					mu.Unlock()
@@ -173,7 +181,9 @@ func TestSessionLimitSizesTheMemberDown(t *testing.T) {
 	}
 	defer p.Close()
 
-	errs := load(p, 32, 25, nil)
+	// Seals and opens of 64 KiB hold their sessions long enough that
+	// the member wants more than 2 at once.
+	errs := loadOf(p, 32, 25, 64<<10, nil)
 	if len(errs) > 0 {
 		t.Fatalf("%d of %d requests failed at a token limit of 2 sessions; the first: %v", len(errs), 32*25, errs[0])
 	}
