@@ -33,6 +33,16 @@ func servingDefaults(reg prometheus.Registerer, log *slog.Logger) Options {
 	return Options{Registerer: reg, Logger: log, QueueTimeout: 50 * time.Millisecond, AdmitPerSession: 4}
 }
 
+// unshed are servingDefaults with no queue timeout, for tests under a
+// load that saturates the pool on purpose: a queue deeper than 50 ms of
+// work is shed by design (TestQueueTimeoutSheds), and how deep 32 looping
+// clients make it depends on the machine, not on the trait under test.
+func unshed(reg prometheus.Registerer, log *slog.Logger) Options {
+	o := servingDefaults(reg, log)
+	o.QueueTimeout = 0
+	return o
+}
+
 // request does what one recover or enroll asks of the HSMs: an admission,
 // a PIN HMAC, a seal and an open of what it sealed.
 func request(ctx context.Context, p *Pool) error { return requestOf(ctx, p, 32) }
@@ -175,7 +185,7 @@ func TestSessionLimitSizesTheMemberDown(t *testing.T) {
 	var logs bytes.Buffer
 	var mu sync.Mutex
 	reg := prometheus.NewRegistry()
-	p, err := newPool([]MemberConfig{cfg}, []token{tok}, make([]error, 1), servingDefaults(reg, logTo(&logs, &mu)))
+	p, err := newPool([]MemberConfig{cfg}, []token{tok}, make([]error, 1), unshed(reg, logTo(&logs, &mu)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -203,6 +213,7 @@ func TestSessionLimitSizesTheMemberDown(t *testing.T) {
 		t.Fatalf("the session limit is logged %d times, want once:\n%s", n, out)
 	}
 	// Admission counts the sessions the token gives: 2 × 4 per session.
+	p.opts.QueueTimeout = time.Millisecond
 	var releases []func()
 	for range 8 {
 		release, err := p.Admit(context.Background())
@@ -242,9 +253,10 @@ func (s slowToken) Open(k vault.KeyID, n, c, a []byte) ([]byte, error) {
 	return s.token.Open(k, n, c, a)
 }
 
-// With 1-2 ms per operation and the serving defaults, a modest load
-// (24 concurrent requests on one member of 4 sessions) is served whole:
-// nothing times out, nothing is shed, the member stays in.
+// With 1-2 ms per operation and the serving defaults, a modest load (16
+// concurrent requests on one member of 4 sessions, as many as it admits)
+// is served whole: nothing times out, nothing is shed, the member stays
+// in.
 func TestLatencyAtDefaults(t *testing.T) {
 	cfg, tok := provisioned(t, "slow", 4)
 	reg := prometheus.NewRegistry()
@@ -253,8 +265,8 @@ func TestLatencyAtDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer p.Close()
-	if errs := load(p, 24, 10, nil); len(errs) > 0 {
-		t.Fatalf("%d of %d requests failed with 1-2 ms per operation; the first: %v", len(errs), 24*10, errs[0])
+	if errs := load(p, 16, 10, nil); len(errs) > 0 {
+		t.Fatalf("%d of %d requests failed with 1-2 ms per operation; the first: %v", len(errs), 16*10, errs[0])
 	}
 	for _, stage := range []string{"admission", "session"} {
 		if n := testutil.ToFloat64(p.metrics.shed.WithLabelValues(stage)); n != 0 {
@@ -263,6 +275,53 @@ func TestLatencyAtDefaults(t *testing.T) {
 	}
 	if !p.members[0].healthy.Load() || testutil.ToFloat64(p.metrics.ejections.WithLabelValues("slow")) != 0 {
 		t.Fatal("a slow member was taken out")
+	}
+}
+
+// A request that waits for an admission gets the next one that comes
+// free, before a request that arrives after it: a client that loops must
+// not take every admission from the waiters, which are shed after
+// QueueTimeout with the HSMs far from full.
+func TestAdmitFirstComeFirst(t *testing.T) {
+	p, err := newPool([]MemberConfig{{Name: "a", MaxSessions: 1}}, []token{latencyToken{}}, make([]error, 1),
+		Options{AdmitPerSession: 1, QueueTimeout: 10 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	ctx := context.Background()
+	first, err := p.Admit(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waiter := make(chan func())
+	go func() {
+		release, err := p.Admit(ctx)
+		if err != nil {
+			t.Error(err)
+		}
+		waiter <- release
+	}()
+	waitFor(t, "the second request waits", func() bool {
+		p.admitMu.Lock()
+		defer p.admitMu.Unlock()
+		return len(p.admitQueue) == 1
+	})
+	first()
+	// The admission first gave up went to the waiter: a newcomer waits.
+	short, cancel := context.WithTimeout(ctx, time.Millisecond)
+	defer cancel()
+	if release, err := p.Admit(short); !errors.Is(err, vault.ErrUnavailable) {
+		if release != nil {
+			release()
+		}
+		t.Fatalf("a newcomer while a request waited: %v, want it queued (and given up at 1ms)", err)
+	}
+	(<-waiter)()
+	if release, err := p.Admit(ctx); err != nil {
+		t.Fatalf("with nobody waiting and the admission free: %v", err)
+	} else {
+		release()
 	}
 }
 
@@ -353,7 +412,7 @@ func restartPool(t *testing.T, reg prometheus.Registerer, others int) (*Pool, *d
 			t.Fatal(err)
 		}
 	}
-	opts := servingDefaults(reg, nil)
+	opts := unshed(reg, nil)
 	opts.ProbeBackoff, opts.ProbeBackoffMax = 20*time.Millisecond, 200*time.Millisecond
 	p, err := newPool(cfgs, toks, make([]error, len(cfgs)), opts)
 	if err != nil {
