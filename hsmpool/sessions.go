@@ -39,6 +39,10 @@ type rawSessions struct {
 	mu     sync.Mutex
 	closed bool
 	open   int // sessions open, idle or busy
+	// busy counts the calls running on a session; drained is signalled
+	// when it falls to 0, for close's callers to wait on (waitIdle).
+	busy    int
+	drained *sync.Cond
 	// limit is the most sessions the token has given (0: no limit met):
 	// the count open when it answered CKR_SESSION_COUNT.
 	limit int
@@ -62,6 +66,7 @@ func openRawSessions(module, label string, max int) (*rawSessions, error) {
 	}
 	r := &rawSessions{mod: mod, p: p, slot: slot, idle: make(chan pkcs11.SessionHandle, max),
 		freed: make(chan struct{}, 1), done: make(chan struct{})}
+	r.drained = sync.NewCond(&r.mu)
 	r.openSession = func(slot uint) (pkcs11.SessionHandle, error) {
 		return p.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION)
 	}
@@ -94,6 +99,9 @@ func (r *rawSessions) with(fn func(pkcs11.SessionHandle) error) error {
 	err = fn(s)
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.busy--; r.busy == 0 {
+		r.drained.Broadcast()
+	}
 	if err != nil || r.closed {
 		r.closeLocked(s)
 		return err
@@ -113,6 +121,23 @@ func (r *rawSessions) with(fn func(pkcs11.SessionHandle) error) error {
 // those: the pool's semaphore shrinks to the limit (Pool.limitSessions),
 // so only callers already past it wait here.
 func (r *rawSessions) get() (pkcs11.SessionHandle, error) {
+	s, err := r.take()
+	if err != nil {
+		return 0, err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		r.closeLocked(s)
+		return 0, errNoToken
+	}
+	r.busy++
+	return s, nil
+}
+
+// take is get's search for a session: an idle one, a new one, or, at the
+// token's limit, the next one given back.
+func (r *rawSessions) take() (pkcs11.SessionHandle, error) {
 	for {
 		select {
 		case s := <-r.idle:
@@ -170,6 +195,18 @@ func (r *rawSessions) closeLocked(s pkcs11.SessionHandle) {
 	select {
 	case r.freed <- struct{}{}:
 	default:
+	}
+}
+
+// waitIdle waits until no call runs on the sessions. After close, no new
+// one starts, so the library can then be finalised without pulling it
+// from under a call in flight (which crashes the process). A call that
+// never returns keeps it waiting: closeToken gives up on it.
+func (r *rawSessions) waitIdle() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for r.busy > 0 {
+		r.drained.Wait()
 	}
 }
 
