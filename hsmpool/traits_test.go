@@ -502,3 +502,39 @@ func TestHSMRestartOneMember(t *testing.T) {
 		t.Fatalf("%d requests failed after the HSM came back; the first: %v", len(errs), errs[0])
 	}
 }
+
+// Closing a token (as the probe does to re-open a member after a
+// restart) waits for the calls running on its sessions: closing the last
+// crypto11 context finalises the module, and a call in flight would then
+// crash the process.
+func TestCloseWaitsForCallsInFlight(t *testing.T) {
+	_, tok := provisioned(t, "closing", 2)
+	running, finish := make(chan struct{}), make(chan struct{})
+	callDone := make(chan error, 1)
+	go func() {
+		callDone <- tok.raw.with(func(s pkcs11.SessionHandle) error {
+			close(running)
+			<-finish
+			_, err := tok.raw.mod.Sign(s, tok.handles[pin1], pkcs11.CKM_SHA256_HMAC, []byte("m"), 32)
+			return err
+		})
+	}()
+	<-running
+	closed := make(chan error, 1)
+	go func() { closed <- tok.Close() }()
+	select {
+	case err := <-closed:
+		t.Fatalf("Close returned (%v) while a call ran on one of the token's sessions", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	close(finish)
+	if err := <-callDone; err != nil {
+		t.Fatalf("the call in flight: %v", err)
+	}
+	if err := <-closed; err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tok.HMAC(pin1, []byte("m")); !errors.Is(err, errNoToken) {
+		t.Fatalf("HMAC on a closed token: %v, want errNoToken", err)
+	}
+}
