@@ -363,6 +363,9 @@ func katGCM(r *rawSessions, s pkcs11.SessionHandle, c *Capabilities) (string, er
 		return katResult("AES key", err)
 	}
 	ct, err := r.mod.SealGCM(s, h, katNonce, katPT, katMsg)
+	if errors.Is(err, p11raw.ErrTokenChoseIV) {
+		return "failed: C_Encrypt: " + err.Error() + "; the gcm profile seals under the vault's nonce: set hsm.profile: hmac", nil
+	}
 	if err != nil {
 		return katResult("C_Encrypt", err)
 	}

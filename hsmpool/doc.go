@@ -62,6 +62,12 @@
 // after a token was restored need that). A probe that meets a refused PIN
 // stops, so that repeated logins cannot lock the token.
 //
+// A token that refuses a session (CKR_SESSION_COUNT) is not a failure: the
+// member's session pool remembers how many sessions the token gave and
+// waits for one of them, and the pool serves the member with that many
+// (Pool.limitSessions), so that requests queue for them, within
+// QueueTimeout, instead of failing at the token.
+//
 // # Caveats
 //
 // crypto11 cannot import, copy or wrap keys; provisioning several members

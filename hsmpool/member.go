@@ -19,9 +19,13 @@ type member struct {
 
 	st       atomic.Pointer[tokenState] // swapped whole when the member is re-opened
 	sessions chan struct{}              // one slot per allowed concurrent operation
-	inFlight atomic.Int64
-	healthy  atomic.Bool
-	probing  atomic.Bool
+	// limit is how many of the slots serve: max_sessions, or fewer once
+	// the token has refused a session (Pool.limitSessions holds the rest).
+	limit       atomic.Int64
+	limitLogged atomic.Bool
+	inFlight    atomic.Int64
+	healthy     atomic.Bool
+	probing     atomic.Bool
 	// refusal is set while the member's token lacks what the vault needs
 	// (refusal.go).
 	refusal atomic.Pointer[RefusedError]

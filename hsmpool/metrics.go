@@ -17,6 +17,7 @@ type metrics struct {
 	shed         *prometheus.CounterVec
 	refused      *prometheus.GaugeVec
 	capProbes    *prometheus.CounterVec
+	sessionsMax  *prometheus.GaugeVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -62,6 +63,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		capProbes: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "keyvault_hsm_capability_probes_total",
 			Help: "Times a member's token was probed for the mechanisms the vault needs.",
+		}, []string{"member"}),
+		sessionsMax: f.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "keyvault_hsm_member_sessions_max",
+			Help: "Concurrent operations the member serves: its max_sessions, or fewer once its token refused a session (CKR_SESSION_COUNT).",
 		}, []string{"member"}),
 		keyMismatch: f.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "keyvault_hsm_member_key_mismatch",

@@ -335,10 +335,14 @@ func (t *p11Token) Open(id vault.KeyID, nonce, ciphertext, aad []byte) ([]byte, 
 	return out, nil
 }
 
-// Close closes the raw and anchor sessions first: closing the last
-// crypto11 context finalises the library under them.
+// Close closes the raw and anchor sessions first, and waits for the calls
+// running on raw sessions to return: closing the last crypto11 context
+// finalises the library under them, and a call in flight then crashes.
+// A member re-opened after a failure closes its old token while
+// operations started before the failure may still run on it.
 func (t *p11Token) Close() error {
 	t.raw.close()
+	t.raw.waitIdle()
 	t.anchorObjs.close()
 	return t.ctx.Close()
 }

@@ -69,6 +69,7 @@ static CK_RV kv_gcm(kv_function_list *f, int encrypt, CK_SESSION_HANDLE s, CK_OB
 import "C"
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"unsafe"
@@ -110,6 +111,14 @@ func FromCtx(p *pkcs11.Ctx) (*Module, error) {
 	return &Module{fl: c.sym}, nil
 }
 
+// List is the function list m calls through, for a test that emulates a
+// token's traits around it (see package p11rawtest).
+func (m *Module) List() unsafe.Pointer { return unsafe.Pointer(m.fl) }
+
+// FromList returns a Module that calls through the function list at l,
+// which must start as a PKCS#11 v2.40 function list does.
+func FromList(l unsafe.Pointer) *Module { return &Module{fl: (*C.kv_function_list)(l)} }
+
 // empty stands in for an empty input: some tokens refuse a NULL data
 // pointer even with a length of 0 (CKR_ARGUMENTS_BAD).
 var empty [1]byte
@@ -138,11 +147,50 @@ func (m *Module) Sign(s pkcs11.SessionHandle, key pkcs11.ObjectHandle, mech uint
 	return out[:n], nil
 }
 
+// ErrTokenChoseIV: a GCM seal wrote an IV of the token's choosing over the
+// caller's, as HSMs that generate the GCM IV themselves do (AWS CloudHSM,
+// Thales Luna in FIPS mode). The ciphertext is under the token's IV, not
+// the caller's nonce, so SealGCM refuses it.
+var ErrTokenChoseIV = errors.New("the token wrote a GCM IV of its own choosing over the caller's nonce (an HSM that generates the GCM IV)")
+
 // SealGCM encrypts plaintext with AES-GCM (96-bit nonce, 128-bit tag)
 // under key in one C_EncryptInit and one C_Encrypt, into a buffer of
-// len(plaintext)+TagSize bytes: the ciphertext followed by the tag.
+// len(plaintext)+TagSize bytes: the ciphertext followed by the tag. The
+// token gets a copy of nonce, and a token that writes another IV into it
+// fails the seal with ErrTokenChoseIV: the caller's nonce, which it
+// stores, must be the one used, and the caller's buffer (a shared
+// constant, for a check value) must not change under it.
 func (m *Module) SealGCM(s pkcs11.SessionHandle, key pkcs11.ObjectHandle, nonce, plaintext, aad []byte) ([]byte, error) {
-	return m.gcm(1, s, key, nonce, plaintext, aad, len(plaintext)+TagSize)
+	iv := bytes.Clone(nonce)
+	out, err := m.gcm(1, s, key, iv, plaintext, aad, len(plaintext)+TagSize)
+	if err != nil {
+		return nil, err
+	}
+	if !bytes.Equal(iv, nonce) {
+		return nil, ErrTokenChoseIV
+	}
+	return out, nil
+}
+
+// ErrTokenKeptIV: a seal that asked the token for its own GCM IV got the
+// zeroed buffer back: the token used the all-zero IV it was given.
+var ErrTokenKeptIV = errors.New("the token left the GCM IV buffer zeroed: it does not generate the IV, and used an all-zero one")
+
+// SealGCMTokenIV encrypts as SealGCM, for a token that chooses the GCM IV
+// itself: it passes a zeroed buffer of ivSize bytes and returns the IV the
+// token wrote there with the ciphertext. A token that leaves the buffer
+// zeroed sealed under the all-zero IV: the result is discarded
+// (ErrTokenKeptIV).
+func (m *Module) SealGCMTokenIV(s pkcs11.SessionHandle, key pkcs11.ObjectHandle, ivSize int, plaintext, aad []byte) (iv, ciphertext []byte, err error) {
+	iv = make([]byte, ivSize)
+	ciphertext, err = m.gcm(1, s, key, iv, plaintext, aad, len(plaintext)+TagSize)
+	if err != nil {
+		return nil, nil, err
+	}
+	if bytes.Equal(iv, make([]byte, ivSize)) {
+		return nil, nil, ErrTokenKeptIV
+	}
+	return iv, ciphertext, nil
 }
 
 // OpenGCM decrypts and authenticates ciphertext (with its tag) in one
