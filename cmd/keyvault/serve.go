@@ -118,7 +118,7 @@ func serve(cfg *config.Config, stderr io.Writer, bound func(api, admin string) e
 	if err != nil {
 		return err
 	}
-	defer store.close()
+	defer store.Close()
 	pool, err := openPool(cfg, reg, log)
 	if err != nil {
 		return err
@@ -168,7 +168,7 @@ func serve(cfg *config.Config, stderr io.Writer, bound func(api, admin string) e
 	keys := &keyAdmin{ctx: ctx, pool: pool, v: v}
 	watchKeys(ctx, keys, log)
 	admin := api.NewAdminRouterWith(reg, func() error {
-		if err := store.ready(ctx); err != nil {
+		if err := store.Ping(ctx); err != nil {
 			return fmt.Errorf("store: %w", err)
 		}
 		return pool.Ready()

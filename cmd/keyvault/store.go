@@ -19,26 +19,50 @@ import (
 	"github.com/keyvault/keyvault/vault/etcdstore"
 )
 
-// openedStore is the configured store driver, with what serve needs
-// beside the vault.Store: a readiness check and a close. bolt is set only
-// for the bbolt driver (rollback anchoring needs it).
-type openedStore struct {
+// driver is what serve needs of a store driver beside the vault.Store: a
+// readiness check for /readyz and a close at shutdown.
+type driver interface {
 	vault.Store
-	ready func(context.Context) error
-	close func() error
-	bolt  *boltstore.Store
-	desc  string // for the start log: a path or the endpoints, never a secret
+	Ping(ctx context.Context) error
+	Close() error
 }
 
+var (
+	_ driver = (*boltstore.Store)(nil)
+	_ driver = (*etcdstore.Store)(nil)
+)
+
+// openedStore is the configured store driver. bolt is set only for the
+// bbolt driver (rollback anchoring needs it).
+type openedStore struct {
+	driver
+	bolt *boltstore.Store
+	desc string // for the start log: a path or the endpoints, never a secret
+}
+
+// openStore opens the driver store.driver names. An unknown name is a
+// config error: a store must never be opened in a place it was not asked
+// for.
 func openStore(cfg *config.Config, reg prometheus.Registerer) (*openedStore, error) {
-	if cfg.Store.Driver != config.DriverEtcd {
+	switch cfg.Store.Driver {
+	case config.DriverBolt, "":
 		st, err := openBolt(cfg.Store.Path, reg)
 		if err != nil {
 			return nil, err
 		}
-		return &openedStore{Store: st, ready: func(context.Context) error { return st.Ping() }, close: st.Close, bolt: st, desc: cfg.Store.Path}, nil
+		return &openedStore{driver: st, bolt: st, desc: cfg.Store.Path}, nil
+	case config.DriverEtcd:
+		return openEtcd(cfg.Store.Etcd, reg)
+	default:
+		return nil, usageError{fmt.Errorf("store.driver: unknown driver %q (bolt or etcd)", cfg.Store.Driver)}
 	}
-	e := cfg.Store.Etcd
+}
+
+// openEtcd opens the etcd driver.
+func openEtcd(e *config.Etcd, reg prometheus.Registerer) (*openedStore, error) {
+	if e == nil {
+		return nil, usageError{errors.New("store.etcd: required with driver etcd")}
+	}
 	var tc *tls.Config
 	if e.TLS != nil {
 		var err error
@@ -56,7 +80,7 @@ func openStore(cfg *config.Config, reg prometheus.Registerer) (*openedStore, err
 	if err != nil {
 		return nil, err
 	}
-	return &openedStore{Store: st, ready: st.Ping, close: st.Close, desc: fmt.Sprintf("etcd %v", e.Endpoints)}, nil
+	return &openedStore{driver: st, desc: fmt.Sprintf("etcd %v", e.Endpoints)}, nil
 }
 
 // openBolt opens the bbolt store at path for every command that needs it.
@@ -64,7 +88,7 @@ func openStore(cfg *config.Config, reg prometheus.Registerer) (*openedStore, err
 // process waits for it and times out: that is said as it is, with the way
 // out.
 func openBolt(path string, reg prometheus.Registerer) (*boltstore.Store, error) {
-	st, err := boltstore.Open(path, reg)
+	st, err := boltstore.Open(boltstore.Options{Path: path, Registerer: reg})
 	if errors.Is(err, bolterrors.ErrTimeout) {
 		return nil, storeInUseError{path: path, err: err}
 	}
