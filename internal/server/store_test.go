@@ -1,4 +1,4 @@
-package main
+package server
 
 import (
 	"errors"
@@ -19,8 +19,8 @@ func TestOpenStoreRefusesUnknownDriver(t *testing.T) {
 		st.Close()
 		t.Fatal("store.driver postgres opened a store")
 	}
-	if !errors.Is(err, errUsage) {
-		t.Errorf("error %v is not a usage error", err)
+	if !errors.Is(err, ErrConfig) {
+		t.Errorf("error %v is not a config error", err)
 	}
 	if _, serr := os.Stat(path); !errors.Is(serr, os.ErrNotExist) {
 		t.Errorf("a file was created at store.path: %v", serr)
