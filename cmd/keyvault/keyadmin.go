@@ -1,18 +1,19 @@
 package main
 
 import (
-	"bytes"
-	"encoding/json"
+	"context"
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"os"
-	"sort"
+	"slices"
 	"strings"
 	"time"
 
+	"github.com/keyvault/keyvault/client"
 	"github.com/keyvault/keyvault/config"
 	"github.com/keyvault/keyvault/hsmpool"
 	"github.com/keyvault/keyvault/internal/server"
@@ -58,29 +59,38 @@ func cmdKeysLifecycle(sub string, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
-	ac := &adminClient{url: strings.TrimSuffix(*adminURL, "/"), hc: hc}
-	if ac.url == "" {
-		ac.url = base
+	if *adminURL != "" {
+		base = *adminURL
 	}
-	ac.token, err = adminToken(*tokenFile)
+	token, err := adminToken(*tokenFile)
 	if err != nil {
 		return err
 	}
+	// rotate without a token only says how to take the version into use.
+	var ac *client.Admin
+	if token != "" {
+		if ac, err = client.NewAdmin(base, token, hc); err != nil {
+			return usageError{err}
+		}
+	} else if sub != "rotate" {
+		return usageError{errors.New("no admin token: set KEYVAULT_ADMIN_TOKEN or --admin-token-file (its SHA-256 is the config's admin_token_sha256)")}
+	}
+	ctx := context.Background()
 	switch sub {
 	case "rotate":
-		return keysRotate(cfg, ac, stdout)
+		return keysRotate(ctx, cfg, ac, stdout)
 	case "reload":
-		return keysReload(ac, stdout)
+		return keysReload(ctx, ac, stdout)
 	case "usage":
-		return keysShowUsage(ac, stdout)
+		return keysShowUsage(ctx, ac, stdout)
 	case "rewrap":
-		return keysRewrap(ac, *rate, *status, *wait, stdout)
+		return keysRewrap(ctx, ac, *rate, *status, *wait, stdout)
 	default:
-		return keysRetire(ac, uint32(*version), stdout)
+		return keysRetire(ctx, ac, uint32(*version), stdout)
 	}
 }
 
-func keysRotate(cfg *config.Config, ac *adminClient, stdout io.Writer) error {
+func keysRotate(ctx context.Context, cfg *config.Config, ac *client.Admin, stdout io.Writer) error {
 	members, err := server.MemberConfigs(cfg)
 	if err != nil {
 		return err
@@ -102,61 +112,64 @@ func keysRotate(cfg *config.Config, ac *adminClient, stdout io.Writer) error {
 	if err := keysList(cfg, stdout); err != nil {
 		return err
 	}
-	if ac.token == "" {
+	if ac == nil {
 		fmt.Fprintf(stdout, "No admin token given: have the running vault take version %d into use with\n"+
 			"  keyvault keys reload --config FILE   (or send it SIGHUP)\n", version)
 		return nil
 	}
-	err = keysReload(ac, stdout)
+	err = keysReload(ctx, ac, stdout)
 	var unreachable *net.OpError
 	if errors.As(err, &unreachable) {
-		fmt.Fprintf(stdout, "No vault answered at %s: a vault started from now on uses version %d.\n", ac.url, version)
+		fmt.Fprintf(stdout, "No vault answered at %s: a vault started from now on uses version %d.\n", ac.URL(), version)
 		return nil
 	}
 	return err
 }
 
-func keysReload(ac *adminClient, stdout io.Writer) error {
-	var out struct {
-		Versions map[string]uint32 `json:"versions"`
+// adminError says what a refusal of the admin listener means for the
+// operator.
+func adminError(ac *client.Admin, err error) error {
+	var e *client.Error
+	switch {
+	case !errors.As(err, &e):
+		return err
+	case e.Status == http.StatusNotFound:
+		return fmt.Errorf("%s answered 404: is admin_token_sha256 set in the running vault's config?", ac.URL())
+	case e.Detail != "":
+		return fmt.Errorf("refused (%d): %s", e.Status, e.Detail)
+	default:
+		return fmt.Errorf("%s: status %d", e.Op, e.Status)
 	}
-	if err := ac.call(http.MethodPost, "/admin/keys/reload", nil, &out, http.StatusOK); err != nil {
-		return fmt.Errorf("keys reload: %w", err)
+}
+
+func keysReload(ctx context.Context, ac *client.Admin, stdout io.Writer) error {
+	out, err := ac.ReloadKeys(ctx)
+	if err != nil {
+		return fmt.Errorf("keys reload: %w", adminError(ac, err))
 	}
 	fmt.Fprintf(stdout, "The running vault holds every key on every member and seals new backups under wrap key v%d and PIN key v%d.\n",
 		out.Versions["wrap"], out.Versions["pin"])
 	return nil
 }
 
-func keysShowUsage(ac *adminClient, stdout io.Writer) error {
-	var out map[string]map[string]int
-	if err := ac.call(http.MethodGet, "/admin/keys/usage", nil, &out, http.StatusOK); err != nil {
-		return fmt.Errorf("keys usage: %w", err)
+func keysShowUsage(ctx context.Context, ac *client.Admin, stdout io.Writer) error {
+	out, err := ac.KeyUsage(ctx)
+	if err != nil {
+		return fmt.Errorf("keys usage: %w", adminError(ac, err))
 	}
-	for _, role := range []string{"wrap", "pin"} {
-		vs := make([]string, 0, len(out[role]))
-		for v := range out[role] {
-			vs = append(vs, v)
-		}
-		sort.Slice(vs, func(i, j int) bool { return len(vs[i]) < len(vs[j]) || len(vs[i]) == len(vs[j]) && vs[i] < vs[j] })
-		for _, v := range vs {
-			fmt.Fprintf(stdout, "%-4s key v%-4s %d backups\n", role, v, out[role][v])
+	for _, role := range []struct {
+		name string
+		n    map[uint32]int
+	}{{"wrap", out.Wrap}, {"pin", out.PIN}} {
+		for _, v := range slices.Sorted(maps.Keys(role.n)) {
+			fmt.Fprintf(stdout, "%-4s key v%-4d %d backups\n", role.name, v, role.n[v])
 		}
 	}
 	return nil
 }
 
-type rewrapStatus struct {
-	Running   bool   `json:"running"`
-	Target    uint32 `json:"target_version"`
-	Total     int    `json:"total"`
-	Done      int    `json:"done"`
-	Skipped   int    `json:"skipped"`
-	Errors    int    `json:"errors"`
-	LastError string `json:"last_error"`
-}
-
-func (s rewrapStatus) String() string {
+// rewrapLine is one line of re-wrap progress.
+func rewrapLine(s client.RewrapStatus) string {
 	state := "finished"
 	if s.Running {
 		state = "running"
@@ -168,24 +181,24 @@ func (s rewrapStatus) String() string {
 	return line
 }
 
-func keysRewrap(ac *adminClient, rate float64, statusOnly, wait bool, stdout io.Writer) error {
-	var st rewrapStatus
+func keysRewrap(ctx context.Context, ac *client.Admin, rate float64, statusOnly, wait bool, stdout io.Writer) error {
+	var st client.RewrapStatus
+	var err error
 	if statusOnly {
-		if err := ac.call(http.MethodGet, "/admin/rewrap", nil, &st, http.StatusOK); err != nil {
-			return fmt.Errorf("keys rewrap: %w", err)
-		}
+		st, err = ac.RewrapStatus(ctx)
 	} else {
-		if err := ac.call(http.MethodPost, "/admin/rewrap", map[string]float64{"per_second": rate}, &st, http.StatusAccepted, http.StatusOK); err != nil {
-			return fmt.Errorf("keys rewrap: %w", err)
-		}
+		st, _, err = ac.StartRewrap(ctx, rate)
 	}
-	fmt.Fprintln(stdout, st)
+	if err != nil {
+		return fmt.Errorf("keys rewrap: %w", adminError(ac, err))
+	}
+	fmt.Fprintln(stdout, rewrapLine(st))
 	for wait && st.Running {
 		time.Sleep(time.Second)
-		if err := ac.call(http.MethodGet, "/admin/rewrap", nil, &st, http.StatusOK); err != nil {
-			return fmt.Errorf("keys rewrap: %w", err)
+		if st, err = ac.RewrapStatus(ctx); err != nil {
+			return fmt.Errorf("keys rewrap: %w", adminError(ac, err))
 		}
-		fmt.Fprintln(stdout, st)
+		fmt.Fprintln(stdout, rewrapLine(st))
 	}
 	if wait && st.Errors > 0 {
 		return fmt.Errorf("keys rewrap: %d records could not be moved; run it again", st.Errors)
@@ -193,77 +206,16 @@ func keysRewrap(ac *adminClient, rate float64, statusOnly, wait bool, stdout io.
 	return nil
 }
 
-func keysRetire(ac *adminClient, version uint32, stdout io.Writer) error {
-	var out struct {
-		Destroyed map[string][]string `json:"destroyed"`
+func keysRetire(ctx context.Context, ac *client.Admin, version uint32, stdout io.Writer) error {
+	out, err := ac.RetireKeys(ctx, version)
+	if err != nil {
+		return fmt.Errorf("keys retire: %w", adminError(ac, err))
 	}
-	if err := ac.call(http.MethodPost, "/admin/keys/retire", map[string]uint32{"version": version}, &out, http.StatusOK); err != nil {
-		return fmt.Errorf("keys retire: %w", err)
-	}
-	members := make([]string, 0, len(out.Destroyed))
-	for m := range out.Destroyed {
-		members = append(members, m)
-	}
-	sort.Strings(members)
 	fmt.Fprintf(stdout, "Key version %d retired: no backup used it.\n", version)
-	for _, m := range members {
+	for _, m := range slices.Sorted(maps.Keys(out.Destroyed)) {
 		fmt.Fprintf(stdout, "  member %s: destroyed %s\n", m, strings.Join(out.Destroyed[m], ", "))
 	}
 	return nil
-}
-
-// adminClient calls the running vault's admin listener.
-type adminClient struct {
-	url, token string
-	hc         *http.Client
-}
-
-// call sends body as JSON and decodes a reply of one of the want statuses
-// into out; another status is an error with the reply's detail.
-func (c *adminClient) call(method, path string, body, out any, want ...int) error {
-	if c.token == "" {
-		return usageError{errors.New("no admin token: set KEYVAULT_ADMIN_TOKEN or --admin-token-file (its SHA-256 is the config's admin_token_sha256)")}
-	}
-	var rd io.Reader
-	if body != nil {
-		b, err := json.Marshal(body)
-		if err != nil {
-			return err
-		}
-		rd = bytes.NewReader(b)
-	}
-	req, err := http.NewRequest(method, c.url+path, rd)
-	if err != nil {
-		return usageError{fmt.Errorf("admin URL: %w", err)}
-	}
-	req.Header.Set("Authorization", "Bearer "+c.token)
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := c.hc.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	raw, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-	if err != nil {
-		return err
-	}
-	for _, w := range want {
-		if resp.StatusCode == w {
-			return json.Unmarshal(raw, out)
-		}
-	}
-	var p struct {
-		Detail string `json:"detail"`
-	}
-	_ = json.Unmarshal(raw, &p)
-	switch {
-	case resp.StatusCode == http.StatusNotFound:
-		return fmt.Errorf("%s answered 404: is admin_token_sha256 set in the running vault's config?", c.url)
-	case p.Detail != "":
-		return fmt.Errorf("refused (%d): %s", resp.StatusCode, p.Detail)
-	default:
-		return fmt.Errorf("%s %s: status %d", method, path, resp.StatusCode)
-	}
 }
 
 // adminToken reads the admin token from file, or from KEYVAULT_ADMIN_TOKEN.
