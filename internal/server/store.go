@@ -19,7 +19,7 @@ import (
 	"github.com/keyvault/keyvault/vault/etcdstore"
 )
 
-// driver is what serve needs of a store driver beside the vault.Store: a
+// driver is what Run needs of a store driver beside the vault.Store: a
 // readiness check for /readyz and a close at shutdown.
 type driver interface {
 	vault.Store
