@@ -6,13 +6,14 @@ import (
 	"crypto/subtle"
 	"errors"
 	"log/slog"
+	"maps"
 	"net/http"
-	"strconv"
 	"strings"
 	"time"
 
 	"github.com/go-chi/chi/v5"
 
+	"github.com/keyvault/keyvault/client"
 	"github.com/keyvault/keyvault/vault"
 )
 
@@ -81,7 +82,11 @@ func mountKeyAdmin(r chi.Router, opts AdminOptions) {
 			}
 			adminAudit(audit, r, "keys_reload", start, "success",
 				"wrap_version", vs[vault.RoleWrap], "pin_version", vs[vault.RolePIN])
-			writeJSON(w, http.StatusOK, map[string]any{"versions": vs})
+			versions := make(map[string]uint32, len(vs))
+			for role, v := range vs {
+				versions[string(role)] = v
+			}
+			writeJSON(w, http.StatusOK, client.KeyVersions{Versions: versions})
 		})
 		r.Get("/keys/usage", func(w http.ResponseWriter, r *http.Request) {
 			u, err := k.Usage(r.Context())
@@ -116,7 +121,7 @@ func mountKeyAdmin(r chi.Router, opts AdminOptions) {
 			case err != nil:
 				adminError(w, r, http.StatusConflict, "retire_failed", err)
 			default:
-				writeJSON(w, http.StatusOK, map[string]any{"retired": req.Version, "destroyed": destroyed})
+				writeJSON(w, http.StatusOK, client.Retired{Version: req.Version, Destroyed: destroyed})
 			}
 		})
 		r.Post("/rewrap", func(w http.ResponseWriter, r *http.Request) {
@@ -184,13 +189,12 @@ func writeDeadline(d time.Duration) func(http.Handler) http.Handler {
 	}
 }
 
-type retireRequest struct {
-	Version uint32 `json:"version"`
-}
-
-type rewrapRequest struct {
-	PerSecond float64 `json:"per_second"` // 0: no limit
-}
+// The admin bodies are the Go client's types, so that the two cannot
+// drift apart.
+type (
+	retireRequest = client.RetireRequest
+	rewrapRequest = client.RewrapRequest
+)
 
 // adminAuth accepts a bearer token whose SHA-256 is one of hashes,
 // compared in constant time with every one.
@@ -224,27 +228,23 @@ func adminError(w http.ResponseWriter, r *http.Request, status int, code string,
 	})
 }
 
-func usageJSON(u vault.KeyUsage) map[string]map[string]int {
-	out := map[string]map[string]int{"wrap": {}, "pin": {}}
-	for v, n := range u.Wrap {
-		out["wrap"][strconv.FormatUint(uint64(v), 10)] = n
-	}
-	for v, n := range u.PIN {
-		out["pin"][strconv.FormatUint(uint64(v), 10)] = n
-	}
+func usageJSON(u vault.KeyUsage) client.KeyUsage {
+	out := client.KeyUsage{Wrap: map[uint32]int{}, PIN: map[uint32]int{}}
+	maps.Copy(out.Wrap, u.Wrap)
+	maps.Copy(out.PIN, u.PIN)
 	return out
 }
 
-func rewrapJSON(s vault.RewrapStatus) map[string]any {
-	out := map[string]any{
-		"running": s.Running, "target_version": s.Target, "total": s.Total, "done": s.Done,
-		"skipped": s.Skipped, "errors": s.Errors, "last_error": s.LastError,
+func rewrapJSON(s vault.RewrapStatus) client.RewrapStatus {
+	out := client.RewrapStatus{
+		Running: s.Running, Target: s.Target, Total: s.Total, Done: s.Done,
+		Skipped: s.Skipped, Errors: s.Errors, LastError: s.LastError,
 	}
 	if !s.StartedAt.IsZero() {
-		out["started_at"] = s.StartedAt.Format(time.RFC3339Nano)
+		out.StartedAt = &s.StartedAt
 	}
 	if !s.FinishedAt.IsZero() {
-		out["finished_at"] = s.FinishedAt.Format(time.RFC3339Nano)
+		out.FinishedAt = &s.FinishedAt
 	}
 	return out
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/keyvault/keyvault/client"
 	"github.com/keyvault/keyvault/vault"
 )
 
@@ -123,5 +125,52 @@ func TestAdminKeyEndpoints(t *testing.T) {
 	off.ServeHTTP(rec, httptest.NewRequest("GET", "/admin/keys/usage", nil))
 	if rec.Code != http.StatusNotFound {
 		t.Errorf("without a token configured: %d, want 404", rec.Code)
+	}
+}
+
+// client.Admin speaks to the admin router over HTTP: every answer decodes
+// into the shared types, a refusal is a *client.Error with the vault's
+// code and detail, and a wrong token is a 401.
+func TestAdminKeyEndpointsThroughClient(t *testing.T) {
+	t.Parallel()
+	hash := sha256.Sum256([]byte("admin-token"))
+	srv := httptest.NewServer(NewAdminRouterWith(prometheus.NewRegistry(), func() error { return nil },
+		AdminOptions{TokenHashes: [][32]byte{hash}, Keys: &fakeKeyAdmin{}, Logger: slog.New(slog.DiscardHandler)}))
+	defer srv.Close()
+	ac, err := client.NewAdmin(srv.URL+"/", "admin-token", srv.Client())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if vs, err := ac.ReloadKeys(ctx); err != nil || vs.Versions["wrap"] != 2 || vs.Versions["pin"] != 2 || vs.Versions["root"] != 1 {
+		t.Errorf("reload: %+v, %v", vs, err)
+	}
+	if u, err := ac.KeyUsage(ctx); err != nil || u.Wrap[1] != 3 || u.Wrap[2] != 4 || u.PIN[1] != 7 || len(u.PIN) != 1 {
+		t.Errorf("usage: %+v, %v", u, err)
+	}
+	_, err = ac.RetireKeys(ctx, 1)
+	var e *client.Error
+	if !errors.As(err, &e) || e.Status != http.StatusConflict || e.Code != "keys_in_use" || !strings.Contains(e.Detail, "keyvault keys rewrap") ||
+		e.Op != "POST /admin/keys/retire" {
+		t.Errorf("retire in use: %#v", err)
+	}
+	if r, err := ac.RetireKeys(ctx, 3); err != nil || r.Version != 3 || r.Destroyed["hsm-a"][0] != "keyvault-wrap-v3" {
+		t.Errorf("retire: %+v, %v", r, err)
+	}
+	if st, started, err := ac.StartRewrap(ctx, 50); err != nil || !started || !st.Running || st.Target != 2 {
+		t.Errorf("start rewrap: %+v %v %v", st, started, err)
+	}
+	if _, started, err := ac.StartRewrap(ctx, 50); err != nil || started {
+		t.Errorf("start a running rewrap: started %v, %v", started, err)
+	}
+	if st, err := ac.RewrapStatus(ctx); err != nil || st.Done != 4 || st.Total != 10 || st.StartedAt != nil {
+		t.Errorf("rewrap status: %+v, %v", st, err)
+	}
+	wrong, err := client.NewAdmin(srv.URL, "wrong", srv.Client())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := wrong.KeyUsage(ctx); !errors.As(err, &e) || e.Status != http.StatusUnauthorized {
+		t.Errorf("wrong token: %v", err)
 	}
 }

@@ -94,7 +94,7 @@ var sentinels = map[string]error{
 //	}
 type Error struct {
 	// Op is the call: "enroll", "recover", "status", "delete" or
-	// "change PIN".
+	// "change PIN"; for Admin, the method and path.
 	Op string
 	// Status is the HTTP status; 0 when the client refused to send the
 	// call.

@@ -75,7 +75,7 @@ func anchoredBenchVault(b *testing.B, delay time.Duration) (*vault.Vault, *slowA
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { pool.Close() })
-	store, err := boltstore.Open(filepath.Join(b.TempDir(), "keyvault.db"), nil)
+	store, err := boltstore.Open(boltstore.Options{Path: filepath.Join(b.TempDir(), "keyvault.db")})
 	if err != nil {
 		b.Fatal(err)
 	}

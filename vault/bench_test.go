@@ -78,7 +78,7 @@ func benchVault(b *testing.B) *vault.Vault {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { pool.Close() })
-	store, err := boltstore.Open(filepath.Join(b.TempDir(), "keyvault.db"), nil)
+	store, err := boltstore.Open(boltstore.Options{Path: filepath.Join(b.TempDir(), "keyvault.db")})
 	if err != nil {
 		b.Fatal(err)
 	}

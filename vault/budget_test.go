@@ -249,7 +249,7 @@ func TestNewRejectsBadOptions(t *testing.T) {
 		{DefaultMaxAttempts: 5, MaxAttemptsLimit: 3},
 		{MaxAttemptsLimit: -1},
 	} {
-		st, err := boltstore.Open(t.TempDir()+"/s.db", nil)
+		st, err := boltstore.Open(boltstore.Options{Path: t.TempDir() + "/s.db"})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -262,7 +262,7 @@ func TestNewRejectsBadOptions(t *testing.T) {
 
 func TestNewNeedsTheHSM(t *testing.T) {
 	t.Parallel()
-	st, err := boltstore.Open(t.TempDir()+"/s.db", nil)
+	st, err := boltstore.Open(boltstore.Options{Path: t.TempDir() + "/s.db"})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -106,7 +106,7 @@ func (e *env) open() {
 	if e.etcd != nil {
 		st, err = etcdstore.Open(etcdstore.Options{Endpoints: e.etcd, KeyPrefix: e.path})
 	} else {
-		st, err = boltstore.Open(e.path, nil)
+		st, err = boltstore.Open(boltstore.Options{Path: e.path})
 	}
 	if err != nil {
 		e.t.Fatalf("open store: %v", err)

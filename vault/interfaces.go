@@ -20,6 +20,13 @@ type Store interface {
 	// CompareAndSwap stores value under key if the key's current revision
 	// is rev (0: the key must not exist), durably, and returns the new
 	// revision. Otherwise it writes nothing and returns ErrConflict.
+	//
+	// ErrConflict is the only error that says nothing was written. Any
+	// other error leaves the outcome unknown: the write may have landed,
+	// or may land after the error is returned (a timeout, a lost leader).
+	// A driver must never turn such an error into ErrConflict, nor retry a
+	// write it cannot tell landed; the vault resolves the outcome itself
+	// (its operation IDs).
 	CompareAndSwap(ctx context.Context, key []byte, rev uint64, value []byte) (uint64, error)
 	// Scan calls fn for each key starting with prefix, in key order. The
 	// slices are only valid during the call.

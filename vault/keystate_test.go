@@ -92,7 +92,7 @@ var v2Keys = map[vault.KeyRole]uint32{vault.RoleWrap: 2, vault.RolePIN: 2, vault
 
 func newCluster(t *testing.T) *cluster {
 	t.Helper()
-	st, err := boltstore.Open(filepath.Join(t.TempDir(), "kv.db"), nil)
+	st, err := boltstore.Open(boltstore.Options{Path: filepath.Join(t.TempDir(), "kv.db")})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -15,8 +15,8 @@ import (
 
 	"github.com/keyvault/keyvault/anchor"
 	"github.com/keyvault/keyvault/config"
-	"github.com/keyvault/keyvault/hsmpool"
 	"github.com/keyvault/keyvault/internal/audit"
+	"github.com/keyvault/keyvault/internal/server"
 	"github.com/keyvault/keyvault/vault"
 	"github.com/keyvault/keyvault/vault/boltstore"
 )
@@ -62,12 +62,12 @@ func cmdAnchor(args []string, stdout, stderr io.Writer) error {
 		return usageError{errors.New("rollback anchoring is bbolt only; this config uses store.driver etcd")}
 	}
 	log := newLogger(cfg, stderr)
-	store, err := openBolt(cfg.Store.Path, nil)
+	store, err := server.OpenBolt(cfg.Store.Path, nil)
 	if err != nil {
 		return err
 	}
 	defer store.Close()
-	pool, err := openPool(cfg, prometheus.NewRegistry(), slog.New(slog.DiscardHandler))
+	pool, err := server.OpenPool(cfg, prometheus.NewRegistry(), slog.New(slog.DiscardHandler))
 	if err != nil {
 		return err
 	}
@@ -77,7 +77,7 @@ func cmdAnchor(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	members, err := anchorMembers(ctx, pool, log)
+	members, err := server.AnchorMembers(ctx, pool, log)
 	if err != nil {
 		return err
 	}
@@ -114,20 +114,6 @@ func cmdAnchor(args []string, stdout, stderr io.Writer) error {
 	fmt.Fprintf(stdout, "accepted: epoch %d, seq %d; %d anchored batches lost; anchored on %s\n",
 		acc.Epoch, acc.Seq, acc.BatchesLost, strings.Join(acc.Members, ", "))
 	return nil
-}
-
-// anchorMembers are the members whose tokens keep the rollback anchors;
-// each member left out is logged with the reason.
-func anchorMembers(ctx context.Context, pool *hsmpool.Pool, log *slog.Logger) (*hsmpool.AnchorMembers, error) {
-	members, err := pool.AnchorMembers(ctx)
-	if err != nil {
-		return nil, err
-	}
-	for _, r := range members.Refused {
-		log.Warn("HSM member keeps no rollback anchors; the anchors live on the other members", "member", r.Member, "error", r.Error(),
-			"anchor_members", strings.Join(members.Members(), ","))
-	}
-	return members, nil
 }
 
 func refusedReason(err error) anchor.Reason {

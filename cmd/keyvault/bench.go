@@ -26,6 +26,7 @@ import (
 
 	"github.com/keyvault/keyvault/client"
 	"github.com/keyvault/keyvault/internal/loadgen"
+	"github.com/keyvault/keyvault/internal/server"
 	"github.com/keyvault/keyvault/vault"
 )
 
@@ -234,7 +235,7 @@ func newHSMWorkload(ctx context.Context, f benchFlags, stderr io.Writer) (benchW
 		return nil, err
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	pool, err := openPool(cfg, prometheus.NewRegistry(), log)
+	pool, err := server.OpenPool(cfg, prometheus.NewRegistry(), log)
 	if err != nil {
 		return nil, err
 	}

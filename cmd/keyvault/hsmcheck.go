@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/keyvault/keyvault/hsmpool"
+	"github.com/keyvault/keyvault/internal/server"
 	"github.com/keyvault/keyvault/vault"
 )
 
@@ -34,7 +35,7 @@ func cmdHSM(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	members, err := memberConfigs(cfg)
+	members, err := server.MemberConfigs(cfg)
 	if err != nil {
 		return err
 	}

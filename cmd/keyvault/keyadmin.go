@@ -1,99 +1,24 @@
 package main
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"os"
-	"os/signal"
-	"sort"
+	"slices"
 	"strings"
-	"syscall"
 	"time"
 
+	"github.com/keyvault/keyvault/client"
 	"github.com/keyvault/keyvault/config"
 	"github.com/keyvault/keyvault/hsmpool"
+	"github.com/keyvault/keyvault/internal/server"
 	"github.com/keyvault/keyvault/vault"
 )
-
-// keyAdmin joins the pool and the vault for the admin listener's key
-// lifecycle endpoints (api.KeyAdmin).
-type keyAdmin struct {
-	ctx  context.Context // the process's lifetime: it ends the re-wrap job
-	pool *hsmpool.Pool
-	v    *vault.Vault
-}
-
-// Reload reloads this node's keys and announces a newer version to the
-// nodes sharing the store, which reload within a heartbeat or two.
-func (k *keyAdmin) Reload(ctx context.Context) (map[vault.KeyRole]uint32, error) {
-	return k.v.ReloadKeys(ctx)
-}
-
-func (k *keyAdmin) Usage(ctx context.Context) (vault.KeyUsage, error) { return k.v.KeyUsage(ctx) }
-
-func (k *keyAdmin) Retire(ctx context.Context, version uint32) (map[string][]string, error) {
-	var destroyed map[string][]string
-	err := k.v.RetireKeys(ctx, version, func(version uint32) error {
-		var err error
-		destroyed, err = k.pool.Retire(version)
-		return err
-	})
-	return destroyed, err
-}
-
-func (k *keyAdmin) StartRewrap(perSecond float64) (vault.RewrapStatus, bool) {
-	return k.v.StartRewrap(k.ctx, perSecond)
-}
-
-func (k *keyAdmin) RewrapStatus() vault.RewrapStatus { return k.v.RewrapStatus() }
-
-// watchKeys runs the key lifecycle of this node: one round before
-// serving (the key state read, the heartbeat published), then one every
-// heartbeat (vault.RunKeySync); it reloads the HSM keys on SIGHUP (the
-// other trigger is POST /admin/keys/reload), and counts records by key
-// version for the records-by-version gauges: once before serving, so that
-// the first scrape has them, then every minute.
-func watchKeys(ctx context.Context, k *keyAdmin, log *slog.Logger) {
-	if err := k.v.SyncKeys(ctx); err != nil {
-		// On etcd the node seals nothing new until a round succeeds.
-		log.Warn("first key sync round failed; retrying every heartbeat", "error", err.Error())
-	}
-	go k.v.RunKeySync(ctx)
-	count := func() {
-		if _, err := k.v.KeyUsage(ctx); err != nil && ctx.Err() == nil {
-			log.Warn("counting records by key version", "error", err.Error())
-		}
-	}
-	count()
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	go func() {
-		defer signal.Stop(hup)
-		tick := time.NewTicker(time.Minute)
-		defer tick.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-tick.C:
-				count()
-			case <-hup:
-				if vs, err := k.v.ReloadKeys(ctx); err != nil {
-					log.Error("key reload on SIGHUP refused", "error", err.Error())
-				} else {
-					log.Info("keys reloaded on SIGHUP", "wrap_version", vs[vault.RoleWrap], "pin_version", vs[vault.RolePIN])
-				}
-			}
-		}
-	}()
-}
 
 const keysLifecycleUsage = `keys rotate --config FILE [--admin-url URL] [--admin-token-file FILE]
        keyvault keys reload --config FILE [--admin-url URL] [--admin-token-file FILE]
@@ -134,30 +59,39 @@ func cmdKeysLifecycle(sub string, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
-	ac := &adminClient{url: strings.TrimSuffix(*adminURL, "/"), hc: hc}
-	if ac.url == "" {
-		ac.url = base
+	if *adminURL != "" {
+		base = *adminURL
 	}
-	ac.token, err = adminToken(*tokenFile)
+	token, err := adminToken(*tokenFile)
 	if err != nil {
 		return err
 	}
+	// rotate without a token only says how to take the version into use.
+	var ac *client.Admin
+	if token != "" {
+		if ac, err = client.NewAdmin(base, token, hc); err != nil {
+			return usageError{err}
+		}
+	} else if sub != "rotate" {
+		return usageError{errors.New("no admin token: set KEYVAULT_ADMIN_TOKEN or --admin-token-file (its SHA-256 is the config's admin_token_sha256)")}
+	}
+	ctx := context.Background()
 	switch sub {
 	case "rotate":
-		return keysRotate(cfg, ac, stdout)
+		return keysRotate(ctx, cfg, ac, stdout)
 	case "reload":
-		return keysReload(ac, stdout)
+		return keysReload(ctx, ac, stdout)
 	case "usage":
-		return keysShowUsage(ac, stdout)
+		return keysShowUsage(ctx, ac, stdout)
 	case "rewrap":
-		return keysRewrap(ac, *rate, *status, *wait, stdout)
+		return keysRewrap(ctx, ac, *rate, *status, *wait, stdout)
 	default:
-		return keysRetire(ac, uint32(*version), stdout)
+		return keysRetire(ctx, ac, uint32(*version), stdout)
 	}
 }
 
-func keysRotate(cfg *config.Config, ac *adminClient, stdout io.Writer) error {
-	members, err := memberConfigs(cfg)
+func keysRotate(ctx context.Context, cfg *config.Config, ac *client.Admin, stdout io.Writer) error {
+	members, err := server.MemberConfigs(cfg)
 	if err != nil {
 		return err
 	}
@@ -178,61 +112,64 @@ func keysRotate(cfg *config.Config, ac *adminClient, stdout io.Writer) error {
 	if err := keysList(cfg, stdout); err != nil {
 		return err
 	}
-	if ac.token == "" {
+	if ac == nil {
 		fmt.Fprintf(stdout, "No admin token given: have the running vault take version %d into use with\n"+
 			"  keyvault keys reload --config FILE   (or send it SIGHUP)\n", version)
 		return nil
 	}
-	err = keysReload(ac, stdout)
+	err = keysReload(ctx, ac, stdout)
 	var unreachable *net.OpError
 	if errors.As(err, &unreachable) {
-		fmt.Fprintf(stdout, "No vault answered at %s: a vault started from now on uses version %d.\n", ac.url, version)
+		fmt.Fprintf(stdout, "No vault answered at %s: a vault started from now on uses version %d.\n", ac.URL(), version)
 		return nil
 	}
 	return err
 }
 
-func keysReload(ac *adminClient, stdout io.Writer) error {
-	var out struct {
-		Versions map[string]uint32 `json:"versions"`
+// adminError says what a refusal of the admin listener means for the
+// operator.
+func adminError(ac *client.Admin, err error) error {
+	var e *client.Error
+	switch {
+	case !errors.As(err, &e):
+		return err
+	case e.Status == http.StatusNotFound:
+		return fmt.Errorf("%s answered 404: is admin_token_sha256 set in the running vault's config?", ac.URL())
+	case e.Detail != "":
+		return fmt.Errorf("refused (%d): %s", e.Status, e.Detail)
+	default:
+		return fmt.Errorf("%s: status %d", e.Op, e.Status)
 	}
-	if err := ac.call(http.MethodPost, "/admin/keys/reload", nil, &out, http.StatusOK); err != nil {
-		return fmt.Errorf("keys reload: %w", err)
+}
+
+func keysReload(ctx context.Context, ac *client.Admin, stdout io.Writer) error {
+	out, err := ac.ReloadKeys(ctx)
+	if err != nil {
+		return fmt.Errorf("keys reload: %w", adminError(ac, err))
 	}
 	fmt.Fprintf(stdout, "The running vault holds every key on every member and seals new backups under wrap key v%d and PIN key v%d.\n",
 		out.Versions["wrap"], out.Versions["pin"])
 	return nil
 }
 
-func keysShowUsage(ac *adminClient, stdout io.Writer) error {
-	var out map[string]map[string]int
-	if err := ac.call(http.MethodGet, "/admin/keys/usage", nil, &out, http.StatusOK); err != nil {
-		return fmt.Errorf("keys usage: %w", err)
+func keysShowUsage(ctx context.Context, ac *client.Admin, stdout io.Writer) error {
+	out, err := ac.KeyUsage(ctx)
+	if err != nil {
+		return fmt.Errorf("keys usage: %w", adminError(ac, err))
 	}
-	for _, role := range []string{"wrap", "pin"} {
-		vs := make([]string, 0, len(out[role]))
-		for v := range out[role] {
-			vs = append(vs, v)
-		}
-		sort.Slice(vs, func(i, j int) bool { return len(vs[i]) < len(vs[j]) || len(vs[i]) == len(vs[j]) && vs[i] < vs[j] })
-		for _, v := range vs {
-			fmt.Fprintf(stdout, "%-4s key v%-4s %d backups\n", role, v, out[role][v])
+	for _, role := range []struct {
+		name string
+		n    map[uint32]int
+	}{{"wrap", out.Wrap}, {"pin", out.PIN}} {
+		for _, v := range slices.Sorted(maps.Keys(role.n)) {
+			fmt.Fprintf(stdout, "%-4s key v%-4d %d backups\n", role.name, v, role.n[v])
 		}
 	}
 	return nil
 }
 
-type rewrapStatus struct {
-	Running   bool   `json:"running"`
-	Target    uint32 `json:"target_version"`
-	Total     int    `json:"total"`
-	Done      int    `json:"done"`
-	Skipped   int    `json:"skipped"`
-	Errors    int    `json:"errors"`
-	LastError string `json:"last_error"`
-}
-
-func (s rewrapStatus) String() string {
+// rewrapLine is one line of re-wrap progress.
+func rewrapLine(s client.RewrapStatus) string {
 	state := "finished"
 	if s.Running {
 		state = "running"
@@ -244,24 +181,24 @@ func (s rewrapStatus) String() string {
 	return line
 }
 
-func keysRewrap(ac *adminClient, rate float64, statusOnly, wait bool, stdout io.Writer) error {
-	var st rewrapStatus
+func keysRewrap(ctx context.Context, ac *client.Admin, rate float64, statusOnly, wait bool, stdout io.Writer) error {
+	var st client.RewrapStatus
+	var err error
 	if statusOnly {
-		if err := ac.call(http.MethodGet, "/admin/rewrap", nil, &st, http.StatusOK); err != nil {
-			return fmt.Errorf("keys rewrap: %w", err)
-		}
+		st, err = ac.RewrapStatus(ctx)
 	} else {
-		if err := ac.call(http.MethodPost, "/admin/rewrap", map[string]float64{"per_second": rate}, &st, http.StatusAccepted, http.StatusOK); err != nil {
-			return fmt.Errorf("keys rewrap: %w", err)
-		}
+		st, _, err = ac.StartRewrap(ctx, rate)
 	}
-	fmt.Fprintln(stdout, st)
+	if err != nil {
+		return fmt.Errorf("keys rewrap: %w", adminError(ac, err))
+	}
+	fmt.Fprintln(stdout, rewrapLine(st))
 	for wait && st.Running {
 		time.Sleep(time.Second)
-		if err := ac.call(http.MethodGet, "/admin/rewrap", nil, &st, http.StatusOK); err != nil {
-			return fmt.Errorf("keys rewrap: %w", err)
+		if st, err = ac.RewrapStatus(ctx); err != nil {
+			return fmt.Errorf("keys rewrap: %w", adminError(ac, err))
 		}
-		fmt.Fprintln(stdout, st)
+		fmt.Fprintln(stdout, rewrapLine(st))
 	}
 	if wait && st.Errors > 0 {
 		return fmt.Errorf("keys rewrap: %d records could not be moved; run it again", st.Errors)
@@ -269,77 +206,16 @@ func keysRewrap(ac *adminClient, rate float64, statusOnly, wait bool, stdout io.
 	return nil
 }
 
-func keysRetire(ac *adminClient, version uint32, stdout io.Writer) error {
-	var out struct {
-		Destroyed map[string][]string `json:"destroyed"`
+func keysRetire(ctx context.Context, ac *client.Admin, version uint32, stdout io.Writer) error {
+	out, err := ac.RetireKeys(ctx, version)
+	if err != nil {
+		return fmt.Errorf("keys retire: %w", adminError(ac, err))
 	}
-	if err := ac.call(http.MethodPost, "/admin/keys/retire", map[string]uint32{"version": version}, &out, http.StatusOK); err != nil {
-		return fmt.Errorf("keys retire: %w", err)
-	}
-	members := make([]string, 0, len(out.Destroyed))
-	for m := range out.Destroyed {
-		members = append(members, m)
-	}
-	sort.Strings(members)
 	fmt.Fprintf(stdout, "Key version %d retired: no backup used it.\n", version)
-	for _, m := range members {
+	for _, m := range slices.Sorted(maps.Keys(out.Destroyed)) {
 		fmt.Fprintf(stdout, "  member %s: destroyed %s\n", m, strings.Join(out.Destroyed[m], ", "))
 	}
 	return nil
-}
-
-// adminClient calls the running vault's admin listener.
-type adminClient struct {
-	url, token string
-	hc         *http.Client
-}
-
-// call sends body as JSON and decodes a reply of one of the want statuses
-// into out; another status is an error with the reply's detail.
-func (c *adminClient) call(method, path string, body, out any, want ...int) error {
-	if c.token == "" {
-		return usageError{errors.New("no admin token: set KEYVAULT_ADMIN_TOKEN or --admin-token-file (its SHA-256 is the config's admin_token_sha256)")}
-	}
-	var rd io.Reader
-	if body != nil {
-		b, err := json.Marshal(body)
-		if err != nil {
-			return err
-		}
-		rd = bytes.NewReader(b)
-	}
-	req, err := http.NewRequest(method, c.url+path, rd)
-	if err != nil {
-		return usageError{fmt.Errorf("admin URL: %w", err)}
-	}
-	req.Header.Set("Authorization", "Bearer "+c.token)
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := c.hc.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	raw, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-	if err != nil {
-		return err
-	}
-	for _, w := range want {
-		if resp.StatusCode == w {
-			return json.Unmarshal(raw, out)
-		}
-	}
-	var p struct {
-		Detail string `json:"detail"`
-	}
-	_ = json.Unmarshal(raw, &p)
-	switch {
-	case resp.StatusCode == http.StatusNotFound:
-		return fmt.Errorf("%s answered 404: is admin_token_sha256 set in the running vault's config?", c.url)
-	case p.Detail != "":
-		return fmt.Errorf("refused (%d): %s", resp.StatusCode, p.Detail)
-	default:
-		return fmt.Errorf("%s %s: status %d", method, path, resp.StatusCode)
-	}
 }
 
 // adminToken reads the admin token from file, or from KEYVAULT_ADMIN_TOKEN.

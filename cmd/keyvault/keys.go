@@ -11,6 +11,7 @@ import (
 
 	"github.com/keyvault/keyvault/config"
 	"github.com/keyvault/keyvault/hsmpool"
+	"github.com/keyvault/keyvault/internal/server"
 	"github.com/keyvault/keyvault/vault"
 )
 
@@ -60,7 +61,7 @@ func cmdKeys(args []string, stdout, stderr io.Writer) error {
 
 // keysInit provisions key version 1 and says where the material was made.
 func keysInit(cfg *config.Config, mods *hsmpool.Modules, stdout io.Writer) error {
-	members, err := memberConfigs(cfg)
+	members, err := server.MemberConfigs(cfg)
 	if err != nil {
 		return err
 	}
@@ -113,7 +114,7 @@ func keysInit(cfg *config.Config, mods *hsmpool.Modules, stdout io.Writer) error
 
 // keysList prints every member's key versions and check values.
 func keysList(cfg *config.Config, stdout io.Writer) error {
-	pool, err := openPool(cfg, prometheus.NewRegistry(), slog.New(slog.DiscardHandler))
+	pool, err := server.OpenPool(cfg, prometheus.NewRegistry(), slog.New(slog.DiscardHandler))
 	if err != nil {
 		return err
 	}

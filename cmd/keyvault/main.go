@@ -10,6 +10,8 @@ import (
 	"io"
 	"os"
 	"runtime/debug"
+
+	"github.com/keyvault/keyvault/internal/server"
 )
 
 // version is set at build time with -ldflags "-X main.version=..." (make
@@ -89,7 +91,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 0
 	case errors.Is(err, flag.ErrHelp):
 		return 0
-	case errors.Is(err, errUsage):
+	case errors.Is(err, errUsage), errors.Is(err, server.ErrConfig):
 		fmt.Fprintf(stderr, "keyvault %s: %v\n", args[0], err)
 		return 2
 	default:

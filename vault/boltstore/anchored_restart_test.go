@@ -24,7 +24,7 @@ import (
 // openAnchored opens the store at path and runs the start-up check.
 func openAnchored(t *testing.T, path string, keys anchor.Keys, fa *ctlAnchors) (*boltstore.Store, error) {
 	t.Helper()
-	s, err := boltstore.Open(path, nil)
+	s, err := boltstore.Open(boltstore.Options{Path: path})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -137,7 +137,7 @@ func mustRev(t *testing.T, s *boltstore.Store, key string) uint64 {
 // refuses as no_anchor.
 func TestAdoptionCutOffBeforeItsFirstAnchor(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "store.db")
-	s, err := boltstore.Open(path, nil)
+	s, err := boltstore.Open(boltstore.Options{Path: path})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -207,7 +207,7 @@ func halfFailedAccept(t *testing.T, path string, keys anchor.Keys, fa *ctlAnchor
 		t.Fatal(err)
 	}
 	fa.set("b")
-	s, err := boltstore.Open(path, nil)
+	s, err := boltstore.Open(boltstore.Options{Path: path})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -317,7 +317,7 @@ func TestStartAfterAFailedStartReusesItsWriteNumber(t *testing.T) {
 func TestAcceptOfAStoreWithoutMetaLeavesTheOldVaultStanding(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "store.db")
-	s, err := boltstore.Open(path, nil)
+	s, err := boltstore.Open(boltstore.Options{Path: path})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -460,7 +460,7 @@ func TestExhaustedWriteNumbersStartOverOnAccept(t *testing.T) {
 	if _, err := openAnchored(t, path, keys, fa); err == nil || !strings.Contains(err.Error(), "used up") {
 		t.Fatalf("start with the write numbers used up: %v, want a refusal saying so", err)
 	}
-	s, err := boltstore.Open(path, nil)
+	s, err := boltstore.Open(boltstore.Options{Path: path})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -483,7 +483,7 @@ func TestExhaustedWriteNumbersStartOverOnAccept(t *testing.T) {
 		t.Fatalf("anchor after the accept: epoch %d, W %#x; want epoch 2, numbers started over", a.Epoch, a.W)
 	}
 	// A store that passes, with numbers to spare, has nothing to accept.
-	s, _ = boltstore.Open(path, nil)
+	s, _ = boltstore.Open(boltstore.Options{Path: path})
 	defer s.Close()
 	if _, err := s.AcceptRestore(bg, keys, fa); err == nil {
 		t.Fatal("accept of a store that passes the check, with write numbers left")

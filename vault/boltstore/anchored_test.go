@@ -101,7 +101,7 @@ func anchorKeys() anchor.Keys {
 func TestAnchorWriteOrder(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "store.db")
-	s, err := boltstore.Open(path, nil)
+	s, err := boltstore.Open(boltstore.Options{Path: path})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -159,7 +159,7 @@ func TestAnchorWriteOrder(t *testing.T) {
 
 	start := func(path string, anchors map[string][]byte) error {
 		t.Helper()
-		s, err := boltstore.Open(path, nil)
+		s, err := boltstore.Open(boltstore.Options{Path: path})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -189,7 +189,7 @@ func TestAnchorWriteOrder(t *testing.T) {
 // start-up check can follow. The first anchor that succeeds lets writes on.
 func TestNoWriteOnAnUnanchoredPosition(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "store.db")
-	s, err := boltstore.Open(path, nil)
+	s, err := boltstore.Open(boltstore.Options{Path: path})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -215,7 +215,7 @@ func TestNoWriteOnAnUnanchoredPosition(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	s, err = boltstore.Open(path, nil)
+	s, err = boltstore.Open(boltstore.Options{Path: path})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -254,7 +254,7 @@ func (f *fakeAnchors) snapshot() map[string][]byte {
 // set and is not waited on again by the writes that follow; the anchors
 // name only the member that took them.
 func TestHungMemberIsNotWaitedOn(t *testing.T) {
-	s, err := boltstore.Open(filepath.Join(t.TempDir(), "store.db"), nil)
+	s, err := boltstore.Open(boltstore.Options{Path: filepath.Join(t.TempDir(), "store.db")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -334,7 +334,7 @@ func (f *ctlAnchors) set(fail ...string) {
 func TestStaleMemberCannotStandIn(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "store.db")
-	s, err := boltstore.Open(path, nil)
+	s, err := boltstore.Open(boltstore.Options{Path: path})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -381,7 +381,7 @@ func TestStaleMemberCannotStandIn(t *testing.T) {
 	}
 	fa.set("b")
 	fa.silent = map[string]bool{"b": true} // b does not answer; a is back
-	s2, err := boltstore.Open(path, nil)
+	s2, err := boltstore.Open(boltstore.Options{Path: path})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -400,7 +400,7 @@ func TestStaleMemberCannotStandIn(t *testing.T) {
 // some member, and another anchor under the same number would make a
 // clean store look tampered with.
 func TestFailedAnchorWriteUsesUpItsNumber(t *testing.T) {
-	s, err := boltstore.Open(filepath.Join(t.TempDir(), "store.db"), nil)
+	s, err := boltstore.Open(boltstore.Options{Path: filepath.Join(t.TempDir(), "store.db")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -433,7 +433,7 @@ func TestFailedAnchorWriteUsesUpItsNumber(t *testing.T) {
 // newest anchors. Once it is back, the store it vouches for starts.
 func TestAcceptNeedsEveryMember(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "store.db")
-	s, err := boltstore.Open(path, nil)
+	s, err := boltstore.Open(boltstore.Options{Path: path})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -451,7 +451,7 @@ func TestAcceptNeedsEveryMember(t *testing.T) {
 	s.Close()
 	fa.set("b")
 	fa.silent = map[string]bool{"b": true}
-	if s, err = boltstore.Open(path, nil); err != nil {
+	if s, err = boltstore.Open(boltstore.Options{Path: path}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := s.Anchor(bg, keys, fa, nil, nil); err == nil {
@@ -470,7 +470,7 @@ func restartAnchored(t *testing.T, path string, keys anchor.Keys, fa *ctlAnchors
 	t.Helper()
 	fa.set()
 	fa.silent = nil
-	s, err := boltstore.Open(path, nil)
+	s, err := boltstore.Open(boltstore.Options{Path: path})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -484,7 +484,7 @@ func restartAnchored(t *testing.T, path string, keys anchor.Keys, fa *ctlAnchors
 // with the member back, starts the store fresh.
 func TestFirstStartWithoutMembers(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "store.db")
-	s, err := boltstore.Open(path, nil)
+	s, err := boltstore.Open(boltstore.Options{Path: path})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -503,7 +503,7 @@ func TestFirstStartWithoutMembers(t *testing.T) {
 // from one read cannot both land.
 func TestRevisionsOnlyGrow(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "store.db")
-	s, _ := boltstore.Open(path, nil)
+	s, _ := boltstore.Open(boltstore.Options{Path: path})
 	keys := anchorKeys()
 	fa := &ctlAnchors{names: []string{"a"}, values: map[string][][]byte{}}
 	fa.set()
@@ -520,7 +520,7 @@ func TestRevisionsOnlyGrow(t *testing.T) {
 		return tx.Bucket([]byte("meta")).Put([]byte("revision"), binary.BigEndian.AppendUint64(nil, rx-1))
 	})
 	db.Close()
-	s, _ = boltstore.Open(path, nil)
+	s, _ = boltstore.Open(boltstore.Options{Path: path})
 	defer s.Close()
 	if _, err := s.Anchor(bg, keys, fa, nil, nil); err != nil {
 		t.Fatalf("edited counter refused: %v", err)
@@ -541,7 +541,7 @@ func TestRevisionsOnlyGrow(t *testing.T) {
 // restart accepts the store.
 func TestCommitThatLandedButFailed(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "store.db")
-	s, err := boltstore.Open(path, nil)
+	s, err := boltstore.Open(boltstore.Options{Path: path})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -563,7 +563,7 @@ func TestCommitThatLandedButFailed(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	s2, err := boltstore.Open(path, nil)
+	s2, err := boltstore.Open(boltstore.Options{Path: path})
 	if err != nil {
 		t.Fatal(err)
 	}

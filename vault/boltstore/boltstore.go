@@ -95,9 +95,22 @@ type write struct {
 
 var _ vault.Store = (*Store)(nil)
 
-// Open opens or creates the store file. It fails rather than wait if
-// another process holds the file. reg receives the store's metrics (nil: none).
-func Open(path string, reg prometheus.Registerer) (*Store, error) {
+// Options configure a Store, as etcdstore.Options do the etcd driver.
+type Options struct {
+	// Path is the database file, created (mode 0600) if missing. Required.
+	Path string
+	// Registerer receives the store's metrics (nil: not exported).
+	Registerer prometheus.Registerer
+}
+
+// Open opens or creates the store file. bbolt lets one process hold the
+// file: Open fails with bbolt's ErrTimeout after a second rather than
+// wait for another process.
+func Open(opts Options) (*Store, error) {
+	path := opts.Path
+	if path == "" {
+		return nil, errors.New("bolt store: no path")
+	}
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second})
 	if err != nil {
 		return nil, fmt.Errorf("open store %s: %w", path, err)
@@ -122,6 +135,7 @@ func Open(path string, reg prometheus.Registerer) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
+	reg := opts.Registerer
 	if reg == nil {
 		reg = prometheus.NewRegistry()
 	}
@@ -154,8 +168,13 @@ func (s *Store) Close() error {
 	return s.db.Close()
 }
 
-// Ping reports whether the store answers a read transaction.
-func (s *Store) Ping() error {
+// Ping reports whether the store answers a read transaction. ctx is
+// checked before it starts; a read transaction on a local file does not
+// block on the network.
+func (s *Store) Ping(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	return s.db.View(func(*bolt.Tx) error { return nil })
 }
 

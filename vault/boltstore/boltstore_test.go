@@ -26,7 +26,7 @@ var bg = context.Background()
 
 func open(t *testing.T, path string) *boltstore.Store {
 	t.Helper()
-	s, err := boltstore.Open(path, nil)
+	s, err := boltstore.Open(boltstore.Options{Path: path})
 	if err != nil {
 		t.Fatalf("open: %v", err)
 	}
@@ -173,7 +173,7 @@ func TestScan(t *testing.T) {
 func TestReopenKeepsDataAndRevisions(t *testing.T) {
 	t.Parallel()
 	path := filepath.Join(t.TempDir(), "store.db")
-	s, err := boltstore.Open(path, nil)
+	s, err := boltstore.Open(boltstore.Options{Path: path})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -183,7 +183,7 @@ func TestReopenKeepsDataAndRevisions(t *testing.T) {
 		t.Fatal(err)
 	}
 	s = open(t, path)
-	if err := s.Ping(); err != nil {
+	if err := s.Ping(bg); err != nil {
 		t.Fatal(err)
 	}
 	if v, rev, err := s.Get(bg, []byte("k")); err != nil || string(v) != "v1" || rev != r1 {
@@ -273,7 +273,7 @@ func TestOpenTwiceFailsFast(t *testing.T) {
 	done := make(chan error, 1)
 	start := time.Now()
 	go func() {
-		s, err := boltstore.Open(path, nil)
+		s, err := boltstore.Open(boltstore.Options{Path: path})
 		if err == nil {
 			s.Close()
 		}
@@ -310,7 +310,7 @@ func TestOpenRefusesAnotherLayout(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s, err := boltstore.Open(path, nil); err == nil {
+	if s, err := boltstore.Open(boltstore.Options{Path: path}); err == nil {
 		s.Close()
 		t.Fatal("opened a store of layout 2")
 	}
@@ -319,7 +319,7 @@ func TestOpenRefusesAnotherLayout(t *testing.T) {
 func TestTruncatedValueIsAnIntegrityError(t *testing.T) {
 	t.Parallel()
 	path := filepath.Join(t.TempDir(), "store.db")
-	s, err := boltstore.Open(path, nil)
+	s, err := boltstore.Open(boltstore.Options{Path: path})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -353,7 +353,7 @@ func TestTruncatedValueIsAnIntegrityError(t *testing.T) {
 func TestTransactionMetrics(t *testing.T) {
 	t.Parallel()
 	reg := prometheus.NewRegistry()
-	s, err := boltstore.Open(filepath.Join(t.TempDir(), "store.db"), reg)
+	s, err := boltstore.Open(boltstore.Options{Path: filepath.Join(t.TempDir(), "store.db"), Registerer: reg})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -414,7 +414,7 @@ func TestGroupCommit(t *testing.T) {
 	t.Parallel()
 	path := filepath.Join(t.TempDir(), "store.db")
 	reg := prometheus.NewRegistry()
-	s, err := boltstore.Open(path, reg)
+	s, err := boltstore.Open(boltstore.Options{Path: path, Registerer: reg})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -496,7 +496,7 @@ func TestRefusedWriteFailsAlone(t *testing.T) {
 func TestCloseUnderWrites(t *testing.T) {
 	t.Parallel()
 	path := filepath.Join(t.TempDir(), "store.db")
-	s, err := boltstore.Open(path, nil)
+	s, err := boltstore.Open(boltstore.Options{Path: path})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -547,7 +547,7 @@ func BenchmarkCompareAndSwap(b *testing.B) {
 	for _, writers := range []int{1, 32} {
 		b.Run(fmt.Sprintf("writers=%d", writers), func(b *testing.B) {
 			reg := prometheus.NewRegistry()
-			s, err := boltstore.Open(filepath.Join(b.TempDir(), "store.db"), reg)
+			s, err := boltstore.Open(boltstore.Options{Path: filepath.Join(b.TempDir(), "store.db"), Registerer: reg})
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -579,5 +579,24 @@ func BenchmarkCompareAndSwap(b *testing.B) {
 			commits, writes := commitWrites(b, reg)
 			b.ReportMetric(writes/float64(commits), "writes/commit")
 		})
+	}
+}
+
+// Open takes its options as etcdstore does: a store without a path is
+// refused, and Ping honours a done context.
+func TestOpenOptionsAndPing(t *testing.T) {
+	t.Parallel()
+	if s, err := boltstore.Open(boltstore.Options{}); err == nil {
+		s.Close()
+		t.Fatal("Open without a path succeeded")
+	}
+	s := open(t, filepath.Join(t.TempDir(), "store.db"))
+	if err := s.Ping(bg); err != nil {
+		t.Fatalf("Ping: %v", err)
+	}
+	ctx, cancel := context.WithCancel(bg)
+	cancel()
+	if err := s.Ping(ctx); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Ping with a done context: %v, want context.Canceled", err)
 	}
 }

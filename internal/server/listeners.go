@@ -1,4 +1,4 @@
-package main
+package server
 
 import (
 	"crypto/tls"
@@ -92,7 +92,7 @@ func checkFileLimit(cfg *config.Config) error {
 	}
 	need := uint64(cfg.MaxConnections) + uint64(cfg.AdminMaxConnections) + fdReserve
 	if need > rl.Cur { // RLIM_INFINITY is the largest uint64
-		return usageError{fmt.Errorf("max_connections: %d, plus admin_max_connections %d and %d file descriptors kept for the HSM modules and the store, need %d; the process may open %d (RLIMIT_NOFILE): lower max_connections or raise the limit (systemd LimitNOFILE=, ulimit -n)",
+		return configError{fmt.Errorf("max_connections: %d, plus admin_max_connections %d and %d file descriptors kept for the HSM modules and the store, need %d; the process may open %d (RLIMIT_NOFILE): lower max_connections or raise the limit (systemd LimitNOFILE=, ulimit -n)",
 			cfg.MaxConnections, cfg.AdminMaxConnections, fdReserve, need, rl.Cur)}
 	}
 	return nil
@@ -104,17 +104,17 @@ func checkFileLimit(cfg *config.Config) error {
 func tlsConfig(key string, t *config.TLS) (*tls.Config, error) {
 	cert, err := tls.LoadX509KeyPair(t.CertFile, t.KeyFile)
 	if err != nil {
-		return nil, usageError{fmt.Errorf("%s: %w", key, err)}
+		return nil, configError{fmt.Errorf("%s: %w", key, err)}
 	}
 	c := &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{cert}}
 	if t.ClientCAFile != "" {
 		pem, err := os.ReadFile(t.ClientCAFile)
 		if err != nil {
-			return nil, usageError{fmt.Errorf("%s.client_ca_file: %w", key, err)}
+			return nil, configError{fmt.Errorf("%s.client_ca_file: %w", key, err)}
 		}
 		pool := x509.NewCertPool()
 		if !pool.AppendCertsFromPEM(pem) {
-			return nil, usageError{errors.New(key + ".client_ca_file: no PEM certificate in it")}
+			return nil, configError{errors.New(key + ".client_ca_file: no PEM certificate in it")}
 		}
 		c.ClientCAs, c.ClientAuth = pool, tls.RequireAndVerifyClientCert
 	}

@@ -1,4 +1,4 @@
-package main
+package server
 
 import (
 	"context"
@@ -19,31 +19,55 @@ import (
 	"github.com/keyvault/keyvault/vault/etcdstore"
 )
 
-// openedStore is the configured store driver, with what serve needs
-// beside the vault.Store: a readiness check and a close. bolt is set only
-// for the bbolt driver (rollback anchoring needs it).
-type openedStore struct {
+// driver is what Run needs of a store driver beside the vault.Store: a
+// readiness check for /readyz and a close at shutdown.
+type driver interface {
 	vault.Store
-	ready func(context.Context) error
-	close func() error
-	bolt  *boltstore.Store
-	desc  string // for the start log: a path or the endpoints, never a secret
+	Ping(ctx context.Context) error
+	Close() error
 }
 
+var (
+	_ driver = (*boltstore.Store)(nil)
+	_ driver = (*etcdstore.Store)(nil)
+)
+
+// openedStore is the configured store driver. bolt is set only for the
+// bbolt driver (rollback anchoring needs it).
+type openedStore struct {
+	driver
+	bolt *boltstore.Store
+	desc string // for the start log: a path or the endpoints, never a secret
+}
+
+// openStore opens the driver store.driver names. An unknown name is a
+// config error: a store must never be opened in a place it was not asked
+// for.
 func openStore(cfg *config.Config, reg prometheus.Registerer) (*openedStore, error) {
-	if cfg.Store.Driver != config.DriverEtcd {
-		st, err := openBolt(cfg.Store.Path, reg)
+	switch cfg.Store.Driver {
+	case config.DriverBolt, "":
+		st, err := OpenBolt(cfg.Store.Path, reg)
 		if err != nil {
 			return nil, err
 		}
-		return &openedStore{Store: st, ready: func(context.Context) error { return st.Ping() }, close: st.Close, bolt: st, desc: cfg.Store.Path}, nil
+		return &openedStore{driver: st, bolt: st, desc: cfg.Store.Path}, nil
+	case config.DriverEtcd:
+		return openEtcd(cfg.Store.Etcd, reg)
+	default:
+		return nil, configError{fmt.Errorf("store.driver: unknown driver %q (bolt or etcd)", cfg.Store.Driver)}
 	}
-	e := cfg.Store.Etcd
+}
+
+// openEtcd opens the etcd driver.
+func openEtcd(e *config.Etcd, reg prometheus.Registerer) (*openedStore, error) {
+	if e == nil {
+		return nil, configError{errors.New("store.etcd: required with driver etcd")}
+	}
 	var tc *tls.Config
 	if e.TLS != nil {
 		var err error
 		if tc, err = etcdTLS(e.TLS); err != nil {
-			return nil, usageError{err}
+			return nil, configError{err}
 		}
 	} else if slices.ContainsFunc(e.Endpoints, func(ep string) bool { return strings.HasPrefix(ep, "https://") }) {
 		// https:// without a tls section: the system roots, no client certificate.
@@ -56,34 +80,34 @@ func openStore(cfg *config.Config, reg prometheus.Registerer) (*openedStore, err
 	if err != nil {
 		return nil, err
 	}
-	return &openedStore{Store: st, ready: st.Ping, close: st.Close, desc: fmt.Sprintf("etcd %v", e.Endpoints)}, nil
+	return &openedStore{driver: st, desc: fmt.Sprintf("etcd %v", e.Endpoints)}, nil
 }
 
-// openBolt opens the bbolt store at path for every command that needs it.
+// OpenBolt opens the bbolt store at path for every command that needs it.
 // bbolt holds an exclusive lock on the file while it is open, so a second
 // process waits for it and times out: that is said as it is, with the way
 // out.
-func openBolt(path string, reg prometheus.Registerer) (*boltstore.Store, error) {
-	st, err := boltstore.Open(path, reg)
+func OpenBolt(path string, reg prometheus.Registerer) (*boltstore.Store, error) {
+	st, err := boltstore.Open(boltstore.Options{Path: path, Registerer: reg})
 	if errors.Is(err, bolterrors.ErrTimeout) {
-		return nil, storeInUseError{path: path, err: err}
+		return nil, StoreInUseError{Path: path, err: err}
 	}
 	return st, err
 }
 
-// storeInUseError is a bbolt store locked by another process.
-type storeInUseError struct {
-	path string
+// StoreInUseError is a bbolt store locked by another process.
+type StoreInUseError struct {
+	Path string
 	err  error
 }
 
-func (e storeInUseError) Error() string {
+func (e StoreInUseError) Error() string {
 	return fmt.Sprintf("store %s is in use by another process (bbolt lets one process open it at a time): "+
 		"stop the other process (a keyvault serve, dev or anchor command on this store), "+
-		"or point this one at another store (store.path in the config, or keyvault dev --dir DIR)", e.path)
+		"or point this one at another store (store.path in the config, or keyvault dev --dir DIR)", e.Path)
 }
 
-func (e storeInUseError) Unwrap() error { return e.err }
+func (e StoreInUseError) Unwrap() error { return e.err }
 
 // etcdTLS builds the client side of TLS to etcd: the members' CA (or the
 // system roots) and, if given, a client certificate.

@@ -1,0 +1,18 @@
+// Package server wires one keyvault process from its config: the store
+// driver, the HSM pool, the vault, the API and admin listeners, the
+// rollback check, the key lifecycle loop and the SIGHUP handlers. The
+// keyvault command parses flags and calls New(...).Run(ctx); everything a
+// test would want to drive lives here.
+//
+// # Signals
+//
+// Run reacts to SIGHUP only: it reloads the HSM keys (as POST
+// /admin/keys/reload does) and reopens a file audit sink (for logrotate).
+// Stopping is the caller's: Run returns when its context ends.
+//
+// # Refused store
+//
+// With rollback anchoring on, a store the check refuses is never served:
+// only the admin listener opens, its /readyz answers 503 with the reason,
+// and keyvault_anchor_refused{reason} is 1, until the context ends.
+package server

@@ -1,0 +1,267 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/keyvault/keyvault/anchor"
+	"github.com/keyvault/keyvault/api"
+	"github.com/keyvault/keyvault/config"
+	"github.com/keyvault/keyvault/hsmpool"
+	"github.com/keyvault/keyvault/internal/audit"
+	"github.com/keyvault/keyvault/ratelimit"
+	"github.com/keyvault/keyvault/vault"
+	"github.com/keyvault/keyvault/vault/boltstore"
+)
+
+// Options configure a Server beside its config.
+type Options struct {
+	// AuditOut is the stream audit events go to when log.audit is "" (the
+	// log's stream): the caller serializes its writes with the log's, so
+	// that whole lines from either never interleave. Default os.Stderr.
+	AuditOut io.Writer
+	// Bound, if set, is called with the addresses both listeners are bound
+	// to (the kernel's choice where port 0 was asked), before they serve;
+	// its error stops the vault. It is not called when the store is
+	// refused.
+	Bound func(api, admin string) error
+	// Version is logged at start.
+	Version string
+}
+
+// Server is one keyvault process's service: the store, the HSM pool, the
+// vault and its two listeners, wired from a config.
+type Server struct {
+	cfg  *config.Config
+	log  *slog.Logger
+	reg  *prometheus.Registry
+	opts Options
+}
+
+// New returns a Server for cfg, which must be validated (config.Load).
+// log is the service log; reg receives every metric and is what the admin
+// listener's /metrics serves. Nothing is opened until Run.
+func New(cfg *config.Config, log *slog.Logger, reg *prometheus.Registry, opts Options) *Server {
+	if opts.AuditOut == nil {
+		opts.AuditOut = os.Stderr
+	}
+	return &Server{cfg: cfg, log: log, reg: reg, opts: opts}
+}
+
+// Run opens the store and the HSMs and serves until ctx ends, then shuts
+// down within a deadline: in-flight requests finish (their guesses are
+// already counted before any answer), then the HSMs and the store close.
+// SIGHUP reloads the HSM keys and reopens a file audit sink while it runs.
+//
+// A store the rollback check refuses is never served: the admin listener
+// alone answers, /readyz with the reason, until ctx ends; Run then
+// returns the refusal (see "keyvault anchor" for the way out).
+func (s *Server) Run(ctx context.Context) error {
+	cfg, log, reg := s.cfg, s.log, s.reg
+	if err := checkFileLimit(cfg); err != nil {
+		return err
+	}
+	sink, err := audit.Open(cfg.Log.Audit, s.opts.AuditOut, audit.Options{Registerer: reg, Log: log})
+	if err != nil {
+		return err
+	}
+	defer sink.Close()
+	auditLog := sink.Logger()
+
+	store, err := openStore(cfg, reg)
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+	pool, err := OpenPool(cfg, reg, log)
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+
+	// The goroutines started below end with ctx.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	reopenOnHUP(ctx, sink, cfg.Log.Audit, log)
+	// Always exported, so an alert on it works whether anchoring is on.
+	refused := prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "keyvault_anchor_refused",
+		Help: "1 while the vault refuses to serve its store because the rollback check failed, by reason.",
+	}, []string{"reason"})
+	reg.MustRegister(refused)
+	for _, r := range anchor.Reasons {
+		refused.WithLabelValues(string(r))
+	}
+	if cfg.Store.Anchored() && store.bolt != nil { // never on etcd
+		if err := anchorStore(ctx, cfg, store.bolt, pool, reg, refused, log); err != nil {
+			return err
+		}
+	}
+	rl := cfg.RateLimit
+	v, err := vault.New(ctx, store, pool, vault.Options{
+		DefaultMaxAttempts: cfg.Budget.DefaultMaxAttempts,
+		MaxAttemptsLimit:   cfg.Budget.MaxAttemptsLimit,
+		Registerer:         reg,
+		Logger:             log,
+		EscalatingDelay:    vault.EscalatingDelay{FreeGuesses: rl.EscalatingDelay.FreeGuesses, Base: rl.EscalatingDelay.Base},
+		Keys:               pool,
+		Cluster:            clusterOptions(cfg),
+	})
+	if err != nil {
+		return err
+	}
+	clients := make([]api.Client, 0, len(cfg.Clients))
+	for _, c := range cfg.Clients {
+		clients = append(clients, api.Client{Name: c.Name, Namespace: c.Namespace, TokenHashes: c.TokenHashes()})
+	}
+	apiHandler := api.NewRouter(v, api.Options{Clients: clients, Registerer: reg, Logger: log, Audit: auditLog, Admission: pool, Limits: ratelimit.New(ratelimit.Config{
+		GuessesPerUser:           bucket(rl.GuessesPerUser),
+		RequestsPerClient:        bucket(rl.RequestsPerClient),
+		WrongGuessesPerClient:    bucket(rl.WrongGuessesPerClient),
+		HSMSharePerClientPercent: rl.HSMSharePerClientPercent,
+	}, ratelimit.Options{Registerer: reg, HSMCapacity: hsmCapacity(cfg, pool)})})
+	keys := &keyAdmin{ctx: ctx, pool: pool, v: v}
+	watchKeys(ctx, keys, log)
+	admin := api.NewAdminRouterWith(reg, func() error {
+		if err := store.Ping(ctx); err != nil {
+			return fmt.Errorf("store: %w", err)
+		}
+		return pool.Ready()
+	}, api.AdminOptions{TokenHashes: cfg.AdminTokenHashes(), Keys: keys, Logger: log, Audit: auditLog})
+	if cfg.AdminPprof {
+		admin = api.WithProfiler(admin)
+	}
+	apiL, err := openAPI(cfg, apiHandler, log)
+	if err != nil {
+		return err
+	}
+	adminL, err := openAdmin(cfg, admin, log)
+	if err != nil {
+		apiL.ln.Close()
+		return err
+	}
+	if s.opts.Bound != nil {
+		if err := s.opts.Bound(apiL.addr(), adminL.addr()); err != nil {
+			apiL.ln.Close()
+			adminL.ln.Close()
+			return err
+		}
+	}
+	errs := make(chan error, 2)
+	go func() { errs <- apiL.serve() }()
+	go func() { errs <- adminL.serve() }()
+	log.Info("keyvault serving", "version", s.opts.Version, "api", apiL.addr(), "admin", adminL.addr(),
+		"tls", cfg.TLS != nil, "admin_tls", cfg.AdminTLS != nil, "hsm_members_healthy", pool.Healthy(),
+		"hsm_profile", pool.WrapProfile(pool.KeyVersion(vault.RoleWrap)), "store", store.desc)
+
+	select {
+	case <-ctx.Done():
+		log.Info("shutting down")
+	case err := <-errs:
+		apiL.srv.Close()
+		adminL.srv.Close()
+		return fmt.Errorf("server: %w", err)
+	}
+	shutdown, stopShutdown := context.WithTimeout(context.Background(), 20*time.Second)
+	defer stopShutdown()
+	err = errors.Join(apiL.srv.Shutdown(shutdown), adminL.srv.Shutdown(shutdown))
+	log.Info("stopped")
+	return err
+}
+
+// reopenOnHUP reopens a file audit sink on SIGHUP, for logrotate; the key
+// reload (watchKeys) gets the same signal through its own channel.
+func reopenOnHUP(ctx context.Context, sink *audit.Sink, dest string, log *slog.Logger) {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	go func() {
+		defer signal.Stop(hup)
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-hup:
+				// A failure is counted and logged by the sink.
+				if err := sink.Reopen(); err == nil && dest != audit.Stdout && dest != audit.Stderr && dest != "" {
+					log.Info("audit log reopened on SIGHUP", "path", dest)
+				}
+			}
+		}
+	}()
+}
+
+// anchorStore runs the rollback check. A refused store is never served:
+// the admin listener alone answers, /readyz with the reason, until ctx
+// ends; then the refusal is returned.
+func anchorStore(ctx context.Context, cfg *config.Config, store *boltstore.Store, pool *hsmpool.Pool, reg *prometheus.Registry, refused *prometheus.GaugeVec, log *slog.Logger) error {
+	keys, err := vault.DeriveAnchorKeys(ctx, pool)
+	if err != nil {
+		return err
+	}
+	members, err := AnchorMembers(ctx, pool, log)
+	if err != nil {
+		return err
+	}
+	dec, err := store.Anchor(ctx, keys, members, reg, log)
+	reason, isRefused := anchor.IsRefused(err)
+	switch {
+	case err == nil && dec.Adopted:
+		log.Warn("rollback anchoring: adopting a store kept with anchoring off, as it is; from now on a rollback behind this point is refused",
+			"epoch", dec.Meta.Epoch, "seq", dec.Meta.Seq)
+		return nil
+	case err == nil:
+		log.Info("rollback check passed", "epoch", dec.Meta.Epoch, "seq", dec.Meta.Seq, "fresh", dec.Fresh,
+			"one_batch_past_anchor", dec.Past, "ignored_anchor_objects", dec.Ignored)
+		return nil
+	case !isRefused:
+		return err
+	}
+	refused.WithLabelValues(string(reason)).Set(1)
+	adminL, lerr := openAdmin(cfg, api.NewAdminRouter(reg, func() error { return err }), log)
+	if lerr != nil {
+		return errors.Join(err, lerr)
+	}
+	log.Error("refusing to serve the store: rollback check failed", "reason", string(reason), "error", err.Error(),
+		"admin", adminL.addr())
+	go adminL.serve()
+	<-ctx.Done()
+	adminL.srv.Close()
+	return err
+}
+
+// clusterOptions: on etcd the nodes share the key lifecycle through the
+// store; a write passes the fence at most one request timeout before its
+// last send, so twice that bounds how long it takes to land.
+func clusterOptions(cfg *config.Config) vault.ClusterOptions {
+	e := cfg.Store.Etcd
+	if cfg.Store.Driver != config.DriverEtcd || e == nil {
+		return vault.ClusterOptions{}
+	}
+	return vault.ClusterOptions{Shared: true, Heartbeat: e.HeartbeatInterval, WriteBound: 2 * e.RequestTimeout}
+}
+
+func bucket(b config.Bucket) ratelimit.Rate {
+	return ratelimit.Rate{PerSecond: b.Rate(), Burst: b.Burst}
+}
+
+// hsmCapacity is the pool's admission capacity as the per-client HSM share
+// sees it: admitted_per_hsm_session times the members' sessions, scaled to
+// the members in service (exact when they have the same max_sessions).
+func hsmCapacity(cfg *config.Config, pool *hsmpool.Pool) func() int {
+	sessions := 0
+	for _, m := range cfg.HSM.Members {
+		sessions += max(m.MaxSessions, 1)
+	}
+	all := sessions * cfg.RateLimit.AdmittedPerHSMSession
+	n := len(cfg.HSM.Members)
+	return func() int { return all * pool.Healthy() / n }
+}
