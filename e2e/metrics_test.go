@@ -21,7 +21,7 @@ import (
 )
 
 // TestMetricFamilies runs traffic over every endpoint and error path, then
-// checks that every metric family SPEC.md names is exported with the
+// checks that every metric family docs/operating.md lists is exported with the
 // labels it promises, that the exposition passes the Prometheus linter,
 // and that no label value holds a user ID or the bearer token.
 func TestMetricFamilies(t *testing.T) {
