@@ -22,7 +22,6 @@ type Keys struct {
 const VaultIDLen = 16
 
 const (
-	metaMagicV1 = "kvmeta\x01" // read only: no record digest, no parent
 	metaMagic   = "kvmeta\x02"
 	anchorMagic = "kvanchor\x01"
 	labelMeta   = "keyvault/v1/meta"
@@ -45,8 +44,7 @@ const (
 // alone, and Parent the tag of the position the batch was written on. So a
 // store one batch ahead of its newest anchor (killed after the commit,
 // before the anchor) can prove at start that it is a state the vault wrote
-// on the anchored position (see Check). A meta of the first layout has
-// neither (both zero) and cannot prove it.
+// on the anchored position (see Check).
 type Meta struct {
 	VaultID [VaultIDLen]byte
 	Epoch   uint64
@@ -68,15 +66,10 @@ func (k Keys) MarshalMeta(m Meta) []byte {
 // ErrTampered: a meta or anchor object whose bytes or MAC are wrong.
 var ErrTampered = errors.New("failed its integrity check")
 
-// ParseMeta decodes and authenticates the store's meta, of either layout.
+// ParseMeta decodes and authenticates the store's meta.
 func (k Keys) ParseMeta(raw []byte) (Meta, error) {
 	n := len(metaMagic) + VaultIDLen + 16 + digestLen + macLen
-	if bytes.HasPrefix(raw, []byte(metaMagicV1)) {
-		n = len(metaMagicV1) + VaultIDLen + 16
-	} else if !bytes.HasPrefix(raw, []byte(metaMagic)) {
-		return Meta{}, fmt.Errorf("store meta: malformed: %w", ErrTampered)
-	}
-	if len(raw) != n+macLen {
+	if !bytes.HasPrefix(raw, []byte(metaMagic)) || len(raw) != n+macLen {
 		return Meta{}, fmt.Errorf("store meta: malformed: %w", ErrTampered)
 	}
 	if !hmac.Equal(raw[n:], mac(k.Meta, labelMeta, raw[:n])) {
@@ -87,10 +80,9 @@ func (k Keys) ParseMeta(raw []byte) (Meta, error) {
 	copy(m.VaultID[:], b)
 	m.Epoch = binary.BigEndian.Uint64(b[VaultIDLen:])
 	m.Seq = binary.BigEndian.Uint64(b[VaultIDLen+8:])
-	if b = b[VaultIDLen+16:]; len(b) > 0 {
-		m.Records = limbs(b)
-		copy(m.Parent[:], b[digestLen:])
-	}
+	b = b[VaultIDLen+16:]
+	m.Records = limbs(b)
+	copy(m.Parent[:], b[digestLen:])
 	return m, nil
 }
 
@@ -104,8 +96,8 @@ type Point struct {
 // Anchor is what one HSM member keeps: the newest anchor write (W) it took,
 // the members that were live when it was written, and the last position
 // whose answers may have been released (Base). Pending, a batch named
-// before its commit, is written no more (the store's meta names its
-// parent instead: see Check) but still honoured in anchors that have it.
+// before its commit, is read but never written: the store's meta names its
+// parent instead (see Check).
 type Anchor struct {
 	VaultID [VaultIDLen]byte
 	Member  string
@@ -122,8 +114,8 @@ type Anchor struct {
 // anchors each process could read at its start: a process that started
 // with a member hidden may number its writes below an anchor that member
 // holds from a start that failed. Such an anchor must not outrank the
-// positions written since, whose answers went out (found by the fourth
-// review); the write number orders anchors of one position.
+// positions written since, whose answers went out; the write number
+// orders anchors of one position.
 func (a Anchor) Outranks(b Anchor) bool {
 	if a.Epoch != b.Epoch {
 		return a.Epoch > b.Epoch

@@ -3,7 +3,6 @@ package anchor
 import (
 	"bytes"
 	"crypto/rand"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"testing"
@@ -371,15 +370,6 @@ func TestCheck(t *testing.T) {
 		}
 		wantRefused(t, check(w, fork.state()), ReasonTamper)
 	})
-	t.Run("one batch past the anchor with a meta of the first layout", func(t *testing.T) {
-		// It names no parent, so it cannot show where it was written.
-		r := w.clone()
-		r.batch(map[string]string{"u9": "g2"})
-		st := r.state()
-		st.Meta = metaV1(r.k, r.meta)
-		st.Digest = r.h.AddMeta(st.RecordDigest, st.Meta)
-		wantRefused(t, check(w, st), ReasonTamper)
-	})
 	t.Run("an anchor of the first layout naming a pending batch", func(t *testing.T) {
 		c := w.clone()
 		c.anchor = map[string][][]byte{}
@@ -474,24 +464,6 @@ func TestCheck(t *testing.T) {
 		}
 		wantRefused(t, check(c, atX), ReasonRollback)
 	})
-}
-
-// metaV1 encodes m in the first meta layout: no record digest, no parent.
-func metaV1(k Keys, m Meta) []byte {
-	b := append([]byte(metaMagicV1), m.VaultID[:]...)
-	b = binary.BigEndian.AppendUint64(b, m.Epoch)
-	b = binary.BigEndian.AppendUint64(b, m.Seq)
-	return append(b, mac(k.Meta, labelMeta, b)...)
-}
-
-func TestMetaOfTheFirstLayout(t *testing.T) {
-	k := testKeys()
-	m := Meta{Epoch: 2, Seq: 7}
-	rand.Read(m.VaultID[:])
-	got, err := k.ParseMeta(metaV1(k, m))
-	if err != nil || got != m {
-		t.Fatalf("first layout: %+v %v, want %+v", got, err, m)
-	}
 }
 
 func TestRefusedErrorText(t *testing.T) {

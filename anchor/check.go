@@ -95,8 +95,8 @@ type Decision struct {
 // MAC covers the records' digest, which must match the store, and the
 // tag of its parent position, which must be the anchor's base tag. Such a
 // batch's answers were never released, so accepting it gives nothing
-// back. (An anchor of the earlier layout may instead name a pending batch
-// by its tag.) Every member live at that anchor must have answered, so
+// back. (An anchor that names a pending batch vouches for it by its tag
+// instead.) Every member live at that anchor must have answered, so
 // that a stale member cannot stand in for a current one that is hidden.
 func (k Keys) Check(found []Found, st State) (Decision, error) {
 	var meta *Meta

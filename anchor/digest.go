@@ -1,5 +1,5 @@
 // Package anchor holds the pieces of rollback resistance (see
-// ../shared/ROLLBACK.md and the README): a keyed digest of every record in
+// docs/rollback.md): a keyed digest of every record in
 // the store, the anchor that each HSM member keeps of it, and the start-up
 // decision that compares the two.
 //

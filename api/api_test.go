@@ -356,9 +356,9 @@ func TestRateLimitsOverHTTP(t *testing.T) {
 	advance := func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
 	reg := prometheus.NewRegistry()
 	limits := ratelimit.New(ratelimit.Config{
-		GuessesPerUser:        ratelimit.PerMinute(2, 2),
-		RequestsPerClient:     ratelimit.PerSecond(1, 20),
-		WrongGuessesPerClient: ratelimit.PerMinute(1, 3),
+		GuessesPerUser:        perMinute(2, 2),
+		RequestsPerClient:     perSecond(1, 20),
+		WrongGuessesPerClient: perMinute(1, 3),
 	}, ratelimit.Options{Now: clock, Registerer: reg})
 	s := &stubBackups{secretOut: []byte("0123456789abcdef")}
 	tokA := sha256.Sum256([]byte("token-a"))
@@ -608,4 +608,14 @@ func TestAuditEventsIgnoreLogLevel(t *testing.T) {
 	if bytes.Contains(auditBuf.Bytes(), []byte("alice-raw-id")) || bytes.Contains(auditBuf.Bytes(), []byte("1234")) || bytes.Contains(auditBuf.Bytes(), []byte("MDEyMzQ1")) {
 		t.Errorf("a raw user_id, PIN or secret in the audit events:\n%s", auditBuf.Bytes())
 	}
+}
+
+// perMinute is a Rate of n tokens a minute, with the given burst.
+func perMinute(n float64, burst int) ratelimit.Rate {
+	return ratelimit.Rate{PerSecond: n / 60, Burst: burst}
+}
+
+// perSecond is a Rate of n tokens a second, with the given burst.
+func perSecond(n float64, burst int) ratelimit.Rate {
+	return ratelimit.Rate{PerSecond: n, Burst: burst}
 }

@@ -18,7 +18,7 @@ import (
 	"github.com/keyvault/keyvault/vault"
 )
 
-// MaxBodyBytes is the largest request body accepted (SPEC.md: 64 KiB).
+// MaxBodyBytes is the largest request body accepted (docs/api.md: 64 KiB).
 const MaxBodyBytes = 64 << 10
 
 // sensitive is a JSON string decoded straight into bytes, so that PINs and

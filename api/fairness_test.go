@@ -60,7 +60,7 @@ func TestHSMShareBetweenClients(t *testing.T) {
 	t.Parallel()
 	reg := prometheus.NewRegistry()
 	adm := &countingAdmitter{capacity: 4}
-	limits := ratelimit.New(ratelimit.Config{GuessesPerUser: ratelimit.PerMinute(1, 1), HSMSharePerClientPercent: 50},
+	limits := ratelimit.New(ratelimit.Config{GuessesPerUser: perMinute(1, 1), HSMSharePerClientPercent: 50},
 		ratelimit.Options{Registerer: reg, HSMCapacity: func() int { return int(adm.capacity) }})
 	b := &heldBackups{entered: make(chan struct{}, 16), release: make(chan struct{})}
 	h := newTestRouterWith(b, Options{Registerer: reg, Limits: limits, Admission: adm})

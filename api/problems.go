@@ -23,7 +23,7 @@ type problem struct {
 	RequestID         string `json:"request_id,omitempty"`
 }
 
-// Problem codes (SPEC.md "REST API").
+// Problem codes (docs/api.md, "Fields and problem codes").
 const (
 	codeInvalid      = "invalid_request"
 	codeUnauthorized = "unauthorized"

@@ -130,6 +130,6 @@
 // without its token when printed.
 //
 // A holder of the bearer token can replace any backup of its namespace
-// without the PIN (SPEC.md, "Guess budget"), so check a recovered key, for
+// without the PIN (docs/api.md, "The guess budget"), so check a recovered key, for
 // example against the user's message history, before trusting it.
 package client

@@ -11,8 +11,7 @@ import (
 	"time"
 )
 
-// fakeVault is an in-memory stand-in for the keyvault API (SPEC.md "REST
-// API"), enough for the examples and the round-trip tests: bearer token,
+// fakeVault is an in-memory stand-in for the keyvault API (docs/api.md), enough for the examples and the round-trip tests: bearer token,
 // enroll with preconditions, recover with the guess counter and lockout,
 // status, delete with tombstone generations, PIN change, problem
 // documents. It checks no limits and talks to no HSM.

@@ -223,7 +223,7 @@ type Store struct {
 	Path string `yaml:"path"`
 	// RollbackAnchor keeps a digest of the store anchored in every HSM
 	// member, and refuses at start a store rolled back, in whole or in
-	// part, behind the anchor (README "Rollback resistance"). bbolt only:
+	// part, behind the anchor (docs/rollback.md). bbolt only:
 	// on by default with driver bolt, refused with driver etcd. Read it
 	// through Anchored.
 	RollbackAnchor *bool `yaml:"rollback_anchor"`
@@ -272,8 +272,8 @@ type Etcd struct {
 	// RequestTimeout bounds each request to etcd. Default 5s.
 	RequestTimeout time.Duration `yaml:"request_timeout"`
 	// HeartbeatInterval is how often each node reads the cluster's key
-	// state and publishes the key versions it seals under (README "Key
-	// rotation"). Default 2s.
+	// state and publishes the key versions it seals under (docs/etcd.md,
+	// "The key lifecycle across nodes"). Default 2s.
 	HeartbeatInterval time.Duration `yaml:"heartbeat_interval"`
 }
 

@@ -177,7 +177,7 @@ func (v *validator) store(s Store) {
 			v.add("store.path", "not used with driver etcd")
 		}
 		if s.RollbackAnchor != nil && *s.RollbackAnchor {
-			v.add("store.rollback_anchor", "not available with driver etcd: rollback anchoring is bbolt only (README \"Running on etcd\")")
+			v.add("store.rollback_anchor", "not available with driver etcd: rollback anchoring is bbolt only (docs/etcd.md)")
 		}
 		v.etcd(s.Etcd)
 		return

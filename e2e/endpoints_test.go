@@ -18,7 +18,7 @@ import (
 	"github.com/keyvault/keyvault/internal/softhsm/softhsmtest"
 )
 
-// TestEndpoints walks every endpoint of SPEC.md's REST API through its
+// TestEndpoints walks every endpoint of the REST API (docs/api.md) through its
 // success paths and each documented error answer, on one `keyvault dev`
 // process, then checks namespace isolation on `keyvault serve` with two
 // clients.
@@ -579,7 +579,7 @@ func TestEndpoints(t *testing.T) {
 	})
 }
 
-// putFields are the fields of a PUT or PIN change answer (SPEC.md); the
+// putFields are the fields of a PUT or PIN change answer (docs/api.md); the
 // vault also sends pin_key_version, which wantKeys allows.
 var putFields = []string{"user_id", "generation", "max_attempts", "attempts_remaining", "key_version", "created_at", "?pin_key_version"}
 

@@ -251,7 +251,7 @@ func (c *client) mustStatus(t testing.TB, user string) map[string]any {
 	return r.JSON(t)
 }
 
-// problemCodes are the machine-readable codes of SPEC.md.
+// problemCodes are the machine-readable codes of docs/api.md.
 var problemCodes = map[string]bool{
 	"invalid_request": true, "unauthorized": true, "not_found": true, "wrong_pin": true, "locked": true,
 	"precondition_failed": true, "payload_too_large": true, "rate_limited": true, "unavailable": true,
@@ -259,7 +259,7 @@ var problemCodes = map[string]bool{
 }
 
 // wantProblem checks an RFC 9457 problem document with status and code
-// (code "": any of SPEC.md's codes).
+// (code "": any of docs/api.md's codes).
 func wantProblem(t testing.TB, what string, r response, status int, code string) map[string]any {
 	t.Helper()
 	if r.Status != status {
@@ -287,7 +287,7 @@ func wantProblem(t testing.TB, what string, r response, status int, code string)
 	}
 	switch c, _ := m["code"].(string); {
 	case code == "" && !problemCodes[c]:
-		t.Errorf("%s: problem code %q is none of SPEC.md's: %s", what, c, r.Body)
+		t.Errorf("%s: problem code %q is none of docs/api.md's: %s", what, c, r.Body)
 	case code != "" && c != code:
 		t.Errorf("%s: problem code %q, want %s: %s", what, c, code, r.Body)
 	}

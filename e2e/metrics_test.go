@@ -21,7 +21,7 @@ import (
 )
 
 // TestMetricFamilies runs traffic over every endpoint and error path, then
-// checks that every metric family SPEC.md names is exported with the
+// checks that every metric family docs/operating.md lists is exported with the
 // labels it promises, that the exposition passes the Prometheus linter,
 // and that no label value holds a user ID or the bearer token.
 func TestMetricFamilies(t *testing.T) {
@@ -128,20 +128,20 @@ func TestMetricFamilies(t *testing.T) {
 	v.Stop()
 }
 
-// checkMetricDocs holds the README's metric list (its "Operating it"
-// section) to the families a served vault exports: every exported
+// checkMetricDocs holds the metric list of docs/operating.md (its "Health
+// and metrics" section) to the families a served vault exports: every exported
 // keyvault_ family is listed, and every listed one is exported or, if it
 // only appears on an event (a labelled family with no series yet, the etcd
 // driver's), defined in the code.
 func checkMetricDocs(t *testing.T, live map[string]*dto.MetricFamily) {
 	t.Helper()
-	readme, err := os.ReadFile(filepath.Join(moduleRoot, "README.md"))
+	doc, err := os.ReadFile(filepath.Join(moduleRoot, "docs", "operating.md"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, section, ok := strings.Cut(string(readme), "\n## Operating it\n")
+	_, section, ok := strings.Cut(string(doc), "\n## Health and metrics\n")
 	if !ok {
-		t.Fatal(`README.md has no "## Operating it" section`)
+		t.Fatal(`docs/operating.md has no "## Health and metrics" section`)
 	}
 	if i := strings.Index(section, "\n#"); i >= 0 {
 		section = section[:i]
@@ -154,21 +154,21 @@ func checkMetricDocs(t *testing.T, live map[string]*dto.MetricFamily) {
 	defined := definedMetricFamilies(t)
 	for _, name := range slices.Sorted(maps.Keys(live)) {
 		if strings.HasPrefix(name, "keyvault_") && !documented[name] {
-			t.Errorf("metric family %s is exported on /metrics but missing from README.md's metric list (## Operating it)", name)
+			t.Errorf("metric family %s is exported on /metrics but missing from docs/operating.md's metric list (## Health and metrics)", name)
 		}
 	}
 	for _, name := range slices.Sorted(maps.Keys(defined)) {
 		if !documented[name] && live[name] == nil {
-			t.Errorf("metric family %s is defined in the code but missing from README.md's metric list (## Operating it)", name)
+			t.Errorf("metric family %s is defined in the code but missing from docs/operating.md's metric list (## Health and metrics)", name)
 		}
 	}
 	for _, name := range slices.Sorted(maps.Keys(documented)) {
 		if live[name] == nil && !defined[name] {
-			t.Errorf("README.md's metric list (## Operating it) names %s, which the vault neither exports nor defines", name)
+			t.Errorf("docs/operating.md's metric list (## Health and metrics) names %s, which the vault neither exports nor defines", name)
 		}
 	}
 	if len(documented) < 30 {
-		t.Errorf("README.md's metric list names only %d families", len(documented))
+		t.Errorf("docs/operating.md's metric list (## Health and metrics) names only %d families", len(documented))
 	}
 }
 

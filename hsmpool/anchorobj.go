@@ -20,11 +20,6 @@ const AnchorApplication = "keyvault-anchor"
 // SoftHSM makes a data object's value read-only once created.
 var anchorSlotValue = []byte("keyvault anchor slot")
 
-// legacyAnchorLabel is the CKA_LABEL of the anchor objects of keyvault
-// before anchors moved to slots: such an object holds its anchor in
-// CKA_VALUE. They are still read, and the first write removes them.
-const legacyAnchorLabel = "keyvault-anchor"
-
 // anchorKeeper is a token that can keep anchor objects. Tokens that tests
 // inject need not be one.
 type anchorKeeper interface {
@@ -76,11 +71,10 @@ type anchorObjects struct {
 // highest write number written to it. It belongs to the token, not to one
 // anchorObjects: a member that fails is reopened with a new one, and a
 // write abandoned on the old one (queued behind a hung call) may run after
-// the new one has taken newer writes; starting over, it would destroy them
-// (found by review). A write waits for its turn only as long as its
-// context allows, so a call that hangs holding the turn costs the writes
-// after it their timeout, not their goroutines and sessions (found by the
-// second review).
+// the new one has taken newer writes; starting over, it would destroy them.
+// A write waits for its turn only as long as its context allows, so a call
+// that hangs holding the turn costs the writes after it their timeout, not
+// their goroutines and sessions.
 type anchorGuard struct {
 	turn  chan struct{} // holds a value while a write runs
 	lastW uint64        // read and written only while holding the turn
@@ -155,22 +149,12 @@ func (a *anchorObjects) with(fn func(*pkcs11.Ctx, pkcs11.SessionHandle) error) e
 	return nil
 }
 
-// anchorKinds are the two kinds of anchor object: slots (the anchor in
-// CKA_LABEL) and legacy objects (the anchor in CKA_VALUE).
-var anchorKinds = []struct {
-	find []*pkcs11.Attribute
-	attr uint
-}{
-	{[]*pkcs11.Attribute{
-		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_DATA),
-		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
-		pkcs11.NewAttribute(pkcs11.CKA_APPLICATION, AnchorApplication),
-	}, pkcs11.CKA_LABEL},
-	{[]*pkcs11.Attribute{
-		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_DATA),
-		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
-		pkcs11.NewAttribute(pkcs11.CKA_LABEL, legacyAnchorLabel),
-	}, pkcs11.CKA_VALUE},
+// anchorTemplate finds the anchor objects (slots) on a token; each holds
+// its anchor in CKA_LABEL.
+var anchorTemplate = []*pkcs11.Attribute{
+	pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_DATA),
+	pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+	pkcs11.NewAttribute(pkcs11.CKA_APPLICATION, AnchorApplication),
 }
 
 func findObjects(p *pkcs11.Ctx, s pkcs11.SessionHandle, template []*pkcs11.Attribute) ([]pkcs11.ObjectHandle, error) {
@@ -195,40 +179,28 @@ func findObjects(p *pkcs11.Ctx, s pkcs11.SessionHandle, template []*pkcs11.Attri
 	return all, nil
 }
 
-// findAnchors returns every anchor object on the token, of both kinds,
-// with the attribute that holds each one's anchor.
-func findAnchors(p *pkcs11.Ctx, s pkcs11.SessionHandle) (objs []pkcs11.ObjectHandle, attrs []uint, err error) {
-	for _, k := range anchorKinds {
-		found, err := findObjects(p, s, k.find)
-		if err != nil {
-			return nil, nil, err
-		}
-		for _, o := range found {
-			objs, attrs = append(objs, o), append(attrs, k.attr)
-		}
-	}
-	return objs, attrs, nil
+// findAnchors returns every anchor object on the token.
+func findAnchors(p *pkcs11.Ctx, s pkcs11.SessionHandle) ([]pkcs11.ObjectHandle, error) {
+	return findObjects(p, s, anchorTemplate)
 }
 
 func (a *anchorObjects) ReadAnchors() ([][]byte, error) {
 	var values [][]byte
 	err := a.with(func(p *pkcs11.Ctx, s pkcs11.SessionHandle) error {
-		objs, kinds, err := findAnchors(p, s)
+		objs, err := findAnchors(p, s)
 		if err != nil {
 			return err
 		}
-		for i, o := range objs {
-			attrs, err := p.GetAttributeValue(s, o, []*pkcs11.Attribute{pkcs11.NewAttribute(kinds[i], nil)})
+		for _, o := range objs {
+			attrs, err := p.GetAttributeValue(s, o, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil)})
 			if err != nil {
 				return fmt.Errorf("read anchor: %w", err)
 			}
 			v := attrs[0].Value
-			if kinds[i] == pkcs11.CKA_LABEL {
-				// A label that does not decode is passed on as it is: it
-				// fails the anchor's MAC, and the check counts it.
-				if d, err := base64.RawStdEncoding.DecodeString(string(v)); err == nil {
-					v = d
-				}
+			// A label that does not decode is passed on as it is: it
+			// fails the anchor's MAC, and the check counts it.
+			if d, err := base64.RawStdEncoding.DecodeString(string(v)); err == nil {
+				v = d
 			}
 			values = append(values, v)
 		}
@@ -258,7 +230,7 @@ func (a *anchorObjects) WriteAnchor(ctx context.Context, w uint64, value []byte)
 			a.guard.lastW = w
 			return nil
 		}
-		old, _, err := findAnchors(p, s)
+		old, err := findAnchors(p, s)
 		if err != nil {
 			return err
 		}

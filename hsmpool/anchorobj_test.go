@@ -92,7 +92,7 @@ func TestAnchorObjects(t *testing.T) {
 
 	// Outside the vault: two private objects, invisible without login.
 	err = withSession(a, func(c *pkcs11.Ctx, s pkcs11.SessionHandle) error {
-		objs, _, err := findAnchors(c, s)
+		objs, err := findAnchors(c, s)
 		if err != nil || len(objs) != 2 {
 			t.Fatalf("%d anchors on a: %v", len(objs), err)
 		}
@@ -116,41 +116,6 @@ func TestAnchorObjects(t *testing.T) {
 	}
 }
 
-// An anchor object of the layout before slots (the anchor in CKA_VALUE of
-// an object labelled keyvault-anchor) is read, and the first write removes it.
-func TestLegacyAnchorObjects(t *testing.T) {
-	a := newMember(t, "a")
-	if _, err := Provision([]MemberConfig{a}, vault.ProfileGCM); err != nil {
-		t.Fatal(err)
-	}
-	err := withSession(a, func(c *pkcs11.Ctx, s pkcs11.SessionHandle) error {
-		_, err := c.CreateObject(s, []*pkcs11.Attribute{
-			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_DATA),
-			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
-			pkcs11.NewAttribute(pkcs11.CKA_LABEL, legacyAnchorLabel),
-			pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
-			pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, false),
-			pkcs11.NewAttribute(pkcs11.CKA_APPLICATION, "keyvault"),
-			pkcs11.NewAttribute(pkcs11.CKA_VALUE, []byte("legacy")),
-		})
-		return err
-	}, func(*pkcs11.Ctx, pkcs11.SessionHandle, string) error { return nil })
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := openPool(t, prometheus.NewRegistry(), a)
-	ctx := context.Background()
-	if f := p.ReadAnchors(ctx); f[0].Err != nil || len(f[0].Values) != 1 || string(f[0].Values[0]) != "legacy" {
-		t.Fatalf("legacy anchor: %q %v", f[0].Values, f[0].Err)
-	}
-	if err := p.WriteAnchor(ctx, "a", 7, []byte("slot")); err != nil {
-		t.Fatal(err)
-	}
-	if f := p.ReadAnchors(ctx); f[0].Err != nil || len(f[0].Values) != 2 || string(f[0].Values[0]) != "slot" || string(f[0].Values[1]) != "slot" {
-		t.Fatalf("after the first write: %q %v", f[0].Values, f[0].Err)
-	}
-}
-
 // A member whose token keeps no anchors (or does not answer) is reported
 // with an error, never left out.
 func TestReadAnchorsReportsSilentMembers(t *testing.T) {
@@ -167,7 +132,7 @@ func TestReadAnchorsReportsSilentMembers(t *testing.T) {
 
 // A key reload (SIGHUP, keys reload) or retire swaps each member's token
 // for a view with other keys; anchors must still be written and read
-// through it (found by review: the views had no anchor session).
+// through it: a view shares its member's anchor session.
 func TestAnchorsAfterReload(t *testing.T) {
 	a := newMember(t, "a")
 	if _, err := Provision([]MemberConfig{a}, vault.ProfileGCM); err != nil {
@@ -194,7 +159,7 @@ func TestAnchorsAfterReload(t *testing.T) {
 // slots) may run after the new one has taken newer writes: starting over,
 // it would destroy them and take the member back to the abandoned anchor.
 // The refusal of a write number not above the last one taken belongs to
-// the token, so it refuses it (found by review: it was per instance).
+// the token, not to one instance, so the token refuses it.
 func TestAbandonedWriteOnAReopenedMemberCannotTakeItBack(t *testing.T) {
 	a := newMember(t, "a")
 	if _, err := Provision([]MemberConfig{a}, vault.ProfileGCM); err != nil {
@@ -229,7 +194,7 @@ func TestAbandonedWriteOnAReopenedMemberCannotTakeItBack(t *testing.T) {
 // A call that hangs holding the token's turn (the case the shared guard is
 // for: a member reopened while an abandoned write is stuck on the old
 // session) costs the writes after it their deadline, not a goroutine and
-// a session each, blocked for ever (found by review).
+// a session each, blocked for ever.
 func TestAnchorWriteBehindAHungOneKeepsItsDeadline(t *testing.T) {
 	label := "hung-" + rand.Text()[:8]
 	old := newAnchorObjects("/nonexistent/module.so", label)

@@ -160,7 +160,7 @@ func TestNSSThroughP11KitMatchesGo(t *testing.T) {
 			}
 		}
 		return nil
-	}, checkAbsent)
+	}, absent(keyVersion1()))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -96,7 +96,7 @@ func Open(cfgs []MemberConfig, opts Options) (*Pool, error) {
 	// crypto11 keeps one library instance per module path, and SoftHSM
 	// rescans its tokens only when the library is initialised: a member
 	// that shares its module with another cannot be re-opened after a
-	// failure while the other serves (README "Reliability").
+	// failure while the other serves (docs/reliability.md).
 	byModule := map[string]string{}
 	for _, c := range cfgs {
 		if other, ok := byModule[c.Module]; ok {

@@ -441,7 +441,7 @@ func TestExtractableKeyIsRefused(t *testing.T) {
 			}
 		}
 		return nil
-	}, checkAbsent)
+	}, absent(keyVersion1()))
 	if err != nil {
 		t.Fatal(err)
 	}

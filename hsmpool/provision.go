@@ -385,11 +385,6 @@ func absent(ids []vault.KeyID) func(*pkcs11.Ctx, pkcs11.SessionHandle, string) e
 	}
 }
 
-// checkAbsent fails if the session's token holds any version-1 key.
-func checkAbsent(p *pkcs11.Ctx, s pkcs11.SessionHandle, member string) error {
-	return checkAbsentOf(p, s, member, keyVersion1())
-}
-
 func checkAbsentOf(p *pkcs11.Ctx, s pkcs11.SessionHandle, member string, ids []vault.KeyID) error {
 	for _, id := range ids {
 		if err := p.FindObjectsInit(s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, id.Label())}); err != nil {

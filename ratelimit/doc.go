@@ -7,7 +7,7 @@
 // # The limiters
 //
 // Three limiters are token buckets (Rate: tokens a second, and a burst); a
-// rate of 0 turns one off. DefaultConfig holds the defaults.
+// rate of 0 turns one off. The defaults are the config package's.
 //
 //   - guesses_per_user (Config.GuessesPerUser, default 5 a minute, burst 5):
 //     PIN guesses, recover and PIN change, of one user, keyed by namespace and
@@ -33,16 +33,18 @@
 //
 // # Use
 //
-// Request runs for every /v1 request. Guess runs before the vault checks a
+// Request runs for every /v1 request. ReserveGuess runs before the vault checks a
 // PIN: it takes a token from the user's bucket and checks, without taking,
 // that the client's wrong-guess bucket holds one. When the vault then has
 // checked the PIN and found it wrong (a wrong_pin answer, or the locked
 // answer of the guess that used the last attempt, not the locked answers
 // after it), the caller calls WrongGuess, which charges the client's bucket:
 //
-//	if err := limits.Guess(client.Name, client.Namespace, userID); err != nil {
+//	undo, err := limits.ReserveGuess(client.Name, client.Namespace, userID)
+//	if err != nil {
 //		return err // 429 rate_limited, Retry-After: RetryAfterSeconds()
 //	}
+//	// undo() gives the user's token back if the guess then checks nothing.
 //	secret, remaining, err := v.Recover(ctx, client.Namespace, userID, pin)
 //	if errors.Is(err, vault.ErrWrongPIN) { // or the guess that locked it
 //		limits.WrongGuess(client.Name)
@@ -60,14 +62,14 @@
 // counted, and costs the user nothing. The wait is computed in the limiter's
 // own arithmetic, so a retry exactly RetryAfter later is admitted (unless
 // another request took the token first); RetryAfterSeconds rounds it up to
-// whole seconds for the Retry-After header. For Guess it is the wait until
+// whole seconds for the Retry-After header. For ReserveGuess it is the wait until
 // both buckets have a token, and Limiter names the one that waits longer.
 //
 // # Memory
 //
 // A client's state is two buckets and a count of HSM places, made on first
 // use and kept; clients are the configured few, so the name passed to
-// Request, Guess, WrongGuess and HoldHSM must be a configured client's,
+// Request, ReserveGuess, WrongGuess and HoldHSM must be a configured client's,
 // never caller-chosen text.
 //
 // Per-user states are bounded by Options.MaxKeys (default 65,536). They are

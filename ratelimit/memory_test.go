@@ -66,12 +66,12 @@ func TestMemoryBound(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			clk := new(clock)
 			before := heapAlloc()
-			l := ratelimit.New(ratelimit.Config{GuessesPerUser: ratelimit.PerMinute(5, 5)},
+			l := ratelimit.New(ratelimit.Config{GuessesPerUser: perMinute(5, 5)},
 				ratelimit.Options{Now: clk.Now, MaxKeys: tt.maxKeys})
 			buf := make([]byte, 0, 128)
 			for i := range tt.distinct {
 				clk.Advance(time.Microsecond) // the flood takes less than the idle period (60s)
-				if err := l.Guess("messenger", tt.ns, userID(buf, tt.userLen, i)); err != nil {
+				if err := guess(l, "messenger", tt.ns, userID(buf, tt.userLen, i)); err != nil {
 					t.Fatalf("user %d: %v", i, err)
 				}
 				if n := l.Keys(); n > tt.maxKeys {
@@ -92,11 +92,11 @@ func TestMemoryBound(t *testing.T) {
 			// The most recent user's state is held: a flood resets older ones only.
 			last := userID(buf, tt.userLen, tt.distinct-1)
 			for range 4 {
-				if err := l.Guess("messenger", tt.ns, last); err != nil {
+				if err := guess(l, "messenger", tt.ns, last); err != nil {
 					t.Fatal(err)
 				}
 			}
-			if err := l.Guess("messenger", tt.ns, last); err == nil {
+			if err := guess(l, "messenger", tt.ns, last); err == nil {
 				t.Error("the latest user's sixth guess was admitted: its state was lost")
 			}
 
@@ -134,11 +134,11 @@ func TestBytesPerState(t *testing.T) {
 			for i := range ids {
 				ids[i] = userID(buf, tt.userLen, i)
 			}
-			l := ratelimit.New(ratelimit.Config{GuessesPerUser: ratelimit.PerMinute(5, 5)},
+			l := ratelimit.New(ratelimit.Config{GuessesPerUser: perMinute(5, 5)},
 				ratelimit.Options{Now: clk.Now, MaxKeys: 1 << 22})
 			before := heapAlloc()
 			for _, id := range ids {
-				if err := l.Guess("messenger", tt.ns, id); err != nil {
+				if err := guess(l, "messenger", tt.ns, id); err != nil {
 					t.Fatal(err)
 				}
 			}
@@ -159,7 +159,7 @@ func TestBytesPerState(t *testing.T) {
 func BenchmarkGuess(b *testing.B) {
 	b.Run("distinct keys", func(b *testing.B) {
 		clk := new(clock)
-		l := ratelimit.New(ratelimit.DefaultConfig(), ratelimit.Options{Now: clk.Now})
+		l := ratelimit.New(defaults, ratelimit.Options{Now: clk.Now})
 		ids := make([]string, 1<<20)
 		for i := range ids {
 			ids[i] = fmt.Sprintf("%036d", i)
@@ -167,7 +167,7 @@ func BenchmarkGuess(b *testing.B) {
 		i := 0
 		for b.Loop() {
 			clk.Advance(time.Microsecond)
-			_ = l.Guess("messenger", "messenger", ids[i&(len(ids)-1)])
+			_ = guess(l, "messenger", "messenger", ids[i&(len(ids)-1)])
 			i++
 		}
 		b.ReportMetric(float64(l.Keys()), "states")
@@ -175,34 +175,42 @@ func BenchmarkGuess(b *testing.B) {
 	b.Run("one hot key, admitted", func(b *testing.B) {
 		clk := new(clock)
 		l := ratelimit.New(ratelimit.Config{
-			GuessesPerUser:        ratelimit.PerSecond(1e9, 1e9),
-			WrongGuessesPerClient: ratelimit.PerSecond(1e9, 1e9),
+			GuessesPerUser:        perSecond(1e9, 1e9),
+			WrongGuessesPerClient: perSecond(1e9, 1e9),
 		}, ratelimit.Options{Now: clk.Now})
 		for b.Loop() {
 			clk.Advance(time.Microsecond)
-			if err := l.Guess("messenger", "messenger", "alice"); err != nil {
+			if err := guess(l, "messenger", "messenger", "alice"); err != nil {
 				b.Fatal(err)
 			}
 		}
 	})
 	b.Run("one hot key, refused", func(b *testing.B) {
 		clk := new(clock)
-		l := ratelimit.New(ratelimit.DefaultConfig(), ratelimit.Options{Now: clk.Now})
+		l := ratelimit.New(defaults, ratelimit.Options{Now: clk.Now})
 		for b.Loop() {
-			_ = l.Guess("messenger", "messenger", "alice")
+			_ = guess(l, "messenger", "messenger", "alice")
 		}
 	})
 	b.Run("one hot key, parallel", func(b *testing.B) {
 		clk := new(clock)
 		l := ratelimit.New(ratelimit.Config{
-			GuessesPerUser:        ratelimit.PerSecond(1e9, 1e9),
-			WrongGuessesPerClient: ratelimit.PerSecond(1e9, 1e9),
+			GuessesPerUser:        perSecond(1e9, 1e9),
+			WrongGuessesPerClient: perSecond(1e9, 1e9),
 		}, ratelimit.Options{Now: clk.Now})
 		b.RunParallel(func(pb *testing.PB) {
 			for pb.Next() {
 				clk.Advance(time.Microsecond)
-				_ = l.Guess("messenger", "messenger", "alice")
+				_ = guess(l, "messenger", "messenger", "alice")
 			}
 		})
 	})
+}
+
+// defaults are the shipped limits (config's defaults).
+var defaults = ratelimit.Config{
+	GuessesPerUser:           perMinute(5, 5),
+	RequestsPerClient:        perSecond(500, 1000),
+	WrongGuessesPerClient:    perMinute(600, 600),
+	HSMSharePerClientPercent: ratelimit.DefaultHSMSharePerClientPercent,
 }

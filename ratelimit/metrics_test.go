@@ -14,9 +14,9 @@ func TestMetrics(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
 	l := New(Config{
-		GuessesPerUser:        PerMinute(5, 1),
-		RequestsPerClient:     PerSecond(1, 2),
-		WrongGuessesPerClient: PerMinute(1, 1),
+		GuessesPerUser:        perMinute(5, 1),
+		RequestsPerClient:     perSecond(1, 2),
+		WrongGuessesPerClient: perMinute(1, 1),
 	}, Options{Now: func() time.Time { return now }, Registerer: reg})
 
 	// All five series exist, at 0, before any refusal.
@@ -33,12 +33,12 @@ func TestMetrics(t *testing.T) {
 		{l.Request("messenger"), false},
 		{l.Request("messenger"), false},
 		{l.Request("messenger"), false},
-		{l.Guess("messenger", "ns", "alice"), true},
-		{l.Guess("messenger", "ns", "alice"), false}, // the user's bucket
+		{guess(l, "messenger", "ns", "alice"), true},
+		{guess(l, "messenger", "ns", "alice"), false}, // the user's bucket
 	}
 	l.WrongGuess("messenger")
 	for range 4 {
-		calls = append(calls, call{l.Guess("messenger", "ns", "bob"), false}) // the client's wrong-guess bucket
+		calls = append(calls, call{guess(l, "messenger", "ns", "bob"), false}) // the client's wrong-guess bucket
 	}
 	for i, c := range calls {
 		if (c.err == nil) != c.admitted {
@@ -86,4 +86,20 @@ keyvault_ratelimit_user_states 1
 			}
 		}
 	}
+}
+
+// perMinute is a Rate of n tokens a minute, with the given burst.
+func perMinute(n float64, burst int) Rate {
+	return Rate{PerSecond: n / 60, Burst: burst}
+}
+
+// perSecond is a Rate of n tokens a second, with the given burst.
+func perSecond(n float64, burst int) Rate {
+	return Rate{PerSecond: n, Burst: burst}
+}
+
+// guess admits one guess and keeps its token, as a guess the vault checks.
+func guess(l *Limits, client, ns, userID string) error {
+	_, err := l.ReserveGuess(client, ns, userID)
+	return err
 }

@@ -39,7 +39,7 @@ const hsmShareRetryAfter = time.Second
 const DefaultMaxKeys = 65536
 
 // ErrLimited is what every refusal matches: errors.Is(err, ErrLimited)
-// holds for each *Error that Request and Guess return.
+// holds for each *Error that Request and ReserveGuess return.
 var ErrLimited = errors.New("rate limited")
 
 // Rate is a token bucket: PerSecond tokens are added every second, up to
@@ -51,12 +51,6 @@ type Rate struct {
 	Burst     int     // the bucket's size: the most admitted at once
 }
 
-// PerMinute is a Rate of n tokens a minute, with the given burst.
-func PerMinute(n float64, burst int) Rate { return Rate{PerSecond: n / 60, Burst: burst} }
-
-// PerSecond is a Rate of n tokens a second, with the given burst.
-func PerSecond(n float64, burst int) Rate { return Rate{PerSecond: n, Burst: burst} }
-
 // bucket returns the limit and burst of r, or nil when r is off.
 func (r Rate) bucket() *bucket {
 	if !(r.PerSecond > 0) || math.IsInf(r.PerSecond, 1) {
@@ -65,8 +59,8 @@ func (r Rate) bucket() *bucket {
 	return &bucket{limit: rate.Limit(r.PerSecond), burst: max(r.Burst, 1)}
 }
 
-// Config holds the limits. The zero Config limits nothing; DefaultConfig
-// holds the documented defaults.
+// Config holds the limits. The zero Config limits nothing; the defaults
+// are the config package's.
 type Config struct {
 	// GuessesPerUser limits PIN guesses (recover and PIN change) per user,
 	// keyed by namespace and user_id. Default 5 per minute, burst 5.
@@ -83,17 +77,6 @@ type Config struct {
 	// that a client flooding the vault leaves the rest to the others. Keyed
 	// by client name. Default 50; 0, 100 or more turns the cap off.
 	HSMSharePerClientPercent int
-}
-
-// DefaultConfig returns the documented defaults (the same as the config
-// package's).
-func DefaultConfig() Config {
-	return Config{
-		GuessesPerUser:           PerMinute(5, 5),
-		RequestsPerClient:        PerSecond(500, 1000),
-		WrongGuessesPerClient:    PerMinute(600, 600),
-		HSMSharePerClientPercent: DefaultHSMSharePerClientPercent,
-	}
 }
 
 // Options are the dependencies of Limits; the zero Options is usable.
@@ -121,7 +104,7 @@ type Options struct {
 // succeed. A refused call took nothing from any bucket.
 type Error struct {
 	Limiter    string        // one of the Limiter* constants
-	RetryAfter time.Duration // until the refusing bucket (all of them, for Guess) has a token
+	RetryAfter time.Duration // until the refusing bucket (all of them, for ReserveGuess) has a token
 }
 
 func (e *Error) Error() string {
@@ -220,22 +203,19 @@ func (l *Limits) Request(client string) error {
 	return nil
 }
 
-// Guess admits one PIN guess (recover or PIN change) for the user userID in
-// namespace ns, by the client named client. It takes a token from the user's
-// bucket, and checks, without taking, that the client's wrong-guess bucket
-// has one (WrongGuess charges it once the guess turns out wrong). A refused
-// guess takes nothing from any bucket, and its RetryAfter is the wait until
-// both buckets have a token; Limiter names the one with the longer wait.
-func (l *Limits) Guess(client, ns, userID string) error {
-	_, err := l.ReserveGuess(client, ns, userID)
-	return err
-}
-
-// ReserveGuess is Guess, and on success also returns undo, which gives the
-// user's token back: for a guess that then checked nothing (the backup was
-// missing, locked or delayed, or the HSMs shed it), so that it costs the
-// user nothing and later Retry-After values stay true. undo is safe to call
-// once, from any goroutine.
+// ReserveGuess admits one PIN guess (recover or PIN change) for the user
+// userID in namespace ns, by the client named client. It takes a token from
+// the user's bucket, and checks, without taking, that the client's
+// wrong-guess bucket has one (WrongGuess charges it once the guess turns out
+// wrong). A refused guess takes nothing from any bucket, and its RetryAfter
+// is the wait until both buckets have a token; Limiter names the one with
+// the longer wait.
+//
+// On success it also returns undo, which gives the user's token back: for a
+// guess that then checked nothing (the backup was missing, locked or
+// delayed, or the HSMs shed it), so that it costs the user nothing and later
+// Retry-After values stay true. undo is safe to call once, from any
+// goroutine.
 func (l *Limits) ReserveGuess(client, ns, userID string) (undo func(), err error) {
 	undo = func() {}
 	var clientWait time.Duration
@@ -264,11 +244,11 @@ func (l *Limits) ReserveGuess(client, ns, userID string) (undo func(), err error
 	}
 }
 
-// WrongGuess charges the client's wrong-guess bucket for a guess that Guess
-// admitted and the vault then checked and found wrong: a wrong_pin answer,
+// WrongGuess charges the client's wrong-guess bucket for a guess that
+// ReserveGuess admitted and the vault then checked and found wrong: a wrong_pin answer,
 // or the locked answer of the guess that used the last attempt. Guesses
 // admitted together may drive the bucket below zero; that debt is real, and
-// Guess refuses the client until the bucket has refilled to one token.
+// ReserveGuess refuses the client until the bucket has refilled to one token.
 func (l *Limits) WrongGuess(client string) {
 	if l.wrong == nil {
 		return

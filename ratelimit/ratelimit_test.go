@@ -41,7 +41,7 @@ func limited(t *testing.T, err error) *ratelimit.Error {
 // wrongGuess is a guess that turns out wrong: admitted guesses charge the
 // client's wrong-guess bucket.
 func wrongGuess(l *ratelimit.Limits, client, ns, user string) error {
-	err := l.Guess(client, ns, user)
+	err := guess(l, client, ns, user)
 	if err == nil {
 		l.WrongGuess(client)
 	}
@@ -60,31 +60,31 @@ func TestEachLimiter(t *testing.T) {
 	}{
 		{
 			name:    "guesses per user, default",
-			cfg:     ratelimit.Config{GuessesPerUser: ratelimit.PerMinute(5, 5)},
-			call:    func(l *ratelimit.Limits, _ int) error { return l.Guess("messenger", "messenger", "alice") },
+			cfg:     ratelimit.Config{GuessesPerUser: perMinute(5, 5)},
+			call:    func(l *ratelimit.Limits, _ int) error { return guess(l, "messenger", "messenger", "alice") },
 			limiter: ratelimit.LimiterGuessesPerUser, burst: 5, perSec: 5.0 / 60,
 		},
 		{
 			name:    "guesses per user, 7 a minute",
-			cfg:     ratelimit.Config{GuessesPerUser: ratelimit.PerMinute(7, 3)},
-			call:    func(l *ratelimit.Limits, _ int) error { return l.Guess("messenger", "messenger", "alice") },
+			cfg:     ratelimit.Config{GuessesPerUser: perMinute(7, 3)},
+			call:    func(l *ratelimit.Limits, _ int) error { return guess(l, "messenger", "messenger", "alice") },
 			limiter: ratelimit.LimiterGuessesPerUser, burst: 3, perSec: 7.0 / 60,
 		},
 		{
 			name:    "requests per client, default",
-			cfg:     ratelimit.Config{RequestsPerClient: ratelimit.PerSecond(500, 1000)},
+			cfg:     ratelimit.Config{RequestsPerClient: perSecond(500, 1000)},
 			call:    func(l *ratelimit.Limits, _ int) error { return l.Request("messenger") },
 			limiter: ratelimit.LimiterRequestsPerClient, burst: 1000, perSec: 500,
 		},
 		{
 			name:    "requests per client, 3 a second",
-			cfg:     ratelimit.Config{RequestsPerClient: ratelimit.PerSecond(3, 2)},
+			cfg:     ratelimit.Config{RequestsPerClient: perSecond(3, 2)},
 			call:    func(l *ratelimit.Limits, _ int) error { return l.Request("messenger") },
 			limiter: ratelimit.LimiterRequestsPerClient, burst: 2, perSec: 3,
 		},
 		{
 			name: "wrong guesses per client, default",
-			cfg:  ratelimit.Config{WrongGuessesPerClient: ratelimit.PerMinute(600, 600)},
+			cfg:  ratelimit.Config{WrongGuessesPerClient: perMinute(600, 600)},
 			call: func(l *ratelimit.Limits, i int) error {
 				return wrongGuess(l, "messenger", "messenger", fmt.Sprint("user", i))
 			},
@@ -93,8 +93,8 @@ func TestEachLimiter(t *testing.T) {
 		{
 			name: "wrong guesses per client, with user limits on",
 			cfg: ratelimit.Config{
-				GuessesPerUser:        ratelimit.PerMinute(5, 5),
-				WrongGuessesPerClient: ratelimit.PerMinute(11, 4),
+				GuessesPerUser:        perMinute(5, 5),
+				WrongGuessesPerClient: perMinute(11, 4),
 			},
 			call: func(l *ratelimit.Limits, i int) error {
 				return wrongGuess(l, "messenger", "messenger", fmt.Sprint("user", i))
@@ -184,9 +184,9 @@ func TestOff(t *testing.T) {
 	}{
 		{"zero", ratelimit.Rate{}},
 		{"zero rate with a burst", ratelimit.Rate{Burst: 5}},
-		{"negative", ratelimit.PerSecond(-1, 5)},
-		{"NaN", ratelimit.PerSecond(math.NaN(), 5)},
-		{"infinite", ratelimit.PerSecond(math.Inf(1), 5)},
+		{"negative", perSecond(-1, 5)},
+		{"NaN", perSecond(math.NaN(), 5)},
+		{"infinite", perSecond(math.Inf(1), 5)},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -207,35 +207,22 @@ func TestOff(t *testing.T) {
 	}
 }
 
-func TestDefaultConfig(t *testing.T) {
-	t.Parallel()
-	want := ratelimit.Config{
-		GuessesPerUser:           ratelimit.Rate{PerSecond: 5.0 / 60, Burst: 5},
-		RequestsPerClient:        ratelimit.Rate{PerSecond: 500, Burst: 1000},
-		WrongGuessesPerClient:    ratelimit.Rate{PerSecond: 10, Burst: 600},
-		HSMSharePerClientPercent: 50,
-	}
-	if got := ratelimit.DefaultConfig(); got != want {
-		t.Errorf("DefaultConfig() = %+v, want %+v", got, want)
-	}
-}
-
 // A refused guess takes no token from the user's bucket and none from the
 // client's wrong-guess bucket.
 func TestRefusedGuessTakesNothing(t *testing.T) {
 	t.Parallel()
 	l, clk := newLimits(ratelimit.Config{
-		GuessesPerUser:        ratelimit.PerMinute(5, 5),
-		WrongGuessesPerClient: ratelimit.PerMinute(1, 1),
+		GuessesPerUser:        perMinute(5, 5),
+		WrongGuessesPerClient: perMinute(1, 1),
 	})
 	for i := range 5 {
-		if err := l.Guess("messenger", "messenger", "alice"); err != nil {
+		if err := guess(l, "messenger", "messenger", "alice"); err != nil {
 			t.Fatalf("guess %d: %v", i+1, err)
 		}
 	}
 	// Refused many times over 11.9 seconds: each says when, none takes.
 	for step := range 119 {
-		e := limited(t, l.Guess("messenger", "messenger", "alice"))
+		e := limited(t, guess(l, "messenger", "messenger", "alice"))
 		want := 12*time.Second - time.Duration(step)*100*time.Millisecond
 		if e.Limiter != ratelimit.LimiterGuessesPerUser || (e.RetryAfter-want).Abs() > time.Microsecond {
 			t.Fatalf("at %v: %s after %v, want guesses_per_user after %v", clk.Elapsed(), e.Limiter, e.RetryAfter, want)
@@ -243,14 +230,14 @@ func TestRefusedGuessTakesNothing(t *testing.T) {
 		clk.Advance(100 * time.Millisecond)
 	}
 	clk.Advance(100 * time.Millisecond) // exactly 12s after the fifth guess
-	if err := l.Guess("messenger", "messenger", "alice"); err != nil {
+	if err := guess(l, "messenger", "messenger", "alice"); err != nil {
 		t.Fatalf("at 12s: %v", err)
 	}
 	// The client's one wrong-guess token is untouched by all that.
 	if err := wrongGuess(l, "messenger", "messenger", "bob"); err != nil {
 		t.Fatalf("another user of the client: %v", err)
 	}
-	if e := limited(t, l.Guess("messenger", "messenger", "carol")); e.Limiter != ratelimit.LimiterWrongGuessesPerClient {
+	if e := limited(t, guess(l, "messenger", "messenger", "carol")); e.Limiter != ratelimit.LimiterWrongGuessesPerClient {
 		t.Fatalf("after the client's wrong guess: refused by %s, want wrong_guesses_per_client", e.Limiter)
 	}
 }
@@ -261,12 +248,12 @@ func TestRefusedGuessTakesNothing(t *testing.T) {
 func TestWrongGuessDebt(t *testing.T) {
 	t.Parallel()
 	l, clk := newLimits(ratelimit.Config{
-		GuessesPerUser:        ratelimit.PerMinute(5, 1),
-		WrongGuessesPerClient: ratelimit.PerSecond(1, 2),
+		GuessesPerUser:        perMinute(5, 1),
+		WrongGuessesPerClient: perSecond(1, 2),
 	})
 	// Four guesses checked while the bucket held 2 tokens (in flight together)...
 	for i := range 4 {
-		if err := l.Guess("messenger", "messenger", fmt.Sprint("user", i)); err != nil {
+		if err := guess(l, "messenger", "messenger", fmt.Sprint("user", i)); err != nil {
 			t.Fatalf("guess %d: %v", i, err)
 		}
 	}
@@ -275,18 +262,18 @@ func TestWrongGuessDebt(t *testing.T) {
 		l.WrongGuess("messenger")
 	}
 	for i := range 10 {
-		e := limited(t, l.Guess("messenger", "messenger", fmt.Sprint("other", i)))
+		e := limited(t, guess(l, "messenger", "messenger", fmt.Sprint("other", i)))
 		if e.Limiter != ratelimit.LimiterWrongGuessesPerClient || e.RetryAfter != 3*time.Second {
 			t.Fatalf("user other%d: %s after %v, want wrong_guesses_per_client after 3s", i, e.Limiter, e.RetryAfter)
 		}
 	}
 	// The debt is the client's: another client guesses on.
-	if err := l.Guess("other-client", "messenger", "other0"); err != nil {
+	if err := guess(l, "other-client", "messenger", "other0"); err != nil {
 		t.Fatalf("another client: %v", err)
 	}
 	// Both limits refuse: the Retry-After is the longer wait.
 	clk.Advance(2 * time.Second)
-	e := limited(t, l.Guess("messenger", "messenger", "other0")) // its token was taken above
+	e := limited(t, guess(l, "messenger", "messenger", "other0")) // its token was taken above
 	if e.Limiter != ratelimit.LimiterGuessesPerUser || e.RetryAfter != 10*time.Second {
 		t.Fatalf("both limits refuse: %s after %v, want guesses_per_user after 10s", e.Limiter, e.RetryAfter)
 	}
@@ -295,7 +282,7 @@ func TestWrongGuessDebt(t *testing.T) {
 		if i == 0 {
 			continue // other0 waits for its own bucket
 		}
-		if err := l.Guess("messenger", "messenger", fmt.Sprint("other", i)); err != nil {
+		if err := guess(l, "messenger", "messenger", fmt.Sprint("other", i)); err != nil {
 			t.Fatalf("after the refill, user other%d: %v", i, err) // the refusals took nothing
 		}
 	}
@@ -318,15 +305,15 @@ func TestIndependentKeys(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			l, _ := newLimits(ratelimit.Config{GuessesPerUser: ratelimit.PerMinute(5, 2)})
+			l, _ := newLimits(ratelimit.Config{GuessesPerUser: perMinute(5, 2)})
 			for range 2 {
-				if err := l.Guess(tt.spent.client, tt.spent.ns, tt.spent.user); err != nil {
+				if err := guess(l, tt.spent.client, tt.spent.ns, tt.spent.user); err != nil {
 					t.Fatal(err)
 				}
 			}
-			limited(t, l.Guess(tt.spent.client, tt.spent.ns, tt.spent.user))
+			limited(t, guess(l, tt.spent.client, tt.spent.ns, tt.spent.user))
 			for i := range 2 {
-				if err := l.Guess(tt.other.client, tt.other.ns, tt.other.user); err != nil {
+				if err := guess(l, tt.other.client, tt.other.ns, tt.other.user); err != nil {
 					t.Fatalf("guess %d of the other key: %v", i+1, err)
 				}
 			}
@@ -335,15 +322,15 @@ func TestIndependentKeys(t *testing.T) {
 	t.Run("same user, other client", func(t *testing.T) {
 		t.Parallel()
 		// The user's bucket is the user's, whichever client asks.
-		l, _ := newLimits(ratelimit.Config{GuessesPerUser: ratelimit.PerMinute(5, 1)})
-		if err := l.Guess("one", "shared", "alice"); err != nil {
+		l, _ := newLimits(ratelimit.Config{GuessesPerUser: perMinute(5, 1)})
+		if err := guess(l, "one", "shared", "alice"); err != nil {
 			t.Fatal(err)
 		}
-		limited(t, l.Guess("two", "shared", "alice"))
+		limited(t, guess(l, "two", "shared", "alice"))
 	})
 	t.Run("clients", func(t *testing.T) {
 		t.Parallel()
-		l, _ := newLimits(ratelimit.Config{RequestsPerClient: ratelimit.PerSecond(1, 3)})
+		l, _ := newLimits(ratelimit.Config{RequestsPerClient: perSecond(1, 3)})
 		for range 3 {
 			if err := l.Request("one"); err != nil {
 				t.Fatal(err)
@@ -362,9 +349,9 @@ func TestIndependentKeys(t *testing.T) {
 // and an active user's survives the rotations.
 func TestIdleStatesDropped(t *testing.T) {
 	t.Parallel()
-	l, clk := newLimits(ratelimit.Config{GuessesPerUser: ratelimit.PerMinute(5, 5)}) // idle period 60s
+	l, clk := newLimits(ratelimit.Config{GuessesPerUser: perMinute(5, 5)}) // idle period 60s
 	for i := range 1000 {
-		if err := l.Guess("messenger", "messenger", fmt.Sprint("user", i)); err != nil {
+		if err := guess(l, "messenger", "messenger", fmt.Sprint("user", i)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -383,9 +370,9 @@ func TestIdleStatesDropped(t *testing.T) {
 
 func TestActiveStateSurvivesRotations(t *testing.T) {
 	t.Parallel()
-	l, clk := newLimits(ratelimit.Config{GuessesPerUser: ratelimit.PerMinute(5, 5)}) // a token per 12s
+	l, clk := newLimits(ratelimit.Config{GuessesPerUser: perMinute(5, 5)}) // a token per 12s
 	for range 5 {
-		if err := l.Guess("messenger", "messenger", "alice"); err != nil {
+		if err := guess(l, "messenger", "messenger", "alice"); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -393,15 +380,15 @@ func TestActiveStateSurvivesRotations(t *testing.T) {
 	// come and go. Were her empty bucket dropped, she would get a new burst.
 	for step := range 300 {
 		for i := range 20 {
-			if err := l.Guess("messenger", "messenger", fmt.Sprintf("passer-by-%d-%d", step, i)); err != nil {
+			if err := guess(l, "messenger", "messenger", fmt.Sprintf("passer-by-%d-%d", step, i)); err != nil {
 				t.Fatal(err)
 			}
 		}
 		clk.Advance(12 * time.Second)
-		if err := l.Guess("messenger", "messenger", "alice"); err != nil {
+		if err := guess(l, "messenger", "messenger", "alice"); err != nil {
 			t.Fatalf("at %v: %v", clk.Elapsed(), err)
 		}
-		if e := limited(t, l.Guess("messenger", "messenger", "alice")); e.RetryAfter != 12*time.Second {
+		if e := limited(t, guess(l, "messenger", "messenger", "alice")); e.RetryAfter != 12*time.Second {
 			t.Fatalf("at %v: RetryAfter = %v, want 12s", clk.Elapsed(), e.RetryAfter)
 		}
 	}
@@ -416,9 +403,9 @@ func TestActiveStateSurvivesRotations(t *testing.T) {
 func TestConcurrent(t *testing.T) {
 	t.Parallel()
 	cfg := ratelimit.Config{
-		GuessesPerUser:        ratelimit.PerSecond(1000, 10),
-		RequestsPerClient:     ratelimit.PerSecond(2000, 50),
-		WrongGuessesPerClient: ratelimit.PerSecond(1e6, 1e6), // on, but out of the way
+		GuessesPerUser:        perSecond(1000, 10),
+		RequestsPerClient:     perSecond(2000, 50),
+		WrongGuessesPerClient: perSecond(1e6, 1e6), // on, but out of the way
 	}
 	l, clk := newLimits(cfg)
 	const goroutines, rounds = 8, 2000
@@ -428,14 +415,14 @@ func TestConcurrent(t *testing.T) {
 		wg.Go(func() {
 			for i := range rounds {
 				clk.Advance(10 * time.Microsecond)
-				if l.Guess("messenger", "messenger", "hot") == nil {
+				if guess(l, "messenger", "messenger", "hot") == nil {
 					hot.Add(1)
 					l.WrongGuess("messenger")
 				}
 				if l.Request("messenger") == nil {
 					requests.Add(1)
 				}
-				_ = l.Guess("messenger", "messenger", fmt.Sprint("cold", g, i%100))
+				_ = guess(l, "messenger", "messenger", fmt.Sprint("cold", g, i%100))
 				_ = l.Keys()
 			}
 		})
@@ -460,7 +447,7 @@ func TestConcurrent(t *testing.T) {
 // overdraw the bucket, but the debt holds back what follows.
 func TestConcurrentWrongGuesses(t *testing.T) {
 	t.Parallel()
-	r := ratelimit.PerSecond(100, 20)
+	r := perSecond(100, 20)
 	l, clk := newLimits(ratelimit.Config{WrongGuessesPerClient: r})
 	const goroutines, rounds = 8, 2000
 	var admitted atomic.Int64
@@ -494,7 +481,7 @@ func TestRetryAfterTruthful(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	for _, perSec := range []float64{1.0 / 7, 5.0 / 60, 0.3, 1, 13.7, 997, 1e5 / 3} {
 		for burst := 1; burst <= 3; burst++ {
-			l, clk := newLimits(ratelimit.Config{RequestsPerClient: ratelimit.PerSecond(perSec, burst)})
+			l, clk := newLimits(ratelimit.Config{RequestsPerClient: perSecond(perSec, burst)})
 			for i := range 300 {
 				err := l.Request("messenger")
 				if err == nil {
@@ -524,7 +511,7 @@ func TestRetryAfterTruthful(t *testing.T) {
 func TestReserveGuessUndo(t *testing.T) {
 	t.Parallel()
 	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	l := ratelimit.New(ratelimit.Config{GuessesPerUser: ratelimit.PerMinute(1, 1)}, ratelimit.Options{Now: func() time.Time { return now }})
+	l := ratelimit.New(ratelimit.Config{GuessesPerUser: perMinute(1, 1)}, ratelimit.Options{Now: func() time.Time { return now }})
 	undo, err := l.ReserveGuess("c", "ns", "u")
 	if err != nil {
 		t.Fatal(err)
@@ -637,7 +624,7 @@ func rejectionsOf(t *testing.T, reg *prometheus.Registry, limiter string) float6
 // over that time is neither lost nor counted twice.
 func TestReserveGuessUndoLater(t *testing.T) {
 	t.Parallel()
-	l, clk := newLimits(ratelimit.Config{GuessesPerUser: ratelimit.PerMinute(2, 2)})
+	l, clk := newLimits(ratelimit.Config{GuessesPerUser: perMinute(2, 2)})
 	undo, err := l.ReserveGuess("c", "ns", "u")
 	if err != nil {
 		t.Fatal(err)
@@ -659,4 +646,20 @@ func TestReserveGuessUndoLater(t *testing.T) {
 	if want := 30*time.Second - 10050*time.Millisecond; e.RetryAfter != want {
 		t.Fatalf("RetryAfter %v, want %v", e.RetryAfter, want)
 	}
+}
+
+// perMinute is a Rate of n tokens a minute, with the given burst.
+func perMinute(n float64, burst int) ratelimit.Rate {
+	return ratelimit.Rate{PerSecond: n / 60, Burst: burst}
+}
+
+// perSecond is a Rate of n tokens a second, with the given burst.
+func perSecond(n float64, burst int) ratelimit.Rate {
+	return ratelimit.Rate{PerSecond: n, Burst: burst}
+}
+
+// guess admits one guess and keeps its token, as a guess the vault checks.
+func guess(l *ratelimit.Limits, client, ns, userID string) error {
+	_, err := l.ReserveGuess(client, ns, userID)
+	return err
 }

@@ -306,7 +306,7 @@ func (u *ledgerUser) check(s *tally, c *client) {
 		case p.kind == "right" && same && a.AttemptsRemaining == u.max && !a.Locked:
 			u.remaining, u.wrong = u.max, 0
 		case (p.kind == "right" || p.kind == "wrong" || p.kind == "pin") && same && a.AttemptsRemaining == u.remaining-1:
-			// Counted before the kill: it stays a wrong guess (SPEC.md).
+			// Counted before the kill: it stays a wrong guess (docs/api.md).
 			u.remaining--
 			u.wrong++
 			u.locked = u.remaining == 0

@@ -3,7 +3,8 @@
 // member that keeps failing and coming back, records edited in the bbolt
 // file, and a vault with many backups. Each scenario is a Go test that
 // builds the binary, drives it over HTTP on real SoftHSM tokens and a real
-// bbolt file, and checks the invariants of SPEC.md from the outside.
+// bbolt file, and checks the guess-budget invariants of docs/api.md from
+// the outside.
 //
 // # Sizes
 //

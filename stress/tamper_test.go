@@ -24,7 +24,8 @@ import (
 // untouched backups must still recover. Editing the store's 8-byte revision
 // prefix is not tampering with the record (the record is intact), so edits
 // land on the record itself. Rolling a record back to an older once-valid
-// copy is ROLLBACK.md's problem, not tested here.
+// copy is rollback resistance's (docs/rollback.md), tested by the
+// anchored scenarios.
 func TestTampering(t *testing.T) {
 	softhsmtest.Module(t)
 	rounds := knob(t, "STRESS_TAMPER_ROUNDS", 2)

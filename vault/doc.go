@@ -41,7 +41,8 @@
 // # Caveats
 //
 // The record MAC stops edits, not rollbacks: restoring an older copy of the
-// store restores older counters (see ../shared/ROLLBACK.md and the README).
+// store restores older counters (docs/rollback.md has the anchoring that
+// refuses such a store).
 // The Store must give compare-and-swap by revision; the HSM must say whether
 // an operation produced no result (ErrUnavailable) or an open failed
 // authentication (ErrIntegrity).

@@ -81,8 +81,8 @@ type ClusterOptions struct {
 	WriteBound time.Duration
 }
 
-// maxClockSkew is how far node clocks may disagree (README "Running on
-// etcd": run NTP).
+// maxClockSkew is how far node clocks may disagree (docs/etcd.md: run
+// NTP).
 const maxClockSkew = 5 * time.Second
 
 // FenceAfter is how long after its last successful round a shared node

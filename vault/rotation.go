@@ -288,8 +288,8 @@ func (v *Vault) rewrapUpdate(f func(*RewrapStatus)) {
 
 func (v *Vault) runRewrap(ctx context.Context, perSecond float64, target uint32) {
 	defer func() {
-		// The gauges first, so that a finished run shows its final counts
-		// (a slower store made the old order visible).
+		// The gauges first, so that whoever sees the run finished also
+		// sees its final counts, however slow the store is to count.
 		if _, err := v.KeyUsage(context.WithoutCancel(ctx)); err != nil {
 			v.log.Warn("counting records by key version", "error", err.Error())
 		}

@@ -1,6 +1,6 @@
 package vault
 
-// Limits of the API contract (SPEC.md "REST API").
+// Limits of the API (docs/api.md, "Fields and problem codes").
 const (
 	maxUserIDLen = 128
 	minSecretLen = 16

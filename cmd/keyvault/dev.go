@@ -215,7 +215,7 @@ admin_listen: %[3]s
 admin_pprof: false     # true serves /debug/pprof/ on the admin listener
 store:
   path: %[1]s/keyvault.db
-  rollback_anchor: true    # refuse a rolled-back store at start (README "Rollback resistance")
+  rollback_anchor: true    # refuse a rolled-back store at start (docs/rollback.md)
 hsm:
   module_env:
     SOFTHSM2_CONF: %[4]s   # this directory's own SoftHSM token store

@@ -187,7 +187,7 @@ func (s *Store) Anchor(ctx context.Context, keys anchor.Keys, members Anchors, r
 		// one its anchor names: the newest anchor may be a failed write
 		// that reached none of the members the anchor before it named,
 		// and a member still holding that one must not be left naming
-		// only members without a newer anchor (found by review).
+		// only members without a newer anchor.
 		a.live, a.need = dec.Holders, [][]string{dec.Anchor.Live}
 		for m, an := range newest {
 			if dec.Anchor.Outranks(an) {
@@ -261,11 +261,10 @@ func newestAnchors(keys anchor.Keys, found []anchor.Found, m anchor.Meta) (map[s
 // first. A member that did not answer may hold a number above those read,
 // from a failed write; numbering on from the highest number read would
 // reuse it with other content, which the check refuses as tampering once
-// that member answers (found by review). The member's number comes either
+// that member answers. The member's number comes either
 // from a process that wrote an anchor the start-up check read, so its
 // block is below the one read, or from one whose writes all failed, whose
-// block was recorded here before its first write (found by the second
-// review). The record only keeps write numbers apart: safety does not
+// block was recorded here before its first write. The record only keeps write numbers apart: safety does not
 // rest on it (see anchor.Outranks and write), so it needs no MAC.
 func (s *Store) takeBlock(maxW uint64) (uint64, error) {
 	var block uint64
@@ -292,7 +291,7 @@ func nextBlock(tx *bolt.Tx, maxW uint64) (uint64, error) {
 	// The record has no MAC: a value far above the numbers read is an
 	// edit (failed starts move it a block at a time), and is not followed,
 	// so that nobody with the file alone can push the numbers to the end
-	// of their range at once (found by the third review).
+	// of their range at once.
 	if v := tx.Bucket(bucketMeta).Get(keyAnchorBlock); len(v) == 8 {
 		if rec := binary.BigEndian.Uint64(v); rec > block && rec-block <= maxBlockLead {
 			block = rec
@@ -328,8 +327,7 @@ func (a *anchoring) point(m anchor.Meta, d anchor.Digest) anchor.Point {
 // on a member outside them. Such a member would keep an anchor newer than
 // the ones the needed sets hold, naming none of the members that hold
 // those, and the next start, with that member hidden, could not know of
-// its write number and would number its own below it (found by the fourth
-// review). In steady running every member is in the needed set, so this
+// its write number and would number its own below it. In steady running every member is in the needed set, so this
 // costs a second round only when a member is caught up.
 func (a *anchoring) write(ctx context.Context, base anchor.Point) error {
 	prev := a.live
@@ -597,7 +595,7 @@ func (s *Store) AcceptRestore(ctx context.Context, keys anchor.Keys, members Anc
 		// anchors the members hold: under a new one, those anchors would
 		// be another vault's, which the start-up reach rule does not see,
 		// and a member the accept missed would keep vouching for the store
-		// from before the restore (found by the second review).
+		// from before the restore.
 		m.VaultID = newest.VaultID
 	default:
 		rand.Read(m.VaultID[:])
@@ -643,7 +641,7 @@ func (s *Store) AcceptRestore(ctx context.Context, keys anchor.Keys, members Anc
 		position: position{meta: m, metaRaw: raw, records: before.scanned.RecordDigest, digest: d}}
 	// The new epoch must reach every member: one it misses keeps an
 	// anchor of the old epoch, which, with the others hidden, would vouch
-	// for the store from before the restore (found by review).
+	// for the store from before the restore.
 	a.live = members.Members()
 	for _, m := range a.live {
 		a.need = append(a.need, []string{m})

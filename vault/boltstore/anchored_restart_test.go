@@ -18,8 +18,9 @@ import (
 	"github.com/keyvault/keyvault/vault/boltstore"
 )
 
-// Found by review of the rollback-anchor protocol (restarts, accepts,
-// adoption, write numbers); each failed before its fix.
+// The rollback-anchor protocol across restarts, accepts, adoption and
+// write numbers: each test below is a way a stale member or a failed start
+// could make a rolled-back store pass, or a clean one fail.
 
 // openAnchored opens the store at path and runs the start-up check.
 func openAnchored(t *testing.T, path string, keys anchor.Keys, fa *ctlAnchors) (*boltstore.Store, error) {
@@ -232,8 +233,7 @@ func halfFailedAccept(t *testing.T, path string, keys anchor.Keys, fa *ctlAnchor
 	noStart(t, path, keys, fa, "the store from before the restore was accepted on b while a, holding the accepted epoch, is hidden")
 }
 
-// Found by a second review of the restart and accept rules; each failed
-// before its fix.
+// The restart and accept rules when a member held an older anchor.
 
 // liveAHeldByAB makes a store whose newest anchor, W2 (live {a}), is on
 // members a and b, and closes it: W1 reached only a (b failing), and W2
@@ -276,9 +276,9 @@ func openLiveAHeldByAB(t *testing.T) (*boltstore.Store, string, anchor.Keys, *ct
 //	start 2      b silent: best W2 on a; W=B1+1 live {a} on a; stop idle
 //	start 3      everyone answers: a and b hold W=B1+1, different live sets
 //
-// Since the fourth review a write goes to a member outside the sets it
-// must reach only once it has reached them, so start 1 no longer touches
-// b; the clean restarts are kept as a test all the same.
+// A write goes to a member outside the sets it must reach only once it has
+// reached them, so start 1 does not touch b; the clean restarts are the
+// test.
 func TestStartAfterAFailedStartReusesItsWriteNumber(t *testing.T) {
 	path, keys, fa := liveAHeldByAB(t)
 
@@ -341,7 +341,7 @@ func TestAcceptOfAStoreWithoutMetaLeavesTheOldVaultStanding(t *testing.T) {
 	halfFailedAccept(t, path, keys, fa, backup, preRestore)
 }
 
-// Found by a third review. The recorded write-number block ("anchor-block")
+// The recorded write-number block ("anchor-block")
 // is outside the digest and under no MAC: whoever holds the database can
 // set it to any value. takeBlock adds one to it and shifts it left by 32
 // bits in uint64, so a value of 2^32-1 or more wraps the process's write
@@ -392,15 +392,15 @@ func TestEditedAnchorBlockWrapsWriteNumbers(t *testing.T) {
 	noStart(t, path, keys, fa, "the store from before released answers was accepted: the edited anchor-block wrapped the write numbers, and b's older anchor outranks a's newer ones")
 }
 
-// Found by a fourth review. Start-up writes that fail (they must reach a,
-// which fails writes) still land on b, so b keeps an anchor from a failed
-// start that names only itself, with a write number above every number a
-// holds. The next start, with b hidden, reads only a, numbers its writes
-// below b's and serves answers. Then b's anchor from the failed start
-// outranks a's newer ones and vouches for the store before them: with a
+// Start-up writes that fail (they must reach a, which fails writes) must
+// not land on b. If they did, b would keep an anchor from a failed start
+// that names only itself, with a write number above every number a holds;
+// the next start, with b hidden, would read only a, number its writes below
+// b's and serve answers, and b's anchor from the failed start would then
+// outrank a's newer ones and vouch for the store before them: with a
 // hidden (b's anchor names only b), and, once the attacker has edited the
 // anchor-block record so the next start cannot learn b's block, with every
-// member answering.
+// member answering. The old store must be refused in both cases.
 //
 //	W1 (fresh)  reaches {a}; W2 (x) reaches {a,b} live {a}   <- copy "old"
 //	start 1a    on b only: fails (must reach {a})

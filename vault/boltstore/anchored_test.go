@@ -288,7 +288,7 @@ func TestHungMemberIsNotWaitedOn(t *testing.T) {
 }
 
 // ctlAnchors: members whose writes fail, and members that do not answer
-// reads (found by review, with the tests that use it).
+// reads.
 type ctlAnchors struct {
 	mu     sync.Mutex
 	names  []string

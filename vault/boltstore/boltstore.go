@@ -22,7 +22,7 @@
 // # Caveats
 //
 // Freed pages keep old values until reused, so deleted or replaced records
-// may still be readable in the file (see the README's threat model).
+// may still be readable in the file (see docs/threat-model.md).
 package boltstore
 
 import (

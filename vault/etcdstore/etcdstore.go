@@ -17,8 +17,8 @@
 // store never turns such an error into vault.ErrConflict; it reports it as
 // it is, and the vault resolves the outcome (see vault's operation IDs).
 // Every write keeps an old revision until etcd compacts it: run etcd with
-// auto-compaction, and defragment, or the quota fills (README, "Running on
-// etcd"). Rollback anchoring (boltstore's Anchor) is not available here.
+// auto-compaction, and defragment, or the quota fills (docs/etcd.md,
+// "Sizing"). Rollback anchoring (boltstore's Anchor) is not available here.
 package etcdstore
 
 import (
