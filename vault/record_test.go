@@ -57,7 +57,7 @@ func TestRecordFormats(t *testing.T) {
 }
 
 // A record's sealing must agree with what it is: a tombstone has none,
-// anything else gcm or hmac.
+// anything else gcm, hmac or gcm-hsm-iv.
 func TestRecordSealingInvariant(t *testing.T) {
 	vals := seedRecordValues()
 	live, tomb := vals[0], vals[2]
