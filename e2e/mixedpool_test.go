@@ -113,6 +113,7 @@ func TestMixedPoolHMAC(t *testing.T) {
 		_, text := metrics(t, v.Admin)
 		t.Fatalf("no traffic on both members within 10s of load:\n%s", grepLines(text, "keyvault_hsm_operations_total"))
 	}
+	time.Sleep(time.Second) // a second of load on both before one goes
 
 	// The SoftHSM member is lost: its token directory moves away, and
 	// SoftHSM fails every operation on its keys.
