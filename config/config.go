@@ -310,7 +310,9 @@ type HSM struct {
 	// Profile is how records are sealed: "gcm" (AES-256-GCM inside the
 	// HSM under an AES wrap key) or "hmac" (AES-256-GCM on the host under
 	// a per-record key the HSM derives by HMAC-SHA256 from a generic
-	// secret wrap key; the tokens need only HMAC-SHA256). keys init and
+	// secret wrap key; the tokens need only HMAC-SHA256) or "gcm-hsm-iv"
+	// (as gcm, for HSMs that choose the GCM IV themselves: the record
+	// stores the IV the HSM returned). keys init and
 	// keys rotate make the wrap key of this profile, and serve refuses a
 	// store whose newest wrap key is of another. Optional; unset, a store
 	// keeps the profile of its newest wrap key, and keys init makes keys

@@ -324,7 +324,7 @@ func TestParseRejects(t *testing.T) {
 		{"token list with mapping", client("  - name: a\n    token_sha256:\n      - {{.Hash1}}\n      - {x: y}\n"), []string{"clients[0].token_sha256[1]: expected a string, got a mapping"}},
 		{"custom tag", "listen: !env LISTEN\n" + minimalYAML, []string{"listen: unsupported YAML tag !env"}},
 		{"module_env not a mapping", "hsm:\n  module_env: [A]\n  members:\n" + memberA + storeBlock + clientsBlock, []string{"hsm.module_env: expected a mapping"}},
-		{"unknown profile", "hsm:\n  profile: aes\n  members:\n" + memberA + storeBlock + clientsBlock, []string{`hsm.profile: must be gcm or hmac, not "aes"`}},
+		{"unknown profile", "hsm:\n  profile: aes\n  members:\n" + memberA + storeBlock + clientsBlock, []string{`hsm.profile: must be gcm, hmac or gcm-hsm-iv, not "aes"`}},
 
 		// Required keys.
 		{"no store", hsmBlock + clientsBlock, []string{"store.path: required"}},

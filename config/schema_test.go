@@ -136,8 +136,14 @@ func TestSchemaRefuses(t *testing.T) {
 			t.Errorf("%s: schema check gave %v; want a refusal naming %q", tc.name, err, tc.want)
 		}
 	}
-	// hsm.profile is in the schema ahead of the Go types: gcm passes.
-	if err := schemaCheck(sch, render(t, fx, strings.Replace(minimalYAML, "hsm:\n", "hsm:\n  profile: hmac\n", 1))); err != nil {
-		t.Errorf("hsm.profile hmac: %v", err)
+	// Every profile the Go validation takes, the schema takes.
+	for _, profile := range []string{"gcm", "hmac", "gcm-hsm-iv"} {
+		doc := render(t, fx, strings.Replace(minimalYAML, "hsm:\n", "hsm:\n  profile: "+profile+"\n", 1))
+		if err := schemaCheck(sch, doc); err != nil {
+			t.Errorf("hsm.profile %s: schema: %v", profile, err)
+		}
+		if _, err := Parse(doc); err != nil {
+			t.Errorf("hsm.profile %s: %v", profile, err)
+		}
 	}
 }

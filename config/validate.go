@@ -258,8 +258,8 @@ func (v *validator) hsm(h HSM) {
 			v.add(fieldKey("hsm.module_env", k), "not a valid environment variable name")
 		}
 	}
-	if h.Profile != "" && h.Profile != "gcm" && h.Profile != "hmac" {
-		v.add("hsm.profile", "must be gcm or hmac, not %q", h.Profile)
+	if h.Profile != "" && h.Profile != "gcm" && h.Profile != "hmac" && h.Profile != "gcm-hsm-iv" {
+		v.add("hsm.profile", "must be gcm, hmac or gcm-hsm-iv, not %q", h.Profile)
 	}
 	if len(h.Members) == 0 {
 		v.add("hsm.members", "at least one member required")

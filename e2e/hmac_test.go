@@ -131,6 +131,21 @@ func TestHMACProfileOnOpencryptoki(t *testing.T) {
 	profileScenario(t, k)
 }
 
+// TestGCMHSMIVProfileOnSoftHSM runs the scenario under gcm-hsm-iv on
+// SoftHSM, which takes the IV it is given: the binary's first seal finds
+// that out and seals with the vault's nonce, and every record is marked
+// gcm-hsm-iv. (A token that chooses its IV is emulated in hsmpool's tests:
+// the emulation lives in the test process, out of the binary's reach.)
+func TestGCMHSMIVProfileOnSoftHSM(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	k := newProfileKit(t, dir, softHSMMember(t, dir), "gcm-hsm-iv")
+	if code, out := k.keys(t, nil, "init"); code != 0 || !strings.Contains(out, "for the gcm-hsm-iv profile") {
+		t.Fatalf("keys init under gcm-hsm-iv: exit %d:\n%s", code, out)
+	}
+	profileScenario(t, k)
+}
+
 // TestHMACProfileOnSoftHSM changes a SoftHSM store from gcm to hmac: the
 // vault refuses to start under hmac while the newest wrap key is an AES
 // one, and says what to run; after keys rotate it serves, a record sealed
@@ -261,9 +276,9 @@ func profileScenario(t *testing.T, k *profileKit, earlier ...enrolled) {
 	v.Stop()
 
 	// Every live record says it was sealed under the profile (format 3,
-	// the sealing byte after the MAC key version: 1 gcm, 2 hmac); then one
-	// has a byte of its sealed secret flipped.
-	sealing := map[string]byte{"gcm": 1, "hmac": 2}[k.profile]
+	// the sealing byte after the MAC key version: 1 gcm, 2 hmac, 3
+	// gcm-hsm-iv); then one has a byte of its sealed secret flipped.
+	sealing := map[string]byte{"gcm": 1, "hmac": 2, "gcm-hsm-iv": 3}[k.profile]
 	const offSealing = 8 + 62
 	offSealed := offSealing + 1 + 1 + 32 + 1 + 32 + 1 + 12 + 4
 	editStore(t, k.db, func(kv *bolt.Bucket) error {

@@ -116,7 +116,7 @@ func (c *Capabilities) Write(w io.Writer) {
 func (c *Capabilities) CanProvision(members int, profile vault.Profile) error {
 	if members == 1 {
 		gens := []MechanismCheck{c.SecretGen}
-		if profile == vault.ProfileGCM {
+		if profile == vault.ProfileGCM || profile == vault.ProfileGCMHSMIV {
 			gens = append(gens, c.AESKeyGen)
 		}
 		for _, m := range gens {
@@ -217,7 +217,7 @@ func probeCapabilities(r *rawSessions, member, label string, profile vault.Profi
 		}
 	}
 	for _, v := range slices.Sorted(maps.Keys(held)) {
-		if held[v] == vault.ProfileGCM {
+		if held[v] == vault.ProfileGCM || held[v] == vault.ProfileGCMHSMIV {
 			c.GCMFor = append(c.GCMFor, vault.KeyID{Role: vault.RoleWrap, Version: v}.Label())
 		}
 	}
@@ -234,16 +234,17 @@ func (c *Capabilities) verdict() error {
 	refuse := func(reason, detail string) error {
 		return &RefusedError{Member: c.Member, Reason: reason, Detail: detail, Caps: c}
 	}
-	needGCM := c.Profile == vault.ProfileGCM || len(c.GCMFor) > 0
+	aesProfile := c.Profile == vault.ProfileGCM || c.Profile == vault.ProfileGCMHSMIV
+	needGCM := aesProfile || len(c.GCMFor) > 0
 	switch {
 	case !c.HMAC.OK():
 		return refuse(c.HMAC.Name, fmt.Sprintf("token %q %s, which every keyvault profile needs (HMAC-SHA256 sign)", c.Token, c.HMAC.lacks()))
 	case !passed(c.KnownAnswerHMAC):
 		return refuse("known_answer_hmac", fmt.Sprintf("token %q: HMAC-SHA256 known answer: %s", c.Token, c.KnownAnswerHMAC))
-	case needGCM && !c.GCM.OK() && c.Profile == vault.ProfileGCM:
-		return refuse(c.GCM.Name, fmt.Sprintf("token %q %s, which the gcm profile needs (encrypt and decrypt); "+
+	case needGCM && !c.GCM.OK() && aesProfile:
+		return refuse(c.GCM.Name, fmt.Sprintf("token %q %s, which the %s profile needs (encrypt and decrypt); "+
 			"it has HMAC-SHA256, all the hmac profile needs: set hsm.profile: hmac, with keys made for it (keys init on new tokens, keys rotate on a store in use)",
-			c.Token, c.GCM.lacks()))
+			c.Token, c.GCM.lacks(), c.Profile))
 	case needGCM && !c.GCM.OK():
 		return refuse(c.GCM.Name, fmt.Sprintf("token %q %s, which the gcm profile's wrap keys it holds (%s) need to open the records sealed under them; "+
 			"move those records to a wrap key of the hmac profile (keys rewrap) and retire those versions (keys retire) before this token serves",
@@ -362,9 +363,37 @@ func katGCM(r *rawSessions, s pkcs11.SessionHandle, c *Capabilities) (string, er
 	if err != nil {
 		return katResult("AES key", err)
 	}
-	ct, err := r.mod.SealGCM(s, h, katNonce, katPT, katMsg)
+	nonce := katNonce
+	var ct []byte
+	if c.Profile == vault.ProfileGCMHSMIV {
+		// The token may choose the IV: a zeroed buffer in, its IV out. One
+		// that keeps the zeroed buffer takes the caller's IV, and is
+		// tried as under gcm.
+		var iv []byte
+		iv, ct, err = r.mod.SealGCMTokenIV(s, h, gcmNonceSize, katPT, katMsg)
+		switch {
+		case err == nil:
+			nonce = iv
+		case !errors.Is(err, p11raw.ErrTokenKeptIV):
+			return katResult("C_Encrypt with the token's IV", err)
+		}
+		if outcome, err := katECB(r, s, h, known); outcome != "" || err != nil {
+			return outcome, err
+		}
+	}
+	if ct == nil {
+		ct, err = r.mod.SealGCM(s, h, nonce, katPT, katMsg)
+	}
 	if errors.Is(err, p11raw.ErrTokenChoseIV) {
-		return "failed: C_Encrypt: " + err.Error() + "; the gcm profile seals under the vault's nonce: set hsm.profile: hmac", nil
+		return "failed: C_Encrypt: " + err.Error() + "; the gcm profile seals under the vault's nonce: set hsm.profile: gcm-hsm-iv, which stores the token's IV, or hsm.profile: hmac", nil
+	}
+	if err != nil && isPermanent(err) && c.Profile != vault.ProfileGCMHSMIV {
+		// A token that takes only a zeroed IV buffer (CloudHSM's library)
+		// refuses the vault's nonce: say so if a zeroed one passes.
+		if _, _, e := r.mod.SealGCMTokenIV(s, h, gcmNonceSize, katPT, katMsg); e == nil {
+			return "failed: C_Encrypt: " + err.Error() + ", and with a zeroed IV buffer the token wrote an IV of its own choosing; " +
+				"the gcm profile seals under the vault's nonce: set hsm.profile: gcm-hsm-iv, which stores the token's IV, or hsm.profile: hmac", nil
+		}
 	}
 	if err != nil {
 		return katResult("C_Encrypt", err)
@@ -372,13 +401,13 @@ func katGCM(r *rawSessions, s pkcs11.SessionHandle, c *Capabilities) (string, er
 	if known {
 		block, _ := aes.NewCipher(katKey)
 		g, _ := cipher.NewGCM(block)
-		if want := g.Seal(nil, katNonce, katPT, katMsg); !bytes.Equal(ct, want) {
+		if want := g.Seal(nil, nonce, katPT, katMsg); !bytes.Equal(ct, want) {
 			return fmt.Sprintf("failed: sealed %d bytes that differ from Go's %d", len(ct), len(want)), nil
 		}
 	} else if len(ct) != len(katPT)+p11raw.TagSize {
 		return fmt.Sprintf("failed: sealed %d bytes, want %d", len(ct), len(katPT)+p11raw.TagSize), nil
 	}
-	pt, err := r.mod.OpenGCM(s, h, katNonce, ct, katMsg)
+	pt, err := r.mod.OpenGCM(s, h, nonce, ct, katMsg)
 	if err != nil {
 		return katResult("C_Decrypt", err)
 	}
@@ -387,11 +416,37 @@ func katGCM(r *rawSessions, s pkcs11.SessionHandle, c *Capabilities) (string, er
 	}
 	// A tampered ciphertext must fail to open, whatever code says so.
 	ct[0] ^= 1
-	if _, err := r.mod.OpenGCM(s, h, katNonce, ct, katMsg); err == nil {
+	if _, err := r.mod.OpenGCM(s, h, nonce, ct, katMsg); err == nil {
 		return "failed: a tampered ciphertext opened", nil
 	}
 	if !known {
 		return "round trip passes (key import refused, so not compared with Go's)", nil
 	}
 	return katOK, nil
+}
+
+// katECB checks AES-ECB of a zero block, the check value of gcm-hsm-iv
+// wrap keys: "" when it passes.
+func katECB(r *rawSessions, s pkcs11.SessionHandle, h pkcs11.ObjectHandle, known bool) (string, error) {
+	zero := make([]byte, aes.BlockSize)
+	if err := r.p.EncryptInit(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_ECB, nil)}, h); err != nil {
+		return katResult("C_EncryptInit of CKM_AES_ECB (the check value of gcm-hsm-iv wrap keys)", err)
+	}
+	got, err := r.p.Encrypt(s, zero)
+	if err != nil {
+		return katResult("C_Encrypt of CKM_AES_ECB (the check value of gcm-hsm-iv wrap keys)", err)
+	}
+	if !known {
+		if len(got) != aes.BlockSize {
+			return fmt.Sprintf("failed: AES-ECB gave %d bytes, want %d", len(got), aes.BlockSize), nil
+		}
+		return "", nil
+	}
+	block, _ := aes.NewCipher(katKey)
+	want := make([]byte, aes.BlockSize)
+	block.Encrypt(want, zero)
+	if !bytes.Equal(got, want) {
+		return "failed: AES-ECB of a zero block differs from Go's", nil
+	}
+	return "", nil
 }

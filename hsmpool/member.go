@@ -70,7 +70,7 @@ func admit(t token, ref map[vault.KeyID][]byte) (*tokenState, error) {
 	}
 	st := &tokenState{tok: t, kcvs: kcvs, selfTests: map[uint32]*knownAnswer{}}
 	for _, v := range t.Versions(vault.RoleWrap) {
-		if t.WrapProfile(v) != vault.ProfileGCM {
+		if p := t.WrapProfile(v); p != vault.ProfileGCM && p != vault.ProfileGCMHSMIV {
 			continue
 		}
 		ka := &knownAnswer{

@@ -1,6 +1,7 @@
 package hsmpool
 
 import (
+	"bytes"
 	"context"
 	"encoding/hex"
 	"errors"
@@ -46,10 +47,10 @@ type Options struct {
 	// capabilities is probed again (default 10m): the answer changes only
 	// when someone changes the token.
 	RefusedProbeInterval time.Duration
-	// Profile is how new records are sealed (vault.ProfileGCM or
-	// ProfileHMAC): the pool refuses to start, and Reload refuses, if the
-	// newest wrap key is of another profile, and a member's token must
-	// have what the profile needs. "" (the default) follows the keys: the
+	// Profile is how new records are sealed (vault.ProfileGCM,
+	// ProfileHMAC or ProfileGCMHSMIV): the pool refuses to start, and
+	// Reload refuses, if the newest wrap key is of another profile, and a
+	// member's token must have what the profile needs. "" (the default) follows the keys: the
 	// newest wrap key's profile.
 	Profile vault.Profile
 	// AdmitPerSession is how many requests Admit lets in per session of
@@ -105,6 +106,7 @@ func Open(cfgs []MemberConfig, opts Options) (*Pool, error) {
 		}
 		byModule[c.Module] = c.Name
 	}
+	cfgs = forProfile(cfgs, opts.Profile)
 	toks := make([]token, len(cfgs))
 	openErrs := make([]error, len(cfgs))
 	for i, c := range cfgs {
@@ -379,15 +381,34 @@ func (p *Pool) HMAC(ctx context.Context, key vault.KeyID, msg []byte) ([]byte, e
 }
 
 // Seal implements vault.HSM: GCM in the HSM under a wrap key of the gcm
-// profile, or on the host under a key derived in the HSM for the hmac
-// profile (sealDerived).
+// or gcm-hsm-iv profile, or on the host under a key derived in the HSM
+// for the hmac profile (sealDerived). Each attempt seals with its own copy
+// of nonce, which a token that chooses the IV overwrites, and the copy of
+// the attempt whose answer is returned goes back into nonce: an attempt
+// abandoned on a stalled member never writes into the caller's nonce.
 func (p *Pool) Seal(ctx context.Context, key vault.KeyID, nonce, plaintext, aad []byte) ([]byte, error) {
-	return p.do(ctx, "seal", func(_ *member, st *tokenState) ([]byte, error) {
+	if len(nonce) != gcmNonceSize {
+		return nil, fmt.Errorf("%w: GCM nonce of %d bytes, want %d", errCaller, len(nonce), gcmNonceSize)
+	}
+	out, err := p.do(ctx, "seal", func(_ *member, st *tokenState) ([]byte, error) {
+		n := bytes.Clone(nonce)
+		var ct []byte
+		var err error
 		if derives(st.tok, key) {
-			return sealDerived(st.tok, key, nonce, plaintext, aad)
+			ct, err = sealDerived(st.tok, key, n, plaintext, aad)
+		} else {
+			ct, err = st.tok.Seal(key, n, plaintext, aad)
 		}
-		return st.tok.Seal(key, nonce, plaintext, aad)
+		if err != nil {
+			return nil, err
+		}
+		return append(n, ct...), nil
 	})
+	if err != nil {
+		return nil, err
+	}
+	copy(nonce, out[:gcmNonceSize])
+	return out[gcmNonceSize:], nil
 }
 
 // Open implements vault.HSM. A failed open is retried on the same member's

@@ -84,6 +84,9 @@ func (m *Modules) provisionKeys(cfgs []MemberConfig, ids []vault.KeyID, profile 
 	if len(cfgs) == 0 {
 		return false, errors.New("provision: no members")
 	}
+	if profile == vault.ProfileGCMHSMIV {
+		profile = vault.ProfileGCM // one kind of key: AES
+	}
 	if profile != vault.ProfileGCM && profile != vault.ProfileHMAC {
 		return false, fmt.Errorf("provision: unknown profile %q", profile)
 	}

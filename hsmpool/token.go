@@ -8,11 +8,13 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/ThalesGroup/crypto11"
 	"github.com/miekg/pkcs11"
 
+	"github.com/keyvault/keyvault/hsmpool/internal/p11raw"
 	"github.com/keyvault/keyvault/vault"
 )
 
@@ -40,6 +42,22 @@ type MemberConfig struct {
 	TokenLabel  string
 	PIN         string
 	MaxSessions int // concurrent operations allowed on this member
+
+	// aesProfile is the profile the member's AES wrap keys serve: gcm, or
+	// gcm-hsm-iv when the pool is configured for it ("" is gcm).
+	aesProfile vault.Profile
+}
+
+// forProfile returns cfgs with their AES wrap keys serving profile: both
+// AES profiles use one kind of key, so the configured profile says which.
+func forProfile(cfgs []MemberConfig, profile vault.Profile) []MemberConfig {
+	out := slices.Clone(cfgs)
+	for i := range out {
+		if profile == vault.ProfileGCMHSMIV {
+			out[i].aesProfile = profile
+		}
+	}
+	return out
 }
 
 // p11Token is a token reached through crypto11, for finding and creating
@@ -53,8 +71,14 @@ type p11Token struct {
 	keys map[vault.KeyID]*crypto11.SecretKey
 	// handles are the keys' object handles, for raw's sessions.
 	handles map[vault.KeyID]pkcs11.ObjectHandle
-	// profiles are the wrap key versions' profiles, by key type.
-	profiles map[uint32]vault.Profile
+	// profiles are the wrap key versions' profiles, by key type (and, for
+	// AES keys, aesProfile).
+	profiles   map[uint32]vault.Profile
+	aesProfile vault.Profile
+	// ivMode is how the token takes a GCM IV under gcm-hsm-iv: ivUnknown
+	// until its first seal there finds out, then ivToken (it writes its own
+	// into the buffer) or ivCaller (it uses the one it is given).
+	ivMode atomic.Int32
 	// anchorObjs keeps rollback anchors as data objects (anchorobj.go).
 	// The views of one token that a key reload or retire makes share it:
 	// one session, one lock.
@@ -86,7 +110,7 @@ func openToken(cfg MemberConfig) (*p11Token, error) {
 		return nil, fmt.Errorf("open token %q on %s: %w", cfg.TokenLabel, cfg.Module, err)
 	}
 	t := &p11Token{ctx: ctx, raw: raw, keys: map[vault.KeyID]*crypto11.SecretKey{}, handles: map[vault.KeyID]pkcs11.ObjectHandle{},
-		profiles: map[uint32]vault.Profile{}, anchorObjs: newAnchorObjects(cfg.Module, cfg.TokenLabel), name: cfg.Name, label: cfg.TokenLabel}
+		profiles: map[uint32]vault.Profile{}, aesProfile: cfg.aesProfile, anchorObjs: newAnchorObjects(cfg.Module, cfg.TokenLabel), name: cfg.Name, label: cfg.TokenLabel}
 	if err := t.findKeys(); err != nil {
 		t.Close()
 		return nil, err
@@ -131,6 +155,9 @@ func (t *p11Token) findKeys() error {
 			if err != nil {
 				return err
 			}
+			if p == vault.ProfileGCM && t.aesProfile != "" {
+				p = t.aesProfile
+			}
 			t.profiles[id.Version] = p
 		} else if keyType != pkcs11.CKK_GENERIC_SECRET {
 			return fmt.Errorf("key %s has key type %#x, not a generic secret for HMAC-SHA256; refusing to use it", id.Label(), keyType)
@@ -172,7 +199,8 @@ func parseLabel(label string) (vault.KeyID, bool) {
 // flight keep using it.
 func (t *p11Token) refreshed() (token, error) {
 	n := &p11Token{ctx: t.ctx, raw: t.raw, keys: map[vault.KeyID]*crypto11.SecretKey{}, handles: map[vault.KeyID]pkcs11.ObjectHandle{},
-		profiles: map[uint32]vault.Profile{}, anchorObjs: t.anchorObjs, name: t.name, label: t.label}
+		profiles: map[uint32]vault.Profile{}, aesProfile: t.aesProfile, anchorObjs: t.anchorObjs, name: t.name, label: t.label}
+	n.ivMode.Store(t.ivMode.Load())
 	if err := n.findKeys(); err != nil {
 		return nil, err
 	}
@@ -291,7 +319,7 @@ func (t *p11Token) wrapKey(id vault.KeyID, nonce []byte) (pkcs11.ObjectHandle, e
 	if !ok || id.Role != vault.RoleWrap {
 		return 0, fmt.Errorf("%s: %w", id.Label(), errNoKey)
 	}
-	if p := t.profiles[id.Version]; p != vault.ProfileGCM {
+	if p := t.profiles[id.Version]; p != vault.ProfileGCM && p != vault.ProfileGCMHSMIV {
 		return 0, fmt.Errorf("%w: GCM in the HSM under %s, a wrap key of the %s profile", errCaller, id.Label(), p)
 	}
 	if len(nonce) != gcmNonceSize {
@@ -300,8 +328,21 @@ func (t *p11Token) wrapKey(id vault.KeyID, nonce []byte) (pkcs11.ObjectHandle, e
 	return h, nil
 }
 
+// How a token takes the GCM IV, learnt at its first seal under
+// gcm-hsm-iv.
+const (
+	ivUnknown = iota
+	ivToken   // it writes an IV of its own into the buffer
+	ivCaller  // it uses the IV it is given
+)
+
 // Seal encrypts with AES-GCM in one C_Encrypt, into a buffer of
-// plaintext plus tag: no size query.
+// plaintext plus tag: no size query. Under gcm-hsm-iv a token that
+// chooses the IV gets a zeroed buffer, and the IV it wrote is copied into
+// nonce; a token that keeps the IV it is given seals under nonce. Which
+// kind the token is, its first seal finds out: a zeroed buffer left
+// zeroed means it sealed under the all-zero IV, and that ciphertext is
+// discarded, never returned.
 func (t *p11Token) Seal(id vault.KeyID, nonce, plaintext, aad []byte) ([]byte, error) {
 	h, err := t.wrapKey(id, nonce)
 	if err != nil {
@@ -309,6 +350,19 @@ func (t *p11Token) Seal(id vault.KeyID, nonce, plaintext, aad []byte) ([]byte, e
 	}
 	var out []byte
 	err = t.raw.with(func(s pkcs11.SessionHandle) (err error) {
+		if t.profiles[id.Version] == vault.ProfileGCMHSMIV && t.ivMode.Load() != ivCaller {
+			iv, ct, err := t.raw.mod.SealGCMTokenIV(s, h, gcmNonceSize, plaintext, aad)
+			switch {
+			case err == nil:
+				t.ivMode.Store(ivToken)
+				copy(nonce, iv)
+				out = ct
+				return nil
+			case !errors.Is(err, p11raw.ErrTokenKeptIV):
+				return err
+			}
+			t.ivMode.Store(ivCaller)
+		}
 		out, err = t.raw.mod.SealGCM(s, h, nonce, plaintext, aad)
 		return err
 	})
@@ -331,6 +385,31 @@ func (t *p11Token) Open(id vault.KeyID, nonce, ciphertext, aad []byte) ([]byte, 
 	})
 	if err != nil {
 		return nil, fmt.Errorf("open under %s: %w", id.Label(), err)
+	}
+	return out, nil
+}
+
+// EncryptBlock encrypts one 16-byte block with CKM_AES_ECB under a wrap
+// key of gcm-hsm-iv, for its check value.
+func (t *p11Token) EncryptBlock(id vault.KeyID, block []byte) ([]byte, error) {
+	h, ok := t.handles[id]
+	if !ok || id.Role != vault.RoleWrap || t.profiles[id.Version] != vault.ProfileGCMHSMIV {
+		return nil, fmt.Errorf("%s: %w", id.Label(), errNoKey)
+	}
+	var out []byte
+	err := t.raw.with(func(s pkcs11.SessionHandle) error {
+		if err := t.raw.p.EncryptInit(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_ECB, nil)}, h); err != nil {
+			return err
+		}
+		var err error
+		out, err = t.raw.p.Encrypt(s, block)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("AES-ECB under %s: %w", id.Label(), err)
+	}
+	if len(out) != len(block) {
+		return nil, fmt.Errorf("AES-ECB under %s: %d bytes out of %d", id.Label(), len(out), len(block))
 	}
 	return out, nil
 }
@@ -367,15 +446,30 @@ func kcvInput(id vault.KeyID) []byte {
 // a random record nonce equals it with probability 2^-96.
 var kcvNonce = make([]byte, 12)
 
+// blockEncrypter is a token that encrypts one AES block under a wrap key
+// (CKM_AES_ECB): the check value of gcm-hsm-iv wrap keys.
+type blockEncrypter interface {
+	EncryptBlock(id vault.KeyID, block []byte) ([]byte, error)
+}
+
 // kcv computes the check value of one key on one token: a GCM tag for a
-// wrap key of the gcm profile, else an HMAC (the hmac profile's wrap key
-// included), so a key's check value also tells its kind.
+// wrap key of the gcm profile; the classic KCV, AES-ECB of a zero block,
+// for one of gcm-hsm-iv (its tokens cannot seal under a fixed nonce);
+// else an HMAC (the hmac profile's wrap key included), so a key's check
+// value also tells its kind.
 func kcv(t token, id vault.KeyID) ([]byte, error) {
 	var out []byte
 	var err error
-	if id.Role == vault.RoleWrap && t.WrapProfile(id.Version) == vault.ProfileGCM {
+	switch p := t.WrapProfile(id.Version); {
+	case id.Role == vault.RoleWrap && p == vault.ProfileGCM:
 		out, err = t.Seal(id, kcvNonce, nil, kcvInput(id))
-	} else {
+	case id.Role == vault.RoleWrap && p == vault.ProfileGCMHSMIV:
+		be, ok := t.(blockEncrypter)
+		if !ok {
+			return nil, fmt.Errorf("check value of %s: the token cannot encrypt an AES block", id.Label())
+		}
+		out, err = be.EncryptBlock(id, make([]byte, 16))
+	default:
 		out, err = t.HMAC(id, kcvInput(id))
 	}
 	if err != nil {

@@ -42,3 +42,8 @@ func (v *Vault) ForgeRecordFormat2(key []byte, r *Record) []byte {
 	body[0] = recordFormatV2
 	return append(body, recordMAC(v.macKeys[v.macVersion], key, body)...)
 }
+
+// OuterAAD is the associated data of a record's outer layer.
+func OuterAAD(ns, userID string, gen uint64, wrapVersion, pinVersion uint32) []byte {
+	return outerAAD(ns, userID, gen, wrapVersion, pinVersion)
+}

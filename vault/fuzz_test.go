@@ -20,8 +20,8 @@ func seedRecords() [][]byte {
 	return out
 }
 
-// seedRecordValues are a live, a locked and a tombstone record, and a
-// live one sealed under the hmac profile.
+// seedRecordValues are a live, a locked and a tombstone record, and live
+// ones sealed under the hmac and gcm-hsm-iv profiles.
 func seedRecordValues() []*record {
 	live := &record{
 		Generation: 3, MaxAttempts: 10, Guesses: 4, Forgiven: 2, Refunds: 1,
@@ -35,7 +35,9 @@ func seedRecordValues() []*record {
 	tomb := &record{Generation: 7, Tombstone: true, UpdatedAt: 5, MACVersion: 1}
 	derived := *live
 	derived.Sealing = ProfileHMAC
-	return []*record{live, &locked, tomb, &derived}
+	hsmIV := *live
+	hsmIV.Sealing = ProfileGCMHSMIV
+	return []*record{live, &locked, tomb, &derived, &hsmIV}
 }
 
 func FuzzParseRecord(f *testing.F) {

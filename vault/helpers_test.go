@@ -154,7 +154,7 @@ func (e *env) newVault(st vault.Store, hsm vault.HSM, reg *prometheus.Registry) 
 }
 
 // profiles are the sealing profiles tests of the stored layers run under.
-var profiles = []vault.Profile{vault.ProfileGCM, vault.ProfileHMAC}
+var profiles = []vault.Profile{vault.ProfileGCM, vault.ProfileHMAC, vault.ProfileGCMHSMIV}
 
 // newEnvProfile is newEnv on an HSM whose wrap keys are of profile.
 func newEnvProfile(t *testing.T, opts vault.Options, profile vault.Profile) *env {

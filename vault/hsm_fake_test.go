@@ -1,6 +1,7 @@
 package vault_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/aes"
 	"crypto/cipher"
@@ -30,7 +31,9 @@ type fakeHSM struct {
 	versions map[vault.KeyRole]uint32 // read-only after construction
 	// profiles are the wrap key versions' profiles (absent: gcm); under
 	// hmac, Seal and Open derive a key per seal from the wrap key by HMAC
-	// over vault.SealKeyInput and run GCM under it, as hsmpool does.
+	// over vault.SealKeyInput and run GCM under it, as hsmpool does; under
+	// gcm-hsm-iv, Seal chooses the IV, as an HSM that generates it does,
+	// writes it into the caller's nonce and keeps it in ring.chosenIVs.
 	profiles map[uint32]vault.Profile // read-only after construction
 
 	failHMAC atomic.Int64 // fail the next N HMAC calls
@@ -54,7 +57,9 @@ type keyring struct {
 	mu     sync.Mutex
 	keys   map[vault.KeyID][]byte
 	nonces map[string]bool // key label + nonce of every seal
-	misuse []string
+	// chosenIVs are the IVs Seal chose under gcm-hsm-iv, by key label.
+	chosenIVs map[string][][]byte
+	misuse    []string
 }
 
 var _ vault.HSM = (*fakeHSM)(nil)
@@ -256,6 +261,15 @@ func (f *fakeHSM) Seal(ctx context.Context, id vault.KeyID, nonce, plaintext, aa
 	g, err := f.gcm(id, "seal", nonce, aad)
 	if err != nil {
 		return nil, err
+	}
+	if f.WrapProfile(id.Version) == vault.ProfileGCMHSMIV {
+		rand.Read(nonce)
+		f.ring.mu.Lock()
+		if f.ring.chosenIVs == nil {
+			f.ring.chosenIVs = map[string][][]byte{}
+		}
+		f.ring.chosenIVs[id.Label()] = append(f.ring.chosenIVs[id.Label()], bytes.Clone(nonce))
+		f.ring.mu.Unlock()
 	}
 	f.ring.mu.Lock()
 	n := id.Label() + "/" + string(nonce)

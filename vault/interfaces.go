@@ -72,7 +72,22 @@ const (
 	// record's nonce and associated data (SealKeyInput), and AES-256-GCM
 	// runs on the host under that key, which is wiped after use.
 	ProfileHMAC Profile = "hmac"
+	// ProfileGCMHSMIV: the wrap key is an AES-256 key, as under gcm, for
+	// HSMs that choose the GCM IV themselves (AWS CloudHSM, Thales Luna in
+	// FIPS mode): such a member seals with an IV of its own choosing, which
+	// Seal hands back in its nonce argument and the record stores. Opening
+	// is GCM in the HSM with the stored nonce, as under gcm, so records of
+	// either profile open under a key of either.
+	ProfileGCMHSMIV Profile = "gcm-hsm-iv"
 )
+
+// SameKeyKind reports whether wrap keys of profiles a and b are of one
+// kind, so that a record sealed under one opens under the other: gcm and
+// gcm-hsm-iv are both AES keys used for GCM in the HSM.
+func SameKeyKind(a, b Profile) bool {
+	aes := func(p Profile) bool { return p == ProfileGCM || p == ProfileGCMHSMIV }
+	return a == b || aes(a) && aes(b)
+}
 
 // HSM performs the key operations that must never happen outside the
 // hardware. Implementations are safe for concurrent use and block until a
@@ -85,7 +100,9 @@ type HSM interface {
 	// HMAC returns HMAC-SHA256(key, msg) computed in the HSM.
 	HMAC(ctx context.Context, key KeyID, msg []byte) ([]byte, error)
 	// Seal encrypts with AES-256-GCM under a wrap key version, as its
-	// profile says (WrapProfile); nonce is 12 bytes.
+	// profile says (WrapProfile); nonce is 12 bytes. Under gcm-hsm-iv the
+	// HSM may choose the IV: Seal then writes the IV it used into nonce,
+	// so after a successful call nonce is always the one to store.
 	Seal(ctx context.Context, key KeyID, nonce, plaintext, aad []byte) ([]byte, error)
 	// Open decrypts and authenticates what Seal made.
 	Open(ctx context.Context, key KeyID, nonce, ciphertext, aad []byte) ([]byte, error)

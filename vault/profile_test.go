@@ -3,6 +3,8 @@ package vault_test
 import (
 	"bytes"
 	"context"
+	"crypto/aes"
+	"crypto/cipher"
 	"errors"
 	"testing"
 
@@ -157,5 +159,54 @@ func TestSealingMarkMustMatchTheKey(t *testing.T) {
 	}
 	if e.metric("keyvault_integrity_failures_total") <= failures {
 		t.Error("not counted as an integrity failure")
+	}
+}
+
+// Under gcm-hsm-iv the HSM chooses the GCM IV: every record stores, as
+// its outer nonce, the IV the HSM chose for that seal (not a nonce of the
+// vault's), is marked gcm-hsm-iv (sealing byte 3), and opens. A record
+// sealed under gcm opens under a wrap key of gcm-hsm-iv, both being AES
+// keys, and the reverse.
+func TestGCMHSMIVProfileStoresTheHSMsIV(t *testing.T) {
+	t.Parallel()
+	e := newEnvProfile(t, vault.Options{}, vault.ProfileGCMHSMIV)
+	secret := randBytes(32)
+	e.enroll("iv-user", secret, rightPIN, 5)
+	r, raw := e.raw(ns, "iv-user")
+	if r.Sealing != vault.ProfileGCMHSMIV || raw[0] != 3 {
+		t.Fatalf("enrolled record: format %d, sealing %q; want 3, gcm-hsm-iv", raw[0], r.Sealing)
+	}
+	if sealingByte := raw[62]; sealingByte != 3 {
+		t.Fatalf("sealing byte %d, want 3", sealingByte)
+	}
+	chosen := e.hsm.ring.chosenIVs[vault.KeyID{Role: vault.RoleWrap, Version: 1}.Label()]
+	if len(chosen) == 0 || !bytes.Equal(r.Nonce, chosen[len(chosen)-1]) {
+		t.Fatalf("the record's outer nonce %x is not the IV the HSM chose last (%x)", r.Nonce, chosen)
+	}
+	// The stored nonce is the one that opens: GCM under the raw wrap key.
+	block, err := aes.NewCipher(e.hsm.rawKey(vault.KeyID{Role: vault.RoleWrap, Version: 1}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, _ := cipher.NewGCM(block)
+	if _, err := g.Open(nil, r.Nonce, r.Sealed, vault.OuterAAD(ns, "iv-user", r.Generation, r.WrapVersion, r.PINVersion)); err != nil {
+		t.Fatalf("open the sealed secret under the stored nonce: %v", err)
+	}
+	if s, _, err := e.v.Recover(bg, ns, "iv-user", rightPIN); err != nil || !bytes.Equal(s, secret) {
+		t.Fatalf("recover: %v", err)
+	}
+
+	e.reopenWith(map[uint32]vault.Profile{1: vault.ProfileGCM, 2: vault.ProfileGCM})
+	if s, _, err := e.v.Recover(bg, ns, "iv-user", rightPIN); err != nil || !bytes.Equal(s, secret) {
+		t.Fatalf("recover a gcm-hsm-iv record under a gcm key: %v", err)
+	}
+	e.enroll("gcm-user", secret, rightPIN, 5)
+	e.reopenWith(map[uint32]vault.Profile{1: vault.ProfileGCMHSMIV, 2: vault.ProfileGCMHSMIV})
+	if s, _, err := e.v.Recover(bg, ns, "gcm-user", rightPIN); err != nil || !bytes.Equal(s, secret) {
+		t.Fatalf("recover a gcm record under a gcm-hsm-iv key: %v", err)
+	}
+	e.reopenWith(map[uint32]vault.Profile{1: vault.ProfileHMAC, 2: vault.ProfileHMAC})
+	if _, _, err := e.v.Recover(bg, ns, "iv-user", rightPIN); !errors.Is(err, vault.ErrIntegrity) {
+		t.Fatalf("a gcm-hsm-iv record under an hmac key of its version: %v, want ErrIntegrity", err)
 	}
 }

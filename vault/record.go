@@ -25,6 +25,9 @@ const (
 	sealingNone = 0 // a tombstone
 	sealingGCM  = 1
 	sealingHMAC = 2
+	// sealingGCMHSMIV: GCM in the HSM under the IV the HSM chose, which
+	// the record's outer nonce holds; opened as sealingGCM.
+	sealingGCMHSMIV = 3
 )
 
 func sealingByte(p Profile) byte {
@@ -33,6 +36,8 @@ func sealingByte(p Profile) byte {
 		return sealingGCM
 	case ProfileHMAC:
 		return sealingHMAC
+	case ProfileGCMHSMIV:
+		return sealingGCMHSMIV
 	}
 	return sealingNone
 }
@@ -45,6 +50,8 @@ func sealingOf(b byte) (Profile, bool) {
 		return ProfileGCM, true
 	case sealingHMAC:
 		return ProfileHMAC, true
+	case sealingGCMHSMIV:
+		return ProfileGCMHSMIV, true
 	}
 	return "", false
 }
@@ -281,7 +288,7 @@ func (r *record) check() error {
 		return errors.New("bad field length")
 	case len(r.Sealed) > maxSealedLen:
 		return errors.New("sealed secret too long")
-	case r.Sealing != ProfileGCM && r.Sealing != ProfileHMAC:
+	case r.Sealing != ProfileGCM && r.Sealing != ProfileHMAC && r.Sealing != ProfileGCMHSMIV:
 		return errors.New("no sealing profile")
 	}
 	return nil

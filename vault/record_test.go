@@ -24,11 +24,11 @@ func TestRecordFormats(t *testing.T) {
 			t.Fatalf("format 3 round trip: %v\n got %+v\nwant %+v", err, got, r)
 		}
 		bad := bytes.Clone(v3)
-		bad[62] = 3
+		bad[62] = 4
 		if _, _, _, err := parseRecord(append(bad, make([]byte, macLen)...)); err == nil {
 			t.Fatal("a record with an unknown sealing byte parsed")
 		}
-		if r.Sealing == ProfileHMAC {
+		if r.Sealing != ProfileGCM {
 			continue // formats 1 and 2 have no sealing byte: they are all gcm
 		}
 		// The same record as format 2 wrote it: no sealing byte.
@@ -57,7 +57,7 @@ func TestRecordFormats(t *testing.T) {
 }
 
 // A record's sealing must agree with what it is: a tombstone has none,
-// anything else gcm or hmac.
+// anything else gcm, hmac or gcm-hsm-iv.
 func TestRecordSealingInvariant(t *testing.T) {
 	vals := seedRecordValues()
 	live, tomb := vals[0], vals[2]

@@ -409,7 +409,7 @@ func storedFormatMatchesTheDocs(t *testing.T, e *env, profile vault.Profile) {
 	// Fixed fields at their documented offsets.
 	u32 := func(off int) uint32 { return binary.BigEndian.Uint32(raw[off:]) }
 	u64 := func(off int) uint64 { return binary.BigEndian.Uint64(raw[off:]) }
-	sealing := map[vault.Profile]byte{vault.ProfileGCM: 1, vault.ProfileHMAC: 2}[profile]
+	sealing := map[vault.Profile]byte{vault.ProfileGCM: 1, vault.ProfileHMAC: 2, vault.ProfileGCMHSMIV: 3}[profile]
 	if raw[0] != 3 || raw[1] != 0 || u64(2) != 1 || u32(10) != 7 || u32(14) != 0 || u32(18) != 0 || u32(22) != 0 ||
 		u64(26) == 0 || u64(34) != u64(26) || u64(42) != 0 || u32(50) != 1 || u32(54) != 1 || u32(58) != 1 || raw[62] != sealing {
 		t.Fatalf("fixed fields differ from docs/format.md: % x", raw[:63])

@@ -524,7 +524,7 @@ func (v *Vault) verify(ctx context.Context, ns, userID string, r *record, pin []
 // kind under that label cannot have sealed it.
 func (v *Vault) openOuter(ctx context.Context, ns, userID string, r *record, sealed []byte) ([]byte, error) {
 	key := recordKey(ns, userID)
-	if p := v.hsm.WrapProfile(r.WrapVersion); p != "" && p != r.Sealing {
+	if p := v.hsm.WrapProfile(r.WrapVersion); p != "" && !SameKeyKind(p, r.Sealing) {
 		err := fmt.Errorf("sealed by the %s profile, but wrap key v%d is of the %s profile", r.Sealing, r.WrapVersion, p)
 		v.integrityFailure(key, "sealed secret", err)
 		return nil, fmt.Errorf("%w: open outer layer: %w", ErrIntegrity, err)
@@ -542,8 +542,9 @@ func (v *Vault) openOuter(ctx context.Context, ns, userID string, r *record, sea
 }
 
 // sealOuter seals an inner layer under a wrap key version, with a fresh
-// nonce, and sets the record's outer fields: version, sealing profile,
-// nonce and sealed bytes, which always change together.
+// nonce (or the HSM's IV, which Seal writes into it), and sets the
+// record's outer fields: version, sealing profile, nonce and sealed bytes,
+// which always change together.
 func (v *Vault) sealOuter(ctx context.Context, ns, userID string, r *record, version uint32, inner []byte) error {
 	profile := v.hsm.WrapProfile(version)
 	if profile == "" {

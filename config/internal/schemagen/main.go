@@ -70,7 +70,7 @@ var extras = map[string]extra{
 	"hsm.members[].name":                     {pattern: `^[a-z0-9-]{1,32}$`},
 	"hsm.members[].pin_env":                  {pattern: `^[A-Za-z_][A-Za-z0-9_]*$`},
 	"hsm.members[].max_sessions":             {min: ptr(1), max: ptr(1024)},
-	"hsm.profile":                            {enum: []any{"gcm", "hmac"}},
+	"hsm.profile":                            {enum: []any{"gcm", "hmac", "gcm-hsm-iv"}},
 	"budget.default_max_attempts":            {min: ptr(1)},
 	"budget.max_attempts_limit":              {min: ptr(1), max: ptr(1000)},
 	"clients[]":                              {required: []string{"name", "token_sha256"}},
