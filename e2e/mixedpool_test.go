@@ -6,7 +6,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -81,31 +80,7 @@ func TestMixedPoolHMAC(t *testing.T) {
 
 	ld := &poolLoad{}
 	ld.phase.Store("both members")
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	for g := range 8 {
-		wg.Go(func() {
-			for i := g; ; i++ {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				b := backups[i%len(backups)]
-				r, err := c.call(http.MethodPost, backupPath(b.user)+"/recover", map[string]string{"pin": b.pin})
-				ld.record(b, r, err)
-			}
-		})
-	}
-	stopLoad := func() {
-		select {
-		case <-stop:
-		default:
-			close(stop)
-			wg.Wait()
-		}
-	}
-	t.Cleanup(stopLoad)
+	stopLoad := recoverLoad(t, c, backups, ld, 8)
 
 	if !waitFor(10*time.Second, func() bool {
 		return member("keyvault_hsm_operations_total", "soft") >= 20 && member("keyvault_hsm_operations_total", "oc") >= 20

@@ -146,33 +146,7 @@ func TestTwoMembers(t *testing.T) {
 	// The load: recoveries with the right PIN, every answer checked.
 	ld := &poolLoad{}
 	ld.phase.Store("both members")
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	for g := range 8 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := g; ; i++ {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				b := backups[i%len(backups)]
-				r, err := c.call(http.MethodPost, backupPath(b.user)+"/recover", map[string]string{"pin": b.pin})
-				ld.record(b, r, err)
-			}
-		}()
-	}
-	stopLoad := func() {
-		select {
-		case <-stop:
-		default:
-			close(stop)
-			wg.Wait()
-		}
-	}
-	t.Cleanup(stopLoad)
+	stopLoad := recoverLoad(t, c, backups, ld, 8)
 
 	// 1. Both members take traffic.
 	loadAt := time.Now()
@@ -277,6 +251,32 @@ func TestTwoMembers(t *testing.T) {
 		t.Logf("READMISSION: a new process sees member b's restored token with the pool's keys; only the serving process could not")
 	}
 	t.Logf("whole test %v", time.Since(start).Round(time.Millisecond))
+}
+
+// recoverLoad runs workers that recover the backups with their right PINs
+// until the returned stop is called (or the test ends), tallying every
+// answer in ld.
+func recoverLoad(t *testing.T, c *client, backups []enrolled, ld *poolLoad, workers int) (stop func()) {
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	for g := range workers {
+		wg.Go(func() {
+			for i := g; ; i++ {
+				select {
+				case <-done:
+					return
+				default:
+				}
+				b := backups[i%len(backups)]
+				r, err := c.call(http.MethodPost, backupPath(b.user)+"/recover", map[string]string{"pin": b.pin})
+				ld.record(b, r, err)
+			}
+		})
+	}
+	var once sync.Once
+	stop = func() { once.Do(func() { close(done); wg.Wait() }) }
+	t.Cleanup(stop)
+	return stop
 }
 
 // poolLoad tallies the load's answers by phase of the test.
