@@ -17,6 +17,22 @@ import (
 	"github.com/keyvault/keyvault/vault"
 )
 
+// Problem codes of the key lifecycle refusals (docs/keys.md). They are the
+// admin listener's, not the /v1 API's ProblemCode enum.
+const (
+	adminReloadRefused = "reload_refused"
+	adminKeysInUse     = "keys_in_use"
+	adminNodesLagging  = "nodes_lagging"
+	adminRetireFailed  = "retire_failed"
+)
+
+var adminTitles = map[string]string{
+	adminReloadRefused: "Refused",
+	adminKeysInUse:     "The key version is still in use",
+	adminNodesLagging:  "Refused",
+	adminRetireFailed:  "Refused",
+}
+
 // KeyAdmin is what the key lifecycle endpoints call: the HSM pool's reload
 // and retire, and the vault's usage count and re-wrap job.
 type KeyAdmin interface {
@@ -76,8 +92,9 @@ func mountKeyAdmin(r chi.Router, opts AdminOptions) {
 			start := time.Now()
 			vs, err := k.Reload(r.Context())
 			if err != nil {
-				adminAudit(audit, r, "keys_reload", start, "reload_refused")
-				adminError(w, r, http.StatusConflict, "reload_refused", err)
+				adminAudit(audit, r, "keys_reload", start, adminReloadRefused)
+				refuse(w, r, err, &apiError{http.StatusConflict, adminReloadRefused,
+					"Not every HSM member could take the new key versions; nothing changed. The server log says why under this request ID."})
 				return
 			}
 			adminAudit(audit, r, "keys_reload", start, "success",
@@ -105,24 +122,13 @@ func mountKeyAdmin(r chi.Router, opts AdminOptions) {
 				return
 			}
 			destroyed, err := k.Retire(r.Context(), req.Version)
-			adminAudit(audit, r, "keys_retire", start, retireResult(err), "key_version", req.Version)
-			var inUse *vault.KeysInUseError
-			switch {
-			case errors.As(err, &inUse):
-				writeJSON(w, http.StatusConflict, map[string]any{
-					"type": "urn:keyvault:problem:keys_in_use", "title": "The key version is still in use", "status": http.StatusConflict,
-					"code": "keys_in_use", "detail": inUse.Error() + "; run keyvault keys rewrap, and wait for users to recover or delete their backups",
-					"version": inUse.Version, "wrap_records": inUse.WrapRecords, "pin_records": inUse.PINRecords,
-				})
-			case errors.Is(err, vault.ErrInvalid):
-				writeError(w, r, err)
-			case errors.Is(err, vault.ErrNodesLagging):
-				adminError(w, r, http.StatusConflict, "nodes_lagging", err)
-			case err != nil:
-				adminError(w, r, http.StatusConflict, "retire_failed", err)
-			default:
-				writeJSON(w, http.StatusOK, client.Retired{Version: req.Version, Destroyed: destroyed})
+			refusal := retireRefusal(err)
+			adminAudit(audit, r, "keys_retire", start, retireResult(refusal), "key_version", req.Version)
+			if refusal != nil {
+				refuse(w, r, err, refusal)
+				return
 			}
+			writeJSON(w, http.StatusOK, client.Retired{Version: req.Version, Destroyed: destroyed})
 		})
 		r.Post("/rewrap", func(w http.ResponseWriter, r *http.Request) {
 			var req rewrapRequest
@@ -153,22 +159,36 @@ func mountKeyAdmin(r chi.Router, opts AdminOptions) {
 	})
 }
 
-// retireResult names the outcome of a retire for its audit event, as the
-// answer's code does.
-func retireResult(err error) string {
+// retireRefusal is the problem that answers a retire's error, nil for
+// none. Its detail is a text of this package or of a vault error type made
+// of versions, node names and counts; any other cause gets a fixed text.
+func retireRefusal(err error) error {
 	var inUse *vault.KeysInUseError
+	var lagging *vault.LaggingNodesError
 	switch {
 	case err == nil:
-		return "success"
+		return nil
 	case errors.As(err, &inUse):
-		return "keys_in_use"
+		// Joined so that writeError adds the counts to the body.
+		return errors.Join(&apiError{http.StatusConflict, adminKeysInUse,
+			inUse.Error() + "; run keyvault keys rewrap, and wait for users to recover or delete their backups"}, inUse)
 	case errors.Is(err, vault.ErrInvalid):
-		return codeInvalid
-	case errors.Is(err, vault.ErrNodesLagging):
-		return "nodes_lagging"
+		return err
+	case errors.As(err, &lagging):
+		return &apiError{http.StatusConflict, adminNodesLagging, lagging.Error()}
 	default:
-		return "retire_failed"
+		return &apiError{http.StatusConflict, adminRetireFailed,
+			"The key version was not retired. The server log says why under this request ID."}
 	}
+}
+
+// retireResult names a retire's outcome in its audit event: the code of
+// the problem that answers it.
+func retireResult(refusal error) string {
+	if refusal == nil {
+		return "success"
+	}
+	return auditResult(classify(refusal))
 }
 
 // keyAdminWriteTimeout is how long a key lifecycle request may take to
@@ -218,14 +238,15 @@ func adminAuth(hashes [][32]byte) func(http.Handler) http.Handler {
 	}
 }
 
-// adminError answers an operator's request the vault refused. Its text is
-// the refusal's (member names, key labels, counts): the operator needs it,
-// and it holds no secret.
-func adminError(w http.ResponseWriter, r *http.Request, status int, code string, err error) {
-	logger(r.Context()).Warn("key lifecycle request refused", "path", r.URL.Path, "error", err.Error())
-	writeJSON(w, status, map[string]any{
-		"type": "urn:keyvault:problem:" + code, "title": "Refused", "status": status, "code": code, "detail": err.Error(),
-	})
+// refuse answers an operator's request that the key lifecycle refused
+// with problem. A refusal whose detail is written here logs its cause,
+// which may name HSM internals, under the request ID; the body never
+// holds it.
+func refuse(w http.ResponseWriter, r *http.Request, cause, problem error) {
+	if o := classify(problem); o.api != nil && o.inUse == nil {
+		logger(r.Context()).Warn("key lifecycle request refused", "path", r.URL.Path, "error", cause.Error())
+	}
+	writeError(w, r, problem)
 }
 
 func usageJSON(u vault.KeyUsage) client.KeyUsage {

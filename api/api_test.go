@@ -49,7 +49,7 @@ func (s *stubBackups) Recover(_ context.Context, ns, _ string, pin []byte) ([]by
 	return append([]byte(nil), s.secretOut...), 7, nil
 }
 
-func (s *stubBackups) NoteRefused(op string, err error) { s.refused = append(s.refused, op) }
+func (s *stubBackups) CountRefused(op, _ string) { s.refused = append(s.refused, op) }
 
 func (s *stubBackups) Precheck(context.Context, string, string, vault.Precondition) error {
 	return s.precheck

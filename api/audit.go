@@ -1,12 +1,9 @@
 package api
 
 import (
-	"errors"
 	"log/slog"
 	"net/http"
 	"time"
-
-	"github.com/keyvault/keyvault/vault"
 )
 
 // logIDer names a user in logs by a keyed hash; *vault.Vault implements
@@ -54,24 +51,25 @@ func (e *auditEvent) done(err error) {
 }
 
 func (e *auditEvent) result(err error) string {
-	var locked *vault.LockedError
-	var ae *apiError
-	switch {
-	case err == nil:
+	if err == nil {
 		return e.onSuccess
-	case errors.As(err, &locked) && locked.Checked:
-		return "lockout" // this request's wrong PIN used the last attempt
-	case errors.As(err, &ae):
-		return ae.code
 	}
-	// The vault's names, in the API's problem codes where they differ.
-	switch r := vault.ResultOf(err); r {
-	case "invalid":
+	return auditResult(classify(err))
+}
+
+// auditResult names an outcome in an audit event (docs/audit.md): the
+// metric's result, except "lockout" for this request's wrong PIN that used
+// the last attempt, and the API's problem codes where they differ.
+func auditResult(o outcome) string {
+	switch {
+	case o.Lockout:
+		return "lockout"
+	case o.Result == "invalid":
 		return codeInvalid
-	case "error":
+	case o.Result == "error":
 		return codeInternal
 	default:
-		return r
+		return o.Result
 	}
 }
 

@@ -31,7 +31,7 @@ func (h *heldBackups) Recover(context.Context, string, string, []byte) ([]byte, 
 	return []byte("0123456789abcdef"), 5, nil
 }
 
-func (h *heldBackups) NoteRefused(string, error) {}
+func (h *heldBackups) CountRefused(string, string) {}
 
 // countingAdmitter admits up to capacity requests at once and refuses the
 // rest (as the pool does past its queue timeout), counting what it holds.

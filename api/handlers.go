@@ -53,8 +53,9 @@ func (h *handlers) admit(r *http.Request) (release func(), err error) {
 func (h *handlers) admitGuess(r *http.Request, op, ns, id string, pre vault.Precondition) (done func(error), err error) {
 	defer func() {
 		if err != nil {
-			h.b.NoteRefused(op, err)
-			if errors.Is(err, vault.ErrRateLimited) && h.limits != nil {
+			o := classify(err)
+			h.b.CountRefused(op, o.Result)
+			if o.delayed() && h.limits != nil {
 				h.limits.EscalatingDelayRejected()
 			}
 		}
@@ -76,10 +77,11 @@ func (h *handlers) admitGuess(r *http.Request, op, ns, id string, pre vault.Prec
 	}
 	return func(err error) {
 		release()
-		if !vault.Checked(err) {
+		o := classify(err)
+		if !o.Checked {
 			undo()
 		}
-		h.settleGuess(r, err)
+		h.settleGuess(r, o)
 	}, nil
 }
 
@@ -88,15 +90,14 @@ var errPanicked = errors.New("the vault call panicked")
 
 // settleGuess charges the client for a guess the vault checked and found
 // wrong, and counts a refusal by the vault's escalating delay.
-func (h *handlers) settleGuess(r *http.Request, err error) {
-	if h.limits == nil || err == nil {
+func (h *handlers) settleGuess(r *http.Request, o outcome) {
+	if h.limits == nil {
 		return
 	}
-	var locked *vault.LockedError
 	switch {
-	case errors.Is(err, vault.ErrWrongPIN), errors.As(err, &locked) && locked.Checked:
+	case o.Wrong:
 		h.limits.WrongGuess(clientOf(r.Context()).Name)
-	case errors.Is(err, vault.ErrRateLimited):
+	case o.delayed():
 		h.limits.EscalatingDelayRejected()
 	}
 }
@@ -265,10 +266,10 @@ func (h *handlers) recover(w http.ResponseWriter, r *http.Request) (err error) {
 	if err != nil {
 		return err
 	}
-	outcome := errPanicked
-	defer func() { done(outcome) }()
+	guess := errPanicked
+	defer func() { done(guess) }()
 	secret, remaining, err := h.b.Recover(r.Context(), ns, id, req.PIN)
-	outcome = err
+	guess = err
 	if err != nil {
 		return err
 	}
@@ -311,10 +312,10 @@ func (h *handlers) changePIN(w http.ResponseWriter, r *http.Request) (err error)
 	if err != nil {
 		return err
 	}
-	outcome := errPanicked
-	defer func() { done(outcome) }()
+	guess := errPanicked
+	defer func() { done(guess) }()
 	b, err := h.b.ChangePIN(r.Context(), ns, id, req.PIN, req.NewPIN, pre)
-	outcome = err
+	guess = err
 	if err != nil {
 		return err
 	}

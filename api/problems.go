@@ -21,6 +21,10 @@ type problem struct {
 	Code              string `json:"code"`
 	AttemptsRemaining *int   `json:"attempts_remaining,omitempty"`
 	RequestID         string `json:"request_id,omitempty"`
+	// keys_in_use: the key version and how many backups use it.
+	Version     *uint32 `json:"version,omitempty"`
+	WrapRecords *int    `json:"wrap_records,omitempty"`
+	PINRecords  *int    `json:"pin_records,omitempty"`
 }
 
 // Problem codes (docs/api.md, "Fields and problem codes").
@@ -75,43 +79,71 @@ func badRequest(detail string) error {
 	return &apiError{http.StatusBadRequest, codeInvalid, detail}
 }
 
+// outcome is what an error means to the API: its own refusals (an
+// apiError, a rate limit) first, then the vault's Classify. Every answer,
+// metric, audit event and limit reads it.
+type outcome struct {
+	vault.Outcome
+	api     *apiError             // the API's own problem; Result is its code
+	limited *ratelimit.Error      // a rate limit; Result is "rate_limited"
+	inUse   *vault.KeysInUseError // joined to a keys_in_use apiError: its counts join the body
+}
+
+func classify(err error) outcome {
+	var o outcome
+	errors.As(err, &o.inUse)
+	switch {
+	case errors.As(err, &o.limited):
+		o.Result = "rate_limited"
+	case errors.As(err, &o.api):
+		o.Result = o.api.code
+	default:
+		o.Outcome = vault.Classify(err)
+	}
+	return o
+}
+
+// delayed: the vault's escalating delay refused the guess (not a rate
+// limit of the API).
+func (o outcome) delayed() bool { return o.limited == nil && o.Result == "rate_limited" }
+
 // writeError is the one place errors become responses. Only texts written
 // by keyvault reach the body: vault.ErrInvalid details name a field and a
 // rule, never a value.
 func writeError(w http.ResponseWriter, r *http.Request, err error) {
 	p := problem{RequestID: requestID(r.Context())}
-	var ae *apiError
-	var wrong *vault.WrongPINError
-	var limited *ratelimit.Error
-	var delayed *vault.RateLimitedError
+	o := classify(err)
 	retryAfter := retryAfterSeconds
 	switch {
-	case errors.As(err, &limited):
-		p.Status, p.Code, retryAfter = http.StatusTooManyRequests, codeRateLimited, limited.RetryAfterSeconds()
-		p.Detail = "Too many requests or guesses (" + limited.Limiter + "); nothing was checked or counted. Retry after Retry-After seconds."
-	case errors.As(err, &delayed):
-		p.Status, p.Code, retryAfter = http.StatusTooManyRequests, codeRateLimited, ceilSeconds(delayed.RetryAfter)
+	case o.limited != nil:
+		p.Status, p.Code, retryAfter = http.StatusTooManyRequests, codeRateLimited, o.limited.RetryAfterSeconds()
+		p.Detail = "Too many requests or guesses (" + o.limited.Limiter + "); nothing was checked or counted. Retry after Retry-After seconds."
+	case o.api != nil:
+		p.Status, p.Code, p.Detail = o.api.status, o.api.code, o.api.detail
+		if u := o.inUse; u != nil && p.Code == adminKeysInUse {
+			p.Version, p.WrapRecords, p.PINRecords = &u.Version, &u.WrapRecords, &u.PINRecords
+		}
+	case o.Result == "rate_limited":
+		p.Status, p.Code, retryAfter = http.StatusTooManyRequests, codeRateLimited, ceilSeconds(o.RetryAfter)
 		p.Detail = "Too many wrong guesses in a row: wait before the next one. Nothing was checked or counted. Retry after Retry-After seconds."
-	case errors.As(err, &ae):
-		p.Status, p.Code, p.Detail = ae.status, ae.code, ae.detail
-	case errors.Is(err, vault.ErrInvalid):
+	case o.Result == "invalid":
 		p.Status, p.Code, p.Detail = http.StatusBadRequest, codeInvalid, err.Error()
-	case errors.As(err, &wrong):
-		n := wrong.Remaining
+	case o.Result == "wrong_pin":
+		n := o.Remaining
 		p.Status, p.Code, p.AttemptsRemaining = http.StatusForbidden, codeWrongPIN, &n
 		p.Detail = "The PIN is wrong; the guess was counted."
-	case errors.Is(err, vault.ErrLocked):
+	case o.Result == "locked":
 		p.Status, p.Code = http.StatusGone, codeLocked
 		p.Detail = "Every attempt was used; enroll the backup again to use it."
-	case errors.Is(err, vault.ErrNotFound):
+	case o.Result == "not_found":
 		p.Status, p.Code, p.Detail = http.StatusNotFound, codeNotFound, "No backup for this user_id."
-	case errors.Is(err, vault.ErrPrecondition):
+	case o.Result == "precondition_failed":
 		p.Status, p.Code = http.StatusPreconditionFailed, codePrecondition
 		p.Detail = "The If-Match or If-None-Match precondition does not hold for this backup; nothing was counted or written."
-	case errors.Is(err, vault.ErrIntegrity):
+	case o.Result == "integrity_error":
 		p.Status, p.Code = http.StatusInternalServerError, codeIntegrity
 		p.Detail = "The stored backup failed authentication and was not used; operators have been alerted by metric."
-	case errors.Is(err, vault.ErrUnavailable):
+	case o.Result == "unavailable":
 		p.Status, p.Code = http.StatusServiceUnavailable, codeUnavailable
 		p.Detail = "No HSM or store could answer in time. Retry later."
 	default:
@@ -124,7 +156,9 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 	case codeUnauthorized:
 		w.Header().Set("WWW-Authenticate", `Bearer realm="keyvault"`)
 	}
-	p.Title = titles[p.Code]
+	if p.Title = titles[p.Code]; p.Title == "" {
+		p.Title = adminTitles[p.Code]
+	}
 	p.Type = "urn:keyvault:problem:" + p.Code
 	w.Header().Set("Content-Type", "application/problem+json")
 	w.Header().Set("Cache-Control", "no-store")

@@ -22,9 +22,10 @@ type Backups interface {
 	Status(ctx context.Context, ns, userID string) (vault.Backup, error)
 	Delete(ctx context.Context, ns, userID string, pre vault.Precondition) error
 	ChangePIN(ctx context.Context, ns, userID string, pin, newPIN []byte, pre vault.Precondition) (vault.Backup, error)
-	// NoteRefused counts a recovery or PIN change refused before the vault
-	// (vault.OpRecover, vault.OpChangePIN), by the error that refused it.
-	NoteRefused(op string, err error)
+	// CountRefused counts a recovery or PIN change refused before the vault
+	// (vault.OpRecover, vault.OpChangePIN) in the vault's metrics, under the
+	// refusal's result (outcome.Result).
+	CountRefused(op, result string)
 	// Precheck refuses a guess that would check nothing (404, 410, 412, or
 	// 429 for the escalating delay), counting nothing.
 	Precheck(ctx context.Context, ns, userID string, pre vault.Precondition) error

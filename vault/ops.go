@@ -175,7 +175,7 @@ func (v *Vault) Delete(ctx context.Context, ns, userID string, pre Precondition)
 // the guess counted as wrong. No outcome leaves the process before (1) is
 // durable.
 func (v *Vault) Recover(ctx context.Context, ns, userID string, pin []byte) (secret []byte, remaining int, err error) {
-	defer func() { v.metrics.recoveries.WithLabelValues(resultOf(err)).Inc() }()
+	defer func() { v.metrics.recoveries.WithLabelValues(Classify(err).Result).Inc() }()
 	if err := checkTarget(ns, userID); err != nil {
 		return nil, 0, err
 	}
@@ -215,7 +215,7 @@ func (v *Vault) Recover(ctx context.Context, ns, userID string, pin []byte) (sec
 // fresh salt and counter, keeping its secret and max_attempts. It is a guess
 // with the old PIN and is counted like a recovery.
 func (v *Vault) ChangePIN(ctx context.Context, ns, userID string, pin, newPIN []byte, pre Precondition) (b Backup, err error) {
-	defer func() { v.metrics.pinChanges.WithLabelValues(resultOf(err)).Inc() }()
+	defer func() { v.metrics.pinChanges.WithLabelValues(Classify(err).Result).Inc() }()
 	if err := checkTarget(ns, userID); err != nil {
 		return Backup{}, err
 	}
@@ -328,66 +328,21 @@ func (v *Vault) Precheck(ctx context.Context, ns, userID string, pre Preconditio
 	})
 }
 
-// Checked reports whether a guess that ended with err was checked against
-// the PIN (so that it should cost a rate-limit token): a success, a wrong
-// PIN, the lock its own wrong PIN caused, or damage found after the check.
-func Checked(err error) bool {
-	var locked *LockedError
-	return err == nil || errors.Is(err, ErrWrongPIN) || errors.As(err, &locked) && locked.Checked || errors.Is(err, ErrIntegrity)
-}
-
-// Operations a caller may refuse before the vault sees them (NoteRefused).
+// Operations a caller may refuse before the vault sees them (CountRefused).
 const (
 	OpRecover   = "recover"
 	OpChangePIN = "change_pin"
 )
 
-// NoteRefused counts a recovery or PIN change that the caller refused
-// before calling the vault (a rate limit, an admission shed), so that the
-// vault's metrics by result see every request.
-func (v *Vault) NoteRefused(op string, err error) {
+// CountRefused counts, under result (a Classify result), a recovery or PIN
+// change that the caller refused before calling the vault, so that the
+// vault's metrics by result see every request. Why the caller refused is
+// the caller's business.
+func (v *Vault) CountRefused(op, result string) {
 	switch op {
 	case OpRecover:
-		v.metrics.recoveries.WithLabelValues(resultOf(err)).Inc()
+		v.metrics.recoveries.WithLabelValues(result).Inc()
 	case OpChangePIN:
-		v.metrics.pinChanges.WithLabelValues(resultOf(err)).Inc()
+		v.metrics.pinChanges.WithLabelValues(result).Inc()
 	}
-}
-
-// ResultOf names an operation's outcome as the vault's metrics do:
-// success, wrong_pin, locked, not_found, invalid, precondition_failed,
-// rate_limited, integrity_error, unavailable, or error.
-func ResultOf(err error) string { return resultOf(err) }
-
-func resultOf(err error) string {
-	var wrong *WrongPINError
-	switch {
-	case err == nil:
-		return "success"
-	case errors.As(err, &wrong):
-		return "wrong_pin"
-	case errors.Is(err, ErrLocked):
-		return "locked"
-	case errors.Is(err, ErrRateLimited), isLimited(err):
-		return "rate_limited"
-	case errors.Is(err, ErrNotFound):
-		return "not_found"
-	case errors.Is(err, ErrInvalid):
-		return "invalid"
-	case errors.Is(err, ErrPrecondition):
-		return "precondition_failed"
-	case errors.Is(err, ErrIntegrity):
-		return "integrity_error"
-	case errors.Is(err, ErrUnavailable):
-		return "unavailable"
-	default:
-		return "error"
-	}
-}
-
-// isLimited reports an error that says it is a rate limit (the ratelimit
-// package's, which the vault does not import).
-func isLimited(err error) bool {
-	var l interface{ RetryAfterSeconds() int }
-	return errors.As(err, &l)
 }

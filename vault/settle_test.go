@@ -488,7 +488,7 @@ func TestLastAttemptOnAReplacedBackupTellsNothing(t *testing.T) {
 				_, before := e.raw(ns, "kim")
 				release["last"]()
 				err := <-done
-				if !errors.Is(err, vault.ErrUnavailable) || errors.Is(err, vault.ErrLocked) || vault.Checked(err) {
+				if !errors.Is(err, vault.ErrUnavailable) || errors.Is(err, vault.ErrLocked) || vault.Classify(err).Checked {
 					t.Fatalf("the last attempt on a replaced backup: %v, want unavailable, unchecked", err)
 				}
 				if got := e.metric("keyvault_guess_outcomes_untold_total"); got != 1 {
