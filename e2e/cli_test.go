@@ -545,12 +545,20 @@ func TestCLICompletion(t *testing.T) {
 		if out, err := check.CombinedOutput(); err != nil {
 			t.Errorf("bash -n on the bash completion: %v\n%s", err, out)
 		}
-		// Loaded, it completes the keys subcommands.
-		try := exec.Command("bash", "-c", `source /dev/stdin; COMP_WORDS=(keyvault keys r); COMP_CWORD=2; _keyvault; echo "${COMPREPLY[*]}"`)
-		try.Stdin = bytes.NewReader(script)
-		out, err := try.CombinedOutput()
-		if err != nil || strings.TrimSpace(string(out)) != "rotate reload rewrap retire" {
-			t.Errorf("bash completion of \"keyvault keys r\": %v, %q; want \"rotate reload rewrap retire\"", err, out)
+		// Loaded, it completes subcommands and flags, and leaves a flag's
+		// value to bash's file names.
+		for line, want := range map[string]string{
+			"keyvault keys r":            "rotate reload rewrap retire",
+			"keyvault anchor accept --r": "--reason",
+			"keyvault serve --config k":  "",
+		} {
+			words := strings.Fields(line)
+			try := exec.Command("bash", "-c", `source /dev/stdin; COMP_WORDS=(`+line+`); COMP_CWORD=`+fmt.Sprint(len(words)-1)+`; _keyvault; echo "${COMPREPLY[*]}"`)
+			try.Stdin = bytes.NewReader(script)
+			out, err := try.CombinedOutput()
+			if err != nil || strings.TrimSpace(string(out)) != want {
+				t.Errorf("bash completion of %q: %v, %q; want %q", line, err, out, want)
+			}
 		}
 	}
 }
