@@ -7,7 +7,7 @@ FUZZTIME ?= 30s
 # the commit, "-dirty" with uncommitted changes; "dev" outside a git checkout.
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: help run test bench build deps test-deps vet fmt-check fuzz clean
+.PHONY: help run test bench build man deps test-deps vet fmt-check fuzz clean
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ bench: deps build ## the HTTP / raw-HSM ratios of recover and enroll (scripts/be
 
 build: ## build bin/keyvault, its version stamped from git describe (VERSION=... to set it)
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/keyvault
+
+man: build ## write the keyvault(1) man page to bin/keyvault.1 (man -l bin/keyvault.1)
+	$(BIN) man > bin/keyvault.1
 
 deps: ## install SoftHSM2 when it is missing (apt-get; sudo when not root)
 	@deploy/softhsm/install.sh

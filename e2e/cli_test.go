@@ -461,3 +461,148 @@ func schemaCheck(t *testing.T, data []byte) error {
 	}
 	return sch.Validate(inst)
 }
+
+// cliCommands returns the commands the binary's top-level help lists, as
+// the words before their flags: "serve", "keys init", "help".
+func cliCommands(t *testing.T) [][]string {
+	t.Helper()
+	code, out := runCLI(t, "--help")
+	if code != 0 {
+		t.Fatalf("keyvault --help: exit %d:\n%s", code, out)
+	}
+	_, list, ok := strings.Cut(out, "\nCommands:\n")
+	if !ok {
+		t.Fatalf("keyvault --help has no Commands: list:\n%s", out)
+	}
+	var cmds [][]string
+	for _, line := range strings.Split(list, "\n") {
+		if !strings.HasPrefix(line, "  ") || strings.HasPrefix(line, "   ") {
+			continue // a summary on a line of its own, or the end
+		}
+		// Two spaces part the command and its flags from the summary.
+		head, _, _ := strings.Cut(strings.TrimSpace(line), "  ")
+		var words []string
+		for _, w := range strings.Fields(head) {
+			if strings.ContainsAny(w[:1], "-[<") {
+				break
+			}
+			words = append(words, w)
+		}
+		cmds = append(cmds, words)
+	}
+	if len(cmds) < 20 {
+		t.Fatalf("keyvault --help lists %d commands:\n%s", len(cmds), out)
+	}
+	return cmds
+}
+
+// TestCLIHelp: every command the top-level help lists answers --help, and
+// help COMMAND, with exit 0 and "Usage: keyvault COMMAND"; usage errors
+// exit 2.
+func TestCLIHelp(t *testing.T) {
+	t.Parallel()
+	for _, words := range cliCommands(t) {
+		name := strings.Join(words, " ")
+		code, out := runCLI(t, append(words, "--help")...)
+		line, _, _ := strings.Cut(out, "\n")
+		if code != 0 || (line != "Usage: keyvault "+name && !strings.HasPrefix(line, "Usage: keyvault "+name+" ")) {
+			t.Errorf("keyvault %s --help: exit %d, first line %q; want 0 and \"Usage: keyvault %s ...\"", name, code, line, name)
+		}
+		if code2, out2 := runCLI(t, append([]string{"help"}, words...)...); code2 != 0 || out2 != out {
+			t.Errorf("keyvault help %s: exit %d, output\n%s\nwant 0 and what %s --help prints", name, code2, out2, name)
+		}
+	}
+	for _, args := range [][]string{{}, {"nosuch"}, {"keys"}, {"keys", "nosuch"}, {"serve", "--nosuch"}, {"completion", "tcsh"}} {
+		if code, out := runCLI(t, args...); code != 2 {
+			t.Errorf("keyvault %s: exit %d, want 2:\n%s", strings.Join(args, " "), code, out)
+		}
+	}
+}
+
+// TestCLICompletion: the completion scripts name every command; bash
+// parses its own.
+func TestCLICompletion(t *testing.T) {
+	t.Parallel()
+	cmds := cliCommands(t)
+	for _, shell := range []string{"bash", "zsh", "fish"} {
+		cmd := exec.Command(keyvaultBin, "completion", shell)
+		script, err := cmd.Output()
+		if err != nil {
+			t.Fatalf("keyvault completion %s: %v", shell, err)
+		}
+		for _, words := range cmds {
+			for _, w := range words {
+				if !bytes.Contains(script, []byte(w)) {
+					t.Errorf("completion %s does not name %q", shell, w)
+				}
+			}
+		}
+		if shell != "bash" {
+			continue
+		}
+		check := exec.Command("bash", "-n")
+		check.Stdin = bytes.NewReader(script)
+		if out, err := check.CombinedOutput(); err != nil {
+			t.Errorf("bash -n on the bash completion: %v\n%s", err, out)
+		}
+		// Loaded, it completes subcommands and flags, and leaves a flag's
+		// value to bash's file names.
+		for line, want := range map[string]string{
+			"keyvault keys r":            "rotate reload rewrap retire",
+			"keyvault anchor accept --r": "--reason",
+			"keyvault serve --config k":  "",
+		} {
+			words := strings.Fields(line)
+			try := exec.Command("bash", "-c", `source /dev/stdin; COMP_WORDS=(`+line+`); COMP_CWORD=`+fmt.Sprint(len(words)-1)+`; _keyvault; echo "${COMPREPLY[*]}"`)
+			try.Stdin = bytes.NewReader(script)
+			out, err := try.CombinedOutput()
+			if err != nil || strings.TrimSpace(string(out)) != want {
+				t.Errorf("bash completion of %q: %v, %q; want %q", line, err, out, want)
+			}
+		}
+	}
+}
+
+// TestCLIManPage: keyvault man writes a page that man (or groff) renders
+// and that names every command.
+func TestCLIManPage(t *testing.T) {
+	t.Parallel()
+	page, err := exec.Command(keyvaultBin, "man").Output()
+	if err != nil {
+		t.Fatalf("keyvault man: %v", err)
+	}
+	file := filepath.Join(t.TempDir(), "keyvault.1")
+	if err := os.WriteFile(file, page, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var render *exec.Cmd
+	if _, err := exec.LookPath("man"); err == nil {
+		render = exec.Command("man", "-l", file)
+		render.Env = append(os.Environ(), "MANPAGER=cat", "PAGER=cat", "MANWIDTH=200", "MAN_KEEP_FORMATTING=")
+	} else if _, err := exec.LookPath("groff"); err == nil {
+		render = exec.Command("groff", "-man", "-Tutf8", "-P-cbou", file)
+	}
+	text := string(page)
+	if render == nil {
+		t.Log("neither man nor groff installed: the roff source is checked")
+		if !strings.HasPrefix(text, ".TH KEYVAULT 1 ") {
+			t.Fatalf("the page does not start with .TH KEYVAULT 1:\n%.200s", text)
+		}
+	} else {
+		var out, errs bytes.Buffer
+		render.Stdout, render.Stderr = &out, &errs
+		if err := render.Run(); err != nil || errs.Len() > 0 {
+			t.Fatalf("%s: %v\n%s", strings.Join(render.Args, " "), err, errs.String())
+		}
+		// Strip overstriking (c\bc) that man may leave.
+		text = regexp.MustCompile(".\b").ReplaceAllString(out.String(), "")
+		if !strings.Contains(text, "KEYVAULT(1)") {
+			t.Fatalf("the rendered page has no KEYVAULT(1) header:\n%.400s", text)
+		}
+	}
+	for _, words := range cliCommands(t) {
+		if name := "keyvault " + strings.Join(words, " "); !strings.Contains(text, name) {
+			t.Errorf("the man page does not name %q", name)
+		}
+	}
+}

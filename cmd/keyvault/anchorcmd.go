@@ -21,31 +21,23 @@ import (
 	"github.com/keyvault/keyvault/vault/boltstore"
 )
 
-const anchorUsage = `keyvault anchor status --config FILE
-       keyvault anchor accept --config FILE --reason TEXT
+const anchorStatusHelp = `Shows each HSM member's rollback anchor (epoch, the batch it vouches for,
+write number as block.count, the live set), the store's position, and
+whether the store passes the start-up check. It opens the store: stop the
+vault first.`
 
-status shows each HSM member's rollback anchor (epoch, the batch it
-vouches for, write number as block.count, the live set), the store's position, and whether the
-store passes the start-up check. accept is the audited path after a
-legitimate restore of the store: it raises the epoch in the store and in
-every member, so the vault starts on the restored store and refuses older
-copies and the pre-restore store from then on; it logs how many anchored
-batches the restore lost. Both open the store: stop the vault first.`
+const anchorAcceptHelp = `The audited path after a legitimate restore of the store: raises the epoch
+in the store and in every member, so the vault starts on the restored store
+and refuses older copies and the pre-restore store from then on; logs how
+many anchored batches the restore lost. It opens the store: stop the vault
+first.`
 
-func cmdAnchor(args []string, stdout, stderr io.Writer) error {
-	if len(args) == 0 || (args[0] != "status" && args[0] != "accept") {
-		if len(args) > 0 && (args[0] == "-h" || args[0] == "--help" || args[0] == "help") {
-			fmt.Fprintln(stdout, "Usage: "+anchorUsage)
-			return nil
-		}
-		fmt.Fprintln(stderr, "Usage: "+anchorUsage)
-		return usageError{errors.New("anchor needs status or accept")}
-	}
-	sub := args[0]
-	fs := newFlags("anchor "+sub, stderr, anchorUsage)
+// cmdAnchor runs anchor status and anchor accept.
+func cmdAnchor(sub string, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("anchor "+sub, stderr)
 	path := fs.String("config", "", "the YAML config `file` (required)")
 	reason := fs.String("reason", "", "why the store was restored (accept; required, logged)")
-	if err := parseFlags(fs, args[1:]); err != nil {
+	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
 	if *path == "" {

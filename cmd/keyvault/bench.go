@@ -30,14 +30,11 @@ import (
 	"github.com/keyvault/keyvault/vault"
 )
 
-const benchHelp = `bench --hsm --config FILE [--op recover|enroll] [flags]
-       keyvault bench --url URL --token-file FILE [--op recover|enroll|wrong|mixed] [flags]
+const benchHelp = `With --hsm (--op recover or enroll) it measures the raw ceiling: the HSM
+operations one recover (or one enroll) needs, straight through the HSM pool
+of FILE, with no HTTP and no store. Run it while no vault serves the same SoftHSM token.
 
-The first form measures the raw ceiling: the HSM operations one recover (or
-one enroll) needs, straight through the HSM pool of FILE, with no HTTP and
-no store. Run it while no vault serves the same SoftHSM token.
-
-The second loads a running vault over HTTP. It first enrolls --users users
+With --url it loads a running vault over HTTP. It first enrolls --users users
 (outside the measured window), gives each worker its own share of them, then:
   recover  recover with the right PIN; a wrong secret back is an error
   enroll   replace the backup with a new secret
@@ -74,7 +71,7 @@ type benchFlags struct {
 }
 
 func cmdBench(args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("bench", stderr, benchHelp)
+	fs := newFlags("bench", stderr)
 	var f benchFlags
 	fs.BoolVar(&f.hsm, "hsm", false, "measure the raw HSM ceiling through the pool of --config")
 	fs.StringVar(&f.config, "config", "", "the vault's YAML config `file` (with --hsm)")

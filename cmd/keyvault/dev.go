@@ -22,7 +22,7 @@ import (
 const devTokenLabel = "keyvault-dev"
 
 func cmdDev(args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("dev", stderr, devHelp)
+	fs := newFlags("dev", stderr)
 	dir := fs.String("dir", ".keyvault-dev", "the `directory` holding the dev token, keys, store, config and bearer token")
 	listen := fs.String("listen", config.DefaultListen, "the API `address` (port 0: one the kernel picks); written into DIR/keyvault.yaml")
 	admin := fs.String("admin-listen", config.DefaultAdminListen, "the admin `address` (/metrics, /healthz, /readyz); written into DIR/keyvault.yaml")
@@ -74,9 +74,7 @@ func cmdDev(args []string, stdout, stderr io.Writer) error {
 	})
 }
 
-const devHelp = `dev [--dir DIR] [--listen ADDR] [--admin-listen ADDR]
-
-Sets up, once, in DIR: a SoftHSM config and token of its own, the keys, a
+const devHelp = `Sets up, once, in DIR: a SoftHSM config and token of its own, the keys, a
 bbolt store, a bearer token (DIR/token) and DIR/keyvault.yaml, usable with
 "keyvault serve --config". Then serves DIR. Run again on the same DIR, it
 serves the same data. --listen and --admin-listen are written into

@@ -2,7 +2,6 @@ package main
 
 import (
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"strings"
@@ -12,20 +11,10 @@ import (
 	"github.com/keyvault/keyvault/vault"
 )
 
-const hsmUsage = `hsm check --config FILE   each member's token: what it can do of what the vault needs, and whether it can serve (exit 0: every member can, 2: not)`
-
 func cmdHSM(args []string, stdout, stderr io.Writer) error {
-	if len(args) == 0 || args[0] != "check" {
-		if len(args) > 0 && (args[0] == "-h" || args[0] == "--help" || args[0] == "help") {
-			fmt.Fprintf(stdout, "Usage: keyvault %s\n", hsmUsage)
-			return flag.ErrHelp
-		}
-		fmt.Fprintf(stderr, "Usage: keyvault %s\n", hsmUsage)
-		return usageError{errors.New("hsm needs the subcommand check")}
-	}
-	fs := newFlags("hsm check", stderr, hsmUsage)
+	fs := newFlags("hsm check", stderr)
 	path := fs.String("config", "", "the YAML config `file` (required)")
-	if err := parseFlags(fs, args[1:]); err != nil {
+	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
 	if *path == "" {

@@ -20,21 +20,12 @@ import (
 	"github.com/keyvault/keyvault/vault"
 )
 
-const keysLifecycleUsage = `keys rotate --config FILE [--admin-url URL] [--admin-token-file FILE]
-       keyvault keys reload --config FILE [--admin-url URL] [--admin-token-file FILE]
-       keyvault keys usage --config FILE [--admin-url URL] [--admin-token-file FILE]
-       keyvault keys rewrap --config FILE [--rate N] [--status] [--wait] [--admin-url URL] [--admin-token-file FILE]
-       keyvault keys retire --config FILE --version V [--admin-url URL] [--admin-token-file FILE]
-
-The admin token comes from --admin-token-file or KEYVAULT_ADMIN_TOKEN; its
-SHA-256 is admin_token_sha256 in the config.`
-
 // cmdKeysLifecycle runs keys rotate, reload, usage, rewrap and retire.
 // All but the HSM part of rotate speak to the running vault's admin
 // listener: bbolt lets one process open the store, and the vault must
 // take new key versions into use itself.
 func cmdKeysLifecycle(sub string, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("keys "+sub, stderr, keysLifecycleUsage)
+	fs := newFlags("keys "+sub, stderr)
 	path := fs.String("config", "", "the YAML config `file` (required)")
 	adminURL := fs.String("admin-url", "", "the running vault's admin `URL` (default: http://, or https:// with admin_tls, and the config's admin_listen)")
 	tokenFile := fs.String("admin-token-file", "", "a `file` holding the admin bearer token (default: $KEYVAULT_ADMIN_TOKEN)")

@@ -2,7 +2,6 @@ package main
 
 import (
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -15,30 +14,12 @@ import (
 	"github.com/keyvault/keyvault/vault"
 )
 
-const keysUsage = `keys init --config FILE   create key version 1 on every HSM member
-       keyvault keys list --config FILE   key versions and check values per member
-       keyvault ` + keysLifecycleUsage
-
-func cmdKeys(args []string, stdout, stderr io.Writer) error {
-	if len(args) == 0 {
-		fmt.Fprintf(stderr, "Usage: keyvault %s\n", keysUsage)
-		return usageError{errors.New("keys needs a subcommand: init, list, rotate, reload, usage, rewrap or retire")}
-	}
-	if args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
-		fmt.Fprintf(stdout, "Usage: keyvault %s\n", keysUsage)
-		return flag.ErrHelp
-	}
-	switch args[0] {
-	case "rotate", "reload", "usage", "rewrap", "retire":
-		return cmdKeysLifecycle(args[0], args[1:], stdout, stderr)
-	}
-	fs := newFlags("keys "+args[0], stderr, keysUsage)
+// cmdKeys runs keys init and keys list.
+func cmdKeys(sub string, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("keys "+sub, stderr)
 	path := fs.String("config", "", "the YAML config `file` (required)")
-	if err := parseFlags(fs, args[1:]); err != nil {
+	if err := parseFlags(fs, args); err != nil {
 		return err
-	}
-	if args[0] != "init" && args[0] != "list" {
-		return usageError{fmt.Errorf("unknown keys subcommand %q", args[0])}
 	}
 	if *path == "" {
 		return usageError{errors.New("--config is required")}
@@ -51,7 +32,7 @@ func cmdKeys(args []string, stdout, stderr io.Writer) error {
 	// some do not survive being finalised and initialised again.
 	mods := hsmpool.NewModules()
 	defer mods.Close()
-	if args[0] == "init" {
+	if sub == "init" {
 		if err := keysInit(cfg, mods, stdout); err != nil {
 			return err
 		}

@@ -17,7 +17,7 @@ import (
 )
 
 func cmdServe(args []string, stderr io.Writer) error {
-	fs := newFlags("serve", stderr, "serve --config FILE")
+	fs := newFlags("serve", stderr)
 	path := fs.String("config", "", "the YAML config `file` (required)")
 	if err := parseFlags(fs, args); err != nil {
 		return err
