@@ -5,6 +5,7 @@ import (
 	"maps"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -49,6 +50,14 @@ func TestMetricFamilies(t *testing.T) {
 	families, err := parser.TextToMetricFamilies(strings.NewReader(text))
 	if err != nil {
 		t.Fatal(err)
+	}
+	// keyvault_build_info names the version `keyvault version` prints.
+	out, err := exec.Command(keyvaultBin, "version").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f := strings.Fields(string(out)); len(f) < 2 || !strings.Contains(text, `keyvault_build_info{goversion="`) || !strings.Contains(text, `version="`+f[1]+`"} 1`) {
+		t.Errorf("keyvault_build_info does not name the version %q prints:\n%s", strings.TrimSpace(string(out)), grepLines(text, "keyvault_build_info"))
 	}
 	gatherer := prometheus.GathererFunc(func() ([]*dto.MetricFamily, error) {
 		var out []*dto.MetricFamily

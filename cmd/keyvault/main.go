@@ -31,6 +31,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime"
 	"runtime/debug"
 
 	"github.com/keyvault/keyvault/internal/server"
@@ -86,16 +87,18 @@ func run(args []string, stdout, stderr io.Writer) int {
 }
 
 func versionString() string {
+	return buildVersion() + " (" + runtime.Version() + ")"
+}
+
+// buildVersion is the version make build stamped, the module's version,
+// or "dev".
+func buildVersion() string {
 	v := version
-	bi, ok := debug.ReadBuildInfo()
-	if v == "" && ok {
+	if bi, ok := debug.ReadBuildInfo(); v == "" && ok {
 		v = bi.Main.Version
 	}
 	if v == "" || v == "(devel)" {
 		v = "dev"
-	}
-	if ok {
-		v += " (" + bi.GoVersion + ")"
 	}
 	return v
 }

@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"os/signal"
+	"runtime"
 	"sync"
 	"syscall"
 
@@ -39,6 +40,13 @@ func serve(cfg *config.Config, stderr io.Writer, bound func(api, admin string) e
 	out := &syncWriter{w: stderr}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	// So that dashboards and alerts can tell which build each instance runs.
+	buildInfo := prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "keyvault_build_info",
+		Help: "Always 1, labelled with this binary's version and the Go release that built it.",
+	}, []string{"version", "goversion"})
+	buildInfo.WithLabelValues(buildVersion(), runtime.Version()).Set(1)
+	reg.MustRegister(buildInfo)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	srv := server.New(cfg, newLogger(cfg, out), reg, server.Options{AuditOut: out, Bound: bound, Version: versionString()})
