@@ -75,12 +75,7 @@ func deployRead(t testing.TB, rel string) []byte {
 // Without promtool it skips, except under CI=true, where it fails.
 func deployPromtool(t *testing.T) {
 	promtool, err := exec.LookPath("promtool")
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("CI=true and promtool is not installed: make deps installs it (deploy/prometheus/install-promtool.sh)")
-		}
-		t.Skipf("skipping the promtool checks outside CI: promtool is not installed (deploy/prometheus/install-promtool.sh installs it; under CI=true this fails)")
-	}
+	needTool(t, "the promtool checks (make test-deps installs promtool)", err)
 	for _, args := range [][]string{
 		{"check", "rules", deployPath(deployRules)},
 		{"test", "rules", deployPath(deployRulesTest)},

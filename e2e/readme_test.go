@@ -20,12 +20,7 @@ import (
 func TestREADMEWalkThrough(t *testing.T) {
 	softhsmtest.Module(t)
 	curl, err := exec.LookPath("curl")
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("CI=true and curl is not installed")
-		}
-		t.Skip("curl is not installed")
-	}
+	needTool(t, "the README walk-through (curl)", err)
 	t.Parallel()
 	readme, err := os.ReadFile(filepath.Join(moduleRoot, "README.md"))
 	if err != nil {
