@@ -41,22 +41,11 @@ _keyvault() {
     else
         case "${COMP_WORDS[1]}" in
 `)
-	for _, top := range topNames() {
-		if _, ok := groups[top]; ok {
-			fmt.Fprintf(w, "        %s)\n            if [ \"$COMP_CWORD\" -eq 2 ]; then\n                words=%q\n            else\n                case \"${COMP_WORDS[2]}\" in\n", top, strings.Join(append(subNames(top), "--help"), " "))
-			for _, c := range subcommands(top) {
-				fmt.Fprintf(w, "                %s) words=%q leaf=1 ;;\n", strings.TrimPrefix(c.name, top+" "), strings.Join(append(flagWords(c), "--help"), " "))
-			}
-			fmt.Fprint(w, "                esac\n            fi ;;\n")
-			continue
-		}
-		c, _ := lookup(top)
-		words, leaf := append(flagWords(c), "--help"), " leaf=1"
-		if top == "help" {
-			words, leaf = append(topNames(), words...), ""
-		}
-		fmt.Fprintf(w, "        %s) words=%q%s ;;\n", top, strings.Join(words, " "), leaf)
-	}
+	writeCases(w, shellSyntax{
+		assign: func(words []string) string { return fmt.Sprintf("words=%q", strings.Join(words, " ")) },
+		at:     func(pos int) string { return fmt.Sprintf("[ \"$COMP_CWORD\" -eq %d ]", pos) },
+		word:   func(pos int) string { return fmt.Sprintf("${COMP_WORDS[%d]}", pos) },
+	})
 	fmt.Fprint(w, `        esac
     fi
     # After a command's path, a word that is no flag is a flag's value:
@@ -84,22 +73,11 @@ _keyvault() {
     else
         case "${words[2]}" in
 `)
-	for _, top := range topNames() {
-		if _, ok := groups[top]; ok {
-			fmt.Fprintf(w, "        %s)\n            if (( CURRENT == 3 )); then\n                candidates=(%s)\n            else\n                case \"${words[3]}\" in\n", top, strings.Join(append(subNames(top), "--help"), " "))
-			for _, c := range subcommands(top) {
-				fmt.Fprintf(w, "                %s) candidates=(%s) leaf=1 ;;\n", strings.TrimPrefix(c.name, top+" "), strings.Join(append(flagWords(c), "--help"), " "))
-			}
-			fmt.Fprint(w, "                esac\n            fi ;;\n")
-			continue
-		}
-		c, _ := lookup(top)
-		words, leaf := append(flagWords(c), "--help"), " leaf=1"
-		if top == "help" {
-			words, leaf = append(topNames(), words...), ""
-		}
-		fmt.Fprintf(w, "        %s) candidates=(%s)%s ;;\n", top, strings.Join(words, " "), leaf)
-	}
+	writeCases(w, shellSyntax{
+		assign: func(words []string) string { return "candidates=(" + strings.Join(words, " ") + ")" },
+		at:     func(pos int) string { return fmt.Sprintf("(( CURRENT == %d ))", pos+1) },
+		word:   func(pos int) string { return fmt.Sprintf("${words[%d]}", pos+1) },
+	})
 	fmt.Fprint(w, `        esac
     fi
     if [[ $leaf == 1 && $PREFIX != -* ]]; then
@@ -151,3 +129,34 @@ func fishCompletion(w io.Writer) {
 }
 
 func fishQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `\'`) + "'" }
+
+// shellSyntax is how a shell writes the three things the completion tree
+// needs; positions count the command as 1.
+type shellSyntax struct {
+	assign func(words []string) string // set the candidate words
+	at     func(pos int) string        // true while the word at pos is completed
+	word   func(pos int) string        // the word at pos
+}
+
+// writeCases writes the case tree bash and zsh share: a group's
+// subcommands at position 2, then each command's flags (leaf=1, after
+// which a word that is no flag is a flag's value).
+func writeCases(w io.Writer, sh shellSyntax) {
+	for _, top := range topNames() {
+		if _, ok := groups[top]; ok {
+			fmt.Fprintf(w, "        %s)\n            if %s; then\n                %s\n            else\n                case \"%s\" in\n",
+				top, sh.at(2), sh.assign(append(subNames(top), "--help")), sh.word(2))
+			for _, c := range subcommands(top) {
+				fmt.Fprintf(w, "                %s) %s leaf=1 ;;\n", strings.TrimPrefix(c.name, top+" "), sh.assign(append(flagWords(c), "--help")))
+			}
+			fmt.Fprint(w, "                esac\n            fi ;;\n")
+			continue
+		}
+		c, _ := lookup(top)
+		words, leaf := append(flagWords(c), "--help"), " leaf=1"
+		if top == "help" {
+			words, leaf = append(topNames(), words...), ""
+		}
+		fmt.Fprintf(w, "        %s) %s%s ;;\n", top, sh.assign(words), leaf)
+	}
+}
