@@ -40,18 +40,7 @@ func TestMixedPoolHMAC(t *testing.T) {
 		t.Fatalf("keys init on SoftHSM + opencryptoki under hmac: exit %d:\n%s", code, out)
 	}
 	code, out := k.keys(t, nil, "list")
-	if code != 0 {
-		t.Fatalf("keys list: exit %d:\n%s", code, out)
-	}
-	listed := parseKeysList(out)
-	if len(listed["soft"]) != 3 || len(listed["oc"]) != 3 {
-		t.Fatalf("keys list shows %v, want members soft and oc with 3 keys each:\n%s", listed, out)
-	}
-	for label, kcv := range listed["soft"] {
-		if listed["oc"][label] != kcv {
-			t.Errorf("keys list: %s has check value %s on SoftHSM and %q on opencryptoki", label, kcv, listed["oc"][label])
-		}
-	}
+	sameKeys(t, code, out, "soft", "oc")
 	t.Logf("setup done in %v", time.Since(start).Round(time.Millisecond))
 
 	v := k.start(t)

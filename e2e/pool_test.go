@@ -104,18 +104,7 @@ func TestTwoMembers(t *testing.T) {
 		t.Errorf("keys init on two members does not say the material was imported into both:\n%s", out)
 	}
 	code, out = runCLI(t, "keys", "list", "--config", cfg)
-	if code != 0 {
-		t.Fatalf("keys list: exit %d:\n%s", code, out)
-	}
-	listed := parseKeysList(out)
-	if len(listed["a"]) != 3 || len(listed["b"]) != 3 {
-		t.Fatalf("keys list shows %v, want members a and b with 3 keys each:\n%s", listed, out)
-	}
-	for label, kcv := range listed["a"] {
-		if listed["b"][label] != kcv {
-			t.Errorf("keys list: %s has check value %s on a and %q on b", label, kcv, listed["b"][label])
-		}
-	}
+	listed := sameKeys(t, code, out, "a", "b")
 	t.Logf("setup done in %v", time.Since(start).Round(time.Millisecond))
 
 	v := startServe(t, dev, cfg)
@@ -406,6 +395,26 @@ var keysListMember = regexp.MustCompile(`^member (\S+)$`)
 
 // parseKeysList reads `keys list` output: member, then key label, then
 // check value.
+// sameKeys requires `keys list` (its exit code and output) to show the
+// three keys on both members, with equal check values, and returns what
+// it listed.
+func sameKeys(t *testing.T, code int, out, a, b string) map[string]map[string]string {
+	t.Helper()
+	if code != 0 {
+		t.Fatalf("keys list: exit %d:\n%s", code, out)
+	}
+	listed := parseKeysList(out)
+	if len(listed[a]) != 3 || len(listed[b]) != 3 {
+		t.Fatalf("keys list shows %v, want members %s and %s with 3 keys each:\n%s", listed, a, b, out)
+	}
+	for label, kcv := range listed[a] {
+		if listed[b][label] != kcv {
+			t.Errorf("keys list: %s has check value %s on %s and %q on %s", label, kcv, a, listed[b][label], b)
+		}
+	}
+	return listed
+}
+
 func parseKeysList(out string) map[string]map[string]string {
 	got := map[string]map[string]string{}
 	var cur string
