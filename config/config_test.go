@@ -451,14 +451,7 @@ log:
 		"clients[1].token_sha256: required",
 		"log.level: must be one of",
 	}
-	for _, w := range want {
-		if !strings.Contains(err.Error(), w) {
-			t.Errorf("error does not contain %q:\n%v", w, err)
-		}
-	}
-	if n := countProblems(err); n != len(want) {
-		t.Errorf("got %d problems, want %d:\n%v", n, len(want), err)
-	}
+	wantProblems(t, err, want)
 	// One problem per line, each starting with its key path.
 	for line := range strings.SplitSeq(err.Error(), "\n") {
 		if !strings.Contains(line, ": ") {
@@ -483,14 +476,7 @@ func TestParseReportsAllUnknownKeys(t *testing.T) {
 		"hsm.members[0].pni: unknown key (line 13)",
 		"clients[0].shared_namespace: unknown key (line 17)",
 	}
-	for _, w := range want {
-		if !strings.Contains(err.Error(), w) {
-			t.Errorf("error does not contain %q:\n%v", w, err)
-		}
-	}
-	if n := countProblems(err); n != len(want) {
-		t.Errorf("got %d problems, want %d:\n%v", n, len(want), err)
-	}
+	wantProblems(t, err, want)
 }
 
 // TestParseReportsStructureAndValues: unknown, duplicate and ill-typed keys
@@ -541,6 +527,19 @@ log:
 		"clients[0].token_sha256[0]: must be the hex SHA-256",
 		"log.level: must be one of",
 	}
+	wantProblems(t, err, want)
+	if strings.Contains(err.Error(), "store.path: required") {
+		t.Errorf("a pruned value is reported again as missing:\n%v", err)
+	}
+	if strings.Contains(err.Error(), "1234") {
+		t.Errorf("error %q contains the inline PIN", err)
+	}
+}
+
+// wantProblems requires err to report exactly the problems in want, each
+// found by a substring.
+func wantProblems(t *testing.T, err error, want []string) {
+	t.Helper()
 	for _, w := range want {
 		if !strings.Contains(err.Error(), w) {
 			t.Errorf("error does not contain %q:\n%v", w, err)
@@ -548,12 +547,6 @@ log:
 	}
 	if n := countProblems(err); n != len(want) {
 		t.Errorf("got %d problems, want %d:\n%v", n, len(want), err)
-	}
-	if strings.Contains(err.Error(), "store.path: required") {
-		t.Errorf("a pruned value is reported again as missing:\n%v", err)
-	}
-	if strings.Contains(err.Error(), "1234") {
-		t.Errorf("error %q contains the inline PIN", err)
 	}
 }
 
