@@ -5,8 +5,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"os"
-	"path/filepath"
 	"runtime"
 	"slices"
 	"sync"
@@ -16,8 +14,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/keyvault/keyvault/hsmpool"
-	"github.com/keyvault/keyvault/internal/softhsm/softhsmtest"
 	"github.com/keyvault/keyvault/vault"
 	"github.com/keyvault/keyvault/vault/boltstore"
 )
@@ -56,30 +52,7 @@ func (s *slowAnchors) WriteAnchor(ctx context.Context, member string, w uint64, 
 // writes slowed by delay.
 func anchoredBenchVault(b *testing.B, delay time.Duration) (*vault.Vault, *slowAnchors) {
 	b.Helper()
-	hsmOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "vault-bench-hsm-")
-		if err != nil {
-			b.Fatal(err)
-		}
-		hsmDir = dir
-		softhsmtest.Setup(b, dir)
-	})
-	label := fmt.Sprintf("bench-%d", time.Now().UnixNano())
-	softhsmtest.Token(b, os.Getenv("SOFTHSM2_CONF"), label, "1234")
-	m := hsmpool.MemberConfig{Name: "bench", Module: softhsmtest.Module(b), TokenLabel: label, PIN: "1234", MaxSessions: 8}
-	if _, err := hsmpool.Provision([]hsmpool.MemberConfig{m}, vault.ProfileHMAC); err != nil {
-		b.Fatal(err)
-	}
-	pool, err := hsmpool.Open([]hsmpool.MemberConfig{m}, hsmpool.Options{})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { pool.Close() })
-	store, err := boltstore.Open(boltstore.Options{Path: filepath.Join(b.TempDir(), "keyvault.db")})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { store.Close() })
+	pool, store := benchParts(b, vault.ProfileHMAC)
 	ctx := context.Background()
 	keys, err := vault.DeriveAnchorKeys(ctx, pool)
 	if err != nil {

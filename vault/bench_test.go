@@ -58,6 +58,18 @@ func runTests(m *testing.M) int {
 // generated inside it, through the HSM pool, and a bbolt file.
 func benchVault(b *testing.B) *vault.Vault {
 	b.Helper()
+	pool, store := benchParts(b, vault.ProfileGCM)
+	v, err := vault.New(context.Background(), store, pool, vault.Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		b.Fatal(err)
+	}
+	return v
+}
+
+// benchParts opens a pool on a fresh SoftHSM token with keys of profile
+// made inside it, and a fresh bbolt store; both close when b ends.
+func benchParts(b *testing.B, profile vault.Profile) (*hsmpool.Pool, *boltstore.Store) {
+	b.Helper()
 	hsmOnce.Do(func() {
 		dir, err := os.MkdirTemp("", "vault-bench-hsm-")
 		if err != nil {
@@ -66,11 +78,10 @@ func benchVault(b *testing.B) *vault.Vault {
 		hsmDir = dir
 		softhsmtest.Setup(b, dir)
 	})
-	conf := os.Getenv("SOFTHSM2_CONF")
 	label := fmt.Sprintf("bench-%d", time.Now().UnixNano())
-	softhsmtest.Token(b, conf, label, "1234")
+	softhsmtest.Token(b, os.Getenv("SOFTHSM2_CONF"), label, "1234")
 	m := hsmpool.MemberConfig{Name: "bench", Module: softhsmtest.Module(b), TokenLabel: label, PIN: "1234", MaxSessions: 8}
-	if _, err := hsmpool.Provision([]hsmpool.MemberConfig{m}, vault.ProfileGCM); err != nil {
+	if _, err := hsmpool.Provision([]hsmpool.MemberConfig{m}, profile); err != nil {
 		b.Fatal(err)
 	}
 	pool, err := hsmpool.Open([]hsmpool.MemberConfig{m}, hsmpool.Options{})
@@ -83,11 +94,7 @@ func benchVault(b *testing.B) *vault.Vault {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { store.Close() })
-	v, err := vault.New(context.Background(), store, pool, vault.Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	if err != nil {
-		b.Fatal(err)
-	}
-	return v
+	return pool, store
 }
 
 // benchParallel runs op from 32 goroutines, each on users of its own, and
