@@ -35,9 +35,10 @@ man: build ## write the keyvault(1) man page to bin/keyvault.1 (man -l bin/keyva
 deps: ## install SoftHSM2 when it is missing (apt-get; sudo when not root)
 	@deploy/softhsm/install.sh
 
-test-deps: ## install what make test needs beside SoftHSM2 when it is missing: promtool (the alert rules), opencryptoki and NSS with p11-kit (the other PKCS#11 tokens)
+test-deps: ## install what make test needs beside SoftHSM2 when it is missing: promtool (the alert rules), opencryptoki and NSS with p11-kit (the other PKCS#11 tokens), zsh and fish (the completion scripts)
 	@deploy/prometheus/install-promtool.sh
 	@deploy/pkcs11/install.sh
+	@scripts/install-shells.sh
 
 vet:
 	$(GO) vet $(PKGS)

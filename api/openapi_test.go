@@ -836,3 +836,21 @@ func TestOpenAPIProblemSchemasTyped(t *testing.T) {
 		}
 	}
 }
+
+// TestOpenAPILicense: the document names the repository's license, so a
+// generated client says what it may be used under.
+func TestOpenAPILicense(t *testing.T) {
+	d := loadOpenAPI(t)
+	info, _ := d.root["info"].(map[string]any)
+	license, _ := info["license"].(map[string]any)
+	if license["identifier"] != "Apache-2.0" || license["name"] != "Apache-2.0" {
+		t.Errorf("info.license = %v, want name and identifier Apache-2.0", license)
+	}
+	text, err := os.ReadFile("../LICENSE")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(text), "Apache License\n                           Version 2.0") {
+		t.Error("LICENSE is not the Apache License 2.0 that info.license names")
+	}
+}

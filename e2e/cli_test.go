@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -519,8 +520,9 @@ func TestCLIHelp(t *testing.T) {
 	}
 }
 
-// TestCLICompletion: the completion scripts name every command; bash
-// parses its own.
+// TestCLICompletion: the completion scripts name every command; each
+// shell parses its own, and bash and fish, loaded with it, complete
+// subcommands and flags.
 func TestCLICompletion(t *testing.T) {
 	t.Parallel()
 	cmds := cliCommands(t)
@@ -537,7 +539,12 @@ func TestCLICompletion(t *testing.T) {
 				}
 			}
 		}
-		if shell != "bash" {
+		switch shell {
+		case "zsh":
+			zshParses(t, script)
+			continue
+		case "fish":
+			fishCompletes(t, script)
 			continue
 		}
 		check := exec.Command("bash", "-n")
@@ -559,6 +566,52 @@ func TestCLICompletion(t *testing.T) {
 			if err != nil || strings.TrimSpace(string(out)) != want {
 				t.Errorf("bash completion of %q: %v, %q; want %q", line, err, out, want)
 			}
+		}
+	}
+}
+
+// zshParses checks the zsh completion script with zsh -n.
+func zshParses(t *testing.T, script []byte) {
+	t.Helper()
+	_, err := exec.LookPath("zsh")
+	needTool(t, "zsh (make test-deps installs it)", err)
+	check := exec.Command("zsh", "-n")
+	check.Stdin = bytes.NewReader(script)
+	if out, err := check.CombinedOutput(); err != nil {
+		t.Errorf("zsh -n on the zsh completion: %v\n%s", err, out)
+	}
+}
+
+// fishCompletes checks the fish completion script with fish --no-execute,
+// then loads it and asks fish what it completes.
+func fishCompletes(t *testing.T, script []byte) {
+	t.Helper()
+	_, err := exec.LookPath("fish")
+	needTool(t, "fish (make test-deps installs it)", err)
+	file := filepath.Join(t.TempDir(), "keyvault.fish")
+	if err := os.WriteFile(file, script, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("fish", "--no-execute", file).CombinedOutput(); err != nil {
+		t.Fatalf("fish --no-execute on the fish completion: %v\n%s", err, out)
+	}
+	for line, want := range map[string][]string{
+		"keyvault keys r":            {"reload", "retire", "rewrap", "rotate"},
+		"keyvault anchor accept --r": {"--reason"},
+		"keyvault hsm ":              {"check"},
+	} {
+		out, err := exec.Command("fish", "--no-config", "-c", "source "+file+"; complete -C '"+line+"'").CombinedOutput()
+		if err != nil {
+			t.Errorf("fish completion of %q: %v\n%s", line, err, out)
+			continue
+		}
+		var got []string
+		for _, l := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+			word, _, _ := strings.Cut(l, "\t")
+			got = append(got, word)
+		}
+		if !slices.Equal(got, want) {
+			t.Errorf("fish completion of %q: %q, want %q", line, got, want)
 		}
 	}
 }
