@@ -63,13 +63,14 @@ type anchorObjects struct {
 	// newest last; nil: not known, so the next write starts over: it
 	// creates both and removes every other anchor object on the token.
 	slots []pkcs11.ObjectHandle
-	// guard is the token's, shared by every anchorObjects of it.
+	// guard is the token's, shared by every anchorObjects that one
+	// Modules makes for it (Modules.anchorObjects).
 	guard *anchorGuard
 }
 
 // anchorGuard serialises the anchor writes to one token and keeps the
-// highest write number written to it. It belongs to the token, not to one
-// anchorObjects: a member that fails is reopened with a new one, and a
+// highest write number written to it. It belongs to the token, kept by the
+// Modules the token was opened through, not to one anchorObjects: a member that fails is reopened with a new one, and a
 // write abandoned on the old one (queued behind a hung call) may run after
 // the new one has taken newer writes; starting over, it would destroy them.
 // A write waits for its turn only as long as its context allows, so a call
@@ -78,15 +79,6 @@ type anchorObjects struct {
 type anchorGuard struct {
 	turn  chan struct{} // holds a value while a write runs
 	lastW uint64        // read and written only while holding the turn
-}
-
-// anchorGuards holds the guard of every token this process has opened, by
-// module path and token label.
-var anchorGuards sync.Map
-
-func newAnchorObjects(module, label string) *anchorObjects {
-	g, _ := anchorGuards.LoadOrStore(module+"\x00"+label, &anchorGuard{turn: make(chan struct{}, 1)})
-	return &anchorObjects{module: module, label: label, guard: g.(*anchorGuard)}
 }
 
 func (a *anchorObjects) open() error {

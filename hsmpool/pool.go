@@ -58,6 +58,11 @@ type Options struct {
 	// in the store, not the HSM, so one per session leaves the HSMs idle
 	// while admitted requests wait for their commits.
 	AdmitPerSession int
+	// Modules are what the members' tokens are opened through, and own
+	// what those tokens share (see Modules): pass the command's own to
+	// share it with its other passes. Default: a set of the pool's own.
+	// The pool never closes it.
+	Modules *Modules
 }
 
 // Pool balances HSM operations over its members. It implements vault.HSM.
@@ -106,11 +111,14 @@ func Open(cfgs []MemberConfig, opts Options) (*Pool, error) {
 		}
 		byModule[c.Module] = c.Name
 	}
+	if opts.Modules == nil {
+		opts.Modules = NewModules()
+	}
 	cfgs = forProfile(cfgs, opts.Profile)
 	toks := make([]token, len(cfgs))
 	openErrs := make([]error, len(cfgs))
 	for i, c := range cfgs {
-		toks[i], openErrs[i] = openToken(c)
+		toks[i], openErrs[i] = opts.Modules.openToken(c)
 	}
 	opts.reopen = true
 	return newPool(cfgs, toks, openErrs, opts)
@@ -137,6 +145,9 @@ func newPool(cfgs []MemberConfig, toks []token, openErrs []error, opts Options) 
 	if opts.RefusedProbeInterval == 0 {
 		opts.RefusedProbeInterval = 10 * time.Minute
 	}
+	if opts.Modules == nil {
+		opts.Modules = NewModules()
+	}
 	p := &Pool{
 		log:     opts.Logger,
 		metrics: newMetrics(opts.Registerer),
@@ -155,7 +166,7 @@ func newPool(cfgs []MemberConfig, toks []token, openErrs []error, opts Options) 
 		p.metrics.sessionsMax.WithLabelValues(c.Name).Set(float64(cap(m.sessions)))
 		m.st.Store(brokenState())
 		if opts.reopen {
-			m.reopen = func() (token, error) { return openToken(c) }
+			m.reopen = func() (token, error) { return p.opts.Modules.openToken(c) }
 		}
 		p.members = append(p.members, m)
 		p.metrics.up.WithLabelValues(c.Name).Set(0)

@@ -144,7 +144,7 @@ func (m *Modules) Check(cfgs []MemberConfig, profile vault.Profile) []MemberChec
 		var t *p11Token
 		_, err := m.use(c) // names the member
 		if err == nil {
-			if t, err = openToken(forProfile([]MemberConfig{c}, profile)[0]); err != nil {
+			if t, err = m.openToken(forProfile([]MemberConfig{c}, profile)[0]); err != nil {
 				err = fmt.Errorf("member %s: %w", c.Name, err)
 			}
 		}

@@ -88,8 +88,9 @@ type p11Token struct {
 }
 
 // openToken configures crypto11 on the member's token, opens its raw
-// sessions and finds its keys.
-func openToken(cfg MemberConfig) (*p11Token, error) {
+// sessions and finds its keys. The token's anchor store shares its write
+// guard with every other token m opens on the same module and label.
+func (m *Modules) openToken(cfg MemberConfig) (*p11Token, error) {
 	ctx, err := crypto11.Configure(&crypto11.Config{
 		Path:       cfg.Module,
 		TokenLabel: cfg.TokenLabel,
@@ -110,7 +111,7 @@ func openToken(cfg MemberConfig) (*p11Token, error) {
 		return nil, fmt.Errorf("open token %q on %s: %w", cfg.TokenLabel, cfg.Module, err)
 	}
 	t := &p11Token{ctx: ctx, raw: raw, keys: map[vault.KeyID]*crypto11.SecretKey{}, handles: map[vault.KeyID]pkcs11.ObjectHandle{},
-		profiles: map[uint32]vault.Profile{}, aesProfile: cfg.aesProfile, anchorObjs: newAnchorObjects(cfg.Module, cfg.TokenLabel), name: cfg.Name, label: cfg.TokenLabel}
+		profiles: map[uint32]vault.Profile{}, aesProfile: cfg.aesProfile, anchorObjs: m.anchorObjects(cfg.Module, cfg.TokenLabel), name: cfg.Name, label: cfg.TokenLabel}
 	if err := t.findKeys(); err != nil {
 		t.Close()
 		return nil, err
