@@ -8,8 +8,6 @@ import (
 	"sync"
 
 	"github.com/miekg/pkcs11"
-
-	"github.com/keyvault/keyvault/anchor"
 )
 
 // AnchorApplication is the CKA_APPLICATION of the data objects that hold
@@ -19,19 +17,6 @@ const AnchorApplication = "keyvault-anchor"
 // anchorSlotValue is the CKA_VALUE of every slot object: fixed, as
 // SoftHSM makes a data object's value read-only once created.
 var anchorSlotValue = []byte("keyvault anchor slot")
-
-// anchorKeeper is a token that can keep anchor objects. Tokens that tests
-// inject need not be one.
-type anchorKeeper interface {
-	// ReadAnchors returns every anchor the token holds.
-	ReadAnchors() ([][]byte, error)
-	// WriteAnchor stores value, the anchor with write number w, so that
-	// it and at least the anchor written before it can be read back, even
-	// if the process dies during the write. It refuses a w not above the
-	// last one it wrote: a write abandoned after its timeout may still run
-	// later, and must not take the member's anchor backwards.
-	WriteAnchor(ctx context.Context, w uint64, value []byte) error
-}
 
 // errStaleAnchor: an anchor write arrived after a newer one.
 var errStaleAnchor = errors.New("a newer anchor has been written to this member")
@@ -149,28 +134,6 @@ var anchorTemplate = []*pkcs11.Attribute{
 	pkcs11.NewAttribute(pkcs11.CKA_APPLICATION, AnchorApplication),
 }
 
-func findObjects(p *pkcs11.Ctx, s pkcs11.SessionHandle, template []*pkcs11.Attribute) ([]pkcs11.ObjectHandle, error) {
-	if err := p.FindObjectsInit(s, template); err != nil {
-		return nil, fmt.Errorf("find objects: %w", err)
-	}
-	var all []pkcs11.ObjectHandle
-	for {
-		objs, _, err := p.FindObjects(s, 16)
-		if err != nil {
-			p.FindObjectsFinal(s)
-			return nil, fmt.Errorf("find objects: %w", err)
-		}
-		if len(objs) == 0 {
-			break
-		}
-		all = append(all, objs...)
-	}
-	if err := p.FindObjectsFinal(s); err != nil {
-		return nil, fmt.Errorf("find objects: %w", err)
-	}
-	return all, nil
-}
-
 // findAnchors returns every anchor object on the token.
 func findAnchors(p *pkcs11.Ctx, s pkcs11.SessionHandle) ([]pkcs11.ObjectHandle, error) {
 	return findObjects(p, s, anchorTemplate)
@@ -260,94 +223,4 @@ func (a *anchorObjects) WriteAnchor(ctx context.Context, w uint64, value []byte)
 		}
 		return nil
 	})
-}
-
-func (t *p11Token) ReadAnchors() ([][]byte, error) { return t.anchorObjs.ReadAnchors() }
-func (t *p11Token) WriteAnchor(ctx context.Context, w uint64, v []byte) error {
-	return t.anchorObjs.WriteAnchor(ctx, w, v)
-}
-
-// errNoAnchors: the member's token cannot keep anchor objects.
-var errNoAnchors = errors.New("this member's token keeps no anchor objects")
-
-// Members names the configured members, in config order.
-func (p *Pool) Members() []string { return memberNames(p.members) }
-
-func memberNames(ms []*member) []string {
-	names := make([]string, len(ms))
-	for i, m := range ms {
-		names[i] = m.name
-	}
-	return names
-}
-
-// ReadAnchors reads the anchor objects of every configured member, healthy
-// or not: a member that does not answer is reported with its error, never
-// left out, so that the start-up check knows who was silent.
-func (p *Pool) ReadAnchors(ctx context.Context) []anchor.Found { return p.readAnchors(ctx, p.members) }
-
-func (p *Pool) readAnchors(ctx context.Context, members []*member) []anchor.Found {
-	found := make([]anchor.Found, len(members))
-	var wg sync.WaitGroup
-	for i, m := range members {
-		wg.Go(func() {
-			found[i] = anchor.Found{Member: m.name}
-			err := p.onMember(ctx, m, "anchor_read", func(k anchorKeeper) error {
-				var err error
-				found[i].Values, err = k.ReadAnchors()
-				return err
-			})
-			if err != nil {
-				found[i] = anchor.Found{Member: m.name, Err: err}
-			}
-		})
-	}
-	wg.Wait()
-	return found
-}
-
-// WriteAnchor writes value, the anchor with write number w, as the anchor
-// of the named member.
-func (p *Pool) WriteAnchor(ctx context.Context, member string, w uint64, value []byte) error {
-	return p.writeAnchor(ctx, p.members, member, w, value)
-}
-
-func (p *Pool) writeAnchor(ctx context.Context, members []*member, member string, w uint64, value []byte) error {
-	for _, m := range members {
-		if m.name == member {
-			return p.onMember(ctx, m, "anchor_write", func(k anchorKeeper) error { return k.WriteAnchor(ctx, w, value) })
-		}
-	}
-	return fmt.Errorf("write anchor: no anchor-keeping member named %q", member)
-}
-
-// onMember runs an anchor call on one member with a session slot, the
-// operation timeout and the pool's metrics. It does not fail the member:
-// whether a silent member is dropped from the live set is the anchor
-// writer's decision, and its key operations judge its health.
-//
-// It waits for a session as long as ctx allows, not QueueTimeout: shedding
-// is for requests, and an anchor write that lost its place to them would
-// hold back every answer of its batch, or drop a healthy member from the
-// live set.
-func (p *Pool) onMember(ctx context.Context, m *member, op string, fn func(anchorKeeper) error) error {
-	select {
-	case m.sessions <- struct{}{}:
-	case <-ctx.Done():
-		return fmt.Errorf("member %s: %s: waiting for a session: %w", m.name, op, ctx.Err())
-	}
-	_, err := p.run(ctx, m, op, func(_ *member, st *tokenState) ([]byte, error) {
-		if st == nil || st.tok == nil {
-			return nil, errors.New("member not open")
-		}
-		k, ok := st.tok.(anchorKeeper)
-		if !ok {
-			return nil, errNoAnchors
-		}
-		return nil, fn(k)
-	})
-	if err != nil {
-		return fmt.Errorf("member %s: %s: %w", m.name, op, err)
-	}
-	return nil
 }

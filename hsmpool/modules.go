@@ -149,3 +149,42 @@ func (m *Modules) session(c MemberConfig) (p *pkcs11.Ctx, s pkcs11.SessionHandle
 	}
 	return p, s, func() { p.Logout(s); p.CloseSession(s) }, nil
 }
+
+// findObjects returns every object on the session's token that matches
+// template.
+func findObjects(p *pkcs11.Ctx, s pkcs11.SessionHandle, template []*pkcs11.Attribute) ([]pkcs11.ObjectHandle, error) {
+	if err := p.FindObjectsInit(s, template); err != nil {
+		return nil, fmt.Errorf("find objects: %w", err)
+	}
+	var all []pkcs11.ObjectHandle
+	for {
+		objs, _, err := p.FindObjects(s, 16)
+		if err != nil {
+			p.FindObjectsFinal(s)
+			return nil, fmt.Errorf("find objects: %w", err)
+		}
+		if len(objs) == 0 {
+			break
+		}
+		all = append(all, objs...)
+	}
+	if err := p.FindObjectsFinal(s); err != nil {
+		return nil, fmt.Errorf("find objects: %w", err)
+	}
+	return all, nil
+}
+
+// findSlot returns the first slot whose token carries label, as crypto11
+// chooses.
+func findSlot(p *pkcs11.Ctx, label string) (uint, error) {
+	slots, err := p.GetSlotList(true)
+	if err != nil {
+		return 0, fmt.Errorf("list slots: %w", err)
+	}
+	for _, s := range slots {
+		if ti, err := p.GetTokenInfo(s); err == nil && ti.Label == label {
+			return s, nil
+		}
+	}
+	return 0, fmt.Errorf("no token labelled %q", label)
+}
