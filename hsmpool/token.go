@@ -64,12 +64,23 @@ type p11Token struct {
 	// until its first seal there finds out, then ivToken (it writes its own
 	// into the buffer) or ivCaller (it uses the one it is given).
 	ivMode atomic.Int32
-	// anchorObjs keeps rollback anchors as data objects (anchorobj.go).
+	// anchorObjs keeps rollback anchors as data objects (anchorObjects).
 	// The views of one token that a key reload or retire makes share it:
 	// one session, one lock.
-	anchorObjs *anchorObjects
+	anchorObjs anchorStore
 	// name and label name the member and token in a capability verdict.
 	name, label string
+}
+
+// anchorStore is what a token keeps its rollback anchors in
+// (anchorObjects, through the Modules that opened the token).
+type anchorStore interface {
+	anchorKeeper
+	// probe says whether the token can keep anchors: nil, a
+	// *NoAnchorsError, or a failure of the moment.
+	probe(ctx context.Context) error
+	// close ends the store's session; the library stays loaded.
+	close()
 }
 
 // openToken configures crypto11 on the member's token, opens its raw
