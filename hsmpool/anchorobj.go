@@ -8,8 +8,6 @@ import (
 	"sync"
 
 	"github.com/miekg/pkcs11"
-
-	"github.com/keyvault/keyvault/anchor"
 )
 
 // AnchorApplication is the CKA_APPLICATION of the data objects that hold
@@ -19,19 +17,6 @@ const AnchorApplication = "keyvault-anchor"
 // anchorSlotValue is the CKA_VALUE of every slot object: fixed, as
 // SoftHSM makes a data object's value read-only once created.
 var anchorSlotValue = []byte("keyvault anchor slot")
-
-// anchorKeeper is a token that can keep anchor objects. Tokens that tests
-// inject need not be one.
-type anchorKeeper interface {
-	// ReadAnchors returns every anchor the token holds.
-	ReadAnchors() ([][]byte, error)
-	// WriteAnchor stores value, the anchor with write number w, so that
-	// it and at least the anchor written before it can be read back, even
-	// if the process dies during the write. It refuses a w not above the
-	// last one it wrote: a write abandoned after its timeout may still run
-	// later, and must not take the member's anchor backwards.
-	WriteAnchor(ctx context.Context, w uint64, value []byte) error
-}
 
 // errStaleAnchor: an anchor write arrived after a newer one.
 var errStaleAnchor = errors.New("a newer anchor has been written to this member")
@@ -63,13 +48,14 @@ type anchorObjects struct {
 	// newest last; nil: not known, so the next write starts over: it
 	// creates both and removes every other anchor object on the token.
 	slots []pkcs11.ObjectHandle
-	// guard is the token's, shared by every anchorObjects of it.
+	// guard is the token's, shared by every anchorObjects that one
+	// Modules makes for it (Modules.anchorObjects).
 	guard *anchorGuard
 }
 
 // anchorGuard serialises the anchor writes to one token and keeps the
-// highest write number written to it. It belongs to the token, not to one
-// anchorObjects: a member that fails is reopened with a new one, and a
+// highest write number written to it. It belongs to the token, kept by the
+// Modules the token was opened through, not to one anchorObjects: a member that fails is reopened with a new one, and a
 // write abandoned on the old one (queued behind a hung call) may run after
 // the new one has taken newer writes; starting over, it would destroy them.
 // A write waits for its turn only as long as its context allows, so a call
@@ -78,15 +64,6 @@ type anchorObjects struct {
 type anchorGuard struct {
 	turn  chan struct{} // holds a value while a write runs
 	lastW uint64        // read and written only while holding the turn
-}
-
-// anchorGuards holds the guard of every token this process has opened, by
-// module path and token label.
-var anchorGuards sync.Map
-
-func newAnchorObjects(module, label string) *anchorObjects {
-	g, _ := anchorGuards.LoadOrStore(module+"\x00"+label, &anchorGuard{turn: make(chan struct{}, 1)})
-	return &anchorObjects{module: module, label: label, guard: g.(*anchorGuard)}
 }
 
 func (a *anchorObjects) open() error {
@@ -155,28 +132,6 @@ var anchorTemplate = []*pkcs11.Attribute{
 	pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_DATA),
 	pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
 	pkcs11.NewAttribute(pkcs11.CKA_APPLICATION, AnchorApplication),
-}
-
-func findObjects(p *pkcs11.Ctx, s pkcs11.SessionHandle, template []*pkcs11.Attribute) ([]pkcs11.ObjectHandle, error) {
-	if err := p.FindObjectsInit(s, template); err != nil {
-		return nil, fmt.Errorf("find objects: %w", err)
-	}
-	var all []pkcs11.ObjectHandle
-	for {
-		objs, _, err := p.FindObjects(s, 16)
-		if err != nil {
-			p.FindObjectsFinal(s)
-			return nil, fmt.Errorf("find objects: %w", err)
-		}
-		if len(objs) == 0 {
-			break
-		}
-		all = append(all, objs...)
-	}
-	if err := p.FindObjectsFinal(s); err != nil {
-		return nil, fmt.Errorf("find objects: %w", err)
-	}
-	return all, nil
 }
 
 // findAnchors returns every anchor object on the token.
@@ -268,94 +223,4 @@ func (a *anchorObjects) WriteAnchor(ctx context.Context, w uint64, value []byte)
 		}
 		return nil
 	})
-}
-
-func (t *p11Token) ReadAnchors() ([][]byte, error) { return t.anchorObjs.ReadAnchors() }
-func (t *p11Token) WriteAnchor(ctx context.Context, w uint64, v []byte) error {
-	return t.anchorObjs.WriteAnchor(ctx, w, v)
-}
-
-// errNoAnchors: the member's token cannot keep anchor objects.
-var errNoAnchors = errors.New("this member's token keeps no anchor objects")
-
-// Members names the configured members, in config order.
-func (p *Pool) Members() []string { return memberNames(p.members) }
-
-func memberNames(ms []*member) []string {
-	names := make([]string, len(ms))
-	for i, m := range ms {
-		names[i] = m.name
-	}
-	return names
-}
-
-// ReadAnchors reads the anchor objects of every configured member, healthy
-// or not: a member that does not answer is reported with its error, never
-// left out, so that the start-up check knows who was silent.
-func (p *Pool) ReadAnchors(ctx context.Context) []anchor.Found { return p.readAnchors(ctx, p.members) }
-
-func (p *Pool) readAnchors(ctx context.Context, members []*member) []anchor.Found {
-	found := make([]anchor.Found, len(members))
-	var wg sync.WaitGroup
-	for i, m := range members {
-		wg.Go(func() {
-			found[i] = anchor.Found{Member: m.name}
-			err := p.onMember(ctx, m, "anchor_read", func(k anchorKeeper) error {
-				var err error
-				found[i].Values, err = k.ReadAnchors()
-				return err
-			})
-			if err != nil {
-				found[i] = anchor.Found{Member: m.name, Err: err}
-			}
-		})
-	}
-	wg.Wait()
-	return found
-}
-
-// WriteAnchor writes value, the anchor with write number w, as the anchor
-// of the named member.
-func (p *Pool) WriteAnchor(ctx context.Context, member string, w uint64, value []byte) error {
-	return p.writeAnchor(ctx, p.members, member, w, value)
-}
-
-func (p *Pool) writeAnchor(ctx context.Context, members []*member, member string, w uint64, value []byte) error {
-	for _, m := range members {
-		if m.name == member {
-			return p.onMember(ctx, m, "anchor_write", func(k anchorKeeper) error { return k.WriteAnchor(ctx, w, value) })
-		}
-	}
-	return fmt.Errorf("write anchor: no anchor-keeping member named %q", member)
-}
-
-// onMember runs an anchor call on one member with a session slot, the
-// operation timeout and the pool's metrics. It does not fail the member:
-// whether a silent member is dropped from the live set is the anchor
-// writer's decision, and its key operations judge its health.
-//
-// It waits for a session as long as ctx allows, not QueueTimeout: shedding
-// is for requests, and an anchor write that lost its place to them would
-// hold back every answer of its batch, or drop a healthy member from the
-// live set.
-func (p *Pool) onMember(ctx context.Context, m *member, op string, fn func(anchorKeeper) error) error {
-	select {
-	case m.sessions <- struct{}{}:
-	case <-ctx.Done():
-		return fmt.Errorf("member %s: %s: waiting for a session: %w", m.name, op, ctx.Err())
-	}
-	_, err := p.run(ctx, m, op, func(_ *member, st *tokenState) ([]byte, error) {
-		if st == nil || st.tok == nil {
-			return nil, errors.New("member not open")
-		}
-		k, ok := st.tok.(anchorKeeper)
-		if !ok {
-			return nil, errNoAnchors
-		}
-		return nil, fn(k)
-	})
-	if err != nil {
-		return fmt.Errorf("member %s: %s: %w", m.name, op, err)
-	}
-	return nil
 }

@@ -167,8 +167,10 @@ func TestAbandonedWriteOnAReopenedMemberCannotTakeItBack(t *testing.T) {
 	}
 	p := openPool(t, prometheus.NewRegistry(), a) // logs the token in
 	ctx := context.Background()
-	// The old token's instance, its slots unknown; write 5 waits on it.
-	old := newAnchorObjects(a.Module, a.TokenLabel)
+	// The old token's instance, made by the pool's Modules as every
+	// instance of the member's token is, its slots unknown; write 5
+	// waits on it.
+	old := p.opts.Modules.anchorObjects(a.Module, a.TokenLabel)
 	defer old.close()
 	// Meanwhile the re-opened member (a new instance) takes writes 6 and 7.
 	for _, w := range []uint64{6, 7} {
@@ -197,9 +199,10 @@ func TestAbandonedWriteOnAReopenedMemberCannotTakeItBack(t *testing.T) {
 // a session each, blocked for ever.
 func TestAnchorWriteBehindAHungOneKeepsItsDeadline(t *testing.T) {
 	label := "hung-" + rand.Text()[:8]
-	old := newAnchorObjects("/nonexistent/module.so", label)
+	mods := NewModules()
+	old := mods.anchorObjects("/nonexistent/module.so", label)
 	old.guard.turn <- struct{}{} // stuck inside a PKCS#11 call, for ever
-	reopened := newAnchorObjects("/nonexistent/module.so", label)
+	reopened := mods.anchorObjects("/nonexistent/module.so", label)
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
 	done := make(chan error, 1)
@@ -211,5 +214,24 @@ func TestAnchorWriteBehindAHungOneKeepsItsDeadline(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("an anchor write behind a hung one on the same token is still blocked after 5 s")
+	}
+}
+
+// The guards belong to the Modules that made them: two independent pools
+// in one process (two tests) share none, so a write hung on one token's
+// turn in one holds back nothing in the other.
+func TestAnchorGuardsBelongToTheirModules(t *testing.T) {
+	label := "owned-" + rand.Text()[:8]
+	hung := NewModules().anchorObjects("/nonexistent/module.so", label)
+	hung.guard.turn <- struct{}{}
+	other := NewModules().anchorObjects("/nonexistent/module.so", label)
+	if other.guard == hung.guard {
+		t.Fatal("two Modules share a token's anchor guard")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	// It gets the turn and fails to load the module, not its deadline.
+	if err := other.WriteAnchor(ctx, 1, []byte("anchor")); err == nil || errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("write through another Modules: %v, want the module's load error", err)
 	}
 }

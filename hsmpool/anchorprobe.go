@@ -5,12 +5,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strings"
-	"sync"
 
 	"github.com/miekg/pkcs11"
-
-	"github.com/keyvault/keyvault/anchor"
 )
 
 // anchorProbeApplication marks the throwaway object of the anchor probe,
@@ -37,21 +33,6 @@ func (e *NoAnchorsError) Error() string {
 }
 
 func (e *NoAnchorsError) Unwrap() error { return e.Err }
-
-// anchorProber is a token that can say whether it keeps anchor objects.
-// Anchor keepers that tests inject need not be one; they are taken as able.
-type anchorProber interface {
-	ProbeAnchors(ctx context.Context) error
-}
-
-func (t *p11Token) ProbeAnchors(ctx context.Context) error {
-	err := t.anchorObjs.probe(ctx)
-	var na *NoAnchorsError
-	if errors.As(err, &na) {
-		na.Member, na.Token = t.name, t.label
-	}
-	return err
-}
 
 // probe does on a throwaway object what the anchor writes do: create a
 // private token data object with CKA_VALUE, update its label in place
@@ -114,77 +95,4 @@ func (a *anchorObjects) probe(ctx context.Context) error {
 		}
 		return err
 	})
-}
-
-// AnchorMembers are the members that keep the rollback anchors: every
-// configured member but those whose token cannot keep anchor objects. It
-// implements boltstore.Anchors.
-type AnchorMembers struct {
-	p       *Pool
-	members []*member
-	// Refused are the members left out, with the reason.
-	Refused []*NoAnchorsError
-}
-
-// ErrNoAnchorMember: no member's token can keep rollback anchors.
-var ErrNoAnchorMember = errors.New("rollback anchoring needs at least one member whose token keeps anchor objects")
-
-// AnchorMembers probes every member's token for anchor objects (see
-// anchorObjects.probe) and returns the members that keep the anchors. A
-// member whose token refuses them is left out and named in Refused; one
-// that does not answer stays in, as a silent member: whether the store
-// may be served without it is the rollback check's decision. It fails
-// with ErrNoAnchorMember, naming each refusal and the ways out, if every
-// member is refused.
-func (p *Pool) AnchorMembers(ctx context.Context) (*AnchorMembers, error) {
-	refusals := make([]*NoAnchorsError, len(p.members))
-	var wg sync.WaitGroup
-	for i, m := range p.members {
-		wg.Go(func() {
-			err := p.onMember(ctx, m, "anchor_probe", func(k anchorKeeper) error {
-				if pr, ok := k.(anchorProber); ok {
-					return pr.ProbeAnchors(ctx)
-				}
-				return nil
-			})
-			var na *NoAnchorsError
-			switch {
-			case errors.As(err, &na):
-				refusals[i] = na
-			case errors.Is(err, errNoAnchors):
-				refusals[i] = &NoAnchorsError{Member: m.name, Err: errNoAnchors}
-			}
-		})
-	}
-	wg.Wait()
-	am := &AnchorMembers{p: p}
-	var reasons []string
-	for i, m := range p.members {
-		if refusals[i] != nil {
-			am.Refused = append(am.Refused, refusals[i])
-			reasons = append(reasons, refusals[i].Error())
-			continue
-		}
-		am.members = append(am.members, m)
-	}
-	if len(am.members) == 0 {
-		return nil, fmt.Errorf("%w, and none does: %s; add a member whose token keeps them (the anchors live on the members that can), or set store.rollback_anchor: false",
-			ErrNoAnchorMember, strings.Join(reasons, "; "))
-	}
-	return am, nil
-}
-
-// Members names the members that keep anchors, in config order.
-func (a *AnchorMembers) Members() []string { return memberNames(a.members) }
-
-// ReadAnchors reads the anchors of every member that keeps them (see
-// Pool.ReadAnchors).
-func (a *AnchorMembers) ReadAnchors(ctx context.Context) []anchor.Found {
-	return a.p.readAnchors(ctx, a.members)
-}
-
-// WriteAnchor writes an anchor to a member that keeps them (see
-// Pool.WriteAnchor).
-func (a *AnchorMembers) WriteAnchor(ctx context.Context, member string, w uint64, value []byte) error {
-	return a.p.writeAnchor(ctx, a.members, member, w, value)
 }

@@ -46,7 +46,7 @@ func TestAnchorMembers(t *testing.T) {
 	}
 
 	open := func(c MemberConfig, hide bool) token {
-		tok, err := openToken(c)
+		tok, err := NewModules().openToken(c)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -68,6 +68,46 @@
 // (Pool.limitSessions), so that requests queue for them, within
 // QueueTimeout, instead of failing at the token.
 //
+// # Layout
+//
+// One file, or a few, per job; where one job calls another, it does so
+// through an interface declared in the caller's file.
+//
+// The serving pool: pool.go (Pool, Open, Close, the do path, and token,
+// the swap point at the PKCS#11 edge), admit.go (Admit, and the members'
+// session limits), member.go (admitting a member: check values and
+// self-tests), health.go (taking a member out, probing it, re-opening it),
+// keyset.go (the keys every member must hold, and the profile check),
+// reload.go (Reload, Retire and Forget), derive.go (the hmac profile) and
+// metrics.go.
+//
+// The tokens: token.go (p11Token, a member's token through crypto11 and
+// package p11raw, and what it offers the other jobs), sessions.go (its
+// bounded pool of raw sessions) and modules.go (Modules).
+//
+// Provisioning and rotation, run by the key commands before or beside
+// the serving process: provision.go (Modules.Provision, key version 1)
+// and rotate.go (Modules.Rotate, the next wrap and PIN version).
+//
+// Rollback anchors: anchorobj.go (the slot objects on a token and its
+// write guard), anchorprobe.go (whether a token can keep them) and
+// anchors.go (the pool's anchor reads and writes, AnchorMembers).
+//
+// The capability probe: capability.go (what a token can do: its
+// mechanisms and known answers), refusal.go (the pool refusing a member
+// whose token lacks what the vault needs) and check.go (Modules.Check,
+// for keyvault hsm check and keys init).
+//
+// # State
+//
+// The package keeps no mutable state of its own at package level. What
+// the tokens of a process share belongs to a Modules, which the caller
+// creates and passes: each module kept initialised across the passes of
+// a command, and each token's anchor write guard. A pool takes the
+// command's through Options.Modules or makes its own, so two independent
+// pools in one process (two tests) share none of it. crypto11 keeps one
+// library instance per module path for the whole process (see Caveats).
+//
 // # Caveats
 //
 // crypto11 cannot import, copy or wrap keys; provisioning several members

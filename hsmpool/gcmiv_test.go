@@ -116,7 +116,7 @@ func TestTokenChosenGCMIVServesUnderHMAC(t *testing.T) {
 	if _, err := Provision([]MemberConfig{m}, vault.ProfileHMAC); err != nil {
 		t.Fatal(err)
 	}
-	tok, err := openToken(m)
+	tok, err := NewModules().openToken(m)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -152,7 +152,7 @@ func TestGCMHSMIVProfile(t *testing.T) {
 	cfgs = forProfile(cfgs, vault.ProfileGCMHSMIV)
 	toks := make([]*p11Token, 2)
 	for i, c := range cfgs {
-		tok, err := openToken(c)
+		tok, err := NewModules().openToken(c)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -222,7 +222,7 @@ func TestGCMHSMIVProfile(t *testing.T) {
 	}
 
 	// The emulated token, opened for gcm: refused, with the way out.
-	plain, err := openToken(MemberConfig{Name: "hsm-iv", Module: cfgs[0].Module, TokenLabel: cfgs[0].TokenLabel, PIN: cfgs[0].PIN, MaxSessions: 2})
+	plain, err := NewModules().openToken(MemberConfig{Name: "hsm-iv", Module: cfgs[0].Module, TokenLabel: cfgs[0].TokenLabel, PIN: cfgs[0].PIN, MaxSessions: 2})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -264,7 +264,7 @@ func TestGCMHSMIVVaultRecords(t *testing.T) {
 	if _, err := Provision(cfgs, vault.ProfileGCMHSMIV); err != nil {
 		t.Fatal(err)
 	}
-	tok, err := openToken(cfgs[0])
+	tok, err := NewModules().openToken(cfgs[0])
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"strconv"
 	"sync/atomic"
 
 	"github.com/keyvault/keyvault/vault"
@@ -210,4 +211,47 @@ func safe(f func() ([]byte, error)) (out []byte, err error) {
 		}
 	}()
 	return f()
+}
+
+// kcvInput is the fixed, domain-separated message whose MAC or GCM tag is a
+// key's check value. A KCV identifies key material without revealing it.
+func kcvInput(id vault.KeyID) []byte {
+	return []byte("keyvault/v1/kcv/" + string(id.Role) + "/" + strconv.Itoa(int(id.Version)))
+}
+
+// kcvNonce is the fixed nonce of the wrap key's check value. It seals only
+// the empty message, always the same one, so it reveals nothing but the tag;
+// a random record nonce equals it with probability 2^-96.
+var kcvNonce = make([]byte, 12)
+
+// blockEncrypter is a token that encrypts one AES block under a wrap key
+// (CKM_AES_ECB): the check value of gcm-hsm-iv wrap keys.
+type blockEncrypter interface {
+	EncryptBlock(id vault.KeyID, block []byte) ([]byte, error)
+}
+
+// kcv computes the check value of one key on one token: a GCM tag for a
+// wrap key of the gcm profile; the classic KCV, AES-ECB of a zero block,
+// for one of gcm-hsm-iv (its tokens cannot seal under a fixed nonce);
+// else an HMAC (the hmac profile's wrap key included), so a key's check
+// value also tells its kind.
+func kcv(t token, id vault.KeyID) ([]byte, error) {
+	var out []byte
+	var err error
+	switch p := t.WrapProfile(id.Version); {
+	case id.Role == vault.RoleWrap && p == vault.ProfileGCM:
+		out, err = t.Seal(id, kcvNonce, nil, kcvInput(id))
+	case id.Role == vault.RoleWrap && p == vault.ProfileGCMHSMIV:
+		be, ok := t.(blockEncrypter)
+		if !ok {
+			return nil, fmt.Errorf("check value of %s: the token cannot encrypt an AES block", id.Label())
+		}
+		out, err = be.EncryptBlock(id, make([]byte, 16))
+	default:
+		out, err = t.HMAC(id, kcvInput(id))
+	}
+	if err != nil {
+		return nil, err
+	}
+	return out[:8], nil
 }

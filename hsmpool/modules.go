@@ -12,13 +12,17 @@ import (
 )
 
 // Modules keeps the PKCS#11 modules of a command loaded and initialised
-// from their first use until Close, so that a command making several
-// passes over its members (the capability check, then provisioning, then
-// the key listing) loads and initialises each module once: some token
-// libraries do not survive C_Finalize and C_Initialize again in one
-// process (opencryptoki 3.8 crashed there), and SoftHSM sees tokens
-// another process changed only at C_Initialize, so every pass of one
-// command must see the same tokens.
+// from their first use until Close, and owns what the tokens opened
+// through it share for its lifetime: each token's anchor write guard
+// (anchorGuard). A pool, and the check, provisioning and anchor passes of
+// one command, share one Modules; two independent ones share nothing.
+//
+// A command that makes several passes over its members (the capability
+// check, then provisioning, then the key listing) loads and initialises
+// each module once through it: some token libraries do not survive
+// C_Finalize and C_Initialize again in one process (opencryptoki 3.8
+// crashed there), and SoftHSM sees tokens another process changed only at
+// C_Initialize, so every pass of one command must see the same tokens.
 //
 // crypto11 initialises a module at its first context and finalises it
 // when its last context closes, and fails if anything else initialised
@@ -32,6 +36,10 @@ import (
 type Modules struct {
 	mu   sync.Mutex
 	libs map[string]*library
+	// guards holds the anchor write guard of every token opened through
+	// these modules, by module path and token label. Close keeps them:
+	// an abandoned write may still be queued on one.
+	guards map[string]*anchorGuard
 
 	// failImport, when a test sets it, runs before each key import and
 	// fails the import with its error: a fault on one member.
@@ -44,7 +52,23 @@ type library struct {
 }
 
 // NewModules returns an empty set; modules load at their first use.
-func NewModules() *Modules { return &Modules{libs: map[string]*library{}} }
+func NewModules() *Modules {
+	return &Modules{libs: map[string]*library{}, guards: map[string]*anchorGuard{}}
+}
+
+// anchorObjects returns a new anchor store for the token, sharing the
+// token's write guard with every other anchor store made for it here.
+func (m *Modules) anchorObjects(module, label string) *anchorObjects {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	key := module + "\x00" + label
+	g, ok := m.guards[key]
+	if !ok {
+		g = &anchorGuard{turn: make(chan struct{}, 1)}
+		m.guards[key] = g
+	}
+	return &anchorObjects{module: module, label: label, guard: g}
+}
 
 // use loads and initialises the member's module, once, and returns the
 // handle for calls crypto11 lacks.
@@ -126,9 +150,41 @@ func (m *Modules) session(c MemberConfig) (p *pkcs11.Ctx, s pkcs11.SessionHandle
 	return p, s, func() { p.Logout(s); p.CloseSession(s) }, nil
 }
 
-// withSession is Modules.withSession on modules of its own, for one pass.
-func withSession(c MemberConfig, fn func(*pkcs11.Ctx, pkcs11.SessionHandle) error, check func(*pkcs11.Ctx, pkcs11.SessionHandle, string) error) error {
-	m := NewModules()
-	defer m.Close()
-	return m.withSession(c, fn, check)
+// findObjects returns every object on the session's token that matches
+// template.
+func findObjects(p *pkcs11.Ctx, s pkcs11.SessionHandle, template []*pkcs11.Attribute) ([]pkcs11.ObjectHandle, error) {
+	if err := p.FindObjectsInit(s, template); err != nil {
+		return nil, fmt.Errorf("find objects: %w", err)
+	}
+	var all []pkcs11.ObjectHandle
+	for {
+		objs, _, err := p.FindObjects(s, 16)
+		if err != nil {
+			p.FindObjectsFinal(s)
+			return nil, fmt.Errorf("find objects: %w", err)
+		}
+		if len(objs) == 0 {
+			break
+		}
+		all = append(all, objs...)
+	}
+	if err := p.FindObjectsFinal(s); err != nil {
+		return nil, fmt.Errorf("find objects: %w", err)
+	}
+	return all, nil
+}
+
+// findSlot returns the first slot whose token carries label, as crypto11
+// chooses.
+func findSlot(p *pkcs11.Ctx, label string) (uint, error) {
+	slots, err := p.GetSlotList(true)
+	if err != nil {
+		return 0, fmt.Errorf("list slots: %w", err)
+	}
+	for _, s := range slots {
+		if ti, err := p.GetTokenInfo(s); err == nil && ti.Label == label {
+			return s, nil
+		}
+	}
+	return 0, fmt.Errorf("no token labelled %q", label)
 }

@@ -58,6 +58,11 @@ type Options struct {
 	// in the store, not the HSM, so one per session leaves the HSMs idle
 	// while admitted requests wait for their commits.
 	AdmitPerSession int
+	// Modules are what the members' tokens are opened through, and own
+	// what those tokens share (see Modules): pass the command's own to
+	// share it with its other passes. Default: a set of the pool's own.
+	// The pool never closes it.
+	Modules *Modules
 }
 
 // Pool balances HSM operations over its members. It implements vault.HSM.
@@ -85,6 +90,28 @@ type Pool struct {
 
 var _ vault.HSM = (*Pool)(nil)
 
+// token is the subset of HSM calls the pool makes on one member: the swap
+// point where a test can put a member that fails, stalls or answers slowly.
+// Implementations are safe for concurrent use. p11Token (token.go) is the
+// token of a configured member; a token may also offer what the pool's
+// other jobs call, each through an interface declared where it is used:
+// anchorKeeper and anchorProber (anchors.go), capabilityProber
+// (refusal.go), refresher (reload.go), sessionLimiter (admit.go) and
+// blockEncrypter (member.go).
+type token interface {
+	HMAC(key vault.KeyID, msg []byte) ([]byte, error)
+	Seal(key vault.KeyID, nonce, plaintext, aad []byte) ([]byte, error)
+	Open(key vault.KeyID, nonce, ciphertext, aad []byte) ([]byte, error)
+	// Versions lists the versions of role held by the token, ascending.
+	Versions(role vault.KeyRole) []uint32
+	// WrapProfile is the profile of a wrap key version the token holds,
+	// by the kind of the key: gcm for AES, hmac for a generic secret.
+	// Seal and Open take gcm versions only; HMAC takes hmac ones (the
+	// pool derives their per-record keys).
+	WrapProfile(version uint32) vault.Profile
+	Close() error
+}
+
 // Open opens every member, one at a time, and admits those whose keys
 // match the first admitted member's. A member that fails to open or to be
 // admitted is reported and probed in the background, except after a
@@ -106,11 +133,14 @@ func Open(cfgs []MemberConfig, opts Options) (*Pool, error) {
 		}
 		byModule[c.Module] = c.Name
 	}
+	if opts.Modules == nil {
+		opts.Modules = NewModules()
+	}
 	cfgs = forProfile(cfgs, opts.Profile)
 	toks := make([]token, len(cfgs))
 	openErrs := make([]error, len(cfgs))
 	for i, c := range cfgs {
-		toks[i], openErrs[i] = openToken(c)
+		toks[i], openErrs[i] = opts.Modules.openToken(c)
 	}
 	opts.reopen = true
 	return newPool(cfgs, toks, openErrs, opts)
@@ -137,6 +167,9 @@ func newPool(cfgs []MemberConfig, toks []token, openErrs []error, opts Options) 
 	if opts.RefusedProbeInterval == 0 {
 		opts.RefusedProbeInterval = 10 * time.Minute
 	}
+	if opts.Modules == nil {
+		opts.Modules = NewModules()
+	}
 	p := &Pool{
 		log:     opts.Logger,
 		metrics: newMetrics(opts.Registerer),
@@ -155,7 +188,7 @@ func newPool(cfgs []MemberConfig, toks []token, openErrs []error, opts Options) 
 		p.metrics.sessionsMax.WithLabelValues(c.Name).Set(float64(cap(m.sessions)))
 		m.st.Store(brokenState())
 		if opts.reopen {
-			m.reopen = func() (token, error) { return openToken(c) }
+			m.reopen = func() (token, error) { return p.opts.Modules.openToken(c) }
 		}
 		p.members = append(p.members, m)
 		p.metrics.up.WithLabelValues(c.Name).Set(0)
@@ -241,71 +274,6 @@ func (p *Pool) Close() error {
 	}
 	return errors.Join(errs...)
 }
-
-// KeyVersion implements vault.HSM.
-func (p *Pool) KeyVersion(role vault.KeyRole) uint32 { return p.keys.Load().versions[role] }
-
-// WrapProfile implements vault.HSM.
-func (p *Pool) WrapProfile(version uint32) vault.Profile { return p.keys.Load().profiles[version] }
-
-// keySet is the pool's reference: the check value of every key all members
-// hold, the newest version of each role, and the profile of each wrap key
-// version. It is replaced whole, never changed in place.
-type keySet struct {
-	ref      map[vault.KeyID][]byte
-	versions map[vault.KeyRole]uint32
-	profiles map[uint32]vault.Profile
-}
-
-// newKeySet builds the reference from the check values and the wrap key
-// profiles of one member; members with equal check values hold keys of
-// the same kinds, since a wrap key's check value is a GCM tag or an HMAC
-// by its kind.
-func newKeySet(ref map[vault.KeyID][]byte, profiles map[uint32]vault.Profile) *keySet {
-	ks := &keySet{ref: ref, versions: map[vault.KeyRole]uint32{}, profiles: map[uint32]vault.Profile{}}
-	for id := range ref {
-		ks.versions[id.Role] = max(ks.versions[id.Role], id.Version)
-		if id.Role == vault.RoleWrap {
-			ks.profiles[id.Version] = profiles[id.Version]
-		}
-	}
-	return ks
-}
-
-// wrapProfiles lists the profiles of a token's wrap key versions.
-func wrapProfiles(t token) map[uint32]vault.Profile {
-	out := map[uint32]vault.Profile{}
-	for _, v := range t.Versions(vault.RoleWrap) {
-		out[v] = t.WrapProfile(v)
-	}
-	return out
-}
-
-// ProfileError: the newest wrap key is not of the configured profile, so
-// new records cannot be sealed as configured.
-type ProfileError struct {
-	Want, Got vault.Profile
-	Key       vault.KeyID // the newest wrap key
-}
-
-func (e *ProfileError) Error() string {
-	return fmt.Sprintf("the configured profile (hsm.profile) is %s, but the newest wrap key, %s, is a key of the %s profile: "+
-		"run keyvault keys rotate with this config to add a wrap key version of the %s profile (records sealed under older versions "+
-		"keep opening by their own profile while every member can; keys rewrap moves them, keys retire then removes the old version), "+
-		"or set hsm.profile: %s", e.Want, e.Key.Label(), e.Got, e.Want, e.Got)
-}
-
-// checkProfile refuses a key set whose newest wrap key is not of the
-// configured profile ("" follows the keys).
-func checkProfile(want vault.Profile, ks *keySet) error {
-	newest := ks.versions[vault.RoleWrap]
-	if want == "" || ks.profiles[newest] == want {
-		return nil
-	}
-	return &ProfileError{Want: want, Got: ks.profiles[newest], Key: vault.KeyID{Role: vault.RoleWrap, Version: newest}}
-}
-
-func (p *Pool) ref() map[vault.KeyID][]byte { return p.keys.Load().ref }
 
 // Healthy reports how many members are serving; Ready uses it.
 func (p *Pool) Healthy() int {
@@ -479,134 +447,6 @@ func (p *Pool) do(ctx context.Context, op string, fn func(*member, *tokenState) 
 	}
 }
 
-// Admit admits one request that will use the HSMs until release is called.
-// At most AdmitPerSession times the healthy members' sessions (the sum of
-// their session limits: max_sessions, or what the token gives) hold an
-// admission; a request waits no longer than QueueTimeout or ctx allows for
-// one, and past that it is shed with ErrUnavailable. Admitted requests
-// queue for a session no deeper than that bound, so under any load their
-// latency stays bounded, and the rest are refused fast, before anything is
-// counted, instead of queuing without bound.
-//
-// Waiters are admitted in arrival order, and a request that arrives while
-// others wait queues behind them: a leaving request hands its admission to
-// the first waiter. Were a newcomer let in first, a client that loops
-// would take every admission that comes free, and waiters would be shed
-// after QueueTimeout with the HSMs far from full.
-func (p *Pool) Admit(ctx context.Context) (release func(), err error) {
-	release = func() {
-		p.admitted.Add(-1)
-		p.handOff()
-	}
-	p.admitMu.Lock()
-	if len(p.admitQueue) == 0 {
-		switch p.tryAdmit() {
-		case admitted:
-			p.admitMu.Unlock()
-			return release, nil
-		case noMember:
-			p.admitMu.Unlock()
-			return nil, fmt.Errorf("%w: no healthy HSM member", ErrUnavailable)
-		}
-	}
-	w := make(chan struct{}, 1)
-	p.admitQueue = append(p.admitQueue, w)
-	p.admitMu.Unlock()
-
-	var queue <-chan time.Time
-	if p.opts.QueueTimeout > 0 {
-		t := time.NewTimer(p.opts.QueueTimeout)
-		defer t.Stop()
-		queue = t.C
-	}
-	// Capacity also grows when a member comes back, and goes when the
-	// last one leaves: look again now and then, not only when a request
-	// leaves.
-	tick := time.NewTicker(5 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		var refusal error
-		select {
-		case <-w:
-			return release, nil
-		case <-tick.C:
-			if p.Healthy() > 0 {
-				p.handOff()
-				continue
-			}
-			refusal = fmt.Errorf("%w: no healthy HSM member", ErrUnavailable)
-		case <-queue:
-			p.metrics.shed.WithLabelValues("admission").Inc()
-			refusal = fmt.Errorf("%w: the HSMs are busy: no session within %v", ErrUnavailable, p.opts.QueueTimeout)
-		case <-ctx.Done():
-			p.metrics.shed.WithLabelValues("admission").Inc()
-			refusal = fmt.Errorf("%w: waiting for the HSMs: %w", ErrUnavailable, ctx.Err())
-		}
-		if p.leaveQueue(w) {
-			return nil, refusal
-		}
-		// Handed an admission while giving up: pass it on.
-		release()
-		return nil, refusal
-	}
-}
-
-// handOff admits waiters, first come first, while there is room.
-func (p *Pool) handOff() {
-	p.admitMu.Lock()
-	defer p.admitMu.Unlock()
-	for len(p.admitQueue) > 0 && p.tryAdmit() == admitted {
-		p.admitQueue[0] <- struct{}{}
-		p.admitQueue = p.admitQueue[1:]
-	}
-}
-
-// leaveQueue takes w out of the queue; false if it was handed an
-// admission first.
-func (p *Pool) leaveQueue(w chan struct{}) bool {
-	p.admitMu.Lock()
-	defer p.admitMu.Unlock()
-	for i, q := range p.admitQueue {
-		if q == w {
-			p.admitQueue = append(p.admitQueue[:i], p.admitQueue[i+1:]...)
-			return true
-		}
-	}
-	return false
-}
-
-type admission int
-
-const (
-	admitted admission = iota
-	full               // every session of the healthy members is held
-	noMember           // no member is healthy: waiting would not help
-)
-
-// tryAdmit takes an admission if fewer requests hold one than the healthy
-// members have sessions.
-func (p *Pool) tryAdmit() admission {
-	capacity := int64(0)
-	for _, m := range p.members {
-		if m.healthy.Load() {
-			capacity += m.limit.Load()
-		}
-	}
-	if capacity == 0 {
-		return noMember
-	}
-	capacity *= int64(max(1, p.opts.AdmitPerSession))
-	for {
-		n := p.admitted.Load()
-		if n >= capacity {
-			return full
-		}
-		if p.admitted.CompareAndSwap(n, n+1) {
-			return admitted
-		}
-	}
-}
-
 // acquire takes one of the member's sessions, waiting no longer than the
 // caller's context and QueueTimeout allow: past that the request is shed,
 // so that a flood queues no deeper than the HSMs can drain in that time.
@@ -699,58 +539,6 @@ func (p *Pool) call(m *member, op string, fn func(*member, *tokenState) ([]byte,
 		}
 	}()
 	return fn(m, st)
-}
-
-// sessionLimiter is a token that reports the most sessions it has given
-// (0: it never refused one).
-type sessionLimiter interface{ sessionLimit() int }
-
-func (t *p11Token) sessionLimit() int { return t.raw.sessionLimit() }
-
-// limitSessions lowers the member's share of the pool to n sessions, the
-// most its token gave before it answered CKR_SESSION_COUNT: requests then
-// wait for one of those n in acquire, within QueueTimeout and their
-// context, instead of failing at the token, and Admit counts n. The
-// member's slots beyond n are held for good by a goroutine that takes
-// each as it comes free. The limit stays for the life of the pool, across
-// re-opens: a token's limit is a property of the HSM.
-func (p *Pool) limitSessions(m *member, n int) {
-	for {
-		cur := m.limit.Load()
-		if int64(n) >= cur {
-			return
-		}
-		if m.limit.CompareAndSwap(cur, int64(n)) {
-			p.metrics.sessionsMax.WithLabelValues(m.name).Set(float64(n))
-			if m.limitLogged.CompareAndSwap(false, true) {
-				p.log.Warn("HSM member's token refused a session (CKR_SESSION_COUNT): serving with the sessions it gives; raise its limit or lower max_sessions",
-					"member", m.name, "sessions", n, "max_sessions", cap(m.sessions))
-			}
-			p.holdSlots(m, int(cur)-n)
-			return
-		}
-	}
-}
-
-// holdSlots takes k of the member's session slots and never gives them
-// back, unless the pool closes first.
-func (p *Pool) holdSlots(m *member, k int) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.closed {
-		return
-	}
-	p.wg.Add(1)
-	go func() {
-		defer p.wg.Done()
-		for range k {
-			select {
-			case m.sessions <- struct{}{}:
-			case <-p.stop:
-				return
-			}
-		}
-	}()
 }
 
 // pick returns the healthy member, not yet tried, with the fewest

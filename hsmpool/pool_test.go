@@ -53,6 +53,14 @@ func newMember(t testing.TB, name string) MemberConfig {
 	return MemberConfig{Name: name, Module: hsmModule, TokenLabel: label, PIN: "1234", MaxSessions: 4}
 }
 
+// withSession runs check then fn on a logged-in session of the member's
+// token, on modules of its own.
+func withSession(c MemberConfig, fn func(*pkcs11.Ctx, pkcs11.SessionHandle) error, check func(*pkcs11.Ctx, pkcs11.SessionHandle, string) error) error {
+	m := NewModules()
+	defer m.Close()
+	return m.withSession(c, fn, check)
+}
+
 func openPool(t *testing.T, reg prometheus.Registerer, cfgs ...MemberConfig) *Pool {
 	t.Helper()
 	p, err := Open(cfgs, Options{Registerer: reg})
@@ -341,11 +349,11 @@ func twoMembers(t *testing.T, opts Options, wrapA func(token) token) *Pool {
 	if _, err := Provision([]MemberConfig{a, b}, vault.ProfileGCM); err != nil {
 		t.Fatal(err)
 	}
-	ta, err := openToken(a)
+	ta, err := NewModules().openToken(a)
 	if err != nil {
 		t.Fatal(err)
 	}
-	tb, err := openToken(b)
+	tb, err := NewModules().openToken(b)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -473,7 +481,7 @@ func TestReadmissionChecksKeys(t *testing.T) {
 	}
 	var toks []token
 	for _, m := range []MemberConfig{a, b, c} {
-		tok, err := openToken(m)
+		tok, err := NewModules().openToken(m)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -1,273 +1,144 @@
 package hsmpool
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
-	"maps"
+	"slices"
+	"strings"
+
+	"github.com/miekg/pkcs11"
 
 	"github.com/keyvault/keyvault/vault"
 )
 
-// refresher is a token that can look its keys up again (p11Token).
-type refresher interface {
-	refreshed() (token, error)
-	without(ids ...vault.KeyID) token
-	destroy(id vault.KeyID) (bool, error)
-}
-
-// Reload looks every member's keys up again and starts using the key
-// versions found, for new records, once every member holds them with the
-// same check values. It refuses, changing nothing, if a member is out of
-// service (its keys cannot be checked), if the members differ, or if a key
-// the pool uses is gone or changed, except a wrap or PIN version that
-// every member has lost while holding a newer one: another node sharing
-// the members retired it, and the pool lets it go. Requests in flight keep
-// their member state; new ones see the new keys. It returns the newest
-// versions.
-func (p *Pool) Reload() (map[vault.KeyRole]uint32, error) {
-	p.rotateMu.Lock()
-	defer p.rotateMu.Unlock()
-	return p.reload(nil, nil)
-}
-
-// reload is Reload; probing, if not nil, is a member out of service whose
-// freshly opened token fresh takes part in place of a look-up, so that a
-// member that lost a retired version comes back with the newer one
-// instead of staying out for a key mismatch. The caller holds rotateMu.
-func (p *Pool) reload(probing *member, fresh token) (map[vault.KeyRole]uint32, error) {
-	cur := p.keys.Load()
-	olds := make([]*tokenState, len(p.members))
-	news := make([]*tokenState, len(p.members))
-	for i, m := range p.members {
-		olds[i] = m.state()
-		t := fresh
-		if m != probing {
-			if !m.healthy.Load() {
-				return nil, fmt.Errorf("reload: member %s is out of service, and every member must hold a key version before it is used", m.name)
-			}
-			r, ok := olds[i].tok.(refresher)
-			if !ok {
-				return nil, fmt.Errorf("reload: member %s cannot look its keys up again", m.name)
-			}
-			var err error
-			if t, err = r.refreshed(); err != nil {
-				return nil, fmt.Errorf("reload: member %s: %w", m.name, err)
-			}
-		}
-		st, err := admit(t, nil)
-		if err != nil {
-			return nil, fmt.Errorf("reload: member %s: %w", m.name, err)
-		}
-		news[i] = st
+// Rotate creates the next version of the wrap and PIN keys (one number for
+// both: the newest of either plus one) on every member, with identical
+// material, as Provision does for version 1, the wrap key of the kind
+// profile needs ("": the kind of the newest wrap key). It refuses if the
+// members do not hold the same key labels (a rotation that failed
+// half-way: fix that first), and creates nothing then. The root key is not
+// rotated. Like Provision it is all or nothing.
+func (m *Modules) Rotate(cfgs []MemberConfig, profile vault.Profile) (version uint32, inHSM bool, err error) {
+	if len(cfgs) == 0 {
+		return 0, false, errors.New("rotate: no members")
 	}
-	for id, want := range cur.ref {
-		held := 0
-		for i, st := range news {
-			got, ok := st.kcvs[id]
-			if ok && string(got) != string(want) {
-				return nil, fmt.Errorf("reload: member %s: %w: %s changed", p.members[i].name, errKeyMismatch, id.Label())
+	var first []vault.KeyID
+	var newest vault.Profile // the newest wrap key's, on the first member
+	for i, c := range cfgs {
+		var ids []vault.KeyID
+		err := m.withSession(c, func(p *pkcs11.Ctx, s pkcs11.SessionHandle) error {
+			var err error
+			if ids, err = keyIDsOn(p, s); err != nil || i > 0 {
+				return err
 			}
-			if ok {
-				held++
-			}
+			newest, err = newestWrapProfile(p, s, ids)
+			return err
+		}, func(*pkcs11.Ctx, pkcs11.SessionHandle, string) error { return nil })
+		if err != nil {
+			return 0, false, err
 		}
-		if held == len(news) || held == 0 && retiredElsewhere(id, news) {
+		if i == 0 {
+			first = ids
+		} else if !slices.Equal(first, ids) {
+			return 0, false, fmt.Errorf("rotate: member %s holds %s but member %s holds %s; every member must hold the same keys first",
+				cfgs[0].Name, labels(first), c.Name, labels(ids))
+		}
+	}
+	for _, id := range first {
+		if id.Role != vault.RoleRoot {
+			version = max(version, id.Version)
+		}
+	}
+	if version == 0 {
+		return 0, false, errors.New("rotate: no wrap or PIN key yet (run keyvault keys init)")
+	}
+	version++
+	if profile == "" {
+		profile = newest
+	}
+	ids := []vault.KeyID{{Role: vault.RoleWrap, Version: version}, {Role: vault.RolePIN, Version: version}}
+	inHSM, err = m.provisionKeys(cfgs, ids, profile)
+	return version, inHSM, err
+}
+
+// Rotate is Modules.Rotate on modules of its own.
+func Rotate(cfgs []MemberConfig, profile vault.Profile) (version uint32, inHSM bool, err error) {
+	m := NewModules()
+	defer m.Close()
+	return m.Rotate(cfgs, profile)
+}
+
+// newestWrapProfile reads the profile of the newest wrap key among ids
+// from its key type ("" if there is none).
+func newestWrapProfile(p *pkcs11.Ctx, s pkcs11.SessionHandle, ids []vault.KeyID) (vault.Profile, error) {
+	var id vault.KeyID
+	for _, k := range ids {
+		if k.Role == vault.RoleWrap && k.Version > id.Version {
+			id = k
+		}
+	}
+	if id.Version == 0 {
+		return "", nil
+	}
+	objs, err := findObjects(p, s, []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, id.Label()),
+	})
+	if err != nil || len(objs) != 1 {
+		return "", fmt.Errorf("find %s: %d objects (%v)", id.Label(), len(objs), err)
+	}
+	a, err := p.GetAttributeValue(s, objs[0], []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, nil)})
+	if err != nil || len(a) != 1 {
+		return "", fmt.Errorf("key type of %s: %v", id.Label(), err)
+	}
+	kt, ok := ulongOf(a[0].Value)
+	if !ok {
+		return "", fmt.Errorf("key type of %s: %d bytes", id.Label(), len(a[0].Value))
+	}
+	return wrapProfileOf(id, kt)
+}
+
+// keyIDsOn lists the keyvault keys on a token by their labels, sorted.
+func keyIDsOn(p *pkcs11.Ctx, s pkcs11.SessionHandle) ([]vault.KeyID, error) {
+	if err := p.FindObjectsInit(s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY)}); err != nil {
+		return nil, fmt.Errorf("list keys: %w", err)
+	}
+	var objs []pkcs11.ObjectHandle
+	for {
+		batch, _, err := p.FindObjects(s, 100)
+		if err != nil {
+			_ = p.FindObjectsFinal(s)
+			return nil, fmt.Errorf("list keys: %w", err)
+		}
+		if len(batch) == 0 {
+			break
+		}
+		objs = append(objs, batch...)
+	}
+	if err := p.FindObjectsFinal(s); err != nil {
+		return nil, fmt.Errorf("list keys: %w", err)
+	}
+	var ids []vault.KeyID
+	for _, o := range objs {
+		a, err := p.GetAttributeValue(s, o, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil)})
+		if err != nil || len(a) == 0 {
 			continue
 		}
-		return nil, fmt.Errorf("reload: %w: %s is gone from %d of %d members (retire versions with keys retire)", errKeyMismatch, id.Label(), len(news)-held, len(news))
-	}
-	ref := news[0].kcvs
-	for i, st := range news[1:] {
-		if err := sameKeys(ref, st.kcvs); err != nil {
-			return nil, fmt.Errorf("reload: member %s: %w", p.members[i+1].name, err)
+		if id, ok := parseLabel(string(a[0].Value)); ok {
+			ids = append(ids, id)
 		}
 	}
-	ks := newKeySet(ref, wrapProfiles(news[0].tok))
-	if err := checkProfile(p.opts.Profile, ks); err != nil {
-		return nil, fmt.Errorf("reload: %w", err)
-	}
-	if err := p.install(olds, news); err != nil {
-		return nil, fmt.Errorf("reload: %w", err)
-	}
-	// Members first, then the versions: by the time a request seals under
-	// a new version, every member's state holds it.
-	p.keys.Store(ks)
-	for id := range ref {
-		if _, ok := cur.ref[id]; !ok {
-			p.log.Info("HSM key version in use on every member", "key", id.Label())
-		}
-	}
-	for id := range cur.ref {
-		if _, ok := ref[id]; !ok {
-			p.log.Info("HSM key version gone from every member, retired by another node: no longer used", "key", id.Label())
-		}
-	}
-	return maps.Clone(ks.versions), nil
+	slices.SortFunc(ids, func(a, b vault.KeyID) int {
+		return cmp.Or(cmp.Compare(a.Role, b.Role), cmp.Compare(a.Version, b.Version))
+	})
+	return ids, nil
 }
 
-// retiredElsewhere reports whether id, gone from every member, may be let
-// go: a wrap or PIN key of which every member holds a newer version. A
-// root key, or the only version of a role, is never let go.
-func retiredElsewhere(id vault.KeyID, states []*tokenState) bool {
-	if id.Role != vault.RoleWrap && id.Role != vault.RolePIN {
-		return false
+func labels(ids []vault.KeyID) string {
+	out := make([]string, len(ids))
+	for i, id := range ids {
+		out[i] = id.Label()
 	}
-	for _, st := range states {
-		newer := false
-		for got := range st.kcvs {
-			newer = newer || got.Role == id.Role && got.Version > id.Version
-		}
-		if !newer {
-			return false
-		}
-	}
-	return true
+	return "[" + strings.Join(out, " ") + "]"
 }
-
-// install swaps each member's state from olds to news. If a member changed
-// meanwhile (it failed and a probe took it), the swaps done are undone.
-func (p *Pool) install(olds, news []*tokenState) error {
-	for i, m := range p.members {
-		if !m.st.CompareAndSwap(olds[i], news[i]) {
-			for j := range i {
-				p.members[j].st.CompareAndSwap(news[j], olds[j])
-			}
-			return fmt.Errorf("member %s changed state meanwhile; try again", m.name)
-		}
-	}
-	return nil
-}
-
-// ErrNewest: Retire was asked to destroy the version new records use.
-var ErrNewest = errors.New("the newest key version cannot be retired")
-
-// Retire stops using version of the wrap and PIN keys and destroys both
-// key objects on every member, then looks them up afresh to make sure they
-// are gone. The caller must have made sure that no record uses the version
-// (vault.RetireKeys does). It refuses the newest version, and refuses if a
-// member is out of service: a member that came back still holding the
-// version would differ from the others. Retiring a version already gone
-// destroys whatever copies remain. It returns the labels destroyed, by
-// member.
-func (p *Pool) Retire(version uint32) (map[string][]string, error) {
-	p.rotateMu.Lock()
-	defer p.rotateMu.Unlock()
-	cur := p.keys.Load()
-	ids := retireIDs(version)
-	for _, id := range ids {
-		if version == 0 || version >= cur.versions[id.Role] {
-			return nil, fmt.Errorf("retire %s: %w", id.Label(), ErrNewest)
-		}
-	}
-	olds := make([]*tokenState, len(p.members))
-	news := make([]*tokenState, len(p.members))
-	for i, m := range p.members {
-		if !m.healthy.Load() {
-			return nil, fmt.Errorf("retire: member %s is out of service; the version must go from every member at once", m.name)
-		}
-		olds[i] = m.state()
-		if _, ok := olds[i].tok.(refresher); !ok {
-			return nil, fmt.Errorf("retire: member %s cannot destroy keys", m.name)
-		}
-		news[i] = olds[i].without(version)
-	}
-	ref := maps.Clone(cur.ref)
-	for _, id := range ids {
-		delete(ref, id)
-	}
-	if err := p.install(olds, news); err != nil {
-		return nil, fmt.Errorf("retire: %w", err)
-	}
-	p.keys.Store(newKeySet(ref, cur.profiles))
-
-	destroyed := map[string][]string{}
-	var errs []error
-	for i, m := range p.members {
-		r := olds[i].tok.(refresher)
-		for _, id := range ids {
-			found, err := r.destroy(id)
-			if err != nil {
-				errs = append(errs, fmt.Errorf("member %s: %w", m.name, err))
-				continue
-			}
-			if found {
-				destroyed[m.name] = append(destroyed[m.name], id.Label())
-			}
-			// A fresh look-up must not find it any more.
-			if again, err := r.destroy(id); err != nil || again {
-				errs = append(errs, fmt.Errorf("member %s: %s still found after destroying it (%v)", m.name, id.Label(), err))
-			}
-		}
-		p.log.Info("HSM key version destroyed", "member", m.name, "version", version)
-	}
-	if err := errors.Join(errs...); err != nil {
-		return destroyed, fmt.Errorf("retire version %d: %w", version, err)
-	}
-	return destroyed, nil
-}
-
-// Forget stops using version of the wrap and PIN keys, without destroying
-// them: another node sharing the members is retiring it. A member out of
-// service is left as it is; it comes back against the pool's keys, which
-// lack the version. It refuses the newest version.
-func (p *Pool) Forget(version uint32) error {
-	p.rotateMu.Lock()
-	defer p.rotateMu.Unlock()
-	cur := p.keys.Load()
-	ids := retireIDs(version)
-	for _, id := range ids {
-		if version == 0 || version >= cur.versions[id.Role] {
-			return fmt.Errorf("forget %s: %w", id.Label(), ErrNewest)
-		}
-	}
-	for _, m := range p.members {
-		for {
-			old := m.state()
-			if _, ok := old.tok.(refresher); !ok {
-				break
-			}
-			if m.st.CompareAndSwap(old, old.without(version)) {
-				break
-			}
-		}
-	}
-	ref := maps.Clone(cur.ref)
-	for _, id := range ids {
-		delete(ref, id)
-	}
-	p.keys.Store(newKeySet(ref, cur.profiles))
-	return nil
-}
-
-func retireIDs(version uint32) []vault.KeyID {
-	return []vault.KeyID{{Role: vault.RoleWrap, Version: version}, {Role: vault.RolePIN, Version: version}}
-}
-
-// without returns the state with the wrap and PIN keys of version out of
-// use: its token a view without them, sharing the context.
-func (st *tokenState) without(version uint32) *tokenState {
-	ids := retireIDs(version)
-	n := &tokenState{tok: st.tok.(refresher).without(ids...), kcvs: maps.Clone(st.kcvs), selfTests: maps.Clone(st.selfTests)}
-	for _, id := range ids {
-		delete(n.kcvs, id)
-	}
-	delete(n.selfTests, version)
-	return n
-}
-
-// without returns a view of the token without the keys ids, sharing its
-// context: Retire stops using them before it destroys them.
-func (t *p11Token) without(ids ...vault.KeyID) token {
-	n := &p11Token{ctx: t.ctx, raw: t.raw, keys: maps.Clone(t.keys), handles: maps.Clone(t.handles), profiles: maps.Clone(t.profiles),
-		anchorObjs: t.anchorObjs, name: t.name, label: t.label}
-	for _, id := range ids {
-		delete(n.keys, id)
-		delete(n.handles, id)
-		if id.Role == vault.RoleWrap {
-			delete(n.profiles, id.Version)
-		}
-	}
-	return n
-}
-
-var _ refresher = (*p11Token)(nil)

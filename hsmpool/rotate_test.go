@@ -115,7 +115,7 @@ func TestRotateReloadRetire(t *testing.T) {
 
 	// A fresh look-up on each member: v1 is gone, v2 and root v1 remain.
 	for _, c := range []MemberConfig{a, b} {
-		tok, err := openToken(c)
+		tok, err := NewModules().openToken(c)
 		if err != nil {
 			t.Fatal(err)
 		}

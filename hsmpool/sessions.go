@@ -73,21 +73,6 @@ func openRawSessions(module, label string, max int) (*rawSessions, error) {
 	return r, nil
 }
 
-// findSlot returns the first slot whose token carries label, as crypto11
-// chooses.
-func findSlot(p *pkcs11.Ctx, label string) (uint, error) {
-	slots, err := p.GetSlotList(true)
-	if err != nil {
-		return 0, fmt.Errorf("list slots: %w", err)
-	}
-	for _, s := range slots {
-		if ti, err := p.GetTokenInfo(s); err == nil && ti.Label == label {
-			return s, nil
-		}
-	}
-	return 0, fmt.Errorf("no token labelled %q", label)
-}
-
 // with runs fn on an idle session, or a new one. A session whose call
 // failed is closed rather than reused: an operation a token left active
 // after an error would make the next caller's Init fail.

@@ -1,10 +1,12 @@
 package hsmpool
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -17,23 +19,6 @@ import (
 	"github.com/keyvault/keyvault/hsmpool/internal/p11raw"
 	"github.com/keyvault/keyvault/vault"
 )
-
-// token is the subset of HSM calls the pool makes on one member: the swap
-// point where a test can put a member that fails, stalls or answers slowly.
-// Implementations are safe for concurrent use.
-type token interface {
-	HMAC(key vault.KeyID, msg []byte) ([]byte, error)
-	Seal(key vault.KeyID, nonce, plaintext, aad []byte) ([]byte, error)
-	Open(key vault.KeyID, nonce, ciphertext, aad []byte) ([]byte, error)
-	// Versions lists the versions of role held by the token, ascending.
-	Versions(role vault.KeyRole) []uint32
-	// WrapProfile is the profile of a wrap key version the token holds,
-	// by the kind of the key: gcm for AES, hmac for a generic secret.
-	// Seal and Open take gcm versions only; HMAC takes hmac ones (the
-	// pool derives their per-record keys).
-	WrapProfile(version uint32) vault.Profile
-	Close() error
-}
 
 // MemberConfig describes one HSM member.
 type MemberConfig struct {
@@ -79,17 +64,29 @@ type p11Token struct {
 	// until its first seal there finds out, then ivToken (it writes its own
 	// into the buffer) or ivCaller (it uses the one it is given).
 	ivMode atomic.Int32
-	// anchorObjs keeps rollback anchors as data objects (anchorobj.go).
+	// anchorObjs keeps rollback anchors as data objects (anchorObjects).
 	// The views of one token that a key reload or retire makes share it:
 	// one session, one lock.
-	anchorObjs *anchorObjects
+	anchorObjs anchorStore
 	// name and label name the member and token in a capability verdict.
 	name, label string
 }
 
+// anchorStore is what a token keeps its rollback anchors in
+// (anchorObjects, through the Modules that opened the token).
+type anchorStore interface {
+	anchorKeeper
+	// probe says whether the token can keep anchors: nil, a
+	// *NoAnchorsError, or a failure of the moment.
+	probe(ctx context.Context) error
+	// close ends the store's session; the library stays loaded.
+	close()
+}
+
 // openToken configures crypto11 on the member's token, opens its raw
-// sessions and finds its keys.
-func openToken(cfg MemberConfig) (*p11Token, error) {
+// sessions and finds its keys. The token's anchor store shares its write
+// guard with every other token m opens on the same module and label.
+func (m *Modules) openToken(cfg MemberConfig) (*p11Token, error) {
 	ctx, err := crypto11.Configure(&crypto11.Config{
 		Path:       cfg.Module,
 		TokenLabel: cfg.TokenLabel,
@@ -110,7 +107,7 @@ func openToken(cfg MemberConfig) (*p11Token, error) {
 		return nil, fmt.Errorf("open token %q on %s: %w", cfg.TokenLabel, cfg.Module, err)
 	}
 	t := &p11Token{ctx: ctx, raw: raw, keys: map[vault.KeyID]*crypto11.SecretKey{}, handles: map[vault.KeyID]pkcs11.ObjectHandle{},
-		profiles: map[uint32]vault.Profile{}, aesProfile: cfg.aesProfile, anchorObjs: newAnchorObjects(cfg.Module, cfg.TokenLabel), name: cfg.Name, label: cfg.TokenLabel}
+		profiles: map[uint32]vault.Profile{}, aesProfile: cfg.aesProfile, anchorObjs: m.anchorObjects(cfg.Module, cfg.TokenLabel), name: cfg.Name, label: cfg.TokenLabel}
 	if err := t.findKeys(); err != nil {
 		t.Close()
 		return nil, err
@@ -426,6 +423,53 @@ func (t *p11Token) Close() error {
 	return t.ctx.Close()
 }
 
+// What p11Token offers the pool beyond token, each through an interface
+// the pool declares where it uses it.
+var (
+	_ sessionLimiter   = (*p11Token)(nil)
+	_ anchorKeeper     = (*p11Token)(nil)
+	_ anchorProber     = (*p11Token)(nil)
+	_ capabilityProber = (*p11Token)(nil)
+	_ refresher        = (*p11Token)(nil)
+	_ blockEncrypter   = (*p11Token)(nil)
+)
+
+func (t *p11Token) sessionLimit() int { return t.raw.sessionLimit() }
+
+func (t *p11Token) ReadAnchors() ([][]byte, error) { return t.anchorObjs.ReadAnchors() }
+
+func (t *p11Token) WriteAnchor(ctx context.Context, w uint64, v []byte) error {
+	return t.anchorObjs.WriteAnchor(ctx, w, v)
+}
+
+func (t *p11Token) ProbeAnchors(ctx context.Context) error {
+	err := t.anchorObjs.probe(ctx)
+	var na *NoAnchorsError
+	if errors.As(err, &na) {
+		na.Member, na.Token = t.name, t.label
+	}
+	return err
+}
+
+func (t *p11Token) probeCapabilities(profile vault.Profile) (*Capabilities, error) {
+	return probeCapabilities(t.raw, t.name, t.label, profile, t.profiles)
+}
+
+// without returns a view of the token without the keys ids, sharing its
+// context: Retire stops using them before it destroys them.
+func (t *p11Token) without(ids ...vault.KeyID) token {
+	n := &p11Token{ctx: t.ctx, raw: t.raw, keys: maps.Clone(t.keys), handles: maps.Clone(t.handles), profiles: maps.Clone(t.profiles),
+		anchorObjs: t.anchorObjs, name: t.name, label: t.label}
+	for _, id := range ids {
+		delete(n.keys, id)
+		delete(n.handles, id)
+		if id.Role == vault.RoleWrap {
+			delete(n.profiles, id.Version)
+		}
+	}
+	return n
+}
+
 // scrubPIN removes the PIN from an error's text, in case a library ever
 // echoes its arguments.
 func scrubPIN(err error, pin string) error {
@@ -433,47 +477,4 @@ func scrubPIN(err error, pin string) error {
 		return err
 	}
 	return errors.New("error text withheld: it contained the PIN")
-}
-
-// kcvInput is the fixed, domain-separated message whose MAC or GCM tag is a
-// key's check value. A KCV identifies key material without revealing it.
-func kcvInput(id vault.KeyID) []byte {
-	return []byte("keyvault/v1/kcv/" + string(id.Role) + "/" + strconv.Itoa(int(id.Version)))
-}
-
-// kcvNonce is the fixed nonce of the wrap key's check value. It seals only
-// the empty message, always the same one, so it reveals nothing but the tag;
-// a random record nonce equals it with probability 2^-96.
-var kcvNonce = make([]byte, 12)
-
-// blockEncrypter is a token that encrypts one AES block under a wrap key
-// (CKM_AES_ECB): the check value of gcm-hsm-iv wrap keys.
-type blockEncrypter interface {
-	EncryptBlock(id vault.KeyID, block []byte) ([]byte, error)
-}
-
-// kcv computes the check value of one key on one token: a GCM tag for a
-// wrap key of the gcm profile; the classic KCV, AES-ECB of a zero block,
-// for one of gcm-hsm-iv (its tokens cannot seal under a fixed nonce);
-// else an HMAC (the hmac profile's wrap key included), so a key's check
-// value also tells its kind.
-func kcv(t token, id vault.KeyID) ([]byte, error) {
-	var out []byte
-	var err error
-	switch p := t.WrapProfile(id.Version); {
-	case id.Role == vault.RoleWrap && p == vault.ProfileGCM:
-		out, err = t.Seal(id, kcvNonce, nil, kcvInput(id))
-	case id.Role == vault.RoleWrap && p == vault.ProfileGCMHSMIV:
-		be, ok := t.(blockEncrypter)
-		if !ok {
-			return nil, fmt.Errorf("check value of %s: the token cannot encrypt an AES block", id.Label())
-		}
-		out, err = be.EncryptBlock(id, make([]byte, 16))
-	default:
-		out, err = t.HMAC(id, kcvInput(id))
-	}
-	if err != nil {
-		return nil, err
-	}
-	return out[:8], nil
 }

@@ -116,7 +116,7 @@ func provisioned(t *testing.T, name string, maxSessions int) (MemberConfig, *p11
 	if _, err := Provision([]MemberConfig{m}, vault.ProfileGCM); err != nil {
 		t.Fatal(err)
 	}
-	tok, err := openToken(m)
+	tok, err := NewModules().openToken(m)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -342,7 +342,7 @@ func (d *device) open(cfg MemberConfig) (token, error) {
 	if d.away.Load() {
 		return nil, fmt.Errorf("open token %q: %w", cfg.TokenLabel, pkcs11.Error(pkcs11.CKR_DEVICE_REMOVED))
 	}
-	t, err := openToken(cfg)
+	t, err := NewModules().openToken(cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -408,7 +408,7 @@ func restartPool(t *testing.T, reg prometheus.Registerer, others int) (*Pool, *d
 		t.Fatal(err)
 	}
 	for i := 1; i < len(cfgs); i++ {
-		if toks[i], err = openToken(cfgs[i]); err != nil {
+		if toks[i], err = NewModules().openToken(cfgs[i]); err != nil {
 			t.Fatal(err)
 		}
 	}

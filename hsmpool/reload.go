@@ -1,0 +1,256 @@
+package hsmpool
+
+import (
+	"errors"
+	"fmt"
+	"maps"
+
+	"github.com/keyvault/keyvault/vault"
+)
+
+// refresher is a token that can look its keys up again (p11Token).
+type refresher interface {
+	refreshed() (token, error)
+	without(ids ...vault.KeyID) token
+	destroy(id vault.KeyID) (bool, error)
+}
+
+// Reload looks every member's keys up again and starts using the key
+// versions found, for new records, once every member holds them with the
+// same check values. It refuses, changing nothing, if a member is out of
+// service (its keys cannot be checked), if the members differ, or if a key
+// the pool uses is gone or changed, except a wrap or PIN version that
+// every member has lost while holding a newer one: another node sharing
+// the members retired it, and the pool lets it go. Requests in flight keep
+// their member state; new ones see the new keys. It returns the newest
+// versions.
+func (p *Pool) Reload() (map[vault.KeyRole]uint32, error) {
+	p.rotateMu.Lock()
+	defer p.rotateMu.Unlock()
+	return p.reload(nil, nil)
+}
+
+// reload is Reload; probing, if not nil, is a member out of service whose
+// freshly opened token fresh takes part in place of a look-up, so that a
+// member that lost a retired version comes back with the newer one
+// instead of staying out for a key mismatch. The caller holds rotateMu.
+func (p *Pool) reload(probing *member, fresh token) (map[vault.KeyRole]uint32, error) {
+	cur := p.keys.Load()
+	olds := make([]*tokenState, len(p.members))
+	news := make([]*tokenState, len(p.members))
+	for i, m := range p.members {
+		olds[i] = m.state()
+		t := fresh
+		if m != probing {
+			if !m.healthy.Load() {
+				return nil, fmt.Errorf("reload: member %s is out of service, and every member must hold a key version before it is used", m.name)
+			}
+			r, ok := olds[i].tok.(refresher)
+			if !ok {
+				return nil, fmt.Errorf("reload: member %s cannot look its keys up again", m.name)
+			}
+			var err error
+			if t, err = r.refreshed(); err != nil {
+				return nil, fmt.Errorf("reload: member %s: %w", m.name, err)
+			}
+		}
+		st, err := admit(t, nil)
+		if err != nil {
+			return nil, fmt.Errorf("reload: member %s: %w", m.name, err)
+		}
+		news[i] = st
+	}
+	for id, want := range cur.ref {
+		held := 0
+		for i, st := range news {
+			got, ok := st.kcvs[id]
+			if ok && string(got) != string(want) {
+				return nil, fmt.Errorf("reload: member %s: %w: %s changed", p.members[i].name, errKeyMismatch, id.Label())
+			}
+			if ok {
+				held++
+			}
+		}
+		if held == len(news) || held == 0 && retiredElsewhere(id, news) {
+			continue
+		}
+		return nil, fmt.Errorf("reload: %w: %s is gone from %d of %d members (retire versions with keys retire)", errKeyMismatch, id.Label(), len(news)-held, len(news))
+	}
+	ref := news[0].kcvs
+	for i, st := range news[1:] {
+		if err := sameKeys(ref, st.kcvs); err != nil {
+			return nil, fmt.Errorf("reload: member %s: %w", p.members[i+1].name, err)
+		}
+	}
+	ks := newKeySet(ref, wrapProfiles(news[0].tok))
+	if err := checkProfile(p.opts.Profile, ks); err != nil {
+		return nil, fmt.Errorf("reload: %w", err)
+	}
+	if err := p.install(olds, news); err != nil {
+		return nil, fmt.Errorf("reload: %w", err)
+	}
+	// Members first, then the versions: by the time a request seals under
+	// a new version, every member's state holds it.
+	p.keys.Store(ks)
+	for id := range ref {
+		if _, ok := cur.ref[id]; !ok {
+			p.log.Info("HSM key version in use on every member", "key", id.Label())
+		}
+	}
+	for id := range cur.ref {
+		if _, ok := ref[id]; !ok {
+			p.log.Info("HSM key version gone from every member, retired by another node: no longer used", "key", id.Label())
+		}
+	}
+	return maps.Clone(ks.versions), nil
+}
+
+// retiredElsewhere reports whether id, gone from every member, may be let
+// go: a wrap or PIN key of which every member holds a newer version. A
+// root key, or the only version of a role, is never let go.
+func retiredElsewhere(id vault.KeyID, states []*tokenState) bool {
+	if id.Role != vault.RoleWrap && id.Role != vault.RolePIN {
+		return false
+	}
+	for _, st := range states {
+		newer := false
+		for got := range st.kcvs {
+			newer = newer || got.Role == id.Role && got.Version > id.Version
+		}
+		if !newer {
+			return false
+		}
+	}
+	return true
+}
+
+// install swaps each member's state from olds to news. If a member changed
+// meanwhile (it failed and a probe took it), the swaps done are undone.
+func (p *Pool) install(olds, news []*tokenState) error {
+	for i, m := range p.members {
+		if !m.st.CompareAndSwap(olds[i], news[i]) {
+			for j := range i {
+				p.members[j].st.CompareAndSwap(news[j], olds[j])
+			}
+			return fmt.Errorf("member %s changed state meanwhile; try again", m.name)
+		}
+	}
+	return nil
+}
+
+// ErrNewest: Retire was asked to destroy the version new records use.
+var ErrNewest = errors.New("the newest key version cannot be retired")
+
+// Retire stops using version of the wrap and PIN keys and destroys both
+// key objects on every member, then looks them up afresh to make sure they
+// are gone. The caller must have made sure that no record uses the version
+// (vault.RetireKeys does). It refuses the newest version, and refuses if a
+// member is out of service: a member that came back still holding the
+// version would differ from the others. Retiring a version already gone
+// destroys whatever copies remain. It returns the labels destroyed, by
+// member.
+func (p *Pool) Retire(version uint32) (map[string][]string, error) {
+	p.rotateMu.Lock()
+	defer p.rotateMu.Unlock()
+	cur := p.keys.Load()
+	ids := retireIDs(version)
+	for _, id := range ids {
+		if version == 0 || version >= cur.versions[id.Role] {
+			return nil, fmt.Errorf("retire %s: %w", id.Label(), ErrNewest)
+		}
+	}
+	olds := make([]*tokenState, len(p.members))
+	news := make([]*tokenState, len(p.members))
+	for i, m := range p.members {
+		if !m.healthy.Load() {
+			return nil, fmt.Errorf("retire: member %s is out of service; the version must go from every member at once", m.name)
+		}
+		olds[i] = m.state()
+		if _, ok := olds[i].tok.(refresher); !ok {
+			return nil, fmt.Errorf("retire: member %s cannot destroy keys", m.name)
+		}
+		news[i] = olds[i].without(version)
+	}
+	ref := maps.Clone(cur.ref)
+	for _, id := range ids {
+		delete(ref, id)
+	}
+	if err := p.install(olds, news); err != nil {
+		return nil, fmt.Errorf("retire: %w", err)
+	}
+	p.keys.Store(newKeySet(ref, cur.profiles))
+
+	destroyed := map[string][]string{}
+	var errs []error
+	for i, m := range p.members {
+		r := olds[i].tok.(refresher)
+		for _, id := range ids {
+			found, err := r.destroy(id)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("member %s: %w", m.name, err))
+				continue
+			}
+			if found {
+				destroyed[m.name] = append(destroyed[m.name], id.Label())
+			}
+			// A fresh look-up must not find it any more.
+			if again, err := r.destroy(id); err != nil || again {
+				errs = append(errs, fmt.Errorf("member %s: %s still found after destroying it (%v)", m.name, id.Label(), err))
+			}
+		}
+		p.log.Info("HSM key version destroyed", "member", m.name, "version", version)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return destroyed, fmt.Errorf("retire version %d: %w", version, err)
+	}
+	return destroyed, nil
+}
+
+// Forget stops using version of the wrap and PIN keys, without destroying
+// them: another node sharing the members is retiring it. A member out of
+// service is left as it is; it comes back against the pool's keys, which
+// lack the version. It refuses the newest version.
+func (p *Pool) Forget(version uint32) error {
+	p.rotateMu.Lock()
+	defer p.rotateMu.Unlock()
+	cur := p.keys.Load()
+	ids := retireIDs(version)
+	for _, id := range ids {
+		if version == 0 || version >= cur.versions[id.Role] {
+			return fmt.Errorf("forget %s: %w", id.Label(), ErrNewest)
+		}
+	}
+	for _, m := range p.members {
+		for {
+			old := m.state()
+			if _, ok := old.tok.(refresher); !ok {
+				break
+			}
+			if m.st.CompareAndSwap(old, old.without(version)) {
+				break
+			}
+		}
+	}
+	ref := maps.Clone(cur.ref)
+	for _, id := range ids {
+		delete(ref, id)
+	}
+	p.keys.Store(newKeySet(ref, cur.profiles))
+	return nil
+}
+
+func retireIDs(version uint32) []vault.KeyID {
+	return []vault.KeyID{{Role: vault.RoleWrap, Version: version}, {Role: vault.RolePIN, Version: version}}
+}
+
+// without returns the state with the wrap and PIN keys of version out of
+// use: its token a view without them, sharing the context.
+func (st *tokenState) without(version uint32) *tokenState {
+	ids := retireIDs(version)
+	n := &tokenState{tok: st.tok.(refresher).without(ids...), kcvs: maps.Clone(st.kcvs), selfTests: maps.Clone(st.selfTests)}
+	for _, id := range ids {
+		delete(n.kcvs, id)
+	}
+	delete(n.selfTests, version)
+	return n
+}
