@@ -222,3 +222,44 @@ func TestPoolMovesOffAVersionRetiredElsewhere(t *testing.T) {
 		}
 	}
 }
+
+// Under gcm-hsm-iv, the views of a token that Retire makes keep the
+// member's AES profile: a reload after a retire reads the wrap keys as
+// gcm-hsm-iv keys still, and the pool keeps sealing under them.
+func TestRetireKeepsTheAESProfile(t *testing.T) {
+	cfgs := []MemberConfig{newMember(t, "a"), newMember(t, "b")}
+	if _, err := Provision(cfgs, vault.ProfileGCMHSMIV); err != nil {
+		t.Fatal(err)
+	}
+	cfgs = forProfile(cfgs, vault.ProfileGCMHSMIV)
+	p, err := Open(cfgs, Options{Profile: vault.ProfileGCMHSMIV, Registerer: prometheus.NewRegistry()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if v, _, err := Rotate(cfgs, vault.ProfileGCMHSMIV); err != nil || v != 2 {
+		t.Fatalf("Rotate: version %d, %v", v, err)
+	}
+	if _, err := p.Reload(); err != nil {
+		t.Fatalf("Reload: %v", err)
+	}
+	if _, err := p.Retire(1); err != nil {
+		t.Fatalf("Retire(1): %v", err)
+	}
+	if vs, err := p.Reload(); err != nil || vs[vault.RoleWrap] != 2 {
+		t.Fatalf("Reload after Retire(1): %v %v, want wrap v2", vs, err)
+	}
+	if got := p.WrapProfile(2); got != vault.ProfileGCMHSMIV {
+		t.Fatalf("wrap v2 after a retire is of profile %q, want gcm-hsm-iv", got)
+	}
+	nonce := make([]byte, gcmNonceSize)
+	rand.Read(nonce)
+	wrap2 := vault.KeyID{Role: vault.RoleWrap, Version: 2}
+	ct, err := p.Seal(context.Background(), wrap2, nonce, []byte("x"), nil)
+	if err != nil {
+		t.Fatalf("seal under v2 after the retire: %v", err)
+	}
+	if _, err := p.Open(context.Background(), wrap2, nonce, ct, nil); err != nil {
+		t.Fatalf("open under v2 after the retire: %v", err)
+	}
+}

@@ -189,15 +189,23 @@ func parseLabel(label string) (vault.KeyID, bool) {
 	return vault.KeyID{}, false
 }
 
+// view is another view of the token, on the same context, sessions and
+// anchor store, with what it knows of the token (its AES profile, how it
+// takes a GCM IV), over the key maps given.
+func (t *p11Token) view(keys map[vault.KeyID]*crypto11.SecretKey, handles map[vault.KeyID]pkcs11.ObjectHandle, profiles map[uint32]vault.Profile) *p11Token {
+	n := &p11Token{ctx: t.ctx, raw: t.raw, keys: keys, handles: handles, profiles: profiles,
+		aesProfile: t.aesProfile, anchorObjs: t.anchorObjs, name: t.name, label: t.label}
+	n.ivMode.Store(t.ivMode.Load())
+	return n
+}
+
 // refreshed looks the token's keys up again on the same crypto11 context,
 // for keys created by another process (keys rotate) or destroyed by this
 // one (retire). SoftHSM 2.6 lists objects another process created without
 // being re-initialised. The current token stays as it is: requests in
 // flight keep using it.
 func (t *p11Token) refreshed() (token, error) {
-	n := &p11Token{ctx: t.ctx, raw: t.raw, keys: map[vault.KeyID]*crypto11.SecretKey{}, handles: map[vault.KeyID]pkcs11.ObjectHandle{},
-		profiles: map[uint32]vault.Profile{}, aesProfile: t.aesProfile, anchorObjs: t.anchorObjs, name: t.name, label: t.label}
-	n.ivMode.Store(t.ivMode.Load())
+	n := t.view(map[vault.KeyID]*crypto11.SecretKey{}, map[vault.KeyID]pkcs11.ObjectHandle{}, map[uint32]vault.Profile{})
 	if err := n.findKeys(); err != nil {
 		return nil, err
 	}
@@ -458,8 +466,7 @@ func (t *p11Token) probeCapabilities(profile vault.Profile) (*Capabilities, erro
 // without returns a view of the token without the keys ids, sharing its
 // context: Retire stops using them before it destroys them.
 func (t *p11Token) without(ids ...vault.KeyID) token {
-	n := &p11Token{ctx: t.ctx, raw: t.raw, keys: maps.Clone(t.keys), handles: maps.Clone(t.handles), profiles: maps.Clone(t.profiles),
-		anchorObjs: t.anchorObjs, name: t.name, label: t.label}
+	n := t.view(maps.Clone(t.keys), maps.Clone(t.handles), maps.Clone(t.profiles))
 	for _, id := range ids {
 		delete(n.keys, id)
 		delete(n.handles, id)
