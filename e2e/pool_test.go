@@ -132,15 +132,19 @@ func TestTwoMembers(t *testing.T) {
 		return true
 	}
 
+	opsA0, opsB0 := member("keyvault_hsm_operations_total", "a"), member("keyvault_hsm_operations_total", "b")
+
 	// The load: recoveries with the right PIN, every answer checked.
 	ld := &poolLoad{}
 	ld.phase.Store("both members")
 	stopLoad := recoverLoad(t, c, backups, ld, 8)
 
-	// 1. Both members take traffic.
+	// 1. Both members take the load's traffic (counted from after the
+	// enrolments), and recoveries succeed.
 	loadAt := time.Now()
 	if !waitFor("traffic on both members", 10*time.Second, func() bool {
-		return member("keyvault_hsm_operations_total", "a") >= 20 && member("keyvault_hsm_operations_total", "b") >= 20
+		return member("keyvault_hsm_operations_total", "a") >= opsA0+20 && member("keyvault_hsm_operations_total", "b") >= opsB0+20 &&
+			ld.succeeded("both members") > 0
 	}) {
 		_, text := metrics(t, v.Admin)
 		t.Fatalf("no traffic on both members within 10s of load:\n%s", grepLines(text, "keyvault_hsm_operations_total"))
@@ -307,6 +311,13 @@ func (l *poolLoad) record(b enrolled, r response, err error) {
 	if len(l.failures) < 8 {
 		l.failures = append(l.failures, fmt.Sprintf("[%s] recover %s: %s", phase, b.user, problem))
 	}
+}
+
+// succeeded is how many recoveries of the phase answered 200 so far.
+func (l *poolLoad) succeeded(phase string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.ok[phase]
 }
 
 func (l *poolLoad) report(t testing.TB) {
