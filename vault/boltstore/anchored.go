@@ -608,9 +608,6 @@ func (s *Store) AcceptRestore(ctx context.Context, keys anchor.Keys, members Anc
 			}
 			m.Epoch = max(m.Epoch, a.Epoch)
 			top = max(top, a.Base.Seq)
-			if a.Pending != nil {
-				top = max(top, a.Pending.Seq)
-			}
 		}
 	}
 	acc := Accepted{Before: before}
