@@ -54,7 +54,7 @@ func cmdAnchor(sub string, args []string, stdout, stderr io.Writer) error {
 		return usageError{errors.New("rollback anchoring is bbolt only; this config uses store.driver etcd")}
 	}
 	log := newLogger(cfg, stderr)
-	store, err := server.OpenBolt(cfg.Store.Path, nil)
+	store, err := server.OpenBolt(boltstore.Options{Path: cfg.Store.Path})
 	if err != nil {
 		return err
 	}
