@@ -95,9 +95,8 @@ type Point struct {
 
 // Anchor is what one HSM member keeps: the newest anchor write (W) it took,
 // the members that were live when it was written, and the last position
-// whose answers may have been released (Base). Pending, a batch named
-// before its commit, is read but never written: the store's meta names its
-// parent instead (see Check).
+// whose answers may have been released (Base). A batch committed past Base
+// is vouched for by the store's meta, which names its parent (see Check).
 type Anchor struct {
 	VaultID [VaultIDLen]byte
 	Member  string
@@ -105,7 +104,6 @@ type Anchor struct {
 	W       uint64
 	Live    []string // sorted
 	Base    Point
-	Pending *Point
 }
 
 // Outranks reports whether a is newer than b: a higher epoch, then a
@@ -163,13 +161,6 @@ func (k Keys) MarshalAnchor(a Anchor) ([]byte, error) {
 	}
 	b = binary.BigEndian.AppendUint64(b, a.Base.Seq)
 	b = append(b, a.Base.Tag[:]...)
-	if a.Pending == nil {
-		b = append(b, 0)
-	} else {
-		b = append(b, 1)
-		b = binary.BigEndian.AppendUint64(b, a.Pending.Seq)
-		b = append(b, a.Pending.Tag[:]...)
-	}
 	return append(b, mac(k.Anchor, labelAnchor, b)...), nil
 }
 
@@ -204,11 +195,6 @@ func (k Keys) ParseAnchor(raw []byte) (Anchor, error) {
 	}
 	a.Base.Seq = r.uint64()
 	copy(a.Base.Tag[:], r.next(macLen))
-	if r.byte() == 1 {
-		p := &Point{Seq: r.uint64()}
-		copy(p.Tag[:], r.next(macLen))
-		a.Pending = p
-	}
 	if r.bad || len(r.b) != 0 {
 		return Anchor{}, fmt.Errorf("anchor: malformed body: %w", ErrTampered)
 	}

@@ -106,41 +106,33 @@ func sampleAnchor() Anchor {
 	a := Anchor{Member: "hsm-a", Epoch: 2, W: 41, Live: []string{"hsm-b", "hsm-a"}, Base: Point{Seq: 10}}
 	rand.Read(a.VaultID[:])
 	rand.Read(a.Base.Tag[:])
-	p := Point{Seq: 11}
-	rand.Read(p.Tag[:])
-	a.Pending = &p
 	return a
 }
 
 func TestAnchorRoundTripAndTamper(t *testing.T) {
 	k := testKeys()
-	for _, pending := range []bool{true, false} {
-		a := sampleAnchor()
-		if !pending {
-			a.Pending = nil
+	a := sampleAnchor()
+	raw, err := k.MarshalAnchor(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := k.ParseAnchor(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.Live = []string{"hsm-a", "hsm-b"} // stored sorted
+	if !sameAnchor(got, a) || got.Member != a.Member || got.W != a.W {
+		t.Fatalf("round trip: %+v, want %+v", got, a)
+	}
+	for i := range raw {
+		bad := bytes.Clone(raw)
+		bad[i] ^= 0x80
+		if _, err := k.ParseAnchor(bad); !errors.Is(err, ErrTampered) {
+			t.Fatalf("byte %d flipped: %v", i, err)
 		}
-		raw, err := k.MarshalAnchor(a)
-		if err != nil {
-			t.Fatal(err)
-		}
-		got, err := k.ParseAnchor(raw)
-		if err != nil {
-			t.Fatal(err)
-		}
-		a.Live = []string{"hsm-a", "hsm-b"} // stored sorted
-		if !sameAnchor(got, a) || got.Member != a.Member || got.W != a.W {
-			t.Fatalf("round trip: %+v, want %+v", got, a)
-		}
-		for i := range raw {
-			bad := bytes.Clone(raw)
-			bad[i] ^= 0x80
-			if _, err := k.ParseAnchor(bad); !errors.Is(err, ErrTampered) {
-				t.Fatalf("byte %d flipped: %v", i, err)
-			}
-		}
-		if _, err := k.ParseAnchor(raw[:len(raw)-1]); !errors.Is(err, ErrTampered) {
-			t.Fatal("a truncated anchor parsed")
-		}
+	}
+	if _, err := k.ParseAnchor(raw[:len(raw)-1]); !errors.Is(err, ErrTampered) {
+		t.Fatal("a truncated anchor parsed")
 	}
 	for _, a := range []Anchor{{Member: "m"}, {Member: "", Live: []string{"m"}}, {Member: "m", Live: []string{string(make([]byte, 65))}}} {
 		if _, err := k.MarshalAnchor(a); err == nil {
@@ -206,15 +198,15 @@ func (w *world) tag() Point {
 	return Point{Seq: w.meta.Seq, Tag: w.k.Tag(w.meta.VaultID, w.meta.Epoch, w.meta.Seq, w.state().Digest)}
 }
 
-// writeAnchor writes the next anchor, with base and optional pending, to
-// the given members (default: all live).
-func (w *world) writeAnchor(base Point, pending *Point, to ...string) {
+// writeAnchor writes the next anchor, with base, to the given members
+// (default: all live).
+func (w *world) writeAnchor(base Point, to ...string) {
 	if to == nil {
 		to = w.live
 	}
 	w.w++
 	for _, m := range to {
-		raw, err := w.k.MarshalAnchor(Anchor{VaultID: w.meta.VaultID, Member: m, Epoch: w.meta.Epoch, W: w.w, Live: to, Base: base, Pending: pending})
+		raw, err := w.k.MarshalAnchor(Anchor{VaultID: w.meta.VaultID, Member: m, Epoch: w.meta.Epoch, W: w.w, Live: to, Base: base})
 		if err != nil {
 			panic(err)
 		}
@@ -241,7 +233,7 @@ func (w *world) batch(set map[string]string) {
 }
 
 // vouch writes the anchor for the current position.
-func (w *world) vouch() { w.writeAnchor(w.tag(), nil) }
+func (w *world) vouch() { w.writeAnchor(w.tag()) }
 
 func (w *world) clone() *world {
 	c := *w
@@ -370,20 +362,6 @@ func TestCheck(t *testing.T) {
 		}
 		wantRefused(t, check(w, fork.state()), ReasonTamper)
 	})
-	t.Run("an anchor of the first layout naming a pending batch", func(t *testing.T) {
-		c := w.clone()
-		c.anchor = map[string][][]byte{}
-		base := c.tag()
-		c.batch(map[string]string{"u9": "g1"})
-		p := c.tag()
-		c.writeAnchor(base, &p)
-		if err := check(c, c.state()); err != nil {
-			t.Fatalf("store at the pending batch: %v", err)
-		}
-		r := c.clone()
-		r.recs["u9"] = "g0"
-		wantRefused(t, check(c, r.state()), ReasonTamper)
-	})
 	t.Run("a store with records and no anchor", func(t *testing.T) {
 		c := w.clone()
 		c.anchor = map[string][][]byte{}
@@ -441,9 +419,9 @@ func TestCheck(t *testing.T) {
 		c.anchor = map[string][][]byte{}
 		c.w = 100
 		c.live = []string{"a", "b"}
-		c.writeAnchor(c.tag(), nil)
+		c.writeAnchor(c.tag())
 		c.w--
-		c.writeAnchor(c.tag(), nil, "b") // same position, live {b}
+		c.writeAnchor(c.tag(), "b") // same position, live {b}
 		wantRefused(t, check(c, c.state()), ReasonTamper)
 	})
 	// The seq ranks before the write number: an anchor of a newer
@@ -454,11 +432,11 @@ func TestCheck(t *testing.T) {
 		c.anchor = map[string][][]byte{}
 		c.live = []string{"a", "b"}
 		c.w = 100
-		c.writeAnchor(c.tag(), nil, "b") // W 101 at this position
+		c.writeAnchor(c.tag(), "b") // W 101 at this position
 		atX := c.state()
 		c.w = 10
 		c.batch(map[string]string{"k": "newer"})
-		c.writeAnchor(c.tag(), nil) // W 11, one position on
+		c.writeAnchor(c.tag()) // W 11, one position on
 		if err := check(c, c.state()); err != nil {
 			t.Fatalf("the newest position: %v", err)
 		}
@@ -477,12 +455,12 @@ func TestRefusedErrorText(t *testing.T) {
 // with a lower write number, which members missed by nothing can keep.
 func TestNewerEpochOutranksHigherWriteNumber(t *testing.T) {
 	w := newWorld("a", "b")
-	w.writeAnchor(w.tag(), nil)
+	w.writeAnchor(w.tag())
 	w.w = 50
-	w.writeAnchor(w.tag(), nil, "b") // old epoch, high write number, on b
+	w.writeAnchor(w.tag(), "b") // old epoch, high write number, on b
 	w.meta.Epoch++
 	w.w = 3
-	w.writeAnchor(w.tag(), nil, "a") // new epoch, low write number, on a
+	w.writeAnchor(w.tag(), "a") // new epoch, low write number, on a
 	d, err := w.k.Check(w.found(), w.state())
 	if err != nil || d.Anchor.Epoch != w.meta.Epoch || d.Anchor.W != 4 {
 		t.Fatalf("chose %+v, %v; want the new epoch's anchor", d.Anchor, err)

@@ -95,8 +95,7 @@ type Decision struct {
 // MAC covers the records' digest, which must match the store, and the
 // tag of its parent position, which must be the anchor's base tag. Such a
 // batch's answers were never released, so accepting it gives nothing
-// back. (An anchor that names a pending batch vouches for it by its tag
-// instead.) Every member live at that anchor must have answered, so
+// back. Every member live at that anchor must have answered, so
 // that a stale member cannot stand in for a current one that is hidden.
 func (k Keys) Check(found []Found, st State) (Decision, error) {
 	var meta *Meta
@@ -192,11 +191,6 @@ func (k Keys) Check(found []Found, st State) (Decision, error) {
 		return d, nil
 	case meta.Seq > best.Base.Seq+1:
 		return Decision{}, refuse(ReasonAhead, "the store is at seq %d, beyond the anchor's %d", meta.Seq, best.Base.Seq)
-	case best.Pending != nil:
-		if meta.Seq != best.Pending.Seq || tag != best.Pending.Tag {
-			return Decision{}, refuse(ReasonTamper, "the store is at seq %d but its records do not match the anchored pending digest", meta.Seq)
-		}
-		return d, nil
 	case meta.Records != st.RecordDigest:
 		return Decision{}, refuse(ReasonTamper, "the store is one batch past the anchor (seq %d) but its records do not match its meta", meta.Seq)
 	case meta.Parent != best.Base.Tag:
@@ -207,8 +201,7 @@ func (k Keys) Check(found []Found, st State) (Decision, error) {
 }
 
 func sameAnchor(a, b Anchor) bool {
-	samePending := (a.Pending == nil) == (b.Pending == nil) && (a.Pending == nil || *a.Pending == *b.Pending)
-	return a.VaultID == b.VaultID && a.Epoch == b.Epoch && a.Base == b.Base && samePending && slices.Equal(a.Live, b.Live)
+	return a.VaultID == b.VaultID && a.Epoch == b.Epoch && a.Base == b.Base && slices.Equal(a.Live, b.Live)
 }
 
 // IsRefused reports whether err is a start-up refusal, and its reason.

@@ -54,7 +54,7 @@ func cmdAnchor(sub string, args []string, stdout, stderr io.Writer) error {
 		return usageError{errors.New("rollback anchoring is bbolt only; this config uses store.driver etcd")}
 	}
 	log := newLogger(cfg, stderr)
-	store, err := server.OpenBolt(cfg.Store.Path, nil)
+	store, err := server.OpenBolt(boltstore.Options{Path: cfg.Store.Path})
 	if err != nil {
 		return err
 	}
@@ -132,17 +132,13 @@ func printAnchorStatus(w io.Writer, st boltstore.Status) {
 			return cmp.Or(cmp.Compare(b.Epoch, a.Epoch), cmp.Compare(b.Base.Seq, a.Base.Seq), cmp.Compare(b.W, a.W))
 		})
 		for i, a := range as {
-			pending := "none"
-			if a.Pending != nil {
-				pending = fmt.Sprint(a.Pending.Seq)
-			}
 			who := "member " + f.Member
 			if i > 0 {
 				who = "  older"
 			}
 			// A write number is a process's block and its count in it.
-			fmt.Fprintf(w, "%s: epoch %d, base seq %d, write %d.%d, pending %s, live %s\n",
-				who, a.Epoch, a.Base.Seq, a.W>>32, a.W&math.MaxUint32, pending, strings.Join(slices.Sorted(slices.Values(a.Live)), ","))
+			fmt.Fprintf(w, "%s: epoch %d, base seq %d, write %d.%d, live %s\n",
+				who, a.Epoch, a.Base.Seq, a.W>>32, a.W&math.MaxUint32, strings.Join(slices.Sorted(slices.Values(a.Live)), ","))
 		}
 	}
 	if st.Err != nil {

@@ -35,7 +35,7 @@ func openAPI(cfg *config.Config, h http.Handler, log *slog.Logger) (*listener, e
 }
 
 // openAdmin opens the admin listener. The serving vault and the one that
-// refuses its store (anchorStore) both build it here, so the two cannot
+// refuses its store (refuseStore) both build it here, so the two cannot
 // differ in their limits or TLS.
 func openAdmin(cfg *config.Config, h http.Handler, log *slog.Logger) (*listener, error) {
 	return openListener(cfg, "admin_listen", cfg.AdminListen, cfg.AdminMaxConnections, "admin_tls", cfg.AdminTLS, h, log)

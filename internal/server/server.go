@@ -57,9 +57,9 @@ func New(cfg *config.Config, log *slog.Logger, reg *prometheus.Registry, opts Op
 	return &Server{cfg: cfg, log: log, reg: reg, opts: opts}
 }
 
-// Run opens the store and the HSMs and serves until ctx ends, then shuts
+// Run opens the HSMs and the store and serves until ctx ends, then shuts
 // down within a deadline: in-flight requests finish (their guesses are
-// already counted before any answer), then the HSMs and the store close.
+// already counted before any answer), then the store and the HSMs close.
 // SIGHUP reloads the HSM keys and reopens a file audit sink while it runs.
 //
 // A store the rollback check refuses is never served: the admin listener
@@ -77,11 +77,6 @@ func (s *Server) Run(ctx context.Context) error {
 	defer sink.Close()
 	auditLog := sink.Logger()
 
-	store, err := openStore(cfg, reg)
-	if err != nil {
-		return err
-	}
-	defer store.Close()
 	pool, err := OpenPool(cfg, reg, log)
 	if err != nil {
 		return err
@@ -101,11 +96,19 @@ func (s *Server) Run(ctx context.Context) error {
 	for _, r := range anchor.Reasons {
 		refused.WithLabelValues(string(r))
 	}
-	if cfg.Store.Anchored() && store.bolt != nil { // never on etcd
-		if err := anchorStore(ctx, cfg, store.bolt, pool, reg, refused, log); err != nil {
-			return err
-		}
+	anc, err := anchoring(ctx, cfg, pool, log)
+	if err != nil {
+		return err
 	}
+	store, err := openStore(cfg, reg, anc)
+	if reason, ok := anchor.IsRefused(err); ok {
+		return refuseStore(ctx, cfg, reg, refused, reason, err, log)
+	}
+	if err != nil {
+		return err
+	}
+	// Closed before the pool: writes it finishes still anchor.
+	defer store.Close()
 	rl := cfg.RateLimit
 	v, err := vault.New(ctx, store, pool, vault.Options{
 		DefaultMaxAttempts: cfg.Budget.DefaultMaxAttempts,
@@ -199,32 +202,28 @@ func reopenOnHUP(ctx context.Context, sink *audit.Sink, dest string, log *slog.L
 	}()
 }
 
-// anchorStore runs the rollback check. A refused store is never served:
-// the admin listener alone answers, /readyz with the reason, until ctx
-// ends; then the refusal is returned.
-func anchorStore(ctx context.Context, cfg *config.Config, store *boltstore.Store, pool *hsmpool.Pool, reg *prometheus.Registry, refused *prometheus.GaugeVec, log *slog.Logger) error {
+// anchoring is what the bbolt store needs for rollback anchoring: the
+// keys derived from the HSM root key and the members that keep anchors.
+// It is nil when anchoring is off (always on etcd).
+func anchoring(ctx context.Context, cfg *config.Config, pool *hsmpool.Pool, log *slog.Logger) (*boltstore.Anchoring, error) {
+	if !cfg.Store.Anchored() {
+		return nil, nil
+	}
 	keys, err := vault.DeriveAnchorKeys(ctx, pool)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	members, err := AnchorMembers(ctx, pool, log)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	dec, err := store.Anchor(ctx, keys, members, reg, log)
-	reason, isRefused := anchor.IsRefused(err)
-	switch {
-	case err == nil && dec.Adopted:
-		log.Warn("rollback anchoring: adopting a store kept with anchoring off, as it is; from now on a rollback behind this point is refused",
-			"epoch", dec.Meta.Epoch, "seq", dec.Meta.Seq)
-		return nil
-	case err == nil:
-		log.Info("rollback check passed", "epoch", dec.Meta.Epoch, "seq", dec.Meta.Seq, "fresh", dec.Fresh,
-			"one_batch_past_anchor", dec.Past, "ignored_anchor_objects", dec.Ignored)
-		return nil
-	case !isRefused:
-		return err
-	}
+	return &boltstore.Anchoring{Keys: keys, Members: members, Log: log}, nil
+}
+
+// refuseStore keeps a store the rollback check refused from being
+// served: the admin listener alone answers, /readyz with the reason,
+// until ctx ends; then the refusal is returned.
+func refuseStore(ctx context.Context, cfg *config.Config, reg *prometheus.Registry, refused *prometheus.GaugeVec, reason anchor.Reason, err error, log *slog.Logger) error {
 	refused.WithLabelValues(string(reason)).Set(1)
 	adminL, lerr := openAdmin(cfg, api.NewAdminRouter(reg, func() error { return err }), log)
 	if lerr != nil {

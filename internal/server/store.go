@@ -32,25 +32,23 @@ var (
 	_ driver = (*etcdstore.Store)(nil)
 )
 
-// openedStore is the configured store driver. bolt is set only for the
-// bbolt driver (rollback anchoring needs it).
+// openedStore is the configured store driver.
 type openedStore struct {
 	driver
-	bolt *boltstore.Store
 	desc string // for the start log: a path or the endpoints, never a secret
 }
 
-// openStore opens the driver store.driver names. An unknown name is a
-// config error: a store must never be opened in a place it was not asked
-// for.
-func openStore(cfg *config.Config, reg prometheus.Registerer) (*openedStore, error) {
+// openStore opens the driver store.driver names, the bbolt one with
+// rollback anchoring when anc is set. An unknown name is a config error: a
+// store must never be opened in a place it was not asked for.
+func openStore(cfg *config.Config, reg prometheus.Registerer, anc *boltstore.Anchoring) (*openedStore, error) {
 	switch cfg.Store.Driver {
 	case config.DriverBolt, "":
-		st, err := OpenBolt(cfg.Store.Path, reg)
+		st, err := OpenBolt(boltstore.Options{Path: cfg.Store.Path, Registerer: reg, Anchoring: anc})
 		if err != nil {
 			return nil, err
 		}
-		return &openedStore{driver: st, bolt: st, desc: cfg.Store.Path}, nil
+		return &openedStore{driver: st, desc: cfg.Store.Path}, nil
 	case config.DriverEtcd:
 		return openEtcd(cfg.Store.Etcd, reg)
 	default:
@@ -83,14 +81,14 @@ func openEtcd(e *config.Etcd, reg prometheus.Registerer) (*openedStore, error) {
 	return &openedStore{driver: st, desc: fmt.Sprintf("etcd %v", e.Endpoints)}, nil
 }
 
-// OpenBolt opens the bbolt store at path for every command that needs it.
-// bbolt holds an exclusive lock on the file while it is open, so a second
+// OpenBolt opens a bbolt store for every command that needs it. bbolt
+// holds an exclusive lock on the file while it is open, so a second
 // process waits for it and times out: that is said as it is, with the way
 // out.
-func OpenBolt(path string, reg prometheus.Registerer) (*boltstore.Store, error) {
-	st, err := boltstore.Open(boltstore.Options{Path: path, Registerer: reg})
+func OpenBolt(opts boltstore.Options) (*boltstore.Store, error) {
+	st, err := boltstore.Open(opts)
 	if errors.Is(err, bolterrors.ErrTimeout) {
-		return nil, StoreInUseError{Path: path, err: err}
+		return nil, StoreInUseError{Path: opts.Path, err: err}
 	}
 	return st, err
 }

@@ -14,7 +14,7 @@ import (
 func TestOpenStoreRefusesUnknownDriver(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "keyvault.db")
 	cfg := &config.Config{Store: config.Store{Driver: "postgres", Path: path}}
-	st, err := openStore(cfg, nil)
+	st, err := openStore(cfg, nil, nil)
 	if err == nil {
 		st.Close()
 		t.Fatal("store.driver postgres opened a store")

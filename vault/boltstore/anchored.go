@@ -17,6 +17,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/keyvault/keyvault/anchor"
+	"github.com/keyvault/keyvault/vault"
 )
 
 // keyAnchorMeta holds the store's anchor meta (vault ID, epoch, seq) in
@@ -27,6 +28,15 @@ var keyAnchorMeta = []byte("anchor")
 // took (see writeBlock). It is outside the digest: it only keeps write
 // numbers apart, and an edit of it costs liveness, never safety.
 var keyAnchorBlock = []byte("anchor-block")
+
+// Anchoring is what rollback anchoring needs (Options.Anchoring).
+type Anchoring struct {
+	Keys    anchor.Keys
+	Members Anchors
+	// Log receives the start-up verdict and the members dropped from the
+	// live set (nil: slog.Default()).
+	Log *slog.Logger
+}
 
 // Anchors is where the store's anchors live: one per HSM member (the
 // HSM pool implements it).
@@ -53,9 +63,15 @@ type position struct {
 	metaRaw []byte
 }
 
-// anchoring is the committer's rollback-resistance state. Only the
-// committer goroutine touches it after Anchor has returned.
+// anchoring is the committer's rollback-resistance state, and its
+// commitHook. It keeps the write order: a batch is written only on a
+// position an anchor vouches for, its meta naming that position as its
+// parent, and its answers go out only once an anchor vouches for the
+// position it made. So the store is never more than one batch past its
+// newest anchor, and only by a batch whose answers are still held. Only
+// the committer goroutine touches it after Anchor has returned.
 type anchoring struct {
+	store   *Store // nil in AcceptRestore, which commits nothing
 	keys    anchor.Keys
 	hasher  *anchor.Hasher
 	members Anchors
@@ -63,6 +79,9 @@ type anchoring struct {
 	metrics *anchorMetrics
 
 	position // the committed store's
+	// next is the position the batch in its transaction makes, adopted
+	// once that commits.
+	next *position
 	// anchored is the seq the members' newest anchor vouches for: the
 	// committed one (meta.Seq), or the one before it if the anchor for the
 	// last batch failed.
@@ -129,20 +148,21 @@ func newAnchorMetrics(reg prometheus.Registerer) *anchorMetrics {
 	return m
 }
 
-// Anchor turns rollback resistance on (see package anchor). It scans the
-// store into its digest, reads every member's anchor, and accepts the store
-// only if the newest anchor vouches for its state (anchor.Check); otherwise
-// it returns an *anchor.RefusedError and the store must not be served. On
-// acceptance (or on a fresh store) it writes an anchor for the current
-// state. From then on every commit follows the write order: a batch
-// commits only on an anchored position, its meta naming that position as
-// its parent, and its answers go out only once an anchor vouches for it.
-// Call it once, before any write.
+// Anchor turns rollback resistance on (see package anchor), as
+// Options.Anchoring does at Open. It scans the store into its digest,
+// reads every member's anchor, and accepts the store only if the newest
+// anchor vouches for its state (anchor.Check); otherwise it returns an
+// *anchor.RefusedError and the store must not be served. On acceptance
+// (or on a fresh store) it writes an anchor for the current state and
+// logs the verdict. From then on every commit follows the write order (see
+// commitHook): a batch commits only on an anchored position, its meta
+// naming that position as its parent, and its answers go out only once an
+// anchor vouches for it. Call it once, before any write.
 func (s *Store) Anchor(ctx context.Context, keys anchor.Keys, members Anchors, reg prometheus.Registerer, log *slog.Logger) (anchor.Decision, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	a := &anchoring{keys: keys, hasher: anchor.NewHasher(keys.Digest), members: members, log: log, metrics: newAnchorMetrics(reg)}
+	a := &anchoring{store: s, keys: keys, hasher: anchor.NewHasher(keys.Digest), members: members, log: log, metrics: newAnchorMetrics(reg)}
 	st, err := s.scan(a.hasher)
 	if err != nil {
 		return anchor.Decision{}, err
@@ -204,7 +224,16 @@ func (s *Store) Anchor(ctx context.Context, keys anchor.Keys, members Anchors, r
 	if err := a.vouch(ctx); err != nil {
 		return dec, err
 	}
-	s.anc.Store(a)
+	// The committer reads the hook only for a write it has received, and
+	// writes are sent after this returns: the channel orders the two.
+	s.hook = a
+	if dec.Adopted {
+		log.Warn("rollback anchoring: adopting a store kept with anchoring off, as it is; from now on a rollback behind this point is refused",
+			"epoch", dec.Meta.Epoch, "seq", dec.Meta.Seq)
+	} else {
+		log.Info("rollback check passed", "epoch", dec.Meta.Epoch, "seq", dec.Meta.Seq, "fresh", dec.Fresh,
+			"one_batch_past_anchor", dec.Past, "ignored_anchor_objects", dec.Ignored)
+	}
 	return dec, nil
 }
 
@@ -418,15 +447,40 @@ func (a *anchoring) write(ctx context.Context, base anchor.Point) error {
 	return nil
 }
 
-// change is one record write of a batch, for the digest.
-type change struct{ key, old, new []byte }
+// errNotAnchored: the state a batch would have been written on has no
+// anchor, so it was not written; errUnanchored: the batch committed, but
+// no anchor could vouch for it, so its outcome is withheld; errUnsure: its
+// transaction failed and may have landed all the same. Either way the
+// vault must not act on it (vault.ErrWithheld): it answers 503.
+var (
+	errNotAnchored = fmt.Errorf("%w: not written: the store's position has no anchor", vault.ErrWithheld)
+	errUnanchored  = fmt.Errorf("%w: committed but not anchored", vault.ErrWithheld)
+	errUnsure      = fmt.Errorf("%w: the transaction failed and may have landed", vault.ErrWithheld)
+)
 
-// prepare extends an anchored batch's transaction with the meta of the
-// state it makes: the next seq, the digest of its records, and the tag of
-// the position it is written on (which an anchor vouches for: see
-// anchored). It returns the state to adopt once the transaction has
-// committed.
-func (a *anchoring) prepare(tx *bolt.Tx, changes []change) (next position, err error) {
+// beforeCommit writes a batch only on a position an anchor vouches for,
+// so the store is never more than one batch past its newest anchor.
+func (a *anchoring) beforeCommit() error {
+	if a.unsure {
+		// The last transaction failed, and may have landed all the same:
+		// read the store's state back before writing on it.
+		if err := a.resync(); err != nil {
+			return fmt.Errorf("%w: %w", errNotAnchored, err)
+		}
+	}
+	if a.behind() {
+		// The last batch's anchor failed; try again before writing on it.
+		if err := a.vouch(context.Background()); err != nil {
+			return fmt.Errorf("%w: rollback anchor: %w", errNotAnchored, err)
+		}
+	}
+	return nil
+}
+
+// inCommit extends the batch's transaction with the meta of the state it
+// makes: the next seq, the digest of its records, and the tag of the
+// position it is written on, which an anchor vouches for.
+func (a *anchoring) inCommit(tx *bolt.Tx, changes []change) error {
 	r := a.records
 	for _, c := range changes {
 		if c.old != nil {
@@ -439,12 +493,34 @@ func (a *anchoring) prepare(tx *bolt.Tx, changes []change) (next position, err e
 	m.Records = r
 	m.Parent = a.point(a.meta, a.digest).Tag
 	raw := a.keys.MarshalMeta(m)
-	next = position{records: r, digest: a.hasher.AddMeta(r, raw), meta: m, metaRaw: raw}
-	return next, tx.Bucket(bucketMeta).Put(keyAnchorMeta, raw)
+	a.next = &position{records: r, digest: a.hasher.AddMeta(r, raw), meta: m, metaRaw: raw}
+	return tx.Bucket(bucketMeta).Put(keyAnchorMeta, raw)
 }
 
-// commit adopts the state a committed batch made.
-func (a *anchoring) commit(next position) { a.position = next }
+// afterCommit adopts the state a committed batch made and holds its
+// answers until an anchor vouches for it.
+func (a *anchoring) afterCommit(err error) error {
+	next := a.next
+	a.next = nil
+	if err != nil {
+		// A commit that reports failure may still have landed (an fsync
+		// failing after the meta page was written). Acting on its
+		// outcome, as the vault does to resolve a failed write, could
+		// release an answer no anchor vouches for.
+		a.unsure = true
+		return fmt.Errorf("%w: %w", errUnsure, err)
+	}
+	if next == nil {
+		// Nothing changed: these answers reveal no new state, so they
+		// need no anchor.
+		return nil
+	}
+	a.position = *next
+	if err := a.vouch(context.Background()); err != nil {
+		return fmt.Errorf("%w: rollback anchor: %w", errUnanchored, err)
+	}
+	return nil
+}
 
 // vouch writes an anchor for the committed state, so that the answers of
 // the batch that made it may go out and the next batch may be written on
@@ -460,8 +536,8 @@ func (a *anchoring) vouch(ctx context.Context) error {
 // resync reads the committed state back from the store after a failed
 // transaction, which may have landed. A store that moved is then one
 // batch past its anchor, and the next batch vouches for it first.
-func (s *Store) resync(a *anchoring) error {
-	st, err := s.scan(a.hasher)
+func (a *anchoring) resync() error {
+	st, err := a.store.scan(a.hasher)
 	if err != nil {
 		return err
 	}
@@ -608,9 +684,6 @@ func (s *Store) AcceptRestore(ctx context.Context, keys anchor.Keys, members Anc
 			}
 			m.Epoch = max(m.Epoch, a.Epoch)
 			top = max(top, a.Base.Seq)
-			if a.Pending != nil {
-				top = max(top, a.Pending.Seq)
-			}
 		}
 	}
 	acc := Accepted{Before: before}

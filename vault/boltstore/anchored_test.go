@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"log/slog"
 	"maps"
 	"os"
 	"path/filepath"
@@ -576,4 +577,47 @@ func TestCommitThatLandedButFailed(t *testing.T) {
 			t.Fatalf("%s is gone", k)
 		}
 	}
+}
+
+// Options.Anchoring turns anchoring on at Open: every batch is anchored,
+// and a store the check refuses is not opened (its file is free again).
+func TestOpenWithAnchoring(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "store.db")
+	keys, fa := anchorKeys(), &fakeAnchors{values: map[string][]byte{}}
+	anchoring := &boltstore.Anchoring{Keys: keys, Members: fa, Log: slog.New(slog.DiscardHandler)}
+	s, err := boltstore.Open(boltstore.Options{Path: path, Anchoring: anchoring})
+	if err != nil {
+		t.Fatalf("fresh store: %v", err)
+	}
+	mustCAS(t, s, "a", 0, "v")
+	old := copyStore(t, path, filepath.Join(dir, "old.db"))
+	fa.mu.Lock()
+	before := fa.writes
+	fa.mu.Unlock()
+	mustCAS(t, s, "b", 0, "v")
+	fa.mu.Lock()
+	after := fa.writes
+	fa.mu.Unlock()
+	if after != before+1 {
+		t.Fatalf("a write made %d anchor writes, want 1", after-before)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	_, err = boltstore.Open(boltstore.Options{Path: old, Anchoring: anchoring})
+	if r, ok := anchor.IsRefused(err); !ok || r != anchor.ReasonRollback {
+		t.Fatalf("the copy from before b: %v, want a rollback refusal", err)
+	}
+	plain, err := boltstore.Open(boltstore.Options{Path: old})
+	if err != nil {
+		t.Fatalf("the refused store's file is still held: %v", err)
+	}
+	plain.Close()
+	s, err = boltstore.Open(boltstore.Options{Path: path, Anchoring: anchoring})
+	if err != nil {
+		t.Fatalf("restart: %v", err)
+	}
+	defer s.Close()
+	mustCAS(t, s, "c", 0, "v")
 }

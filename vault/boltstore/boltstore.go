@@ -19,6 +19,14 @@
 // each batch open for a timer (MaxBatchDelay), which adds that delay to
 // every write at low load.
 //
+// # Rollback anchoring
+//
+// With Options.Anchoring set, the store is checked against the HSM
+// members' anchors when it opens, and every group commit calls a
+// commitHook (anchored.go) before its transaction, inside it and after
+// it; the batch's answers go out only once the hook is done. Without
+// anchoring the hook is nil and a commit is the transaction alone.
+//
 // # Caveats
 //
 // Freed pages keep old values until reused, so deleted or replaced records
@@ -32,7 +40,6 @@ import (
 	"errors"
 	"fmt"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -72,11 +79,13 @@ type Store struct {
 	txTimes *prometheus.HistogramVec
 	batches prometheus.Histogram
 
-	anc atomic.Pointer[anchoring] // nil: rollback resistance off (see Anchor)
+	// hook is nil with rollback anchoring off. It is set before the first
+	// write (by Open, or Anchor) and read only by the committer.
+	hook commitHook
 
-	// afterCommit, set by tests, replaces the result of a commit that
+	// failCommit, set by tests, replaces the result of a transaction that
 	// succeeded: it stands for one that landed but reported a failure.
-	afterCommit func() error
+	failCommit func() error
 
 	writes    chan *write // unbuffered: a write is taken or refused, never stranded
 	closing   chan struct{}
@@ -95,12 +104,36 @@ type write struct {
 
 var _ vault.Store = (*Store)(nil)
 
+// commitHook is the part of a group commit that is not the transaction:
+// rollback anchoring (anchored.go) when it is on. Only the committer calls
+// it, one batch at a time.
+type commitHook interface {
+	// beforeCommit runs before a batch's transaction. An error refuses
+	// the whole batch: nothing of it is written.
+	beforeCommit() error
+	// inCommit runs inside the transaction of a batch that changed
+	// records, after its writes; an error fails the transaction.
+	inCommit(tx *bolt.Tx, changes []change) error
+	// afterCommit runs once the transaction has ended with err, before
+	// any answer goes out. It returns the error the batch's writes are
+	// answered with (nil: each its own result).
+	afterCommit(err error) error
+}
+
+// change is one record write of a batch: its key, and its stored value
+// before (nil: none) and after.
+type change struct{ key, old, new []byte }
+
 // Options configure a Store, as etcdstore.Options do the etcd driver.
 type Options struct {
 	// Path is the database file, created (mode 0600) if missing. Required.
 	Path string
 	// Registerer receives the store's metrics (nil: not exported).
 	Registerer prometheus.Registerer
+	// Anchoring turns rollback anchoring on (nil: off). Open then runs
+	// the start-up check, and returns its *anchor.RefusedError for a
+	// store that must not be served.
+	Anchoring *Anchoring
 }
 
 // Open opens or creates the store file. bbolt lets one process hold the
@@ -155,6 +188,14 @@ func Open(opts Options) (*Store, error) {
 		writes:    make(chan *write),
 		closing:   make(chan struct{}),
 		committed: make(chan struct{}),
+	}
+	if a := opts.Anchoring; a != nil {
+		// The check reads and writes the HSM members, each call bounded
+		// by the pool's operation timeout or anchorTimeout.
+		if _, err := s.Anchor(context.Background(), a.Keys, a.Members, reg, a.Log); err != nil {
+			db.Close()
+			return nil, err
+		}
 	}
 	go s.commitLoop()
 	return s, nil
@@ -226,9 +267,7 @@ func (s *Store) CompareAndSwap(ctx context.Context, key []byte, rev uint64, valu
 }
 
 // commitLoop is the one writer: it takes a write, adds every other one
-// already waiting, applies them in one transaction, and answers them all
-// after the commit (and, with rollback resistance on, after the anchor
-// that vouches for the batch).
+// already waiting, and commits them together.
 func (s *Store) commitLoop() {
 	defer close(s.committed)
 	batch := make([]*write, 0, maxBatch)
@@ -263,48 +302,29 @@ func answer(ws []*write, err error) {
 	}
 }
 
-// errUnanchored: the write committed, but no anchor could vouch for it,
-// so its outcome is withheld; errNotAnchored: the state it would have been
-// written on had no anchor, so it was not written. Either way the vault
-// must not act on it (vault.ErrWithheld): it answers 503.
-var (
-	errUnanchored  = fmt.Errorf("%w: committed but not anchored", vault.ErrWithheld)
-	errNotAnchored = fmt.Errorf("%w: not written: the store's position has no anchor", vault.ErrWithheld)
-	errUnsure      = fmt.Errorf("%w: the transaction failed and may have landed", vault.ErrWithheld)
-)
-
-// commit applies a batch in one transaction and answers its writes. A
-// write that conflicts or finds damage fails alone and changes nothing; if
-// the transaction itself fails, every write in it fails, and none was
-// applied.
-//
-// With rollback resistance on, it follows the write order (see package
-// anchor): the batch is written only on a position an anchor vouches for,
-// its meta naming that position as its parent, and its answers go out only
-// after an anchor vouches for the position it made. So the store is never
-// more than one batch past its newest anchor, and only by a batch whose
-// answers are still held.
+// commit applies a batch in one transaction and answers its writes once
+// the hook, if any, has had its say: see commitHook.
 func (s *Store) commit(batch []*write) {
 	defer s.observe("commit", time.Now())
 	s.batches.Observe(float64(len(batch)))
-	anc := s.anc.Load()
-	if anc != nil && anc.unsure {
-		// The last transaction failed, and may have landed all the same:
-		// read the store's state back before writing on it.
-		if err := s.resync(anc); err != nil {
-			answer(batch, fmt.Errorf("%w: %w", errNotAnchored, err))
+	if s.hook != nil {
+		if err := s.hook.beforeCommit(); err != nil {
+			answer(batch, err)
 			return
 		}
 	}
-	if anc != nil && anc.behind() {
-		// The last batch's anchor failed; try again before writing on it.
-		if err := anc.vouch(context.Background()); err != nil {
-			answer(batch, fmt.Errorf("%w: rollback anchor: %w", errNotAnchored, err))
-			return
-		}
+	err := s.apply(batch)
+	if s.hook != nil {
+		err = s.hook.afterCommit(err)
 	}
+	answer(batch, err)
+}
+
+// apply runs a batch's transaction. A write that conflicts or finds
+// damage fails alone and changes nothing. If the transaction fails, its
+// error is returned, for every write of the batch.
+func (s *Store) apply(batch []*write) error {
 	var changes []change
-	var next position
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		data, meta := tx.Bucket(bucketData), tx.Bucket(bucketMeta)
 		var rev uint64
@@ -334,7 +354,7 @@ func (s *Store) commit(batch []*write) {
 			buf := make([]byte, revLen, revLen+len(w.value))
 			binary.BigEndian.PutUint64(buf, next)
 			buf = append(buf, w.value...)
-			if anc != nil {
+			if s.hook != nil {
 				// bbolt's slice dies with the write that follows.
 				old = bytes.Clone(old)
 			}
@@ -345,7 +365,7 @@ func (s *Store) commit(batch []*write) {
 			}
 			last = next
 			w.newRev = last
-			if anc != nil {
+			if s.hook != nil {
 				changes = append(changes, change{key: w.key, old: old, new: buf})
 			}
 		}
@@ -355,43 +375,20 @@ func (s *Store) commit(batch []*write) {
 		if err := meta.Put(keyRev, binary.BigEndian.AppendUint64(nil, last)); err != nil {
 			return err
 		}
-		if anc == nil {
+		if s.hook == nil {
 			return nil
 		}
-		var err error
-		next, err = anc.prepare(tx, changes)
-		return err
+		return s.hook.inCommit(tx, changes)
 	})
-	if err == nil && s.afterCommit != nil {
-		err = s.afterCommit()
+	if err == nil && s.failCommit != nil {
+		err = s.failCommit()
 	}
 	if err != nil {
-		if anc != nil {
-			// A commit that reports failure may still have landed (an
-			// fsync failing after the meta page was written). Acting on
-			// its outcome, as the vault does to resolve a failed write,
-			// could release an answer no anchor vouches for.
-			err = fmt.Errorf("%w: %w", errUnsure, err)
-			anc.unsure = true
-		}
 		for _, w := range batch {
-			w.newRev, w.err = 0, err
+			w.newRev, w.err = 0, nil // answered with err
 		}
-		answer(batch, nil)
-		return
 	}
-	if anc == nil || len(changes) == 0 {
-		// Nothing changed (or nothing to anchor): these answers reveal no
-		// new state, so they need no anchor.
-		answer(batch, nil)
-		return
-	}
-	anc.commit(next)
-	if err := anc.vouch(context.Background()); err != nil {
-		answer(batch, fmt.Errorf("%w: rollback anchor: %w", errUnanchored, err))
-		return
-	}
-	answer(batch, nil)
+	return err
 }
 
 // Scan implements vault.Store.
