@@ -257,7 +257,9 @@ func TestRollbackCrash(t *testing.T) {
 				}
 			})
 		}
-		// Kill under load, never during start-up (see HSM-NOTES).
+		// Kill under load, never during start-up: SoftHSM rewrites
+		// token.object in place (truncate, then write) at login, and a kill
+		// there can empty it and lose the token.
 		for acked.Load() < 20 {
 			time.Sleep(5 * time.Millisecond)
 		}
