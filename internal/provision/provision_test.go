@@ -1,0 +1,37 @@
+package provision_test
+
+import (
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/keyvault/keyvault/config"
+	"github.com/keyvault/keyvault/hsmpool"
+	"github.com/keyvault/keyvault/internal/devsetup"
+	"github.com/keyvault/keyvault/internal/provision"
+	"github.com/keyvault/keyvault/internal/softhsm/softhsmtest"
+)
+
+// Init on members that already hold key version 1 refuses, names the key
+// and says nothing was created.
+func TestInitRefusesMembersWithKeys(t *testing.T) {
+	softhsmtest.Module(t)
+	dir := t.TempDir()
+	if err := devsetup.Setup(dir, "127.0.0.1:0", "127.0.0.1:0", &strings.Builder{}); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := config.Load(filepath.Join(dir, devsetup.ConfigFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mods := hsmpool.NewModules()
+	defer mods.Close()
+	var out strings.Builder
+	err = provision.Init(cfg, mods, &out)
+	if err == nil || !strings.Contains(err.Error(), "keyvault-wrap-v1: keys of this version already exist") {
+		t.Fatalf("a second Init: %v", err)
+	}
+	if strings.Contains(out.String(), "Created") {
+		t.Errorf("a refused Init printed:\n%s", out.String())
+	}
+}
