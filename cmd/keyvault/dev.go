@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/keyvault/keyvault/config"
+	"github.com/keyvault/keyvault/internal/adminconn"
 	"github.com/keyvault/keyvault/internal/devsetup"
 )
 
@@ -61,7 +62,7 @@ func cmdDev(args []string, stdout, stderr io.Writer) error {
 			return fmt.Errorf("write the bound addresses into %s: %w", cfgPath, err)
 		}
 		fmt.Fprintf(stdout, "keyvault dev: serving %s\n  API    http://%s\n  admin  http://%s\n  bearer token (also in %s): %s\n",
-			abs, dialable(listenAt), dialable(adminAt), tokenPath, strings.TrimSpace(string(token)))
+			abs, adminconn.Dialable(listenAt), adminconn.Dialable(adminAt), tokenPath, strings.TrimSpace(string(token)))
 		return nil
 	})
 }

@@ -1,5 +1,7 @@
-// Package provision creates the first key version on the HSM members of
-// a config: "keyvault keys init", and the keys of "keyvault dev".
+// Package provision creates key versions on the HSM members of a config:
+// version 1 ("keyvault keys init", and the keys of "keyvault dev") and the
+// next one ("keyvault keys rotate"). Taking a new version into use is the
+// running vault's (its admin listener's keys reload).
 package provision
 
 import (
@@ -69,4 +71,26 @@ func Init(cfg *config.Config, mods *hsmpool.Modules, stdout io.Writer) error {
 	}
 	fmt.Fprintln(stdout, "Back up the HSM keys with the HSM's own means: losing every copy of a key\nversion loses every backup sealed under it.")
 	return nil
+}
+
+// Rotate creates the next version of the wrap and PIN keys on every
+// member of cfg's HSM, all or nothing, through the modules in mods, and
+// says on stdout where the material was made. It returns the version
+// created.
+func Rotate(cfg *config.Config, mods *hsmpool.Modules, stdout io.Writer) (uint32, error) {
+	members, err := server.MemberConfigs(cfg)
+	if err != nil {
+		return 0, err
+	}
+	version, inHSM, err := mods.Rotate(members, vault.Profile(cfg.HSM.Profile))
+	if err != nil {
+		return 0, fmt.Errorf("keys rotate: %w", err)
+	}
+	if inHSM {
+		fmt.Fprintf(stdout, "Created version %d of the wrap and PIN keys inside the HSM; the material never left it.\n", version)
+	} else {
+		fmt.Fprintf(stdout, "Created version %d of the wrap and PIN keys on %d members: the material was generated\n"+
+			"in this process's memory, imported into each member as sensitive, non-extractable\ntoken objects, and wiped.\n", version, len(members))
+	}
+	return version, nil
 }

@@ -12,9 +12,10 @@ import (
 	"github.com/keyvault/keyvault/internal/softhsm/softhsmtest"
 )
 
-// Init on members that already hold key version 1 refuses, names the key
-// and says nothing was created.
-func TestInitRefusesMembersWithKeys(t *testing.T) {
+// On members that hold key version 1 (as keyvault dev leaves them), Init
+// refuses and names the key, and Rotate creates version 2. One test: the
+// process loads SoftHSM once, with the first token directory it is given.
+func TestInitRefusesAndRotateCreatesTheNext(t *testing.T) {
 	softhsmtest.Module(t)
 	dir := t.TempDir()
 	if err := devsetup.Setup(dir, "127.0.0.1:0", "127.0.0.1:0", &strings.Builder{}); err != nil {
@@ -33,5 +34,13 @@ func TestInitRefusesMembersWithKeys(t *testing.T) {
 	}
 	if strings.Contains(out.String(), "Created") {
 		t.Errorf("a refused Init printed:\n%s", out.String())
+	}
+
+	version, err := provision.Rotate(cfg, mods, &out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if version != 2 || !strings.Contains(out.String(), "Created version 2 of the wrap and PIN keys") {
+		t.Errorf("Rotate: version %d, printed:\n%s", version, out.String())
 	}
 }
