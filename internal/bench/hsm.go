@@ -24,7 +24,8 @@ type Pool interface {
 }
 
 // The backup whose HSM calls HSM makes: a 32-byte secret under a 6-digit
-// PIN, for a user ID and namespace as long as the HTTP workload's.
+// PIN, for a user ID as long as the HTTP workload's (with the default
+// prefix) in a namespace named bench.
 const (
 	hsmNamespace = "bench"
 	hsmUserID    = "bench-0000000"
@@ -47,8 +48,8 @@ type HSM struct {
 	ct    []byte
 }
 
-// NewHSM makes the workload of op (one of HSMOps) on the current key
-// versions of pool, which it seals one outer layer with to open. The
+// NewHSM makes the workload of op (one of HSMOps) on pool's current key
+// versions, and seals one outer layer for the recovers to open. The
 // workload owns pool: Close closes it, and so does NewHSM when it fails.
 func NewHSM(ctx context.Context, pool Pool, op string) (*HSM, error) {
 	if !slices.Contains(HSMOps, op) {
