@@ -16,8 +16,8 @@ import (
 	"github.com/keyvault/keyvault/client"
 	"github.com/keyvault/keyvault/config"
 	"github.com/keyvault/keyvault/hsmpool"
-	"github.com/keyvault/keyvault/internal/server"
-	"github.com/keyvault/keyvault/vault"
+	"github.com/keyvault/keyvault/internal/adminconn"
+	"github.com/keyvault/keyvault/internal/provision"
 )
 
 // cmdKeysLifecycle runs keys rotate, reload, usage, rewrap and retire.
@@ -46,9 +46,9 @@ func cmdKeysLifecycle(sub string, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
-	base, hc, err := adminHTTP(cfg)
+	base, hc, err := adminconn.For(cfg)
 	if err != nil {
-		return err
+		return usageError{err}
 	}
 	if *adminURL != "" {
 		base = *adminURL
@@ -82,23 +82,13 @@ func cmdKeysLifecycle(sub string, args []string, stdout, stderr io.Writer) error
 }
 
 func keysRotate(ctx context.Context, cfg *config.Config, ac *client.Admin, stdout io.Writer) error {
-	members, err := server.MemberConfigs(cfg)
-	if err != nil {
-		return err
-	}
 	// One load and initialisation of each module for the rotation and
 	// the listing after it.
 	mods := hsmpool.NewModules()
 	defer mods.Close()
-	version, inHSM, err := mods.Rotate(members, vault.Profile(cfg.HSM.Profile))
+	version, err := provision.Rotate(cfg, mods, stdout)
 	if err != nil {
-		return fmt.Errorf("keys rotate: %w", err)
-	}
-	if inHSM {
-		fmt.Fprintf(stdout, "Created version %d of the wrap and PIN keys inside the HSM; the material never left it.\n", version)
-	} else {
-		fmt.Fprintf(stdout, "Created version %d of the wrap and PIN keys on %d members: the material was generated\n"+
-			"in this process's memory, imported into each member as sensitive, non-extractable\ntoken objects, and wiped.\n", version, len(members))
+		return err
 	}
 	if err := keysList(cfg, stdout); err != nil {
 		return err
@@ -219,17 +209,4 @@ func adminToken(file string) (string, error) {
 		return "", usageError{fmt.Errorf("--admin-token-file: %w", err)}
 	}
 	return strings.TrimSpace(string(b)), nil
-}
-
-// dialable turns a listen address into one to connect to: a wildcard
-// host becomes the loopback address.
-func dialable(addr string) string {
-	host, port, err := net.SplitHostPort(addr)
-	if err != nil {
-		return addr
-	}
-	if host == "" || host == "0.0.0.0" || host == "::" {
-		host = "127.0.0.1"
-	}
-	return net.JoinHostPort(host, port)
 }

@@ -10,8 +10,8 @@ import (
 
 	"github.com/keyvault/keyvault/config"
 	"github.com/keyvault/keyvault/hsmpool"
+	"github.com/keyvault/keyvault/internal/provision"
 	"github.com/keyvault/keyvault/internal/server"
-	"github.com/keyvault/keyvault/vault"
 )
 
 // cmdKeys runs keys init and keys list.
@@ -33,64 +33,11 @@ func cmdKeys(sub string, args []string, stdout, stderr io.Writer) error {
 	mods := hsmpool.NewModules()
 	defer mods.Close()
 	if sub == "init" {
-		if err := keysInit(cfg, mods, stdout); err != nil {
+		if err := provision.Init(cfg, mods, stdout); err != nil {
 			return err
 		}
 	}
 	return keysList(cfg, stdout)
-}
-
-// keysInit provisions key version 1 and says where the material was made.
-func keysInit(cfg *config.Config, mods *hsmpool.Modules, stdout io.Writer) error {
-	members, err := server.MemberConfigs(cfg)
-	if err != nil {
-		return err
-	}
-	// Every member must be able to serve and to take the keys before any
-	// is created: a refusal after the first member would leave keys on it
-	// alone.
-	profile := vault.Profile(cfg.HSM.Profile)
-	if profile == "" {
-		profile = hsmpool.DefaultProfile
-	}
-	var refusals []error
-	checks := mods.Check(members, profile)
-	for _, c := range checks {
-		if c.Err == nil {
-			c.Err = c.Caps.CanProvision(len(members), profile)
-		}
-		if c.Err != nil {
-			refusals = append(refusals, c.Err)
-		}
-	}
-	if cfg.Store.Anchored() {
-		// The vault would refuse to start on these members.
-		if err := hsmpool.CheckAnchors(checks); err != nil {
-			refusals = append(refusals, err)
-		}
-		for _, c := range checks {
-			if c.Anchors != nil && c.Err == nil && len(refusals) == 0 {
-				fmt.Fprintf(stdout, "Member %s keeps no rollback anchors: %s; they live on the other members.\n", c.Member, c.AnchorLine())
-			}
-		}
-	}
-	if len(refusals) > 0 {
-		return fmt.Errorf("keys init: created nothing: %w (keyvault hsm check --config FILE shows each token's capabilities)", errors.Join(refusals...))
-	}
-	inHSM, err := mods.Provision(members, profile)
-	if err != nil {
-		return fmt.Errorf("keys init: %w", err)
-	}
-	if inHSM {
-		fmt.Fprintf(stdout, "Created key version 1 for the %s profile inside the HSM; the key material never left it.\n", profile)
-	} else {
-		fmt.Fprintf(stdout, "Created key version 1 for the %s profile on %d members. Generic PKCS#11 cannot clone keys, so the\n"+
-			"material was generated in this process's memory, imported into each member as\n"+
-			"sensitive, non-extractable token objects, and wiped. With an HSM cluster that\n"+
-			"clones keys itself, provision one member and use the vendor's cloning instead.\n", profile, len(members))
-	}
-	fmt.Fprintln(stdout, "Back up the HSM keys with the HSM's own means: losing every copy of a key\nversion loses every backup sealed under it.")
-	return nil
 }
 
 // keysList prints every member's key versions and check values.

@@ -1,4 +1,4 @@
-package main
+package devsetup
 
 import (
 	"os"
@@ -17,13 +17,13 @@ func TestBoundAddr(t *testing.T) {
 		{"localhost:8080", "127.0.0.1:8080", "localhost:8080"},
 		{"127.0.0.1:8080", "127.0.0.1:8080", "127.0.0.1:8080"},
 	} {
-		if got := boundAddr(tc.requested, tc.bound); got != tc.want {
-			t.Errorf("boundAddr(%q, %q) = %q, want %q", tc.requested, tc.bound, got, tc.want)
+		if got := BoundAddr(tc.requested, tc.bound); got != tc.want {
+			t.Errorf("BoundAddr(%q, %q) = %q, want %q", tc.requested, tc.bound, got, tc.want)
 		}
 	}
 }
 
-// setListenAddrs edits only the two top-level keys, keeps comments and
+// SetListenAddrs edits only the two top-level keys, keeps comments and
 // the file's mode, adds a key the file lacks, and quotes what YAML would
 // misread; the result is YAML that says what was written.
 func TestSetListenAddrs(t *testing.T) {
@@ -38,7 +38,7 @@ func TestSetListenAddrs(t *testing.T) {
 			if err := os.WriteFile(path, []byte(tc.in), 0o640); err != nil {
 				t.Fatal(err)
 			}
-			if err := setListenAddrs(path, tc.listen, "127.0.0.1:2"); err != nil {
+			if err := SetListenAddrs(path, tc.listen, "127.0.0.1:2"); err != nil {
 				t.Fatal(err)
 			}
 			got, err := os.ReadFile(path)

@@ -1,4 +1,4 @@
-package main
+package bench
 
 import (
 	"context"
@@ -76,7 +76,7 @@ func TestBenchVerdict(t *testing.T) {
 		{"nothing answered", run(0, nil), nil, []string{"no request was answered"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			err := benchVerdict(tc.res, 1, tc.limiters)
+			err := Verdict(tc.res, 1, tc.limiters)
 			if len(tc.want) == 0 {
 				if err != nil {
 					t.Fatalf("want a pass, got %v", err)
@@ -139,8 +139,8 @@ func TestEnrollAdoptsOnlyWhatTheVaultTook(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	w := &httpWorkload{c: c}
-	u := &benchUser{id: "u", pin: "123456", secret: make([]byte, 32)}
+	w := &HTTP{c: c}
+	u := &user{id: "u", pin: "123456", secret: make([]byte, 32)}
 	ctx := context.Background()
 	step := func(status int, wantEnroll string) {
 		t.Helper()
