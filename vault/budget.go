@@ -112,7 +112,7 @@ func (v *Vault) count(ctx context.Context, ns, userID string, pre Precondition) 
 				return nil, v.lockedOrPending(cur)
 			}
 			if wait := v.opts.EscalatingDelay.wait(cur.record, v.now()); wait > 0 {
-				return nil, &RateLimitedError{RetryAfter: wait}
+				return nil, &DelayedError{RetryAfter: wait}
 			}
 			g.before = *cur.record
 			next := *cur.record

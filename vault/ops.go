@@ -298,7 +298,7 @@ func (v *Vault) ChangePIN(ctx context.Context, ns, userID string, pin, newPIN []
 
 // Precheck tells, without counting or checking anything, whether a guess
 // on the backup would be refused now: ErrNotFound, ErrPrecondition,
-// ErrLocked, or a *RateLimitedError for the escalating delay. It first waits
+// ErrLocked, or a *DelayedError for the escalating delay. It first waits
 // for a pending lock to settle. Callers use it to refuse cheaply, before
 // spending rate-limit tokens or HSM capacity on a guess; the guess itself
 // decides again when it is counted.
@@ -322,7 +322,7 @@ func (v *Vault) Precheck(ctx context.Context, ns, userID string, pre Preconditio
 			return v.lockedOrPending(cur)
 		}
 		if wait := v.opts.EscalatingDelay.wait(cur.record, v.now()); wait > 0 {
-			return &RateLimitedError{RetryAfter: wait}
+			return &DelayedError{RetryAfter: wait}
 		}
 		return nil
 	})

@@ -246,9 +246,9 @@ func TestEscalatingDelay(t *testing.T) {
 		t.Helper()
 		checks := e.hsm.pinChecks()
 		_, _, err := e.v.Recover(bg, ns, "zoe", rightPIN)
-		var rl *vault.RateLimitedError
-		if !errors.As(err, &rl) || !errors.Is(err, vault.ErrRateLimited) || rl.RetryAfter != want {
-			t.Fatalf("a guess within the delay: %v, want RateLimitedError with RetryAfter %v", err, want)
+		var rl *vault.DelayedError
+		if !errors.As(err, &rl) || !errors.Is(err, vault.ErrDelayed) || rl.RetryAfter != want {
+			t.Fatalf("a guess within the delay: %v, want DelayedError with RetryAfter %v", err, want)
 		}
 		if e.hsm.pinChecks() != checks || e.status("zoe").AttemptsRemaining != remaining {
 			t.Fatal("a refused guess was checked or counted")
@@ -300,7 +300,7 @@ func TestPrecheck(t *testing.T) {
 	}
 	checks := e.hsm.pinChecks()
 	e.wrong("pat", 1)
-	var rl *vault.RateLimitedError
+	var rl *vault.DelayedError
 	if err := e.v.Precheck(bg, ns, "pat", vault.Precondition{}); !errors.As(err, &rl) || rl.RetryAfter != time.Minute {
 		t.Fatalf("within the delay: %v", err)
 	}
@@ -531,7 +531,7 @@ func TestPINChangeKeepsTheDelayOfGuessesCountedMeanwhile(t *testing.T) {
 	if st := e.status("lee"); st.AttemptsRemaining != 8 {
 		t.Fatalf("after the PIN change: %+v, want the two wrong guesses still counted", st)
 	}
-	var rl *vault.RateLimitedError
+	var rl *vault.DelayedError
 	if _, _, err := e.v.Recover(bg, ns, "lee", []byte("5678")); !errors.As(err, &rl) {
 		t.Fatalf("a guess right after the PIN change: %v, want the escalating delay", err)
 	}

@@ -112,7 +112,7 @@ func (s *Server) Run(ctx context.Context) error {
 		MaxAttemptsLimit:   cfg.Budget.MaxAttemptsLimit,
 		Registerer:         reg,
 		Logger:             log,
-		EscalatingDelay:    vault.EscalatingDelay{FreeGuesses: rl.EscalatingDelay.FreeGuesses, Base: rl.EscalatingDelay.Base},
+		EscalatingDelay:    vault.EscalatingDelay{FreeGuesses: cfg.Budget.EscalatingDelay.FreeGuesses, Base: cfg.Budget.EscalatingDelay.Base},
 		Keys:               pool,
 		Cluster:            clusterOptions(cfg),
 	})
