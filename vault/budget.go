@@ -54,6 +54,18 @@ func (b Budget) maxAttempts(n int) (int, error) {
 	return n, nil
 }
 
+// used is the attempts a record has used in its current period: every
+// guess counted, less those a success forgave and those refunded.
+func (r *record) used() uint32 { return r.Guesses - r.Forgiven - r.Refunds }
+
+// remaining is the attempts a record has left; none once locked.
+func (r *record) remaining() int {
+	if r.Locked {
+		return 0
+	}
+	return int(r.MaxAttempts - r.used())
+}
+
 // EscalatingDelay configures the durable delay between wrong guesses.
 type EscalatingDelay struct {
 	FreeGuesses int
