@@ -444,7 +444,7 @@ func TestRateLimitsOverHTTP(t *testing.T) {
 
 	// The vault's escalating delay: 429 with Retry-After in whole seconds,
 	// rounded up.
-	s.err = fmt.Errorf("recover: %w", &vault.RateLimitedError{RetryAfter: 90*time.Second + time.Millisecond})
+	s.err = fmt.Errorf("recover: %w", &vault.DelayedError{RetryAfter: 90*time.Second + time.Millisecond})
 	limited("the escalating delay", recoverAs("hal"), "91")
 	s.err = nil
 

@@ -32,7 +32,7 @@ func TestClassifyRefusals(t *testing.T) {
 		checked, wrong, delayd bool
 	}{
 		{"rate limit", fmt.Errorf("admit: %w", &ratelimit.Error{Limiter: ratelimit.LimiterGuessesPerUser, RetryAfter: time.Second}), "rate_limited", "rate_limited", false, false, false},
-		{"escalating delay", fmt.Errorf("precheck: %w", &vault.RateLimitedError{RetryAfter: time.Second}), "rate_limited", "rate_limited", false, false, true},
+		{"escalating delay", fmt.Errorf("precheck: %w", &vault.DelayedError{RetryAfter: time.Second}), "rate_limited", "rate_limited", false, false, true},
 		{"api problem", badRequest("pin: missing"), codeInvalid, codeInvalid, false, false, false},
 		{"vault invalid", fmt.Errorf("%w: pin: too short", vault.ErrInvalid), "invalid", codeInvalid, false, false, false},
 		{"own lockout", &vault.LockedError{Checked: true}, "locked", "lockout", true, true, false},
@@ -43,9 +43,9 @@ func TestClassifyRefusals(t *testing.T) {
 	}
 	for _, c := range cases {
 		o := classify(c.err)
-		if o.Result != c.result || auditResult(o) != c.audit || o.Checked != c.checked || o.Wrong != c.wrong || o.delayed() != c.delayd {
+		if o.Result != c.result || auditResult(o) != c.audit || o.Checked != c.checked || o.Wrong != c.wrong || o.Delayed != c.delayd {
 			t.Errorf("%s: result %q audit %q checked %v wrong %v delayed %v; want %q %q %v %v %v", c.name,
-				o.Result, auditResult(o), o.Checked, o.Wrong, o.delayed(), c.result, c.audit, c.checked, c.wrong, c.delayd)
+				o.Result, auditResult(o), o.Checked, o.Wrong, o.Delayed, c.result, c.audit, c.checked, c.wrong, c.delayd)
 		}
 	}
 }

@@ -55,7 +55,7 @@ func (h *handlers) admitGuess(r *http.Request, op, ns, id string, pre vault.Prec
 		if err != nil {
 			o := classify(err)
 			h.b.CountRefused(op, o.Result)
-			if o.delayed() && h.limits != nil {
+			if o.Delayed && h.limits != nil {
 				h.limits.EscalatingDelayRejected()
 			}
 		}
@@ -97,7 +97,7 @@ func (h *handlers) settleGuess(r *http.Request, o outcome) {
 	switch {
 	case o.Wrong:
 		h.limits.WrongGuess(clientOf(r.Context()).Name)
-	case o.delayed():
+	case o.Delayed:
 		h.limits.EscalatingDelayRejected()
 	}
 }

@@ -399,7 +399,7 @@ var vaultErrors = map[string]error{
 	"locked_here":   fmt.Errorf("recover: %w", &vault.LockedError{Checked: true}),
 	"not_found":     fmt.Errorf("x: %w", vault.ErrNotFound),
 	"precondition":  fmt.Errorf("x: %w: generation does not match", vault.ErrPrecondition),
-	"delay":         fmt.Errorf("x: %w", &vault.RateLimitedError{RetryAfter: 90 * time.Second}),
+	"delay":         fmt.Errorf("x: %w", &vault.DelayedError{RetryAfter: 90 * time.Second}),
 	"unavailable":   fmt.Errorf("x: %w: read record: disk", vault.ErrUnavailable),
 	"integrity":     fmt.Errorf("x: %w: MAC mismatch", vault.ErrIntegrity),
 	"unknown error": errors.New("something else"),

@@ -103,10 +103,6 @@ func classify(err error) outcome {
 	return o
 }
 
-// delayed: the vault's escalating delay refused the guess (not a rate
-// limit of the API).
-func (o outcome) delayed() bool { return o.limited == nil && o.Result == "rate_limited" }
-
 // writeError is the one place errors become responses. Only texts written
 // by keyvault reach the body: vault.ErrInvalid details name a field and a
 // rule, never a value.
@@ -123,7 +119,7 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 		if u := o.inUse; u != nil && p.Code == adminKeysInUse {
 			p.Version, p.WrapRecords, p.PINRecords = &u.Version, &u.WrapRecords, &u.PINRecords
 		}
-	case o.Result == "rate_limited":
+	case o.Delayed:
 		p.Status, p.Code, retryAfter = http.StatusTooManyRequests, codeRateLimited, ceilSeconds(o.RetryAfter)
 		p.Detail = "Too many wrong guesses in a row: wait before the next one. Nothing was checked or counted. Retry after Retry-After seconds."
 	case o.Result == "invalid":

@@ -104,7 +104,8 @@ type Config struct {
 	Store Store `yaml:"store"`
 	// HSM lists the PKCS#11 tokens that seal records. Required.
 	HSM HSM `yaml:"hsm"`
-	// Budget bounds the wrong-guess budget of a record.
+	// Budget is the guess budget of every backup: its attempts and the
+	// escalating delay between wrong guesses.
 	Budget Budget `yaml:"budget"`
 	// Clients are the callers allowed to use the API. At least one.
 	Clients []Client `yaml:"clients"`
@@ -141,12 +142,6 @@ type RateLimit struct {
 	// configured, so that a client flooding the vault leaves room for the
 	// others; its next one is a 429. From 1 to 100 (100: no cap). Default 50.
 	HSMSharePerClientPercent int `yaml:"hsm_share_per_client_percent"`
-	// EscalatingDelay is kept in the record, so it holds across processes
-	// and restarts: after FreeGuesses wrong guesses in a row, the next
-	// guess must wait Base * 2^(k-FreeGuesses) after the last one, k being
-	// the wrong guesses in a row. Default free_guesses 5, base 1m; base 0
-	// turns it off.
-	EscalatingDelay EscalatingDelay `yaml:"escalating_delay"`
 }
 
 // Bucket is a token bucket: a refill rate, given per second or per minute
@@ -176,12 +171,6 @@ func (b Bucket) Rate() float64 {
 		return float64(b.PerSecond)
 	}
 	return float64(b.PerMinute) / 60
-}
-
-// EscalatingDelay configures the durable delay between wrong guesses.
-type EscalatingDelay struct {
-	FreeGuesses int           `yaml:"free_guesses"`
-	Base        time.Duration `yaml:"base"`
 }
 
 // HTTPTimeouts bound each connection of the API and admin listeners, so
@@ -342,7 +331,9 @@ type Member struct {
 	MaxSessions int `yaml:"max_sessions"`
 }
 
-// Budget bounds the number of wrong guesses a record allows.
+// Budget is the guess budget of every backup: how many wrong guesses a
+// record allows, and how long a guess waits after wrong ones in a row. The
+// vault keeps it (vault.Budget).
 type Budget struct {
 	// DefaultMaxAttempts applies to records created without a budget.
 	// Default 10; 1 <= DefaultMaxAttempts <= MaxAttemptsLimit.
@@ -350,6 +341,19 @@ type Budget struct {
 	// MaxAttemptsLimit is the largest budget a client may ask for.
 	// Default 20; at most 1000.
 	MaxAttemptsLimit int `yaml:"max_attempts_limit"`
+	// EscalatingDelay is kept in the record, so it holds across processes
+	// and restarts: after FreeGuesses wrong guesses in a row, the next
+	// guess must wait Base * 2^(k-FreeGuesses) after the last one, k being
+	// the wrong guesses in a row. A guess it refuses is answered 429 with
+	// a truthful Retry-After, and is neither checked nor counted. Default
+	// free_guesses 5, base 1m; base 0 turns it off.
+	EscalatingDelay EscalatingDelay `yaml:"escalating_delay"`
+}
+
+// EscalatingDelay configures the durable delay between wrong guesses.
+type EscalatingDelay struct {
+	FreeGuesses int           `yaml:"free_guesses"`
+	Base        time.Duration `yaml:"base"`
 }
 
 // Client is one caller of the API, authenticated by a bearer token.
@@ -450,6 +454,7 @@ func defaults() *Config {
 		Budget: Budget{
 			DefaultMaxAttempts: DefaultMaxAttempts,
 			MaxAttemptsLimit:   DefaultMaxAttemptsLimit,
+			EscalatingDelay:    EscalatingDelay{FreeGuesses: 5, Base: time.Minute},
 		},
 		Log: Log{Level: DefaultLogLevel, Format: DefaultLogFormat},
 		RateLimit: RateLimit{
@@ -459,7 +464,6 @@ func defaults() *Config {
 			HSMQueueTimeout:          50 * time.Millisecond,
 			AdmittedPerHSMSession:    4,
 			HSMSharePerClientPercent: 50,
-			EscalatingDelay:          EscalatingDelay{FreeGuesses: 5, Base: time.Minute},
 		},
 	}
 }

@@ -98,6 +98,7 @@ hsm:
 budget:
   default_max_attempts: 5
   max_attempts_limit: 50
+  escalating_delay: {free_guesses: 3, base: 30s}
 clients:
   - name: messenger
     token_sha256: {{.Hash1}}
@@ -154,7 +155,7 @@ func TestParseFull(t *testing.T) {
 			t.Errorf("members[%d]: got %+v, want %+v", i, cfg.HSM.Members[i], want)
 		}
 	}
-	if cfg.Budget != (Budget{DefaultMaxAttempts: 5, MaxAttemptsLimit: 50}) {
+	if cfg.Budget != (Budget{DefaultMaxAttempts: 5, MaxAttemptsLimit: 50, EscalatingDelay: EscalatingDelay{FreeGuesses: 3, Base: 30 * time.Second}}) {
 		t.Errorf("budget: got %+v", cfg.Budget)
 	}
 	if len(cfg.Clients) != 2 {
@@ -193,7 +194,7 @@ func TestParseDefaults(t *testing.T) {
 	if got := cfg.HSM.Members[0].MaxSessions; got != DefaultMaxSessions {
 		t.Errorf("max_sessions: got %d, want %d", got, DefaultMaxSessions)
 	}
-	if cfg.Budget != (Budget{DefaultMaxAttempts: 10, MaxAttemptsLimit: 20}) {
+	if cfg.Budget != (Budget{DefaultMaxAttempts: 10, MaxAttemptsLimit: 20, EscalatingDelay: EscalatingDelay{FreeGuesses: 5, Base: time.Minute}}) {
 		t.Errorf("budget: got %+v", cfg.Budget)
 	}
 	if c := cfg.Clients[0]; c.Namespace != c.Name || c.ShareNamespace {
@@ -374,6 +375,10 @@ func TestParseRejects(t *testing.T) {
 		{"budget default above limit", "budget:\n  default_max_attempts: 30\n" + minimalYAML, []string{"budget.default_max_attempts: must not exceed budget.max_attempts_limit (20)"}},
 		{"budget default zero", "budget:\n  default_max_attempts: 0\n" + minimalYAML, []string{"budget.default_max_attempts: must be at least 1"}},
 		{"budget limit too large", "budget:\n  max_attempts_limit: 1001\n" + minimalYAML, []string{"budget.max_attempts_limit: must be at most 1000"}},
+		{"escalating delay negative", "budget:\n  escalating_delay: {base: -1m}\n" + minimalYAML, []string{"budget.escalating_delay.base: must be from 0s (off) to 24h"}},
+		{"escalating delay too long", "budget:\n  escalating_delay: {base: 25h}\n" + minimalYAML, []string{"budget.escalating_delay.base: must be from 0s (off) to 24h"}},
+		{"escalating delay free guesses negative", "budget:\n  escalating_delay: {free_guesses: -1}\n" + minimalYAML, []string{"budget.escalating_delay.free_guesses: must not be negative"}},
+		{"escalating delay under ratelimit", "ratelimit:\n  escalating_delay: {base: 0s}\n" + minimalYAML, []string{"ratelimit.escalating_delay: moved to budget.escalating_delay, with the same fields (line 2)"}},
 
 		// Clients.
 		{"client name bad", client("  - name: Messenger\n    token_sha256: {{.Hash1}}\n"), []string{"clients[0].name: must match"}},
@@ -434,6 +439,8 @@ clients:
   - name: other
 log:
   level: loud
+ratelimit:
+  escalating_delay: {free_guesses: 5, base: 1m}
 `
 	_, err := Parse(render(t, fx, doc))
 	if err == nil {
@@ -450,6 +457,7 @@ log:
 		"clients[0].token_sha256[0]: must be the hex SHA-256",
 		"clients[1].token_sha256: required",
 		"log.level: must be one of",
+		"ratelimit.escalating_delay: moved to budget.escalating_delay",
 	}
 	wantProblems(t, err, want)
 	// One problem per line, each starting with its key path.
@@ -868,7 +876,6 @@ func TestRateLimitSection(t *testing.T) {
 		HSMQueueTimeout:          50 * time.Millisecond,
 		AdmittedPerHSMSession:    4,
 		HSMSharePerClientPercent: 50,
-		EscalatingDelay:          EscalatingDelay{FreeGuesses: 5, Base: time.Minute},
 	}
 	if cfg.RateLimit != want {
 		t.Fatalf("defaults: %+v", cfg.RateLimit)
@@ -879,7 +886,6 @@ func TestRateLimitSection(t *testing.T) {
   hsm_queue_timeout: 20ms
   admitted_per_hsm_session: 2
   hsm_share_per_client_percent: 25
-  escalating_delay: {free_guesses: 3, base: 0s}
 `))
 	if err != nil {
 		t.Fatal(err)
@@ -887,7 +893,7 @@ func TestRateLimitSection(t *testing.T) {
 	r := cfg.RateLimit
 	if r.GuessesPerUser != (Bucket{PerSecond: 2, Burst: 3}) || r.GuessesPerUser.Rate() != 2 ||
 		r.RequestsPerClient.Rate() != 0 || r.WrongGuessesPerClient.Rate() != 10 ||
-		r.HSMQueueTimeout != 20*time.Millisecond || r.AdmittedPerHSMSession != 2 || r.HSMSharePerClientPercent != 25 || r.EscalatingDelay != (EscalatingDelay{3, 0}) {
+		r.HSMQueueTimeout != 20*time.Millisecond || r.AdmittedPerHSMSession != 2 || r.HSMSharePerClientPercent != 25 {
 		t.Fatalf("overrides: %+v", r)
 	}
 	for _, c := range []struct{ yaml, want string }{
@@ -900,7 +906,6 @@ func TestRateLimitSection(t *testing.T) {
 		{"ratelimit:\n  hsm_share_per_client_percent: 0\n", "ratelimit.hsm_share_per_client_percent: must be from 1 to 100"},
 		{"ratelimit:\n  hsm_share_per_client_percent: 101\n", "ratelimit.hsm_share_per_client_percent: must be from 1 to 100"},
 		{"ratelimit:\n  hsm_share_per_client_percent: 0.5\n", "ratelimit.hsm_share_per_client_percent: expected an integer"},
-		{"ratelimit:\n  escalating_delay: {base: -1m}\n", "ratelimit.escalating_delay.base: must be from 0s (off) to 24h"},
 		{"ratelimit:\n  guesses_per_user: {per_hour: 1}\n", "ratelimit.guesses_per_user.per_hour: unknown key"},
 	} {
 		if _, err := Parse(render(t, fx, minimalYAML+c.yaml)); err == nil || !strings.Contains(err.Error(), c.want) {

@@ -64,6 +64,7 @@
 //	hsm.members[].max_sessions     8                ([DefaultMaxSessions])
 //	budget.default_max_attempts    10               ([DefaultMaxAttempts])
 //	budget.max_attempts_limit      20               ([DefaultMaxAttemptsLimit])
+//	budget.escalating_delay        free_guesses 5, base 1m (base 0s: off)
 //	clients[].namespace            the client's name
 //	clients[].share_namespace      false
 //	log.level                      info             ([DefaultLogLevel])

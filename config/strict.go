@@ -28,6 +28,13 @@ var inlinePINKeys = map[string]bool{
 	"user_pin": true, "passphrase": true, "secret": true,
 }
 
+// movedKeys maps a key path that configs of earlier releases used to the
+// key path that takes the same fields now, so that the message says where
+// to write it instead of "unknown key".
+var movedKeys = map[string]string{
+	"ratelimit.escalating_delay": "budget.escalating_delay",
+}
+
 var (
 	stringListType = reflect.TypeFor[StringList]()
 	durationType   = reflect.TypeFor[time.Duration]()
@@ -230,6 +237,9 @@ func (c *structureChecker) entry(k, val *yaml.Node, t reflect.Type, path string,
 	switch {
 	case !ok && t == memberType && inlinePINKeys[strings.ToLower(name)]:
 		c.addKey(kp, k.Line, "the HSM PIN must not be inline; use pin_env or pin_file")
+		return false
+	case !ok && movedKeys[kp] != "":
+		c.addKey(kp, k.Line, "moved to %s, with the same fields", movedKeys[kp])
 		return false
 	case !ok:
 		c.addKey(kp, k.Line, "unknown key")

@@ -327,6 +327,12 @@ func (v *validator) budget(b Budget) {
 	if b.DefaultMaxAttempts > b.MaxAttemptsLimit {
 		v.add("budget.default_max_attempts", "must not exceed budget.max_attempts_limit (%d)", b.MaxAttemptsLimit)
 	}
+	if b.EscalatingDelay.Base < 0 || b.EscalatingDelay.Base > 24*time.Hour {
+		v.add("budget.escalating_delay.base", "must be from 0s (off) to 24h")
+	}
+	if b.EscalatingDelay.FreeGuesses < 0 {
+		v.add("budget.escalating_delay.free_guesses", "must not be negative")
+	}
 }
 
 func (v *validator) clients(cs []Client) {
@@ -502,11 +508,5 @@ func (v *validator) rateLimit(r RateLimit) {
 	}
 	if r.HSMQueueTimeout < 0 {
 		v.add("ratelimit.hsm_queue_timeout", "must not be negative")
-	}
-	if r.EscalatingDelay.Base < 0 || r.EscalatingDelay.Base > 24*time.Hour {
-		v.add("ratelimit.escalating_delay.base", "must be from 0s (off) to 24h")
-	}
-	if r.EscalatingDelay.FreeGuesses < 0 {
-		v.add("ratelimit.escalating_delay.free_guesses", "must not be negative")
 	}
 }

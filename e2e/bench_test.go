@@ -151,7 +151,6 @@ func TestBenchMixedRefusedEnrolls(t *testing.T) {
   requests_per_client: {per_second: 200, burst: 20}
   wrong_guesses_per_client: {per_second: 0}
   hsm_queue_timeout: 0s
-  escalating_delay: {base: 0s}
 `)
 	v := startDevLimited(t, dir)
 	code, out := runCLI(t, "bench", "--json", "--url", v.API, "--token-file", filepath.Join(dir, "token"), "--op", "mixed",

@@ -194,9 +194,10 @@ func TestConfigCheck(t *testing.T) {
 		t.Errorf("the dev config is refused by config/keyvault.schema.json: %v", err)
 	}
 	bad := filepath.Join(dir, "bad.yaml")
-	// Two unknown keys, a value of the wrong type and two bad values: one
-	// run names all five.
+	// Two unknown keys, a key in its former place, a value of the wrong
+	// type and two bad values: one run names all six.
 	broken := strings.Replace(string(data), "budget:\n", "budget:\n  max_attempts: 3\n", 1) + "lisen: 127.0.0.1:1\n"
+	broken = strings.Replace(broken, "ratelimit:\n", "ratelimit:\n  escalating_delay: {base: 0s}\n", 1)
 	broken = strings.Replace(broken, "default_max_attempts: 10", "default_max_attempts: 30", 1)
 	broken = strings.Replace(broken, "max_sessions: 8", "max_sessions: many", 1)
 	broken = strings.Replace(broken, "level: info", "level: loud", 1)
@@ -205,8 +206,9 @@ func TestConfigCheck(t *testing.T) {
 	}
 	code, out := runCLI(t, "config", "check", "--config", bad)
 	want := []string{
-		"5 problems:",
+		"6 problems:",
 		"budget.max_attempts: unknown key",
+		"ratelimit.escalating_delay: moved to budget.escalating_delay, with the same fields",
 		"lisen: unknown key",
 		"hsm.members[0].max_sessions: expected an integer, got a string",
 		"budget.default_max_attempts: must not exceed budget.max_attempts_limit (20)",
@@ -214,7 +216,7 @@ func TestConfigCheck(t *testing.T) {
 	}
 	for _, w := range want {
 		if code != 2 || !strings.Contains(out, w) {
-			t.Errorf("config check of a config with five problems: exit %d, output lacks %q:\n%s", code, w, out)
+			t.Errorf("config check of a config with six problems: exit %d, output lacks %q:\n%s", code, w, out)
 		}
 	}
 	if code, _ := runCLI(t, "config", "check"); code != 2 {

@@ -876,7 +876,6 @@ func deployTraffic(t *testing.T) string {
   requests_per_client: {per_second: 0}
   wrong_guesses_per_client: {per_second: 0}
   hsm_queue_timeout: 1ms
-  escalating_delay: {base: 0s}
 `)
 	b, err := os.ReadFile(cfg)
 	if err != nil {

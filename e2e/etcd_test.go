@@ -42,7 +42,7 @@ func etcdNodes(t *testing.T, cluster *etcdtest.Cluster, n int) []*vault {
 	dir := t.TempDir()
 	startDevLimited(t, dir).Stop()
 	cfg := filepath.Join(dir, "keyvault.yaml")
-	setRateLimits(t, cfg, kvproc.LimitsOff)
+	kvproc.SetLimitsOff(t, cfg)
 	kvproc.SetSection(t, cfg, "store", fmt.Sprintf(
 		"store:\n  driver: etcd\n  etcd:\n    endpoints: [%s]\n    key_prefix: /e2e-%s/\n    dial_timeout: 2s\n    request_timeout: 2s\n",
 		strings.Join(cluster.Endpoints(), ", "), randID("p")))

@@ -33,7 +33,6 @@ func TestHSMFairness(t *testing.T) {
   wrong_guesses_per_client: {per_second: 0}
   hsm_queue_timeout: 10ms
   admitted_per_hsm_session: 1
-  escalating_delay: {base: 0s}
 `)
 	floodToken := "e2e-flood-" + strings.ToLower(randID("t"))
 	sum := sha256.Sum256([]byte(floodToken))

@@ -72,7 +72,9 @@ store:
   path: %s
   rollback_anchor: false
 hsm:
-%s%sclients:
+%s%sbudget:
+  escalating_delay: {base: 0s}
+clients:
   - name: messenger
     token_sha256: %s
 ratelimit:
@@ -80,7 +82,6 @@ ratelimit:
   requests_per_client: {per_second: 0}
   wrong_guesses_per_client: {per_second: 0}
   hsm_queue_timeout: 0s
-  escalating_delay: {base: 0s}
 `, k.adminHash, k.db, line, k.member, k.apiHash))
 }
 

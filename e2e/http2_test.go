@@ -40,7 +40,6 @@ func TestHTTP2Limits(t *testing.T) {
   wrong_guesses_per_client: {per_second: 0}
   hsm_queue_timeout: 10ms
   admitted_per_hsm_session: 1
-  escalating_delay: {base: 0s}
 `)
 	b, err := os.ReadFile(cfg)
 	if err != nil {

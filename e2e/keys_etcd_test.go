@@ -30,7 +30,7 @@ func etcdKeyNodes(t *testing.T, cluster *etcdtest.Cluster, n int) (nodes []*vaul
 	dir := t.TempDir()
 	startDevLimited(t, dir).Stop()
 	cfg = filepath.Join(dir, "keyvault.yaml")
-	setRateLimits(t, cfg, kvproc.LimitsOff)
+	kvproc.SetLimitsOff(t, cfg)
 	prefix = "/e2e-" + randID("keys") + "/"
 	kvproc.SetSection(t, cfg, "store", fmt.Sprintf(
 		"store:\n  driver: etcd\n  etcd:\n    endpoints: [%s]\n    key_prefix: %s\n    dial_timeout: 2s\n    request_timeout: 2s\n    heartbeat_interval: 500ms\n",

@@ -82,7 +82,7 @@ func startDevWith(t testing.TB, dir string, anchored bool) *vault {
 	cfg := filepath.Join(dir, "keyvault.yaml")
 	if _, err := os.Stat(cfg); errors.Is(err, os.ErrNotExist) {
 		startDevLimited(t, dir).Stop()
-		setRateLimits(t, cfg, kvproc.LimitsOff)
+		kvproc.SetLimitsOff(t, cfg)
 		if !anchored {
 			kvproc.SetRollbackAnchor(t, cfg, false)
 		}

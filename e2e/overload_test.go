@@ -25,7 +25,6 @@ func BenchmarkOverload(b *testing.B) {
   requests_per_client: {per_second: 0}
   wrong_guesses_per_client: {per_second: 0}
   hsm_queue_timeout: 50ms
-  escalating_delay: {base: 0s}
 `)
 	v := startDevLimited(b, dir)
 	defer v.Stop()

@@ -72,7 +72,9 @@ hsm:
   module_env:
     SOFTHSM2_CONF: %s
   members:
-%sclients:
+%sbudget:
+  escalating_delay: {base: 0s}
+clients:
   - name: messenger
     token_sha256: %s
 ratelimit:
@@ -80,7 +82,6 @@ ratelimit:
   requests_per_client: {per_second: 0}
   wrong_guesses_per_client: {per_second: 0}
   hsm_queue_timeout: 0s
-  escalating_delay: {base: 0s}
 `, hash(adminToken), filepath.Join(dir, "keyvault.db"), conf, members.String(), hash(apiToken)))
 	if code, out := runCLI(t, "keys", "init", "--config", k.cfg); code != 0 {
 		t.Fatalf("keys init: exit %d:\n%s", code, out)

@@ -171,7 +171,7 @@ func startDevWith(t testing.TB, dir string, anchored bool) *vault {
 	cfg := filepath.Join(dir, "keyvault.yaml")
 	if _, err := os.Stat(cfg); errors.Is(err, os.ErrNotExist) {
 		startVault(t, dir, kvproc.DevArgs(dir)...).Stop()
-		kvproc.SetRateLimits(t, cfg, kvproc.LimitsOff)
+		kvproc.SetLimitsOff(t, cfg)
 		if !anchored {
 			kvproc.SetRollbackAnchor(t, cfg, false)
 		}

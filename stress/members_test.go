@@ -229,7 +229,9 @@ hsm:
   module_env:
     SOFTHSM2_CONF: %s
   members:
-%s%sclients:
+%s%sbudget:
+  escalating_delay: {base: 0s}
+clients:
   - name: dev
     namespace: dev
     token_sha256: %s
@@ -238,7 +240,6 @@ ratelimit:
   requests_per_client: {per_second: 0}
   wrong_guesses_per_client: {per_second: 0}
   hsm_queue_timeout: 0s
-  escalating_delay: {base: 0s}
 `, filepath.Join(dir, "keyvault.db"), conf, member("a", module, "keyvault-a"), member("b", moduleB, "keyvault-b"), hex.EncodeToString(sum[:]))
 	if err := os.WriteFile(cfg, []byte(text), 0o600); err != nil {
 		t.Fatal(err)

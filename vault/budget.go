@@ -1,11 +1,138 @@
 package vault
 
+// The guess budget: its configuration (Budget), the refusals a guess gets
+// before anything is counted (refusal, Precheck), and the steps of a
+// counted guess (count, then forgive, refund or settle).
+
 import (
 	"context"
 	"errors"
 	"fmt"
 	"time"
 )
+
+// Budget is the guess budget of every backup: the attempts an enrollment
+// may give it, and the escalating delay between wrong guesses. The zero
+// value of each field has the documented default.
+type Budget struct {
+	// DefaultMaxAttempts applies when an enrollment names none (default 10).
+	DefaultMaxAttempts int
+	// MaxAttemptsLimit is the largest max_attempts a client may ask for
+	// (default 20).
+	MaxAttemptsLimit int
+	// EscalatingDelay, when Base is non-zero, makes a guess wait after
+	// FreeGuesses attempts used in a row: Base * 2^(k-FreeGuesses) after the
+	// record's last write, k being the attempts used. It lives in the
+	// record, so it holds across processes and restarts. Default off.
+	EscalatingDelay EscalatingDelay
+}
+
+// withDefaults returns b with the defaults of its zero fields, or an error
+// if its attempts do not fit together.
+func (b Budget) withDefaults() (Budget, error) {
+	if b.DefaultMaxAttempts == 0 {
+		b.DefaultMaxAttempts = 10
+	}
+	if b.MaxAttemptsLimit == 0 {
+		b.MaxAttemptsLimit = 20
+	}
+	if b.DefaultMaxAttempts < 1 || b.DefaultMaxAttempts > b.MaxAttemptsLimit {
+		return b, fmt.Errorf("default max attempts %d outside 1..%d", b.DefaultMaxAttempts, b.MaxAttemptsLimit)
+	}
+	return b, nil
+}
+
+// maxAttempts is the max_attempts of an enrollment that asks for n (0: the
+// default), or ErrInvalid.
+func (b Budget) maxAttempts(n int) (int, error) {
+	if n == 0 {
+		n = b.DefaultMaxAttempts
+	}
+	if n < 1 || n > b.MaxAttemptsLimit {
+		return 0, invalid("max_attempts", fmt.Sprintf("must be from 1 to %d", b.MaxAttemptsLimit))
+	}
+	return n, nil
+}
+
+// used is the attempts a record has used in its current period: every
+// guess counted, less those a success forgave and those refunded.
+func (r *record) used() uint32 { return r.Guesses - r.Forgiven - r.Refunds }
+
+// remaining is the attempts a record has left; none once locked.
+func (r *record) remaining() int {
+	if r.Locked {
+		return 0
+	}
+	return int(r.MaxAttempts - r.used())
+}
+
+// EscalatingDelay configures the durable delay between wrong guesses.
+type EscalatingDelay struct {
+	FreeGuesses int
+	Base        time.Duration
+}
+
+// maxDelay caps one escalating delay, and keeps its arithmetic from
+// overflowing.
+const maxDelay = 30 * 24 * time.Hour
+
+// wait returns how long a guess on r must still wait at now: from the
+// latest counted guess (a refund or a reset does not restart it).
+func (d EscalatingDelay) wait(r *record, now int64) time.Duration {
+	k := int(r.used())
+	if d.Base <= 0 || k == 0 || k < d.FreeGuesses {
+		return 0
+	}
+	delay := min(d.Base, maxDelay)
+	for range min(k-d.FreeGuesses, 32) {
+		if delay = 2 * delay; delay >= maxDelay {
+			delay = maxDelay
+			break
+		}
+	}
+	return time.Duration(max(r.LastGuessAt+int64(delay)-now, 0))
+}
+
+// refusal is the answer a guess on cur gets before anything is counted or
+// checked, or nil if it may be counted: ErrNotFound, ErrPrecondition,
+// ErrLocked (errPendingLock while the lock settles), or a *DelayedError.
+// count decides by it in the write that counts; Precheck ahead of it.
+func (v *Vault) refusal(cur *stored, pre Precondition) error {
+	if cur == nil || cur.Tombstone {
+		return ErrNotFound
+	}
+	// A failed precondition is decided before anything is counted.
+	if err := pre.check(cur); err != nil {
+		return err
+	}
+	if cur.Locked {
+		return v.lockedOrPending(cur)
+	}
+	if wait := v.opts.Budget.EscalatingDelay.wait(cur.record, v.now()); wait > 0 {
+		return &DelayedError{RetryAfter: wait}
+	}
+	return nil
+}
+
+// Precheck tells, without counting or checking anything, whether a guess
+// on the backup would be refused now: ErrNotFound, ErrPrecondition,
+// ErrLocked, or a *DelayedError for the escalating delay. It first waits
+// for a pending lock to settle. Callers use it to refuse cheaply, before
+// spending rate-limit tokens or HSM capacity on a guess; the guess itself
+// decides again when it is counted.
+func (v *Vault) Precheck(ctx context.Context, ns, userID string, pre Precondition) error {
+	if err := checkTarget(ns, userID); err != nil {
+		return err
+	}
+	key := recordKey(ns, userID)
+	return v.waitSettled(ctx, func() error {
+		cur, err := v.read(ctx, key)
+		if err != nil {
+			return err
+		}
+		return v.refusal(cur, pre)
+	})
+}
 
 // lockSettleWindow bounds how long a lock may stay pending. The guess that
 // uses the last attempt removes the secret when it is counted, before its
@@ -101,18 +228,8 @@ func (v *Vault) count(ctx context.Context, ns, userID string, pre Precondition) 
 	g := &guess{key: recordKey(ns, userID)}
 	err := v.waitSettled(ctx, func() error {
 		return v.update(ctx, g.key, func(cur *stored) (*record, error) {
-			if cur == nil || cur.Tombstone {
-				return nil, ErrNotFound
-			}
-			// A failed precondition is decided before anything is counted.
-			if err := pre.check(cur); err != nil {
+			if err := v.refusal(cur, pre); err != nil {
 				return nil, err
-			}
-			if cur.Locked {
-				return nil, v.lockedOrPending(cur)
-			}
-			if wait := v.opts.EscalatingDelay.wait(cur.record, v.now()); wait > 0 {
-				return nil, &RateLimitedError{RetryAfter: wait}
 			}
 			g.before = *cur.record
 			next := *cur.record

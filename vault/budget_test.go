@@ -12,6 +12,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -213,9 +214,9 @@ func TestMaxAttempts(t *testing.T) {
 		{"negative", vault.Options{}, -1, 0, true},
 		{"most negative", vault.Options{}, math.MinInt, 0, true},
 		{"huge", vault.Options{}, math.MaxInt, 0, true},
-		{"configured default", vault.Options{DefaultMaxAttempts: 3, MaxAttemptsLimit: 5}, 0, 3, false},
-		{"configured limit", vault.Options{DefaultMaxAttempts: 3, MaxAttemptsLimit: 5}, 5, 5, false},
-		{"past the configured limit", vault.Options{DefaultMaxAttempts: 3, MaxAttemptsLimit: 5}, 6, 0, true},
+		{"configured default", vault.Options{Budget: vault.Budget{DefaultMaxAttempts: 3, MaxAttemptsLimit: 5}}, 0, 3, false},
+		{"configured limit", vault.Options{Budget: vault.Budget{DefaultMaxAttempts: 3, MaxAttemptsLimit: 5}}, 5, 5, false},
+		{"past the configured limit", vault.Options{Budget: vault.Budget{DefaultMaxAttempts: 3, MaxAttemptsLimit: 5}}, 6, 0, true},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -243,12 +244,13 @@ func TestMaxAttempts(t *testing.T) {
 
 func TestNewRejectsBadOptions(t *testing.T) {
 	t.Parallel()
-	for _, o := range []vault.Options{
+	for _, b := range []vault.Budget{
 		{DefaultMaxAttempts: -1},
 		{DefaultMaxAttempts: 21},
 		{DefaultMaxAttempts: 5, MaxAttemptsLimit: 3},
 		{MaxAttemptsLimit: -1},
 	} {
+		o := vault.Options{Budget: b}
 		st, err := boltstore.Open(boltstore.Options{Path: t.TempDir() + "/s.db"})
 		if err != nil {
 			t.Fatal(err)
@@ -260,29 +262,94 @@ func TestNewRejectsBadOptions(t *testing.T) {
 	}
 }
 
-func TestNewNeedsTheHSM(t *testing.T) {
+// The escalating delay: after FreeGuesses attempts used in a row, a guess
+// must wait Base * 2^(k-FreeGuesses) after the last one; a guess that comes
+// too soon is refused with a truthful RetryAfter, and neither checked nor
+// counted. It lives in the record, so a new vault process keeps it.
+func TestEscalatingDelay(t *testing.T) {
 	t.Parallel()
-	st, err := boltstore.Open(boltstore.Options{Path: t.TempDir() + "/s.db"})
-	if err != nil {
-		t.Fatal(err)
+	var clock atomic.Int64
+	clock.Store(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC).UnixNano())
+	now := func() time.Time { return time.Unix(0, clock.Load()) }
+	advance := func(d time.Duration) { clock.Add(int64(d)) }
+	opts := vault.Options{Now: now, Budget: vault.Budget{EscalatingDelay: vault.EscalatingDelay{FreeGuesses: 2, Base: time.Minute}}}
+	e := newEnv(t, opts)
+	secret := randBytes(32)
+	e.enroll("zoe", secret, rightPIN, 10)
+	e.wrong("zoe", 9)
+	advance(time.Second)
+	e.wrong("zoe", 8)
+	limited := func(want time.Duration, remaining int) {
+		t.Helper()
+		checks := e.hsm.pinChecks()
+		_, _, err := e.v.Recover(bg, ns, "zoe", rightPIN)
+		var rl *vault.DelayedError
+		if !errors.As(err, &rl) || !errors.Is(err, vault.ErrDelayed) || rl.RetryAfter != want {
+			t.Fatalf("a guess within the delay: %v, want DelayedError with RetryAfter %v", err, want)
+		}
+		if e.hsm.pinChecks() != checks || e.status("zoe").AttemptsRemaining != remaining {
+			t.Fatal("a refused guess was checked or counted")
+		}
 	}
-	defer st.Close()
-	down := newFakeHSM(t)
-	down.failNextHMAC(1)
-	if _, err := vault.New(bg, st, down, vault.Options{}); !errors.Is(err, vault.ErrUnavailable) {
-		t.Errorf("New with the HSM down: %v, want ErrUnavailable", err)
+	limited(time.Minute, 8)
+	advance(20 * time.Second)
+	limited(40*time.Second, 8)
+	advance(40 * time.Second)
+	e.wrong("zoe", 7) // exactly when the delay ends; now 3 in a row: 2 minutes
+	advance(time.Minute)
+	limited(time.Minute, 7)
+	// A new vault process on the same store keeps the delay.
+	e.reopen()
+	limited(time.Minute, 7)
+	advance(time.Minute)
+	// A guess the HSM never answers is refunded, and does not restart the
+	// delay: the next guess need not wait again.
+	e.hsm.failNextHMAC(1)
+	if _, _, err := e.v.Recover(bg, ns, "zoe", rightPIN); !errors.Is(err, vault.ErrUnavailable) {
+		t.Fatalf("a guess the HSM did not answer: %v", err)
 	}
-	noRoot := newFakeHSMVersions(t, map[vault.KeyRole]uint32{vault.RoleWrap: 1, vault.RolePIN: 1})
-	if _, err := vault.New(bg, st, noRoot, vault.Options{}); err == nil {
-		t.Error("New without a root key succeeded")
+	advance(time.Second)
+	if got, rem, err := e.v.Recover(bg, ns, "zoe", rightPIN); err != nil || !bytes.Equal(got, secret) || rem != 10 {
+		t.Fatalf("the right PIN after the delay: rem=%d err=%v", rem, err)
 	}
-	noWrap := newFakeHSMVersions(t, map[vault.KeyRole]uint32{vault.RolePIN: 1, vault.RoleRoot: 1})
-	v, err := vault.New(bg, st, noWrap, vault.Options{})
-	if err != nil {
-		t.Fatal(err)
+	e.wrong("zoe", 9) // a success resets the run: no delay
+}
+
+// Precheck refuses what a guess would refuse, and counts and checks
+// nothing.
+func TestPrecheck(t *testing.T) {
+	t.Parallel()
+	var clock atomic.Int64
+	clock.Store(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC).UnixNano())
+	e := newEnv(t, vault.Options{
+		Now:    func() time.Time { return time.Unix(0, clock.Load()) },
+		Budget: vault.Budget{EscalatingDelay: vault.EscalatingDelay{FreeGuesses: 1, Base: time.Minute}},
+	})
+	if err := e.v.Precheck(bg, ns, "nobody", vault.Precondition{}); !errors.Is(err, vault.ErrNotFound) {
+		t.Fatalf("missing: %v", err)
 	}
-	if _, _, err := v.Enroll(bg, ns, "erin", randBytes(16), rightPIN, 0, vault.Precondition{}); !errors.Is(err, vault.ErrUnavailable) {
-		t.Errorf("enroll without a wrap key: %v, want ErrUnavailable", err)
+	b := e.enroll("pat", randBytes(32), rightPIN, 2)
+	if err := e.v.Precheck(bg, ns, "pat", vault.Precondition{}); err != nil {
+		t.Fatalf("fresh backup: %v", err)
+	}
+	if err := e.v.Precheck(bg, ns, "pat", vault.Precondition{IfMatch: b.Generation + 1}); !errors.Is(err, vault.ErrPrecondition) {
+		t.Fatalf("stale If-Match: %v", err)
+	}
+	checks := e.hsm.pinChecks()
+	e.wrong("pat", 1)
+	var rl *vault.DelayedError
+	if err := e.v.Precheck(bg, ns, "pat", vault.Precondition{}); !errors.As(err, &rl) || rl.RetryAfter != time.Minute {
+		t.Fatalf("within the delay: %v", err)
+	}
+	clock.Add(int64(time.Minute))
+	if _, _, err := e.v.Recover(bg, ns, "pat", []byte("0000-wrong")); !errors.Is(err, vault.ErrLocked) {
+		t.Fatalf("the last attempt: %v", err)
+	}
+	if err := e.v.Precheck(bg, ns, "pat", vault.Precondition{}); !errors.Is(err, vault.ErrLocked) {
+		t.Fatalf("locked: %v", err)
+	}
+	if got := e.hsm.pinChecks() - checks; got != 2 {
+		t.Fatalf("%d PIN checks, want the 2 guesses only", got)
 	}
 }
 
@@ -1528,22 +1595,5 @@ func TestConcurrentEnrollments(t *testing.T) {
 	wg.Wait()
 	if wins != 1 || refused != workers-1 {
 		t.Fatalf("If-None-Match: %d won, %d refused", wins, refused)
-	}
-}
-
-func TestLogIDIsKeyedAndStable(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t, vault.Options{})
-	id := e.v.LogID(ns, "alice")
-	if id == e.v.LogID(ns, "alice2") || id == e.v.LogID("other", "alice") || strings.Contains(id, "alice") {
-		t.Fatalf("LogID %q does not tell users apart or holds the user_id", id)
-	}
-	e.reopen()
-	if e.v.LogID(ns, "alice") != id {
-		t.Fatal("LogID changed across a restart with the same HSM keys")
-	}
-	other := newEnv(t, vault.Options{})
-	if other.v.LogID(ns, "alice") == id {
-		t.Fatal("LogID is the same under another HSM's keys: it is not keyed")
 	}
 }

@@ -23,10 +23,13 @@ type Outcome struct {
 	Wrong bool
 	// Lockout: this request's wrong PIN used the last attempt.
 	Lockout bool
+	// Delayed: the escalating delay refused the guess (Result
+	// rate_limited, as the API's rate limits); nothing was checked or
+	// counted.
+	Delayed bool
 	// Remaining is the attempts left after a wrong_pin.
 	Remaining int
-	// RetryAfter is when a rate_limited guess (the escalating delay) can
-	// succeed.
+	// RetryAfter is when a Delayed guess can succeed.
 	RetryAfter time.Duration
 }
 
@@ -40,7 +43,7 @@ func Classify(err error) Outcome {
 		o       Outcome
 		wrong   *WrongPINError
 		locked  *LockedError
-		delayed *RateLimitedError
+		delayed *DelayedError
 	)
 	o.Lockout = errors.As(err, &locked) && locked.Checked
 	o.Wrong = errors.Is(err, ErrWrongPIN) || o.Lockout
@@ -52,8 +55,8 @@ func Classify(err error) Outcome {
 		o.Result, o.Remaining = "wrong_pin", wrong.Remaining
 	case errors.Is(err, ErrLocked):
 		o.Result = "locked"
-	case errors.Is(err, ErrRateLimited):
-		o.Result = "rate_limited"
+	case errors.Is(err, ErrDelayed):
+		o.Result, o.Delayed = "rate_limited", true
 		if errors.As(err, &delayed) {
 			o.RetryAfter = delayed.RetryAfter
 		}

@@ -29,7 +29,7 @@ func TestClassify(t *testing.T) {
 		{"own lockout", wrap(errCheckedLock), Outcome{Result: "locked", Checked: true, Wrong: true, Lockout: true}},
 		{"found locked", wrap(&LockedError{}), Outcome{Result: "locked"}},
 		{"bare locked", ErrLocked, Outcome{Result: "locked"}},
-		{"escalating delay", wrap(&RateLimitedError{RetryAfter: 1500 * time.Millisecond}), Outcome{Result: "rate_limited", RetryAfter: 1500 * time.Millisecond}},
+		{"escalating delay", wrap(&DelayedError{RetryAfter: 1500 * time.Millisecond}), Outcome{Result: "rate_limited", Delayed: true, RetryAfter: 1500 * time.Millisecond}},
 		{"not found", wrap(ErrNotFound), Outcome{Result: "not_found"}},
 		{"invalid", invalid("pin", "must be 4 to 64 bytes"), Outcome{Result: "invalid"}},
 		{"precondition", wrap(fmt.Errorf("%w: generation does not match", ErrPrecondition)), Outcome{Result: "precondition_failed"}},

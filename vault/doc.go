@@ -23,6 +23,12 @@
 // key derived from the HSM at start, so a record edited in the store is
 // refused with ErrIntegrity rather than trusted.
 //
+// The budget is in one place, budget.go: its configuration (Budget: the
+// attempts and the escalating delay), the refusals a guess gets before it
+// is counted (not found, precondition, locked, ErrDelayed), and the steps
+// that count, forgive, refund and settle a guess. Classify says what each
+// outcome means, wrong guess or not, for callers that keep limits.
+//
 // A store error other than a conflict leaves a write's outcome unknown (etcd
 // may apply a write it answered with an error). The vault resolves it with
 // the operation IDs each record keeps of its last writes (Vault.resolve),

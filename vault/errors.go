@@ -30,10 +30,11 @@ var (
 	// damaged). Nothing is served from it. HSM implementations wrap it when a
 	// GCM open fails authentication on a healthy member.
 	ErrIntegrity = errors.New("record integrity check failed")
-	// ErrRateLimited: the guess came too soon after the last wrong ones (the
-	// escalating delay); it was neither checked nor counted. The error is
-	// a *RateLimitedError saying when a retry can succeed.
-	ErrRateLimited = errors.New("rate limited")
+	// ErrDelayed: the guess came too soon after the last wrong ones (the
+	// escalating delay of the guess budget); it was neither checked nor
+	// counted. The error is a *DelayedError saying when a retry can
+	// succeed.
+	ErrDelayed = errors.New("guess delayed")
 	// ErrConflict is returned by a Store's CompareAndSwap when the key's
 	// revision is not the expected one. The vault retries; it never escapes.
 	ErrConflict = errors.New("store: revision conflict")
@@ -63,17 +64,17 @@ func invalid(field, msg string) error {
 	return fmt.Errorf("%w: %s: %s", ErrInvalid, field, msg)
 }
 
-// RateLimitedError is a guess refused by the escalating delay.
-type RateLimitedError struct {
+// DelayedError is a guess refused by the escalating delay.
+type DelayedError struct {
 	RetryAfter time.Duration
 }
 
-func (e *RateLimitedError) Error() string {
-	return fmt.Sprintf("rate limited: too many wrong guesses in a row; retry in %v", e.RetryAfter.Round(time.Second))
+func (e *DelayedError) Error() string {
+	return fmt.Sprintf("guess delayed: too many wrong guesses in a row; retry in %v", e.RetryAfter.Round(time.Second))
 }
 
-// Is makes errors.Is(err, ErrRateLimited) true.
-func (e *RateLimitedError) Is(target error) bool { return target == ErrRateLimited }
+// Is makes errors.Is(err, ErrDelayed) true.
+func (e *DelayedError) Is(target error) bool { return target == ErrDelayed }
 
 // LockedError is ErrLocked. Checked says that this request's own wrong
 // PIN was checked and used the last attempt (so it counts as a wrong

@@ -54,8 +54,6 @@ func (p Precondition) check(cur *stored) error {
 	return nil
 }
 
-func (v *Vault) now() int64 { return v.opts.Now().UnixNano() }
-
 // Enroll stores secret under pin as a new generation of the backup,
 // replacing any previous one (locked or not) and starting a fresh counter.
 // maxAttempts 0 means the configured default. created reports whether no
@@ -71,11 +69,8 @@ func (v *Vault) Enroll(ctx context.Context, ns, userID string, secret, pin []byt
 	if err := checkPIN("pin", pin); err != nil {
 		return Backup{}, false, err
 	}
-	if maxAttempts == 0 {
-		maxAttempts = v.opts.DefaultMaxAttempts
-	}
-	if maxAttempts < 1 || maxAttempts > v.opts.MaxAttemptsLimit {
-		return Backup{}, false, invalid("max_attempts", fmt.Sprintf("must be from 1 to %d", v.opts.MaxAttemptsLimit))
+	if maxAttempts, err = v.opts.Budget.maxAttempts(maxAttempts); err != nil {
+		return Backup{}, false, err
 	}
 
 	key := recordKey(ns, userID)
@@ -294,38 +289,6 @@ func (v *Vault) ChangePIN(ctx context.Context, ns, userID string, pin, newPIN []
 		return Backup{}, fmt.Errorf("change PIN: %w", err)
 	}
 	return backupOf(userID, next), nil
-}
-
-// Precheck tells, without counting or checking anything, whether a guess
-// on the backup would be refused now: ErrNotFound, ErrPrecondition,
-// ErrLocked, or a *RateLimitedError for the escalating delay. It first waits
-// for a pending lock to settle. Callers use it to refuse cheaply, before
-// spending rate-limit tokens or HSM capacity on a guess; the guess itself
-// decides again when it is counted.
-func (v *Vault) Precheck(ctx context.Context, ns, userID string, pre Precondition) error {
-	if err := checkTarget(ns, userID); err != nil {
-		return err
-	}
-	key := recordKey(ns, userID)
-	return v.waitSettled(ctx, func() error {
-		cur, err := v.read(ctx, key)
-		switch {
-		case err != nil:
-			return err
-		case cur == nil || cur.Tombstone:
-			return ErrNotFound
-		}
-		if err := pre.check(cur); err != nil {
-			return err
-		}
-		if cur.Locked {
-			return v.lockedOrPending(cur)
-		}
-		if wait := v.opts.EscalatingDelay.wait(cur.record, v.now()); wait > 0 {
-			return &RateLimitedError{RetryAfter: wait}
-		}
-		return nil
-	})
 }
 
 // Operations a caller may refuse before the vault sees them (CountRefused).

@@ -126,15 +126,6 @@ type record struct {
 	freshWrap, freshPIN bool
 }
 
-func (r *record) used() uint32 { return r.Guesses - r.Forgiven - r.Refunds }
-
-func (r *record) remaining() int {
-	if r.Locked {
-		return 0
-	}
-	return int(r.MaxAttempts - r.used())
-}
-
 // recordKey is the store key of a backup: a type byte, then the namespace
 // and the user_id, each prefixed by its length, so that no two pairs collide.
 func recordKey(ns, userID string) []byte {

@@ -225,97 +225,6 @@ func TestForgiveKeepsLaterRefunds(t *testing.T) {
 	}
 }
 
-// The escalating delay: after FreeGuesses attempts used in a row, a guess
-// must wait Base * 2^(k-FreeGuesses) after the last one; a guess that comes
-// too soon is refused with a truthful RetryAfter, and neither checked nor
-// counted. It lives in the record, so a new vault process keeps it.
-func TestEscalatingDelay(t *testing.T) {
-	t.Parallel()
-	var clock atomic.Int64
-	clock.Store(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC).UnixNano())
-	now := func() time.Time { return time.Unix(0, clock.Load()) }
-	advance := func(d time.Duration) { clock.Add(int64(d)) }
-	opts := vault.Options{Now: now, EscalatingDelay: vault.EscalatingDelay{FreeGuesses: 2, Base: time.Minute}}
-	e := newEnv(t, opts)
-	secret := randBytes(32)
-	e.enroll("zoe", secret, rightPIN, 10)
-	e.wrong("zoe", 9)
-	advance(time.Second)
-	e.wrong("zoe", 8)
-	limited := func(want time.Duration, remaining int) {
-		t.Helper()
-		checks := e.hsm.pinChecks()
-		_, _, err := e.v.Recover(bg, ns, "zoe", rightPIN)
-		var rl *vault.RateLimitedError
-		if !errors.As(err, &rl) || !errors.Is(err, vault.ErrRateLimited) || rl.RetryAfter != want {
-			t.Fatalf("a guess within the delay: %v, want RateLimitedError with RetryAfter %v", err, want)
-		}
-		if e.hsm.pinChecks() != checks || e.status("zoe").AttemptsRemaining != remaining {
-			t.Fatal("a refused guess was checked or counted")
-		}
-	}
-	limited(time.Minute, 8)
-	advance(20 * time.Second)
-	limited(40*time.Second, 8)
-	advance(40 * time.Second)
-	e.wrong("zoe", 7) // exactly when the delay ends; now 3 in a row: 2 minutes
-	advance(time.Minute)
-	limited(time.Minute, 7)
-	// A new vault process on the same store keeps the delay.
-	e.reopen()
-	limited(time.Minute, 7)
-	advance(time.Minute)
-	// A guess the HSM never answers is refunded, and does not restart the
-	// delay: the next guess need not wait again.
-	e.hsm.failNextHMAC(1)
-	if _, _, err := e.v.Recover(bg, ns, "zoe", rightPIN); !errors.Is(err, vault.ErrUnavailable) {
-		t.Fatalf("a guess the HSM did not answer: %v", err)
-	}
-	advance(time.Second)
-	if got, rem, err := e.v.Recover(bg, ns, "zoe", rightPIN); err != nil || !bytes.Equal(got, secret) || rem != 10 {
-		t.Fatalf("the right PIN after the delay: rem=%d err=%v", rem, err)
-	}
-	e.wrong("zoe", 9) // a success resets the run: no delay
-}
-
-// Precheck refuses what a guess would refuse, and counts and checks
-// nothing.
-func TestPrecheck(t *testing.T) {
-	t.Parallel()
-	var clock atomic.Int64
-	clock.Store(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC).UnixNano())
-	e := newEnv(t, vault.Options{
-		Now:             func() time.Time { return time.Unix(0, clock.Load()) },
-		EscalatingDelay: vault.EscalatingDelay{FreeGuesses: 1, Base: time.Minute},
-	})
-	if err := e.v.Precheck(bg, ns, "nobody", vault.Precondition{}); !errors.Is(err, vault.ErrNotFound) {
-		t.Fatalf("missing: %v", err)
-	}
-	b := e.enroll("pat", randBytes(32), rightPIN, 2)
-	if err := e.v.Precheck(bg, ns, "pat", vault.Precondition{}); err != nil {
-		t.Fatalf("fresh backup: %v", err)
-	}
-	if err := e.v.Precheck(bg, ns, "pat", vault.Precondition{IfMatch: b.Generation + 1}); !errors.Is(err, vault.ErrPrecondition) {
-		t.Fatalf("stale If-Match: %v", err)
-	}
-	checks := e.hsm.pinChecks()
-	e.wrong("pat", 1)
-	var rl *vault.RateLimitedError
-	if err := e.v.Precheck(bg, ns, "pat", vault.Precondition{}); !errors.As(err, &rl) || rl.RetryAfter != time.Minute {
-		t.Fatalf("within the delay: %v", err)
-	}
-	clock.Add(int64(time.Minute))
-	if _, _, err := e.v.Recover(bg, ns, "pat", []byte("0000-wrong")); !errors.Is(err, vault.ErrLocked) {
-		t.Fatalf("the last attempt: %v", err)
-	}
-	if err := e.v.Precheck(bg, ns, "pat", vault.Precondition{}); !errors.Is(err, vault.ErrLocked) {
-		t.Fatalf("locked: %v", err)
-	}
-	if got := e.hsm.pinChecks() - checks; got != 2 {
-		t.Fatalf("%d PIN checks, want the 2 guesses only", got)
-	}
-}
-
 // Guesses counted before a success but checked by the HSM only after the
 // period since that success is used up (a recovery, then wrong guesses to
 // the lock), or after a PIN change started the next generation: their
@@ -510,8 +419,8 @@ func TestPINChangeKeepsTheDelayOfGuessesCountedMeanwhile(t *testing.T) {
 	var clock atomic.Int64
 	clock.Store(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC).UnixNano())
 	e := newEnv(t, vault.Options{
-		Now:             func() time.Time { return time.Unix(0, clock.Load()) },
-		EscalatingDelay: vault.EscalatingDelay{FreeGuesses: 2, Base: time.Minute},
+		Now:    func() time.Time { return time.Unix(0, clock.Load()) },
+		Budget: vault.Budget{EscalatingDelay: vault.EscalatingDelay{FreeGuesses: 2, Base: time.Minute}},
 	})
 	e.enroll("lee", randBytes(32), rightPIN, 10)
 	entered, release := holdTags(e, "change")
@@ -531,7 +440,7 @@ func TestPINChangeKeepsTheDelayOfGuessesCountedMeanwhile(t *testing.T) {
 	if st := e.status("lee"); st.AttemptsRemaining != 8 {
 		t.Fatalf("after the PIN change: %+v, want the two wrong guesses still counted", st)
 	}
-	var rl *vault.RateLimitedError
+	var rl *vault.DelayedError
 	if _, _, err := e.v.Recover(bg, ns, "lee", []byte("5678")); !errors.As(err, &rl) {
 		t.Fatalf("a guess right after the PIN change: %v, want the escalating delay", err)
 	}

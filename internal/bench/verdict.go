@@ -80,7 +80,7 @@ func limitHint(limiter string) string {
 	case "wrong_guesses_per_client":
 		return "ratelimit.wrong_guesses_per_client caps the wrong guesses of the bench's client: for a bench, raise it in the vault's config, or send fewer (--rate R, --op recover)"
 	case "escalating_delay":
-		return fmt.Sprintf("ratelimit.escalating_delay holds back a user's wrong guesses in a row, and the bench sends up to %d in a row: for a bench, raise its free_guesses above %d or set its base to 0s", escalatingFree, escalatingFree)
+		return fmt.Sprintf("budget.escalating_delay holds back a user's wrong guesses in a row, and the bench sends up to %d in a row: for a bench, raise its free_guesses above %d or set its base to 0s", escalatingFree, escalatingFree)
 	default:
 		return "the vault's per-user and per-client limits apply to the bench as to any client: for a bench, raise ratelimit.* in the vault's config, or spread the load with --users N and --rate R"
 	}

@@ -179,6 +179,7 @@ hsm:
 budget:
   default_max_attempts: 10
   max_attempts_limit: 20
+  escalating_delay: {free_guesses: 5, base: 1m}
 clients:
   - name: dev
     namespace: dev
@@ -190,7 +191,6 @@ ratelimit:
   hsm_queue_timeout: 50ms
   admitted_per_hsm_session: 4
   hsm_share_per_client_percent: 50
-  escalating_delay: {free_guesses: 5, base: 1m}
 log:
   level: info
 `, dir, yamlScalar(listen), yamlScalar(admin), conf, module, TokenLabel, pinFile, hex.EncodeToString(sum[:]))

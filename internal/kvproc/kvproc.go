@@ -277,16 +277,31 @@ func DevArgs(dir string) []string {
 	return []string{"dev", "--dir", dir, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"}
 }
 
-// LimitsOff is a ratelimit section with the rate limits, the escalating
-// delay and HSM admission shedding off, for tests about the budget,
-// durability and the HSMs rather than the limits.
+// LimitsOff is a ratelimit section with the rate limits and HSM admission
+// shedding off.
 const LimitsOff = `ratelimit:
   guesses_per_user: {per_second: 0}
   requests_per_client: {per_second: 0}
   wrong_guesses_per_client: {per_second: 0}
   hsm_queue_timeout: 0s
+`
+
+// DelayOff is the budget section of the dev config with the escalating
+// delay off.
+const DelayOff = `budget:
+  default_max_attempts: 10
+  max_attempts_limit: 20
   escalating_delay: {base: 0s}
 `
+
+// SetLimitsOff turns the rate limits, HSM admission shedding (LimitsOff)
+// and the escalating delay (DelayOff) off in a dev config file, for tests
+// about the budget, durability and the HSMs rather than the limits.
+func SetLimitsOff(t testing.TB, path string) {
+	t.Helper()
+	SetRateLimits(t, path, LimitsOff)
+	SetSection(t, path, "budget", DelayOff)
+}
 
 // SetRateLimits replaces the ratelimit section of a config file with
 // block, editing the text so that the rest keeps its layout.

@@ -111,13 +111,11 @@ func (s *Server) Run(ctx context.Context) error {
 	defer store.Close()
 	rl := cfg.RateLimit
 	v, err := vault.New(ctx, store, pool, vault.Options{
-		DefaultMaxAttempts: cfg.Budget.DefaultMaxAttempts,
-		MaxAttemptsLimit:   cfg.Budget.MaxAttemptsLimit,
-		Registerer:         reg,
-		Logger:             log,
-		EscalatingDelay:    vault.EscalatingDelay{FreeGuesses: rl.EscalatingDelay.FreeGuesses, Base: rl.EscalatingDelay.Base},
-		Keys:               pool,
-		Cluster:            clusterOptions(cfg),
+		Budget:     budget(cfg.Budget),
+		Registerer: reg,
+		Logger:     log,
+		Keys:       pool,
+		Cluster:    clusterOptions(cfg),
 	})
 	if err != nil {
 		return err
@@ -246,6 +244,15 @@ func clusterOptions(cfg *config.Config) vault.ClusterOptions {
 		return vault.ClusterOptions{}
 	}
 	return vault.ClusterOptions{Shared: true, Heartbeat: e.HeartbeatInterval, WriteBound: 2 * e.RequestTimeout}
+}
+
+// budget is the vault's guess budget as the config's budget section sets it.
+func budget(b config.Budget) vault.Budget {
+	return vault.Budget{
+		DefaultMaxAttempts: b.DefaultMaxAttempts,
+		MaxAttemptsLimit:   b.MaxAttemptsLimit,
+		EscalatingDelay:    vault.EscalatingDelay{FreeGuesses: b.EscalatingDelay.FreeGuesses, Base: b.EscalatingDelay.Base},
+	}
 }
 
 func bucket(b config.Bucket) ratelimit.Rate {

@@ -73,6 +73,7 @@ var extras = map[string]extra{
 	"hsm.profile":                            {enum: []any{"gcm", "hmac", "gcm-hsm-iv"}},
 	"budget.default_max_attempts":            {min: ptr(1)},
 	"budget.max_attempts_limit":              {min: ptr(1), max: ptr(1000)},
+	"budget.escalating_delay.free_guesses":   {min: ptr(0)},
 	"clients[]":                              {required: []string{"name", "token_sha256"}},
 	"clients[].name":                         {pattern: `^[a-z0-9-]{1,64}$`},
 	"clients[].namespace":                    {pattern: `^[a-z0-9-]{1,64}$`},

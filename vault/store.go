@@ -1,0 +1,230 @@
+package vault
+
+// Reading and writing records through the Store: every record is
+// authenticated when read and MAC'd when written, every write is a
+// compare-and-swap, and a write whose outcome the store left unknown is
+// resolved before anything is acted on.
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// stored is a verified record together with where and at which revision it
+// was read.
+type stored struct {
+	key []byte
+	rev uint64
+	*record
+}
+
+// read fetches and authenticates a record. A missing key gives (nil, nil).
+// An edited, moved or malformed record is ErrIntegrity, counted in a metric.
+func (v *Vault) read(ctx context.Context, key []byte) (*stored, error) {
+	raw, rev, err := v.store.Get(ctx, key)
+	if errors.Is(err, ErrIntegrity) {
+		v.integrityFailure(key, "store value", err)
+		return nil, fmt.Errorf("read record: %w", err)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("%w: read record: %w", ErrUnavailable, err)
+	}
+	if raw == nil {
+		return nil, nil
+	}
+	r, body, mac, err := parseRecord(raw)
+	if err == nil {
+		k, ok := v.macKeys[r.MACVersion]
+		switch {
+		case !ok:
+			err = fmt.Errorf("unknown MAC key version %d", r.MACVersion)
+		case !hmac.Equal(mac, recordMAC(k, key, body)):
+			err = errors.New("MAC mismatch")
+		default:
+			err = r.check()
+		}
+	}
+	if err != nil {
+		v.integrityFailure(key, "record", err)
+		return nil, fmt.Errorf("%w: %w", ErrIntegrity, err)
+	}
+	return &stored{key: key, rev: rev, record: r}, nil
+}
+
+func (v *Vault) integrityFailure(key []byte, what string, err error) {
+	v.metrics.integrityFailures.Inc()
+	// The reason is ours (never record bytes); the key only as a keyed hash.
+	v.log.Warn("integrity check failed", "record", v.logID(key), "object", what, "reason", err.Error())
+}
+
+// write is the one function through which every record reaches the store:
+// it MACs the record under its store key and compare-and-swaps it against
+// the revision it was read at (0 for a new key). Counting writes run under
+// context.WithoutCancel so a client hanging up cannot skip them. A store
+// error that is neither a conflict nor damage leaves the outcome unknown;
+// write resolves it (see resolve) and returns nil only if the record
+// surely landed, ErrConflict only if it surely never will.
+func (v *Vault) write(ctx context.Context, key []byte, rev uint64, r *record) error {
+	if err := r.check(); err != nil {
+		return fmt.Errorf("vault: refusing to write an invalid record: %w", err)
+	}
+	if r.freshWrap || r.freshPIN {
+		// Held across the compare-and-swap (and its resolution), so that
+		// once a node has marked a version, no new record under it from
+		// this node can land unseen.
+		v.retireMu.RLock()
+		defer v.retireMu.RUnlock()
+		if err := v.mayWrite(r); err != nil {
+			return err
+		}
+	}
+	r.MACVersion = v.macVersion
+	body := r.marshal()
+	val := append(body, recordMAC(v.macKeys[v.macVersion], key, body)...)
+	ctx = context.WithoutCancel(ctx)
+	_, err := v.store.CompareAndSwap(ctx, key, rev, val)
+	if err == nil || errors.Is(err, ErrConflict) || errors.Is(err, ErrIntegrity) {
+		return err
+	}
+	if errors.Is(err, ErrWithheld) {
+		return fmt.Errorf("%w: write record: %w", ErrUnavailable, err)
+	}
+	return v.resolve(ctx, key, rev, val, r, err)
+}
+
+// Resolutions of a write whose outcome the store left unknown (metric
+// keyvault_store_ambiguous_writes_total).
+const (
+	resApplied    = "applied"
+	resResent     = "resent"
+	resNotApplied = "not_applied"
+	resUnresolved = "unresolved"
+)
+
+// resolve finds out whether a write whose store call failed (casErr) was
+// applied. Any write error may hide an applied write, or one that applies
+// later, so nothing is assumed: the record is read again until one of
+//
+//   - it holds r's operation ID: applied (whatever came after);
+//   - its revision is still rev: nothing was written since, so the
+//     identical write is sent again (at most one of the copies can land,
+//     both being compare-and-swaps on rev);
+//   - its revision moved and its window of operation IDs reaches back to
+//     the write r would have been, without r's ID: another write took that
+//     place, and r's compare-and-swap can never land: ErrConflict, so the
+//     caller runs its change again on the new record.
+//
+// Otherwise (the store does not answer, or r's place fell out of the
+// window) the outcome stays unknown: ErrUnavailable. For a guess that
+// means 503 and no PIN check, so an unknown outcome can over-count a
+// guess, never under-count one.
+func (v *Vault) resolve(ctx context.Context, key []byte, rev uint64, val []byte, r *record, casErr error) error {
+	id := r.OpIDs[len(r.OpIDs)-1]
+	deadline := time.Now().Add(v.opts.ResolveWindow)
+	delay := 10 * time.Millisecond
+	lastErr := casErr
+	for {
+		cur, err := v.read(ctx, key)
+		switch {
+		case errors.Is(err, ErrIntegrity):
+			return err
+		case err != nil:
+			lastErr = err
+		case cur != nil && cur.hasOp(id):
+			v.metrics.ambiguous.WithLabelValues(resApplied).Inc()
+			return nil
+		case cur == nil && rev == 0 || cur != nil && cur.rev == rev:
+			if r.freshWrap || r.freshPIN {
+				// A resend is a new write: past the fence, it could land
+				// after a retirement counted this node's writes.
+				if err := v.fenced(); err != nil {
+					v.metrics.ambiguous.WithLabelValues(resUnresolved).Inc()
+					return fmt.Errorf("%w: write outcome unknown, and not sent again: %w", ErrUnavailable, err)
+				}
+			}
+			_, err = v.store.CompareAndSwap(ctx, key, rev, val)
+			if err == nil {
+				v.metrics.ambiguous.WithLabelValues(resResent).Inc()
+				return nil
+			}
+			if errors.Is(err, ErrConflict) {
+				continue // something landed meanwhile, maybe the first copy: look again
+			}
+			if errors.Is(err, ErrIntegrity) {
+				return err
+			}
+			lastErr = err
+		case cur == nil:
+			lastErr = errors.New("record vanished") // no store deletes: treat as unknown
+		case cur.OpSeq-uint64(len(cur.OpIDs)) < r.OpSeq:
+			// The record moved (so r, a compare-and-swap on rev, can never
+			// land) and either never reached r's place or shows who took
+			// it (an older writer without IDs counts as another writer).
+			v.metrics.ambiguous.WithLabelValues(resNotApplied).Inc()
+			return ErrConflict
+		default:
+			v.metrics.ambiguous.WithLabelValues(resUnresolved).Inc()
+			return fmt.Errorf("%w: write outcome unknown (its ID left the record's window): %w", ErrUnavailable, casErr)
+		}
+		if time.Now().After(deadline) {
+			v.metrics.ambiguous.WithLabelValues(resUnresolved).Inc()
+			return fmt.Errorf("%w: write outcome unknown after %v: %w", ErrUnavailable, v.opts.ResolveWindow, lastErr)
+		}
+		time.Sleep(delay)
+		delay = min(2*delay, 250*time.Millisecond)
+	}
+}
+
+// update runs a read-modify-write of one record until it lands without a
+// conflict. fn gets the current verified record (nil if none) and returns
+// the record to write, or nil to write nothing. Every write gets a fresh
+// random operation ID, kept in the record with those of the last few
+// writes, so that a write whose answer was lost can be found (resolve).
+// The IDs are random rather than the request ID: a caller chooses its
+// X-Request-Id, and a repeated one would pass for a write that never landed.
+func (v *Vault) update(ctx context.Context, key []byte, fn func(cur *stored) (*record, error)) error {
+	var lastID []byte // the operation ID of the attempt that conflicted
+	for attempt := 0; ; attempt++ {
+		cur, err := v.read(ctx, key)
+		if err != nil {
+			return err
+		}
+		// A conflict can hide our own write: the etcd client may re-send
+		// a Txn whose first copy landed, and the copy's compare fails. Its
+		// ID in the record means it landed: applying fn again would count
+		// a guess, or refund one, twice.
+		if lastID != nil && cur != nil && cur.hasOp(lastID) {
+			return nil
+		}
+		next, err := fn(cur)
+		if err != nil || next == nil {
+			return err
+		}
+		var rev uint64
+		var prev record
+		if cur != nil {
+			rev, prev = cur.rev, *cur.record
+		}
+		next.OpSeq = prev.OpSeq + 1
+		ids := prev.OpIDs[len(prev.OpIDs)-min(len(prev.OpIDs), maxOpIDs-1):]
+		id := make([]byte, opIDLen)
+		rand.Read(id)
+		next.OpIDs = append(append(make([][]byte, 0, maxOpIDs), ids...), id)
+		err = v.write(ctx, key, rev, next)
+		if errors.Is(err, ErrIntegrity) {
+			v.integrityFailure(key, "store value", err)
+		}
+		if !errors.Is(err, ErrConflict) {
+			return err
+		}
+		lastID = id
+		v.metrics.storeConflicts.Inc()
+		if attempt >= 1000 {
+			return fmt.Errorf("%w: record too contended", ErrUnavailable)
+		}
+	}
+}
