@@ -20,9 +20,10 @@ import (
 // parallel with each other and with the tests whose vaults load SoftHSM
 // or opencryptoki directly.
 
-// nssKit is a profile kit on NSS's softoken through p11-kit-proxy, and
-// the hsm section's member item of NSS; its binary is the link that
-// loads the module.
+// nssKit is a profile kit on NSS's softoken through p11-kit-proxy, run
+// by the link that loads the module. The hsm section is NSS alone, or,
+// with more, what more writes from NSS's member item and the proxy's
+// path (a pool with other members).
 func nssKit(t *testing.T, dir, profile string, more func(nssItem, proxy string) string) *profileKit {
 	t.Helper()
 	nss, bin := p11test.NSSForProgram(t, dir, keyvaultBin)
