@@ -28,7 +28,13 @@ import (
 // combined output.
 func runCLI(t testing.TB, args ...string) (int, string) {
 	t.Helper()
-	cmd := exec.Command(keyvaultBin, args...)
+	return runBin(t, keyvaultBin, args...)
+}
+
+// runBin is runCLI on bin, the keyvault binary or a link to it.
+func runBin(t testing.TB, bin string, args ...string) (int, string) {
+	t.Helper()
+	cmd := exec.Command(bin, args...)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {

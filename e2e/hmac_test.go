@@ -16,6 +16,7 @@ import (
 
 	bolt "go.etcd.io/bbolt"
 
+	"github.com/keyvault/keyvault/internal/kvproc"
 	"github.com/keyvault/keyvault/internal/p11test"
 	"github.com/keyvault/keyvault/internal/softhsm"
 	"github.com/keyvault/keyvault/internal/softhsm/softhsmtest"
@@ -25,6 +26,7 @@ import (
 // token for the keys commands and rollback anchoring off (the tamper step
 // edits the store by hand).
 type profileKit struct {
+	bin          string // the keyvault binary, or a link to it (p11test.NSSForProgram)
 	dir, cfg, db string
 	tokenFile    string // the admin token
 	member       string // the hsm section after "hsm:", without the profile
@@ -39,7 +41,7 @@ func newProfileKit(t *testing.T, dir, member, profile string) *profileKit {
 	t.Helper()
 	apiToken, adminToken := rand.Text(), rand.Text()
 	write(t, filepath.Join(dir, "token"), apiToken+"\n")
-	k := &profileKit{dir: dir, cfg: filepath.Join(dir, "keyvault.yaml"), db: filepath.Join(dir, "keyvault.db"),
+	k := &profileKit{bin: keyvaultBin, dir: dir, cfg: filepath.Join(dir, "keyvault.yaml"), db: filepath.Join(dir, "keyvault.db"),
 		tokenFile: filepath.Join(dir, "admin-token"), member: member}
 	write(t, k.tokenFile, adminToken+"\n")
 	k.apiHash, k.adminHash = sha256Hex(apiToken), sha256Hex(adminToken)
@@ -85,7 +87,16 @@ ratelimit:
 `, k.adminHash, k.db, line, k.member, k.apiHash))
 }
 
-func (k *profileKit) start(t *testing.T) *vault { t.Helper(); return startServe(t, k.dir, k.cfg) }
+func (k *profileKit) start(t *testing.T) *vault {
+	t.Helper()
+	return kvproc.Start(t, k.bin, k.dir, startTimeout, "serve", "--config", k.cfg)
+}
+
+// run runs the kit's binary with args.
+func (k *profileKit) run(t *testing.T, args ...string) (int, string) {
+	t.Helper()
+	return runBin(t, k.bin, args...)
+}
 
 // keys runs a `keyvault keys` subcommand, against the running vault v if
 // not nil.
@@ -95,7 +106,7 @@ func (k *profileKit) keys(t *testing.T, v *vault, args ...string) (int, string) 
 	if v != nil {
 		args = append(args, "--admin-url", v.Admin, "--admin-token-file", k.tokenFile)
 	}
-	return runCLI(t, args...)
+	return k.run(t, args...)
 }
 
 // softHSMMember initialises a SoftHSM token in dir and returns its hsm
@@ -103,17 +114,26 @@ func (k *profileKit) keys(t *testing.T, v *vault, args ...string) (int, string) 
 func softHSMMember(t *testing.T, dir string) string {
 	t.Helper()
 	module := softhsmtest.Module(t)
+	conf, pinFile := softHSMToken(t, dir)
+	return fmt.Sprintf("  module_env:\n    SOFTHSM2_CONF: %s\n  members:\n    - name: soft\n      module: %s\n      token_label: keyvault-soft\n      pin_file: %s\n      max_sessions: 4\n",
+		conf, module, pinFile)
+}
+
+// softHSMToken initialises a SoftHSM token labelled keyvault-soft in dir
+// and returns its SoftHSM config file and the file of its user PIN.
+func softHSMToken(t *testing.T, dir string) (conf, pinFile string) {
+	t.Helper()
 	conf, err := softhsm.WriteConfig(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
 	pin := strings.ToLower(rand.Text()[:16])
-	write(t, filepath.Join(dir, "hsm-pin"), pin+"\n")
+	pinFile = filepath.Join(dir, "hsm-pin")
+	write(t, pinFile, pin+"\n")
 	if err := softhsm.InitToken(conf, "keyvault-soft", rand.Text(), pin); err != nil {
 		t.Fatal(err)
 	}
-	return fmt.Sprintf("  module_env:\n    SOFTHSM2_CONF: %s\n  members:\n    - name: soft\n      module: %s\n      token_label: keyvault-soft\n      pin_file: %s\n      max_sessions: 4\n",
-		conf, module, filepath.Join(dir, "hsm-pin"))
+	return conf, pinFile
 }
 
 // TestHMACProfileOnOpencryptoki runs the vault on opencryptoki's soft
@@ -187,7 +207,7 @@ func TestHMACProfileOnSoftHSM(t *testing.T) {
 // the re-wrap with the others.
 func profileScenario(t *testing.T, k *profileKit, earlier ...enrolled) {
 	t.Helper()
-	if code, out := runCLI(t, "hsm", "check", "--config", k.cfg); code != 0 || !strings.Contains(out, "verdict: can serve (profile "+k.profile+")") {
+	if code, out := k.run(t, "hsm", "check", "--config", k.cfg); code != 0 || !strings.Contains(out, "verdict: can serve (profile "+k.profile+")") {
 		t.Fatalf("hsm check: exit %d:\n%s", code, out)
 	}
 	v := k.start(t)

@@ -49,7 +49,14 @@ func startRefused(t testing.TB, dir string) string {
 // startRefusedArgs is startRefused for any keyvault command line.
 func startRefusedArgs(t testing.TB, dir string, args ...string) string {
 	t.Helper()
-	v := kvproc.Launch(t, keyvaultBin, dir, args...)
+	return startRefusedBin(t, keyvaultBin, dir, args...)
+}
+
+// startRefusedBin is startRefusedArgs on bin, the keyvault binary or a
+// link to it.
+func startRefusedBin(t testing.TB, bin, dir string, args ...string) string {
+	t.Helper()
+	v := kvproc.Launch(t, bin, dir, args...)
 	defer v.Kill()
 	reason, admin, err := v.WaitRefusal(startTimeout)
 	if err != nil {
