@@ -15,12 +15,12 @@ var table = &cli.Table{
 	Program: "keyvault",
 	About:   "keyvault is a PIN-protected key-backup vault in front of PKCS#11 HSMs.\nExit status: 0 on success, 2 on a usage or config error, 1 otherwise.",
 	Groups: map[string]cli.Group{
-		"keys": {Summary: "Key versions on the HSM members: create and list them, and rotate, reload, rewrap and retire them through the running vault's admin listener.",
+		"keys": {Summary: "key versions on the HSM members, and their rotation",
 			Desc: "Key versions on the HSM members: create and list them, and rotate, reload, rewrap and retire them through the running vault's admin listener."},
-		"hsm":        {Summary: "Check the HSM members a config names.", Desc: "Check the HSM members a config names."},
-		"config":     {Summary: "Check a config file.", Desc: "Check a config file."},
-		"anchor":     {Summary: "The rollback anchors of a bbolt store.", Desc: "The rollback anchors of a bbolt store."},
-		"completion": {Summary: "Print a shell completion script for bash, zsh or fish.", Desc: "Print a shell completion script for bash, zsh or fish."},
+		"hsm":        {Summary: "check the HSM members a config names", Desc: "Check the HSM members a config names."},
+		"config":     {Summary: "check a config file", Desc: "Check a config file."},
+		"anchor":     {Summary: "the rollback anchors of a bbolt store", Desc: "The rollback anchors of a bbolt store."},
+		"completion": {Summary: "print a shell completion script for bash, zsh or fish", Desc: "Print a shell completion script for bash, zsh or fish."},
 	},
 	Man: cli.Man{
 		Name: "a PIN-protected key-backup vault in front of PKCS#11 HSMs",

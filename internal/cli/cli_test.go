@@ -77,14 +77,21 @@ func TestCheck(t *testing.T) {
 		Command{Name: "noflags", Summary: "no flag set", Desc: "None.", Run: func([]string, io.Writer, io.Writer) error { return nil }},
 		Command{Name: "orphan leaf", Summary: "a leaf of no group", Desc: "Orphan.", Run: bad.Commands[0].Run},
 		Command{Name: "nodesc", Summary: "no description"},
+		Command{Name: "capital", Summary: "Runs it", Desc: "Runs it.", Run: bad.Commands[0].Run},
+		Command{Name: "period", Summary: "runs it.", Desc: "Runs it.", Run: bad.Commands[0].Run},
+		Command{Name: "acronym", Summary: "HSM ceiling, measured", Desc: "Measures it.", Run: bad.Commands[0].Run},
 	)
 	bad.Groups["empty"] = Group{Summary: "nothing", Desc: "Nothing."}
+	bad.Groups["db"] = Group{Summary: "The database.", Desc: "The database."}
 	err := bad.Check()
 	for _, want := range []string{`"run" twice`, `"noflags" does not parse its flags`, `group "orphan" is not in Groups`,
-		`"nodesc" lacks`, `group "empty" has no subcommands`} {
+		`"nodesc" lacks`, `group "empty" has no subcommands`, `"capital": summary`, `"period": summary`, `"db": summary`} {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("Check of a bad table: %v; want %q", err, want)
 		}
+	}
+	if strings.Contains(err.Error(), `"acronym"`) {
+		t.Errorf("Check refuses a summary that starts with an acronym: %v", err)
 	}
 }
 

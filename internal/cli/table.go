@@ -7,6 +7,8 @@ import (
 	"io"
 	"slices"
 	"strings"
+	"unicode"
+	"unicode/utf8"
 )
 
 // Command is one leaf of the command tree.
@@ -200,8 +202,8 @@ func flagWords(c Command) []string {
 // Check reports what would make the usage texts, the completions or the
 // man page wrong or uneven: a name twice, a leaf without a summary,
 // description or Run, a leaf other than help that does not parse its
-// flags with NewFlags, and a group without a summary, a description or
-// leaves.
+// flags with NewFlags, a group without a description or leaves, and a
+// summary that is not lower-case without a final period.
 func (t *Table) Check() error {
 	var errs []error
 	seen := map[string]bool{}
@@ -214,6 +216,7 @@ func (t *Table) Check() error {
 			errs = append(errs, fmt.Errorf("%q lacks a summary, a description or a run function", c.Name))
 			continue
 		}
+		errs = append(errs, summaryStyle(c.Name, c.Summary))
 		if c.Name != "help" && commandFlags(c) == nil {
 			errs = append(errs, fmt.Errorf("%q does not parse its flags with NewFlags: its --help would not be the uniform one", c.Name))
 		}
@@ -226,10 +229,23 @@ func (t *Table) Check() error {
 	for name, g := range t.Groups {
 		if g.Summary == "" || g.Desc == "" {
 			errs = append(errs, fmt.Errorf("group %q lacks a summary or a description", name))
+		} else {
+			errs = append(errs, summaryStyle(name, g.Summary))
 		}
 		if len(t.subcommands(name)) == 0 {
 			errs = append(errs, fmt.Errorf("group %q has no subcommands", name))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// summaryStyle refuses a summary that starts with a capitalised word or
+// ends with a period; an acronym ("HSM") may start one.
+func summaryStyle(name, s string) error {
+	first, n := utf8.DecodeRuneInString(s)
+	second, _ := utf8.DecodeRuneInString(s[n:])
+	if unicode.IsUpper(first) && !unicode.IsUpper(second) || strings.HasSuffix(s, ".") {
+		return fmt.Errorf("%q: summary %q: lower-case, no final period", name, s)
+	}
+	return nil
 }
