@@ -113,11 +113,12 @@ type usageError struct{ err error }
 func (e usageError) Error() string { return e.err.Error() }
 func (e usageError) Unwrap() error { return cli.ErrUsage }
 
-// newFlags returns the flag set of the command name, whose errors are
-// usage errors and whose usage is the command's.
+// newFlags returns the flag set of the command name, whose usage is the
+// command's.
 func newFlags(name string, stderr io.Writer) *flag.FlagSet { return table.NewFlags(name, stderr) }
 
-// parseFlags parses args and refuses positional arguments.
+// parseFlags parses args and refuses positional arguments; its errors are
+// usage errors, but flag.ErrHelp.
 func parseFlags(fs *flag.FlagSet, args []string) error { return cli.ParseFlags(fs, args) }
 
 func cmdVersion(args []string, stdout, stderr io.Writer) error {

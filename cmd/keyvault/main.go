@@ -21,8 +21,8 @@
 //
 // Every command prints its usage with --help. The command table in
 // commands.go (a cli.Table) drives the dispatch, the usage texts, the
-// completions and the man page. Exit status: 0 on success and for --help, 2 on a usage or config
-// error, 1 otherwise.
+// completions and the man page. Exit status: 0 on success and for --help,
+// 2 on a usage or config error, 1 otherwise.
 package main
 
 import (

@@ -28,7 +28,7 @@ type Group struct {
 
 // Table is a program's commands.
 type Table struct {
-	Program  string           // the program's name, as typed: "keyvault"
+	Program  string           // the program's name, as typed: "keyvault"; it names the completion function
 	About    string           // the paragraph(s) of the top-level usage before the list
 	Groups   map[string]Group // by name
 	Commands []Command        // in the order of every list
@@ -202,8 +202,8 @@ func flagWords(c Command) []string {
 // Check reports what would make the usage texts, the completions or the
 // man page wrong or uneven: a name twice, a leaf without a summary,
 // description or Run, a leaf other than help that does not parse its
-// flags with NewFlags, a group without a description or leaves, and a
-// summary that is not lower-case without a final period.
+// flags with NewFlags, a group without a summary, a description or
+// leaves, and a summary that is not lower-case without a final period.
 func (t *Table) Check() error {
 	var errs []error
 	seen := map[string]bool{}
