@@ -6,18 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"math"
 	"slices"
 	"strings"
 
-	"github.com/prometheus/client_golang/prometheus"
-
 	"github.com/keyvault/keyvault/anchor"
-	"github.com/keyvault/keyvault/config"
-	"github.com/keyvault/keyvault/internal/audit"
 	"github.com/keyvault/keyvault/internal/server"
-	"github.com/keyvault/keyvault/vault"
 	"github.com/keyvault/keyvault/vault/boltstore"
 )
 
@@ -50,67 +44,27 @@ func cmdAnchor(sub string, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if cfg.Store.Driver == config.DriverEtcd {
-		return usageError{errors.New("rollback anchoring is bbolt only; this config uses store.driver etcd")}
-	}
-	log := newLogger(cfg, stderr)
-	store, err := server.OpenBolt(boltstore.Options{Path: cfg.Store.Path})
-	if err != nil {
-		return err
-	}
-	defer store.Close()
-	pool, err := server.OpenPool(cfg, prometheus.NewRegistry(), slog.New(slog.DiscardHandler))
-	if err != nil {
-		return err
-	}
-	defer pool.Close()
 	ctx := context.Background()
-	keys, err := vault.DeriveAnchorKeys(ctx, pool)
+	a, err := server.OpenAnchorAdmin(ctx, cfg, newLogger(cfg, stderr))
 	if err != nil {
 		return err
 	}
-	members, err := server.AnchorMembers(ctx, pool, log)
-	if err != nil {
-		return err
-	}
+	defer a.Close()
 	if sub == "status" {
-		st, err := store.AnchorStatus(ctx, keys, members)
+		st, err := a.Status(ctx)
 		if err != nil {
 			return err
 		}
 		printAnchorStatus(stdout, st)
-		if st.Err != nil {
-			return st.Err
-		}
-		return nil
+		return st.Err
 	}
-	// The sink opens before the accept: an accept the trail cannot record
-	// is not made.
-	sink, err := audit.Open(cfg.Log.Audit, stderr, audit.Options{Log: log})
+	acc, err := a.Accept(ctx, *reason, stderr)
 	if err != nil {
 		return err
-	}
-	defer sink.Close()
-	acc, err := store.AcceptRestore(ctx, keys, members)
-	if err != nil {
-		sink.Logger().Info("audit", "client", "cli", "op", "rollback_accept", "result", "failed", "reason", *reason)
-		return err
-	}
-	sink.Logger().Info("audit", "client", "cli", "op", "rollback_accept", "result", "success", "reason", *reason,
-		"epoch", acc.Epoch, "seq", acc.Seq, "batches_lost", acc.BatchesLost, "refused_for", string(refusedReason(acc.Before.Err)),
-		"members", strings.Join(acc.Members, ","))
-	if cfg.Log.Audit != "" {
-		log.Warn("anchor accept: the restored store is now the vault's truth",
-			"epoch", acc.Epoch, "seq", acc.Seq, "batches_lost", acc.BatchesLost, "audit_log", cfg.Log.Audit)
 	}
 	fmt.Fprintf(stdout, "accepted: epoch %d, seq %d; %d anchored batches lost; anchored on %s\n",
 		acc.Epoch, acc.Seq, acc.BatchesLost, strings.Join(acc.Members, ", "))
 	return nil
-}
-
-func refusedReason(err error) anchor.Reason {
-	r, _ := anchor.IsRefused(err)
-	return r
 }
 
 func printAnchorStatus(w io.Writer, st boltstore.Status) {

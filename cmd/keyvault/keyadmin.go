@@ -7,8 +7,6 @@ import (
 	"io"
 	"maps"
 	"net"
-	"net/http"
-	"os"
 	"slices"
 	"strings"
 	"time"
@@ -46,24 +44,12 @@ func cmdKeysLifecycle(sub string, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
-	base, hc, err := adminconn.For(cfg)
+	ac, err := adminconn.Admin(cfg, *adminURL, *tokenFile)
 	if err != nil {
 		return usageError{err}
 	}
-	if *adminURL != "" {
-		base = *adminURL
-	}
-	token, err := adminToken(*tokenFile)
-	if err != nil {
-		return err
-	}
 	// rotate without a token only says how to take the version into use.
-	var ac *client.Admin
-	if token != "" {
-		if ac, err = client.NewAdmin(base, token, hc); err != nil {
-			return usageError{err}
-		}
-	} else if sub != "rotate" {
+	if ac == nil && sub != "rotate" {
 		return usageError{errors.New("no admin token: set KEYVAULT_ADMIN_TOKEN or --admin-token-file (its SHA-256 is the config's admin_token_sha256)")}
 	}
 	ctx := context.Background()
@@ -107,26 +93,10 @@ func keysRotate(ctx context.Context, cfg *config.Config, ac *client.Admin, stdou
 	return err
 }
 
-// adminError says what a refusal of the admin listener means for the
-// operator.
-func adminError(ac *client.Admin, err error) error {
-	var e *client.Error
-	switch {
-	case !errors.As(err, &e):
-		return err
-	case e.Status == http.StatusNotFound:
-		return fmt.Errorf("%s answered 404: is admin_token_sha256 set in the running vault's config?", ac.URL())
-	case e.Detail != "":
-		return fmt.Errorf("refused (%d): %s", e.Status, e.Detail)
-	default:
-		return fmt.Errorf("%s: status %d", e.Op, e.Status)
-	}
-}
-
 func keysReload(ctx context.Context, ac *client.Admin, stdout io.Writer) error {
 	out, err := ac.ReloadKeys(ctx)
 	if err != nil {
-		return fmt.Errorf("keys reload: %w", adminError(ac, err))
+		return fmt.Errorf("keys reload: %w", adminconn.Refusal(ac.URL(), err))
 	}
 	fmt.Fprintf(stdout, "The running vault holds every key on every member and seals new backups under wrap key v%d and PIN key v%d.\n",
 		out.Versions["wrap"], out.Versions["pin"])
@@ -136,7 +106,7 @@ func keysReload(ctx context.Context, ac *client.Admin, stdout io.Writer) error {
 func keysShowUsage(ctx context.Context, ac *client.Admin, stdout io.Writer) error {
 	out, err := ac.KeyUsage(ctx)
 	if err != nil {
-		return fmt.Errorf("keys usage: %w", adminError(ac, err))
+		return fmt.Errorf("keys usage: %w", adminconn.Refusal(ac.URL(), err))
 	}
 	for _, role := range []struct {
 		name string
@@ -171,15 +141,14 @@ func keysRewrap(ctx context.Context, ac *client.Admin, rate float64, statusOnly,
 		st, _, err = ac.StartRewrap(ctx, rate)
 	}
 	if err != nil {
-		return fmt.Errorf("keys rewrap: %w", adminError(ac, err))
+		return fmt.Errorf("keys rewrap: %w", adminconn.Refusal(ac.URL(), err))
 	}
 	fmt.Fprintln(stdout, rewrapLine(st))
-	for wait && st.Running {
-		time.Sleep(time.Second)
-		if st, err = ac.RewrapStatus(ctx); err != nil {
-			return fmt.Errorf("keys rewrap: %w", adminError(ac, err))
+	if wait && st.Running {
+		st, err = adminconn.WaitRewrap(ctx, ac, time.Second, func(st client.RewrapStatus) { fmt.Fprintln(stdout, rewrapLine(st)) })
+		if err != nil {
+			return fmt.Errorf("keys rewrap: %w", adminconn.Refusal(ac.URL(), err))
 		}
-		fmt.Fprintln(stdout, rewrapLine(st))
 	}
 	if wait && st.Errors > 0 {
 		return fmt.Errorf("keys rewrap: %d records could not be moved; run it again", st.Errors)
@@ -190,23 +159,11 @@ func keysRewrap(ctx context.Context, ac *client.Admin, rate float64, statusOnly,
 func keysRetire(ctx context.Context, ac *client.Admin, version uint32, stdout io.Writer) error {
 	out, err := ac.RetireKeys(ctx, version)
 	if err != nil {
-		return fmt.Errorf("keys retire: %w", adminError(ac, err))
+		return fmt.Errorf("keys retire: %w", adminconn.Refusal(ac.URL(), err))
 	}
 	fmt.Fprintf(stdout, "Key version %d retired: no backup used it.\n", version)
 	for _, m := range slices.Sorted(maps.Keys(out.Destroyed)) {
 		fmt.Fprintf(stdout, "  member %s: destroyed %s\n", m, strings.Join(out.Destroyed[m], ", "))
 	}
 	return nil
-}
-
-// adminToken reads the admin token from file, or from KEYVAULT_ADMIN_TOKEN.
-func adminToken(file string) (string, error) {
-	if file == "" {
-		return strings.TrimSpace(os.Getenv("KEYVAULT_ADMIN_TOKEN")), nil
-	}
-	b, err := os.ReadFile(file)
-	if err != nil {
-		return "", usageError{fmt.Errorf("--admin-token-file: %w", err)}
-	}
-	return strings.TrimSpace(string(b)), nil
 }

@@ -19,10 +19,10 @@
 //	keyvault man                        print the keyvault(1) man page
 //	keyvault help [COMMAND]             a command's usage, as COMMAND --help
 //
-// Every command prints its usage with --help. The commands table in
-// commands.go drives the dispatch, the usage texts, the completions and the
-// man page. Exit status: 0 on success and for --help, 2 on a usage or config
-// error, 1 otherwise.
+// Every command prints its usage with --help. The command table in
+// commands.go (a cli.Table) drives the dispatch, the usage texts, the
+// completions and the man page. Exit status: 0 on success and for --help,
+// 2 on a usage or config error, 1 otherwise.
 package main
 
 import (
@@ -34,6 +34,7 @@ import (
 	"runtime"
 	"runtime/debug"
 
+	"github.com/keyvault/keyvault/internal/cli"
 	"github.com/keyvault/keyvault/internal/server"
 )
 
@@ -41,21 +42,13 @@ import (
 // build stamps git describe); without it, the module version Go records.
 var version = ""
 
-// errUsage marks a usage or config error: exit status 2.
-var errUsage = errors.New("usage")
-
-type usageError struct{ err error }
-
-func (e usageError) Error() string { return e.err.Error() }
-func (e usageError) Unwrap() error { return errUsage }
-
 func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
 func run(args []string, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
-		topUsage(stderr)
+		table.Usage(stderr)
 		return 2
 	}
 	var err error
@@ -63,13 +56,13 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "--version", "-v":
 		err = cmdVersion(nil, stdout, stderr)
 	case "-h", "--help":
-		topUsage(stdout)
+		table.Usage(stdout)
 	default:
-		err = dispatch(args, stdout, stderr)
+		err = table.Dispatch(args, stdout, stderr)
 	}
-	if u, ok := errors.AsType[unknownCommand](err); ok {
+	if u, ok := errors.AsType[cli.UnknownCommandError](err); ok {
 		fmt.Fprintf(stderr, "keyvault: unknown command %q\n\n", string(u))
-		topUsage(stderr)
+		table.Usage(stderr)
 		return 2
 	}
 	switch {
@@ -77,7 +70,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 0
 	case errors.Is(err, flag.ErrHelp):
 		return 0
-	case errors.Is(err, errUsage), errors.Is(err, server.ErrConfig):
+	case errors.Is(err, cli.ErrUsage), errors.Is(err, server.ErrConfig):
 		fmt.Fprintf(stderr, "keyvault %s: %v\n", args[0], err)
 		return 2
 	default:

@@ -1,6 +1,8 @@
 // Package adminconn connects the keys commands to a running vault's
-// admin listener as the vault's config describes it: the base URL to dial
-// and an HTTP client that speaks the listener's TLS.
+// admin listener as the vault's config describes it: the base URL to dial,
+// an HTTP client that speaks the listener's TLS and the admin token (For,
+// Admin); what the listener's refusals mean for an operator (Refusal); and
+// waiting for the re-wrap job to end (WaitRewrap).
 package adminconn
 
 import (

@@ -1,8 +1,10 @@
 // Package server wires one keyvault process from its config: the store
 // driver, the HSM pool, the vault, the API and admin listeners, the
-// rollback check, the key lifecycle loop and the SIGHUP handlers. The
-// keyvault command parses flags and calls New(...).Run(ctx); everything a
-// test would want to drive lives here.
+// rollback check, the key lifecycle loop and the SIGHUP handlers; and,
+// for the anchor commands while the vault is stopped, the store with the
+// anchor keys and members (OpenAnchorAdmin). The keyvault command parses
+// flags and calls New(...).Run(ctx) or OpenAnchorAdmin; everything a test
+// would want to drive lives here.
 //
 // # Signals
 //
