@@ -105,6 +105,8 @@ func (t *Table) fishCompletion(w io.Writer) {
 			summary = c.Summary
 		}
 		fmt.Fprintf(w, "complete -c %s -n '__fish_use_subcommand' -a %s -d %s\n", p, top, fishQuote(summary))
+		// help COMMAND: the command names again, as its second word.
+		fmt.Fprintf(w, "complete -c %s -n '__fish_seen_subcommand_from help; and __fish_is_nth_token 2' -a %s -d %s\n", p, top, fishQuote(summary))
 	}
 	for _, c := range t.Commands {
 		path := strings.Fields(c.Name)
