@@ -152,6 +152,18 @@ func TestHMACProfileOnOpencryptoki(t *testing.T) {
 	profileScenario(t, k)
 }
 
+// TestGCMProfileOnSoftHSM runs the scenario under gcm, SoftHSM's AES-GCM
+// sealing with the vault's nonce.
+func TestGCMProfileOnSoftHSM(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	k := newProfileKit(t, dir, softHSMMember(t, dir), "gcm")
+	if code, out := k.keys(t, nil, "init"); code != 0 || !strings.Contains(out, "for the gcm profile") {
+		t.Fatalf("keys init under gcm: exit %d:\n%s", code, out)
+	}
+	profileScenario(t, k)
+}
+
 // TestGCMHSMIVProfileOnSoftHSM runs the scenario under gcm-hsm-iv on
 // SoftHSM, which takes the IV it is given: the binary's first seal finds
 // that out and seals with the vault's nonce, and every record is marked
