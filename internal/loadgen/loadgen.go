@@ -135,30 +135,17 @@ func Run(ctx context.Context, o Options, op Op) (Result, error) {
 	start := time.Now()
 	end := start.Add(o.Duration)
 
-	// An open run hands out scheduled start times; a closed run lets each
-	// worker start whenever it is free.
-	var schedule chan time.Time
+	// An open run's operations have fixed start times, start + n*interval,
+	// and each worker takes the next one not yet taken: no goroutine or
+	// channel between the schedule and the workers. A worker that takes
+	// a start time already past starts at once, and its wait counts in
+	// its latency.
+	var interval time.Duration
+	var nextSlot atomic.Int64
 	if o.Rate > 0 {
-		schedule = make(chan time.Time, o.Concurrency)
-		interval := time.Duration(float64(time.Second) / o.Rate)
-		go func() {
-			defer close(schedule)
-			for at := start; at.Before(end); at = at.Add(interval) {
-				if d := time.Until(at); d > 0 {
-					select {
-					case <-time.After(d):
-					case <-ctx.Done():
-						return
-					}
-				}
-				select {
-				case schedule <- at:
-				case <-ctx.Done():
-					return
-				}
-			}
-		}()
+		interval = max(1, time.Duration(float64(time.Second)/o.Rate))
 	}
+	done := ctx.Done()
 
 	type tally struct {
 		lat   []time.Duration
@@ -197,26 +184,43 @@ func Run(ctx context.Context, o Options, op Op) (Result, error) {
 			defer wg.Done()
 			t := &tallies[w]
 			t.errs, t.first = map[string]int64{}, map[string]string{}
+			var timer *time.Timer
+			if interval > 0 {
+				timer = time.NewTimer(time.Hour)
+				defer timer.Stop()
+			}
 			for {
 				var began time.Time
-				if schedule != nil {
-					at, ok := <-schedule
-					if !ok {
+				if interval > 0 {
+					began = start.Add(time.Duration(nextSlot.Add(1)-1) * interval)
+					if !began.Before(end) {
 						return
 					}
-					began = at
+					if d := time.Until(began); d > 0 {
+						timer.Reset(d)
+						select {
+						case <-timer.C:
+						case <-done:
+							return
+						}
+					}
 				} else {
 					began = time.Now()
-					if !began.Before(end) || ctx.Err() != nil {
+					if !began.Before(end) {
 						return
 					}
+				}
+				select {
+				case <-done:
+					return
+				default:
 				}
 				if o.Before != nil {
 					if err := o.Before(ctx, w); err != nil {
 						fail(err)
 						return
 					}
-					if schedule == nil {
+					if interval == 0 {
 						began = time.Now()
 					}
 				}
