@@ -223,7 +223,12 @@ if cat $results | grep -v '"errors":{}' >/dev/null; then
 	echo "errors:"
 	cat $results | grep -v '"errors":{}' | while read -r line; do
 		echo "$line" | sed 's/.*"op":"\([^"]*\)".*"errors":\({[^}]*}\).*/  \1 \2/'
-		echo "$line" | sed -n 's/.*"first_errors":\(.*\)}$/    the first of each: \1/p'
+		# first_errors, without the cost fields that follow it.
+		echo "$line" | sed -n '/"first_errors":/{
+			s/.*"first_errors":\(.*\)}$/\1/
+			s/,"\(cpu_us_per_op\|cpu_cores\|loadgen_cpu_us_per_request\|loadgen_cpu_cores\)":.*$//
+			s/^/    the first of each: /p
+		}'
 	done
 	# Shedding (503 unavailable) is the vault protecting itself under load;
 	# any other error is a broken vault or bench.
