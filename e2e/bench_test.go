@@ -29,6 +29,8 @@ type benchJSON struct {
 	P99                *float64         `json:"p99_ms"`
 	Max                *float64         `json:"max_ms"`
 	Errors             map[string]int64 `json:"errors"`
+	CPUPerOp           float64          `json:"cpu_us_per_op"`
+	LoadgenCPU         float64          `json:"loadgen_cpu_us_per_request"`
 }
 
 func runBench(t *testing.T, args ...string) benchJSON {
@@ -64,6 +66,17 @@ func TestBench(t *testing.T) {
 		if r.Op != op || r.Concurrency != 4 || len(r.Errors) != 0 || r.Succeeded != r.Requests {
 			t.Errorf("bench --op %s: %+v", op, r)
 		}
+		if r.CPUPerOp != 0 || r.LoadgenCPU <= 0 {
+			t.Errorf("bench --op %s without --pid or --admin-url: the vault's CPU per operation %v, the bench's per request %v", op, r.CPUPerOp, r.LoadgenCPU)
+		}
+	}
+	// The vault's CPU per operation, from /proc or from its admin
+	// listener's process_cpu_seconds_total.
+	for _, how := range [][]string{{"--pid", fmt.Sprint(v.Pid())}, {"--admin-url", v.Admin}} {
+		r := runBench(t, append([]string{"--url", v.API, "--token-file", token, "--concurrency", "4", "--users", "40"}, how...)...)
+		if r.CPUPerOp <= 0 || r.LoadgenCPU <= 0 {
+			t.Errorf("bench %s: the vault's CPU per operation %v, the bench's per request %v", how[0], r.CPUPerOp, r.LoadgenCPU)
+		}
 	}
 	// An open-loop run at a fixed rate sends about that many requests.
 	if r := runBench(t, "--url", v.API, "--token-file", token, "--concurrency", "4", "--users", "40", "--rate", "100"); r.Requests < 90 || r.Requests > 110 {
@@ -72,7 +85,8 @@ func TestBench(t *testing.T) {
 	v.Stop()
 	// The raw ceiling opens the token itself: the vault must be stopped.
 	for _, op := range []string{"recover", "enroll"} {
-		if r := runBench(t, "--hsm", "--config", filepath.Join(dir, "keyvault.yaml"), "--op", op, "--concurrency", "4"); r.Op != "hsm-"+op || len(r.Errors) != 0 {
+		if r := runBench(t, "--hsm", "--config", filepath.Join(dir, "keyvault.yaml"), "--op", op, "--concurrency", "4"); r.Op != "hsm-"+op || len(r.Errors) != 0 ||
+			r.CPUPerOp <= 0 || r.LoadgenCPU != 0 {
 			t.Errorf("bench --hsm --op %s: %+v", op, r)
 		}
 	}
@@ -84,6 +98,9 @@ func TestBench(t *testing.T) {
 		{"bench", "--hsm", "--url", v.API},
 		{"bench", "--hsm", "--config", filepath.Join(dir, "keyvault.yaml"), "--op", "wrong"},
 		{"bench", "--url", v.API, "--token-file", token, "--duration", "0s"},
+		{"bench", "--hsm", "--config", filepath.Join(dir, "keyvault.yaml"), "--pid", "1"},
+		{"bench", "--url", v.API, "--token-file", token, "--pid", "1", "--admin-url", v.Admin},
+		{"bench", "--url", v.API, "--token-file", token, "--pid", "999999999"},
 	} {
 		if code, out := runCLI(t, args...); code != 2 {
 			t.Errorf("%v: exit %d, want 2:\n%s", args, code, out)
@@ -117,8 +134,10 @@ func TestBenchRefusedByLimits(t *testing.T) {
 		t.Errorf("the bench printed the bearer token:\n%s", out)
 	}
 	// --json: the same verdict, and succeeded_per_second below requests_per_second.
+	// Four users have 20 guesses between them: refused however slow the
+	// machine.
 	code, out = runCLI(t, "bench", "--json", "--url", v.API, "--token-file", token, "--duration", "1s", "--warmup", "0s",
-		"--concurrency", "4", "--users", "40", "--user-prefix", "json-")
+		"--concurrency", "4", "--users", "4", "--user-prefix", "json-")
 	var r benchJSON
 	for _, line := range strings.Split(out, "\n") {
 		if strings.HasPrefix(line, "{") {
@@ -211,7 +230,7 @@ func TestBenchHelp(t *testing.T) {
 		t.Fatalf("bench --help: exit %d:\n%s", code, out)
 	}
 	for _, want := range []string{"-rate R\n", "-concurrency N\n", "-users N\n", "-duration duration\n", "-warmup duration\n",
-		"-max-errors percent\n", "-url URL\n", "-token-file file\n", "succeeded/s"} {
+		"-max-errors percent\n", "-url URL\n", "-token-file file\n", "succeeded/s", "-pid ID\n", "-admin-url URL\n", "cpu_us/op", "gen_us/req"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("bench --help lacks %q:\n%s", want, out)
 		}

@@ -20,8 +20,14 @@
 # 4. One table: successful requests/s (a shed 503 is fast and is not
 #    capacity; errors are listed below the table), the ratio HTTP / raw,
 #    for anchored runs the ratio to the same round's run without
-#    anchoring, and latency percentiles of every request; then, over the
-#    rounds, the median anchored / off ratio and p50 and p99 difference.
+#    anchoring, latency percentiles of every request, and the cost: the
+#    CPU per successful operation of the process doing the work (the
+#    vault, read from /proc by its PID; for the raw runs the bench
+#    itself, where the HSM calls run), the vault's overhead factor (its
+#    CPU per operation over the raw ceiling's, for the same operation)
+#    and the load generator's own CPU per request. Then, over the rounds,
+#    the median of each of these, and the median anchored / off ratio and
+#    p50 and p99 difference.
 #
 # Knobs (environment): BENCH_CONCURRENCY (32), BENCH_DURATION (10s),
 # BENCH_WARMUP (2s, unmeasured load before each run), BENCH_ROUNDS (3),
@@ -108,14 +114,14 @@ serve_runs() {
 		(sleep 4; curl -fsS -o "$BENCH_PROFILE$([ "$2" = true ] && echo .anchor)" "http://$admin/debug/pprof/profile?seconds=10") &
 	fi
 	results=$dir/$1.jsonl
-	run --url "http://$api" --token-file "$dir/token" --users "$U" --op recover
-	run --url "http://$api" --token-file "$dir/token" --users "$U" --op enroll
+	run --url "http://$api" --token-file "$dir/token" --pid "$pid" --users "$U" --op recover
+	run --url "http://$api" --token-file "$dir/token" --pid "$pid" --users "$U" --op enroll
 	if [ -z "$half" ]; then
 		half=$(awk -F'"succeeded_per_second":' '/"op":"recover"/ { split($2, a, ","); printf "%d", a[1] / 2 }' "$results")
 	fi
 	# Every half-rate run offers the same load, so that the latencies
 	# compare.
-	run --url "http://$api" --token-file "$dir/token" --users "$U" --op recover --rate "$half"
+	run --url "http://$api" --token-file "$dir/token" --pid "$pid" --users "$U" --op recover --rate "$half"
 	stop_vault
 }
 
@@ -151,15 +157,28 @@ function median(v, n,    i, j, x) {
 	for (i = 2; i <= n; i++) { x = v[i]; for (j = i - 1; j > 0 && v[j] > x; j--) v[j + 1] = v[j]; v[j + 1] = x }
 	return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
 }
-BEGIN { printf "%-5s %-11s %-8s %-9s %9s %6s %6s %7s %7s %7s %7s\n", "round", "path", "op", "load", "ok/s", "ratio", "vs off", "p50 ms", "p90 ms", "p99 ms", "max ms" }
+# med is the median of the values of column c of every run of key k, or
+# "" when a run did not measure it.
+function med(k, c,    i, v) {
+	for (i = 1; i <= runs[k]; i++) { if (val[k, c, i] == "") return ""; v[i] = val[k, c, i] }
+	return median(v, runs[k])
+}
+BEGIN {
+	printf "%-5s %-11s %-8s %-9s %9s %6s %6s %7s %7s %7s %7s %9s %7s %10s\n", "round", "path", "op", "load", "ok/s", "ratio", "vs off",
+		"p50 ms", "p90 ms", "p99 ms", "max ms", "cpu us/op", "x raw", "gen us/req"
+}
 {
 	op = field("op"); rps = field("succeeded_per_second"); rate = field("rate")
+	cpu = field("cpu_us_per_op"); gen = field("loadgen_cpu_us_per_request")
 	load = (rate == "" ? "max" : rate "/s")
 	n = split(FILENAME, parts, "/"); name = parts[n]; sub(/\.jsonl$/, "", name)
 	round = name; sub(/^[a-z]+-?/, "", round); if (round == "") round = "-"
-	path = (name ~ /^on-/ ? "http+anchor" : "http"); ratio = "-"; off = "-"
-	if (op ~ /^hsm-/) { path = "raw"; op = substr(op, 5); raw[op] = rps }
-	else if (raw[op] > 0) ratio = sprintf("%.2f", rps / raw[op])
+	path = (name ~ /^on-/ ? "http+anchor" : "http"); ratio = "-"; off = "-"; factor = "-"
+	if (op ~ /^hsm-/) { path = "raw"; op = substr(op, 5); raw[op] = rps; rawCPU[op] = cpu }
+	else {
+		if (raw[op] > 0) ratio = sprintf("%.2f", rps / raw[op])
+		if (cpu != "" && rawCPU[op] > 0) factor = sprintf("%.2f", cpu / rawCPU[op])
+	}
 	if (path == "http") { plain[op, load] = rps; plainP50[op, load] = field("p50_ms"); plainP99[op, load] = field("p99_ms") }
 	else if (path == "http+anchor" && plain[op, load] > 0) {
 		off = sprintf("%.2f", rps / plain[op, load])
@@ -170,10 +189,26 @@ BEGIN { printf "%-5s %-11s %-8s %-9s %9s %6s %6s %7s %7s %7s %7s\n", "round", "p
 		dp50[k, cnt[k]] = field("p50_ms") - plainP50[op, load]
 		dp99[k, cnt[k]] = field("p99_ms") - plainP99[op, load]
 	}
-	printf "%-5s %-11s %-8s %-9s %9.0f %6s %6s %7s %7s %7s %7s\n", round, path, op, load, rps, ratio, off,
-		field("p50_ms"), field("p90_ms"), field("p99_ms"), field("max_ms")
+	# Each path, operation and load, for the medians over the rounds.
+	k = path SUBSEP op SUBSEP load
+	if (!(k in runs)) { korder[++nk] = k; kpath[k] = path; kop[k] = op; kload[k] = load }
+	i = ++runs[k]
+	val[k, "rps", i] = rps; val[k, "p50", i] = field("p50_ms"); val[k, "p99", i] = field("p99_ms")
+	val[k, "ratio", i] = (ratio == "-" ? "" : ratio); val[k, "cpu", i] = cpu
+	val[k, "factor", i] = (factor == "-" ? "" : factor); val[k, "gen", i] = gen
+	printf "%-5s %-11s %-8s %-9s %9.0f %6s %6s %7s %7s %7s %7s %9s %7s %10s\n", round, path, op, load, rps, ratio, off,
+		field("p50_ms"), field("p90_ms"), field("p99_ms"), field("max_ms"), (cpu == "" ? "-" : sprintf("%.0f", cpu)), factor,
+		(gen == "" ? "-" : sprintf("%.0f", gen))
 }
 END {
+	printf "\nmedians over the rounds (raw: its one run); x raw is the vault'"'"'s overhead factor, its CPU per operation over the raw ceiling'"'"'s:\n"
+	printf "  %-11s %-8s %-9s %9s %6s %7s %7s %9s %7s %10s\n", "path", "op", "load", "ok/s", "ratio", "p50 ms", "p99 ms", "cpu us/op", "x raw", "gen us/req"
+	for (j = 1; j <= nk; j++) {
+		k = korder[j]; r = med(k, "ratio"); cc = med(k, "cpu"); f = med(k, "factor"); g = med(k, "gen")
+		printf "  %-11s %-8s %-9s %9.0f %6s %7.2f %7.2f %9s %7s %10s\n", kpath[k], kop[k], kload[k], med(k, "rps"),
+			(r == "" ? "-" : sprintf("%.2f", r)), med(k, "p50"), med(k, "p99"), (cc == "" ? "-" : sprintf("%.0f", cc)),
+			(f == "" ? "-" : sprintf("%.2f", f)), (g == "" ? "-" : sprintf("%.0f", g))
+	}
 	for (j = 1; j <= nkeys; j++) {
 		k = order[j]
 		if (cnt[k] == 1) break
@@ -188,7 +223,12 @@ if cat $results | grep -v '"errors":{}' >/dev/null; then
 	echo "errors:"
 	cat $results | grep -v '"errors":{}' | while read -r line; do
 		echo "$line" | sed 's/.*"op":"\([^"]*\)".*"errors":\({[^}]*}\).*/  \1 \2/'
-		echo "$line" | sed -n 's/.*"first_errors":\(.*\)}$/    the first of each: \1/p'
+		# first_errors, without the cost fields that follow it.
+		echo "$line" | sed -n '/"first_errors":/{
+			s/.*"first_errors":\(.*\)}$/\1/
+			s/,"\(cpu_us_per_op\|cpu_cores\|loadgen_cpu_us_per_request\|loadgen_cpu_cores\)":.*$//
+			s/^/    the first of each: /p
+		}'
 	done
 	# Shedding (503 unavailable) is the vault protecting itself under load;
 	# any other error is a broken vault or bench.

@@ -39,7 +39,14 @@ each request's scheduled start); without it every worker sends its next
 request as soon as the last one is answered.
 
 The table (or --json) gives req/s, every answer, and succeeded/s, the
-successes alone. The bench exits 1, naming the limit that bit, when nothing
+successes alone. It also gives what the work cost in CPU over the measured
+window: cpu_us/op, the CPU time per successful operation of the process
+doing it (with --hsm this process, where the HSM calls run; with --url the
+vault, given --pid PID when it runs on this machine, read from
+/proc/PID/stat, or --admin-url URL, read from process_cpu_seconds_total on
+its admin listener's /metrics), and gen_us/req, the bench's own CPU per
+request (with --url). Divide a vault's cpu_us/op by the raw ceiling's for
+the vault's overhead factor. The bench exits 1, naming the limit that bit, when nothing
 succeeded, or when more than --max-errors percent of the requests failed
 other than by shedding (a 503 unavailable is the vault protecting its HSMs
 and counts as shedding; a 429 rate_limited is a refusal and does not). On a
@@ -60,6 +67,8 @@ type benchFlags struct {
 	userPrefix  string
 	json        bool
 	maxErrors   float64 // percent
+	pid         int
+	adminURL    string
 }
 
 func cmdBench(args []string, stdout, stderr io.Writer) error {
@@ -78,6 +87,8 @@ func cmdBench(args []string, stdout, stderr io.Writer) error {
 	fs.IntVar(&f.users, "users", 1000, "`N` users to enroll and spread the load over (at least --concurrency)")
 	fs.StringVar(&f.userPrefix, "user-prefix", "bench-", "`prefix` of the enrolled users' IDs (several bench processes on one store need one each)")
 	fs.BoolVar(&f.json, "json", false, "print one JSON object instead of a table")
+	fs.IntVar(&f.pid, "pid", 0, "with --url: the vault's process `ID` on this machine, whose CPU per operation to report (from /proc)")
+	fs.StringVar(&f.adminURL, "admin-url", "", "with --url: the vault's admin listener base `URL` (or its /metrics URL), whose process_cpu_seconds_total gives its CPU per operation")
 	fs.Float64Var(&f.maxErrors, "max-errors", 1, "the `percent` of requests that may fail other than by shedding (503) before the bench exits 1")
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -93,12 +104,21 @@ func cmdBench(args []string, stdout, stderr io.Writer) error {
 		return usageError{errors.New("--rate must not be negative")}
 	case f.maxErrors < 0 || f.maxErrors > 100:
 		return usageError{errors.New("--max-errors must be a percentage from 0 to 100")}
+	case f.pid < 0:
+		return usageError{errors.New("--pid must be a process ID")}
+	case f.pid != 0 && f.adminURL != "":
+		return usageError{errors.New("give --pid or --admin-url, not both: each reads the vault's CPU")}
+	case f.hsm && (f.pid != 0 || f.adminURL != ""):
+		return usageError{errors.New("--pid and --admin-url go with --url: with --hsm the HSM calls run in this process, whose CPU the bench reports")}
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	cpu, err := cpuReader(f)
+	if err != nil {
+		return err
+	}
 	var w bench.Workload
-	var err error
 	switch {
 	case f.hsm && f.url != "":
 		return usageError{errors.New("give --hsm or --url, not both")}
@@ -114,7 +134,7 @@ func cmdBench(args []string, stdout, stderr io.Writer) error {
 	}
 	defer w.Close()
 
-	o := bench.Options{Concurrency: f.concurrency, Rate: f.rate, Warmup: f.warmup, Duration: f.duration}
+	o := bench.Options{Concurrency: f.concurrency, Rate: f.rate, Warmup: f.warmup, Duration: f.duration, CPU: cpu}
 	if isTerminal(stderr) {
 		o.Progress = func(phase string, total time.Duration) func(loadgen.Progress) {
 			return progressLine(stderr, phase, total)
@@ -123,6 +143,11 @@ func cmdBench(args []string, stdout, stderr io.Writer) error {
 	res, limiters, err := bench.Run(ctx, w, o)
 	if err != nil {
 		return err
+	}
+	if f.hsm {
+		// The HSM calls run in this process: its CPU is theirs, given as
+		// cpu_us_per_op, not a load generator's.
+		res.LoadgenCPUPerRequest, res.LoadgenCPUCores = 0, 0
 	}
 	if f.json {
 		err = json.NewEncoder(stdout).Encode(res)
@@ -133,6 +158,48 @@ func cmdBench(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	return bench.Verdict(res, f.maxErrors, limiters)
+}
+
+// cpuReader reads the CPU time of the process doing the work: this one
+// for --hsm, the vault by --pid or --admin-url, or none.
+func cpuReader(f benchFlags) (bench.CPUReader, error) {
+	switch {
+	case f.hsm:
+		return func() (time.Duration, error) { return loadgen.SelfCPU(), nil }, nil
+	case f.pid != 0:
+		r, err := bench.ProcCPU("/proc", f.pid)
+		if err != nil {
+			return nil, usageError{fmt.Errorf("--pid %d: %w", f.pid, err)}
+		}
+		return r, nil
+	case f.adminURL != "":
+		roots, err := readCAFile(f.caFile)
+		if err != nil {
+			return nil, err
+		}
+		r, err := bench.MetricsCPU(bench.AdminMetricsURL(f.adminURL), roots)
+		if err != nil {
+			return nil, usageError{fmt.Errorf("--admin-url: %w", err)}
+		}
+		return r, nil
+	}
+	return nil, nil
+}
+
+// readCAFile reads the PEM certificates of --ca-file; nil without one.
+func readCAFile(file string) (*x509.CertPool, error) {
+	if file == "" {
+		return nil, nil
+	}
+	pem, err := os.ReadFile(file)
+	if err != nil {
+		return nil, usageError{fmt.Errorf("--ca-file: %w", err)}
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(pem) {
+		return nil, usageError{errors.New("--ca-file: no PEM certificate in it")}
+	}
+	return roots, nil
 }
 
 // isTerminal reports whether w is a terminal, for the progress line: a
@@ -197,15 +264,8 @@ func newHTTPWorkload(ctx context.Context, f benchFlags, stderr io.Writer) (bench
 	}
 	o := bench.HTTPOptions{URL: f.url, Token: strings.TrimSpace(string(raw)), Op: f.op,
 		Workers: f.concurrency, Users: f.users, UserPrefix: f.userPrefix}
-	if f.caFile != "" {
-		pem, err := os.ReadFile(f.caFile)
-		if err != nil {
-			return nil, usageError{fmt.Errorf("--ca-file: %w", err)}
-		}
-		o.RootCAs = x509.NewCertPool()
-		if !o.RootCAs.AppendCertsFromPEM(pem) {
-			return nil, usageError{errors.New("--ca-file: no PEM certificate in it")}
-		}
+	if o.RootCAs, err = readCAFile(f.caFile); err != nil {
+		return nil, err
 	}
 	w, err := bench.NewHTTP(o)
 	if err != nil {

@@ -28,6 +28,10 @@ type Options struct {
 	Rate        float64       // requests per second in all; 0: closed loop
 	Warmup      time.Duration // unmeasured load before the window; 0: none
 	Duration    time.Duration // the measured window
+	// CPU, when set, reads the CPU time of the process doing the work (a
+	// vault, or this process for the raw ceiling): the result gives it
+	// per successful operation over the measured window.
+	CPU CPUReader
 	// Progress, when set, makes the reporter of a phase (the warm-up,
 	// then the workload's name) of the given length.
 	Progress func(phase string, total time.Duration) func(loadgen.Progress)
@@ -56,6 +60,7 @@ func Run(ctx context.Context, w Workload, o Options) (loadgen.Result, map[string
 		}
 	}
 	lo.Duration = o.Duration
+	lo.CPU = o.CPU
 	if o.Progress != nil {
 		lo.Progress = o.Progress(w.Name(), o.Duration)
 	}

@@ -7,11 +7,11 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"sync"
 	"testing"
 
-	"github.com/keyvault/keyvault/client"
 	"github.com/keyvault/keyvault/internal/loadgen"
 	"github.com/keyvault/keyvault/vault"
 )
@@ -99,19 +99,26 @@ func TestBenchVerdict(t *testing.T) {
 // as it was; one with no outcome (a 503) may have been written, and the
 // next recover settles which secret the vault holds. The vault here is an
 // HTTP server that holds one secret and refuses or half-fails enrolls on
-// cue.
+// cue. The users are enrolled first through the client, as EnrollAll does.
 func TestEnrollAdoptsOnlyWhatTheVaultTook(t *testing.T) {
 	var (
 		mu     sync.Mutex
 		held   string // base64, as sent
 		answer int    // the status of the next enroll
+		ids    = map[string]bool{}
 	)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		mu.Lock()
 		defer mu.Unlock()
-		var body struct{ Secret string }
+		ids[r.Header.Get("X-Request-Id")] = true
+		if r.Header.Get("Authorization") != "Bearer t" || r.Header.Get("Content-Type") != "application/json" {
+			t.Errorf("%s %s: headers %v", r.Method, r.URL.Path, r.Header)
+		}
+		var body struct{ Secret, PIN string }
 		_ = json.NewDecoder(r.Body).Decode(&body)
 		switch {
+		case r.Method == http.MethodPut && r.URL.Path != "/v1/backups/b-0000000":
+			t.Errorf("PUT %s", r.URL.Path)
 		case r.Method == http.MethodPut && answer == http.StatusTooManyRequests:
 			w.Header().Set("Content-Type", "application/problem+json")
 			w.Header().Set("Retry-After", "1")
@@ -129,29 +136,35 @@ func TestEnrollAdoptsOnlyWhatTheVaultTook(t *testing.T) {
 			w.Header().Set("Content-Type", "application/json")
 			w.WriteHeader(http.StatusOK)
 			fmt.Fprint(w, `{"user_id":"u","generation":1,"max_attempts":10,"attempts_remaining":10,"key_version":1,"created_at":"2026-01-01T00:00:00Z"}`)
+		case r.URL.Path != "/v1/backups/b-0000000/recover":
+			t.Errorf("POST %s", r.URL.Path)
 		default: // recover
 			w.Header().Set("Content-Type", "application/json")
 			fmt.Fprintf(w, `{"secret":%q,"attempts_remaining":10}`, held)
 		}
 	}))
 	defer srv.Close()
-	c, err := client.New(srv.URL, "t", client.WithRetry(0, 0))
+	w, err := NewHTTP(HTTPOptions{URL: srv.URL, Token: "t", Op: "enroll", Workers: 1, Users: 1, UserPrefix: "b-"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	w := &HTTP{c: c}
-	u := &user{id: "u", pin: "123456", secret: make([]byte, 32)}
+	defer w.Close()
 	ctx := context.Background()
+	if err := w.EnrollAll(ctx); err != nil {
+		t.Fatal(err)
+	}
+	wk := w.workers[0]
+	u := wk.users[0]
 	step := func(status int, wantEnroll string) {
 		t.Helper()
 		mu.Lock()
 		answer = status
 		mu.Unlock()
-		err := enroll(ctx, c, u)
+		err := wk.enroll(ctx, u)
 		if (wantEnroll == "" && err != nil) || (wantEnroll != "" && loadgen.Code(err) != wantEnroll) {
 			t.Fatalf("enroll answered %d: %v, want code %q", status, err, wantEnroll)
 		}
-		if err := w.recover(ctx, u); err != nil {
+		if err := wk.recover(ctx, u); err != nil {
 			t.Fatalf("recover after an enroll answered %d: %v", status, err)
 		}
 	}
@@ -159,4 +172,48 @@ func TestEnrollAdoptsOnlyWhatTheVaultTook(t *testing.T) {
 	step(http.StatusTooManyRequests, "rate_limited")
 	step(http.StatusServiceUnavailable, "unavailable")
 	step(http.StatusOK, "")
+	// A recover that returns a secret the vault never took is an error.
+	mu.Lock()
+	held = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+	mu.Unlock()
+	if err := wk.recover(ctx, u); loadgen.Code(err) != "wrong_secret" {
+		t.Fatalf("a secret never enrolled: %v, want wrong_secret", err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(ids) != 10 { // one enroll of EnrollAll, four enrolls and five recovers
+		t.Errorf("%d request IDs for 10 requests: %v", len(ids), ids)
+	}
+}
+
+// The answers the workload reads: a secret in the vault's compact JSON or
+// in any other spelling, problem documents by their code (and a refusal
+// by its limit), anything else by its status.
+func TestAnswers(t *testing.T) {
+	for body, want := range map[string]string{
+		`{"secret":"c2VjcmV0","attempts_remaining":10}`:     "c2VjcmV0",
+		`{"attempts_remaining":10, "secret" : "c2VjcmV0"}`:  "c2VjcmV0",
+		`{"secret":"c2Vj\u0063mV0","attempts_remaining":1}`: "c2VjcmV0",
+	} {
+		if got, ok := secretOf([]byte(body)); !ok || string(got) != want {
+			t.Errorf("secretOf(%s) = %q, %v", body, got, ok)
+		}
+	}
+	if _, ok := secretOf([]byte(`{"attempts_remaining":10}`)); ok {
+		t.Error("an answer without a secret has one")
+	}
+	err := answerError("recover", 429, []byte(`{"type":"urn:keyvault:problem:rate_limited","title":"Too many requests","status":429,"code":"rate_limited","detail":"Too many requests or guesses (guesses_per_user); nothing was checked or counted."}`))
+	var ce *codedError
+	if !errors.As(err, &ce) || ce.code != "rate_limited" || ce.limiter != "guesses_per_user" || !strings.Contains(err.Error(), "recover: 429 Too many requests") {
+		t.Errorf("a refusal: %v (%+v)", err, ce)
+	}
+	if err := answerError("enroll", 502, []byte("<html>bad gateway</html>")); loadgen.Code(err) != "http_502" {
+		t.Errorf("a proxy's answer: %v", err)
+	}
+	if err := transportError("recover", fmt.Errorf("read: %w", os.ErrDeadlineExceeded)); loadgen.Code(err) != "timeout" {
+		t.Errorf("a timeout: %v", err)
+	}
+	if err := transportError("recover", errors.New("connection reset by peer")); loadgen.Code(err) != "transport" {
+		t.Errorf("a reset: %v", err)
+	}
 }

@@ -112,11 +112,12 @@ func TestNewHTTPChecksItsOptions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if n := len(w.owned[0]) + len(w.owned[1]); n != 5 || len(w.owned[0]) != 3 {
-		t.Errorf("users per worker %d and %d, want 3 and 2", len(w.owned[0]), len(w.owned[1]))
+	if n := len(w.workers[0].users) + len(w.workers[1].users); n != 5 || len(w.workers[0].users) != 3 {
+		t.Errorf("users per worker %d and %d, want 3 and 2", len(w.workers[0].users), len(w.workers[1].users))
 	}
-	if id := w.owned[1][0].id; id != "b-0000001" {
-		t.Errorf("user ID %q, want b-0000001", id)
+	if u := w.workers[1].users[0]; u.id != "b-0000001" || u.recover != "/v1/backups/b-0000001/recover" ||
+		string(u.pinBody) != `{"pin":"`+u.pin+`"}` || string(u.wrongPIN) == string(u.pinBody) {
+		t.Errorf("user %+v, want ID b-0000001 and its requests", u)
 	}
 	for name, mod := range map[string]func(*HTTPOptions){
 		"unknown op":      func(o *HTTPOptions) { o.Op = "bogus" },

@@ -20,6 +20,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"text/tabwriter"
 	"time"
 )
@@ -59,6 +60,11 @@ type Options struct {
 	// Progress, if set, is called once a second while the run lasts, from
 	// a goroutine of its own.
 	Progress func(Progress)
+	// CPU, if set, reads the CPU time the measured process (the server)
+	// has used so far. Run reads it as the window opens and once the
+	// last operation has ended, and reports the difference per successful
+	// operation. An error either time ends the run.
+	CPU func() (time.Duration, error)
 }
 
 // Progress is a running count, for a progress line.
@@ -89,6 +95,18 @@ type Result struct {
 	// FirstErrors holds the text of the first error of each code, so that
 	// a rare failure in a long run can be told apart from the rest.
 	FirstErrors map[string]string `json:"first_errors,omitempty"`
+	// CPUPerOp is the measured process's CPU time (Options.CPU) over the
+	// window per successful operation, in microseconds, and CPUCores the
+	// cores it kept busy on average; both 0 (left out) when it was not
+	// read or nothing succeeded.
+	CPUPerOp float64 `json:"cpu_us_per_op,omitempty"`
+	CPUCores float64 `json:"cpu_cores,omitempty"`
+	// LoadgenCPUPerRequest is this process's own CPU time over the window
+	// per request, in microseconds, and LoadgenCPUCores the cores it kept
+	// busy: the cost of generating the load, which on a shared machine
+	// the server does not get.
+	LoadgenCPUPerRequest float64 `json:"loadgen_cpu_us_per_request,omitempty"`
+	LoadgenCPUCores      float64 `json:"loadgen_cpu_cores,omitempty"`
 }
 
 // Run calls op until o.Duration has passed and summarises every call that
@@ -106,33 +124,28 @@ func Run(ctx context.Context, o Options, op Op) (Result, error) {
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	var serverCPU0 time.Duration
+	if o.CPU != nil {
+		var err error
+		if serverCPU0, err = o.CPU(); err != nil {
+			return Result{}, fmt.Errorf("%s: read the server's CPU time: %w", o.Name, err)
+		}
+	}
+	selfCPU0 := SelfCPU()
 	start := time.Now()
 	end := start.Add(o.Duration)
 
-	// An open run hands out scheduled start times; a closed run lets each
-	// worker start whenever it is free.
-	var schedule chan time.Time
+	// An open run's operations have fixed start times, start + n*interval,
+	// and each worker takes the next one not yet taken: no goroutine or
+	// channel between the schedule and the workers. A worker that takes
+	// a start time already past starts at once, and its wait counts in
+	// its latency.
+	var interval time.Duration
+	var nextSlot atomic.Int64
 	if o.Rate > 0 {
-		schedule = make(chan time.Time, o.Concurrency)
-		interval := time.Duration(float64(time.Second) / o.Rate)
-		go func() {
-			defer close(schedule)
-			for at := start; at.Before(end); at = at.Add(interval) {
-				if d := time.Until(at); d > 0 {
-					select {
-					case <-time.After(d):
-					case <-ctx.Done():
-						return
-					}
-				}
-				select {
-				case schedule <- at:
-				case <-ctx.Done():
-					return
-				}
-			}
-		}()
+		interval = max(1, time.Duration(float64(time.Second)/o.Rate))
 	}
+	done := ctx.Done()
 
 	type tally struct {
 		lat   []time.Duration
@@ -171,26 +184,43 @@ func Run(ctx context.Context, o Options, op Op) (Result, error) {
 			defer wg.Done()
 			t := &tallies[w]
 			t.errs, t.first = map[string]int64{}, map[string]string{}
+			var timer *time.Timer
+			if interval > 0 {
+				timer = time.NewTimer(time.Hour)
+				defer timer.Stop()
+			}
 			for {
 				var began time.Time
-				if schedule != nil {
-					at, ok := <-schedule
-					if !ok {
+				if interval > 0 {
+					began = start.Add(time.Duration(nextSlot.Add(1)-1) * interval)
+					if !began.Before(end) {
 						return
 					}
-					began = at
+					if d := time.Until(began); d > 0 {
+						timer.Reset(d)
+						select {
+						case <-timer.C:
+						case <-done:
+							return
+						}
+					}
 				} else {
 					began = time.Now()
-					if !began.Before(end) || ctx.Err() != nil {
+					if !began.Before(end) {
 						return
 					}
+				}
+				select {
+				case <-done:
+					return
+				default:
 				}
 				if o.Before != nil {
 					if err := o.Before(ctx, w); err != nil {
 						fail(err)
 						return
 					}
-					if schedule == nil {
+					if interval == 0 {
 						began = time.Now()
 					}
 				}
@@ -209,14 +239,23 @@ func Run(ctx context.Context, o Options, op Op) (Result, error) {
 		}()
 	}
 	wg.Wait()
+	// An open run whose workers fell behind ends late: every scheduled
+	// operation is sent, and its wait counts in its latency.
+	elapsed := time.Since(start)
+	selfCPU := SelfCPU() - selfCPU0
+	var serverCPU time.Duration
+	if o.CPU != nil && failed == nil {
+		cpu, err := o.CPU()
+		if err != nil {
+			fail(fmt.Errorf("read the server's CPU time: %w", err))
+		}
+		serverCPU = cpu - serverCPU0
+	}
 	close(stopProgress)
 	<-progressDone
 	if failed != nil {
 		return Result{}, fmt.Errorf("%s: %w", o.Name, failed)
 	}
-	// An open run whose workers fell behind ends late: every scheduled
-	// operation is sent, and its wait counts in its latency.
-	elapsed := time.Since(start)
 
 	var all []time.Duration
 	errs := map[string]int64{}
@@ -245,7 +284,7 @@ func Run(ctx context.Context, o Options, op Op) (Result, error) {
 	}
 	// Throughput is over the window in which requests were started, plus
 	// the tail of the last ones to finish.
-	return Result{
+	res := Result{
 		Op:                 o.Name,
 		Concurrency:        o.Concurrency,
 		Rate:               o.Rate,
@@ -260,7 +299,26 @@ func Run(ctx context.Context, o Options, op Op) (Result, error) {
 		Max:                ms(1),
 		Errors:             errs,
 		FirstErrors:        first,
-	}, nil
+	}
+	if ok := res.Succeeded; o.CPU != nil && ok > 0 {
+		res.CPUPerOp = round(float64(serverCPU.Microseconds())/float64(ok), 1)
+		res.CPUCores = round(serverCPU.Seconds()/elapsed.Seconds(), 2)
+	}
+	if res.Requests > 0 {
+		res.LoadgenCPUPerRequest = round(float64(selfCPU.Microseconds())/float64(res.Requests), 1)
+		res.LoadgenCPUCores = round(selfCPU.Seconds()/elapsed.Seconds(), 2)
+	}
+	return res, nil
+}
+
+// SelfCPU is the CPU time (user and system) this process has used so
+// far, to the microsecond; 0 where the system does not say.
+func SelfCPU() time.Duration {
+	var ru syscall.Rusage
+	if syscall.Getrusage(syscall.RUSAGE_SELF, &ru) != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 func round(x float64, digits int) float64 {
@@ -273,19 +331,30 @@ func round(x float64, digits int) float64 {
 
 // WriteTable prints results as an aligned table. req/s counts every
 // answer, succeeded/s only the successes: a refused or shed request is
-// answered fast and must not pass for capacity.
+// answered fast and must not pass for capacity. cpu_us/op is the measured
+// process's CPU per success, gen_us/req this process's per request ("-"
+// when not measured).
 func WriteTable(w io.Writer, rs ...Result) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "op\tconcurrency\trate\tduration_s\trequests\treq/s\tsucceeded/s\tp50_ms\tp90_ms\tp99_ms\tmax_ms\terrors\t")
+	fmt.Fprintln(tw, "op\tconcurrency\trate\tduration_s\trequests\treq/s\tsucceeded/s\tp50_ms\tp90_ms\tp99_ms\tmax_ms\tcpu_us/op\tgen_us/req\terrors\t")
 	for _, r := range rs {
 		rate := "max"
 		if r.Rate > 0 {
 			rate = fmt.Sprintf("%.0f/s", r.Rate)
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%.1f\t%d\t%.0f\t%.0f\t%.2f\t%.2f\t%.2f\t%.2f\t%s\t\n",
-			r.Op, r.Concurrency, rate, r.DurationS, r.Requests, r.PerSecond, r.SucceededPerSecond, r.P50, r.P90, r.P99, r.Max, errorList(r))
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%.1f\t%d\t%.0f\t%.0f\t%.2f\t%.2f\t%.2f\t%.2f\t%s\t%s\t%s\t\n",
+			r.Op, r.Concurrency, rate, r.DurationS, r.Requests, r.PerSecond, r.SucceededPerSecond, r.P50, r.P90, r.P99, r.Max,
+			orDash(r.CPUPerOp), orDash(r.LoadgenCPUPerRequest), errorList(r))
 	}
 	return tw.Flush()
+}
+
+// orDash prints a measured cost, or "-" when it was not measured.
+func orDash(us float64) string {
+	if us == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.0f", us)
 }
 
 func errorList(r Result) string {

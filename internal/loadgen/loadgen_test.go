@@ -107,7 +107,7 @@ func TestOptionsAreChecked(t *testing.T) {
 func TestWriteTable(t *testing.T) {
 	var b bytes.Buffer
 	err := WriteTable(&b, Result{Op: "recover", Concurrency: 32, Requests: 10, PerSecond: 5, Succeeded: 7, SucceededPerSecond: 3.5,
-		Errors: map[string]int64{"unavailable": 2, "locked": 1}},
+		Errors: map[string]int64{"unavailable": 2, "locked": 1}, CPUPerOp: 412.4, LoadgenCPUPerRequest: 31.6},
 		Result{Op: "enroll", Rate: 50, Errors: map[string]int64{}})
 	if err != nil {
 		t.Fatal(err)
@@ -124,6 +124,14 @@ func TestWriteTable(t *testing.T) {
 	i := slices.Index(head, "req/s")
 	if i < 0 || i+1 >= len(head) || head[i+1] != "succeeded/s" || len(row) != len(head) || row[i] != "5" || row[i+1] != "4" {
 		t.Errorf("want req/s 5 then succeeded/s 4 (3.5 rounded):\n%s", out)
+	}
+	// The costs, where measured, and "-" where not.
+	c := slices.Index(head, "cpu_us/op")
+	if c < 0 || c+1 >= len(head) || head[c+1] != "gen_us/req" || row[c] != "412" || row[c+1] != "32" {
+		t.Errorf("want cpu_us/op 412 then gen_us/req 32:\n%s", out)
+	}
+	if other := strings.Fields(lines[2]); len(other) != len(head) || other[c] != "-" || other[c+1] != "-" {
+		t.Errorf("want - for costs not measured:\n%s", out)
 	}
 }
 
@@ -154,5 +162,57 @@ func TestProgress(t *testing.T) {
 			p.Elapsed < time.Duration(i+1)*time.Second || (i > 0 && p.Requests <= seen[i-1].Requests) {
 			t.Errorf("report %d: %+v (run: %d requests)", i, p, res.Requests)
 		}
+	}
+}
+
+// The server's CPU time is read as the window opens and once it has
+// closed, and divided by the successes; the generator's own by the
+// requests.
+func TestCPUPerOperation(t *testing.T) {
+	var reads atomic.Int64
+	cpu := func() (time.Duration, error) {
+		if reads.Add(1) == 1 {
+			return 5 * time.Second, nil
+		}
+		return 6 * time.Second, nil // one second over the window
+	}
+	var n atomic.Int64
+	res, err := Run(context.Background(), Options{Concurrency: 2, Duration: 100 * time.Millisecond, CPU: cpu},
+		func(context.Context, int) error {
+			time.Sleep(time.Millisecond)
+			if n.Add(1)%2 == 0 {
+				return errors.New("every other one fails")
+			}
+			return nil
+		})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if reads.Load() != 2 {
+		t.Fatalf("the CPU was read %d times, want 2", reads.Load())
+	}
+	if want := round(1e6/float64(res.Succeeded), 1); res.CPUPerOp != want || res.CPUCores <= 0 {
+		t.Fatalf("cpu_us_per_op %v (cores %v), want %v: 1 s over %d successes", res.CPUPerOp, res.CPUCores, want, res.Succeeded)
+	}
+	if res.LoadgenCPUPerRequest < 0 || res.LoadgenCPUCores < 0 {
+		t.Fatalf("the generator's own CPU: %+v", res)
+	}
+
+	// A server whose CPU cannot be read ends the run.
+	_, err = Run(context.Background(), Options{Concurrency: 1, Duration: 10 * time.Millisecond,
+		CPU: func() (time.Duration, error) { return 0, errors.New("the vault is gone") }},
+		func(context.Context, int) error { return nil })
+	if err == nil || !strings.Contains(err.Error(), "the vault is gone") {
+		t.Fatalf("err %v", err)
+	}
+}
+
+func TestSelfCPU(t *testing.T) {
+	before := SelfCPU()
+	for x := 0; SelfCPU() == before; x++ {
+		_ = fmt.Sprint(x) // spin until the clock moves
+	}
+	if SelfCPU() < before {
+		t.Fatal("the process's CPU time went back")
 	}
 }
