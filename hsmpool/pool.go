@@ -186,7 +186,7 @@ func newPool(cfgs []MemberConfig, toks []token, openErrs []error, opts Options) 
 		m := &member{name: c.Name, sessions: make(chan struct{}, max(c.MaxSessions, 1))}
 		m.limit.Store(int64(cap(m.sessions)))
 		p.metrics.sessionsMax.WithLabelValues(c.Name).Set(float64(cap(m.sessions)))
-		m.st.Store(brokenState())
+		m.st.Store(brokenState(nil))
 		if opts.reopen {
 			m.reopen = func() (token, error) { return p.opts.Modules.openToken(c) }
 		}
@@ -228,6 +228,7 @@ func newPool(cfgs []MemberConfig, toks []token, openErrs []error, opts Options) 
 			closeToken(toks[i])
 		}
 		errs = append(errs, fmt.Errorf("member %s: %w", c.Name, err))
+		m.st.Store(brokenState(err))
 		switch {
 		case m.refusal.Load() != nil:
 			toProbe = append(toProbe, m) // logged by checkCapabilities
