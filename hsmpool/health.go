@@ -129,6 +129,7 @@ func (p *Pool) reopen(m *member) (err error) {
 		return err
 	}
 	m.st.Store(st)
+	p.noteCopies(m, st.tok)
 	return nil
 }
 
