@@ -78,9 +78,13 @@ func (p *Pool) writeAnchor(ctx context.Context, members []*member, member string
 }
 
 // onMember runs an anchor call on one member with a session slot, the
-// operation timeout and the pool's metrics. It does not fail the member:
-// whether a silent member is dropped from the live set is the anchor
-// writer's decision, and its key operations judge its health.
+// operation timeout and the pool's metrics. A failed call does not fail
+// the member: whether a silent member is dropped from the live set is the
+// anchor writer's decision, and its keys judge its health. So a failed
+// call asks the token's keys, which key operations served from session
+// copies no longer touch: if they do not answer either (the token is
+// gone), the member is taken out, as a key operation would have taken it
+// out.
 //
 // It waits for a session as long as ctx allows, not QueueTimeout: shedding
 // is for requests, and an anchor write that lost its place to them would
@@ -104,12 +108,30 @@ func (p *Pool) onMember(ctx context.Context, m *member, op string, fn func(ancho
 		if !ok {
 			return nil, errNoAnchors
 		}
-		return nil, fn(k)
+		err := fn(k)
+		if c, ok := st.tok.(tokenKeyChecker); ok && err != nil {
+			if kerr := c.checkTokenKeys(); kerr != nil {
+				return nil, &tokenKeysLost{anchor: err, keys: kerr}
+			}
+		}
+		return nil, err
 	})
+	if lost := (*tokenKeysLost)(nil); errors.As(err, &lost) {
+		p.fail(m, op, lost.keys)
+		err = lost.anchor
+	}
 	if err != nil {
 		return fmt.Errorf("member %s: %s: %w", m.name, op, err)
 	}
 	return nil
+}
+
+// tokenKeysLost: an anchor call failed, and the token's keys do not
+// answer either.
+type tokenKeysLost struct{ anchor, keys error }
+
+func (e *tokenKeysLost) Error() string {
+	return fmt.Sprintf("%v (and the token keys: %v)", e.anchor, e.keys)
 }
 
 // anchorProber is a token that can say whether it keeps anchor objects.

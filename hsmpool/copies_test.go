@@ -447,3 +447,56 @@ func TestSessionCopiesOpencryptoki(t *testing.T) {
 	}
 	roundTrip(t, p, wrap1, pin1)
 }
+
+// anchorsFail is a token whose anchor writes fail.
+type anchorsFail struct{ *p11Token }
+
+func (anchorsFail) WriteAnchor(context.Context, uint64, []byte) error {
+	return pkcs11.Error(pkcs11.CKR_DEVICE_ERROR)
+}
+
+// Key operations served from copies no longer touch the token, so a
+// failed anchor write asks the token keys: a member whose keys answer
+// stays in, one whose keys are gone is taken out at once, with no key
+// operation.
+func TestAnchorFailureChecksTokenKeys(t *testing.T) {
+	m := newMember(t, "a")
+	if _, err := Provision([]MemberConfig{m}, vault.ProfileGCM); err != nil {
+		t.Fatal(err)
+	}
+	tok, err := NewModules().openToken(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := newPool([]MemberConfig{m}, []token{anchorsFail{tok}}, make([]error, 1),
+		Options{Registerer: prometheus.NewRegistry(), ProbeBackoff: time.Hour, ProbeBackoffMax: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	ctx := context.Background()
+	if err := p.WriteAnchor(ctx, "a", 1, []byte("x")); err == nil {
+		t.Fatal("the anchor write passed")
+	}
+	if !p.members[0].healthy.Load() {
+		t.Fatal("a failed anchor write took out a member whose keys answer")
+	}
+	err = withSession(m, func(c *pkcs11.Ctx, s pkcs11.SessionHandle) error {
+		objs, err := findObjects(c, s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY), pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)})
+		for _, o := range objs {
+			if err == nil {
+				err = c.DestroyObject(s, o)
+			}
+		}
+		return err
+	}, func(*pkcs11.Ctx, pkcs11.SessionHandle, string) error { return nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.WriteAnchor(ctx, "a", 2, []byte("x")); !errors.Is(err, pkcs11.Error(pkcs11.CKR_DEVICE_ERROR)) {
+		t.Fatalf("the anchor write: %v, want the token's answer", err)
+	}
+	if p.members[0].healthy.Load() {
+		t.Fatal("the member still serves after an anchor write failed and its token keys are gone")
+	}
+}
