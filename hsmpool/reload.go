@@ -22,12 +22,11 @@ type dropper interface {
 	drop()
 }
 
-// dropStates lets go of the views of states that the pool no longer
-// uses; keep, if not nil, are the states that took their places, whose
-// views are kept (a member whose state did not change).
-func dropStates(states, keep []*tokenState) {
-	for i, st := range states {
-		if st == nil || keep != nil && keep[i] == st {
+// dropStates lets go of the views of states (nil ones skipped) that the
+// pool no longer uses, or never put in use.
+func dropStates(states ...*tokenState) {
+	for _, st := range states {
+		if st == nil {
 			continue
 		}
 		if d, ok := st.tok.(dropper); ok {
@@ -124,7 +123,7 @@ func (p *Pool) reload(probing *member, fresh token) (_ map[vault.KeyRole]uint32,
 	if err := p.install(olds, news); err != nil {
 		return nil, fmt.Errorf("reload: %w", err)
 	}
-	dropStates(olds, nil)
+	dropStates(olds...)
 	for i, m := range p.members {
 		p.noteCopies(m, news[i].tok)
 	}
@@ -202,12 +201,12 @@ func (p *Pool) Retire(version uint32) (map[string][]string, error) {
 	news := make([]*tokenState, len(p.members))
 	for i, m := range p.members {
 		if !m.healthy.Load() {
-			dropStates(news, nil)
+			dropStates(news...)
 			return nil, fmt.Errorf("retire: member %s is out of service; the version must go from every member at once", m.name)
 		}
 		olds[i] = m.state()
 		if _, ok := olds[i].tok.(refresher); !ok {
-			dropStates(news, nil)
+			dropStates(news...)
 			return nil, fmt.Errorf("retire: member %s cannot destroy keys", m.name)
 		}
 		news[i] = olds[i].without(version)
@@ -217,12 +216,12 @@ func (p *Pool) Retire(version uint32) (map[string][]string, error) {
 		delete(ref, id)
 	}
 	if err := p.install(olds, news); err != nil {
-		dropStates(news, nil)
+		dropStates(news...)
 		return nil, fmt.Errorf("retire: %w", err)
 	}
 	// No view that serves the version is left: its copies are destroyed
 	// now, before the token keys.
-	dropStates(olds, nil)
+	dropStates(olds...)
 	p.keys.Store(newKeySet(ref, cur.profiles))
 
 	destroyed := map[string][]string{}
@@ -273,10 +272,10 @@ func (p *Pool) Forget(version uint32) error {
 			}
 			n := old.without(version)
 			if m.st.CompareAndSwap(old, n) {
-				dropStates([]*tokenState{old}, nil)
+				dropStates(old)
 				break
 			}
-			dropStates([]*tokenState{n}, nil)
+			dropStates(n)
 		}
 	}
 	ref := maps.Clone(cur.ref)
