@@ -88,3 +88,60 @@ func TestAnchorMembers(t *testing.T) {
 		t.Fatalf("no member keeps anchors: %v", err)
 	}
 }
+
+// A member whose token did not open is a silent member, not one that
+// keeps no anchors: beside a member that keeps them it stays in, and its
+// anchor reads fail with why it is not open; when it is the only member
+// that might keep them, the refusal names its open failure.
+func TestAnchorMembersNotOpen(t *testing.T) {
+	a, b := newMember(t, "a"), newMember(t, "b")
+	if _, err := Provision([]MemberConfig{b}, vault.ProfileHMAC); err != nil {
+		t.Fatal(err)
+	}
+	gone := a
+	gone.Name, gone.TokenLabel = "gone", "no-such-token-"+a.TokenLabel
+	mods := NewModules()
+	defer mods.Close()
+	_, openErr := mods.openToken(gone)
+	if openErr == nil {
+		t.Fatal("a token that does not exist opened")
+	}
+	ctx := context.Background()
+	pool := func(hide bool) *Pool {
+		t.Helper()
+		tok, err := mods.openToken(b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var bt token = tok
+		if hide {
+			bt = noAnchors{tok}
+		}
+		p, err := newPool([]MemberConfig{gone, b}, []token{nil, bt}, []error{openErr, nil}, Options{Registerer: prometheus.NewRegistry()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { p.Close() })
+		return p
+	}
+
+	_, err := pool(true).AnchorMembers(ctx)
+	if !errors.Is(err, ErrNoAnchorMember) || !strings.Contains(err.Error(), openErr.Error()) ||
+		strings.Contains(err.Error(), "member gone: "+errNoAnchors.Error()) || !strings.Contains(err.Error(), "bring member gone back") {
+		t.Fatalf("with b keeping no anchors and gone not open: %v, want a refusal naming gone's open failure", err)
+	}
+	t.Logf("refusal: %v", err)
+
+	am, err := pool(false).AnchorMembers(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := am.Members(); !slices.Equal(got, []string{"gone", "b"}) || len(am.Refused) != 0 {
+		t.Fatalf("anchor members %v, refused %v; want gone kept as a silent member", got, am.Refused)
+	}
+	f := am.ReadAnchors(ctx)
+	if len(f) != 2 || f[0].Member != "gone" || !errors.Is(f[0].Err, errNoToken) || errors.Is(f[0].Err, errNoAnchors) ||
+		!strings.Contains(f[0].Err.Error(), openErr.Error()) || f[1].Err != nil {
+		t.Fatalf("read %+v, want gone's read failing with its open failure", f)
+	}
+}

@@ -78,9 +78,13 @@ func (p *Pool) writeAnchor(ctx context.Context, members []*member, member string
 }
 
 // onMember runs an anchor call on one member with a session slot, the
-// operation timeout and the pool's metrics. It does not fail the member:
-// whether a silent member is dropped from the live set is the anchor
-// writer's decision, and its key operations judge its health.
+// operation timeout and the pool's metrics. A failed call does not fail
+// the member: whether a silent member is dropped from the live set is the
+// anchor writer's decision, and its keys judge its health. So a failed
+// call asks the token's keys, which key operations served from session
+// copies no longer touch: if they do not answer either (the token is
+// gone), the member is taken out, as a key operation would have taken it
+// out.
 //
 // It waits for a session as long as ctx allows, not QueueTimeout: shedding
 // is for requests, and an anchor write that lost its place to them would
@@ -94,18 +98,40 @@ func (p *Pool) onMember(ctx context.Context, m *member, op string, fn func(ancho
 	}
 	_, err := p.run(ctx, m, op, func(_ *member, st *tokenState) ([]byte, error) {
 		if st == nil || st.tok == nil {
-			return nil, errors.New("member not open")
+			return nil, errNoToken
+		}
+		if b, ok := st.tok.(brokenToken); ok {
+			// Not open: a silent member, whose anchors are unknown.
+			return nil, b.err()
 		}
 		k, ok := st.tok.(anchorKeeper)
 		if !ok {
 			return nil, errNoAnchors
 		}
-		return nil, fn(k)
+		err := fn(k)
+		if c, ok := st.tok.(tokenKeyChecker); ok && err != nil {
+			if kerr := c.checkTokenKeys(); kerr != nil {
+				return nil, &tokenKeysLost{anchor: err, keys: kerr}
+			}
+		}
+		return nil, err
 	})
+	if lost := (*tokenKeysLost)(nil); errors.As(err, &lost) {
+		p.fail(m, op, lost.keys)
+		err = lost.anchor
+	}
 	if err != nil {
 		return fmt.Errorf("member %s: %s: %w", m.name, op, err)
 	}
 	return nil
+}
+
+// tokenKeysLost: an anchor call failed, and the token's keys do not
+// answer either.
+type tokenKeysLost struct{ anchor, keys error }
+
+func (e *tokenKeysLost) Error() string {
+	return fmt.Sprintf("%v (and the token keys: %v)", e.anchor, e.keys)
 }
 
 // anchorProber is a token that can say whether it keeps anchor objects.
@@ -131,11 +157,15 @@ var ErrNoAnchorMember = errors.New("rollback anchoring needs at least one member
 // anchorObjects.probe) and returns the members that keep the anchors. A
 // member whose token refuses them is left out and named in Refused; one
 // that does not answer stays in, as a silent member: whether the store
-// may be served without it is the rollback check's decision. It fails
-// with ErrNoAnchorMember, naming each refusal and the ways out, if every
-// member is refused.
+// may be served without it is the rollback check's decision. A member
+// whose token is not open (it failed to open or to be admitted) is such a
+// silent member. It fails with ErrNoAnchorMember, naming each refusal and
+// the ways out, if every member is refused, or if every member it would
+// keep is one that is not open: then no member can answer the rollback
+// check, and the refusal names why each is not open.
 func (p *Pool) AnchorMembers(ctx context.Context) (*AnchorMembers, error) {
 	refusals := make([]*NoAnchorsError, len(p.members))
+	notOpen := make([]error, len(p.members))
 	var wg sync.WaitGroup
 	for i, m := range p.members {
 		wg.Go(func() {
@@ -151,23 +181,34 @@ func (p *Pool) AnchorMembers(ctx context.Context) (*AnchorMembers, error) {
 				refusals[i] = na
 			case errors.Is(err, errNoAnchors):
 				refusals[i] = &NoAnchorsError{Member: m.name, Err: errNoAnchors}
+			case errors.Is(err, errNoToken):
+				notOpen[i] = err
 			}
 		})
 	}
 	wg.Wait()
 	am := &AnchorMembers{p: p}
-	var reasons []string
+	var reasons, silent []string
 	for i, m := range p.members {
 		if refusals[i] != nil {
 			am.Refused = append(am.Refused, refusals[i])
 			reasons = append(reasons, refusals[i].Error())
 			continue
 		}
+		if notOpen[i] != nil {
+			// err names the member already.
+			reasons = append(reasons, fmt.Sprintf("%v, so whether its token keeps them is unknown", notOpen[i]))
+			silent = append(silent, m.name)
+		}
 		am.members = append(am.members, m)
 	}
-	if len(am.members) == 0 {
+	switch {
+	case len(am.members) == 0:
 		return nil, fmt.Errorf("%w, and none does: %s; add a member whose token keeps them (the anchors live on the members that can), or set store.rollback_anchor: false",
 			ErrNoAnchorMember, strings.Join(reasons, "; "))
+	case len(silent) == len(am.members):
+		return nil, fmt.Errorf("%w, and none that is open does: %s; bring member %s back, add a member whose token keeps them, or set store.rollback_anchor: false",
+			ErrNoAnchorMember, strings.Join(reasons, "; "), strings.Join(silent, ", member "))
 	}
 	return am, nil
 }

@@ -121,8 +121,10 @@ func BenchmarkAnchorWrite(b *testing.B) {
 }
 
 // BenchmarkSoftHSMOps: the raw cost of each pool operation on one SoftHSM
-// member (token keys, 4 sessions, as many callers as sessions), the
-// ceiling every recover and enroll sits under:
+// member (4 sessions, as many callers as sessions), the ceiling every
+// recover and enroll sits under, served from the token keys and from
+// session copies of them, in one run; recover is a PIN check then an
+// open, two keys, as a recovery makes:
 //
 //	go test ./hsmpool -run '^$' -bench SoftHSMOps -benchtime 3s
 func BenchmarkSoftHSMOps(b *testing.B) {
@@ -130,30 +132,49 @@ func BenchmarkSoftHSMOps(b *testing.B) {
 	if _, err := Provision([]MemberConfig{m}, vault.ProfileGCM); err != nil {
 		b.Fatal(err)
 	}
-	p, err := Open([]MemberConfig{m}, Options{})
-	if err != nil {
-		b.Fatal(err)
+	for _, keys := range []string{"token-keys", "session-copies"} {
+		b.Run(keys, func(b *testing.B) {
+			mods := NewModules()
+			mods.noCopies = keys == "token-keys"
+			defer mods.Close()
+			p, err := Open([]MemberConfig{m}, Options{Modules: mods})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer p.Close()
+			if err := viewOf(b, p, 0).sessionCopies(); (err == nil) != (keys == "session-copies") {
+				b.Fatalf("%s: session copies %v", keys, err)
+			}
+			benchOps(b, p, m.MaxSessions)
+		})
 	}
-	defer p.Close()
+}
+
+func benchOps(b *testing.B, p *Pool, sessions int) {
 	ctx := context.Background()
 	nonce, aad, pt := make([]byte, 12), []byte("keyvault/v1/aad"), make([]byte, 32)
 	ct, err := p.Seal(ctx, wrap1, nonce, pt, aad)
 	if err != nil {
 		b.Fatal(err)
 	}
+	pinInput := []byte("pin check, 64 bytes of input as the vault's PIN check has....")
 	ops := []struct {
 		name string
 		fn   func() ([]byte, error)
 	}{
-		{"hmac", func() ([]byte, error) {
-			return p.HMAC(ctx, pin1, []byte("pin check, 64 bytes of input as the vault's PIN check has...."))
-		}},
+		{"hmac", func() ([]byte, error) { return p.HMAC(ctx, pin1, pinInput) }},
 		{"seal", func() ([]byte, error) { return p.Seal(ctx, wrap1, nonce, pt, aad) }},
 		{"open", func() ([]byte, error) { return p.Open(ctx, wrap1, nonce, ct, aad) }},
+		{"recover", func() ([]byte, error) {
+			if _, err := p.HMAC(ctx, pin1, pinInput); err != nil {
+				return nil, err
+			}
+			return p.Open(ctx, wrap1, nonce, ct, aad)
+		}},
 	}
 	for _, op := range ops {
 		b.Run(op.name, func(b *testing.B) {
-			b.SetParallelism(max(1, m.MaxSessions/runtime.GOMAXPROCS(0)))
+			b.SetParallelism(max(1, sessions/runtime.GOMAXPROCS(0)))
 			start := time.Now()
 			b.RunParallel(func(pb *testing.PB) {
 				for pb.Next() {

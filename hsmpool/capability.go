@@ -94,6 +94,10 @@ type Capabilities struct {
 	// KnownAnswerHMAC and KnownAnswerGCM say how the known-answer tests
 	// went: "matches Go's crypto", or what failed, or why none ran.
 	KnownAnswerHMAC, KnownAnswerGCM string
+	// SessionCopies says whether the token serves its keys from session
+	// copies: "yes", "no (why)", or "not tried (why)". Either way it
+	// can serve; copies are faster on some tokens.
+	SessionCopies string
 }
 
 // Write prints the capabilities, one per line, indented.
@@ -105,6 +109,9 @@ func (c *Capabilities) Write(w io.Writer) {
 	fmt.Fprintf(w, "  key import: %s\n", c.Import)
 	fmt.Fprintf(w, "  known answer, HMAC-SHA256: %s\n", c.KnownAnswerHMAC)
 	fmt.Fprintf(w, "  known answer, AES-256-GCM: %s\n", c.KnownAnswerGCM)
+	if c.SessionCopies != "" {
+		fmt.Fprintf(w, "  session key copies: %s\n", c.SessionCopies)
+	}
 	if len(c.GCMFor) > 0 {
 		fmt.Fprintf(w, "  wrap keys of the gcm profile held: %s\n", strings.Join(c.GCMFor, ", "))
 	}

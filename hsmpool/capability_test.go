@@ -168,6 +168,12 @@ func TestNSSThroughP11KitMatchesGo(t *testing.T) {
 	}
 	p := openPool(t, prometheus.NewRegistry(), m)
 	ctx := context.Background()
+	// It serves from session copies of its keys: one key switch costs
+	// NSS about 10 ms on token keys.
+	checkServesCopies(t, viewOf(t, p, 0))
+	if line := viewOf(t, p, 0).copiesLine(); line != "yes" {
+		t.Fatalf("NSS session key copies: %s", line)
+	}
 
 	msg := []byte("keyvault PIN check input")
 	got, err := p.HMAC(ctx, pin1, msg)

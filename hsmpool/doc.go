@@ -7,7 +7,9 @@
 // Each member is one PKCS#11 module and token, opened through crypto11 with
 // its own session limit. At start the pool finds every version of every key
 // role by label (keyvault-wrap-v1, keyvault-pin-v1, keyvault-root-v1, ...),
-// caches the handles, and computes a key check value (KCV) for each; a member
+// caches the handles, copies each key into a session object to serve
+// with where the token allows it (copies.go; otherwise it serves with the
+// token keys), and computes a key check value (KCV) for each; a member
 // whose KCVs differ from the first member's is not used. Every operation goes
 // through Pool.do, which picks the least-loaded healthy member, waits for one
 // of its sessions no longer than the context allows, records metrics, turns
@@ -82,7 +84,8 @@
 // metrics.go.
 //
 // The tokens: token.go (p11Token, a member's token through crypto11 and
-// package p11raw, and what it offers the other jobs), sessions.go (its
+// package p11raw, and what it offers the other jobs), copies.go (the
+// session copies of its keys that it serves with), sessions.go (its
 // bounded pool of raw sessions) and modules.go (Modules).
 //
 // Provisioning and rotation, run by the key commands before or beside

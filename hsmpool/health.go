@@ -83,9 +83,17 @@ func (p *Pool) probe(m *member) {
 }
 
 // reopen replaces a member's token with a freshly configured one that is
-// admitted against the pool's keys.
-func (p *Pool) reopen(m *member) error {
-	old := m.st.Swap(brokenState())
+// admitted against the pool's keys. While it runs, and after it fails,
+// the member's state is a brokenToken; after a failure, one that says
+// why.
+func (p *Pool) reopen(m *member) (err error) {
+	broken := brokenState(nil)
+	old := m.st.Swap(broken)
+	defer func() {
+		if err != nil {
+			m.st.CompareAndSwap(broken, brokenState(err))
+		}
+	}()
 	if err := closeToken(old.tok); err != nil {
 		p.log.Warn("closing a failed HSM member", "member", m.name, "error", err.Error())
 	}
@@ -121,6 +129,7 @@ func (p *Pool) reopen(m *member) error {
 		return err
 	}
 	m.st.Store(st)
+	p.noteCopies(m, st.tok)
 	return nil
 }
 
@@ -142,19 +151,28 @@ func closeToken(t token) error {
 }
 
 // brokenToken stands in for a member with no working token: one that
-// failed to open, or is being re-opened.
-type brokenToken struct{}
+// failed to open or to be admitted (why is its error), or is being
+// re-opened (no error).
+type brokenToken struct{ why error }
 
-func brokenState() *tokenState { return &tokenState{tok: brokenToken{}} }
+func brokenState(why error) *tokenState { return &tokenState{tok: brokenToken{why}} }
 
 var errNoToken = errors.New("member has no open token")
 
-func (brokenToken) HMAC(vault.KeyID, []byte) ([]byte, error) { return nil, errNoToken }
-func (brokenToken) Seal(vault.KeyID, []byte, []byte, []byte) ([]byte, error) {
-	return nil, errNoToken
+// err is errNoToken, with why the member has none when it is known.
+func (b brokenToken) err() error {
+	if b.why == nil {
+		return errNoToken
+	}
+	return fmt.Errorf("%w: %w", errNoToken, b.why)
 }
-func (brokenToken) Open(vault.KeyID, []byte, []byte, []byte) ([]byte, error) {
-	return nil, errNoToken
+
+func (b brokenToken) HMAC(vault.KeyID, []byte) ([]byte, error) { return nil, b.err() }
+func (b brokenToken) Seal(vault.KeyID, []byte, []byte, []byte) ([]byte, error) {
+	return nil, b.err()
+}
+func (b brokenToken) Open(vault.KeyID, []byte, []byte, []byte) ([]byte, error) {
+	return nil, b.err()
 }
 func (brokenToken) Versions(vault.KeyRole) []uint32  { return nil }
 func (brokenToken) WrapProfile(uint32) vault.Profile { return "" }

@@ -30,6 +30,9 @@ type member struct {
 	// refusal is set while the member's token lacks what the vault needs
 	// (refusal.go).
 	refusal atomic.Pointer[RefusedError]
+	// copiesSaid is what the log last said of the member's session key
+	// copies (noteCopies).
+	copiesSaid atomic.Pointer[string]
 }
 
 func (m *member) state() *tokenState { return m.st.Load() }
@@ -124,10 +127,23 @@ func (st *tokenState) checkKCV(id vault.KeyID) error {
 	return nil
 }
 
+// tokenKeyChecker is a token that serves from session copies of its keys
+// and can check that the token keys behind them still answer (p11Token).
+type tokenKeyChecker interface {
+	checkTokenKeys() error
+}
+
 // healthCheck is the probe's test of an admitted token: every self-test,
 // and every key's check value against the reference, so that a token whose
-// key handles went stale (re-initialised or restored) fails it.
+// key handles went stale (re-initialised or restored) fails it; and,
+// where the keys are served from session copies, which outlive such a
+// token, the token keys themselves.
 func (st *tokenState) healthCheck(ref map[vault.KeyID][]byte) error {
+	if c, ok := st.tok.(tokenKeyChecker); ok {
+		if err := c.checkTokenKeys(); err != nil {
+			return err
+		}
+	}
 	kcvs, err := keyCheckValues(st.tok)
 	if err != nil {
 		return err

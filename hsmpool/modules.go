@@ -44,6 +44,31 @@ type Modules struct {
 	// failImport, when a test sets it, runs before each key import and
 	// fails the import with its error: a fault on one member.
 	failImport func(member string, id vault.KeyID) error
+	// noCopies, when set, has the tokens opened through these modules
+	// serve with their token keys, never with session copies: the
+	// baseline of a benchmark.
+	noCopies bool
+	// copyObject, when a test sets it, makes the session copies of the
+	// tokens opened through these modules in place of C_CopyObject: a
+	// token's traits emulated around the real call, real.
+	copyObject func(real func() (pkcs11.ObjectHandle, error), p *pkcs11.Ctx, s pkcs11.SessionHandle, key pkcs11.ObjectHandle) (pkcs11.ObjectHandle, error)
+}
+
+// keyCopies returns the session copies of a token opened on raw's
+// handle, none made yet (see keyCopies).
+func (m *Modules) keyCopies(raw *rawSessions) *keyCopies {
+	var off error
+	if m.noCopies {
+		off = errCopiesOff
+	}
+	c := newKeyCopies(raw.p, raw.slot, off)
+	if hook := m.copyObject; hook != nil {
+		realCopy := c.copyObject
+		c.copyObject = func(s pkcs11.SessionHandle, key pkcs11.ObjectHandle, template []*pkcs11.Attribute) (pkcs11.ObjectHandle, error) {
+			return hook(func() (pkcs11.ObjectHandle, error) { return realCopy(s, key, template) }, raw.p, s, key)
+		}
+	}
+	return c
 }
 
 type library struct {

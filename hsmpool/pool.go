@@ -112,6 +112,35 @@ type token interface {
 	Close() error
 }
 
+// copyReporter is a token that may serve from session copies of its keys
+// (p11Token): sessionCopies is nil when it does, else why not.
+type copyReporter interface {
+	sessionCopies() error
+}
+
+// noteCopies logs, at info, whether the member's token serves from
+// session copies of its keys or from its token keys, and why: once, and
+// again whenever that changes (a re-open, a reload).
+func (p *Pool) noteCopies(m *member, t token) {
+	c, ok := t.(copyReporter)
+	if !ok {
+		return
+	}
+	err := c.sessionCopies()
+	said := "yes"
+	if err != nil {
+		said = err.Error()
+	}
+	if old := m.copiesSaid.Swap(&said); old != nil && *old == said {
+		return
+	}
+	if err == nil {
+		p.log.Info("HSM member serves from session copies of its keys", "member", m.name)
+		return
+	}
+	p.log.Info("HSM member serves from its token keys, not from session copies", "member", m.name, "reason", said)
+}
+
 // Open opens every member, one at a time, and admits those whose keys
 // match the first admitted member's. A member that fails to open or to be
 // admitted is reported and probed in the background, except after a
@@ -186,7 +215,7 @@ func newPool(cfgs []MemberConfig, toks []token, openErrs []error, opts Options) 
 		m := &member{name: c.Name, sessions: make(chan struct{}, max(c.MaxSessions, 1))}
 		m.limit.Store(int64(cap(m.sessions)))
 		p.metrics.sessionsMax.WithLabelValues(c.Name).Set(float64(cap(m.sessions)))
-		m.st.Store(brokenState())
+		m.st.Store(brokenState(nil))
 		if opts.reopen {
 			m.reopen = func() (token, error) { return p.opts.Modules.openToken(c) }
 		}
@@ -217,6 +246,7 @@ func newPool(cfgs []MemberConfig, toks []token, openErrs []error, opts Options) 
 			var st *tokenState
 			if st, err = admit(toks[i], ref); err == nil {
 				m.st.Store(st)
+				p.noteCopies(m, st.tok)
 				if ref == nil {
 					// The first admitted member is the reference.
 					ref, refProfiles = st.kcvs, wrapProfiles(st.tok)
@@ -228,6 +258,7 @@ func newPool(cfgs []MemberConfig, toks []token, openErrs []error, opts Options) 
 			closeToken(toks[i])
 		}
 		errs = append(errs, fmt.Errorf("member %s: %w", c.Name, err))
+		m.st.Store(brokenState(err))
 		switch {
 		case m.refusal.Load() != nil:
 			toProbe = append(toProbe, m) // logged by checkCapabilities

@@ -258,7 +258,7 @@ func absent(ids []vault.KeyID) func(*pkcs11.Ctx, pkcs11.SessionHandle, string) e
 
 func checkAbsentOf(p *pkcs11.Ctx, s pkcs11.SessionHandle, member string, ids []vault.KeyID) error {
 	for _, id := range ids {
-		if err := p.FindObjectsInit(s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, id.Label())}); err != nil {
+		if err := p.FindObjectsInit(s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true), pkcs11.NewAttribute(pkcs11.CKA_LABEL, id.Label())}); err != nil {
 			return fmt.Errorf("member %s: find %s: %w", member, id.Label(), err)
 		}
 		objs, _, err := p.FindObjects(s, 1)

@@ -15,6 +15,26 @@ type refresher interface {
 	destroy(id vault.KeyID) (bool, error)
 }
 
+// dropper is a view of a token that holds something of its own (the
+// session copies of its keys) until the pool lets go of it: after
+// another view took its place, or when it never took one.
+type dropper interface {
+	drop()
+}
+
+// dropStates lets go of the views of states (nil ones skipped) that the
+// pool no longer uses, or never put in use.
+func dropStates(states ...*tokenState) {
+	for _, st := range states {
+		if st == nil {
+			continue
+		}
+		if d, ok := st.tok.(dropper); ok {
+			d.drop()
+		}
+	}
+}
+
 // Reload looks every member's keys up again and starts using the key
 // versions found, for new records, once every member holds them with the
 // same check values. It refuses, changing nothing, if a member is out of
@@ -34,10 +54,23 @@ func (p *Pool) Reload() (map[vault.KeyRole]uint32, error) {
 // freshly opened token fresh takes part in place of a look-up, so that a
 // member that lost a retired version comes back with the newer one
 // instead of staying out for a key mismatch. The caller holds rotateMu.
-func (p *Pool) reload(probing *member, fresh token) (map[vault.KeyRole]uint32, error) {
+func (p *Pool) reload(probing *member, fresh token) (_ map[vault.KeyRole]uint32, err error) {
 	cur := p.keys.Load()
 	olds := make([]*tokenState, len(p.members))
 	news := make([]*tokenState, len(p.members))
+	// The views looked up here hold copies of their keys: those that do
+	// not take their member's place are dropped. fresh is the caller's to
+	// close.
+	var refreshed []token
+	defer func() {
+		if err != nil {
+			for _, t := range refreshed {
+				if d, ok := t.(dropper); ok {
+					d.drop()
+				}
+			}
+		}
+	}()
 	for i, m := range p.members {
 		olds[i] = m.state()
 		t := fresh
@@ -53,6 +86,7 @@ func (p *Pool) reload(probing *member, fresh token) (map[vault.KeyRole]uint32, e
 			if t, err = r.refreshed(); err != nil {
 				return nil, fmt.Errorf("reload: member %s: %w", m.name, err)
 			}
+			refreshed = append(refreshed, t)
 		}
 		st, err := admit(t, nil)
 		if err != nil {
@@ -88,6 +122,10 @@ func (p *Pool) reload(probing *member, fresh token) (map[vault.KeyRole]uint32, e
 	}
 	if err := p.install(olds, news); err != nil {
 		return nil, fmt.Errorf("reload: %w", err)
+	}
+	dropStates(olds...)
+	for i, m := range p.members {
+		p.noteCopies(m, news[i].tok)
 	}
 	// Members first, then the versions: by the time a request seals under
 	// a new version, every member's state holds it.
@@ -163,10 +201,12 @@ func (p *Pool) Retire(version uint32) (map[string][]string, error) {
 	news := make([]*tokenState, len(p.members))
 	for i, m := range p.members {
 		if !m.healthy.Load() {
+			dropStates(news...)
 			return nil, fmt.Errorf("retire: member %s is out of service; the version must go from every member at once", m.name)
 		}
 		olds[i] = m.state()
 		if _, ok := olds[i].tok.(refresher); !ok {
+			dropStates(news...)
 			return nil, fmt.Errorf("retire: member %s cannot destroy keys", m.name)
 		}
 		news[i] = olds[i].without(version)
@@ -176,8 +216,12 @@ func (p *Pool) Retire(version uint32) (map[string][]string, error) {
 		delete(ref, id)
 	}
 	if err := p.install(olds, news); err != nil {
+		dropStates(news...)
 		return nil, fmt.Errorf("retire: %w", err)
 	}
+	// No view that serves the version is left: its copies are destroyed
+	// now, before the token keys.
+	dropStates(olds...)
 	p.keys.Store(newKeySet(ref, cur.profiles))
 
 	destroyed := map[string][]string{}
@@ -226,9 +270,12 @@ func (p *Pool) Forget(version uint32) error {
 			if _, ok := old.tok.(refresher); !ok {
 				break
 			}
-			if m.st.CompareAndSwap(old, old.without(version)) {
+			n := old.without(version)
+			if m.st.CompareAndSwap(old, n) {
+				dropStates(old)
 				break
 			}
+			dropStates(n)
 		}
 	}
 	ref := maps.Clone(cur.ref)

@@ -83,6 +83,7 @@ func newestWrapProfile(p *pkcs11.Ctx, s pkcs11.SessionHandle, ids []vault.KeyID)
 	}
 	objs, err := findObjects(p, s, []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
 		pkcs11.NewAttribute(pkcs11.CKA_LABEL, id.Label()),
 	})
 	if err != nil || len(objs) != 1 {
@@ -99,9 +100,11 @@ func newestWrapProfile(p *pkcs11.Ctx, s pkcs11.SessionHandle, ids []vault.KeyID)
 	return wrapProfileOf(id, kt)
 }
 
-// keyIDsOn lists the keyvault keys on a token by their labels, sorted.
+// keyIDsOn lists the keyvault keys on a token by their labels, sorted:
+// token objects, not the session copies a pool in this process serves
+// with.
 func keyIDsOn(p *pkcs11.Ctx, s pkcs11.SessionHandle) ([]vault.KeyID, error) {
-	if err := p.FindObjectsInit(s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY)}); err != nil {
+	if err := p.FindObjectsInit(s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY), pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)}); err != nil {
 		return nil, fmt.Errorf("list keys: %w", err)
 	}
 	var objs []pkcs11.ObjectHandle

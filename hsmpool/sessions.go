@@ -203,11 +203,13 @@ func (r *rawSessions) sessionLimit() int {
 	return r.limit
 }
 
-// findKey returns the handle of the one secret key labelled label.
+// findKey returns the handle of the one secret key token object labelled
+// label (its session copies carry the label too).
 func (r *rawSessions) findKey(label string) (h pkcs11.ObjectHandle, err error) {
 	err = r.with(func(s pkcs11.SessionHandle) error {
 		objs, err := findObjects(r.p, s, []*pkcs11.Attribute{
 			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
 			pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
 		})
 		if err != nil {

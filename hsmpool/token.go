@@ -54,8 +54,17 @@ type p11Token struct {
 	ctx  *crypto11.Context
 	raw  *rawSessions
 	keys map[vault.KeyID]*crypto11.SecretKey
-	// handles are the keys' object handles, for raw's sessions.
-	handles map[vault.KeyID]pkcs11.ObjectHandle
+	// tokenKeys are the keys' object handles, for raw's sessions; handles
+	// are what the view serves with: the session copies of those keys
+	// (copies), or the token keys themselves where the token refuses
+	// copies.
+	tokenKeys, handles map[vault.KeyID]pkcs11.ObjectHandle
+	// copies are the token's session copies, shared by its views. held
+	// lists the token keys whose copies this view holds, released when
+	// the pool drops the view (drop) for another.
+	copies  *keyCopies
+	held    []pkcs11.ObjectHandle
+	dropped atomic.Bool
 	// profiles are the wrap key versions' profiles, by key type (and, for
 	// AES keys, aesProfile).
 	profiles   map[uint32]vault.Profile
@@ -106,7 +115,9 @@ func (m *Modules) openToken(cfg MemberConfig) (*p11Token, error) {
 		ctx.Close()
 		return nil, fmt.Errorf("open token %q on %s: %w", cfg.TokenLabel, cfg.Module, err)
 	}
-	t := &p11Token{ctx: ctx, raw: raw, keys: map[vault.KeyID]*crypto11.SecretKey{}, handles: map[vault.KeyID]pkcs11.ObjectHandle{},
+	t := &p11Token{ctx: ctx, raw: raw, keys: map[vault.KeyID]*crypto11.SecretKey{},
+		tokenKeys: map[vault.KeyID]pkcs11.ObjectHandle{}, handles: map[vault.KeyID]pkcs11.ObjectHandle{},
+		copies:   m.keyCopies(raw),
 		profiles: map[uint32]vault.Profile{}, aesProfile: cfg.aesProfile, anchorObjs: m.anchorObjects(cfg.Module, cfg.TokenLabel), name: cfg.Name, label: cfg.TokenLabel}
 	if err := t.findKeys(); err != nil {
 		t.Close()
@@ -115,11 +126,13 @@ func (m *Modules) openToken(cfg MemberConfig) (*p11Token, error) {
 	return t, nil
 }
 
-// findKeys caches every version of every role. Versions are discovered
-// from the labels of the token's secret keys rather than by counting up
-// from 1, because retiring a version leaves a gap (v1 gone, v2 there). Two
-// objects with one label are refused: which one a lookup returns would be
-// up to the HSM.
+// findKeys caches every version of every role, and the copies to serve
+// them with. Versions are discovered from the labels of the token's
+// secret keys rather than by counting up from 1, because retiring a
+// version leaves a gap (v1 gone, v2 there). Two token objects with one
+// label are refused: which one a lookup returns would be up to the HSM.
+// Session objects (the copies, which carry their key's label) are not
+// the token's keys.
 func (t *p11Token) findKeys() error {
 	all, err := t.ctx.FindAllKeys()
 	if err != nil {
@@ -127,18 +140,21 @@ func (t *p11Token) findKeys() error {
 	}
 	seen := map[vault.KeyID]bool{}
 	for _, k := range all {
-		a, err := t.ctx.GetAttribute(k, crypto11.CkaLabel)
-		if err != nil || a == nil {
+		attrs, err := t.ctx.GetAttributes(k, []crypto11.AttributeType{crypto11.CkaLabel, crypto11.CkaToken})
+		if err != nil || attrs[crypto11.CkaLabel] == nil {
 			continue // not ours to judge: keyvault's keys all carry a label
 		}
-		if id, ok := parseLabel(string(a.Value)); ok {
+		if tok := attrs[crypto11.CkaToken]; tok == nil || len(tok.Value) != 1 || tok.Value[0] != 1 {
+			continue // a session copy, this process's
+		}
+		if id, ok := parseLabel(string(attrs[crypto11.CkaLabel].Value)); ok {
 			seen[id] = true
 		}
 	}
 	for id := range seen {
-		ks, err := t.ctx.FindKeys(nil, []byte(id.Label()))
+		ks, err := t.findTokenKeys(id)
 		if err != nil {
-			return fmt.Errorf("find key %s: %w", id.Label(), err)
+			return err
 		}
 		if len(ks) != 1 {
 			return fmt.Errorf("find key %s: %d objects carry this label", id.Label(), len(ks))
@@ -163,9 +179,95 @@ func (t *p11Token) findKeys() error {
 		if err != nil {
 			return fmt.Errorf("find key %s: %w", id.Label(), err)
 		}
-		t.keys[id], t.handles[id] = ks[0], h
+		t.keys[id], t.tokenKeys[id] = ks[0], h
+	}
+	t.serveFromCopies()
+	return nil
+}
+
+// findTokenKeys returns the token objects labelled as id: not the
+// session copies of this process, which carry the same label.
+func (t *p11Token) findTokenKeys(id vault.KeyID) ([]*crypto11.SecretKey, error) {
+	ks, err := t.ctx.FindKeys(nil, []byte(id.Label()))
+	if err != nil {
+		return nil, fmt.Errorf("find key %s: %w", id.Label(), err)
+	}
+	var out []*crypto11.SecretKey
+	for _, k := range ks {
+		a, err := t.ctx.GetAttribute(k, crypto11.CkaToken)
+		if err != nil {
+			return nil, fmt.Errorf("find key %s: read CKA_TOKEN: %w", id.Label(), err)
+		}
+		if a != nil && len(a.Value) == 1 && a.Value[0] == 1 {
+			out = append(out, k)
+		}
+	}
+	return out, nil
+}
+
+// serveFromCopies sets the view's handles to the copies of its token
+// keys, made now or shared with another view, or to the token keys if
+// the token refuses copies.
+func (t *p11Token) serveFromCopies() {
+	keys := make([]pkcs11.ObjectHandle, 0, len(t.tokenKeys))
+	for _, h := range t.tokenKeys {
+		keys = append(keys, h)
+	}
+	serve, held := t.copies.acquire(keys)
+	t.handles = make(map[vault.KeyID]pkcs11.ObjectHandle, len(t.tokenKeys))
+	for id, h := range t.tokenKeys {
+		t.handles[id] = serve[h]
+	}
+	t.held = held
+}
+
+// drop lets go of the view's copies: the pool has put another view of
+// the token in its place. A copy no view holds is destroyed.
+func (t *p11Token) drop() {
+	if t.dropped.CompareAndSwap(false, true) {
+		t.copies.release(t.held)
+	}
+}
+
+// sessionCopies is nil when the view serves from session copies of the
+// token's keys, else why it does not.
+func (t *p11Token) sessionCopies() error {
+	if len(t.held) > 0 {
+		return nil
+	}
+	if err := t.copies.verdict(); err != nil {
+		return err
+	}
+	return errors.New("no keys to copy")
+}
+
+// checkTokenKey runs on the session s of an operation under id: when
+// the view serves id from a copy, at most once per tokenCheckInterval
+// across the token it first asks the token key for an attribute, so that
+// a token gone or re-initialised under its copies fails the operation as
+// it would with the token key.
+func (t *p11Token) checkTokenKey(s pkcs11.SessionHandle, id vault.KeyID) error {
+	tk := t.tokenKeys[id]
+	if t.handles[id] == tk || !t.copies.due() {
+		return nil
+	}
+	if _, err := t.raw.p.GetAttributeValue(s, tk, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, nil)}); err != nil {
+		return fmt.Errorf("the token key behind the session copy: %w", err)
 	}
 	return nil
+}
+
+// checkTokenKeys asks every token key of the view for an attribute: the
+// probe's test that the token is still there under the copies.
+func (t *p11Token) checkTokenKeys() error {
+	return t.raw.with(func(s pkcs11.SessionHandle) error {
+		for id, tk := range t.tokenKeys {
+			if _, err := t.raw.p.GetAttributeValue(s, tk, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, nil)}); err != nil {
+				return fmt.Errorf("token key %s: %w", id.Label(), err)
+			}
+		}
+		return nil
+	})
 }
 
 // maxKeyVersion bounds the versions findKeys accepts, so that a stray
@@ -189,11 +291,12 @@ func parseLabel(label string) (vault.KeyID, bool) {
 	return vault.KeyID{}, false
 }
 
-// view is another view of the token, on the same context, sessions and
-// anchor store, with what it knows of the token (its AES profile, how it
-// takes a GCM IV), over the key maps given.
-func (t *p11Token) view(keys map[vault.KeyID]*crypto11.SecretKey, handles map[vault.KeyID]pkcs11.ObjectHandle, profiles map[uint32]vault.Profile) *p11Token {
-	n := &p11Token{ctx: t.ctx, raw: t.raw, keys: keys, handles: handles, profiles: profiles,
+// view is another view of the token, on the same context, sessions,
+// copies and anchor store, with what it knows of the token (its AES
+// profile, how it takes a GCM IV), over the key maps given. It holds no
+// copies until its caller sets its handles.
+func (t *p11Token) view(keys map[vault.KeyID]*crypto11.SecretKey, tokenKeys, handles map[vault.KeyID]pkcs11.ObjectHandle, profiles map[uint32]vault.Profile) *p11Token {
+	n := &p11Token{ctx: t.ctx, raw: t.raw, keys: keys, tokenKeys: tokenKeys, handles: handles, copies: t.copies, profiles: profiles,
 		aesProfile: t.aesProfile, anchorObjs: t.anchorObjs, name: t.name, label: t.label}
 	n.ivMode.Store(t.ivMode.Load())
 	return n
@@ -205,7 +308,7 @@ func (t *p11Token) view(keys map[vault.KeyID]*crypto11.SecretKey, handles map[va
 // being re-initialised. The current token stays as it is: requests in
 // flight keep using it.
 func (t *p11Token) refreshed() (token, error) {
-	n := t.view(map[vault.KeyID]*crypto11.SecretKey{}, map[vault.KeyID]pkcs11.ObjectHandle{}, map[uint32]vault.Profile{})
+	n := t.view(map[vault.KeyID]*crypto11.SecretKey{}, map[vault.KeyID]pkcs11.ObjectHandle{}, map[vault.KeyID]pkcs11.ObjectHandle{}, map[uint32]vault.Profile{})
 	if err := n.findKeys(); err != nil {
 		return nil, err
 	}
@@ -213,11 +316,12 @@ func (t *p11Token) refreshed() (token, error) {
 }
 
 // destroy deletes the key object of id from the token, found afresh by
-// label, and reports whether there was one.
+// label, and reports whether there was one. Its session copies go when
+// the views that hold them are dropped.
 func (t *p11Token) destroy(id vault.KeyID) (bool, error) {
-	ks, err := t.ctx.FindKeys(nil, []byte(id.Label()))
+	ks, err := t.findTokenKeys(id)
 	if err != nil {
-		return false, fmt.Errorf("find key %s: %w", id.Label(), err)
+		return false, err
 	}
 	for _, k := range ks {
 		if err := k.Delete(); err != nil {
@@ -306,6 +410,9 @@ func (t *p11Token) HMAC(id vault.KeyID, msg []byte) ([]byte, error) {
 	}
 	var out []byte
 	err := t.raw.with(func(s pkcs11.SessionHandle) (err error) {
+		if err := t.checkTokenKey(s, id); err != nil {
+			return err
+		}
 		out, err = t.raw.mod.Sign(s, h, pkcs11.CKM_SHA256_HMAC, msg, sha256.Size)
 		return err
 	})
@@ -355,6 +462,9 @@ func (t *p11Token) Seal(id vault.KeyID, nonce, plaintext, aad []byte) ([]byte, e
 	}
 	var out []byte
 	err = t.raw.with(func(s pkcs11.SessionHandle) (err error) {
+		if err := t.checkTokenKey(s, id); err != nil {
+			return err
+		}
 		if t.profiles[id.Version] == vault.ProfileGCMHSMIV && t.ivMode.Load() != ivCaller {
 			iv, ct, err := t.raw.mod.SealGCMTokenIV(s, h, gcmNonceSize, plaintext, aad)
 			switch {
@@ -385,6 +495,9 @@ func (t *p11Token) Open(id vault.KeyID, nonce, ciphertext, aad []byte) ([]byte, 
 	}
 	var out []byte
 	err = t.raw.with(func(s pkcs11.SessionHandle) (err error) {
+		if err := t.checkTokenKey(s, id); err != nil {
+			return err
+		}
 		out, err = t.raw.mod.OpenGCM(s, h, nonce, ciphertext, aad)
 		return err
 	})
@@ -403,6 +516,9 @@ func (t *p11Token) EncryptBlock(id vault.KeyID, block []byte) ([]byte, error) {
 	}
 	var out []byte
 	err := t.raw.with(func(s pkcs11.SessionHandle) error {
+		if err := t.checkTokenKey(s, id); err != nil {
+			return err
+		}
 		if err := t.raw.p.EncryptInit(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_ECB, nil)}, h); err != nil {
 			return err
 		}
@@ -423,10 +539,13 @@ func (t *p11Token) EncryptBlock(id vault.KeyID, block []byte) ([]byte, error) {
 // running on raw sessions to return: closing the last crypto11 context
 // finalises the library under them, and a call in flight then crashes.
 // A member re-opened after a failure closes its old token while
-// operations started before the failure may still run on it.
+// operations started before the failure may still run on it. The copies
+// are destroyed once no call runs on them. Closing any view of a token
+// closes the token, for every view.
 func (t *p11Token) Close() error {
 	t.raw.close()
 	t.raw.waitIdle()
+	t.copies.close()
 	t.anchorObjs.close()
 	return t.ctx.Close()
 }
@@ -440,6 +559,9 @@ var (
 	_ capabilityProber = (*p11Token)(nil)
 	_ refresher        = (*p11Token)(nil)
 	_ blockEncrypter   = (*p11Token)(nil)
+	_ dropper          = (*p11Token)(nil)
+	_ tokenKeyChecker  = (*p11Token)(nil)
+	_ copyReporter     = (*p11Token)(nil)
 )
 
 func (t *p11Token) sessionLimit() int { return t.raw.sessionLimit() }
@@ -460,20 +582,45 @@ func (t *p11Token) ProbeAnchors(ctx context.Context) error {
 }
 
 func (t *p11Token) probeCapabilities(profile vault.Profile) (*Capabilities, error) {
-	return probeCapabilities(t.raw, t.name, t.label, profile, t.profiles)
+	c, err := probeCapabilities(t.raw, t.name, t.label, profile, t.profiles)
+	if c != nil {
+		c.SessionCopies = t.copiesLine()
+	}
+	return c, err
+}
+
+// copiesLine says whether the view serves from session copies, for a
+// line of hsm check.
+func (t *p11Token) copiesLine() string {
+	switch err := t.sessionCopies(); {
+	case err == nil:
+		return "yes"
+	case len(t.tokenKeys) == 0:
+		return "not tried (no keyvault keys on the token yet)"
+	default:
+		return fmt.Sprintf("no (%v); it serves with its token keys", err)
+	}
 }
 
 // without returns a view of the token without the keys ids, sharing its
-// context: Retire stops using them before it destroys them.
+// context and the copies of the keys it keeps: Retire stops using them
+// before it destroys them, and the copies of ids go when t is dropped.
 func (t *p11Token) without(ids ...vault.KeyID) token {
-	n := t.view(maps.Clone(t.keys), maps.Clone(t.handles), maps.Clone(t.profiles))
+	n := t.view(maps.Clone(t.keys), maps.Clone(t.tokenKeys), maps.Clone(t.handles), maps.Clone(t.profiles))
 	for _, id := range ids {
 		delete(n.keys, id)
+		delete(n.tokenKeys, id)
 		delete(n.handles, id)
 		if id.Role == vault.RoleWrap {
 			delete(n.profiles, id.Version)
 		}
 	}
+	for id, tk := range n.tokenKeys {
+		if n.handles[id] != tk {
+			n.held = append(n.held, tk)
+		}
+	}
+	n.copies.retain(n.held)
 	return n
 }
 
