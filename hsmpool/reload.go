@@ -192,10 +192,8 @@ func (p *Pool) Retire(version uint32) (map[string][]string, error) {
 	defer p.rotateMu.Unlock()
 	cur := p.keys.Load()
 	ids := retireIDs(version)
-	for _, id := range ids {
-		if version == 0 || version >= cur.versions[id.Role] {
-			return nil, fmt.Errorf("retire %s: %w", id.Label(), ErrNewest)
-		}
+	if err := cur.refuseNewest("retire", ids); err != nil {
+		return nil, err
 	}
 	olds := make([]*tokenState, len(p.members))
 	news := make([]*tokenState, len(p.members))
@@ -259,10 +257,8 @@ func (p *Pool) Forget(version uint32) error {
 	defer p.rotateMu.Unlock()
 	cur := p.keys.Load()
 	ids := retireIDs(version)
-	for _, id := range ids {
-		if version == 0 || version >= cur.versions[id.Role] {
-			return fmt.Errorf("forget %s: %w", id.Label(), ErrNewest)
-		}
+	if err := cur.refuseNewest("forget", ids); err != nil {
+		return err
 	}
 	for _, m := range p.members {
 		for {
@@ -300,4 +296,15 @@ func (st *tokenState) without(version uint32) *tokenState {
 	}
 	delete(n.selfTests, version)
 	return n
+}
+
+// refuseNewest refuses, for op, to let go of ids when one of them is of
+// version 0 or of the newest version of its role (ErrNewest).
+func (ks *keySet) refuseNewest(op string, ids []vault.KeyID) error {
+	for _, id := range ids {
+		if id.Version == 0 || id.Version >= ks.versions[id.Role] {
+			return fmt.Errorf("%s %s: %w", op, id.Label(), ErrNewest)
+		}
+	}
+	return nil
 }
