@@ -6,6 +6,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -57,6 +58,9 @@ func TestProcCPU(t *testing.T) {
 func TestProcCPUSelf(t *testing.T) {
 	read, err := ProcCPU("/proc", os.Getpid())
 	if err != nil {
+		if os.Getenv("CI") == "true" || runtime.GOOS == "linux" {
+			t.Fatalf("read this process's CPU from /proc: %v", err)
+		}
 		t.Skipf("no /proc here: %v", err)
 	}
 	if _, err := read(); err != nil {
