@@ -3,11 +3,15 @@ GO      ?= go
 BIN     := bin/keyvault
 PKGS    := ./...
 FUZZTIME ?= 30s
-# The version stamped into the binary: the nearest tag, commits past it and
-# the commit, "-dirty" with uncommitted changes; "dev" outside a git checkout.
-VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+# The version stamped into the binary. VERSION (the file) names the release
+# being made: a clean checkout at its tag vRELEASE is that release; any other
+# build is RELEASE-dev+COMMIT ("-dirty" with uncommitted changes), and
+# RELEASE-dev outside a git checkout.
+RELEASE := $(shell cat VERSION)
+VERSION ?= $(shell if [ "$$(git describe --tags --exact-match --dirty 2>/dev/null)" = "v$(RELEASE)" ]; then echo "$(RELEASE)"; \
+	elif c=$$(git describe --always --dirty 2>/dev/null); then echo "$(RELEASE)-dev+$$c"; else echo "$(RELEASE)-dev"; fi)
 
-.PHONY: help run test bench build man deps test-deps vet fmt-check fuzz clean
+.PHONY: help run test bench build version man deps test-deps vet fmt-check fuzz clean
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -26,8 +30,11 @@ bench: deps build ## the HTTP / raw-HSM ratios of recover and enroll (scripts/be
 	BIN=$(BIN) scripts/bench.sh
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 3s $(PKGS)
 
-build: ## build bin/keyvault, its version stamped from git describe (VERSION=... to set it)
+build: ## build bin/keyvault, its version stamped from the VERSION file and git (VERSION=... to set it)
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/keyvault
+
+version: ## print the version make build stamps
+	@echo $(VERSION)
 
 man: build ## write the keyvault(1) man page to bin/keyvault.1 (man -l bin/keyvault.1)
 	$(BIN) man > bin/keyvault.1

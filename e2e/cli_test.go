@@ -260,11 +260,26 @@ func TestVersion(t *testing.T) {
 		}
 	}
 
-	describe := exec.Command("git", "describe", "--tags", "--always", "--dirty")
+	release := strings.TrimSpace(string(readFile(t, filepath.Join(moduleRoot, "VERSION"))))
+	if !regexp.MustCompile(`^\d+\.\d+\.\d+$`).MatchString(release) {
+		t.Fatalf("VERSION holds %q, want MAJOR.MINOR.PATCH", release)
+	}
+	// The chart and the changelog name the same release.
+	if chart := readFile(t, filepath.Join(moduleRoot, "deploy", "helm", "keyvault", "Chart.yaml")); !strings.Contains(string(chart), "\nappVersion: \""+release+"\"\n") {
+		t.Errorf("deploy/helm/keyvault/Chart.yaml: appVersion is not %q", release)
+	}
+	if log := readFile(t, filepath.Join(moduleRoot, "CHANGELOG.md")); !strings.Contains(string(log), "\n## ["+release+"]") {
+		t.Errorf("CHANGELOG.md has no section for %s", release)
+	}
+	describe := exec.Command("git", "describe", "--always", "--dirty")
 	describe.Dir = moduleRoot
-	tag, err := describe.Output()
+	commit, err := describe.Output()
 	if err != nil {
 		t.Fatalf("git describe in %s: %v", moduleRoot, err)
+	}
+	tag := release + "-dev+" + strings.TrimSpace(string(commit))
+	if exact, err := exec.Command("git", "-C", moduleRoot, "describe", "--tags", "--exact-match", "--dirty").Output(); err == nil && strings.TrimSpace(string(exact)) == "v"+release {
+		tag = release
 	}
 	bin := filepath.Join(t.TempDir(), "keyvault")
 	mk := makeCmd("build", "BIN="+bin)
@@ -275,19 +290,20 @@ func TestVersion(t *testing.T) {
 	if err != nil {
 		t.Fatalf("%s --version: %v", bin, err)
 	}
-	if prefix := "keyvault " + strings.TrimSpace(string(tag)) + " ("; !strings.HasPrefix(string(out), prefix) {
-		t.Errorf("make build's binary says %q, want it to start %q (git describe)", out, prefix)
+	if prefix := "keyvault " + tag + " ("; !strings.HasPrefix(string(out), prefix) {
+		t.Errorf("make build's binary says %q, want it to start %q (VERSION and git describe)", out, prefix)
 	}
 
-	// Outside a git checkout (GIT_DIR names no repository) the stamp is dev.
+	// Outside a git checkout (GIT_DIR names no repository) the stamp is
+	// the release's dev version.
 	dry := makeCmd("-n", "build")
 	dry.Env = append(dry.Env, "GIT_DIR="+t.TempDir())
 	plan, err := dry.CombinedOutput()
 	if err != nil {
 		t.Fatalf("make -n build: %v\n%s", err, plan)
 	}
-	if !strings.Contains(string(plan), "-X main.version=dev") {
-		t.Errorf("make -n build outside git:\n%s\nwant -X main.version=dev", plan)
+	if !strings.Contains(string(plan), "-X main.version="+release+"-dev\"") {
+		t.Errorf("make -n build outside git:\n%s\nwant -X main.version=%s-dev", plan, release)
 	}
 }
 
