@@ -99,6 +99,10 @@ var errCopiesOff = errors.New("turned off")
 // never the request's data.
 var errTokenKey = errors.New("the token key behind a session copy fails its check")
 
+// errCopyLeft: a copy the token would not destroy is still on it, on a
+// session that closes once no view holds a copy there.
+var errCopyLeft = errors.New("it stays on its session until no view holds a copy there")
+
 // tokenCheckInterval is how often, at most, an operation served from a
 // copy first checks its token key: a copy lives in the library's memory
 // and can outlive the token or the key (SoftHSM keeps serving a copy
@@ -240,7 +244,7 @@ func (c *keyCopies) leftLocked(sess *copySession, err error) error {
 		return fmt.Errorf("%w; closing its session failed too: %w", err, cerr)
 	}
 	if c.sessions[sess] {
-		return fmt.Errorf("%w; it stays on its session until no view holds a copy there", err)
+		return fmt.Errorf("%w; %w", err, errCopyLeft)
 	}
 	return fmt.Errorf("%w; closing its session destroyed it", err)
 }
@@ -326,7 +330,7 @@ func (c *keyCopies) releaseLocked(copies map[vault.KeyID]*keyCopy) error {
 	}
 	for _, f := range failed {
 		if c.sessions[f.cp.sess] {
-			errs = append(errs, fmt.Errorf("the session copy of %s: %w; it stays on its session until no view holds a copy there", f.cp.id.Label(), f.err))
+			errs = append(errs, fmt.Errorf("the session copy of %s: %w; %w", f.cp.id.Label(), f.err, errCopyLeft))
 		}
 	}
 	return errors.Join(errs...)

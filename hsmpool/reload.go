@@ -49,6 +49,9 @@ func (p *Pool) letGo(m *member, old, st *tokenState) error {
 	if err == nil {
 		return nil
 	}
+	if !errors.Is(err, errCopyLeft) {
+		return fmt.Errorf("member %s: %w", m.name, err)
+	}
 	if rerr := p.renew(m, st); rerr != nil {
 		return fmt.Errorf("member %s: %w (and making its copies again on a new session: %w)", m.name, err, rerr)
 	}
