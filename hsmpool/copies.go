@@ -136,13 +136,20 @@ func (c *keyCopies) acquire(keys []keySpec) (map[vault.KeyID]*keyCopy, error) {
 			return nil, errors.Join(err, c.releaseLocked(held))
 		}
 		if cp == nil {
-			if cp, err = c.copyLocked(k); err != nil {
+			var left *copySession
+			if cp, left, err = c.copyLocked(k); err != nil {
 				// The whole view serves with token keys, and so does
 				// every view after it.
-				c.off = err
-				if rerr := c.releaseLocked(held); rerr != nil {
-					c.off = fmt.Errorf("%w (and letting go of the copies made before it: %w)", err, rerr)
+				rerr := c.releaseLocked(held)
+				if left != nil {
+					// Released, the copies made before it no longer
+					// keep its session open.
+					err = c.leftLocked(left, err)
 				}
+				if rerr != nil {
+					err = fmt.Errorf("%w (and letting go of the copies made before it: %w)", err, rerr)
+				}
+				c.off = err
 				return nil, nil
 			}
 		}
@@ -177,12 +184,13 @@ func (c *keyCopies) shareLocked(k keySpec) (*keyCopy, error) {
 
 // copyLocked copies the token key into a session object and checks the
 // copy: a session object, sensitive, not extractable, giving the token
-// key's check value. A copy that is not is destroyed again and refused.
-func (c *keyCopies) copyLocked(k keySpec) (*keyCopy, error) {
+// key's check value. A copy that is not is destroyed again and refused;
+// left is its session if the token would not destroy it.
+func (c *keyCopies) copyLocked(k keySpec) (_ *keyCopy, left *copySession, _ error) {
 	if c.cur == nil || c.cur.stale {
 		s, err := c.p.OpenSession(c.slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
 		if err != nil {
-			return nil, fmt.Errorf("open a session for the copies: %w", err)
+			return nil, nil, fmt.Errorf("open a session for the copies: %w", err)
 		}
 		c.cur = &copySession{s: s}
 		c.sessions[c.cur] = true
@@ -190,11 +198,11 @@ func (c *keyCopies) copyLocked(k keySpec) (*keyCopy, error) {
 	sess := c.cur
 	want, err := k.kcv(sess.s, k.tk)
 	if err != nil {
-		return nil, fmt.Errorf("check value of %s with the token key: %w", k.id.Label(), err)
+		return nil, nil, fmt.Errorf("check value of %s with the token key: %w", k.id.Label(), err)
 	}
 	h, err := c.copyObject(sess.s, k.tk, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_TOKEN, false)})
 	if err != nil {
-		return nil, fmt.Errorf("C_CopyObject: %w", err)
+		return nil, nil, fmt.Errorf("C_CopyObject: %w", err)
 	}
 	attrs, err := c.p.GetAttributeValue(sess.s, h, []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, nil),
@@ -216,14 +224,14 @@ func (c *keyCopies) copyLocked(k keySpec) (*keyCopy, error) {
 	}
 	if err != nil {
 		if derr := c.destroyLocked(sess, h); derr != nil {
-			err = fmt.Errorf("%w (and destroying it: %w)", err, c.leftLocked(sess, derr))
+			return nil, sess, fmt.Errorf("%w (and destroying it: %w)", err, derr)
 		}
-		return nil, err
+		return nil, nil, err
 	}
 	cp := &keyCopy{id: k.id, tk: k.tk, h: h, kcv: want, sess: sess, refs: 1}
 	sess.held++
 	c.live[cp] = true
-	return cp, nil
+	return cp, nil, nil
 }
 
 // destroyLocked destroys the copy h on sess. If the token refuses, sess

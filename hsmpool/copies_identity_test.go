@@ -9,6 +9,7 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
+	"fmt"
 	"maps"
 	"strings"
 	"testing"
@@ -386,43 +387,51 @@ func TestUndestroyableCopyReportedAndClosedAway(t *testing.T) {
 }
 
 // A refused copy the token will not destroy (extractable, readable) is
-// not left on the token: its session, which holds no other copy, is
-// closed, and the member serves with its token keys.
+// not left on the token: its session is closed once no copy on it is
+// held (the copies made before it, for the same view, are let go), and
+// the member serves with its token keys.
 func TestRefusedCopyNotLeftReadable(t *testing.T) {
-	m := newMember(t, "a")
-	if _, err := Provision([]MemberConfig{m}, vault.ProfileGCM); err != nil {
-		t.Fatal(err)
-	}
-	mods := NewModules()
-	defer mods.Close()
-	mods.copyObject = func(_ func() (pkcs11.ObjectHandle, error), p *pkcs11.Ctx, s pkcs11.SessionHandle, _ pkcs11.ObjectHandle) (pkcs11.ObjectHandle, error) {
-		v := make([]byte, 32)
-		rand.Read(v)
-		return p.CreateObject(s, []*pkcs11.Attribute{
-			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
-			pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_GENERIC_SECRET),
-			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, false),
-			pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, false),
-			pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, true),
-			pkcs11.NewAttribute(pkcs11.CKA_DESTROYABLE, false),
-			pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
-			pkcs11.NewAttribute(pkcs11.CKA_VALUE, v),
+	for _, after := range []int{0, 1} {
+		t.Run(fmt.Sprintf("after %d good copies", after), func(t *testing.T) {
+			m := newMember(t, "a")
+			if _, err := Provision([]MemberConfig{m}, vault.ProfileGCM); err != nil {
+				t.Fatal(err)
+			}
+			mods := NewModules()
+			defer mods.Close()
+			n := 0
+			mods.copyObject = func(real func() (pkcs11.ObjectHandle, error), p *pkcs11.Ctx, s pkcs11.SessionHandle, _ pkcs11.ObjectHandle) (pkcs11.ObjectHandle, error) {
+				if n++; n <= after {
+					return real()
+				}
+				v := make([]byte, 32)
+				rand.Read(v)
+				return p.CreateObject(s, []*pkcs11.Attribute{
+					pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+					pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_GENERIC_SECRET),
+					pkcs11.NewAttribute(pkcs11.CKA_TOKEN, false),
+					pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, false),
+					pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, true),
+					pkcs11.NewAttribute(pkcs11.CKA_DESTROYABLE, false),
+					pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
+					pkcs11.NewAttribute(pkcs11.CKA_VALUE, v),
+				})
+			}
+			p, err := Open([]MemberConfig{m}, Options{Registerer: prometheus.NewRegistry(), Modules: mods})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer p.Close()
+			tok := viewOf(t, p, 0)
+			if err := tok.sessionCopies(); err == nil || !strings.Contains(err.Error(), "extractable") || !strings.Contains(err.Error(), "closing its session destroyed it") {
+				t.Fatalf("copies: %v, want refused as extractable, its session closed", err)
+			}
+			if found := sessionKeys(t, tok); len(found) != 0 {
+				t.Errorf("session keys left on the token while the member serves: %v", found)
+			}
+			roundTrip(t, p, wrap1, pin1)
 		})
 	}
-	p, err := Open([]MemberConfig{m}, Options{Registerer: prometheus.NewRegistry(), Modules: mods})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
-	tok := viewOf(t, p, 0)
-	if err := tok.sessionCopies(); err == nil || !strings.Contains(err.Error(), "extractable") {
-		t.Fatalf("copies: %v, want refused as extractable", err)
-	}
-	t.Logf("copies: %v", tok.sessionCopies())
-	if found := sessionKeys(t, tok); len(found) != 0 {
-		t.Errorf("session keys left on the token while the member serves: %v", found)
-	}
-	roundTrip(t, p, wrap1, pin1)
 }
 
 // Provisioning a single member in a process that serves from copies of
