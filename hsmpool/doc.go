@@ -8,8 +8,10 @@
 // its own session limit. At start the pool finds every version of every key
 // role by label (keyvault-wrap-v1, keyvault-pin-v1, keyvault-root-v1, ...),
 // caches the handles, copies each key into a session object to serve
-// with where the token allows it (copies.go; otherwise it serves with the
-// token keys), and computes a key check value (KCV) for each; a member
+// with where the token allows it (copies.go: a copy is bound to its key
+// by the key's check value, and checked against its token key while it
+// serves; otherwise the member serves with the token keys), and computes
+// a key check value (KCV) for each; a member
 // whose KCVs differ from the first member's is not used. Every operation goes
 // through Pool.do, which picks the least-loaded healthy member, waits for one
 // of its sessions no longer than the context allows, records metrics, turns

@@ -423,6 +423,11 @@ func (p *Pool) Open(ctx context.Context, key vault.KeyID, nonce, ciphertext, aad
 		if err == nil {
 			return pt, nil
 		}
+		if errors.Is(err, errTokenKey) {
+			// The member's key is not there to open with: its fault,
+			// whatever the record.
+			return nil, err
+		}
 		if stErr := st.runSelfTest(key.Version); stErr != nil {
 			return nil, fmt.Errorf("%w (and %w)", err, stErr)
 		}
@@ -551,7 +556,8 @@ func (p *Pool) call(m *member, op string, fn func(*member, *tokenState) ([]byte,
 	m.inFlight.Add(1)
 	p.metrics.inFlight.WithLabelValues(m.name).Inc()
 	start := time.Now()
-	st := m.state()
+	st, leave := pinState(m)
+	defer leave()
 	defer func() {
 		if r := recover(); r != nil {
 			err = fmt.Errorf("pkcs11 %s: %v", op, r)
@@ -570,6 +576,34 @@ func (p *Pool) call(m *member, op string, fn func(*member, *tokenState) ([]byte,
 		}
 	}()
 	return fn(m, st)
+}
+
+// viewUser is a view of a token whose operations are counted, so that
+// what it serves with outlives none of them (p11Token).
+type viewUser interface {
+	enter() bool
+	leave()
+}
+
+// pinState returns the member's state with its view entered, and the
+// leave to call once the operation ends: fn's calls all run on one view,
+// which stays usable until then. A view dropped before it is entered is
+// passed over for the member's state of now, which replaced it; one
+// still in place fails fn's calls.
+func pinState(m *member) (*tokenState, func()) {
+	for {
+		st := m.state()
+		u, ok := st.tok.(viewUser)
+		if !ok {
+			return st, func() {}
+		}
+		if u.enter() {
+			return st, u.leave
+		}
+		if m.state() == st {
+			return st, func() {}
+		}
+	}
 }
 
 // pick returns the healthy member, not yet tried, with the fewest

@@ -210,9 +210,9 @@ func generateInHSM(c MemberConfig, ids []vault.KeyID, profile vault.Profile) err
 	}
 	defer ctx.Close()
 	for _, id := range ids {
-		ks, err := ctx.FindKeys(nil, []byte(id.Label()))
+		ks, err := tokenKeysLabelled(ctx, id)
 		if err != nil {
-			return fmt.Errorf("member %s: find %s: %w", c.Name, id.Label(), err)
+			return fmt.Errorf("member %s: %w", c.Name, err)
 		}
 		if len(ks) > 0 {
 			return fmt.Errorf("member %s holds %s: %w", c.Name, id.Label(), ErrKeysExist)

@@ -11,28 +11,76 @@ import (
 // refresher is a token that can look its keys up again (p11Token).
 type refresher interface {
 	refreshed() (token, error)
+	recopied() (token, error)
 	without(ids ...vault.KeyID) token
 	destroy(id vault.KeyID) (bool, error)
 }
 
 // dropper is a view of a token that holds something of its own (the
 // session copies of its keys) until the pool lets go of it: after
-// another view took its place, or when it never took one.
+// another view took its place, or when it never took one. drop reports
+// what it could not let go of.
 type dropper interface {
-	drop()
+	drop() error
 }
 
 // dropStates lets go of the views of states (nil ones skipped) that the
 // pool no longer uses, or never put in use.
-func dropStates(states ...*tokenState) {
+func dropStates(states ...*tokenState) error {
+	var errs []error
 	for _, st := range states {
 		if st == nil {
 			continue
 		}
 		if d, ok := st.tok.(dropper); ok {
-			d.drop()
+			errs = append(errs, d.drop())
 		}
 	}
+	return errors.Join(errs...)
+}
+
+// letGo drops the old state of a member after Retire or Forget put st in
+// its place. If a copy of the old state's keys could not be destroyed,
+// the member's view is made again (renew), so that no view holds a copy
+// on the session that keeps it any longer and that session is closed:
+// the error says what happened.
+func (p *Pool) letGo(m *member, old, st *tokenState) error {
+	err := dropStates(old)
+	if err == nil {
+		return nil
+	}
+	if !errors.Is(err, errCopyLeft) {
+		return fmt.Errorf("member %s: %w", m.name, err)
+	}
+	if rerr := p.renew(m, st); rerr != nil {
+		return fmt.Errorf("member %s: %w (and making its copies again on a new session: %w)", m.name, err, rerr)
+	}
+	return fmt.Errorf("member %s: %w (then its copies were made again on a new session, and closing the old one destroyed them)", m.name, err)
+}
+
+// renew puts a view of the member's token over st's keys, with copies
+// made on a session without undestroyed objects, in place of st, and
+// drops st. The caller holds rotateMu, and has stored the pool's keys.
+func (p *Pool) renew(m *member, st *tokenState) error {
+	r, ok := st.tok.(refresher)
+	if !ok {
+		return nil
+	}
+	t, err := r.recopied()
+	if err != nil {
+		return err
+	}
+	n, err := admit(t, p.ref())
+	if err == nil && !m.st.CompareAndSwap(st, n) {
+		err = errors.New("the member changed state meanwhile")
+	}
+	if err != nil {
+		if d, ok := t.(dropper); ok {
+			err = errors.Join(err, d.drop())
+		}
+		return err
+	}
+	return dropStates(st)
 }
 
 // Reload looks every member's keys up again and starts using the key
@@ -66,7 +114,9 @@ func (p *Pool) reload(probing *member, fresh token) (_ map[vault.KeyRole]uint32,
 		if err != nil {
 			for _, t := range refreshed {
 				if d, ok := t.(dropper); ok {
-					d.drop()
+					if derr := d.drop(); derr != nil {
+						err = fmt.Errorf("%w (and %w)", err, derr)
+					}
 				}
 			}
 		}
@@ -123,7 +173,11 @@ func (p *Pool) reload(probing *member, fresh token) (_ map[vault.KeyRole]uint32,
 	if err := p.install(olds, news); err != nil {
 		return nil, fmt.Errorf("reload: %w", err)
 	}
-	dropStates(olds...)
+	if err := dropStates(olds...); err != nil {
+		// The new keys serve; what is left is a copy the token keeps
+		// until its session closes.
+		p.log.Warn("HSM reload: session copies of the keys no longer used were not all destroyed", "error", err.Error())
+	}
 	for i, m := range p.members {
 		p.noteCopies(m, news[i].tok)
 	}
@@ -199,13 +253,11 @@ func (p *Pool) Retire(version uint32) (map[string][]string, error) {
 	news := make([]*tokenState, len(p.members))
 	for i, m := range p.members {
 		if !m.healthy.Load() {
-			dropStates(news...)
-			return nil, fmt.Errorf("retire: member %s is out of service; the version must go from every member at once", m.name)
+			return nil, errors.Join(fmt.Errorf("retire: member %s is out of service; the version must go from every member at once", m.name), dropStates(news...))
 		}
 		olds[i] = m.state()
 		if _, ok := olds[i].tok.(refresher); !ok {
-			dropStates(news...)
-			return nil, fmt.Errorf("retire: member %s cannot destroy keys", m.name)
+			return nil, errors.Join(fmt.Errorf("retire: member %s cannot destroy keys", m.name), dropStates(news...))
 		}
 		news[i] = olds[i].without(version)
 	}
@@ -214,16 +266,19 @@ func (p *Pool) Retire(version uint32) (map[string][]string, error) {
 		delete(ref, id)
 	}
 	if err := p.install(olds, news); err != nil {
-		dropStates(news...)
-		return nil, fmt.Errorf("retire: %w", err)
+		return nil, errors.Join(fmt.Errorf("retire: %w", err), dropStates(news...))
 	}
+	p.keys.Store(newKeySet(ref, cur.profiles))
 	// No view that serves the version is left: its copies are destroyed
 	// now, before the token keys.
-	dropStates(olds...)
-	p.keys.Store(newKeySet(ref, cur.profiles))
+	var errs []error
+	for i, m := range p.members {
+		if err := p.letGo(m, olds[i], news[i]); err != nil {
+			errs = append(errs, err)
+		}
+	}
 
 	destroyed := map[string][]string{}
-	var errs []error
 	for i, m := range p.members {
 		r := olds[i].tok.(refresher)
 		for _, id := range ids {
@@ -260,6 +315,14 @@ func (p *Pool) Forget(version uint32) error {
 	if err := cur.refuseNewest("forget", ids); err != nil {
 		return err
 	}
+	ref := maps.Clone(cur.ref)
+	for _, id := range ids {
+		delete(ref, id)
+	}
+	// The version is not the newest, so no new record needs it: the
+	// pool lets go of it before the members do.
+	p.keys.Store(newKeySet(ref, cur.profiles))
+	var errs []error
 	for _, m := range p.members {
 		for {
 			old := m.state()
@@ -268,17 +331,19 @@ func (p *Pool) Forget(version uint32) error {
 			}
 			n := old.without(version)
 			if m.st.CompareAndSwap(old, n) {
-				dropStates(old)
+				if err := p.letGo(m, old, n); err != nil {
+					errs = append(errs, err)
+				}
 				break
 			}
-			dropStates(n)
+			if err := dropStates(n); err != nil {
+				errs = append(errs, fmt.Errorf("member %s: %w", m.name, err))
+			}
 		}
 	}
-	ref := maps.Clone(cur.ref)
-	for _, id := range ids {
-		delete(ref, id)
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("forget version %d: %w", version, err)
 	}
-	p.keys.Store(newKeySet(ref, cur.profiles))
 	return nil
 }
 

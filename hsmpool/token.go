@@ -1,6 +1,7 @@
 package hsmpool
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/binary"
@@ -10,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -60,11 +62,12 @@ type p11Token struct {
 	// copies.
 	tokenKeys, handles map[vault.KeyID]pkcs11.ObjectHandle
 	// copies are the token's session copies, shared by its views. held
-	// lists the token keys whose copies this view holds, released when
-	// the pool drops the view (drop) for another.
-	copies  *keyCopies
-	held    []pkcs11.ObjectHandle
-	dropped atomic.Bool
+	// are the copies this view serves with, by key, released when the
+	// pool has dropped the view (drop) for another and the last operation
+	// on it has ended (use).
+	copies *keyCopies
+	held   map[vault.KeyID]*keyCopy
+	use    viewUse
 	// profiles are the wrap key versions' profiles, by key type (and, for
 	// AES keys, aesProfile).
 	profiles   map[uint32]vault.Profile
@@ -181,20 +184,26 @@ func (t *p11Token) findKeys() error {
 		}
 		t.keys[id], t.tokenKeys[id] = ks[0], h
 	}
-	t.serveFromCopies()
-	return nil
+	return t.serveFromCopies()
 }
 
 // findTokenKeys returns the token objects labelled as id: not the
 // session copies of this process, which carry the same label.
 func (t *p11Token) findTokenKeys(id vault.KeyID) ([]*crypto11.SecretKey, error) {
-	ks, err := t.ctx.FindKeys(nil, []byte(id.Label()))
+	return tokenKeysLabelled(t.ctx, id)
+}
+
+// tokenKeysLabelled returns the token objects on ctx's token labelled as
+// id, leaving out session objects (the copies of a serving process carry
+// the same label).
+func tokenKeysLabelled(ctx *crypto11.Context, id vault.KeyID) ([]*crypto11.SecretKey, error) {
+	ks, err := ctx.FindKeys(nil, []byte(id.Label()))
 	if err != nil {
 		return nil, fmt.Errorf("find key %s: %w", id.Label(), err)
 	}
 	var out []*crypto11.SecretKey
 	for _, k := range ks {
-		a, err := t.ctx.GetAttribute(k, crypto11.CkaToken)
+		a, err := ctx.GetAttribute(k, crypto11.CkaToken)
 		if err != nil {
 			return nil, fmt.Errorf("find key %s: read CKA_TOKEN: %w", id.Label(), err)
 		}
@@ -207,25 +216,136 @@ func (t *p11Token) findTokenKeys(id vault.KeyID) ([]*crypto11.SecretKey, error) 
 
 // serveFromCopies sets the view's handles to the copies of its token
 // keys, made now or shared with another view, or to the token keys if
-// the token refuses copies.
-func (t *p11Token) serveFromCopies() {
-	keys := make([]pkcs11.ObjectHandle, 0, len(t.tokenKeys))
-	for _, h := range t.tokenKeys {
-		keys = append(keys, h)
+// the token refuses copies. It fails if a token key whose copy it would
+// share fails its check.
+func (t *p11Token) serveFromCopies() error {
+	keys := make([]keySpec, 0, len(t.tokenKeys))
+	for id, tk := range t.tokenKeys {
+		keys = append(keys, keySpec{id: id, tk: tk, kcv: func(s pkcs11.SessionHandle, h pkcs11.ObjectHandle) ([]byte, error) {
+			return t.kcvWith(s, id, h)
+		}})
 	}
-	serve, held := t.copies.acquire(keys)
-	t.handles = make(map[vault.KeyID]pkcs11.ObjectHandle, len(t.tokenKeys))
-	for id, h := range t.tokenKeys {
-		t.handles[id] = serve[h]
+	held, err := t.copies.acquire(keys)
+	if err != nil {
+		return err
 	}
 	t.held = held
+	t.handles = make(map[vault.KeyID]pkcs11.ObjectHandle, len(t.tokenKeys))
+	for id, tk := range t.tokenKeys {
+		t.handles[id] = tk
+		if cp := held[id]; cp != nil {
+			t.handles[id] = cp.h
+		}
+	}
+	return nil
 }
 
+// kcvWith computes id's check value as kcv does, with the key object h
+// (the token key or a copy of it) on session s.
+func (t *p11Token) kcvWith(s pkcs11.SessionHandle, id vault.KeyID, h pkcs11.ObjectHandle) ([]byte, error) {
+	var out []byte
+	var err error
+	switch p := t.profiles[id.Version]; {
+	case id.Role == vault.RoleWrap && p == vault.ProfileGCM:
+		out, err = t.raw.mod.SealGCM(s, h, kcvNonce, nil, kcvInput(id))
+	case id.Role == vault.RoleWrap && p == vault.ProfileGCMHSMIV:
+		out, err = t.encryptBlock(s, h, make([]byte, 16))
+	default:
+		out, err = t.raw.mod.Sign(s, h, pkcs11.CKM_SHA256_HMAC, kcvInput(id), sha256.Size)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if len(out) < 8 {
+		return nil, fmt.Errorf("check value of %s: %d bytes", id.Label(), len(out))
+	}
+	return out[:8], nil
+}
+
+// viewUse counts the operations running on a view, so that the copies
+// of a dropped view are destroyed only once none runs on them: a token
+// may give a destroyed copy's handle number to the next copy, of another
+// key.
+type viewUse struct {
+	mu                sync.Mutex
+	active            int
+	dropped, released bool
+	done              chan struct{} // closed once released
+	err               error         // what releasing the copies met
+}
+
+// errViewDropped: the view's copies are gone; the operation must run on
+// the member's current view.
+var errViewDropped = errors.New("the view of the token was dropped")
+
+// enter starts an operation on the view; false once its copies are
+// released. Each enter that returns true is paired with a leave.
+func (t *p11Token) enter() bool {
+	t.use.mu.Lock()
+	defer t.use.mu.Unlock()
+	if t.use.released {
+		return false
+	}
+	t.use.active++
+	return true
+}
+
+// leave ends an operation on the view, releasing the copies of a dropped
+// view with the last one.
+func (t *p11Token) leave() {
+	t.use.mu.Lock()
+	t.use.active--
+	last := t.use.dropped && t.use.active == 0 && !t.use.released
+	if last {
+		t.use.released = true
+	}
+	t.use.mu.Unlock()
+	if last {
+		t.releaseCopies()
+	}
+}
+
+func (t *p11Token) releaseCopies() {
+	err := t.copies.release(t.held)
+	t.use.mu.Lock()
+	t.use.err = err
+	if t.use.done != nil {
+		close(t.use.done)
+	}
+	t.use.mu.Unlock()
+}
+
+// dropWait bounds how long drop waits for the operations on a view.
+const dropWait = 5 * time.Second
+
 // drop lets go of the view's copies: the pool has put another view of
-// the token in its place. A copy no view holds is destroyed.
-func (t *p11Token) drop() {
-	if t.dropped.CompareAndSwap(false, true) {
-		t.copies.release(t.held)
+// the token in its place, or never used it. A copy no view holds is
+// destroyed, once the operations running on the view have ended: drop
+// waits for them, within dropWait. It reports copies the token would not
+// destroy, or that operations still run on them.
+func (t *p11Token) drop() error {
+	t.use.mu.Lock()
+	if t.use.dropped {
+		t.use.mu.Unlock()
+		return nil
+	}
+	t.use.dropped = true
+	if t.use.active == 0 {
+		t.use.released = true
+		t.use.mu.Unlock()
+		t.releaseCopies()
+		return t.use.err
+	}
+	done := make(chan struct{})
+	t.use.done = done
+	t.use.mu.Unlock()
+	select {
+	case <-done:
+		t.use.mu.Lock()
+		defer t.use.mu.Unlock()
+		return t.use.err
+	case <-time.After(dropWait):
+		return fmt.Errorf("member %s: an operation still runs on the session copies of a dropped view after %v; they are destroyed when it returns", t.name, dropWait)
 	}
 }
 
@@ -243,25 +363,68 @@ func (t *p11Token) sessionCopies() error {
 
 // checkTokenKey runs on the session s of an operation under id: when
 // the view serves id from a copy, at most once per tokenCheckInterval
-// across the token it first asks the token key for an attribute, so that
-// a token gone or re-initialised under its copies fails the operation as
-// it would with the token key.
+// for that copy it first checks the token key (checkCopy), so that a
+// token gone, re-initialised or provisioned anew under its copies fails
+// the operation as it would with the token key.
 func (t *p11Token) checkTokenKey(s pkcs11.SessionHandle, id vault.KeyID) error {
-	tk := t.tokenKeys[id]
-	if t.handles[id] == tk || !t.copies.due() {
+	cp := t.held[id]
+	if cp == nil || !cp.checkDue() {
 		return nil
 	}
-	if _, err := t.raw.p.GetAttributeValue(s, tk, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, nil)}); err != nil {
-		return fmt.Errorf("the token key behind the session copy: %w", err)
+	if err := t.checkCopy(s, cp); err != nil {
+		// The next operation checks again.
+		cp.lastCheck.Store(0)
+		return err
 	}
 	return nil
 }
 
-// checkTokenKeys asks every token key of the view for an attribute: the
-// probe's test that the token is still there under the copies.
+// checkCopy checks that the copy's token key is still the key the copy
+// was made from: the object at its handle carries its label and gives
+// its check value.
+func (t *p11Token) checkCopy(s pkcs11.SessionHandle, cp *keyCopy) error {
+	a, err := t.raw.p.GetAttributeValue(s, cp.tk, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil)})
+	if err != nil {
+		return fmt.Errorf("%w: %s: %w", errTokenKey, cp.id.Label(), err)
+	}
+	if len(a) != 1 || string(a[0].Value) != cp.id.Label() {
+		return fmt.Errorf("%w: %s: the token key's handle now names an object labelled %q", errTokenKey, cp.id.Label(), labelOf(a))
+	}
+	got, err := t.kcvWith(s, cp.id, cp.tk)
+	if err != nil {
+		return fmt.Errorf("%w: %s: check value: %w", errTokenKey, cp.id.Label(), err)
+	}
+	if !bytes.Equal(got, cp.kcv) {
+		return fmt.Errorf("%w: %s: the token key gives check value %x, the copy %x: another key under its label", errTokenKey, cp.id.Label(), got, cp.kcv)
+	}
+	return nil
+}
+
+func labelOf(a []*pkcs11.Attribute) string {
+	if len(a) != 1 {
+		return ""
+	}
+	return string(a[0].Value)
+}
+
+// checkTokenKeys checks every token key of the view: the copies' token
+// keys as checkCopy does, so that the check values the probe computes
+// through the copies are the token keys' too; the others by an
+// attribute. It is the probe's test that the token under the copies is
+// still the one they were made from.
 func (t *p11Token) checkTokenKeys() error {
+	if !t.enter() {
+		return errViewDropped
+	}
+	defer t.leave()
 	return t.raw.with(func(s pkcs11.SessionHandle) error {
 		for id, tk := range t.tokenKeys {
+			if cp := t.held[id]; cp != nil {
+				if err := t.checkCopy(s, cp); err != nil {
+					return err
+				}
+				continue
+			}
 			if _, err := t.raw.p.GetAttributeValue(s, tk, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, nil)}); err != nil {
 				return fmt.Errorf("token key %s: %w", id.Label(), err)
 			}
@@ -310,6 +473,17 @@ func (t *p11Token) view(keys map[vault.KeyID]*crypto11.SecretKey, tokenKeys, han
 func (t *p11Token) refreshed() (token, error) {
 	n := t.view(map[vault.KeyID]*crypto11.SecretKey{}, map[vault.KeyID]pkcs11.ObjectHandle{}, map[vault.KeyID]pkcs11.ObjectHandle{}, map[uint32]vault.Profile{})
 	if err := n.findKeys(); err != nil {
+		return nil, err
+	}
+	return n, nil
+}
+
+// recopied returns a view of the token over the same keys, serving from
+// copies shared from a session without undestroyed objects, or made
+// afresh on one.
+func (t *p11Token) recopied() (token, error) {
+	n := t.view(maps.Clone(t.keys), maps.Clone(t.tokenKeys), nil, maps.Clone(t.profiles))
+	if err := n.serveFromCopies(); err != nil {
 		return nil, err
 	}
 	return n, nil
@@ -408,6 +582,10 @@ func (t *p11Token) HMAC(id vault.KeyID, msg []byte) ([]byte, error) {
 	if id.Role == vault.RoleWrap && t.profiles[id.Version] != vault.ProfileHMAC {
 		return nil, fmt.Errorf("%w: HMAC under %s, a wrap key of the %s profile", errCaller, id.Label(), t.profiles[id.Version])
 	}
+	if !t.enter() {
+		return nil, errViewDropped
+	}
+	defer t.leave()
 	var out []byte
 	err := t.raw.with(func(s pkcs11.SessionHandle) (err error) {
 		if err := t.checkTokenKey(s, id); err != nil {
@@ -460,6 +638,10 @@ func (t *p11Token) Seal(id vault.KeyID, nonce, plaintext, aad []byte) ([]byte, e
 	if err != nil {
 		return nil, err
 	}
+	if !t.enter() {
+		return nil, errViewDropped
+	}
+	defer t.leave()
 	var out []byte
 	err = t.raw.with(func(s pkcs11.SessionHandle) (err error) {
 		if err := t.checkTokenKey(s, id); err != nil {
@@ -493,6 +675,10 @@ func (t *p11Token) Open(id vault.KeyID, nonce, ciphertext, aad []byte) ([]byte, 
 	if err != nil {
 		return nil, err
 	}
+	if !t.enter() {
+		return nil, errViewDropped
+	}
+	defer t.leave()
 	var out []byte
 	err = t.raw.with(func(s pkcs11.SessionHandle) (err error) {
 		if err := t.checkTokenKey(s, id); err != nil {
@@ -514,23 +700,35 @@ func (t *p11Token) EncryptBlock(id vault.KeyID, block []byte) ([]byte, error) {
 	if !ok || id.Role != vault.RoleWrap || t.profiles[id.Version] != vault.ProfileGCMHSMIV {
 		return nil, fmt.Errorf("%s: %w", id.Label(), errNoKey)
 	}
+	if !t.enter() {
+		return nil, errViewDropped
+	}
+	defer t.leave()
 	var out []byte
-	err := t.raw.with(func(s pkcs11.SessionHandle) error {
+	err := t.raw.with(func(s pkcs11.SessionHandle) (err error) {
 		if err := t.checkTokenKey(s, id); err != nil {
 			return err
 		}
-		if err := t.raw.p.EncryptInit(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_ECB, nil)}, h); err != nil {
-			return err
-		}
-		var err error
-		out, err = t.raw.p.Encrypt(s, block)
+		out, err = t.encryptBlock(s, h, block)
 		return err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("AES-ECB under %s: %w", id.Label(), err)
 	}
+	return out, nil
+}
+
+// encryptBlock encrypts one block with CKM_AES_ECB under the key object h.
+func (t *p11Token) encryptBlock(s pkcs11.SessionHandle, h pkcs11.ObjectHandle, block []byte) ([]byte, error) {
+	if err := t.raw.p.EncryptInit(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_ECB, nil)}, h); err != nil {
+		return nil, err
+	}
+	out, err := t.raw.p.Encrypt(s, block)
+	if err != nil {
+		return nil, err
+	}
 	if len(out) != len(block) {
-		return nil, fmt.Errorf("AES-ECB under %s: %d bytes out of %d", id.Label(), len(out), len(block))
+		return nil, fmt.Errorf("%d bytes out of %d", len(out), len(block))
 	}
 	return out, nil
 }
@@ -615,10 +813,9 @@ func (t *p11Token) without(ids ...vault.KeyID) token {
 			delete(n.profiles, id.Version)
 		}
 	}
-	for id, tk := range n.tokenKeys {
-		if n.handles[id] != tk {
-			n.held = append(n.held, tk)
-		}
+	n.held = maps.Clone(t.held)
+	for _, id := range ids {
+		delete(n.held, id)
 	}
 	n.copies.retain(n.held)
 	return n
