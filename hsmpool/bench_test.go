@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/miekg/pkcs11"
+
 	"github.com/keyvault/keyvault/anchor"
 	"github.com/keyvault/keyvault/vault"
 )
@@ -187,4 +189,61 @@ func benchOps(b *testing.B, p *Pool, sessions int) {
 			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "ops/s")
 		})
 	}
+}
+
+// BenchmarkTokenKeyCheck: what the token key check costs on a SoftHSM
+// member holding 20 versions, against the operation it rides on. check
+// is one check of a key (its token key's label and check value), which
+// an operation under that key makes at most every tokenCheckInterval;
+// hmac is one PIN-check HMAC on its copy with no check due; probe checks
+// every key of the member, as the probe and a failed anchor write do:
+//
+//	go test ./hsmpool -run '^$' -bench TokenKeyCheck
+func BenchmarkTokenKeyCheck(b *testing.B) {
+	m := newMember(b, "a")
+	if _, err := Provision([]MemberConfig{m}, vault.ProfileGCM); err != nil {
+		b.Fatal(err)
+	}
+	for range 19 {
+		if _, _, err := Rotate([]MemberConfig{m}, ""); err != nil {
+			b.Fatal(err)
+		}
+	}
+	p, err := Open([]MemberConfig{m}, Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer p.Close()
+	tok := viewOf(b, p, 0)
+	if err := tok.sessionCopies(); err != nil {
+		b.Fatal(err)
+	}
+	for _, id := range []vault.KeyID{pin1, wrap1} {
+		b.Run("check/"+string(id.Role), func(b *testing.B) {
+			cp := tok.checked[id]
+			for b.Loop() {
+				if err := tok.raw.with(func(s pkcs11.SessionHandle) error { return tok.checkCopy(s, cp) }); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+	b.Run("hmac", func(b *testing.B) {
+		msg := []byte("pin check, 64 bytes of input as the vault's PIN check has....")
+		for b.Loop() {
+			for _, cp := range tok.checked {
+				cp.lastCheck.Store(time.Now().UnixNano())
+			}
+			if _, err := tok.HMAC(pin1, msg); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run(fmt.Sprintf("probe/%d-keys", len(tok.checked)), func(b *testing.B) {
+		for b.Loop() {
+			if err := tok.checkTokenKeys(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 }

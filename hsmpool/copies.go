@@ -28,7 +28,9 @@ import (
 // made for another only for the same KeyID and token key handle, and
 // only once the token key, found by label again, gives that check value
 // again. While serving, each copy's token key is checked again, label and
-// check value, at most once per tokenCheckInterval (checkDue).
+// check value, at most once per tokenCheckInterval (checkDue); a view
+// that serves with its token keys checks them the same way, each against
+// a keyCopy record of the token key itself (p11Token.checked).
 //
 // The copies live on a session of their own, open as long as the token
 // is: session objects die with the session that made them, and every
@@ -42,7 +44,10 @@ import (
 // sensitive, or one that does not give its key's check value, serves with
 // its token keys from then on: every view made after it takes the token
 // keys, and the copies made before it go as the views that hold them are
-// dropped. Why is in off.
+// dropped. Why is in off. A refused copy the token would not destroy,
+// on a session other views hold copies on, stays until those views are
+// dropped: acquire says so, and the pool renews the member's view at
+// once.
 //
 // Safe for concurrent use; the serving path takes no lock of the copies
 // (a view's copies are fixed when it is made).
@@ -71,7 +76,10 @@ type copySession struct {
 	stale bool
 }
 
-// keyCopy is one session copy of one token key.
+// keyCopy is one session copy of one token key: what the view serves
+// the key with, and what its token key's identity is checked against.
+// A view that serves with its token keys has one for each key that is
+// no copy: h is the token key, and sess is nil (tokenKeyRecords).
 type keyCopy struct {
 	id    vault.KeyID
 	tk, h pkcs11.ObjectHandle // the token key, and the copy
@@ -94,21 +102,22 @@ type keySpec struct {
 // errCopiesOff: copies are not made on this token (see Modules).
 var errCopiesOff = errors.New("turned off")
 
-// errTokenKey: the token key behind a session copy does not answer, or
-// is no longer the key the copy was made from. The member is at fault,
-// never the request's data.
-var errTokenKey = errors.New("the token key behind a session copy fails its check")
+// errTokenKey: a token key a view serves, with a copy of it or as it
+// is, does not answer, or is no longer the key the view was made with.
+// The member is at fault, never the request's data.
+var errTokenKey = errors.New("a token key fails its identity check")
 
 // errCopyLeft: a copy the token would not destroy is still on it, on a
 // session that closes once no view holds a copy there.
 var errCopyLeft = errors.New("it stays on its session until no view holds a copy there")
 
-// tokenCheckInterval is how often, at most, an operation served from a
-// copy first checks its token key: a copy lives in the library's memory
+// tokenCheckInterval is how often, at most, an operation under a key
+// first checks the key's token key: a copy lives in the library's memory
 // and can outlive the token or the key (SoftHSM keeps serving a copy
-// after its token directory is gone; a key destroyed and made again under
-// its label may take its old handle number), and such a member must be
-// taken out as it is when it serves with token keys.
+// after its token directory is gone), and a key destroyed and made again
+// under its label, or another key, may take a token key's old handle
+// number (opencryptoki gives it to the next object), which a view serving
+// with its token keys would then use. Such a member must be taken out.
 const tokenCheckInterval = 250 * time.Millisecond
 
 func newKeyCopies(p *pkcs11.Ctx, slot uint, off error) *keyCopies {
@@ -121,41 +130,43 @@ func newKeyCopies(p *pkcs11.Ctx, slot uint, off error) *keyCopies {
 // acquire returns the copies to serve keys with, by KeyID: made now, or
 // shared with another view once the token key gives the copy's check
 // value again. It returns none if the token refuses copies (the view
-// serves with its token keys), and an error if a token key to share a
+// serves with its token keys); left then says that an object the token
+// would not destroy stays on a session other views hold copies on,
+// until they are dropped. It returns an error if a token key to share a
 // copy of fails its check: the caller holds nothing then.
-func (c *keyCopies) acquire(keys []keySpec) (map[vault.KeyID]*keyCopy, error) {
+func (c *keyCopies) acquire(keys []keySpec) (_ map[vault.KeyID]*keyCopy, left bool, _ error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.off != nil || c.closed {
-		return nil, nil
+		return nil, false, nil
 	}
 	held := map[vault.KeyID]*keyCopy{}
 	for _, k := range keys {
 		cp, err := c.shareLocked(k)
 		if err != nil {
-			return nil, errors.Join(err, c.releaseLocked(held))
+			return nil, false, errors.Join(err, c.releaseLocked(held))
 		}
 		if cp == nil {
-			var left *copySession
-			if cp, left, err = c.copyLocked(k); err != nil {
+			var leftOn *copySession
+			if cp, leftOn, err = c.copyLocked(k); err != nil {
 				// The whole view serves with token keys, and so does
 				// every view after it.
 				rerr := c.releaseLocked(held)
-				if left != nil {
+				if leftOn != nil {
 					// Released, the copies made before it no longer
 					// keep its session open.
-					err = c.leftLocked(left, err)
+					err = c.leftLocked(leftOn, err)
 				}
 				if rerr != nil {
 					err = fmt.Errorf("%w (and letting go of the copies made before it: %w)", err, rerr)
 				}
 				c.off = err
-				return nil, nil
+				return nil, errors.Is(err, errCopyLeft), nil
 			}
 		}
 		held[k.id] = cp
 	}
-	return held, nil
+	return held, false, nil
 }
 
 // shareLocked returns a live copy of k's key, with one more reference,
@@ -359,9 +370,9 @@ func (c *keyCopies) count() int {
 	return len(c.live)
 }
 
-// checkDue reports whether an operation under the copy should check its
+// checkDue reports whether an operation under the key should check its
 // token key first, and claims the check if so: at most one per
-// tokenCheckInterval for each copy.
+// tokenCheckInterval for each copy or token key record.
 func (cp *keyCopy) checkDue() bool {
 	last := cp.lastCheck.Load()
 	now := time.Now().UnixNano()

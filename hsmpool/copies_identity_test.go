@@ -12,6 +12,8 @@ import (
 	"fmt"
 	"maps"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -447,5 +449,311 @@ func TestProvisionIgnoresSessionCopies(t *testing.T) {
 	destroyTokenKeys(t, m, wrap1, pin1, root1)
 	if _, err := Provision([]MemberConfig{m}, vault.ProfileGCM); err != nil {
 		t.Fatalf("provisioning a token whose keys are gone, beside copies of them: %v", err)
+	}
+}
+
+// A version another node retired, which Reload lets go, leaves none of
+// its copies on the token though the token will not destroy them: the
+// member's copies are made again on a new session, and closing the old
+// one destroys them. The member keeps serving from copies.
+func TestReloadClosesAwayUndestroyableCopies(t *testing.T) {
+	m := newMember(t, "a")
+	if _, err := Provision([]MemberConfig{m}, vault.ProfileGCM); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := Rotate([]MemberConfig{m}, ""); err != nil {
+		t.Fatal(err)
+	}
+	mods := NewModules()
+	defer mods.Close()
+	undestroyable(mods)
+	p, err := Open([]MemberConfig{m}, Options{Registerer: prometheus.NewRegistry(), Modules: mods})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	destroyTokenKeys(t, m, wrap1, pin1)
+	if _, err := p.Reload(); err != nil {
+		t.Fatalf("reload: %v", err)
+	}
+	tok := viewOf(t, p, 0)
+	if left := sessionKeys(t, tok); len(left[wrap1.Label()])+len(left[pin1.Label()]) > 0 {
+		t.Errorf("session copies of version 1, retired elsewhere and let go by Reload, left on the token: %v", left)
+	}
+	checkServesCopies(t, tok)
+	roundTrip(t, p, vault.KeyID{Role: vault.RoleWrap, Version: 2}, vault.KeyID{Role: vault.RolePIN, Version: 2})
+}
+
+// A refused copy the token will not destroy, made for a reload's view on
+// the session the serving view holds copies on, does not stay there
+// while that view serves: the member's view is made again at once, with
+// its token keys, though the reload then fails, and dropping the old one
+// closes that session. The member serves.
+func TestRefusedCopyGoesThoughReloadFails(t *testing.T) {
+	a, b := newMember(t, "a"), newMember(t, "b")
+	if _, err := Provision([]MemberConfig{a, b}, vault.ProfileGCM); err != nil {
+		t.Fatal(err)
+	}
+	mods := NewModules()
+	defer mods.Close()
+	// The copies made at open (3 keys on each of 2 members) are sound;
+	// the next one is readable, and cannot be destroyed.
+	var n atomic.Int32
+	mods.copyObject = func(real func() (pkcs11.ObjectHandle, error), p *pkcs11.Ctx, s pkcs11.SessionHandle, _ pkcs11.ObjectHandle) (pkcs11.ObjectHandle, error) {
+		if n.Add(1) <= 6 {
+			return real()
+		}
+		v := make([]byte, 32)
+		rand.Read(v)
+		return p.CreateObject(s, []*pkcs11.Attribute{
+			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+			pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_GENERIC_SECRET),
+			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, false),
+			pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, false),
+			pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, true),
+			pkcs11.NewAttribute(pkcs11.CKA_DESTROYABLE, false),
+			pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
+			pkcs11.NewAttribute(pkcs11.CKA_LABEL, "refused-copy"),
+			pkcs11.NewAttribute(pkcs11.CKA_VALUE, v),
+		})
+	}
+	p, err := Open([]MemberConfig{a, b}, Options{Registerer: prometheus.NewRegistry(), Modules: mods})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	checkServesCopies(t, viewOf(t, p, 0))
+	// Version 2 on member a only: the reload fails, after a's view of it
+	// had its copy of a version 2 key refused.
+	if _, _, err := Rotate([]MemberConfig{a}, ""); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Reload(); !errors.Is(err, errKeyMismatch) {
+		t.Fatalf("reload with version 2 on one member of two: %v, want a key mismatch", err)
+	}
+	tok := viewOf(t, p, 0)
+	if err := tok.sessionCopies(); err == nil || !strings.Contains(err.Error(), "extractable") {
+		t.Errorf("member a's copies: %v, want refused as extractable", err)
+	}
+	if left := sessionKeys(t, tok); len(left) > 0 {
+		t.Errorf("session keys left on member a's token while it serves with its token keys: %v", left)
+	}
+	checkServesCopies(t, viewOf(t, p, 1))
+	roundTrip(t, p, wrap1, pin1)
+}
+
+// The copies of a view whose operation outlasts the drop's wait, and
+// which the token will not destroy, go when that operation ends: the
+// member's copies are made again on a new session then, and closing the
+// old one destroys them.
+func TestUndestroyableCopyOfLateDropClosedAway(t *testing.T) {
+	m := newMember(t, "a")
+	if _, err := Provision([]MemberConfig{m}, vault.ProfileGCM); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := Rotate([]MemberConfig{m}, ""); err != nil {
+		t.Fatal(err)
+	}
+	mods := NewModules()
+	defer mods.Close()
+	undestroyable(mods)
+	mods.dropWait = 100 * time.Millisecond
+	p, err := Open([]MemberConfig{m}, Options{Registerer: prometheus.NewRegistry(), Modules: mods})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	old := viewOf(t, p, 0)
+	if !old.enter() {
+		t.Fatal("the view refuses an operation")
+	}
+	if _, err := p.Retire(1); err == nil || !strings.Contains(err.Error(), "still runs") {
+		t.Fatalf("retire(1) with an operation on the old view past the drop's wait: %v, want it reported", err)
+	}
+	left := func() int {
+		found := sessionKeys(t, viewOf(t, p, 0))
+		return len(found[wrap1.Label()]) + len(found[pin1.Label()])
+	}
+	if n := left(); n != 2 {
+		t.Fatalf("%d session copies of version 1 while an operation runs on them, want 2", n)
+	}
+	afterRetire := p.members[0].state()
+	old.leave()
+	// The member's view is made again, under rotateMu.
+	deadline := time.Now().Add(2 * time.Second)
+	for p.members[0].state() == afterRetire && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	p.rotateMu.Lock()
+	p.rotateMu.Unlock()
+	if n := left(); n > 0 {
+		t.Fatalf("%d session copies of the retired version 1 left on the token after the last operation on them", n)
+	}
+	checkServesCopies(t, viewOf(t, p, 0))
+	roundTrip(t, p, vault.KeyID{Role: vault.RoleWrap, Version: 2}, vault.KeyID{Role: vault.RolePIN, Version: 2})
+}
+
+// A member that serves with its token keys checks their identity as it
+// checks a copy's token key: on opencryptoki, after another node retires
+// version 1 and rotates to version 3 (whose keys take version 1's handle
+// numbers), an operation under version 1 once the check is due fails as
+// the member's fault instead of running under another key, and the
+// probe's health check fails.
+func TestTokenKeyServingChecksKeyIdentity(t *testing.T) {
+	m := opencryptokiMember(t, "oc")
+	if _, err := Provision([]MemberConfig{m}, vault.ProfileHMAC); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := Rotate([]MemberConfig{m}, ""); err != nil {
+		t.Fatal(err)
+	}
+	mods := NewModules()
+	mods.noCopies = true
+	defer mods.Close()
+	p, err := Open([]MemberConfig{m}, Options{Registerer: prometheus.NewRegistry(), Modules: mods, ProbeBackoff: time.Hour, ProbeBackoffMax: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	tok := viewOf(t, p, 0)
+	if err := tok.sessionCopies(); err == nil {
+		t.Fatal("the member serves from copies")
+	}
+	if err := tok.checkTokenKeys(); err != nil {
+		t.Fatalf("the probe's health check on the token keys as they are: %v", err)
+	}
+	ctx := context.Background()
+	msg := []byte("a PIN check")
+	before, err := p.HMAC(ctx, pin1, msg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reused := map[pkcs11.ObjectHandle]vault.KeyID{tok.tokenKeys[wrap1]: wrap1, tok.tokenKeys[pin1]: pin1}
+	destroyTokenKeys(t, m, wrap1, pin1)
+	if _, _, err := Rotate([]MemberConfig{m}, ""); err != nil {
+		t.Fatal(err)
+	}
+	again, err := Open([]MemberConfig{m}, Options{Registerer: prometheus.NewRegistry(), Modules: mods})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for id, h := range viewOf(t, again, 0).tokenKeys {
+		if was, ok := reused[h]; ok {
+			t.Logf("%s took the token handle %d of the destroyed %s", id.Label(), h, was.Label())
+		}
+	}
+	again.Close()
+	time.Sleep(tokenCheckInterval)
+	after, err := p.HMAC(ctx, pin1, msg)
+	if err == nil {
+		if !bytes.Equal(after, before) {
+			t.Fatalf("an HMAC under %s, its token key destroyed, answered under another key", pin1.Label())
+		}
+		t.Fatalf("an HMAC under %s, its token key destroyed, answered", pin1.Label())
+	}
+	if !errors.Is(err, ErrUnavailable) || !errors.Is(err, errTokenKey) {
+		t.Errorf("an HMAC under %s, its token key destroyed: %v, want ErrUnavailable for a failed token key check", pin1.Label(), err)
+	}
+	if p.members[0].healthy.Load() {
+		t.Error("the member still serves")
+	}
+	if err := p.members[0].state().healthCheck(p.ref()); !errors.Is(err, errTokenKey) {
+		t.Errorf("the probe's health check on token keys whose handles name other keys now: %v, want %v", err, errTokenKey)
+	}
+}
+
+// Operations under every version in use while this node rotates, reloads
+// and retires, on opencryptoki (which gives a destroyed key's handle
+// number to the next key), served from copies and from token keys: an
+// HMAC under a version gives one answer each time, a seal under the
+// current version opens, and no check takes the member out.
+func TestOperationsThroughRotateAndRetireKeepTheirKeys(t *testing.T) {
+	for _, keys := range []string{"session-copies", "token-keys"} {
+		t.Run(keys, func(t *testing.T) {
+			m := opencryptokiMember(t, "oc")
+			if _, err := Provision([]MemberConfig{m}, vault.ProfileHMAC); err != nil {
+				t.Fatal(err)
+			}
+			mods := NewModules()
+			mods.noCopies = keys == "token-keys"
+			defer mods.Close()
+			p, err := Open([]MemberConfig{m}, Options{Registerer: prometheus.NewRegistry(), Modules: mods, ProbeBackoff: time.Hour, ProbeBackoffMax: time.Hour})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer p.Close()
+			if err := viewOf(t, p, 0).sessionCopies(); (err == nil) != (keys == "session-copies") {
+				t.Fatalf("session copies: %v", err)
+			}
+			ctx := context.Background()
+			var mu sync.Mutex
+			seen := map[vault.KeyID][]byte{}
+			var stop atomic.Bool
+			var ops atomic.Int64
+			var wg sync.WaitGroup
+			for range 4 {
+				wg.Go(func() {
+					for !stop.Load() {
+						pv, wv := p.KeyVersion(vault.RolePIN), p.KeyVersion(vault.RoleWrap)
+						for _, v := range []uint32{pv, pv - 1} {
+							id := vault.KeyID{Role: vault.RolePIN, Version: v}
+							out, err := p.HMAC(ctx, id, []byte("a PIN check"))
+							ops.Add(1)
+							if err != nil {
+								// A version retired since it was read is
+								// no key of the member's any more.
+								if !errors.Is(err, errCaller) {
+									t.Errorf("HMAC under %s: %v", id.Label(), err)
+								}
+								continue
+							}
+							mu.Lock()
+							if prev, ok := seen[id]; !ok {
+								seen[id] = out
+							} else if !bytes.Equal(prev, out) {
+								t.Errorf("HMAC under %s changed: %x then %x", id.Label(), prev, out)
+							}
+							mu.Unlock()
+						}
+						id := vault.KeyID{Role: vault.RoleWrap, Version: wv}
+						nonce, pt := make([]byte, 12), []byte("a history key of 32 bytes.......")
+						rand.Read(nonce)
+						ct, err := p.Seal(ctx, id, nonce, pt, nil)
+						ops.Add(2)
+						if err != nil {
+							continue
+						}
+						if back, err := p.Open(ctx, id, nonce, ct, nil); err == nil && !bytes.Equal(back, pt) {
+							t.Errorf("open under %s: another plaintext", id.Label())
+						} else if err != nil && p.KeyVersion(vault.RoleWrap) == wv {
+							t.Errorf("open under %s, still the newest: %v", id.Label(), err)
+						}
+					}
+				})
+			}
+			rounds := 0
+			for deadline := time.Now().Add(1500 * time.Millisecond); time.Now().Before(deadline) && !t.Failed(); rounds++ {
+				if _, _, err := Rotate([]MemberConfig{m}, ""); err != nil {
+					t.Error(err)
+					break
+				}
+				if _, err := p.Reload(); err != nil {
+					t.Errorf("reload: %v", err)
+					break
+				}
+				if v := p.KeyVersion(vault.RoleWrap); v >= 3 {
+					if _, err := p.Retire(v - 2); err != nil {
+						t.Errorf("retire %d: %v", v-2, err)
+						break
+					}
+				}
+			}
+			stop.Store(true)
+			wg.Wait()
+			t.Logf("%d rounds, to version %d; %d operations", rounds, p.KeyVersion(vault.RoleWrap), ops.Load())
+			if !p.members[0].healthy.Load() {
+				t.Error("the member was taken out")
+			}
+		})
 	}
 }

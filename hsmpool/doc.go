@@ -10,7 +10,8 @@
 // caches the handles, copies each key into a session object to serve
 // with where the token allows it (copies.go: a copy is bound to its key
 // by the key's check value, and checked against its token key while it
-// serves; otherwise the member serves with the token keys), and computes
+// serves; otherwise the member serves with the token keys, each checked
+// against the check value it gave when found), and computes
 // a key check value (KCV) for each; a member
 // whose KCVs differ from the first member's is not used. Every operation goes
 // through Pool.do, which picks the least-loaded healthy member, waits for one

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/ThalesGroup/crypto11"
 	"github.com/miekg/pkcs11"
@@ -52,6 +53,10 @@ type Modules struct {
 	// tokens opened through these modules in place of C_CopyObject: a
 	// token's traits emulated around the real call, real.
 	copyObject func(real func() (pkcs11.ObjectHandle, error), p *pkcs11.Ctx, s pkcs11.SessionHandle, key pkcs11.ObjectHandle) (pkcs11.ObjectHandle, error)
+	// dropWait, when a test sets it, is how long the views of the tokens
+	// opened through these modules wait for their operations when
+	// dropped, in place of dropWait.
+	dropWait time.Duration
 }
 
 // keyCopies returns the session copies of a token opened on raw's

@@ -10,7 +10,7 @@ import (
 
 // refresher is a token that can look its keys up again (p11Token).
 type refresher interface {
-	refreshed() (token, error)
+	refreshed() (t token, copyLeft bool, err error)
 	recopied() (token, error)
 	without(ids ...vault.KeyID) token
 	destroy(id vault.KeyID) (bool, error)
@@ -19,13 +19,14 @@ type refresher interface {
 // dropper is a view of a token that holds something of its own (the
 // session copies of its keys) until the pool lets go of it: after
 // another view took its place, or when it never took one. drop reports
-// what it could not let go of.
+// what it could not let go of; if operations on the view outlast its
+// wait, late, if not nil, gets what letting go met once they end.
 type dropper interface {
-	drop() error
+	drop(late func(error)) error
 }
 
 // dropStates lets go of the views of states (nil ones skipped) that the
-// pool no longer uses, or never put in use.
+// pool never put in use.
 func dropStates(states ...*tokenState) error {
 	var errs []error
 	for _, st := range states {
@@ -33,19 +34,30 @@ func dropStates(states ...*tokenState) error {
 			continue
 		}
 		if d, ok := st.tok.(dropper); ok {
-			errs = append(errs, d.drop())
+			errs = append(errs, d.drop(nil))
 		}
 	}
 	return errors.Join(errs...)
 }
 
-// letGo drops the old state of a member after Retire or Forget put st in
-// its place. If a copy of the old state's keys could not be destroyed,
-// the member's view is made again (renew), so that no view holds a copy
-// on the session that keeps it any longer and that session is closed:
-// the error says what happened.
+// dropServed lets go of old, a view of m that served until another took
+// its place. Should its operations outlast drop's wait, and letting go
+// of its copies then leave one the token would not destroy, m's view is
+// renewed then (renewLate), as letGo renews it.
+func (p *Pool) dropServed(m *member, old *tokenState) error {
+	if d, ok := old.tok.(dropper); ok {
+		return d.drop(func(err error) { p.renewLate(m, err) })
+	}
+	return nil
+}
+
+// letGo drops the old state of a member after Reload, Retire or Forget
+// put st in its place. If a copy of the old state's keys could not be
+// destroyed, the member's view is made again (renew), so that no view
+// holds a copy on the session that keeps it any longer and that session
+// is closed: the error says what happened.
 func (p *Pool) letGo(m *member, old, st *tokenState) error {
-	err := dropStates(old)
+	err := p.dropServed(m, old)
 	if err == nil {
 		return nil
 	}
@@ -56,6 +68,37 @@ func (p *Pool) letGo(m *member, old, st *tokenState) error {
 		return fmt.Errorf("member %s: %w (and making its copies again on a new session: %w)", m.name, err, rerr)
 	}
 	return fmt.Errorf("member %s: %w (then its copies were made again on a new session, and closing the old one destroyed them)", m.name, err)
+}
+
+// renewLate is letGo for a view whose copies were let go after drop
+// stopped waiting for its operations, err what that met: it logs it,
+// and renews the member's current view if a copy the token would not
+// destroy is left. A member out of service is left to its re-open,
+// which closes the token's sessions, and a closed pool to its Close.
+func (p *Pool) renewLate(m *member, err error) {
+	if err == nil {
+		return
+	}
+	const msg = "HSM session copies of a dropped view were not all destroyed after its last operation"
+	if !errors.Is(err, errCopyLeft) {
+		p.log.Warn(msg, "member", m.name, "error", err.Error())
+		return
+	}
+	p.rotateMu.Lock()
+	defer p.rotateMu.Unlock()
+	p.mu.Lock()
+	closed := p.closed
+	p.mu.Unlock()
+	if closed || !m.healthy.Load() {
+		p.log.Warn(msg, "member", m.name, "error", err.Error())
+		return
+	}
+	if rerr := p.renew(m, m.state()); rerr != nil {
+		p.log.Warn(msg, "member", m.name, "error", fmt.Errorf("%w (and making its copies again on a new session: %w)", err, rerr).Error())
+		return
+	}
+	p.noteCopies(m, m.state().tok)
+	p.log.Warn(msg+"; its copies were made again on a new session, and closing the old one destroyed them", "member", m.name, "error", err.Error())
 }
 
 // renew puts a view of the member's token over st's keys, with copies
@@ -76,11 +119,11 @@ func (p *Pool) renew(m *member, st *tokenState) error {
 	}
 	if err != nil {
 		if d, ok := t.(dropper); ok {
-			err = errors.Join(err, d.drop())
+			err = errors.Join(err, d.drop(nil))
 		}
 		return err
 	}
-	return dropStates(st)
+	return p.dropServed(m, st)
 }
 
 // Reload looks every member's keys up again and starts using the key
@@ -114,7 +157,7 @@ func (p *Pool) reload(probing *member, fresh token) (_ map[vault.KeyRole]uint32,
 		if err != nil {
 			for _, t := range refreshed {
 				if d, ok := t.(dropper); ok {
-					if derr := d.drop(); derr != nil {
+					if derr := d.drop(nil); derr != nil {
 						err = fmt.Errorf("%w (and %w)", err, derr)
 					}
 				}
@@ -132,11 +175,24 @@ func (p *Pool) reload(probing *member, fresh token) (_ map[vault.KeyRole]uint32,
 			if !ok {
 				return nil, fmt.Errorf("reload: member %s cannot look its keys up again", m.name)
 			}
+			var copyLeft bool
 			var err error
-			if t, err = r.refreshed(); err != nil {
+			if t, copyLeft, err = r.refreshed(); err != nil {
 				return nil, fmt.Errorf("reload: member %s: %w", m.name, err)
 			}
 			refreshed = append(refreshed, t)
+			if copyLeft {
+				// A refused copy stays, readable perhaps, on a session
+				// the member's view holds copies on. Copies are off on
+				// the token now: the member serves with its token keys
+				// from here, whatever becomes of this reload, and
+				// dropping its view closes that session.
+				if err := p.renew(m, olds[i]); err != nil {
+					p.log.Warn("HSM reload: a refused session copy is left on the token until the member's view is dropped", "member", m.name, "error", err.Error())
+				}
+				olds[i] = m.state()
+				p.noteCopies(m, olds[i].tok)
+			}
 		}
 		st, err := admit(t, nil)
 		if err != nil {
@@ -173,17 +229,16 @@ func (p *Pool) reload(probing *member, fresh token) (_ map[vault.KeyRole]uint32,
 	if err := p.install(olds, news); err != nil {
 		return nil, fmt.Errorf("reload: %w", err)
 	}
-	if err := dropStates(olds...); err != nil {
-		// The new keys serve; what is left is a copy the token keeps
-		// until its session closes.
-		p.log.Warn("HSM reload: session copies of the keys no longer used were not all destroyed", "error", err.Error())
-	}
-	for i, m := range p.members {
-		p.noteCopies(m, news[i].tok)
-	}
 	// Members first, then the versions: by the time a request seals under
 	// a new version, every member's state holds it.
 	p.keys.Store(ks)
+	for i, m := range p.members {
+		if err := p.letGo(m, olds[i], news[i]); err != nil {
+			// The new keys serve.
+			p.log.Warn("HSM reload: session copies of the keys no longer used were not all destroyed", "error", err.Error())
+		}
+		p.noteCopies(m, m.state().tok)
+	}
 	for id := range ref {
 		if _, ok := cur.ref[id]; !ok {
 			p.log.Info("HSM key version in use on every member", "key", id.Label())

@@ -2,6 +2,7 @@ package hsmpool
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/binary"
@@ -67,7 +68,15 @@ type p11Token struct {
 	// on it has ended (use).
 	copies *keyCopies
 	held   map[vault.KeyID]*keyCopy
-	use    viewUse
+	// checked is what each key's token key is checked against while the
+	// view serves (checkTokenKey): its copy in held, or, for a key served
+	// with its token key, a record of that key (tokenKeyRecords).
+	checked map[vault.KeyID]*keyCopy
+	// copyLeft: making this view's copies was refused, and the refused
+	// copy stays on a session the token's other views hold copies on
+	// (acquire), until they are dropped.
+	copyLeft bool
+	use      viewUse
 	// profiles are the wrap key versions' profiles, by key type (and, for
 	// AES keys, aesProfile).
 	profiles   map[uint32]vault.Profile
@@ -82,6 +91,8 @@ type p11Token struct {
 	anchorObjs anchorStore
 	// name and label name the member and token in a capability verdict.
 	name, label string
+	// dropWait bounds how long drop waits for the operations on the view.
+	dropWait time.Duration
 }
 
 // anchorStore is what a token keeps its rollback anchors in
@@ -121,7 +132,8 @@ func (m *Modules) openToken(cfg MemberConfig) (*p11Token, error) {
 	t := &p11Token{ctx: ctx, raw: raw, keys: map[vault.KeyID]*crypto11.SecretKey{},
 		tokenKeys: map[vault.KeyID]pkcs11.ObjectHandle{}, handles: map[vault.KeyID]pkcs11.ObjectHandle{},
 		copies:   m.keyCopies(raw),
-		profiles: map[uint32]vault.Profile{}, aesProfile: cfg.aesProfile, anchorObjs: m.anchorObjects(cfg.Module, cfg.TokenLabel), name: cfg.Name, label: cfg.TokenLabel}
+		profiles: map[uint32]vault.Profile{}, aesProfile: cfg.aesProfile, anchorObjs: m.anchorObjects(cfg.Module, cfg.TokenLabel), name: cfg.Name, label: cfg.TokenLabel,
+		dropWait: cmp.Or(m.dropWait, dropWait)}
 	if err := t.findKeys(); err != nil {
 		t.Close()
 		return nil, err
@@ -216,8 +228,10 @@ func tokenKeysLabelled(ctx *crypto11.Context, id vault.KeyID) ([]*crypto11.Secre
 
 // serveFromCopies sets the view's handles to the copies of its token
 // keys, made now or shared with another view, or to the token keys if
-// the token refuses copies. It fails if a token key whose copy it would
-// share fails its check.
+// the token refuses copies, and what each token key is checked against
+// while the view serves (checked). It fails if a token key whose copy it
+// would share fails its check, or if a token key it serves as it is
+// gives no check value.
 func (t *p11Token) serveFromCopies() error {
 	keys := make([]keySpec, 0, len(t.tokenKeys))
 	for id, tk := range t.tokenKeys {
@@ -225,19 +239,45 @@ func (t *p11Token) serveFromCopies() error {
 			return t.kcvWith(s, id, h)
 		}})
 	}
-	held, err := t.copies.acquire(keys)
+	held, left, err := t.copies.acquire(keys)
 	if err != nil {
 		return err
 	}
-	t.held = held
+	t.held, t.copyLeft = held, left
 	t.handles = make(map[vault.KeyID]pkcs11.ObjectHandle, len(t.tokenKeys))
+	t.checked = make(map[vault.KeyID]*keyCopy, len(t.tokenKeys))
 	for id, tk := range t.tokenKeys {
 		t.handles[id] = tk
 		if cp := held[id]; cp != nil {
 			t.handles[id] = cp.h
+			t.checked[id] = cp
 		}
 	}
-	return nil
+	if len(held) == len(t.tokenKeys) {
+		return nil
+	}
+	return t.tokenKeyRecords()
+}
+
+// tokenKeyRecords records, for each key the view serves with its token
+// key, the check value the token key gives now, just found by its label,
+// so that the token key check holds the handle to the key the view was
+// made with, as it holds a copy's token key to the key the copy was made
+// from.
+func (t *p11Token) tokenKeyRecords() error {
+	return t.raw.with(func(s pkcs11.SessionHandle) error {
+		for id, tk := range t.tokenKeys {
+			if t.checked[id] != nil {
+				continue
+			}
+			kcv, err := t.kcvWith(s, id, tk)
+			if err != nil {
+				return fmt.Errorf("check value of %s with the token key: %w", id.Label(), err)
+			}
+			t.checked[id] = &keyCopy{id: id, tk: tk, h: tk, kcv: kcv}
+		}
+		return nil
+	})
 }
 
 // kcvWith computes id's check value as kcv does, with the key object h
@@ -272,6 +312,9 @@ type viewUse struct {
 	dropped, released bool
 	done              chan struct{} // closed once released
 	err               error         // what releasing the copies met
+	// late gets err when the copies are released after drop stopped
+	// waiting.
+	late func(error)
 }
 
 // errViewDropped: the view's copies are gone; the operation must run on
@@ -312,18 +355,25 @@ func (t *p11Token) releaseCopies() {
 	if t.use.done != nil {
 		close(t.use.done)
 	}
+	late := t.use.late
 	t.use.mu.Unlock()
+	if late != nil {
+		go late(err)
+	}
 }
 
-// dropWait bounds how long drop waits for the operations on a view.
+// dropWait bounds how long drop waits for the operations on a view,
+// unless the view's Modules says otherwise (a test's).
 const dropWait = 5 * time.Second
 
 // drop lets go of the view's copies: the pool has put another view of
 // the token in its place, or never used it. A copy no view holds is
 // destroyed, once the operations running on the view have ended: drop
-// waits for them, within dropWait. It reports copies the token would not
-// destroy, or that operations still run on them.
-func (t *p11Token) drop() error {
+// waits for them, within t.dropWait. It reports copies the token would not
+// destroy, or that operations still run on them; then late, if not nil,
+// gets what releasing the copies met once the last one has ended, on a
+// goroutine of its own.
+func (t *p11Token) drop(late func(error)) error {
 	t.use.mu.Lock()
 	if t.use.dropped {
 		t.use.mu.Unlock()
@@ -339,14 +389,21 @@ func (t *p11Token) drop() error {
 	done := make(chan struct{})
 	t.use.done = done
 	t.use.mu.Unlock()
+	timer := time.NewTimer(t.dropWait)
+	defer timer.Stop()
 	select {
 	case <-done:
-		t.use.mu.Lock()
-		defer t.use.mu.Unlock()
-		return t.use.err
-	case <-time.After(dropWait):
-		return fmt.Errorf("member %s: an operation still runs on the session copies of a dropped view after %v; they are destroyed when it returns", t.name, dropWait)
+	case <-timer.C:
 	}
+	t.use.mu.Lock()
+	defer t.use.mu.Unlock()
+	select {
+	case <-done:
+		return t.use.err
+	default:
+	}
+	t.use.late = late
+	return fmt.Errorf("member %s: an operation still runs on the session copies of a dropped view after %v; they are destroyed when it returns", t.name, t.dropWait)
 }
 
 // sessionCopies is nil when the view serves from session copies of the
@@ -361,13 +418,13 @@ func (t *p11Token) sessionCopies() error {
 	return errors.New("no keys to copy")
 }
 
-// checkTokenKey runs on the session s of an operation under id: when
-// the view serves id from a copy, at most once per tokenCheckInterval
-// for that copy it first checks the token key (checkCopy), so that a
-// token gone, re-initialised or provisioned anew under its copies fails
-// the operation as it would with the token key.
+// checkTokenKey runs on the session s of an operation under id: at most
+// once per tokenCheckInterval for each key it first checks the token key
+// (checkCopy), so that a token gone, re-initialised or provisioned anew
+// under its copies, or a token key handle that now names another key,
+// fails the operation instead of serving another key, or a lost one.
 func (t *p11Token) checkTokenKey(s pkcs11.SessionHandle, id vault.KeyID) error {
-	cp := t.held[id]
+	cp := t.checked[id]
 	if cp == nil || !cp.checkDue() {
 		return nil
 	}
@@ -380,8 +437,9 @@ func (t *p11Token) checkTokenKey(s pkcs11.SessionHandle, id vault.KeyID) error {
 }
 
 // checkCopy checks that the copy's token key is still the key the copy
-// was made from: the object at its handle carries its label and gives
-// its check value.
+// was made from (for a token key record, the key the view was made
+// with): the object at its handle carries its label and gives its check
+// value.
 func (t *p11Token) checkCopy(s pkcs11.SessionHandle, cp *keyCopy) error {
 	a, err := t.raw.p.GetAttributeValue(s, cp.tk, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil)})
 	if err != nil {
@@ -407,26 +465,20 @@ func labelOf(a []*pkcs11.Attribute) string {
 	return string(a[0].Value)
 }
 
-// checkTokenKeys checks every token key of the view: the copies' token
-// keys as checkCopy does, so that the check values the probe computes
-// through the copies are the token keys' too; the others by an
-// attribute. It is the probe's test that the token under the copies is
-// still the one they were made from.
+// checkTokenKeys checks every token key of the view as checkCopy does,
+// so that the check values the probe computes through the view are
+// those of the keys it was made with. It is the probe's test that the
+// token under the view is still the one its copies, or its token key
+// handles, were taken from.
 func (t *p11Token) checkTokenKeys() error {
 	if !t.enter() {
 		return errViewDropped
 	}
 	defer t.leave()
 	return t.raw.with(func(s pkcs11.SessionHandle) error {
-		for id, tk := range t.tokenKeys {
-			if cp := t.held[id]; cp != nil {
-				if err := t.checkCopy(s, cp); err != nil {
-					return err
-				}
-				continue
-			}
-			if _, err := t.raw.p.GetAttributeValue(s, tk, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, nil)}); err != nil {
-				return fmt.Errorf("token key %s: %w", id.Label(), err)
+		for _, cp := range t.checked {
+			if err := t.checkCopy(s, cp); err != nil {
+				return err
 			}
 		}
 		return nil
@@ -460,7 +512,7 @@ func parseLabel(label string) (vault.KeyID, bool) {
 // copies until its caller sets its handles.
 func (t *p11Token) view(keys map[vault.KeyID]*crypto11.SecretKey, tokenKeys, handles map[vault.KeyID]pkcs11.ObjectHandle, profiles map[uint32]vault.Profile) *p11Token {
 	n := &p11Token{ctx: t.ctx, raw: t.raw, keys: keys, tokenKeys: tokenKeys, handles: handles, copies: t.copies, profiles: profiles,
-		aesProfile: t.aesProfile, anchorObjs: t.anchorObjs, name: t.name, label: t.label}
+		aesProfile: t.aesProfile, anchorObjs: t.anchorObjs, name: t.name, label: t.label, dropWait: t.dropWait}
 	n.ivMode.Store(t.ivMode.Load())
 	return n
 }
@@ -469,13 +521,14 @@ func (t *p11Token) view(keys map[vault.KeyID]*crypto11.SecretKey, tokenKeys, han
 // for keys created by another process (keys rotate) or destroyed by this
 // one (retire). SoftHSM 2.6 lists objects another process created without
 // being re-initialised. The current token stays as it is: requests in
-// flight keep using it.
-func (t *p11Token) refreshed() (token, error) {
+// flight keep using it. copyLeft: a copy refused for the new view stays
+// on a session the views in use hold copies on, until they are dropped.
+func (t *p11Token) refreshed() (_ token, copyLeft bool, _ error) {
 	n := t.view(map[vault.KeyID]*crypto11.SecretKey{}, map[vault.KeyID]pkcs11.ObjectHandle{}, map[vault.KeyID]pkcs11.ObjectHandle{}, map[uint32]vault.Profile{})
 	if err := n.findKeys(); err != nil {
-		return nil, err
+		return nil, false, err
 	}
-	return n, nil
+	return n, n.copyLeft, nil
 }
 
 // recopied returns a view of the token over the same keys, serving from
@@ -813,9 +866,10 @@ func (t *p11Token) without(ids ...vault.KeyID) token {
 			delete(n.profiles, id.Version)
 		}
 	}
-	n.held = maps.Clone(t.held)
+	n.held, n.checked = maps.Clone(t.held), maps.Clone(t.checked)
 	for _, id := range ids {
 		delete(n.held, id)
+		delete(n.checked, id)
 	}
 	n.copies.retain(n.held)
 	return n
