@@ -37,7 +37,10 @@ type Store interface {
 type KeyRole string
 
 const (
-	// RoleWrap is the AES-256 key that seals the outer layer of secrets (GCM).
+	// RoleWrap is the key that seals the outer layer of secrets: an AES-256
+	// key the HSM seals with in AES-GCM (profiles gcm and gcm-hsm-iv), or a
+	// 256-bit generic secret from which the HSM derives each record's
+	// sealing key by HMAC-SHA256 (profile hmac).
 	RoleWrap KeyRole = "wrap"
 	// RolePIN is the 256-bit HMAC-SHA256 key of the PIN check.
 	RolePIN KeyRole = "pin"
