@@ -311,15 +311,19 @@ func (s *Store) CompareAndSwapEarly(ctx context.Context, key []byte, rev uint64,
 	}
 	select {
 	case <-w.applied:
-		return w.appliedRev, func() error {
-			<-w.done
-			_, err := w.result()
-			return err
-		}, nil
 	case <-w.done:
-		newRev, err := w.result()
-		return newRev, nil, err
+		select {
+		case <-w.applied: // and answered since
+		default:
+			newRev, err := w.result()
+			return newRev, nil, err
+		}
 	}
+	return w.appliedRev, func() error {
+		<-w.done
+		_, err := w.result()
+		return err
+	}, nil
 }
 
 // send hands w to the committer, unless the store is closing or ctx ends
