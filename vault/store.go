@@ -17,9 +17,9 @@ import (
 // EarlyStore is a Store that can tell that a compare-and-swap applied
 // before the write is durable. The vault sends through it only the write
 // that forgives a right guess when that write forgives this one guess and
-// changes nothing else (see forgiveNext): losing it in a crash leaves that
-// guess counted, one attempt, and can never give one. Every other write
-// waits for CompareAndSwap.
+// changes nothing else (see forgivesOnlyItself): losing it in a crash
+// leaves that guess counted, one attempt, and can never give one. Every
+// other write waits for CompareAndSwap.
 type EarlyStore interface {
 	Store
 	// CompareAndSwapEarly is CompareAndSwap, except that it may return
