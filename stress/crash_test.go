@@ -4,6 +4,7 @@ import (
 	"fmt"
 	mrand "math/rand/v2"
 	"net/http"
+	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -29,7 +30,11 @@ import (
 //   - no backup answers more wrong guesses than its budget between two
 //     successful recoveries, and a 410 is permanent until the next PUT;
 //   - generations only increase, and the DB passes bbolt's check after every
-//     kill and opens again.
+//     kill and opens again;
+//   - with rollback anchoring (on, as shipped), the DB the previous kill
+//     left is refused as a rollback after the next one, once answers came
+//     between them: right guesses answered before their reset was durable
+//     included.
 //
 // One request per backup is in flight at a time, so that the ledger is exact
 // but for the request the kill cuts off; concurrency on one backup is the
@@ -52,6 +57,8 @@ func TestCrashLoop(t *testing.T) {
 	}
 	var cut, unavailable atomic.Int64
 	var starts []time.Duration
+	rollbacks := 0
+	var before []byte // the DB the last kill left
 	v := startDev(t, dir)
 	for cycle := range cycles {
 		s.run()
@@ -62,6 +69,7 @@ func TestCrashLoop(t *testing.T) {
 		// Load until the kill, which lands at a random instant.
 		stop := make(chan struct{})
 		var wg sync.WaitGroup
+		var answered atomic.Int64
 		for range workers {
 			wg.Go(func() {
 				for {
@@ -80,6 +88,7 @@ func TestCrashLoop(t *testing.T) {
 						cut.Add(1)
 						return
 					}
+					answered.Add(1)
 				}
 			})
 		}
@@ -89,6 +98,14 @@ func TestCrashLoop(t *testing.T) {
 		wg.Wait()
 		if err := checkDB(db); err != nil {
 			s.violation("cycle %d: the DB fails its check after SIGKILL: %v", cycle, err)
+		}
+		if before != nil && answered.Load() >= 20 {
+			rollbacks++
+			rollbackRefused(t, s, dir, db, before, cycle)
+		}
+		var err error
+		if before, err = os.ReadFile(db); err != nil {
+			t.Fatal(err)
 		}
 		v = startDev(t, dir)
 		starts = append(starts, v.Started)
@@ -100,8 +117,35 @@ func TestCrashLoop(t *testing.T) {
 		s.violation("the DB fails its check after the last stop: %v", err)
 	}
 	slices.Sort(starts)
-	s.note("requests_cut_by_kill=%d answered_503=%d resets_lost_to_kill=%d restart_p50=%v restart_max=%v",
-		cut.Load(), unavailable.Load(), lostResets.Load(), starts[len(starts)/2].Round(time.Millisecond), starts[len(starts)-1].Round(time.Millisecond))
+	s.note("requests_cut_by_kill=%d answered_503=%d resets_lost_to_kill=%d rollbacks_refused=%d restart_p50=%v restart_max=%v",
+		cut.Load(), unavailable.Load(), lostResets.Load(), rollbacks, starts[len(starts)/2].Round(time.Millisecond), starts[len(starts)-1].Round(time.Millisecond))
+}
+
+// rollbackRefused puts the DB the previous kill left in place of the one
+// this kill left, checks that the vault refuses it as a rollback, and puts
+// this one back.
+func rollbackRefused(t *testing.T, s *tally, dir, db string, before []byte, cycle int) {
+	t.Helper()
+	left, err := os.ReadFile(db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(db, before, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	v := launchDev(t, dir)
+	s.op(1)
+	reason, _, err := v.WaitRefusal(startTimeout)
+	switch {
+	case err != nil:
+		s.violation("cycle %d: the DB the previous kill left: %v", cycle, err)
+	case reason != "rollback":
+		s.violation("cycle %d: the DB the previous kill left was refused for %s, want rollback", cycle, reason)
+	}
+	v.Kill()
+	if err := os.WriteFile(db, left, 0o600); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // ledgerUser is what the answers say about one backup. mu is held for the
