@@ -104,8 +104,8 @@ type Store struct {
 	onEarly func() error
 
 	// pending holds the keys of the batch in commit whose writes were
-	// answered early, and done, closed once that batch is answered. Get
-	// waits on it for those keys.
+	// answered early, and pendEnd is closed once that batch is answered.
+	// Get waits on it for those keys.
 	pendMu  sync.Mutex
 	pending map[string]struct{}
 	pendEnd chan struct{}
