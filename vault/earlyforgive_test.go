@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -23,6 +24,9 @@ func (s *observedStore) CompareAndSwapEarly(ctx context.Context, key []byte, rev
 		return nr, nil, err
 	}
 	nr, durable, err := es.CompareAndSwapEarly(ctx, key, rev, value)
+	if durable != nil {
+		earlyResets.Add(1)
+	}
 	if tag := tagOf(ctx); err == nil && tag != "" && bytes.Equal(key, s.key) {
 		r, perr := vault.ParseRecord(value)
 		s.mu.Lock()
@@ -38,6 +42,26 @@ func (s *observedStore) CompareAndSwapEarly(ctx context.Context, key []byte, rev
 }
 
 var _ vault.EarlyStore = (*observedStore)(nil)
+
+// earlyResets counts the writes observed stores saw answered before they
+// were durable.
+var earlyResets atomic.Int64
+
+// The model of right and wrong guesses (see
+// TestConcurrentRightAndWrongGuesses) holds with lone resets answered
+// before they are durable, and does run that path.
+func TestMixedGuessesWithEarlyResets(t *testing.T) {
+	if onEtcd() {
+		t.Skip("etcd answers every write once it is durable")
+	}
+	before := earlyResets.Load()
+	mixedGuesses(t, false)
+	if n := earlyResets.Load() - before; n == 0 {
+		t.Fatal("no reset was answered before it was durable")
+	} else {
+		t.Logf("%d resets answered before they were durable", n)
+	}
+}
 
 // earlyProbe is the env's store, as an EarlyStore whatever the driver,
 // noting every record the vault sent through CompareAndSwapEarly.
