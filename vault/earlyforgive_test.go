@@ -54,12 +54,20 @@ func TestMixedGuessesWithEarlyResets(t *testing.T) {
 	if onEtcd() {
 		t.Skip("etcd answers every write once it is durable")
 	}
+	// A reset that forgives its own guess alone is the first right guess
+	// after every earlier one was forgiven: most runs of the model have
+	// some, a few have none. Each run checks the model; runs repeat until
+	// one went down the early path.
 	before := earlyResets.Load()
-	mixedGuesses(t, false)
-	if n := earlyResets.Load() - before; n == 0 {
-		t.Fatal("no reset was answered before it was durable")
-	} else {
-		t.Logf("%d resets answered before they were durable", n)
+	for run := 1; ; run++ {
+		mixedGuesses(t, false)
+		if n := earlyResets.Load() - before; n > 0 {
+			t.Logf("%d resets answered before they were durable, in %d runs of the model", n, run)
+			return
+		}
+		if run == 10 {
+			t.Fatal("no reset was answered before it was durable in 10 runs of the model")
+		}
 	}
 }
 

@@ -110,6 +110,11 @@ type Store struct {
 	pending map[string]struct{}
 	pendEnd chan struct{}
 
+	// revFloor is the highest revision a write has been given, committed
+	// or not (an early answer's transaction may fail after it): the
+	// committer numbers above it. Only the committer touches it.
+	revFloor uint64
+
 	writes    chan *write // unbuffered: a write is taken or refused, never stranded
 	closing   chan struct{}
 	committed chan struct{} // closed when the committer has stopped
@@ -462,7 +467,10 @@ func (s *Store) apply(batch []*write) error {
 		if v := meta.Get(keyRev); v != nil {
 			rev = binary.BigEndian.Uint64(v)
 		}
-		last := rev
+		// Number above every revision handed out before, also those of
+		// early answers whose transaction failed (revFloor): a revision
+		// once given for a write never names other content.
+		last, changed := max(rev, s.revFloor), false
 		for _, w := range batch {
 			w.newRev, w.err = 0, nil
 			var cur uint64
@@ -494,15 +502,16 @@ func (s *Store) apply(batch []*write) error {
 			if w.err = data.Put(w.key, buf); w.err != nil {
 				continue
 			}
-			last = next
+			last, changed = next, true
 			w.newRev = last
 			if s.hook != nil {
 				changes = append(changes, change{key: w.key, old: old, new: buf})
 			}
 		}
-		if last == rev {
+		if !changed {
 			return nil
 		}
+		s.revFloor = last
 		if err := meta.Put(keyRev, binary.BigEndian.AppendUint64(nil, last)); err != nil {
 			return err
 		}
