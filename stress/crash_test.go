@@ -4,6 +4,7 @@ import (
 	"fmt"
 	mrand "math/rand/v2"
 	"net/http"
+	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -23,11 +24,17 @@ import (
 //   - no acknowledged enrollment or PIN change is lost, and each recovers
 //     with its secret;
 //   - no answered guess is uncounted: attempts_remaining is never above what
-//     the answers allow (a guess cut off by the kill may or may not count);
+//     the answers allow (a guess cut off by the kill may or may not count,
+//     and so may the reset of an answered right guess at the first try,
+//     which is answered before it is durable: docs/threat-model.md);
 //   - no backup answers more wrong guesses than its budget between two
 //     successful recoveries, and a 410 is permanent until the next PUT;
 //   - generations only increase, and the DB passes bbolt's check after every
-//     kill and opens again.
+//     kill and opens again;
+//   - with rollback anchoring (on, as shipped), the DB the previous kill
+//     left is refused as a rollback after the next one, once answers came
+//     between them: right guesses answered before their reset was durable
+//     included.
 //
 // One request per backup is in flight at a time, so that the ledger is exact
 // but for the request the kill cuts off; concurrency on one backup is the
@@ -50,6 +57,8 @@ func TestCrashLoop(t *testing.T) {
 	}
 	var cut, unavailable atomic.Int64
 	var starts []time.Duration
+	rollbacks := 0
+	var before []byte // the DB the last kill left
 	v := startDev(t, dir)
 	for cycle := range cycles {
 		s.run()
@@ -60,6 +69,7 @@ func TestCrashLoop(t *testing.T) {
 		// Load until the kill, which lands at a random instant.
 		stop := make(chan struct{})
 		var wg sync.WaitGroup
+		var answered atomic.Int64
 		for range workers {
 			wg.Go(func() {
 				for {
@@ -78,6 +88,7 @@ func TestCrashLoop(t *testing.T) {
 						cut.Add(1)
 						return
 					}
+					answered.Add(1)
 				}
 			})
 		}
@@ -87,6 +98,14 @@ func TestCrashLoop(t *testing.T) {
 		wg.Wait()
 		if err := checkDB(db); err != nil {
 			s.violation("cycle %d: the DB fails its check after SIGKILL: %v", cycle, err)
+		}
+		if before != nil && answered.Load() >= 20 {
+			rollbacks++
+			rollbackRefused(t, s, dir, db, before, cycle)
+		}
+		var err error
+		if before, err = os.ReadFile(db); err != nil {
+			t.Fatal(err)
 		}
 		v = startDev(t, dir)
 		starts = append(starts, v.Started)
@@ -98,8 +117,35 @@ func TestCrashLoop(t *testing.T) {
 		s.violation("the DB fails its check after the last stop: %v", err)
 	}
 	slices.Sort(starts)
-	s.note("requests_cut_by_kill=%d answered_503=%d restart_p50=%v restart_max=%v",
-		cut.Load(), unavailable.Load(), starts[len(starts)/2].Round(time.Millisecond), starts[len(starts)-1].Round(time.Millisecond))
+	s.note("requests_cut_by_kill=%d answered_503=%d resets_lost_to_kill=%d rollbacks_refused=%d restart_p50=%v restart_max=%v",
+		cut.Load(), unavailable.Load(), lostResets.Load(), rollbacks, starts[len(starts)/2].Round(time.Millisecond), starts[len(starts)-1].Round(time.Millisecond))
+}
+
+// rollbackRefused puts the DB the previous kill left in place of the one
+// this kill left, checks that the vault refuses it as a rollback, and puts
+// this one back.
+func rollbackRefused(t *testing.T, s *tally, dir, db string, before []byte, cycle int) {
+	t.Helper()
+	left, err := os.ReadFile(db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(db, before, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	v := launchDev(t, dir)
+	s.op(1)
+	reason, _, err := v.WaitRefusal(startTimeout)
+	switch {
+	case err != nil:
+		s.violation("cycle %d: the DB the previous kill left: %v", cycle, err)
+	case reason != "rollback":
+		s.violation("cycle %d: the DB the previous kill left was refused for %s, want rollback", cycle, reason)
+	}
+	v.Kill()
+	if err := os.WriteFile(db, left, 0o600); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // ledgerUser is what the answers say about one backup. mu is held for the
@@ -123,7 +169,14 @@ type ledgerUser struct {
 	crashLock time.Time
 
 	pending *pendingOp // a request the kill cut off, resolved by the next check
+	// earlyReset: the last answer was a right guess at the first try
+	// (every attempt left before it). Its reset was answered before it was
+	// durable, so a kill right after may leave the guess counted.
+	earlyReset bool
 }
+
+// lostResets counts answered right guesses whose reset a kill lost.
+var lostResets atomic.Int64
 
 // pendingOp is a request with no answer: it may or may not have happened.
 type pendingOp struct {
@@ -135,11 +188,21 @@ type pendingOp struct {
 
 // step sends one request chosen at random and checks its answer against the
 // ledger. It returns false when the vault did not answer (it is gone).
-func (u *ledgerUser) step(s *tally, c *client, unavailable *atomic.Int64) bool {
+func (u *ledgerUser) step(s *tally, c *client, unavailable *atomic.Int64) (alive bool) {
 	if u.pending != nil || u.settling() {
 		return true // resolved by the next check only
 	}
 	s.op(1)
+	// Every request on the backup that is answered has read it, which
+	// waits for an early reset's commit: only then is the reset surely
+	// durable.
+	first, early := !u.locked && u.remaining == u.max, u.earlyReset
+	u.earlyReset = false
+	defer func() {
+		if u.pending != nil || !alive {
+			u.earlyReset = u.earlyReset || early
+		}
+	}()
 	p := mrand.IntN(100)
 	switch {
 	case !u.exists || p < 12: // enroll or replace
@@ -194,6 +257,7 @@ func (u *ledgerUser) step(s *tally, c *client, unavailable *atomic.Int64) bool {
 			s.violation("%s: the right PIN with %d of %d left answered %v", u.id, u.remaining, u.max, r)
 		default:
 			u.remaining, u.wrong = u.max, 0
+			u.earlyReset = first
 		}
 	case p < 95: // a wrong PIN
 		r, err := c.recover(u.id, randPIN("w"))
@@ -321,11 +385,21 @@ func (u *ledgerUser) check(s *tally, c *client) {
 			}
 		}
 	}
+	if u.earlyReset && u.exists && !u.locked && u.remaining == u.max && r.Status == http.StatusOK &&
+		a.Generation == u.gen && a.AttemptsRemaining == u.max-1 && !a.Locked {
+		// The kill fell between the answer of a right guess at the first
+		// try and its reset's commit: the guess stays counted, one attempt.
+		lostResets.Add(1)
+		u.remaining--
+		u.wrong++
+	}
+	u.earlyReset = false
 	u.checkStatus(s, r, "GET after restart")
 	if !u.exists || u.settling() {
 		return
 	}
 	s.op(1)
+	first := !u.locked && u.remaining == u.max
 	r, err = c.recover(u.id, u.pin)
 	if err != nil {
 		s.violation("recover %s after restart: %v", u.id, err)
@@ -339,6 +413,6 @@ func (u *ledgerUser) check(s *tally, c *client) {
 	case r.Status != http.StatusOK || a.Secret != b64(u.secret):
 		s.violation("%s: acknowledged generation %d does not recover after restart: %v", u.id, u.gen, r)
 	default:
-		u.remaining, u.wrong = u.max, 0
+		u.remaining, u.wrong, u.earlyReset = u.max, 0, first
 	}
 }

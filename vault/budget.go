@@ -256,6 +256,15 @@ func (v *Vault) count(ctx context.Context, ns, userID string, pre Precondition) 
 // locked the backup, its secret goes back. A pending lock by a later guess
 // sees the forgiveness when it settles; a final one stands, since its 410
 // has been sent. It returns the attempts left.
+//
+// The write's outcome decides the answer (the attempts left, or
+// errUntold), and it is durable before forgive returns, except where the
+// write forgives this one guess and changes nothing else
+// (forgivesOnlyItself) and the store can tell that it applied before it
+// is durable (EarlyStore): then forgive returns once it applied. A crash
+// or a failed commit may lose that write, which leaves this guess
+// counted: it costs the user one attempt and can never give one, since
+// the write only ever takes a count away.
 func (v *Vault) forgive(ctx context.Context, g *guess) (int, error) {
 	return v.forgiveResealed(ctx, g, nil)
 }
@@ -271,30 +280,48 @@ func (v *Vault) forgive(ctx context.Context, g *guess) (int, error) {
 // replaced, while it was in the HSM is told only where a wrong one in its
 // place could be counted again (see settleForgiven): otherwise its outcome
 // is not told (errUntold), and the caller must not return the secret.
+//
+// A write that re-seals (resealed not nil) is always durable before
+// forgiveResealed returns; one that does not may be answered as forgive's
+// is.
 func (v *Vault) forgiveResealed(ctx context.Context, g *guess, resealed *record) (int, error) {
 	remaining := int(g.before.MaxAttempts)
 	untold := false
+	var durable func() error
 	// Settling a counted guess must not depend on the client still waiting;
 	// only waiting for another guess's pending lock does.
 	err := v.waitSettled(ctx, func() error {
-		return v.update(context.WithoutCancel(ctx), g.key, func(cur *stored) (*record, error) {
+		var err error
+		durable, err = v.updateEarly(context.WithoutCancel(ctx), g.key, func(cur *stored) (*record, bool, error) {
 			untold = false
 			if !g.sameGeneration(cur) {
 				untold = true
-				return nil, errUntold
+				return nil, false, errUntold
 			}
 			if cur.Locked && g.erased(cur) {
 				// Locked by guesses after the success that forgave this
 				// one: told only if that lock is undone.
 				untold = true
 				if err := v.lockedOrPending(cur); errors.Is(err, errPendingLock) {
-					return nil, err
+					return nil, false, err
 				}
-				return nil, errUntold
+				return nil, false, errUntold
 			}
-			return v.forgiveNext(g, cur, resealed, &remaining)
+			next, err := v.forgiveNext(g, cur, resealed, &remaining)
+			return next, resealed == nil && g.forgivesOnlyItself(cur), err
 		})
+		return err
 	})
+	if durable != nil {
+		// Answered before it was durable: the answer stands either way, and
+		// a write that never lands leaves this guess counted.
+		go func() {
+			if err := durable(); err != nil {
+				v.log.Error("a counter reset answered before it was durable did not become durable; the guess stays counted",
+					"record", v.logID(g.key), "error", err.Error())
+			}
+		}()
+	}
 	if err != nil && untold {
 		v.metrics.untold.Inc()
 		if !errors.Is(err, errUntold) {
@@ -303,6 +330,16 @@ func (v *Vault) forgiveResealed(ctx context.Context, g *guess, resealed *record)
 		return 0, err
 	}
 	return remaining, err
+}
+
+// forgivesOnlyItself reports whether the write a right guess g leaves on
+// cur (forgiveNext, resealing nothing) forgives g and nothing else: cur
+// is not locked (no secret goes back, no later guess's lock settles on
+// it), every guess before g is forgiven already, and none after it is
+// refunded. That write then changes only Forgiven, by one; losing it
+// leaves g counted, one attempt.
+func (g *guess) forgivesOnlyItself(cur *stored) bool {
+	return !cur.Locked && cur.Forgiven+1 == g.index && cur.Refunds == 0
 }
 
 // forgiveNext is the record a right guess g leaves on cur (nil: no write),

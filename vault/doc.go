@@ -23,6 +23,14 @@
 // key derived from the HSM at start, so a record edited in the store is
 // refused with ErrIntegrity rather than trusted.
 //
+// Every write is durable before the answer it decides goes out, with one
+// exception: the reset after a right PIN, where it forgives its own guess
+// and nothing else, on a store that can tell a compare-and-swap applied
+// before it is durable (EarlyStore: bbolt; etcd answers only durable
+// writes). The answer is still decided by that compare-and-swap; losing
+// the write in a crash leaves the guess counted, which costs the user one
+// attempt and never gives one (docs/threat-model.md has the argument).
+//
 // The budget is in one place, budget.go: its configuration (Budget: the
 // attempts and the escalating delay), the refusals a guess gets before it
 // is counted (not found, precondition, locked, ErrDelayed), and the steps

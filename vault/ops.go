@@ -168,7 +168,10 @@ func (v *Vault) Delete(ctx context.Context, ns, userID string, pre Precondition)
 // the PIN in the HSM; (3) on a right PIN forgive the guesses up to this one,
 // or, if the HSM gave no result, refund this guess. A crash after (1) leaves
 // the guess counted as wrong. No outcome leaves the process before (1) is
-// durable.
+// durable. The answer is decided by how (3) applied to the record as it
+// then was; where (3) forgives this guess alone, it may go out before (3)
+// is durable (see forgive), so a crash then costs the user this one
+// attempt, never more and never one given.
 func (v *Vault) Recover(ctx context.Context, ns, userID string, pin []byte) (secret []byte, remaining int, err error) {
 	defer func() { v.metrics.recoveries.WithLabelValues(Classify(err).Result).Inc() }()
 	if err := checkTarget(ns, userID); err != nil {

@@ -14,6 +14,25 @@ import (
 	"time"
 )
 
+// EarlyStore is a Store that can tell that a compare-and-swap applied
+// before the write is durable. The vault sends through it only the write
+// that forgives a right guess when that write forgives this one guess and
+// changes nothing else (see forgivesOnlyItself): losing it in a crash
+// leaves that guess counted, one attempt, and can never give one. Every
+// other write waits for CompareAndSwap.
+type EarlyStore interface {
+	Store
+	// CompareAndSwapEarly is CompareAndSwap, except that it may return
+	// once the write has applied in the store's order (its compare held
+	// against the current revision), before it is durable: then err is
+	// nil and durable waits until it is, returning nil, or an error that
+	// leaves its outcome unknown, as CompareAndSwap's would. Otherwise it
+	// returns what CompareAndSwap would have, and a nil durable. Until
+	// durable would return, a Get of the key waits, so that no read shows
+	// the store as it was before a write that was answered.
+	CompareAndSwapEarly(ctx context.Context, key []byte, rev uint64, value []byte) (newRev uint64, durable func() error, err error)
+}
+
 // stored is a verified record together with where and at which revision it
 // was read.
 type stored struct {
@@ -69,8 +88,16 @@ func (v *Vault) integrityFailure(key []byte, what string, err error) {
 // write resolves it (see resolve) and returns nil only if the record
 // surely landed, ErrConflict only if it surely never will.
 func (v *Vault) write(ctx context.Context, key []byte, rev uint64, r *record) error {
+	_, err := v.writeEarly(ctx, key, rev, r, false)
+	return err
+}
+
+// writeEarly is write, which, with early set and an EarlyStore, may return
+// once the write has applied, before it is durable: durable, non-nil then,
+// waits for that (see EarlyStore).
+func (v *Vault) writeEarly(ctx context.Context, key []byte, rev uint64, r *record, early bool) (durable func() error, err error) {
 	if err := r.check(); err != nil {
-		return fmt.Errorf("vault: refusing to write an invalid record: %w", err)
+		return nil, fmt.Errorf("vault: refusing to write an invalid record: %w", err)
 	}
 	if r.freshWrap || r.freshPIN {
 		// Held across the compare-and-swap (and its resolution), so that
@@ -79,21 +106,26 @@ func (v *Vault) write(ctx context.Context, key []byte, rev uint64, r *record) er
 		v.retireMu.RLock()
 		defer v.retireMu.RUnlock()
 		if err := v.mayWrite(r); err != nil {
-			return err
+			return nil, err
 		}
 	}
 	r.MACVersion = v.macVersion
 	body := r.marshal()
 	val := append(body, recordMAC(v.macKeys[v.macVersion], key, body)...)
 	ctx = context.WithoutCancel(ctx)
-	_, err := v.store.CompareAndSwap(ctx, key, rev, val)
+	es, ok := v.store.(EarlyStore)
+	if early && ok && !r.freshWrap && !r.freshPIN {
+		_, durable, err = es.CompareAndSwapEarly(ctx, key, rev, val)
+	} else {
+		_, err = v.store.CompareAndSwap(ctx, key, rev, val)
+	}
 	if err == nil || errors.Is(err, ErrConflict) || errors.Is(err, ErrIntegrity) {
-		return err
+		return durable, err
 	}
 	if errors.Is(err, ErrWithheld) {
-		return fmt.Errorf("%w: write record: %w", ErrUnavailable, err)
+		return nil, fmt.Errorf("%w: write record: %w", ErrUnavailable, err)
 	}
-	return v.resolve(ctx, key, rev, val, r, err)
+	return nil, v.resolve(ctx, key, rev, val, r, err)
 }
 
 // Resolutions of a write whose outcome the store left unknown (metric
@@ -187,22 +219,36 @@ func (v *Vault) resolve(ctx context.Context, key []byte, rev uint64, val []byte,
 // The IDs are random rather than the request ID: a caller chooses its
 // X-Request-Id, and a repeated one would pass for a write that never landed.
 func (v *Vault) update(ctx context.Context, key []byte, fn func(cur *stored) (*record, error)) error {
+	_, err := v.updateEarly(ctx, key, func(cur *stored) (*record, bool, error) {
+		next, err := fn(cur)
+		return next, false, err
+	})
+	return err
+}
+
+// updateEarly is update for a change that may be answered before it is
+// durable: where fn says so (early) of the record it returns, and the
+// store is an EarlyStore, updateEarly returns once the write has applied
+// against the record fn was given, with durable (non-nil then) to wait
+// for it to be durable. The write that applied is the one fn decided on,
+// so whatever fn decided holds, durable or not.
+func (v *Vault) updateEarly(ctx context.Context, key []byte, fn func(cur *stored) (next *record, early bool, err error)) (durable func() error, err error) {
 	var lastID []byte // the operation ID of the attempt that conflicted
 	for attempt := 0; ; attempt++ {
 		cur, err := v.read(ctx, key)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		// A conflict can hide our own write: the etcd client may re-send
 		// a Txn whose first copy landed, and the copy's compare fails. Its
 		// ID in the record means it landed: applying fn again would count
 		// a guess, or refund one, twice.
 		if lastID != nil && cur != nil && cur.hasOp(lastID) {
-			return nil
+			return nil, nil
 		}
-		next, err := fn(cur)
+		next, early, err := fn(cur)
 		if err != nil || next == nil {
-			return err
+			return nil, err
 		}
 		var rev uint64
 		var prev record
@@ -214,17 +260,17 @@ func (v *Vault) update(ctx context.Context, key []byte, fn func(cur *stored) (*r
 		id := make([]byte, opIDLen)
 		rand.Read(id)
 		next.OpIDs = append(append(make([][]byte, 0, maxOpIDs), ids...), id)
-		err = v.write(ctx, key, rev, next)
+		durable, err := v.writeEarly(ctx, key, rev, next, early)
 		if errors.Is(err, ErrIntegrity) {
 			v.integrityFailure(key, "store value", err)
 		}
 		if !errors.Is(err, ErrConflict) {
-			return err
+			return durable, err
 		}
 		lastID = id
 		v.metrics.storeConflicts.Inc()
 		if attempt >= 1000 {
-			return fmt.Errorf("%w: record too contended", ErrUnavailable)
+			return nil, fmt.Errorf("%w: record too contended", ErrUnavailable)
 		}
 	}
 }

@@ -110,7 +110,9 @@ func (s *Server) Run(ctx context.Context) error {
 	// Closed before the pool: writes it finishes still anchor.
 	defer store.Close()
 	rl := cfg.RateLimit
-	v, err := vault.New(ctx, store, pool, vault.Options{
+	// The driver itself, not its wrapper: the vault looks for what it can
+	// do beyond vault.Store (vault.EarlyStore).
+	v, err := vault.New(ctx, store.driver, pool, vault.Options{
 		Budget:     budget(cfg.Budget),
 		Registerer: reg,
 		Logger:     log,

@@ -68,8 +68,12 @@ type position struct {
 // position an anchor vouches for, its meta naming that position as its
 // parent, and its answers go out only once an anchor vouches for the
 // position it made. So the store is never more than one batch past its
-// newest anchor, and only by a batch whose answers are still held. Only
-// the committer goroutine touches it after Anchor has returned.
+// newest anchor, and only by a batch whose answers are still held, but
+// for early answers (CompareAndSwapEarly): the vault sends only a write
+// that forgives one guess that way, so a store one batch past its anchor
+// and the anchored store before it differ, as far as an answered write
+// goes, by at most one guess forgiven. Only the committer goroutine
+// touches it after Anchor has returned.
 type anchoring struct {
 	store   *Store // nil in AcceptRestore, which commits nothing
 	keys    anchor.Keys

@@ -19,12 +19,24 @@
 // each batch open for a timer (MaxBatchDelay), which adds that delay to
 // every write at low load.
 //
+// # Early answers
+//
+// CompareAndSwapEarly (vault.EarlyStore) is the one exception: a write
+// sent through it is answered as applied from inside its batch's
+// transaction, once every write of the batch is applied and the batch's
+// meta is in place, before the commit, its fsyncs and its anchor; its
+// durable function waits for those. Until then a Get of its key waits too,
+// so no reader sees the store as it was before a write that was answered.
+// The vault sends through it only a write whose loss costs at most one
+// guess (see vault.EarlyStore).
+//
 // # Rollback anchoring
 //
 // With Options.Anchoring set, the store is checked against the HSM
 // members' anchors when it opens, and every group commit calls a
 // commitHook (anchored.go) before its transaction, inside it and after
-// it; the batch's answers go out only once the hook is done. Without
+// it; the batch's answers go out only once the hook is done, but for early
+// answers, which go out before the commit and so before its anchor. Without
 // anchoring the hook is nil and a commit is the transaction alone.
 //
 // # Caveats
@@ -86,6 +98,22 @@ type Store struct {
 	// failCommit, set by tests, replaces the result of a transaction that
 	// succeeded: it stands for one that landed but reported a failure.
 	failCommit func() error
+	// onEarly, set by tests, runs in the committer right after a batch's
+	// early answers went out, before its commit; an error fails the
+	// transaction, as a commit that never landed.
+	onEarly func() error
+
+	// pending holds the keys of the batch in commit whose writes were
+	// answered early, and pendEnd is closed once that batch is answered.
+	// Get waits on it for those keys.
+	pendMu  sync.Mutex
+	pending map[string]struct{}
+	pendEnd chan struct{}
+
+	// revFloor is the highest revision a write has been given, committed
+	// or not (an early answer's transaction may fail after it): the
+	// committer numbers above it. Only the committer touches it.
+	revFloor uint64
 
 	writes    chan *write // unbuffered: a write is taken or refused, never stranded
 	closing   chan struct{}
@@ -100,9 +128,13 @@ type write struct {
 	newRev     uint64
 	err        error
 	done       chan struct{}
+	// applied, for a write sent by CompareAndSwapEarly, is closed once the
+	// write has applied in its transaction, appliedRev then its revision.
+	applied    chan struct{}
+	appliedRev uint64
 }
 
-var _ vault.Store = (*Store)(nil)
+var _ vault.EarlyStore = (*Store)(nil)
 
 // commitHook is the part of a group commit that is not the transaction:
 // rollback anchoring (anchored.go) when it is on. Only the committer calls
@@ -225,6 +257,15 @@ func (s *Store) Get(ctx context.Context, key []byte) (value []byte, rev uint64, 
 		return nil, 0, err
 	}
 	defer s.observe("get", time.Now())
+	if end := s.pendingEnd(key); end != nil {
+		// A write of this key was answered before its commit: the key is
+		// read once that commit is done.
+		select {
+		case <-end:
+		case <-ctx.Done():
+			return nil, 0, ctx.Err()
+		}
+	}
 	err = s.db.View(func(tx *bolt.Tx) error {
 		v := tx.Bucket(bucketData).Get(key)
 		if v == nil {
@@ -252,18 +293,110 @@ func (s *Store) CompareAndSwap(ctx context.Context, key []byte, rev uint64, valu
 	}
 	defer s.observe("cas", time.Now())
 	w := &write{key: key, rev: rev, value: value, done: make(chan struct{})}
-	select {
-	case s.writes <- w:
-	case <-s.closing:
-		return 0, fmt.Errorf("store compare-and-swap: %w", errClosed)
-	case <-ctx.Done():
-		return 0, ctx.Err()
+	if err := s.send(ctx, w); err != nil {
+		return 0, err
 	}
 	<-w.done
+	return w.result()
+}
+
+// CompareAndSwapEarly implements vault.EarlyStore: it returns as soon as
+// the write has applied in its batch's transaction (the batch's other
+// writes applied too, its meta written), before the commit, its fsyncs
+// and its anchor, which durable waits for. A write that does not apply
+// returns when its batch is answered, as CompareAndSwap does.
+func (s *Store) CompareAndSwapEarly(ctx context.Context, key []byte, rev uint64, value []byte) (uint64, func() error, error) {
+	if err := ctx.Err(); err != nil {
+		return 0, nil, err
+	}
+	defer s.observe("cas", time.Now())
+	w := &write{key: key, rev: rev, value: value, done: make(chan struct{}), applied: make(chan struct{})}
+	if err := s.send(ctx, w); err != nil {
+		return 0, nil, err
+	}
+	select {
+	case <-w.applied:
+	case <-w.done:
+		select {
+		case <-w.applied: // and answered since
+		default:
+			newRev, err := w.result()
+			return newRev, nil, err
+		}
+	}
+	return w.appliedRev, func() error {
+		<-w.done
+		_, err := w.result()
+		return err
+	}, nil
+}
+
+// send hands w to the committer, unless the store is closing or ctx ends
+// first.
+func (s *Store) send(ctx context.Context, w *write) error {
+	select {
+	case s.writes <- w:
+		return nil
+	case <-s.closing:
+		return fmt.Errorf("store compare-and-swap: %w", errClosed)
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// result is what an answered write returns.
+func (w *write) result() (uint64, error) {
 	if w.err != nil && !errors.Is(w.err, vault.ErrConflict) {
 		return 0, fmt.Errorf("store compare-and-swap: %w", w.err)
 	}
 	return w.newRev, w.err
+}
+
+// pendingEnd returns, if a write of key was answered early and its batch
+// is not answered yet, a channel closed once it is.
+func (s *Store) pendingEnd(key []byte) chan struct{} {
+	s.pendMu.Lock()
+	defer s.pendMu.Unlock()
+	if _, ok := s.pending[string(key)]; ok {
+		return s.pendEnd
+	}
+	return nil
+}
+
+// answerEarly releases the writes of a batch sent by CompareAndSwapEarly
+// that applied, from inside the batch's transaction, and holds reads of
+// their keys until the batch is answered (endEarly).
+func (s *Store) answerEarly(batch []*write) error {
+	early := false
+	for _, w := range batch {
+		if w.applied == nil || w.err != nil {
+			continue
+		}
+		s.pendMu.Lock()
+		if s.pending == nil {
+			s.pending, s.pendEnd = map[string]struct{}{}, make(chan struct{})
+		}
+		s.pending[string(w.key)] = struct{}{}
+		s.pendMu.Unlock()
+		w.appliedRev = w.newRev
+		close(w.applied)
+		early = true
+	}
+	if early && s.onEarly != nil {
+		return s.onEarly()
+	}
+	return nil
+}
+
+// endEarly lets reads of the keys answered early go on, once their batch
+// is answered.
+func (s *Store) endEarly() {
+	s.pendMu.Lock()
+	defer s.pendMu.Unlock()
+	if s.pending != nil {
+		close(s.pendEnd)
+		s.pending, s.pendEnd = nil, nil
+	}
 }
 
 // commitLoop is the one writer: it takes a write, adds every other one
@@ -303,7 +436,9 @@ func answer(ws []*write, err error) {
 }
 
 // commit applies a batch in one transaction and answers its writes once
-// the hook, if any, has had its say: see commitHook.
+// the hook, if any, has had its say: see commitHook. Writes sent by
+// CompareAndSwapEarly that applied were answered from inside the
+// transaction; they learn here whether they became durable.
 func (s *Store) commit(batch []*write) {
 	defer s.observe("commit", time.Now())
 	s.batches.Observe(float64(len(batch)))
@@ -318,6 +453,7 @@ func (s *Store) commit(batch []*write) {
 		err = s.hook.afterCommit(err)
 	}
 	answer(batch, err)
+	s.endEarly()
 }
 
 // apply runs a batch's transaction. A write that conflicts or finds
@@ -331,7 +467,10 @@ func (s *Store) apply(batch []*write) error {
 		if v := meta.Get(keyRev); v != nil {
 			rev = binary.BigEndian.Uint64(v)
 		}
-		last := rev
+		// Number above every revision handed out before, also those of
+		// early answers whose transaction failed (revFloor): a revision
+		// once given for a write never names other content.
+		last, changed := max(rev, s.revFloor), false
 		for _, w := range batch {
 			w.newRev, w.err = 0, nil
 			var cur uint64
@@ -363,22 +502,27 @@ func (s *Store) apply(batch []*write) error {
 			if w.err = data.Put(w.key, buf); w.err != nil {
 				continue
 			}
-			last = next
+			last, changed = next, true
 			w.newRev = last
 			if s.hook != nil {
 				changes = append(changes, change{key: w.key, old: old, new: buf})
 			}
 		}
-		if last == rev {
+		if !changed {
 			return nil
 		}
+		s.revFloor = last
 		if err := meta.Put(keyRev, binary.BigEndian.AppendUint64(nil, last)); err != nil {
 			return err
 		}
-		if s.hook == nil {
-			return nil
+		if s.hook != nil {
+			if err := s.hook.inCommit(tx, changes); err != nil {
+				return err
+			}
 		}
-		return s.hook.inCommit(tx, changes)
+		// Every write of the batch is applied and its meta is in place:
+		// what is left is the commit itself (and the anchor).
+		return s.answerEarly(batch)
 	})
 	if err == nil && s.failCommit != nil {
 		err = s.failCommit()

@@ -188,4 +188,69 @@ func Run(t *testing.T, open func(t *testing.T) vault.Store) {
 			t.Fatalf("counter %s, want %d", v, workers*each)
 		}
 	})
+	// A driver that answers writes before they are durable (the optional
+	// vault.EarlyStore) keeps compare-and-swap's meaning, and its reads
+	// never show a key as it was before an answered write.
+	t.Run("EarlyAnswers", func(t *testing.T) {
+		s := open(t)
+		es, ok := s.(vault.EarlyStore)
+		if !ok {
+			t.Skip("the driver answers every write once it is durable")
+		}
+		r1 := cas(t, s, "k", 0, "v1")
+		r2, durable, err := es.CompareAndSwapEarly(bg, []byte("k"), r1, []byte("v2"))
+		if err != nil || r2 <= r1 {
+			t.Fatalf("early CAS: %d %v, want a revision above %d", r2, err, r1)
+		}
+		if v, rev, err := s.Get(bg, []byte("k")); err != nil || string(v) != "v2" || rev != r2 {
+			t.Fatalf("get after an early answer: %q %d %v, want v2 at %d", v, rev, err, r2)
+		}
+		if durable == nil {
+			t.Fatal("an applied early CAS gave no way to wait for its durability")
+		}
+		if err := durable(); err != nil {
+			t.Fatalf("durable: %v", err)
+		}
+		if _, d, err := es.CompareAndSwapEarly(bg, []byte("k"), r1, []byte("stale")); !errors.Is(err, vault.ErrConflict) || d != nil {
+			t.Fatalf("early CAS at a stale revision: %v (durable %v), want ErrConflict and none", err, d != nil)
+		}
+		if _, d, err := es.CompareAndSwapEarly(bg, []byte("new"), 0, []byte("x")); err != nil || d == nil || d() != nil {
+			t.Fatalf("early create: %v", err)
+		}
+		// Concurrent early increments lose nothing.
+		const workers, each = 8, 20
+		var wg sync.WaitGroup
+		for range workers {
+			wg.Go(func() {
+				for range each {
+					for {
+						v, rev, err := s.Get(bg, []byte("ectr"))
+						if err != nil {
+							t.Error(err)
+							return
+						}
+						var n int
+						if v != nil {
+							fmt.Sscan(string(v), &n)
+						}
+						_, d, err := es.CompareAndSwapEarly(bg, []byte("ectr"), rev, fmt.Append(nil, n+1))
+						if err == nil {
+							if err := d(); err != nil {
+								t.Error(err)
+							}
+							break
+						}
+						if !errors.Is(err, vault.ErrConflict) {
+							t.Error(err)
+							return
+						}
+					}
+				}
+			})
+		}
+		wg.Wait()
+		if v, _, _ := s.Get(bg, []byte("ectr")); string(v) != fmt.Sprint(workers*each) {
+			t.Fatalf("counter %s, want %d", v, workers*each)
+		}
+	})
 }
