@@ -338,6 +338,32 @@ func undestroyable(mods *Modules) {
 	}
 }
 
+// undestroyablePool opens a pool on one SoftHSM member with key versions 1
+// and 2, whose copies the token will not destroy (undestroyable); with
+// dropWait set, a dropped view waits that long for its operations.
+func undestroyablePool(t *testing.T, dropWait time.Duration) (*Pool, MemberConfig) {
+	t.Helper()
+	m := newMember(t, "a")
+	if _, err := Provision([]MemberConfig{m}, vault.ProfileGCM); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := Rotate([]MemberConfig{m}, ""); err != nil {
+		t.Fatal(err)
+	}
+	mods := NewModules()
+	t.Cleanup(func() { mods.Close() })
+	undestroyable(mods)
+	if dropWait > 0 {
+		mods.dropWait = dropWait
+	}
+	p, err := Open([]MemberConfig{m}, Options{Registerer: prometheus.NewRegistry(), Modules: mods})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p, m
+}
+
 // A copy the token will not destroy is reported, and still goes: Retire
 // and Forget say so in their error, the member's copies are made again
 // on a new session, and closing the old one leaves no copy of the
@@ -349,22 +375,9 @@ func TestUndestroyableCopyReportedAndClosedAway(t *testing.T) {
 			name = "forget"
 		}
 		t.Run(name, func(t *testing.T) {
-			m := newMember(t, "a")
-			if _, err := Provision([]MemberConfig{m}, vault.ProfileGCM); err != nil {
-				t.Fatal(err)
-			}
-			if _, _, err := Rotate([]MemberConfig{m}, ""); err != nil {
-				t.Fatal(err)
-			}
-			mods := NewModules()
-			defer mods.Close()
-			undestroyable(mods)
-			p, err := Open([]MemberConfig{m}, Options{Registerer: prometheus.NewRegistry(), Modules: mods})
+			p, _ := undestroyablePool(t, 0)
+			err := viewOf(t, p, 0).sessionCopies()
 			if err != nil {
-				t.Fatal(err)
-			}
-			defer p.Close()
-			if err := viewOf(t, p, 0).sessionCopies(); err != nil {
 				t.Fatalf("copies: %v", err)
 			}
 			if forget {
@@ -457,21 +470,7 @@ func TestProvisionIgnoresSessionCopies(t *testing.T) {
 // member's copies are made again on a new session, and closing the old
 // one destroys them. The member keeps serving from copies.
 func TestReloadClosesAwayUndestroyableCopies(t *testing.T) {
-	m := newMember(t, "a")
-	if _, err := Provision([]MemberConfig{m}, vault.ProfileGCM); err != nil {
-		t.Fatal(err)
-	}
-	if _, _, err := Rotate([]MemberConfig{m}, ""); err != nil {
-		t.Fatal(err)
-	}
-	mods := NewModules()
-	defer mods.Close()
-	undestroyable(mods)
-	p, err := Open([]MemberConfig{m}, Options{Registerer: prometheus.NewRegistry(), Modules: mods})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	p, m := undestroyablePool(t, 0)
 	destroyTokenKeys(t, m, wrap1, pin1)
 	if _, err := p.Reload(); err != nil {
 		t.Fatalf("reload: %v", err)
@@ -547,22 +546,7 @@ func TestRefusedCopyGoesThoughReloadFails(t *testing.T) {
 // member's copies are made again on a new session then, and closing the
 // old one destroys them.
 func TestUndestroyableCopyOfLateDropClosedAway(t *testing.T) {
-	m := newMember(t, "a")
-	if _, err := Provision([]MemberConfig{m}, vault.ProfileGCM); err != nil {
-		t.Fatal(err)
-	}
-	if _, _, err := Rotate([]MemberConfig{m}, ""); err != nil {
-		t.Fatal(err)
-	}
-	mods := NewModules()
-	defer mods.Close()
-	undestroyable(mods)
-	mods.dropWait = 100 * time.Millisecond
-	p, err := Open([]MemberConfig{m}, Options{Registerer: prometheus.NewRegistry(), Modules: mods})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	p, _ := undestroyablePool(t, 100*time.Millisecond)
 	old := viewOf(t, p, 0)
 	if !old.enter() {
 		t.Fatal("the view refuses an operation")
