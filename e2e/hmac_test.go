@@ -152,31 +152,26 @@ func TestHMACProfileOnOpencryptoki(t *testing.T) {
 	profileScenario(t, k)
 }
 
-// TestGCMProfileOnSoftHSM runs the scenario under gcm, SoftHSM's AES-GCM
-// sealing with the vault's nonce.
-func TestGCMProfileOnSoftHSM(t *testing.T) {
+// TestAESProfilesOnSoftHSM runs the scenario under each AES profile on
+// SoftHSM: gcm, the HSM's AES-GCM under the vault's nonce, and
+// gcm-hsm-iv, where SoftHSM takes the IV it is given: the binary's first
+// seal finds that out and seals with the vault's nonce, and every record
+// is marked gcm-hsm-iv. (A token that chooses its IV is emulated in
+// hsmpool's tests: the emulation lives in the test process, out of the
+// binary's reach.)
+func TestAESProfilesOnSoftHSM(t *testing.T) {
 	t.Parallel()
-	dir := t.TempDir()
-	k := newProfileKit(t, dir, softHSMMember(t, dir), "gcm")
-	if code, out := k.keys(t, nil, "init"); code != 0 || !strings.Contains(out, "for the gcm profile") {
-		t.Fatalf("keys init under gcm: exit %d:\n%s", code, out)
+	for _, profile := range []string{"gcm", "gcm-hsm-iv"} {
+		t.Run(profile, func(t *testing.T) {
+			t.Parallel()
+			dir := t.TempDir()
+			k := newProfileKit(t, dir, softHSMMember(t, dir), profile)
+			if code, out := k.keys(t, nil, "init"); code != 0 || !strings.Contains(out, "for the "+profile+" profile") {
+				t.Fatalf("keys init under %s: exit %d:\n%s", profile, code, out)
+			}
+			profileScenario(t, k)
+		})
 	}
-	profileScenario(t, k)
-}
-
-// TestGCMHSMIVProfileOnSoftHSM runs the scenario under gcm-hsm-iv on
-// SoftHSM, which takes the IV it is given: the binary's first seal finds
-// that out and seals with the vault's nonce, and every record is marked
-// gcm-hsm-iv. (A token that chooses its IV is emulated in hsmpool's tests:
-// the emulation lives in the test process, out of the binary's reach.)
-func TestGCMHSMIVProfileOnSoftHSM(t *testing.T) {
-	t.Parallel()
-	dir := t.TempDir()
-	k := newProfileKit(t, dir, softHSMMember(t, dir), "gcm-hsm-iv")
-	if code, out := k.keys(t, nil, "init"); code != 0 || !strings.Contains(out, "for the gcm-hsm-iv profile") {
-		t.Fatalf("keys init under gcm-hsm-iv: exit %d:\n%s", code, out)
-	}
-	profileScenario(t, k)
 }
 
 // TestHMACProfileOnSoftHSM changes a SoftHSM store from gcm to hmac: the

@@ -398,21 +398,7 @@ func TestSessionCopiesReopenAndTokenGone(t *testing.T) {
 
 	// The token keys go, as when a token is re-initialised: the copies
 	// still work, but the member must not keep serving on them.
-	err = withSession(m, func(c *pkcs11.Ctx, s pkcs11.SessionHandle) error {
-		objs, err := findObjects(c, s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY), pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true)})
-		if err != nil {
-			return err
-		}
-		for _, o := range objs {
-			if err := c.DestroyObject(s, o); err != nil {
-				return err
-			}
-		}
-		return nil
-	}, func(*pkcs11.Ctx, pkcs11.SessionHandle, string) error { return nil })
-	if err != nil {
-		t.Fatal(err)
-	}
+	destroyTokenKeys(t, m, wrap1, pin1, root1)
 	ctx := context.Background()
 	deadline := time.Now().Add(2 * time.Second)
 	for p.members[0].healthy.Load() {
