@@ -5,8 +5,11 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"os"
 	"os/signal"
 	"runtime"
+	"runtime/debug"
+	"runtime/metrics"
 	"sync"
 	"syscall"
 
@@ -33,8 +36,28 @@ func cmdServe(args []string, stderr io.Writer) error {
 	return serve(cfg, stderr, nil)
 }
 
+// serveGCPercent is the garbage collector's growth target while serving,
+// unless GOGC is set. The vault's live heap is a few MB, so at Go's
+// default of 100 a loaded vault collects dozens of times a second and
+// spends about a tenth of its CPU on it; at 400 the heap may grow to five
+// times its live size, a few tens of MB, for a fraction of that cost.
+const serveGCPercent = 400
+
+// tuneGC sets the garbage collector's target for serving, leaving it to
+// the environment when GOGC is set there. It returns the target now in
+// force.
+func tuneGC() int {
+	if _, set := os.LookupEnv("GOGC"); !set {
+		debug.SetGCPercent(serveGCPercent)
+	}
+	s := []metrics.Sample{{Name: "/gc/gogc:percent"}}
+	metrics.Read(s)
+	return int(s[0].Value.Uint64())
+}
+
 // serve runs the vault until SIGINT or SIGTERM. bound is server.Options.Bound.
 func serve(cfg *config.Config, stderr io.Writer, bound func(api, admin string) error) error {
+	tuneGC()
 	// The log and, by default, the audit events share one stream; whole
 	// lines from either must not interleave.
 	out := &syncWriter{w: stderr}
