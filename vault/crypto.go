@@ -51,7 +51,9 @@ func pinMACInput(ns, userID string, gen uint64, salt, pin []byte) []byte {
 // versions in the record, so a sealed secret moved onto another user, another
 // generation or other key versions fails to open.
 func outerAAD(ns, userID string, gen uint64, wrapVersion, pinVersion uint32) []byte {
-	b := append([]byte(labelOuterAAD), 0)
+	b := make([]byte, 0, len(labelOuterAAD)+1+4+len(ns)+4+len(userID)+8+4+4)
+	b = append(b, labelOuterAAD...)
+	b = append(b, 0)
 	b = lp(b, []byte(ns))
 	b = lp(b, []byte(userID))
 	b = binary.BigEndian.AppendUint64(b, gen)
@@ -75,7 +77,9 @@ func SealKeyInput(nonce, aad []byte) []byte {
 }
 
 func innerAAD(ns, userID string, gen uint64) []byte {
-	b := append([]byte(labelInnerAAD), 0)
+	b := make([]byte, 0, len(labelInnerAAD)+1+4+len(ns)+4+len(userID)+8)
+	b = append(b, labelInnerAAD...)
+	b = append(b, 0)
 	b = lp(b, []byte(ns))
 	b = lp(b, []byte(userID))
 	return binary.BigEndian.AppendUint64(b, gen)
@@ -83,14 +87,21 @@ func innerAAD(ns, userID string, gen uint64) []byte {
 
 // pinKeys derives the verifier and the inner-layer key from M, the HSM's
 // PIN MAC. Distinct HKDF labels keep them independent: the verifier is
-// stored, the inner key never is.
+// stored, the inner key never is. Both expand one extraction, as
+// hkdf.Key would extract the same key for each.
 func pinKeys(m []byte) (verifier, inner []byte, err error) {
-	verifier, err = hkdf.Key(sha256.New, m, nil, infoVerifier, derivedKeyBytes)
+	prk, err := hkdf.Extract(sha256.New, m, nil)
+	if err != nil {
+		return nil, nil, fmt.Errorf("derive verifier: %w", err) // as hkdf.Key's would fail
+	}
+	defer wipe(prk)
+	verifier, err = hkdf.Expand(sha256.New, prk, infoVerifier, derivedKeyBytes)
 	if err != nil {
 		return nil, nil, fmt.Errorf("derive verifier: %w", err)
 	}
-	inner, err = hkdf.Key(sha256.New, m, nil, infoInner, derivedKeyBytes)
+	inner, err = hkdf.Expand(sha256.New, prk, infoInner, derivedKeyBytes)
 	if err != nil {
+		wipe(verifier)
 		return nil, nil, fmt.Errorf("derive inner key: %w", err)
 	}
 	return verifier, inner, nil

@@ -6,6 +6,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash"
+	"sync"
 )
 
 // recordFormatV1, V2 and V3 are the first byte of a record.
@@ -136,9 +138,17 @@ func recordKey(ns, userID string) []byte {
 	return append(k, userID...)
 }
 
+// recordFixedLen is the length of a format 3 record body without its
+// variable fields: format, flags, generation, four counters, three times,
+// three key versions, sealing, three byte lengths and one 4-byte length,
+// the operation sequence and the count of operation IDs.
+const recordFixedLen = 1 + 1 + 8 + 4*4 + 8*3 + 4*3 + 1 + 3 + 4 + 8 + 1
+
 // marshal encodes the record body (everything the MAC covers, without it).
 func (r *record) marshal() []byte {
-	b := make([]byte, 0, 96+len(r.Salt)+len(r.Verifier)+len(r.Nonce)+len(r.Sealed)+macLen)
+	// Room for the fixed fields, the variable ones and the MAC the caller
+	// appends.
+	b := make([]byte, 0, recordFixedLen+len(r.Salt)+len(r.Verifier)+len(r.Nonce)+len(r.Sealed)+opIDLen*len(r.OpIDs)+macLen)
 	var flags byte
 	if r.Locked {
 		flags |= flagLocked
@@ -239,6 +249,9 @@ func parseRecord(b []byte) (r *record, body, mac []byte, err error) {
 		if n > maxOpIDs {
 			return nil, nil, nil, errMalformed
 		}
+		if n > 0 {
+			r.OpIDs = make([][]byte, 0, n)
+		}
 		for range n {
 			r.OpIDs = append(r.OpIDs, d.bytes(opIDLen))
 		}
@@ -285,15 +298,63 @@ func (r *record) check() error {
 	return nil
 }
 
-// recordMAC authenticates a record's bytes and the key it is stored under,
-// so that neither an edit nor a move to another user's key goes unnoticed.
-func recordMAC(key, storeKey, body []byte) []byte {
-	m := hmac.New(sha256.New, key)
-	m.Write([]byte("keyvault/v1/record\x00"))
-	m.Write(binary.BigEndian.AppendUint32(nil, uint32(len(storeKey))))
-	m.Write(storeKey)
-	m.Write(body)
-	return m.Sum(nil)
+// recordMACLabel opens every record MAC input.
+var recordMACLabel = []byte("keyvault/v1/record\x00")
+
+// macKey is one version of the record MAC key, with a pool of HMAC-SHA256
+// states keyed with it, so that a MAC does not key a new state each time.
+// A pooled state holds the key's inner and outer pads: secret material
+// equivalent to the key, which the vault holds in memory for its whole
+// life anyway. Each version has a pool of its own, so a state keyed with
+// one version never serves another.
+type macKey struct {
+	key    []byte
+	states sync.Pool // of *macState keyed with key, reset
+}
+
+type macState struct {
+	h   hash.Hash
+	buf [macLen]byte // the length prefix and the sum: a Write or Sum through an interface would move them to the heap
+}
+
+func newMACKey(key []byte) *macKey {
+	k := &macKey{key: key}
+	k.states.New = func() any { return &macState{h: hmac.New(sha256.New, key)} }
+	return k
+}
+
+// appendMAC appends to dst the MAC of a record's bytes and the key it is
+// stored under, so that neither an edit nor a move to another user's key
+// goes unnoticed.
+func (k *macKey) appendMAC(dst, storeKey, body []byte) []byte {
+	s := k.write(storeKey, body)
+	defer k.release(s)
+	return append(dst, s.h.Sum(s.buf[:0])...)
+}
+
+// verify reports, in constant time, whether mac is the MAC of body under
+// storeKey (see appendMAC).
+func (k *macKey) verify(mac, storeKey, body []byte) bool {
+	s := k.write(storeKey, body)
+	defer k.release(s)
+	return hmac.Equal(mac, s.h.Sum(s.buf[:0]))
+}
+
+// write takes a keyed state from the pool and writes the MAC input to it.
+func (k *macKey) write(storeKey, body []byte) *macState {
+	s := k.states.Get().(*macState)
+	s.h.Write(recordMACLabel)
+	binary.BigEndian.PutUint32(s.buf[:4], uint32(len(storeKey)))
+	s.h.Write(s.buf[:4])
+	s.h.Write(storeKey)
+	s.h.Write(body)
+	return s
+}
+
+// release returns a state to the pool keyed and empty.
+func (k *macKey) release(s *macState) {
+	s.h.Reset()
+	k.states.Put(s)
 }
 
 type decoder struct {

@@ -7,7 +7,6 @@ package vault
 
 import (
 	"context"
-	"crypto/hmac"
 	"crypto/rand"
 	"errors"
 	"fmt"
@@ -61,7 +60,7 @@ func (v *Vault) read(ctx context.Context, key []byte) (*stored, error) {
 		switch {
 		case !ok:
 			err = fmt.Errorf("unknown MAC key version %d", r.MACVersion)
-		case !hmac.Equal(mac, recordMAC(k, key, body)):
+		case !k.verify(mac, key, body):
 			err = errors.New("MAC mismatch")
 		default:
 			err = r.check()
@@ -111,7 +110,7 @@ func (v *Vault) writeEarly(ctx context.Context, key []byte, rev uint64, r *recor
 	}
 	r.MACVersion = v.macVersion
 	body := r.marshal()
-	val := append(body, recordMAC(v.macKeys[v.macVersion], key, body)...)
+	val := v.macKeys[v.macVersion].appendMAC(body, key, body)
 	ctx = context.WithoutCancel(ctx)
 	es, ok := v.store.(EarlyStore)
 	if early && ok && !r.freshWrap && !r.freshPIN {

@@ -54,7 +54,7 @@ type Vault struct {
 	metrics *metrics
 
 	macVersion uint32
-	macKeys    map[uint32][]byte // record MAC keys by root key version
+	macKeys    map[uint32]*macKey // record MAC keys by root key version; not changed after New
 	logIDKey   []byte
 
 	sealMu sync.Mutex
@@ -100,7 +100,7 @@ func New(ctx context.Context, store Store, hsm HSM, opts Options) (*Vault, error
 		opts:    opts,
 		log:     opts.Logger,
 		metrics: newMetrics(opts.Registerer),
-		macKeys: map[uint32][]byte{},
+		macKeys: map[uint32]*macKey{},
 		seals:   map[uint32]*sealBlock{},
 		retired: map[uint32]bool{},
 
@@ -119,7 +119,7 @@ func New(ctx context.Context, store Store, hsm HSM, opts Options) (*Vault, error
 		if err != nil {
 			return nil, fmt.Errorf("vault: derive record MAC key from %s: %w", id.Label(), err)
 		}
-		v.macKeys[version] = k
+		v.macKeys[version] = newMACKey(k)
 	}
 	if v.logIDKey, err = hsm.HMAC(ctx, root, []byte(labelLogIDKey)); err != nil {
 		return nil, fmt.Errorf("vault: derive log ID key from %s: %w", root.Label(), err)
