@@ -4,9 +4,11 @@ import (
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/hkdf"
+	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
+	"hash"
 )
 
 // Domain-separation labels. Each names exactly one use; they are part of the
@@ -86,25 +88,28 @@ func innerAAD(ns, userID string, gen uint64) []byte {
 }
 
 // pinKeys derives the verifier and the inner-layer key from M, the HSM's
-// PIN MAC. Distinct HKDF labels keep them independent: the verifier is
-// stored, the inner key never is. Both expand one extraction, as
-// hkdf.Key would extract the same key for each.
+// PIN MAC, by HKDF-SHA256 (RFC 5869) without salt. Distinct HKDF labels
+// keep them independent: the verifier is stored, the inner key never is.
 func pinKeys(m []byte) (verifier, inner []byte, err error) {
 	prk, err := hkdf.Extract(sha256.New, m, nil)
 	if err != nil {
 		return nil, nil, fmt.Errorf("derive verifier: %w", err) // as hkdf.Key's would fail
 	}
 	defer wipe(prk)
-	verifier, err = hkdf.Expand(sha256.New, prk, infoVerifier, derivedKeyBytes)
-	if err != nil {
-		return nil, nil, fmt.Errorf("derive verifier: %w", err)
-	}
-	inner, err = hkdf.Expand(sha256.New, prk, infoInner, derivedKeyBytes)
-	if err != nil {
-		wipe(verifier)
-		return nil, nil, fmt.Errorf("derive inner key: %w", err)
-	}
+	h := hmac.New(sha256.New, prk)
+	verifier = expandKey(h, infoVerifier)
+	h.Reset()
+	inner = expandKey(h, infoInner)
 	return verifier, inner, nil
+}
+
+// expandKey is HKDF-Expand of a derivedKeyBytes key, which is one block of
+// SHA-256: HMAC(PRK, info || 0x01), on h keyed with PRK. It gives what
+// hkdf.Expand gives, without keying an HMAC for each key.
+func expandKey(h hash.Hash, info string) []byte {
+	out := append(make([]byte, 0, max(len(info)+1, derivedKeyBytes)), info...)
+	h.Write(append(out, 1))
+	return h.Sum(out[:0])
 }
 
 func innerGCM(key []byte) (cipher.AEAD, error) {
