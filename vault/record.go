@@ -204,17 +204,26 @@ var errMalformed = errors.New("malformed record")
 // body the MAC covers and the MAC. Every length is checked, so arbitrary
 // bytes give an error, never a panic.
 func parseRecord(b []byte) (r *record, body, mac []byte, err error) {
+	r = new(record)
+	if body, mac, err = r.parse(b); err != nil {
+		return nil, nil, nil, err
+	}
+	return r, body, mac, nil
+}
+
+// parse is parseRecord into r, which holds nothing of use after an error.
+func (r *record) parse(b []byte) (body, mac []byte, err error) {
 	if len(b) < macLen {
-		return nil, nil, nil, errMalformed
+		return nil, nil, errMalformed
 	}
 	body, mac = b[:len(b)-macLen], b[len(b)-macLen:]
 	d := decoder{b: body}
 	format := d.byte()
 	if format != recordFormatV1 && format != recordFormatV2 && format != recordFormatV3 {
-		return nil, nil, nil, fmt.Errorf("%w: unknown format %d", errMalformed, format)
+		return nil, nil, fmt.Errorf("%w: unknown format %d", errMalformed, format)
 	}
 	flags := d.byte()
-	r = &record{
+	*r = record{
 		Locked:      flags&flagLocked != 0,
 		LockFinal:   flags&flagLockFinal != 0,
 		Tombstone:   flags&flagTombstone != 0,
@@ -234,7 +243,7 @@ func parseRecord(b []byte) (r *record, body, mac []byte, err error) {
 	case format >= recordFormatV3:
 		var ok bool
 		if r.Sealing, ok = sealingOf(d.byte()); !ok {
-			return nil, nil, nil, fmt.Errorf("%w: unknown sealing", errMalformed)
+			return nil, nil, fmt.Errorf("%w: unknown sealing", errMalformed)
 		}
 	case !r.Tombstone:
 		r.Sealing = ProfileGCM
@@ -247,7 +256,7 @@ func parseRecord(b []byte) (r *record, body, mac []byte, err error) {
 		r.OpSeq = d.u64()
 		n := int(d.byte())
 		if n > maxOpIDs {
-			return nil, nil, nil, errMalformed
+			return nil, nil, errMalformed
 		}
 		if n > 0 {
 			r.OpIDs = make([][]byte, 0, n)
@@ -257,9 +266,9 @@ func parseRecord(b []byte) (r *record, body, mac []byte, err error) {
 		}
 	}
 	if d.err || len(d.b) != 0 || flags&^(flagLocked|flagTombstone|flagLockFinal) != 0 {
-		return nil, nil, nil, errMalformed
+		return nil, nil, errMalformed
 	}
-	return r, body, mac, nil
+	return body, mac, nil
 }
 
 // check validates what a record with a correct MAC must satisfy anyway;
