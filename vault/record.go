@@ -312,10 +312,11 @@ var recordMACLabel = []byte("keyvault/v1/record\x00")
 
 // macKey is one version of the record MAC key, with a pool of HMAC-SHA256
 // states keyed with it, so that a MAC does not key a new state each time.
-// A pooled state holds the key's inner and outer pads: secret material
+// A pooled state holds the key's inner and outer pads, secret material
 // equivalent to the key, which the vault holds in memory for its whole
-// life anyway. Each version has a pool of its own, so a state keyed with
-// one version never serves another.
+// life anyway, and traces of the last input it MAC'd: a store key and a
+// value as the store holds it, no secret. Each version has a pool of its
+// own, so a state keyed with one version never serves another.
 type macKey struct {
 	key    []byte
 	states sync.Pool // of *macState keyed with key, reset
@@ -323,7 +324,9 @@ type macKey struct {
 
 type macState struct {
 	h   hash.Hash
-	buf [macLen]byte // the length prefix and the sum: a Write or Sum through an interface would move them to the heap
+	// buf holds the length prefix, then the sum: passed through the
+	// hash.Hash interface, a local array would move to the heap.
+	buf [macLen]byte
 }
 
 func newMACKey(key []byte) *macKey {
