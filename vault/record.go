@@ -323,7 +323,7 @@ type macKey struct {
 }
 
 type macState struct {
-	h   hash.Hash
+	h hash.Hash
 	// buf holds the length prefix, then the sum: passed through the
 	// hash.Hash interface, a local array would move to the heap.
 	buf [macLen]byte
