@@ -9,6 +9,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"hash"
+	"sync"
 )
 
 // Domain-separation labels. Each names exactly one use; they are part of the
@@ -111,6 +112,44 @@ func expandKey(h hash.Hash, info string) []byte {
 	h.Write(append(out, 1))
 	return h.Sum(out[:0])
 }
+
+// keyedHMAC is an HMAC-SHA256 key with a pool of states keyed with it, so
+// that a MAC does not key a new state each time. A pooled state holds the
+// key's inner and outer pads, secret material equivalent to the key, which
+// the vault holds in memory for its whole life anyway, and the inner hash
+// of the last input it MAC'd; so only inputs that are no secret go through
+// one (store keys and values as the store holds them). Each key has a pool
+// of its own, so a state keyed with one key never serves another.
+type keyedHMAC struct {
+	key    []byte
+	states sync.Pool // of *hmacState keyed with key, reset
+}
+
+type hmacState struct {
+	h hash.Hash
+	// buf holds a sum, or a length prefix: passed through the hash.Hash
+	// interface, a local array would move to the heap.
+	buf [sha256.Size]byte
+}
+
+func newKeyedHMAC(key []byte) *keyedHMAC {
+	k := &keyedHMAC{key: key}
+	k.states.New = func() any { return &hmacState{h: hmac.New(sha256.New, key)} }
+	return k
+}
+
+// get takes a state keyed with k, with nothing written to it.
+func (k *keyedHMAC) get() *hmacState { return k.states.Get().(*hmacState) }
+
+// put resets s and returns it to k's pool.
+func (k *keyedHMAC) put(s *hmacState) {
+	s.h.Reset()
+	k.states.Put(s)
+}
+
+// sum is the MAC of what was written to s, in s's buffer: valid until s
+// goes back to its pool.
+func (s *hmacState) sum() []byte { return s.h.Sum(s.buf[:0]) }
 
 func innerGCM(key []byte) (cipher.AEAD, error) {
 	block, err := aes.NewCipher(key)

@@ -6,6 +6,7 @@ import (
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/binary"
+	"encoding/hex"
 	"fmt"
 	"sync"
 	"testing"
@@ -22,12 +23,12 @@ func refRecordMAC(key, storeKey, body []byte) []byte {
 	return m.Sum(nil)
 }
 
-// TestMACKeyPools: MACs from the pooled states of two key versions, used
+// TestRecordMACPools: MACs from the pooled states of two key versions, used
 // in turn and from many goroutines, are those of states keyed anew, and a
 // MAC verifies under its own version only.
-func TestMACKeyPools(t *testing.T) {
+func TestRecordMACPools(t *testing.T) {
 	t.Parallel()
-	keys := []*macKey{newMACKey(bytes.Repeat([]byte{1}, 32)), newMACKey(bytes.Repeat([]byte{2}, 32))}
+	keys := []*keyedHMAC{newKeyedHMAC(bytes.Repeat([]byte{1}, 32)), newKeyedHMAC(bytes.Repeat([]byte{2}, 32))}
 	var wg sync.WaitGroup
 	for g := range 8 {
 		wg.Go(func() {
@@ -37,20 +38,20 @@ func TestMACKeyPools(t *testing.T) {
 				body := bytes.Repeat([]byte{byte(i)}, i)
 				want := refRecordMAC(k.key, storeKey, body)
 				prefix := []byte("prefix")
-				got := k.appendMAC(prefix, storeKey, body)
+				got := appendRecordMAC(prefix, k, storeKey, body)
 				if !bytes.Equal(got[:len(prefix)], prefix) || !bytes.Equal(got[len(prefix):], want) {
-					t.Errorf("appendMAC = %x, want prefix then %x", got, want)
+					t.Errorf("appendRecordMAC = %x, want prefix then %x", got, want)
 					return
 				}
-				if !k.verify(want, storeKey, body) {
+				if !verifyRecordMAC(k, want, storeKey, body) {
 					t.Error("a MAC does not verify under its own key version")
 					return
 				}
-				if other.verify(want, storeKey, body) {
+				if verifyRecordMAC(other, want, storeKey, body) {
 					t.Error("a MAC verifies under another key version")
 					return
 				}
-				if k.verify(want, storeKey, append(body, 0)) {
+				if verifyRecordMAC(k, want, storeKey, append(body, 0)) {
 					t.Error("a MAC verifies for another body")
 					return
 				}
@@ -94,5 +95,21 @@ func TestAADEncoding(t *testing.T) {
 	}
 	if got, want := innerAAD("ns", "user-1", 7), prefix(labelInnerAAD, "ns", "user-1", 7); !bytes.Equal(got, want) {
 		t.Errorf("innerAAD = %x, want %x", got, want)
+	}
+}
+
+// TestLogIDPooled: a log ID from a pooled state, one use after another, is
+// the first 12 bytes of HMAC-SHA256 of the store key under the log ID key.
+func TestLogIDPooled(t *testing.T) {
+	t.Parallel()
+	key := bytes.Repeat([]byte{3}, 32)
+	v := &Vault{logIDKey: newKeyedHMAC(key)}
+	for i := range 50 {
+		k := recordKey("ns", fmt.Sprintf("user-%d", i%7))
+		m := hmac.New(sha256.New, key)
+		m.Write(k)
+		if got, want := v.logID(k), hex.EncodeToString(m.Sum(nil)[:12]); got != want {
+			t.Fatalf("logID(%q) = %s, want %s", k, got, want)
+		}
 	}
 }

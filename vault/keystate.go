@@ -151,7 +151,7 @@ type heartbeat struct {
 func (v *Vault) sealMeta(key, body []byte) []byte {
 	out := binary.BigEndian.AppendUint32(nil, v.macVersion)
 	out = append(out, body...)
-	return v.macKeys[v.macVersion].appendMAC(out, key, out)
+	return appendRecordMAC(out, v.macKeys[v.macVersion], key, out)
 }
 
 func (v *Vault) openMeta(key, raw []byte) ([]byte, error) {
@@ -160,7 +160,7 @@ func (v *Vault) openMeta(key, raw []byte) ([]byte, error) {
 	}
 	body, mac := raw[:len(raw)-macLen], raw[len(raw)-macLen:]
 	k, ok := v.macKeys[binary.BigEndian.Uint32(body)]
-	if !ok || !k.verify(mac, key, body) {
+	if !ok || !verifyRecordMAC(k, mac, key, body) {
 		return nil, errors.New("MAC mismatch")
 	}
 	return body[4:], nil

@@ -6,8 +6,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash"
-	"sync"
 )
 
 // recordFormatV1, V2 and V3 are the first byte of a record.
@@ -310,63 +308,31 @@ func (r *record) check() error {
 // recordMACLabel opens every record MAC input.
 var recordMACLabel = []byte("keyvault/v1/record\x00")
 
-// macKey is one version of the record MAC key, with a pool of HMAC-SHA256
-// states keyed with it, so that a MAC does not key a new state each time.
-// A pooled state holds the key's inner and outer pads, secret material
-// equivalent to the key, which the vault holds in memory for its whole
-// life anyway, and traces of the last input it MAC'd: a store key and a
-// value as the store holds it, no secret. Each version has a pool of its
-// own, so a state keyed with one version never serves another.
-type macKey struct {
-	key    []byte
-	states sync.Pool // of *macState keyed with key, reset
+// appendRecordMAC appends to dst the MAC under k of a record's bytes and
+// the key it is stored under, so that neither an edit nor a move to another
+// user's key goes unnoticed.
+func appendRecordMAC(dst []byte, k *keyedHMAC, storeKey, body []byte) []byte {
+	s := writeRecordMAC(k, storeKey, body)
+	defer k.put(s)
+	return append(dst, s.sum()...)
 }
 
-type macState struct {
-	h hash.Hash
-	// buf holds the length prefix, then the sum: passed through the
-	// hash.Hash interface, a local array would move to the heap.
-	buf [macLen]byte
+// verifyRecordMAC reports, in constant time, whether mac is the MAC under
+// k of body stored under storeKey (see appendRecordMAC).
+func verifyRecordMAC(k *keyedHMAC, mac, storeKey, body []byte) bool {
+	s := writeRecordMAC(k, storeKey, body)
+	defer k.put(s)
+	return hmac.Equal(mac, s.sum())
 }
 
-func newMACKey(key []byte) *macKey {
-	k := &macKey{key: key}
-	k.states.New = func() any { return &macState{h: hmac.New(sha256.New, key)} }
-	return k
-}
-
-// appendMAC appends to dst the MAC of a record's bytes and the key it is
-// stored under, so that neither an edit nor a move to another user's key
-// goes unnoticed.
-func (k *macKey) appendMAC(dst, storeKey, body []byte) []byte {
-	s := k.write(storeKey, body)
-	defer k.release(s)
-	return append(dst, s.h.Sum(s.buf[:0])...)
-}
-
-// verify reports, in constant time, whether mac is the MAC of body under
-// storeKey (see appendMAC).
-func (k *macKey) verify(mac, storeKey, body []byte) bool {
-	s := k.write(storeKey, body)
-	defer k.release(s)
-	return hmac.Equal(mac, s.h.Sum(s.buf[:0]))
-}
-
-// write takes a keyed state from the pool and writes the MAC input to it.
-func (k *macKey) write(storeKey, body []byte) *macState {
-	s := k.states.Get().(*macState)
+func writeRecordMAC(k *keyedHMAC, storeKey, body []byte) *hmacState {
+	s := k.get()
 	s.h.Write(recordMACLabel)
 	binary.BigEndian.PutUint32(s.buf[:4], uint32(len(storeKey)))
 	s.h.Write(s.buf[:4])
 	s.h.Write(storeKey)
 	s.h.Write(body)
 	return s
-}
-
-// release returns a state to the pool keyed and empty.
-func (k *macKey) release(s *macState) {
-	s.h.Reset()
-	k.states.Put(s)
 }
 
 type decoder struct {

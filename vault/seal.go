@@ -33,7 +33,7 @@ func sealCountKey(version uint32) []byte {
 func (v *Vault) sealCount(key []byte, n uint64) []byte {
 	body := binary.BigEndian.AppendUint64(nil, n)
 	body = binary.BigEndian.AppendUint32(body, v.macVersion)
-	return v.macKeys[v.macVersion].appendMAC(body, key, body)
+	return appendRecordMAC(body, v.macKeys[v.macVersion], key, body)
 }
 
 func (v *Vault) parseSealCount(key, raw []byte) (uint64, error) {
@@ -45,7 +45,7 @@ func (v *Vault) parseSealCount(key, raw []byte) (uint64, error) {
 	}
 	body, mac := raw[:12], raw[12:]
 	k, ok := v.macKeys[binary.BigEndian.Uint32(body[8:])]
-	if !ok || !k.verify(mac, key, body) {
+	if !ok || !verifyRecordMAC(k, mac, key, body) {
 		return 0, errors.New("seal count MAC mismatch")
 	}
 	return binary.BigEndian.Uint64(body), nil

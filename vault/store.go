@@ -61,7 +61,7 @@ func (v *Vault) read(ctx context.Context, key []byte) (*stored, error) {
 		switch {
 		case !ok:
 			err = fmt.Errorf("unknown MAC key version %d", s.MACVersion)
-		case !k.verify(mac, key, body):
+		case !verifyRecordMAC(k, mac, key, body):
 			err = errors.New("MAC mismatch")
 		default:
 			err = s.check()
@@ -111,7 +111,7 @@ func (v *Vault) writeEarly(ctx context.Context, key []byte, rev uint64, r *recor
 	}
 	r.MACVersion = v.macVersion
 	body := r.marshal()
-	val := v.macKeys[v.macVersion].appendMAC(body, key, body)
+	val := appendRecordMAC(body, v.macKeys[v.macVersion], key, body)
 	ctx = detached(ctx)
 	es, ok := v.store.(EarlyStore)
 	if early && ok && !r.freshWrap && !r.freshPIN {
