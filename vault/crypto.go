@@ -121,8 +121,7 @@ func expandKey(h hash.Hash, info string) []byte {
 // one (store keys and values as the store holds them). Each key has a pool
 // of its own, so a state keyed with one key never serves another.
 type keyedHMAC struct {
-	key    []byte
-	states sync.Pool // of *hmacState keyed with key, reset
+	states sync.Pool // of *hmacState keyed with the key, reset
 }
 
 type hmacState struct {
@@ -133,7 +132,7 @@ type hmacState struct {
 }
 
 func newKeyedHMAC(key []byte) *keyedHMAC {
-	k := &keyedHMAC{key: key}
+	k := new(keyedHMAC)
 	k.states.New = func() any { return &hmacState{h: hmac.New(sha256.New, key)} }
 	return k
 }

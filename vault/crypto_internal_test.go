@@ -28,7 +28,8 @@ func refRecordMAC(key, storeKey, body []byte) []byte {
 // MAC verifies under its own version only.
 func TestRecordMACPools(t *testing.T) {
 	t.Parallel()
-	keys := []*keyedHMAC{newKeyedHMAC(bytes.Repeat([]byte{1}, 32)), newKeyedHMAC(bytes.Repeat([]byte{2}, 32))}
+	raw := [][]byte{bytes.Repeat([]byte{1}, 32), bytes.Repeat([]byte{2}, 32)}
+	keys := []*keyedHMAC{newKeyedHMAC(raw[0]), newKeyedHMAC(raw[1])}
 	var wg sync.WaitGroup
 	for g := range 8 {
 		wg.Go(func() {
@@ -36,7 +37,7 @@ func TestRecordMACPools(t *testing.T) {
 				k, other := keys[(g+i)%2], keys[(g+i+1)%2]
 				storeKey := fmt.Appendf(nil, "r-%d", i)
 				body := bytes.Repeat([]byte{byte(i)}, i)
-				want := refRecordMAC(k.key, storeKey, body)
+				want := refRecordMAC(raw[(g+i)%2], storeKey, body)
 				prefix := []byte("prefix")
 				got := appendRecordMAC(prefix, k, storeKey, body)
 				if !bytes.Equal(got[:len(prefix)], prefix) || !bytes.Equal(got[len(prefix):], want) {
