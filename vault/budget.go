@@ -108,7 +108,7 @@ func (v *Vault) refusal(cur *stored, pre Precondition) error {
 	if cur.Locked {
 		return v.lockedOrPending(cur)
 	}
-	if wait := v.opts.Budget.EscalatingDelay.wait(cur.record, v.now()); wait > 0 {
+	if wait := v.opts.Budget.EscalatingDelay.wait(&cur.record, v.now()); wait > 0 {
 		return &DelayedError{RetryAfter: wait}
 	}
 	return nil
@@ -231,8 +231,8 @@ func (v *Vault) count(ctx context.Context, ns, userID string, pre Precondition) 
 			if err := v.refusal(cur, pre); err != nil {
 				return nil, err
 			}
-			g.before = *cur.record
-			next := *cur.record
+			g.before = cur.record
+			next := cur.record
 			next.Guesses++
 			next.UpdatedAt = v.now()
 			next.LastGuessAt = next.UpdatedAt
@@ -312,7 +312,7 @@ func (v *Vault) forgiveResealed(ctx context.Context, g *guess, resealed *record)
 		})
 		return err
 	})
-	if durable != nil {
+	if durable := durable; durable != nil {
 		// Answered before it was durable: the answer stands either way, and
 		// a write that never lands leaves this guess counted.
 		go func() {
@@ -345,7 +345,7 @@ func (g *guess) forgivesOnlyItself(cur *stored) bool {
 // forgiveNext is the record a right guess g leaves on cur (nil: no write),
 // setting *remaining to the attempts left.
 func (v *Vault) forgiveNext(g *guess, cur *stored, resealed *record, remaining *int) (*record, error) {
-	next := *cur.record
+	next := cur.record
 	switch {
 	case g.mayUnlock(cur):
 		next.Locked, next.Sealed = false, g.before.Sealed
@@ -366,7 +366,7 @@ func (v *Vault) forgiveNext(g *guess, cur *stored, resealed *record, remaining *
 		next.Forgiven = g.index
 		next.Refunds -= min(next.Refunds, spent)
 	}
-	if resealed != nil && !next.Locked && sameSeal(cur.record, &g.before) {
+	if resealed != nil && !next.Locked && sameSeal(&cur.record, &g.before) {
 		next.Salt, next.Verifier, next.Nonce, next.Sealed = resealed.Salt, resealed.Verifier, resealed.Nonce, resealed.Sealed
 		next.WrapVersion, next.PINVersion, next.Sealing = resealed.WrapVersion, resealed.PINVersion, resealed.Sealing
 		next.freshWrap, next.freshPIN = true, true
@@ -384,7 +384,7 @@ func (v *Vault) refund(ctx context.Context, g *guess) error {
 		if !g.sameGeneration(cur) || g.index <= cur.Forgiven {
 			return nil, nil
 		}
-		next := *cur.record
+		next := cur.record
 		if cur.Locked {
 			if !g.mayUnlock(cur) {
 				return nil, nil // locked by a later guess, or final
@@ -419,7 +419,7 @@ func (v *Vault) settleWrong(ctx context.Context, g *guess) error {
 		if !cur.Locked || cur.Guesses != g.index || cur.LockFinal {
 			return nil, nil // final already: the lock stands, its 410 is true
 		}
-		next := *cur.record
+		next := cur.record
 		switch {
 		case cur.used() == cur.MaxAttempts:
 			next.LockFinal = true
@@ -492,7 +492,7 @@ func (v *Vault) settleForgiven(ctx context.Context, g *guess) error {
 				answer = errUntold
 				return nil, nil
 			}
-			next := *cur.record
+			next := cur.record
 			next.Guesses++
 			next.UpdatedAt = v.now()
 			next.LastGuessAt = next.UpdatedAt

@@ -39,25 +39,22 @@ type Outcome struct {
 // (a failure and its failed refund, say) is told by its first cause in
 // this order.
 func Classify(err error) Outcome {
-	var (
-		o       Outcome
-		wrong   *WrongPINError
-		locked  *LockedError
-		delayed *DelayedError
-	)
-	o.Lockout = errors.As(err, &locked) && locked.Checked
+	var o Outcome
+	locked, isLocked := errors.AsType[*LockedError](err)
+	wrong, isWrong := errors.AsType[*WrongPINError](err)
+	o.Lockout = isLocked && locked.Checked
 	o.Wrong = errors.Is(err, ErrWrongPIN) || o.Lockout
 	o.Checked = err == nil || o.Wrong || errors.Is(err, ErrIntegrity)
 	switch {
 	case err == nil:
 		o.Result = "success"
-	case errors.As(err, &wrong):
+	case isWrong:
 		o.Result, o.Remaining = "wrong_pin", wrong.Remaining
 	case errors.Is(err, ErrLocked):
 		o.Result = "locked"
 	case errors.Is(err, ErrDelayed):
 		o.Result, o.Delayed = "rate_limited", true
-		if errors.As(err, &delayed) {
+		if delayed, ok := errors.AsType[*DelayedError](err); ok {
 			o.RetryAfter = delayed.RetryAfter
 		}
 	case errors.Is(err, ErrNotFound):

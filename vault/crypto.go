@@ -4,9 +4,12 @@ import (
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/hkdf"
+	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
+	"hash"
+	"sync"
 )
 
 // Domain-separation labels. Each names exactly one use; they are part of the
@@ -51,7 +54,9 @@ func pinMACInput(ns, userID string, gen uint64, salt, pin []byte) []byte {
 // versions in the record, so a sealed secret moved onto another user, another
 // generation or other key versions fails to open.
 func outerAAD(ns, userID string, gen uint64, wrapVersion, pinVersion uint32) []byte {
-	b := append([]byte(labelOuterAAD), 0)
+	b := make([]byte, 0, len(labelOuterAAD)+1+4+len(ns)+4+len(userID)+8+4+4)
+	b = append(b, labelOuterAAD...)
+	b = append(b, 0)
 	b = lp(b, []byte(ns))
 	b = lp(b, []byte(userID))
 	b = binary.BigEndian.AppendUint64(b, gen)
@@ -75,26 +80,75 @@ func SealKeyInput(nonce, aad []byte) []byte {
 }
 
 func innerAAD(ns, userID string, gen uint64) []byte {
-	b := append([]byte(labelInnerAAD), 0)
+	b := make([]byte, 0, len(labelInnerAAD)+1+4+len(ns)+4+len(userID)+8)
+	b = append(b, labelInnerAAD...)
+	b = append(b, 0)
 	b = lp(b, []byte(ns))
 	b = lp(b, []byte(userID))
 	return binary.BigEndian.AppendUint64(b, gen)
 }
 
 // pinKeys derives the verifier and the inner-layer key from M, the HSM's
-// PIN MAC. Distinct HKDF labels keep them independent: the verifier is
-// stored, the inner key never is.
+// PIN MAC, by HKDF-SHA256 (RFC 5869) without salt. Distinct HKDF labels
+// keep them independent: the verifier is stored, the inner key never is.
 func pinKeys(m []byte) (verifier, inner []byte, err error) {
-	verifier, err = hkdf.Key(sha256.New, m, nil, infoVerifier, derivedKeyBytes)
+	prk, err := hkdf.Extract(sha256.New, m, nil)
 	if err != nil {
-		return nil, nil, fmt.Errorf("derive verifier: %w", err)
+		return nil, nil, fmt.Errorf("derive verifier: %w", err) // as hkdf.Key's would fail
 	}
-	inner, err = hkdf.Key(sha256.New, m, nil, infoInner, derivedKeyBytes)
-	if err != nil {
-		return nil, nil, fmt.Errorf("derive inner key: %w", err)
-	}
+	defer wipe(prk)
+	h := hmac.New(sha256.New, prk)
+	verifier = expandKey(h, infoVerifier)
+	h.Reset()
+	inner = expandKey(h, infoInner)
 	return verifier, inner, nil
 }
+
+// expandKey is HKDF-Expand of a derivedKeyBytes key, which is one block of
+// SHA-256: HMAC(PRK, info || 0x01), on h keyed with PRK. It gives what
+// hkdf.Expand gives, without keying an HMAC for each key.
+func expandKey(h hash.Hash, info string) []byte {
+	out := append(make([]byte, 0, max(len(info)+1, derivedKeyBytes)), info...)
+	h.Write(append(out, 1))
+	return h.Sum(out[:0])
+}
+
+// keyedHMAC is an HMAC-SHA256 key with a pool of states keyed with it, so
+// that a MAC does not key a new state each time. A pooled state holds the
+// key's inner and outer pads, secret material equivalent to the key, which
+// the vault holds in memory for its whole life anyway, and the inner hash
+// of the last input it MAC'd; so only inputs that are no secret go through
+// one (store keys and values as the store holds them). Each key has a pool
+// of its own, so a state keyed with one key never serves another.
+type keyedHMAC struct {
+	states sync.Pool // of *hmacState keyed with the key, reset
+}
+
+type hmacState struct {
+	h hash.Hash
+	// buf holds a sum, or a length prefix: passed through the hash.Hash
+	// interface, a local array would move to the heap.
+	buf [sha256.Size]byte
+}
+
+func newKeyedHMAC(key []byte) *keyedHMAC {
+	k := new(keyedHMAC)
+	k.states.New = func() any { return &hmacState{h: hmac.New(sha256.New, key)} }
+	return k
+}
+
+// get takes a state keyed with k, with nothing written to it.
+func (k *keyedHMAC) get() *hmacState { return k.states.Get().(*hmacState) }
+
+// put resets s and returns it to k's pool.
+func (k *keyedHMAC) put(s *hmacState) {
+	s.h.Reset()
+	k.states.Put(s)
+}
+
+// sum is the MAC of what was written to s, in s's buffer: valid until s
+// goes back to its pool.
+func (s *hmacState) sum() []byte { return s.h.Sum(s.buf[:0]) }
 
 func innerGCM(key []byte) (cipher.AEAD, error) {
 	block, err := aes.NewCipher(key)

@@ -26,7 +26,7 @@ func RecordKey(ns, userID string) []byte { return recordKey(ns, userID) }
 func (v *Vault) ForgeRecord(key []byte, r *Record) []byte {
 	r.MACVersion = v.macVersion
 	body := r.marshal()
-	return append(body, recordMAC(v.macKeys[v.macVersion], key, body)...)
+	return appendRecordMAC(body, v.macKeys[v.macVersion], key, body)
 }
 
 // ErrUntold answers a guess whose check could be counted nowhere.
@@ -40,7 +40,7 @@ func (v *Vault) ForgeRecordFormat2(key []byte, r *Record) []byte {
 	body := r.marshal()
 	body = append(body[:62:62], body[63:]...)
 	body[0] = recordFormatV2
-	return append(body, recordMAC(v.macKeys[v.macVersion], key, body)...)
+	return appendRecordMAC(body, v.macKeys[v.macVersion], key, body)
 }
 
 // OuterAAD is the associated data of a record's outer layer.

@@ -3,7 +3,6 @@ package vault
 import (
 	"bytes"
 	"context"
-	"crypto/hmac"
 	"crypto/rand"
 	"encoding/binary"
 	"encoding/hex"
@@ -152,7 +151,7 @@ type heartbeat struct {
 func (v *Vault) sealMeta(key, body []byte) []byte {
 	out := binary.BigEndian.AppendUint32(nil, v.macVersion)
 	out = append(out, body...)
-	return append(out, recordMAC(v.macKeys[v.macVersion], key, out)...)
+	return appendRecordMAC(out, v.macKeys[v.macVersion], key, out)
 }
 
 func (v *Vault) openMeta(key, raw []byte) ([]byte, error) {
@@ -161,7 +160,7 @@ func (v *Vault) openMeta(key, raw []byte) ([]byte, error) {
 	}
 	body, mac := raw[:len(raw)-macLen], raw[len(raw)-macLen:]
 	k, ok := v.macKeys[binary.BigEndian.Uint32(body)]
-	if !ok || !hmac.Equal(mac, recordMAC(k, key, body)) {
+	if !ok || !verifyRecordMAC(k, mac, key, body) {
 		return nil, errors.New("MAC mismatch")
 	}
 	return body[4:], nil

@@ -136,7 +136,7 @@ func (v *Vault) Status(ctx context.Context, ns, userID string) (Backup, error) {
 	if cur == nil || cur.Tombstone {
 		return Backup{}, ErrNotFound
 	}
-	return backupOf(userID, cur.record), nil
+	return backupOf(userID, &cur.record), nil
 }
 
 // Delete replaces a backup with a tombstone that keeps its generation, so

@@ -136,9 +136,17 @@ func recordKey(ns, userID string) []byte {
 	return append(k, userID...)
 }
 
+// recordFixedLen is the length of a format 3 record body without its
+// variable fields: format, flags, generation, four counters, three times,
+// three key versions, sealing, three byte lengths and one 4-byte length,
+// the operation sequence and the count of operation IDs.
+const recordFixedLen = 1 + 1 + 8 + 4*4 + 8*3 + 4*3 + 1 + 3 + 4 + 8 + 1
+
 // marshal encodes the record body (everything the MAC covers, without it).
 func (r *record) marshal() []byte {
-	b := make([]byte, 0, 96+len(r.Salt)+len(r.Verifier)+len(r.Nonce)+len(r.Sealed)+macLen)
+	// Room for the fixed fields, the variable ones and the MAC the caller
+	// appends.
+	b := make([]byte, 0, recordFixedLen+len(r.Salt)+len(r.Verifier)+len(r.Nonce)+len(r.Sealed)+opIDLen*len(r.OpIDs)+macLen)
 	var flags byte
 	if r.Locked {
 		flags |= flagLocked
@@ -194,17 +202,26 @@ var errMalformed = errors.New("malformed record")
 // body the MAC covers and the MAC. Every length is checked, so arbitrary
 // bytes give an error, never a panic.
 func parseRecord(b []byte) (r *record, body, mac []byte, err error) {
+	r = new(record)
+	if body, mac, err = r.parse(b); err != nil {
+		return nil, nil, nil, err
+	}
+	return r, body, mac, nil
+}
+
+// parse is parseRecord into r, which holds nothing of use after an error.
+func (r *record) parse(b []byte) (body, mac []byte, err error) {
 	if len(b) < macLen {
-		return nil, nil, nil, errMalformed
+		return nil, nil, errMalformed
 	}
 	body, mac = b[:len(b)-macLen], b[len(b)-macLen:]
 	d := decoder{b: body}
 	format := d.byte()
 	if format != recordFormatV1 && format != recordFormatV2 && format != recordFormatV3 {
-		return nil, nil, nil, fmt.Errorf("%w: unknown format %d", errMalformed, format)
+		return nil, nil, fmt.Errorf("%w: unknown format %d", errMalformed, format)
 	}
 	flags := d.byte()
-	r = &record{
+	*r = record{
 		Locked:      flags&flagLocked != 0,
 		LockFinal:   flags&flagLockFinal != 0,
 		Tombstone:   flags&flagTombstone != 0,
@@ -224,7 +241,7 @@ func parseRecord(b []byte) (r *record, body, mac []byte, err error) {
 	case format >= recordFormatV3:
 		var ok bool
 		if r.Sealing, ok = sealingOf(d.byte()); !ok {
-			return nil, nil, nil, fmt.Errorf("%w: unknown sealing", errMalformed)
+			return nil, nil, fmt.Errorf("%w: unknown sealing", errMalformed)
 		}
 	case !r.Tombstone:
 		r.Sealing = ProfileGCM
@@ -237,16 +254,19 @@ func parseRecord(b []byte) (r *record, body, mac []byte, err error) {
 		r.OpSeq = d.u64()
 		n := int(d.byte())
 		if n > maxOpIDs {
-			return nil, nil, nil, errMalformed
+			return nil, nil, errMalformed
+		}
+		if n > 0 {
+			r.OpIDs = make([][]byte, 0, n)
 		}
 		for range n {
 			r.OpIDs = append(r.OpIDs, d.bytes(opIDLen))
 		}
 	}
 	if d.err || len(d.b) != 0 || flags&^(flagLocked|flagTombstone|flagLockFinal) != 0 {
-		return nil, nil, nil, errMalformed
+		return nil, nil, errMalformed
 	}
-	return r, body, mac, nil
+	return body, mac, nil
 }
 
 // check validates what a record with a correct MAC must satisfy anyway;
@@ -285,15 +305,34 @@ func (r *record) check() error {
 	return nil
 }
 
-// recordMAC authenticates a record's bytes and the key it is stored under,
-// so that neither an edit nor a move to another user's key goes unnoticed.
-func recordMAC(key, storeKey, body []byte) []byte {
-	m := hmac.New(sha256.New, key)
-	m.Write([]byte("keyvault/v1/record\x00"))
-	m.Write(binary.BigEndian.AppendUint32(nil, uint32(len(storeKey))))
-	m.Write(storeKey)
-	m.Write(body)
-	return m.Sum(nil)
+// recordMACLabel opens every record MAC input.
+var recordMACLabel = []byte("keyvault/v1/record\x00")
+
+// appendRecordMAC appends to dst the MAC under k of a record's bytes and
+// the key it is stored under, so that neither an edit nor a move to another
+// user's key goes unnoticed.
+func appendRecordMAC(dst []byte, k *keyedHMAC, storeKey, body []byte) []byte {
+	s := writeRecordMAC(k, storeKey, body)
+	defer k.put(s)
+	return append(dst, s.sum()...)
+}
+
+// verifyRecordMAC reports, in constant time, whether mac is the MAC under
+// k of body stored under storeKey (see appendRecordMAC).
+func verifyRecordMAC(k *keyedHMAC, mac, storeKey, body []byte) bool {
+	s := writeRecordMAC(k, storeKey, body)
+	defer k.put(s)
+	return hmac.Equal(mac, s.sum())
+}
+
+func writeRecordMAC(k *keyedHMAC, storeKey, body []byte) *hmacState {
+	s := k.get()
+	s.h.Write(recordMACLabel)
+	binary.BigEndian.PutUint32(s.buf[:4], uint32(len(storeKey)))
+	s.h.Write(s.buf[:4])
+	s.h.Write(storeKey)
+	s.h.Write(body)
+	return s
 }
 
 type decoder struct {

@@ -70,3 +70,25 @@ func TestRecordSealingInvariant(t *testing.T) {
 		t.Error("a tombstone with a sealing profile passed its check")
 	}
 }
+
+// TestMarshalLength: recordFixedLen is what marshal writes besides the
+// variable fields, so the buffer it sizes takes the record and its MAC
+// without growing.
+func TestMarshalLength(t *testing.T) {
+	t.Parallel()
+	r := &record{
+		Generation: 1, MaxAttempts: 10, Sealing: ProfileGCM,
+		Salt: make([]byte, saltLen), Verifier: make([]byte, verifierLen), Nonce: make([]byte, nonceLen), Sealed: make([]byte, 76),
+		OpSeq: maxOpIDs, OpIDs: make([][]byte, maxOpIDs),
+	}
+	for i := range r.OpIDs {
+		r.OpIDs[i] = make([]byte, opIDLen)
+	}
+	b := r.marshal()
+	if want := recordFixedLen + saltLen + verifierLen + nonceLen + 76 + maxOpIDs*opIDLen; len(b) != want {
+		t.Fatalf("marshal wrote %d bytes, want %d", len(b), want)
+	}
+	if cap(b)-len(b) != macLen {
+		t.Fatalf("marshal left room for %d bytes after the body, want %d (the MAC)", cap(b)-len(b), macLen)
+	}
+}

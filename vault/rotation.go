@@ -362,7 +362,7 @@ func (v *Vault) rewrapOne(ctx context.Context, key []byte, target uint32) (moved
 		if cur == nil || cur.Tombstone || cur.WrapVersion >= target {
 			return nil, nil
 		}
-		next := *cur.record
+		next := cur.record
 		next.freshWrap = true
 		next.UpdatedAt = v.now()
 		if cur.Locked {
@@ -381,7 +381,7 @@ func (v *Vault) rewrapOne(ctx context.Context, key []byte, target uint32) (moved
 		}
 		// Opened as the record says it was sealed, sealed as the target
 		// version's profile says.
-		inner, err := v.openOuter(ctx, ns, userID, cur.record, cur.Sealed)
+		inner, err := v.openOuter(ctx, ns, userID, &cur.record, cur.Sealed)
 		if err != nil {
 			return nil, err
 		}

@@ -5,7 +5,6 @@ package vault
 
 import (
 	"context"
-	"crypto/hmac"
 	"crypto/rand"
 	"crypto/subtle"
 	"encoding/binary"
@@ -34,7 +33,7 @@ func sealCountKey(version uint32) []byte {
 func (v *Vault) sealCount(key []byte, n uint64) []byte {
 	body := binary.BigEndian.AppendUint64(nil, n)
 	body = binary.BigEndian.AppendUint32(body, v.macVersion)
-	return append(body, recordMAC(v.macKeys[v.macVersion], key, body)...)
+	return appendRecordMAC(body, v.macKeys[v.macVersion], key, body)
 }
 
 func (v *Vault) parseSealCount(key, raw []byte) (uint64, error) {
@@ -46,7 +45,7 @@ func (v *Vault) parseSealCount(key, raw []byte) (uint64, error) {
 	}
 	body, mac := raw[:12], raw[12:]
 	k, ok := v.macKeys[binary.BigEndian.Uint32(body[8:])]
-	if !ok || !hmac.Equal(mac, recordMAC(k, key, body)) {
+	if !ok || !verifyRecordMAC(k, mac, key, body) {
 		return 0, errors.New("seal count MAC mismatch")
 	}
 	return binary.BigEndian.Uint64(body), nil
@@ -118,17 +117,16 @@ func (v *Vault) verify(ctx context.Context, ns, userID string, r *record, pin []
 // and must be the one of the wrap key version it names: a key of another
 // kind under that label cannot have sealed it.
 func (v *Vault) openOuter(ctx context.Context, ns, userID string, r *record, sealed []byte) ([]byte, error) {
-	key := recordKey(ns, userID)
 	if p := v.hsm.WrapProfile(r.WrapVersion); p != "" && !SameKeyKind(p, r.Sealing) {
 		err := fmt.Errorf("sealed by the %s profile, but wrap key v%d is of the %s profile", r.Sealing, r.WrapVersion, p)
-		v.integrityFailure(key, "sealed secret", err)
+		v.integrityFailure(recordKey(ns, userID), "sealed secret", err)
 		return nil, fmt.Errorf("%w: open outer layer: %w", ErrIntegrity, err)
 	}
 	aad := outerAAD(ns, userID, r.Generation, r.WrapVersion, r.PINVersion)
 	pt, err := v.hsm.Open(ctx, KeyID{RoleWrap, r.WrapVersion}, r.Nonce, sealed, aad)
 	if err != nil {
 		if errors.Is(err, ErrIntegrity) {
-			v.integrityFailure(key, "sealed secret", errors.New("outer layer failed authentication"))
+			v.integrityFailure(recordKey(ns, userID), "sealed secret", errors.New("outer layer failed authentication"))
 			return nil, fmt.Errorf("open outer layer: %w", err)
 		}
 		return nil, fmt.Errorf("%w: open outer layer: %w", ErrUnavailable, err)

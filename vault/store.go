@@ -7,7 +7,6 @@ package vault
 
 import (
 	"context"
-	"crypto/hmac"
 	"crypto/rand"
 	"errors"
 	"fmt"
@@ -38,7 +37,7 @@ type EarlyStore interface {
 type stored struct {
 	key []byte
 	rev uint64
-	*record
+	record
 }
 
 // read fetches and authenticates a record. A missing key gives (nil, nil).
@@ -55,23 +54,24 @@ func (v *Vault) read(ctx context.Context, key []byte) (*stored, error) {
 	if raw == nil {
 		return nil, nil
 	}
-	r, body, mac, err := parseRecord(raw)
+	s := &stored{key: key, rev: rev}
+	body, mac, err := s.parse(raw)
 	if err == nil {
-		k, ok := v.macKeys[r.MACVersion]
+		k, ok := v.macKeys[s.MACVersion]
 		switch {
 		case !ok:
-			err = fmt.Errorf("unknown MAC key version %d", r.MACVersion)
-		case !hmac.Equal(mac, recordMAC(k, key, body)):
+			err = fmt.Errorf("unknown MAC key version %d", s.MACVersion)
+		case !verifyRecordMAC(k, mac, key, body):
 			err = errors.New("MAC mismatch")
 		default:
-			err = r.check()
+			err = s.check()
 		}
 	}
 	if err != nil {
 		v.integrityFailure(key, "record", err)
 		return nil, fmt.Errorf("%w: %w", ErrIntegrity, err)
 	}
-	return &stored{key: key, rev: rev, record: r}, nil
+	return s, nil
 }
 
 func (v *Vault) integrityFailure(key []byte, what string, err error) {
@@ -111,8 +111,8 @@ func (v *Vault) writeEarly(ctx context.Context, key []byte, rev uint64, r *recor
 	}
 	r.MACVersion = v.macVersion
 	body := r.marshal()
-	val := append(body, recordMAC(v.macKeys[v.macVersion], key, body)...)
-	ctx = context.WithoutCancel(ctx)
+	val := appendRecordMAC(body, v.macKeys[v.macVersion], key, body)
+	ctx = detached(ctx)
 	es, ok := v.store.(EarlyStore)
 	if early && ok && !r.freshWrap && !r.freshPIN {
 		_, durable, err = es.CompareAndSwapEarly(ctx, key, rev, val)
@@ -126,6 +126,16 @@ func (v *Vault) writeEarly(ctx context.Context, key []byte, rev uint64, r *recor
 		return nil, fmt.Errorf("%w: write record: %w", ErrUnavailable, err)
 	}
 	return nil, v.resolve(ctx, key, rev, val, r, err)
+}
+
+// detached is context.WithoutCancel(ctx), or ctx itself where that can
+// never be canceled and has no deadline (as the writes that settle a
+// guess, which run detached already).
+func detached(ctx context.Context) context.Context {
+	if _, ok := ctx.Deadline(); !ok && ctx.Done() == nil {
+		return ctx
+	}
+	return context.WithoutCancel(ctx)
 }
 
 // Resolutions of a write whose outcome the store left unknown (metric
@@ -253,7 +263,7 @@ func (v *Vault) updateEarly(ctx context.Context, key []byte, fn func(cur *stored
 		var rev uint64
 		var prev record
 		if cur != nil {
-			rev, prev = cur.rev, *cur.record
+			rev, prev = cur.rev, cur.record
 		}
 		next.OpSeq = prev.OpSeq + 1
 		ids := prev.OpIDs[len(prev.OpIDs)-min(len(prev.OpIDs), maxOpIDs-1):]

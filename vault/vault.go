@@ -2,8 +2,6 @@ package vault
 
 import (
 	"context"
-	"crypto/hmac"
-	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -54,8 +52,8 @@ type Vault struct {
 	metrics *metrics
 
 	macVersion uint32
-	macKeys    map[uint32][]byte // record MAC keys by root key version
-	logIDKey   []byte
+	macKeys    map[uint32]*keyedHMAC // record MAC keys by root key version; not changed after New
+	logIDKey   *keyedHMAC
 
 	sealMu sync.Mutex
 	seals  map[uint32]*sealBlock // per wrap key version
@@ -100,7 +98,7 @@ func New(ctx context.Context, store Store, hsm HSM, opts Options) (*Vault, error
 		opts:    opts,
 		log:     opts.Logger,
 		metrics: newMetrics(opts.Registerer),
-		macKeys: map[uint32][]byte{},
+		macKeys: map[uint32]*keyedHMAC{},
 		seals:   map[uint32]*sealBlock{},
 		retired: map[uint32]bool{},
 
@@ -119,11 +117,13 @@ func New(ctx context.Context, store Store, hsm HSM, opts Options) (*Vault, error
 		if err != nil {
 			return nil, fmt.Errorf("vault: derive record MAC key from %s: %w", id.Label(), err)
 		}
-		v.macKeys[version] = k
+		v.macKeys[version] = newKeyedHMAC(k)
 	}
-	if v.logIDKey, err = hsm.HMAC(ctx, root, []byte(labelLogIDKey)); err != nil {
+	logIDKey, err := hsm.HMAC(ctx, root, []byte(labelLogIDKey))
+	if err != nil {
 		return nil, fmt.Errorf("vault: derive log ID key from %s: %w", root.Label(), err)
 	}
+	v.logIDKey = newKeyedHMAC(logIDKey)
 	v.macVersion = root.Version
 	return v, nil
 }
@@ -155,9 +155,10 @@ func DeriveAnchorKeys(ctx context.Context, hsm HSM) (anchor.Keys, error) {
 func (v *Vault) LogID(ns, userID string) string { return v.logID(recordKey(ns, userID)) }
 
 func (v *Vault) logID(key []byte) string {
-	m := hmac.New(sha256.New, v.logIDKey)
-	m.Write(key)
-	return hex.EncodeToString(m.Sum(nil)[:12])
+	s := v.logIDKey.get()
+	defer v.logIDKey.put(s)
+	s.h.Write(key)
+	return hex.EncodeToString(s.sum()[:12])
 }
 
 func (v *Vault) now() int64 { return v.opts.Now().UnixNano() }
