@@ -92,25 +92,20 @@ func innerAAD(ns, userID string, gen uint64) []byte {
 // PIN MAC, by HKDF-SHA256 (RFC 5869) without salt. Distinct HKDF labels
 // keep them independent: the verifier is stored, the inner key never is.
 func pinKeys(m []byte) (verifier, inner []byte, err error) {
+	// One extraction for both keys: hkdf.Key would extract for each.
 	prk, err := hkdf.Extract(sha256.New, m, nil)
 	if err != nil {
-		return nil, nil, fmt.Errorf("derive verifier: %w", err) // as hkdf.Key's would fail
+		return nil, nil, fmt.Errorf("derive PIN keys: %w", err)
 	}
 	defer wipe(prk)
-	h := hmac.New(sha256.New, prk)
-	verifier = expandKey(h, infoVerifier)
-	h.Reset()
-	inner = expandKey(h, infoInner)
+	if verifier, err = hkdf.Expand(sha256.New, prk, infoVerifier, derivedKeyBytes); err != nil {
+		return nil, nil, fmt.Errorf("derive verifier: %w", err)
+	}
+	if inner, err = hkdf.Expand(sha256.New, prk, infoInner, derivedKeyBytes); err != nil {
+		wipe(verifier)
+		return nil, nil, fmt.Errorf("derive inner key: %w", err)
+	}
 	return verifier, inner, nil
-}
-
-// expandKey is HKDF-Expand of a derivedKeyBytes key, which is one block of
-// SHA-256: HMAC(PRK, info || 0x01), on h keyed with PRK. It gives what
-// hkdf.Expand gives, without keying an HMAC for each key.
-func expandKey(h hash.Hash, info string) []byte {
-	out := append(make([]byte, 0, max(len(info)+1, derivedKeyBytes)), info...)
-	h.Write(append(out, 1))
-	return h.Sum(out[:0])
 }
 
 // keyedHMAC is an HMAC-SHA256 key with a pool of states keyed with it, so
