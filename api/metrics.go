@@ -1,6 +1,7 @@
 package api
 
 import (
+	"log/slog"
 	"net/http"
 	"strconv"
 	"time"
@@ -80,7 +81,7 @@ func (m *metrics) instrument(next http.Handler) http.Handler {
 			d := time.Since(start)
 			m.requests.WithLabelValues(route, method, strconv.Itoa(sw.status)).Inc()
 			m.duration.WithLabelValues(route, method).Observe(d.Seconds())
-			logger(r.Context()).Info("request", "method", method, "route", route, "status", sw.status, "duration_ms", float64(d.Microseconds())/1000)
+			info(r.Context()).logRequest(slog.String("method", method), slog.String("route", route), slog.Int("status", sw.status), slog.Float64("duration_ms", float64(d.Microseconds())/1000))
 		}()
 		next.ServeHTTP(sw, r)
 	})

@@ -18,7 +18,7 @@ type ctxKey struct{}
 // so that the outer request log sees the client that auth found.
 type reqInfo struct {
 	id     string
-	log    *slog.Logger
+	log    *slog.Logger // the listener's, without the request's attributes
 	client *Client
 }
 
@@ -33,12 +33,28 @@ func requestID(ctx context.Context) string { return info(ctx).id }
 
 func clientOf(ctx context.Context) *Client { return info(ctx).client }
 
+// logger is the request's logger: every line names the request ID and,
+// once auth has found it, the client.
 func logger(ctx context.Context) *slog.Logger {
-	i := info(ctx)
-	if i.client != nil {
-		return i.log.With("client", i.client.Name)
+	i, ok := ctx.Value(ctxKey{}).(*reqInfo)
+	if !ok {
+		return slog.Default()
 	}
-	return i.log
+	if i.client != nil {
+		return i.log.With("request_id", i.id, "client", i.client.Name)
+	}
+	return i.log.With("request_id", i.id)
+}
+
+// logRequest writes the request log's line as logger(ctx) would, its
+// request ID and client first, without building a logger for it.
+func (i *reqInfo) logRequest(attrs ...slog.Attr) {
+	all := make([]slog.Attr, 0, 8)
+	all = append(all, slog.String("request_id", i.id))
+	if i.client != nil {
+		all = append(all, slog.String("client", i.client.Name))
+	}
+	i.log.LogAttrs(context.Background(), slog.LevelInfo, "request", append(all, attrs...)...)
 }
 
 // validRequestID accepts a caller's X-Request-Id if it is short and plain,
@@ -66,7 +82,7 @@ func withRequestID(l *slog.Logger) func(http.Handler) http.Handler {
 				id = rand.Text()
 			}
 			w.Header().Set("X-Request-Id", id)
-			i := &reqInfo{id: id, log: l.With("request_id", id)}
+			i := &reqInfo{id: id, log: l}
 			next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), ctxKey{}, i)))
 		})
 	}
