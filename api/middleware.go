@@ -72,9 +72,14 @@ func validRequestID(id string) bool {
 	return true
 }
 
-// withRequestID echoes the caller's X-Request-Id, or makes one, on every
-// response, and gives the request a logger that carries it.
-func withRequestID(l *slog.Logger) func(http.Handler) http.Handler {
+// withRequest sets up each request's context, once, since each
+// r.WithContext copies the whole Request. It echoes the caller's
+// X-Request-Id, or makes one, on every response, and gives the request a
+// logger that carries it. A nonzero timeout bounds the time a request may
+// spend in the vault: waiting for an HSM session, or for a concurrent
+// last-attempt guess to settle. What has been counted by then stays
+// counted.
+func withRequest(l *slog.Logger, timeout time.Duration) func(http.Handler) http.Handler {
 	return func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			id := r.Header.Get("X-Request-Id")
@@ -82,21 +87,14 @@ func withRequestID(l *slog.Logger) func(http.Handler) http.Handler {
 				id = rand.Text()
 			}
 			w.Header().Set("X-Request-Id", id)
+			ctx := r.Context()
+			if timeout != 0 {
+				var cancel context.CancelFunc
+				ctx, cancel = context.WithTimeout(ctx, timeout)
+				defer cancel()
+			}
 			i := &reqInfo{id: id, log: l}
-			next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), ctxKey{}, i)))
-		})
-	}
-}
-
-// withTimeout bounds the time a request may spend in the vault: waiting for
-// an HSM session, or for a concurrent last-attempt guess to settle. What has
-// been counted by then stays counted.
-func withTimeout(d time.Duration) func(http.Handler) http.Handler {
-	return func(next http.Handler) http.Handler {
-		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			ctx, cancel := context.WithTimeout(r.Context(), d)
-			defer cancel()
-			next.ServeHTTP(w, r.WithContext(ctx))
+			next.ServeHTTP(w, r.WithContext(context.WithValue(ctx, ctxKey{}, i)))
 		})
 	}
 }
