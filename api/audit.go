@@ -26,8 +26,8 @@ type auditEvent struct {
 	onSuccess string // the result of a success: "success", "created" or "replaced"
 }
 
-func (h *handlers) audit(r *http.Request, op, ns, userID string) *auditEvent {
-	e := &auditEvent{h: h, r: r, op: op, ns: ns, user: "-", start: time.Now(), onSuccess: "success"}
+func (h *handlers) audit(r *http.Request, op, ns, userID string) auditEvent {
+	e := auditEvent{h: h, r: r, op: op, ns: ns, user: "-", start: time.Now(), onSuccess: "success"}
 	if l, ok := h.b.(logIDer); ok {
 		e.user = l.LogID(ns, userID)
 	}
