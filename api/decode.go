@@ -84,7 +84,7 @@ func decodeBody(r *http.Request, w http.ResponseWriter, dst any) error {
 	if r.ContentLength > MaxBodyBytes {
 		return &apiError{http.StatusRequestEntityTooLarge, codeTooLarge, fmt.Sprintf("The body must be at most %d bytes.", MaxBodyBytes)}
 	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, MaxBodyBytes))
+	body, err := readBody(w, r)
 	defer clear(body)
 	if err != nil {
 		var tooBig *http.MaxBytesError
@@ -94,6 +94,34 @@ func decodeBody(r *http.Request, w http.ResponseWriter, dst any) error {
 		return badRequest("body: could not be read")
 	}
 	return decodeJSON(body, dst)
+}
+
+// readBody reads the body, at most MaxBodyBytes, into one buffer sized
+// from its Content-Length, one byte over to meet EOF without growing: a
+// small body takes a small buffer, and a body that grows one anyway
+// leaves no unwiped copy behind.
+func readBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
+	rd := http.MaxBytesReader(w, r.Body, MaxBodyBytes)
+	size := int64(512)
+	if r.ContentLength >= 0 {
+		size = r.ContentLength + 1
+	}
+	b := make([]byte, 0, size)
+	for {
+		if len(b) == cap(b) {
+			grown := append(b, 0)[:len(b)]
+			clear(b)
+			b = grown
+		}
+		n, err := rd.Read(b[len(b):cap(b)])
+		b = b[:len(b)+n]
+		if err == io.EOF {
+			return b, nil
+		}
+		if err != nil {
+			return b, err
+		}
+	}
 }
 
 // checkContentType refuses, with a 415, a body not sent as application/json
