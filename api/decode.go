@@ -96,15 +96,15 @@ func decodeBody(r *http.Request, w http.ResponseWriter, dst any) error {
 	return decodeJSON(body, dst)
 }
 
-// readBody reads the body, at most MaxBodyBytes, into one buffer sized
-// from its Content-Length, one byte over to meet EOF without growing: a
-// small body takes a small buffer, and a body that grows one anyway
-// leaves no unwiped copy behind.
+// readBody reads the body, at most MaxBodyBytes. A body declared shorter
+// than 512 bytes is read into a buffer of its length, one byte over to
+// meet EOF without growing; no more than 512 bytes are taken before any
+// arrive. A buffer that grows leaves no unwiped copy behind.
 func readBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
 	rd := http.MaxBytesReader(w, r.Body, MaxBodyBytes)
-	size := int64(512)
-	if r.ContentLength >= 0 {
-		size = r.ContentLength + 1
+	size := 512
+	if r.ContentLength >= 0 && r.ContentLength < 512 {
+		size = int(r.ContentLength) + 1
 	}
 	b := make([]byte, 0, size)
 	for {
@@ -262,9 +262,9 @@ func (f *fieldNames) check(name string) error {
 	return nil
 }
 
-// checkValid is check on each top-level name of body, which is valid
-// JSON, read in place. ok is false, and nothing decided, if a name holds
-// an escape: the tokenizer decodes those.
+// checkValid calls check on each top-level name of body, which must be
+// valid JSON, reading the names in place. ok is false, with nothing
+// decided, if a name holds an escape: the tokenizer decodes those.
 func (f *fieldNames) checkValid(body []byte) (ok bool, err error) {
 	depth, atName := 0, false
 	for i := 0; i < len(body); i++ {

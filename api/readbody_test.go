@@ -44,6 +44,7 @@ func TestBodyRead(t *testing.T) {
 		{"unsized, a long PIN", unsized{strings.NewReader(`{"pin":"` + pin(128) + `"}` + strings.Repeat(" ", 5000))}, -1, 200, "", "", pin(128)},
 		{"unsized, MaxBodyBytes", unsized{strings.NewReader(`{"pin":"` + pin(MaxBodyBytes-10) + `"}`)}, -1, 400, codeInvalid, "", ""},
 		{"unsized, one byte over", unsized{strings.NewReader(`{"pin":"` + pin(MaxBodyBytes-9) + `"}`)}, -1, 413, codeTooLarge, "The body must be at most 65536 bytes.", ""},
+		{"declared, past the first buffer", strings.NewReader(`{"pin":"` + pin(128) + `"}` + strings.Repeat(" ", 3000)), -1, 200, "", "", pin(128)},
 		{"declared short of the body", strings.NewReader(`{"pin":"1234"}`), 3, 200, "", "", "1234"},
 		{"declared empty", strings.NewReader(""), -1, 400, codeInvalid, "body: a JSON object is required", ""},
 		{"a read error", &failing{strings.NewReader(`{"pin":"12`)}, -1, 400, codeInvalid, "body: could not be read", ""},
