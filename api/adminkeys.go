@@ -87,7 +87,7 @@ func mountKeyAdmin(r chi.Router, opts AdminOptions) {
 	}
 	k := opts.Keys
 	r.Route("/admin", func(r chi.Router) {
-		r.Use(withRequestID(log), recoverer, adminAuth(opts.TokenHashes), writeDeadline(keyAdminWriteTimeout))
+		r.Use(withRequest(log, 0), recoverer, adminAuth(opts.TokenHashes), writeDeadline(keyAdminWriteTimeout))
 		r.Post("/keys/reload", func(w http.ResponseWriter, r *http.Request) {
 			start := time.Now()
 			vs, err := k.Reload(r.Context())

@@ -1,6 +1,7 @@
 package api
 
 import (
+	"context"
 	"log/slog"
 	"net/http"
 	"time"
@@ -25,8 +26,8 @@ type auditEvent struct {
 	onSuccess string // the result of a success: "success", "created" or "replaced"
 }
 
-func (h *handlers) audit(r *http.Request, op, ns, userID string) *auditEvent {
-	e := &auditEvent{h: h, r: r, op: op, ns: ns, user: "-", start: time.Now(), onSuccess: "success"}
+func (h *handlers) audit(r *http.Request, op, ns, userID string) auditEvent {
+	e := auditEvent{h: h, r: r, op: op, ns: ns, user: "-", start: time.Now(), onSuccess: "success"}
 	if l, ok := h.b.(logIDer); ok {
 		e.user = l.LogID(ns, userID)
 	}
@@ -40,14 +41,14 @@ func (e *auditEvent) done(err error) {
 	if c := clientOf(e.r.Context()); c != nil {
 		client = c.Name
 	}
-	e.h.auditLog.Info("audit",
-		"request_id", requestID(e.r.Context()),
-		"client", client,
-		"op", e.op,
-		"namespace", e.ns,
-		"user", e.user,
-		"result", e.result(err),
-		"duration_ms", float64(time.Since(e.start).Microseconds())/1000)
+	e.h.auditLog.LogAttrs(context.Background(), slog.LevelInfo, "audit",
+		slog.String("request_id", requestID(e.r.Context())),
+		slog.String("client", client),
+		slog.String("op", e.op),
+		slog.String("namespace", e.ns),
+		slog.String("user", e.user),
+		slog.String("result", e.result(err)),
+		slog.Float64("duration_ms", float64(time.Since(e.start).Microseconds())/1000))
 }
 
 func (e *auditEvent) result(err error) string {

@@ -10,6 +10,8 @@ import (
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/keyvault/keyvault/vault"
 )
 
 // BenchmarkRecoverRequest measures what the API adds to one recovery: the
@@ -28,6 +30,26 @@ func BenchmarkRecoverRequest(b *testing.B) {
 		w := httptest.NewRecorder()
 		h.ServeHTTP(w, r)
 		if w.Code != http.StatusOK {
+			b.Fatalf("status %d: %s", w.Code, w.Body)
+		}
+	}
+}
+
+// BenchmarkRecoverWrongPIN is BenchmarkRecoverRequest for a guess the
+// vault finds wrong: the refusal's classification, audit result and
+// problem document.
+func BenchmarkRecoverWrongPIN(b *testing.B) {
+	s := &stubBackups{err: &vault.WrongPINError{Remaining: 3}}
+	h := newTestRouterWith(s, Options{Registerer: prometheus.NewRegistry(), Logger: slog.New(slog.NewJSONHandler(io.Discard, nil))})
+	body := []byte(`{"pin":"1234-5678"}`)
+	b.ReportAllocs()
+	for b.Loop() {
+		r := httptest.NewRequestWithContext(context.Background(), http.MethodPost, "/v1/backups/user-1/recover", bytes.NewReader(body))
+		r.Header.Set("Content-Type", "application/json")
+		r.Header.Set("Authorization", "Bearer token-a")
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, r)
+		if w.Code != http.StatusForbidden {
 			b.Fatalf("status %d: %s", w.Code, w.Body)
 		}
 	}

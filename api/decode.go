@@ -84,7 +84,7 @@ func decodeBody(r *http.Request, w http.ResponseWriter, dst any) error {
 	if r.ContentLength > MaxBodyBytes {
 		return &apiError{http.StatusRequestEntityTooLarge, codeTooLarge, fmt.Sprintf("The body must be at most %d bytes.", MaxBodyBytes)}
 	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, MaxBodyBytes))
+	body, err := readBody(w, r)
 	defer clear(body)
 	if err != nil {
 		var tooBig *http.MaxBytesError
@@ -96,6 +96,34 @@ func decodeBody(r *http.Request, w http.ResponseWriter, dst any) error {
 	return decodeJSON(body, dst)
 }
 
+// readBody reads the body, at most MaxBodyBytes. A body declared shorter
+// than 512 bytes is read into a buffer of its length, one byte over to
+// meet EOF without growing; no more than 512 bytes are taken before any
+// arrive. A buffer that grows leaves no unwiped copy behind.
+func readBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
+	rd := http.MaxBytesReader(w, r.Body, MaxBodyBytes)
+	size := 512
+	if r.ContentLength >= 0 && r.ContentLength < 512 {
+		size = int(r.ContentLength) + 1
+	}
+	b := make([]byte, 0, size)
+	for {
+		if len(b) == cap(b) {
+			grown := append(b, 0)[:len(b)]
+			clear(b)
+			b = grown
+		}
+		n, err := rd.Read(b[len(b):cap(b)])
+		b = b[:len(b)+n]
+		if err == io.EOF {
+			return b, nil
+		}
+		if err != nil {
+			return b, err
+		}
+	}
+}
+
 // checkContentType refuses, with a 415, a body not sent as application/json
 // (a charset parameter of utf-8 allowed, no other parameter): a form-encoded
 // body that happens to hold JSON is still a client's mistake to report, not
@@ -103,7 +131,7 @@ func decodeBody(r *http.Request, w http.ResponseWriter, dst any) error {
 // the decoder answers its missing object with a 400.
 func checkContentType(r *http.Request) error {
 	ct := r.Header.Get("Content-Type")
-	if ct == "" && r.ContentLength == 0 {
+	if ct == "" && r.ContentLength == 0 || ct == "application/json" {
 		return nil
 	}
 	mt, params, err := mime.ParseMediaType(ct)
@@ -124,28 +152,43 @@ func decodeJSON(body []byte, dst any) error {
 	if err := checkEscapes(body); err != nil {
 		return err
 	}
-	if err := checkFieldNames(body, dst); err != nil {
+	valid := json.Valid(body)
+	if err := checkFieldNames(body, dst, valid); err != nil {
 		return err
+	}
+	if valid {
+		// One JSON value and nothing after it, whose top-level names are
+		// all known and written exactly: Unmarshal decodes it as the
+		// stream decoder below would, without its buffering.
+		if err := json.Unmarshal(body, dst); err != nil {
+			return decodeError(err, dst)
+		}
+		return nil
 	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(dst); err != nil {
-		var typeErr *json.UnmarshalTypeError
-		switch {
-		case errors.Is(err, io.EOF):
-			return badRequest("body: a JSON object is required")
-		case errors.As(err, &typeErr) && typeErr.Field != "":
-			return badRequest("body: field " + typeErr.Field + " has the wrong type")
-		case strings.HasPrefix(err.Error(), "json: unknown field"):
-			return badRequest("body: unknown field (allowed: " + fieldList(dst) + ")")
-		default:
-			return badRequest("body: not a valid JSON object of the expected shape")
-		}
+		return decodeError(err, dst)
 	}
 	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
 		return badRequest("body: one JSON object only, nothing after it")
 	}
 	return nil
+}
+
+// decodeError names what the decoder refused, never a value.
+func decodeError(err error, dst any) error {
+	var typeErr *json.UnmarshalTypeError
+	switch {
+	case errors.Is(err, io.EOF):
+		return badRequest("body: a JSON object is required")
+	case errors.As(err, &typeErr) && typeErr.Field != "":
+		return badRequest("body: field " + typeErr.Field + " has the wrong type")
+	case strings.HasPrefix(err.Error(), "json: unknown field"):
+		return badRequest("body: unknown field (allowed: " + fieldList(dst) + ")")
+	default:
+		return badRequest("body: not a valid JSON object of the expected shape")
+	}
 }
 
 // fields lists the exact field names of a request body.
@@ -169,26 +212,29 @@ func fieldList(dst any) string { return strings.Join(fields(dst), ", ") }
 
 // checkFieldNames holds the body's top-level names to the exact spelling
 // and once each: encoding/json alone would take "PIN" for "pin" and let a
-// repeated name silently win. Shape errors are left to the decoder.
-func checkFieldNames(body []byte, dst any) error {
+// repeated name silently win. Shape errors are left to the decoder. valid
+// says that body is valid JSON (json.Valid).
+func checkFieldNames(body []byte, dst any, valid bool) error {
+	names := fieldNames{allowed: fields(dst)}
+	if valid {
+		if ok, err := names.checkValid(body); ok {
+			return err
+		}
+		names.seen = 0
+	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
 		return nil
 	}
-	seen := map[string]bool{}
 	for dec.More() {
 		tok, err := dec.Token()
 		if err != nil {
 			return nil
 		}
 		name, _ := tok.(string)
-		if !slices.Contains(fields(dst), name) {
-			return badRequest("body: unknown field (allowed, in lower case: " + fieldList(dst) + ")")
+		if err := names.check(name); err != nil {
+			return err
 		}
-		if seen[name] {
-			return badRequest("body: field " + name + " appears more than once")
-		}
-		seen[name] = true
 		var skip json.RawMessage
 		if err := dec.Decode(&skip); err != nil {
 			return nil
@@ -196,6 +242,67 @@ func checkFieldNames(body []byte, dst any) error {
 		clear(skip)
 	}
 	return nil
+}
+
+// fieldNames checks the top-level names of one body, in order.
+type fieldNames struct {
+	allowed []string
+	seen    uint64 // bit i: allowed[i] was seen
+}
+
+func (f *fieldNames) check(name string) error {
+	i := slices.Index(f.allowed, name)
+	if i < 0 {
+		return badRequest("body: unknown field (allowed, in lower case: " + strings.Join(f.allowed, ", ") + ")")
+	}
+	if f.seen&(1<<i) != 0 {
+		return badRequest("body: field " + name + " appears more than once")
+	}
+	f.seen |= 1 << i
+	return nil
+}
+
+// checkValid calls check on each top-level name of body, which must be
+// valid JSON, reading the names in place. ok is false, with nothing
+// decided, if a name holds an escape: the tokenizer decodes those.
+func (f *fieldNames) checkValid(body []byte) (ok bool, err error) {
+	depth, atName := 0, false
+	for i := 0; i < len(body); i++ {
+		switch c := body[i]; c {
+		case '"':
+			start := i + 1
+			for i = start; body[i] != '"'; i++ {
+				if body[i] == '\\' {
+					if atName {
+						return false, nil
+					}
+					i++
+				}
+			}
+			if atName {
+				if err := f.check(string(body[start:i])); err != nil {
+					return true, err
+				}
+				atName = false
+			}
+		case '{', '[':
+			if depth == 0 && c == '[' {
+				return true, nil // not an object: the decoder refuses it
+			}
+			depth++
+			atName = depth == 1
+		case '}', ']':
+			depth--
+		case ',':
+			atName = depth == 1
+		case ' ', '\t', '\r', '\n', ':':
+		default:
+			if depth == 0 {
+				return true, nil // a scalar, not an object
+			}
+		}
+	}
+	return true, nil
 }
 
 // decodeSecret decodes standard base64 with padding, in its canonical form

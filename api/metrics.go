@@ -1,8 +1,10 @@
 package api
 
 import (
+	"log/slog"
 	"net/http"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -14,6 +16,54 @@ type metrics struct {
 	requests *prometheus.CounterVec
 	duration *prometheus.HistogramVec
 	inFlight prometheus.Gauge
+	series   sync.Map // seriesKey → *series
+}
+
+// series is the request counter and duration histogram of one route,
+// method and status.
+type series struct {
+	route    string
+	requests prometheus.Counter
+	duration prometheus.Observer
+}
+
+// seriesKey names a series by what its labels are made of: chi's route
+// patterns, whose join is the route (or, if there are more, the route
+// itself), the method and the status. Finding it needs neither chi's
+// RoutePattern nor WithLabelValues, which allocate on every call.
+type seriesKey struct {
+	patterns [3]string
+	joined   bool
+	method   string
+	status   int
+}
+
+func (m *metrics) seriesOf(rc *chi.Context, method string, status int) *series {
+	k := seriesKey{method: method, status: status}
+	if rc != nil && len(rc.RoutePatterns) <= len(k.patterns) {
+		copy(k.patterns[:], rc.RoutePatterns)
+	} else {
+		k.patterns[0], k.joined = routeOf(rc), true
+	}
+	if s, ok := m.series.Load(k); ok {
+		return s.(*series)
+	}
+	route := routeOf(rc)
+	s, _ := m.series.LoadOrStore(k, &series{
+		route:    route,
+		requests: m.requests.WithLabelValues(route, method, strconv.Itoa(status)),
+		duration: m.duration.WithLabelValues(route, method),
+	})
+	return s.(*series)
+}
+
+// routeOf is the route label: the route pattern, never the path, which
+// holds the user_id.
+func routeOf(rc *chi.Context) string {
+	if p := rc.RoutePattern(); p != "" {
+		return p
+	}
+	return "unmatched"
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -64,10 +114,6 @@ func (m *metrics) instrument(next http.Handler) http.Handler {
 		sw := &statusWriter{ResponseWriter: w}
 		defer func() {
 			m.inFlight.Dec()
-			route := "unmatched"
-			if rc := chi.RouteContext(r.Context()); rc != nil && rc.RoutePattern() != "" {
-				route = rc.RoutePattern()
-			}
 			if sw.status == 0 {
 				sw.status = http.StatusOK
 			}
@@ -78,9 +124,10 @@ func (m *metrics) instrument(next http.Handler) http.Handler {
 				method = "other" // bounded label values
 			}
 			d := time.Since(start)
-			m.requests.WithLabelValues(route, method, strconv.Itoa(sw.status)).Inc()
-			m.duration.WithLabelValues(route, method).Observe(d.Seconds())
-			logger(r.Context()).Info("request", "method", method, "route", route, "status", sw.status, "duration_ms", float64(d.Microseconds())/1000)
+			s := m.seriesOf(chi.RouteContext(r.Context()), method, sw.status)
+			s.requests.Inc()
+			s.duration.Observe(d.Seconds())
+			info(r.Context()).logRequest(slog.String("method", method), slog.String("route", s.route), slog.Int("status", sw.status), slog.Float64("duration_ms", float64(d.Microseconds())/1000))
 		}()
 		next.ServeHTTP(sw, r)
 	})

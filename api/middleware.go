@@ -18,7 +18,7 @@ type ctxKey struct{}
 // so that the outer request log sees the client that auth found.
 type reqInfo struct {
 	id     string
-	log    *slog.Logger
+	log    *slog.Logger // the listener's, without the request's attributes
 	client *Client
 }
 
@@ -33,12 +33,28 @@ func requestID(ctx context.Context) string { return info(ctx).id }
 
 func clientOf(ctx context.Context) *Client { return info(ctx).client }
 
+// logger is the request's logger: every line names the request ID and,
+// once auth has found it, the client.
 func logger(ctx context.Context) *slog.Logger {
-	i := info(ctx)
-	if i.client != nil {
-		return i.log.With("client", i.client.Name)
+	i, ok := ctx.Value(ctxKey{}).(*reqInfo)
+	if !ok {
+		return slog.Default()
 	}
-	return i.log
+	if i.client != nil {
+		return i.log.With("request_id", i.id, "client", i.client.Name)
+	}
+	return i.log.With("request_id", i.id)
+}
+
+// logRequest writes the request log's line as logger(ctx) would, its
+// request ID and client first, without building a logger for it.
+func (i *reqInfo) logRequest(attrs ...slog.Attr) {
+	all := make([]slog.Attr, 0, 8)
+	all = append(all, slog.String("request_id", i.id))
+	if i.client != nil {
+		all = append(all, slog.String("client", i.client.Name))
+	}
+	i.log.LogAttrs(context.Background(), slog.LevelInfo, "request", append(all, attrs...)...)
 }
 
 // validRequestID accepts a caller's X-Request-Id if it is short and plain,
@@ -56,9 +72,14 @@ func validRequestID(id string) bool {
 	return true
 }
 
-// withRequestID echoes the caller's X-Request-Id, or makes one, on every
-// response, and gives the request a logger that carries it.
-func withRequestID(l *slog.Logger) func(http.Handler) http.Handler {
+// withRequest sets up each request's context, once, since each
+// r.WithContext copies the whole Request. It echoes the caller's
+// X-Request-Id, or makes one, on every response, and gives the request a
+// logger that carries it. A nonzero timeout bounds the time a request may
+// spend in the vault: waiting for an HSM session, or for a concurrent
+// last-attempt guess to settle. What has been counted by then stays
+// counted.
+func withRequest(l *slog.Logger, timeout time.Duration) func(http.Handler) http.Handler {
 	return func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			id := r.Header.Get("X-Request-Id")
@@ -66,21 +87,14 @@ func withRequestID(l *slog.Logger) func(http.Handler) http.Handler {
 				id = rand.Text()
 			}
 			w.Header().Set("X-Request-Id", id)
-			i := &reqInfo{id: id, log: l.With("request_id", id)}
-			next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), ctxKey{}, i)))
-		})
-	}
-}
-
-// withTimeout bounds the time a request may spend in the vault: waiting for
-// an HSM session, or for a concurrent last-attempt guess to settle. What has
-// been counted by then stays counted.
-func withTimeout(d time.Duration) func(http.Handler) http.Handler {
-	return func(next http.Handler) http.Handler {
-		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			ctx, cancel := context.WithTimeout(r.Context(), d)
-			defer cancel()
-			next.ServeHTTP(w, r.WithContext(ctx))
+			ctx := r.Context()
+			if timeout != 0 {
+				var cancel context.CancelFunc
+				ctx, cancel = context.WithTimeout(ctx, timeout)
+				defer cancel()
+			}
+			i := &reqInfo{id: id, log: l}
+			next.ServeHTTP(w, r.WithContext(context.WithValue(ctx, ctxKey{}, i)))
 		})
 	}
 }

@@ -90,14 +90,16 @@ type outcome struct {
 }
 
 func classify(err error) outcome {
+	// AsType, unlike As, leaves o on the stack: this runs several times a
+	// request.
 	var o outcome
-	errors.As(err, &o.inUse)
-	switch {
-	case errors.As(err, &o.limited):
+	var ok bool
+	o.inUse, _ = errors.AsType[*vault.KeysInUseError](err)
+	if o.limited, ok = errors.AsType[*ratelimit.Error](err); ok {
 		o.Result = "rate_limited"
-	case errors.As(err, &o.api):
+	} else if o.api, ok = errors.AsType[*apiError](err); ok {
 		o.Result = o.api.code
-	default:
+	} else {
 		o.Outcome = vault.Classify(err)
 	}
 	return o

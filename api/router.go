@@ -107,7 +107,7 @@ func NewRouter(b Backups, opts Options) http.Handler {
 	r := chi.NewRouter()
 	// The recoverer sits inside the metrics, so a panic counts as the 500
 	// it answers.
-	r.Use(withRequestID(opts.Logger), m.instrument, recoverer, withTimeout(opts.RequestTimeout))
+	r.Use(withRequest(opts.Logger, opts.RequestTimeout), m.instrument, recoverer)
 	r.NotFound(func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, r, &apiError{http.StatusNotFound, codeNotFound, "No such route."})
 	})
