@@ -115,7 +115,8 @@ type Store struct {
 	// committer numbers above it. Only the committer touches it.
 	revFloor uint64
 	// old holds the stored value a write replaces while the hook is told
-	// of it. Only the committer touches it.
+	// of it, and keeps the last one: a copy of what the mapped file held.
+	// Only the committer touches it.
 	old []byte
 
 	writes    chan *write // unbuffered: a write is taken or refused, never stranded
