@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash"
 	"slices"
 )
 
@@ -53,14 +54,25 @@ type Meta struct {
 	Parent  [macLen]byte
 }
 
+// metaBodyLen is the length of a meta's bytes before its MAC.
+const metaBodyLen = len(metaMagic) + VaultIDLen + 16 + digestLen + macLen
+
 // MarshalMeta encodes m with its MAC.
 func (k Keys) MarshalMeta(m Meta) []byte {
-	b := append([]byte(metaMagic), m.VaultID[:]...)
+	return marshalMeta(hmac.New(sha256.New, k.Meta), m)
+}
+
+// marshalMeta encodes m with its MAC under h, a fresh or reset HMAC
+// keyed with the meta key.
+func marshalMeta(h hash.Hash, m Meta) []byte {
+	b := make([]byte, 0, metaBodyLen+macLen)
+	b = append(b, metaMagic...)
+	b = append(b, m.VaultID[:]...)
 	b = binary.BigEndian.AppendUint64(b, m.Epoch)
 	b = binary.BigEndian.AppendUint64(b, m.Seq)
-	b = append(b, m.Records.Bytes()...)
+	b = m.Records.appendTo(b)
 	b = append(b, m.Parent[:]...)
-	return append(b, mac(k.Meta, labelMeta, b)...)
+	return appendMAC(b, h, domainMeta, b)
 }
 
 // ErrTampered: a meta or anchor object whose bytes or MAC are wrong.
@@ -68,11 +80,11 @@ var ErrTampered = errors.New("failed its integrity check")
 
 // ParseMeta decodes and authenticates the store's meta.
 func (k Keys) ParseMeta(raw []byte) (Meta, error) {
-	n := len(metaMagic) + VaultIDLen + 16 + digestLen + macLen
+	n := metaBodyLen
 	if !bytes.HasPrefix(raw, []byte(metaMagic)) || len(raw) != n+macLen {
 		return Meta{}, fmt.Errorf("store meta: malformed: %w", ErrTampered)
 	}
-	if !hmac.Equal(raw[n:], mac(k.Meta, labelMeta, raw[:n])) {
+	if !hmac.Equal(raw[n:], mac(k.Meta, domainMeta, raw[:n])) {
 		return Meta{}, fmt.Errorf("store meta: MAC mismatch: %w", ErrTampered)
 	}
 	var m Meta
@@ -132,21 +144,42 @@ func sameRank(a, b Anchor) bool {
 // Tag binds a digest to its vault, epoch and seq under the anchor key, so
 // that neither the digest nor a difference of digests leaves the process.
 func (k Keys) Tag(vaultID [VaultIDLen]byte, epoch, seq uint64, d Digest) [macLen]byte {
-	b := append([]byte(nil), vaultID[:]...)
+	var body [tagBodyLen]byte
+	return [macLen]byte(mac(k.Anchor, domainTag, appendTagBody(body[:0], vaultID, epoch, seq, d)))
+}
+
+// tagBodyLen is the length of what a tag MACs.
+const tagBodyLen = VaultIDLen + 16 + digestLen
+
+func appendTagBody(b []byte, vaultID [VaultIDLen]byte, epoch, seq uint64, d Digest) []byte {
+	b = append(b, vaultID[:]...)
 	b = binary.BigEndian.AppendUint64(b, epoch)
 	b = binary.BigEndian.AppendUint64(b, seq)
-	b = append(b, d.Bytes()...)
-	return [macLen]byte(mac(k.Anchor, labelTag, b))
+	return d.appendTo(b)
 }
 
 // MarshalAnchor encodes a with its MAC.
 func (k Keys) MarshalAnchor(a Anchor) ([]byte, error) {
+	return marshalAnchor(hmac.New(sha256.New, k.Anchor), a)
+}
+
+// marshalAnchor encodes a with its MAC under h, a fresh or reset HMAC
+// keyed with the anchor key.
+func marshalAnchor(h hash.Hash, a Anchor) ([]byte, error) {
 	if len(a.Live) == 0 || len(a.Live) > maxMembers {
 		return nil, fmt.Errorf("anchor: %d live members, want 1 to %d", len(a.Live), maxMembers)
 	}
-	live := slices.Clone(a.Live)
-	slices.Sort(live)
-	b := append([]byte(anchorMagic), a.VaultID[:]...)
+	live := a.Live
+	if !slices.IsSorted(live) {
+		live = slices.Sorted(slices.Values(live))
+	}
+	n := len(anchorMagic) + VaultIDLen + 1 + len(a.Member) + 16 + 1 + 8 + macLen + macLen
+	for _, m := range live {
+		n += 1 + len(m)
+	}
+	b := make([]byte, 0, n)
+	b = append(b, anchorMagic...)
+	b = append(b, a.VaultID[:]...)
 	var err error
 	if b, err = appendName(b, a.Member); err != nil {
 		return nil, err
@@ -161,7 +194,7 @@ func (k Keys) MarshalAnchor(a Anchor) ([]byte, error) {
 	}
 	b = binary.BigEndian.AppendUint64(b, a.Base.Seq)
 	b = append(b, a.Base.Tag[:]...)
-	return append(b, mac(k.Anchor, labelAnchor, b)...), nil
+	return appendMAC(b, h, domainAnchor, b), nil
 }
 
 func appendName(b []byte, name string) ([]byte, error) {
@@ -178,7 +211,7 @@ func (k Keys) ParseAnchor(raw []byte) (Anchor, error) {
 		return Anchor{}, fmt.Errorf("anchor: malformed: %w", ErrTampered)
 	}
 	body, sum := raw[:len(raw)-macLen], raw[len(raw)-macLen:]
-	if !hmac.Equal(sum, mac(k.Anchor, labelAnchor, body)) {
+	if !hmac.Equal(sum, mac(k.Anchor, domainAnchor, body)) {
 		return Anchor{}, fmt.Errorf("anchor: MAC mismatch: %w", ErrTampered)
 	}
 	// The MAC holds, so the bytes are ours; the checks below guard
@@ -219,10 +252,58 @@ func (r *reader) next(n int) []byte {
 func (r *reader) byte() byte     { return r.next(1)[0] }
 func (r *reader) uint64() uint64 { return binary.BigEndian.Uint64(r.next(8)) }
 func (r *reader) name() string   { return string(r.next(int(r.byte()))) }
-func mac(key []byte, label string, b []byte) []byte {
-	m := hmac.New(sha256.New, key)
-	m.Write([]byte(label))
-	m.Write([]byte{0})
-	m.Write(b)
-	return m.Sum(nil)
+
+// The MACs' domains: each label with the NUL that ends it.
+var (
+	domainMeta   = []byte(labelMeta + "\x00")
+	domainTag    = []byte(labelTag + "\x00")
+	domainAnchor = []byte(labelAnchor + "\x00")
+)
+
+// mac returns the MAC of b in domain under key.
+func mac(key, domain, b []byte) []byte {
+	return appendMAC(nil, hmac.New(sha256.New, key), domain, b)
+}
+
+// appendMAC appends to out the MAC of b in domain under h, a fresh or
+// reset HMAC.
+func appendMAC(out []byte, h hash.Hash, domain, b []byte) []byte {
+	h.Write(domain)
+	h.Write(b)
+	return h.Sum(out)
+}
+
+// Sealer MACs what the store's one writer writes (metas, tags and
+// anchors) under the Keys it was made from. It keeps one keyed HMAC state
+// per key, reset for each MAC, rather than key a new one each time: so it
+// holds the meta and anchor keys, as keyed states, for as long as it
+// lives, as the writer holds the Keys themselves. It is not safe for
+// concurrent use.
+type Sealer struct {
+	meta, anchor hash.Hash
+	body         [tagBodyLen]byte
+	sum          [macLen]byte
+}
+
+// Sealer returns a Sealer under k.
+func (k Keys) Sealer() *Sealer {
+	return &Sealer{meta: hmac.New(sha256.New, k.Meta), anchor: hmac.New(sha256.New, k.Anchor)}
+}
+
+// MarshalMeta is Keys.MarshalMeta.
+func (s *Sealer) MarshalMeta(m Meta) []byte {
+	s.meta.Reset()
+	return marshalMeta(s.meta, m)
+}
+
+// Tag is Keys.Tag.
+func (s *Sealer) Tag(vaultID [VaultIDLen]byte, epoch, seq uint64, d Digest) [macLen]byte {
+	s.anchor.Reset()
+	return [macLen]byte(appendMAC(s.sum[:0], s.anchor, domainTag, appendTagBody(s.body[:0], vaultID, epoch, seq, d)))
+}
+
+// MarshalAnchor is Keys.MarshalAnchor.
+func (s *Sealer) MarshalAnchor(a Anchor) ([]byte, error) {
+	s.anchor.Reset()
+	return marshalAnchor(s.anchor, a)
 }

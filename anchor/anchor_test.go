@@ -466,3 +466,45 @@ func TestNewerEpochOutranksHigherWriteNumber(t *testing.T) {
 		t.Fatalf("chose %+v, %v; want the new epoch's anchor", d.Anchor, err)
 	}
 }
+
+// A Sealer MACs exactly as its Keys do, however often it is reused, and
+// keys nothing anew: the store's writer uses one for every commit.
+func TestSealerMatchesKeys(t *testing.T) {
+	k := testKeys()
+	s := k.Sealer()
+	for i := range 3 {
+		m := Meta{Epoch: 3, Seq: uint64(99 + i), Records: Digest{1, 2, 3, uint64(i)}}
+		rand.Read(m.VaultID[:])
+		rand.Read(m.Parent[:])
+		if got, want := s.MarshalMeta(m), k.MarshalMeta(m); !bytes.Equal(got, want) {
+			t.Fatalf("meta %d: Sealer %x, Keys %x", i, got, want)
+		}
+		if got, want := s.Tag(m.VaultID, m.Epoch, m.Seq, m.Records), k.Tag(m.VaultID, m.Epoch, m.Seq, m.Records); got != want {
+			t.Fatalf("tag %d: Sealer %x, Keys %x", i, got, want)
+		}
+		a := sampleAnchor()
+		a.W += uint64(i)
+		got, err := s.MarshalAnchor(a)
+		want, err2 := k.MarshalAnchor(a)
+		if err != nil || err2 != nil || !bytes.Equal(got, want) {
+			t.Fatalf("anchor %d: Sealer %x (%v), Keys %x (%v)", i, got, err, want, err2)
+		}
+		if _, err := k.ParseAnchor(got); err != nil {
+			t.Fatalf("anchor %d: %v", i, err)
+		}
+	}
+	if _, err := s.MarshalAnchor(Anchor{Member: "a"}); err == nil {
+		t.Fatal("Sealer marshalled an anchor with no live member")
+	}
+	var d Digest
+	if n := testing.AllocsPerRun(10, func() { s.Tag([VaultIDLen]byte{}, 1, 2, d) }); n != 0 {
+		t.Errorf("Sealer.Tag allocates %v times", n)
+	}
+	if n := testing.AllocsPerRun(10, func() { s.MarshalMeta(Meta{}) }); n != 1 {
+		t.Errorf("Sealer.MarshalMeta allocates %v times, want 1 (its result)", n)
+	}
+	h, key, value := NewHasher(k.Digest), []byte("key"), []byte("value")
+	if n := testing.AllocsPerRun(10, func() { d = h.AddRecord(d, key, value) }); n != 0 {
+		t.Errorf("Hasher.AddRecord allocates %v times", n)
+	}
+}

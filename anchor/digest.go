@@ -39,7 +39,10 @@ const digestLen = 32
 
 // Bytes is the digest's big-endian encoding.
 func (d Digest) Bytes() []byte {
-	b := make([]byte, 0, 32)
+	return d.appendTo(make([]byte, 0, digestLen))
+}
+
+func (d Digest) appendTo(b []byte) []byte {
 	for _, l := range d {
 		b = binary.BigEndian.AppendUint64(b, l)
 	}
@@ -76,6 +79,7 @@ func (d Digest) sub(x Digest) Digest {
 type Hasher struct {
 	mac hash.Hash
 	buf []byte
+	sum [sha256.Size]byte
 }
 
 // NewHasher returns a Hasher under key (32 bytes, secret).
@@ -90,8 +94,7 @@ func (h *Hasher) elem(kind byte, key, value []byte) Digest {
 	h.mac.Reset()
 	h.mac.Write(h.buf)
 	h.mac.Write(value)
-	var sum [sha256.Size]byte
-	return limbs(h.mac.Sum(sum[:0]))
+	return limbs(h.mac.Sum(h.sum[:0]))
 }
 
 // AddRecord returns d with the record stored under key as value added.

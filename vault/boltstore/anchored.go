@@ -77,12 +77,16 @@ type position struct {
 type anchoring struct {
 	store   *Store // nil in AcceptRestore, which commits nothing
 	keys    anchor.Keys
+	sealer  *anchor.Sealer // MACs under keys, for each commit
 	hasher  *anchor.Hasher
 	members Anchors
 	log     *slog.Logger
 	metrics *anchorMetrics
 
 	position // the committed store's
+	// batchRecords is, from beforeCommit on, the digest of the records of the
+	// batch in its transaction, as its writes are made (changed).
+	batchRecords anchor.Digest
 	// next is the position the batch in its transaction makes, adopted
 	// once that commits.
 	next *position
@@ -166,7 +170,7 @@ func (s *Store) Anchor(ctx context.Context, keys anchor.Keys, members Anchors, r
 	if log == nil {
 		log = slog.Default()
 	}
-	a := &anchoring{store: s, keys: keys, hasher: anchor.NewHasher(keys.Digest), members: members, log: log, metrics: newAnchorMetrics(reg)}
+	a := &anchoring{store: s, keys: keys, sealer: keys.Sealer(), hasher: anchor.NewHasher(keys.Digest), members: members, log: log, metrics: newAnchorMetrics(reg)}
 	st, err := s.scan(a.hasher)
 	if err != nil {
 		return anchor.Decision{}, err
@@ -344,7 +348,7 @@ func nextBlock(tx *bolt.Tx, maxW uint64) (uint64, error) {
 const maxBlockLead = 1 << 16
 
 func (a *anchoring) point(m anchor.Meta, d anchor.Digest) anchor.Point {
-	return anchor.Point{Seq: m.Seq, Tag: a.keys.Tag(m.VaultID, m.Epoch, m.Seq, d)}
+	return anchor.Point{Seq: m.Seq, Tag: a.sealer.Tag(m.VaultID, m.Epoch, m.Seq, d)}
 }
 
 // write writes the next anchor to the configured members. The anchor
@@ -407,11 +411,14 @@ func (a *anchoring) write(ctx context.Context, base anchor.Point) error {
 				continue
 			}
 			tried[i] = true
+			// Marshalled here: the sealer serves one goroutine.
+			raw, err := a.sealer.MarshalAnchor(anchor.Anchor{VaultID: a.meta.VaultID, Member: m, Epoch: a.meta.Epoch, W: w, Live: prev, Base: base})
+			if err != nil {
+				ok[i], errs[i] = false, err
+				continue
+			}
 			wg.Go(func() {
-				raw, err := a.keys.MarshalAnchor(anchor.Anchor{VaultID: a.meta.VaultID, Member: m, Epoch: a.meta.Epoch, W: w, Live: prev, Base: base})
-				if err == nil {
-					err = a.members.WriteAnchor(ctx, m, w, raw)
-				}
+				err := a.members.WriteAnchor(ctx, m, w, raw)
 				ok[i], errs[i] = err == nil, err
 			})
 		}
@@ -478,27 +485,31 @@ func (a *anchoring) beforeCommit() error {
 			return fmt.Errorf("%w: rollback anchor: %w", errNotAnchored, err)
 		}
 	}
+	a.batchRecords = a.records
 	return nil
+}
+
+// changed takes a record write of the batch into the digest of its
+// records.
+func (a *anchoring) changed(key, old, new []byte) {
+	if old != nil {
+		a.batchRecords = a.hasher.RemoveRecord(a.batchRecords, key, old)
+	}
+	a.batchRecords = a.hasher.AddRecord(a.batchRecords, key, new)
 }
 
 // inCommit extends the batch's transaction with the meta of the state it
 // makes: the next seq, the digest of its records, and the tag of the
 // position it is written on, which an anchor vouches for.
-func (a *anchoring) inCommit(tx *bolt.Tx, changes []change) error {
-	r := a.records
-	for _, c := range changes {
-		if c.old != nil {
-			r = a.hasher.RemoveRecord(r, c.key, c.old)
-		}
-		r = a.hasher.AddRecord(r, c.key, c.new)
-	}
+func (a *anchoring) inCommit(meta *bolt.Bucket) error {
+	r := a.batchRecords
 	m := a.meta
 	m.Seq++
 	m.Records = r
 	m.Parent = a.point(a.meta, a.digest).Tag
-	raw := a.keys.MarshalMeta(m)
+	raw := a.sealer.MarshalMeta(m)
 	a.next = &position{records: r, digest: a.hasher.AddMeta(r, raw), meta: m, metaRaw: raw}
-	return tx.Bucket(bucketMeta).Put(keyAnchorMeta, raw)
+	return meta.Put(keyAnchorMeta, raw)
 }
 
 // afterCommit adopts the state a committed batch made and holds its
@@ -713,7 +724,7 @@ func (s *Store) AcceptRestore(ctx context.Context, keys anchor.Keys, members Anc
 	if err != nil {
 		return acc, err
 	}
-	a := &anchoring{keys: keys, hasher: h, members: members, log: slog.New(slog.DiscardHandler),
+	a := &anchoring{keys: keys, sealer: keys.Sealer(), hasher: h, members: members, log: slog.New(slog.DiscardHandler),
 		metrics: newAnchorMetrics(nil), w: w,
 		position: position{meta: m, metaRaw: raw, records: before.scanned.RecordDigest, digest: d}}
 	// The new epoch must reach every member: one it misses keeps an

@@ -114,6 +114,10 @@ type Store struct {
 	// or not (an early answer's transaction may fail after it): the
 	// committer numbers above it. Only the committer touches it.
 	revFloor uint64
+	// old holds the stored value a write replaces while the hook is told
+	// of it, and keeps the last one: a copy of what the mapped file held.
+	// Only the committer touches it.
+	old []byte
 
 	writes    chan *write // unbuffered: a write is taken or refused, never stranded
 	closing   chan struct{}
@@ -143,18 +147,20 @@ type commitHook interface {
 	// beforeCommit runs before a batch's transaction. An error refuses
 	// the whole batch: nothing of it is written.
 	beforeCommit() error
+	// changed is told, inside a batch's transaction, of each record
+	// write once it is made: its key, and its stored value before (nil:
+	// none) and after. It must not keep old, which is valid only during
+	// the call.
+	changed(key, old, new []byte)
 	// inCommit runs inside the transaction of a batch that changed
-	// records, after its writes; an error fails the transaction.
-	inCommit(tx *bolt.Tx, changes []change) error
+	// records, after its writes, with the meta bucket; an error fails the
+	// transaction.
+	inCommit(meta *bolt.Bucket) error
 	// afterCommit runs once the transaction has ended with err, before
 	// any answer goes out. It returns the error the batch's writes are
 	// answered with (nil: each its own result).
 	afterCommit(err error) error
 }
-
-// change is one record write of a batch: its key, and its stored value
-// before (nil: none) and after.
-type change struct{ key, old, new []byte }
 
 // Options configure a Store, as etcdstore.Options do the etcd driver.
 type Options struct {
@@ -421,7 +427,8 @@ func (s *Store) commitLoop() {
 			}
 		}
 		s.commit(batch)
-		batch = make([]*write, 0, maxBatch)
+		clear(batch) // keep no answered write
+		batch = batch[:0]
 	}
 }
 
@@ -460,7 +467,6 @@ func (s *Store) commit(batch []*write) {
 // damage fails alone and changes nothing. If the transaction fails, its
 // error is returned, for every write of the batch.
 func (s *Store) apply(batch []*write) error {
-	var changes []change
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		data, meta := tx.Bucket(bucketData), tx.Bucket(bucketMeta)
 		var rev uint64
@@ -471,10 +477,20 @@ func (s *Store) apply(batch []*write) error {
 		// early answers whose transaction failed (revFloor): a revision
 		// once given for a write never names other content.
 		last, changed := max(rev, s.revFloor), false
+		// bbolt keeps each value it is given until the commit: the batch's
+		// values, each behind its revision, and the counter share one
+		// buffer.
+		size := revLen
+		for _, w := range batch {
+			size += revLen + len(w.value)
+		}
+		vals := make([]byte, 0, size)
+		// One cursor finds every key of the batch.
+		c := data.Cursor()
 		for _, w := range batch {
 			w.newRev, w.err = 0, nil
 			var cur uint64
-			old := data.Get(w.key)
+			old := get(c, w.key)
 			if old != nil {
 				if len(old) < revLen {
 					w.err = errTruncated
@@ -490,12 +506,14 @@ func (s *Store) apply(batch []*write) error {
 			// counter was set back by hand: otherwise a compare-and-swap
 			// read before the edit could land over a newer value.
 			next := max(last, cur) + 1
-			buf := make([]byte, revLen, revLen+len(w.value))
-			binary.BigEndian.PutUint64(buf, next)
-			buf = append(buf, w.value...)
-			if s.hook != nil {
+			start := len(vals)
+			vals = binary.BigEndian.AppendUint64(vals, next)
+			vals = append(vals, w.value...)
+			buf := vals[start:len(vals):len(vals)]
+			if s.hook != nil && old != nil {
 				// bbolt's slice dies with the write that follows.
-				old = bytes.Clone(old)
+				s.old = append(s.old[:0], old...)
+				old = s.old
 			}
 			// Put checks its arguments before it changes anything, so a
 			// refused value fails its own write only.
@@ -505,18 +523,19 @@ func (s *Store) apply(batch []*write) error {
 			last, changed = next, true
 			w.newRev = last
 			if s.hook != nil {
-				changes = append(changes, change{key: w.key, old: old, new: buf})
+				s.hook.changed(w.key, old, buf)
 			}
 		}
 		if !changed {
 			return nil
 		}
 		s.revFloor = last
-		if err := meta.Put(keyRev, binary.BigEndian.AppendUint64(nil, last)); err != nil {
+		vals = binary.BigEndian.AppendUint64(vals, last)
+		if err := meta.Put(keyRev, vals[len(vals)-revLen:]); err != nil {
 			return err
 		}
 		if s.hook != nil {
-			if err := s.hook.inCommit(tx, changes); err != nil {
+			if err := s.hook.inCommit(meta); err != nil {
 				return err
 			}
 		}
@@ -533,6 +552,15 @@ func (s *Store) apply(batch []*write) error {
 		}
 	}
 	return err
+}
+
+// get is Bucket.Get through c, a cursor on the bucket, which keeps the
+// path it searched for the next key.
+func get(c *bolt.Cursor, key []byte) []byte {
+	if k, v := c.Seek(key); bytes.Equal(k, key) {
+		return v
+	}
+	return nil
 }
 
 // Scan implements vault.Store.

@@ -568,6 +568,7 @@ func BenchmarkCompareAndSwap(b *testing.B) {
 			}
 			start := time.Now()
 			b.ResetTimer()
+			cpu := cpuTime(b)
 			if writers == 1 {
 				work(b.Loop)
 			} else {
@@ -575,6 +576,7 @@ func BenchmarkCompareAndSwap(b *testing.B) {
 				b.SetParallelism(max(1, writers/runtime.GOMAXPROCS(0)))
 				b.RunParallel(func(pb *testing.PB) { work(pb.Next) })
 			}
+			reportCPU(b, cpu)
 			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "writes/s")
 			commits, writes := commitWrites(b, reg)
 			b.ReportMetric(writes/float64(commits), "writes/commit")
