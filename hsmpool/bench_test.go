@@ -152,6 +152,28 @@ func BenchmarkSoftHSMOps(b *testing.B) {
 	}
 }
 
+// BenchmarkSoftHSMOpsHMACProfile: BenchmarkSoftHSMOps's operations under
+// a wrap key of the hmac profile, served from session copies: each seal
+// and open derives its record key in the token (one C_Sign) and runs GCM
+// on the host:
+//
+//	go test ./hsmpool -run '^$' -bench SoftHSMOpsHMACProfile -benchtime 3s
+func BenchmarkSoftHSMOpsHMACProfile(b *testing.B) {
+	m := newMember(b, "a")
+	if _, err := Provision([]MemberConfig{m}, vault.ProfileHMAC); err != nil {
+		b.Fatal(err)
+	}
+	p, err := Open([]MemberConfig{m}, Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer p.Close()
+	if err := viewOf(b, p, 0).sessionCopies(); err != nil {
+		b.Fatalf("session copies: %v", err)
+	}
+	benchOps(b, p, m.MaxSessions)
+}
+
 func benchOps(b *testing.B, p *Pool, sessions int) {
 	ctx := context.Background()
 	nonce, aad, pt := make([]byte, 12), []byte("keyvault/v1/aad"), make([]byte, 32)
