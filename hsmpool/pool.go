@@ -1,7 +1,6 @@
 package hsmpool
 
 import (
-	"bytes"
 	"context"
 	"encoding/hex"
 	"errors"
@@ -14,6 +13,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/keyvault/keyvault/hsmpool/internal/p11raw"
 	"github.com/keyvault/keyvault/vault"
 )
 
@@ -390,18 +390,19 @@ func (p *Pool) Seal(ctx context.Context, key vault.KeyID, nonce, plaintext, aad 
 		return nil, fmt.Errorf("%w: GCM nonce of %d bytes, want %d", errCaller, len(nonce), gcmNonceSize)
 	}
 	out, err := p.do(ctx, "seal", func(_ *member, st *tokenState) ([]byte, error) {
-		n := bytes.Clone(nonce)
-		var ct []byte
-		var err error
+		// The answer is the nonce followed by the ciphertext, in one
+		// buffer that starts as the nonce's copy.
+		out := make([]byte, gcmNonceSize, gcmNonceSize+len(plaintext)+p11raw.TagSize)
+		n := out[:gcmNonceSize:gcmNonceSize]
+		copy(n, nonce)
 		if derives(st.tok, key) {
-			ct, err = sealDerived(st.tok, key, n, plaintext, aad)
-		} else {
-			ct, err = st.tok.Seal(key, n, plaintext, aad)
+			return appendSealDerived(out, st.tok, key, n, plaintext, aad)
 		}
+		ct, err := st.tok.Seal(key, n, plaintext, aad)
 		if err != nil {
 			return nil, err
 		}
-		return append(n, ct...), nil
+		return append(out, ct...), nil
 	})
 	if err != nil {
 		return nil, err
