@@ -80,6 +80,33 @@ func BenchmarkPoolScaling(b *testing.B) {
 	}
 }
 
+// instantToken answers every HMAC at once with the same bytes, and seals
+// and opens as latencyToken does with no delay.
+type instantToken struct{ latencyToken }
+
+var instantMAC = make([]byte, 32)
+
+func (instantToken) HMAC(vault.KeyID, []byte) ([]byte, error) { return instantMAC, nil }
+
+// BenchmarkPoolOverhead: what the pool itself costs per operation (a
+// member picked, a session slot, the deadline, the metrics) around a
+// token that answers at once, called from one goroutine:
+//
+//	go test ./hsmpool -run '^$' -bench PoolOverhead -benchmem
+func BenchmarkPoolOverhead(b *testing.B) {
+	p, err := newPool([]MemberConfig{{Name: "m0", MaxSessions: 4}}, []token{instantToken{}}, make([]error, 1), Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer p.Close()
+	ctx, key, msg := context.Background(), vault.KeyID{Role: vault.RolePIN, Version: 1}, []byte("pin check")
+	for b.Loop() {
+		if _, err := p.HMAC(ctx, key, msg); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
 // BenchmarkAnchorWrite: one rollback-anchor write to a SoftHSM member (an
 // in-place update of a private token object, which every anchored batch
 // waits for) against a baseline measured in the same loop on the same
@@ -150,6 +177,28 @@ func BenchmarkSoftHSMOps(b *testing.B) {
 			benchOps(b, p, m.MaxSessions)
 		})
 	}
+}
+
+// BenchmarkSoftHSMOpsHMACProfile: BenchmarkSoftHSMOps's operations under
+// a wrap key of the hmac profile, served from session copies: each seal
+// and open derives its record key in the token (one C_Sign) and runs GCM
+// on the host:
+//
+//	go test ./hsmpool -run '^$' -bench SoftHSMOpsHMACProfile -benchtime 3s
+func BenchmarkSoftHSMOpsHMACProfile(b *testing.B) {
+	m := newMember(b, "a")
+	if _, err := Provision([]MemberConfig{m}, vault.ProfileHMAC); err != nil {
+		b.Fatal(err)
+	}
+	p, err := Open([]MemberConfig{m}, Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer p.Close()
+	if err := viewOf(b, p, 0).sessionCopies(); err != nil {
+		b.Fatalf("session copies: %v", err)
+	}
+	benchOps(b, p, m.MaxSessions)
 }
 
 func benchOps(b *testing.B, p *Pool, sessions int) {

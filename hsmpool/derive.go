@@ -43,11 +43,17 @@ func derivedGCM(t token, key vault.KeyID, nonce, aad []byte) (cipher.AEAD, error
 
 // sealDerived seals under the record key derived on t.
 func sealDerived(t token, key vault.KeyID, nonce, plaintext, aad []byte) ([]byte, error) {
+	return appendSealDerived(nil, t, key, nonce, plaintext, aad)
+}
+
+// appendSealDerived is sealDerived appending the ciphertext to dst, as
+// cipher.AEAD's Seal does.
+func appendSealDerived(dst []byte, t token, key vault.KeyID, nonce, plaintext, aad []byte) ([]byte, error) {
 	g, err := derivedGCM(t, key, nonce, aad)
 	if err != nil {
 		return nil, err
 	}
-	return g.Seal(nil, nonce, plaintext, aad), nil
+	return g.Seal(dst, nonce, plaintext, aad), nil
 }
 
 // openDerived opens under the record key derived on the member. A failed

@@ -33,6 +33,12 @@ type member struct {
 	// copiesSaid is what the log last said of the member's session key
 	// copies (noteCopies).
 	copiesSaid atomic.Pointer[string]
+	// work hands jobs to the member's idle workers; workers counts them,
+	// at most one per session slot (Pool.hand).
+	work    chan *job
+	workers atomic.Int64
+	// metrics are the member's children of the operation metrics.
+	metrics *memberMetrics
 }
 
 func (m *member) state() *tokenState { return m.st.Load() }

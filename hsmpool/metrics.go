@@ -1,6 +1,10 @@
 package hsmpool
 
 import (
+	"maps"
+	"sync"
+	"sync/atomic"
+
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promauto"
 )
@@ -73,4 +77,49 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "1 if the member was refused because its key check values differ from the pool's.",
 		}, []string{"member"}),
 	}
+}
+
+// memberMetrics keeps a member's children of the metric vectors that every
+// operation updates: finding one in its vector hashes its labels and takes
+// a lock. Each child is found at its first use, when a lookup at every use
+// would first have made it, so that the pool exports the same series.
+type memberMetrics struct {
+	inFlight func() prometheus.Gauge
+	mu       sync.Mutex                            // serialises additions to ops
+	ops      atomic.Pointer[map[string]*opMetrics] // replaced whole by each addition
+}
+
+// opMetrics are a member's children for one operation.
+type opMetrics struct {
+	ops      prometheus.Counter
+	duration prometheus.Observer
+}
+
+func newMemberMetrics(pm *metrics, name string) *memberMetrics {
+	return &memberMetrics{inFlight: sync.OnceValue(func() prometheus.Gauge { return pm.inFlight.WithLabelValues(name) })}
+}
+
+// op returns the member's children for op, found in pm's vectors at its
+// first use.
+func (mm *memberMetrics) op(pm *metrics, name, op string) *opMetrics {
+	if ops := mm.ops.Load(); ops != nil {
+		if om := (*ops)[op]; om != nil {
+			return om
+		}
+	}
+	mm.mu.Lock()
+	defer mm.mu.Unlock()
+	var ops map[string]*opMetrics
+	if old := mm.ops.Load(); old != nil {
+		if om := (*old)[op]; om != nil {
+			return om
+		}
+		ops = maps.Clone(*old)
+	} else {
+		ops = map[string]*opMetrics{}
+	}
+	om := &opMetrics{ops: pm.ops.WithLabelValues(name, op), duration: pm.duration.WithLabelValues(name, op)}
+	ops[op] = om
+	mm.ops.Store(&ops)
+	return om
 }

@@ -1,7 +1,6 @@
 package hsmpool
 
 import (
-	"bytes"
 	"context"
 	"encoding/hex"
 	"errors"
@@ -14,6 +13,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/keyvault/keyvault/hsmpool/internal/p11raw"
 	"github.com/keyvault/keyvault/vault"
 )
 
@@ -81,6 +81,9 @@ type Pool struct {
 	// each is handed its admission on its channel.
 	admitMu    sync.Mutex
 	admitQueue []chan struct{}
+
+	// jobs are the operations' jobs for reuse (run).
+	jobs sync.Pool
 
 	mu     sync.Mutex // guards closed, and wg.Add against Close
 	closed bool
@@ -212,7 +215,8 @@ func newPool(cfgs []MemberConfig, toks []token, openErrs []error, opts Options) 
 	p.metrics.shed.WithLabelValues("admission")
 	p.metrics.shed.WithLabelValues("session")
 	for i, c := range cfgs {
-		m := &member{name: c.Name, sessions: make(chan struct{}, max(c.MaxSessions, 1))}
+		m := &member{name: c.Name, sessions: make(chan struct{}, max(c.MaxSessions, 1)), work: make(chan *job),
+			metrics: newMemberMetrics(p.metrics, c.Name)}
 		m.limit.Store(int64(cap(m.sessions)))
 		p.metrics.sessionsMax.WithLabelValues(c.Name).Set(float64(cap(m.sessions)))
 		m.st.Store(brokenState(nil))
@@ -390,18 +394,19 @@ func (p *Pool) Seal(ctx context.Context, key vault.KeyID, nonce, plaintext, aad 
 		return nil, fmt.Errorf("%w: GCM nonce of %d bytes, want %d", errCaller, len(nonce), gcmNonceSize)
 	}
 	out, err := p.do(ctx, "seal", func(_ *member, st *tokenState) ([]byte, error) {
-		n := bytes.Clone(nonce)
-		var ct []byte
-		var err error
+		// The answer is the nonce followed by the ciphertext, in one
+		// buffer that starts as the nonce's copy.
+		out := make([]byte, gcmNonceSize, gcmNonceSize+len(plaintext)+p11raw.TagSize)
+		n := out[:gcmNonceSize:gcmNonceSize]
+		copy(n, nonce)
 		if derives(st.tok, key) {
-			ct, err = sealDerived(st.tok, key, n, plaintext, aad)
-		} else {
-			ct, err = st.tok.Seal(key, n, plaintext, aad)
+			return appendSealDerived(out, st.tok, key, n, plaintext, aad)
 		}
+		ct, err := st.tok.Seal(key, n, plaintext, aad)
 		if err != nil {
 			return nil, err
 		}
-		return append(n, ct...), nil
+		return append(out, ct...), nil
 	})
 	if err != nil {
 		return nil, err
@@ -526,27 +531,85 @@ var (
 // session slot until the HSM returns, and waits for it no longer than
 // OpTimeout or ctx allows: a PKCS#11 call cannot be interrupted, but the
 // request need not wait for a stalled one. The result of an operation given
-// up on is dropped with its goroutine.
+// up on is dropped with its job. The goroutine is one of the member's
+// workers (hand), and the job, with its channel and timer, is reused once
+// its answer is taken.
 func (p *Pool) run(ctx context.Context, m *member, op string, fn func(*member, *tokenState) ([]byte, error)) ([]byte, error) {
-	type result struct {
-		out []byte
-		err error
+	j, _ := p.jobs.Get().(*job)
+	if j == nil {
+		j = &job{done: make(chan struct{}, 1), timer: time.NewTimer(p.opts.OpTimeout)}
+	} else {
+		j.timer.Reset(p.opts.OpTimeout)
 	}
-	done := make(chan result, 1)
-	go func() {
-		defer func() { <-m.sessions }()
-		out, err := p.call(m, op, fn)
-		done <- result{out, err}
-	}()
-	timer := time.NewTimer(p.opts.OpTimeout)
-	defer timer.Stop()
+	j.op, j.fn = op, fn
+	p.hand(m, j)
 	select {
-	case r := <-done:
-		return r.out, r.err
-	case <-timer.C:
+	case <-j.done:
+		// The timer, stopped, sends nothing more: the job can be reused.
+		j.timer.Stop()
+		out, err := j.out, j.err
+		*j = job{done: j.done, timer: j.timer}
+		p.jobs.Put(j)
+		return out, err
+	case <-j.timer.C:
 		return nil, fmt.Errorf("hsm %s on member %s: %w (%v)", op, m.name, errStalled, p.opts.OpTimeout)
 	case <-ctx.Done():
+		j.timer.Stop()
 		return nil, fmt.Errorf("%w: %w", errAbandoned, ctx.Err())
+	}
+}
+
+// job is one operation handed to a member's worker. The worker sets out
+// and err, then signals done (buffered: a caller that gave up is not
+// waited for) and touches the job no more.
+type job struct {
+	op    string
+	fn    func(*member, *tokenState) ([]byte, error)
+	out   []byte
+	err   error
+	done  chan struct{}
+	timer *time.Timer // the caller's OpTimeout
+}
+
+// hand gives j to an idle worker of the member, or to a new one while
+// the member has fewer workers than session slots. The caller holds a
+// slot, and a worker holds one only while it runs a job, so with every
+// worker started one is idle or about to be, unless the pool has closed
+// and its idle workers are gone: then a worker is started for the job.
+func (p *Pool) hand(m *member, j *job) {
+	select {
+	case m.work <- j:
+		return
+	default:
+	}
+	if m.workers.Add(1) > int64(cap(m.sessions)) {
+		m.workers.Add(-1)
+		select {
+		case m.work <- j:
+			return
+		case <-p.stop:
+			m.workers.Add(1)
+		}
+	}
+	go p.worker(m, j)
+}
+
+// worker runs j, then the member's next jobs, until the pool closes: a
+// goroutine per operation would cost its start, and the growth of a
+// fresh stack to what a PKCS#11 call needs, every time. Each job's
+// session slot is released once its answer is sent, as its caller took
+// it.
+func (p *Pool) worker(m *member, j *job) {
+	defer m.workers.Add(-1)
+	for {
+		j.out, j.err = p.call(m, j.op, j.fn)
+		j.done <- struct{}{}
+		<-m.sessions
+		select {
+		case j = <-m.work:
+		case <-p.stop:
+			return
+		}
 	}
 }
 
@@ -554,10 +617,13 @@ func (p *Pool) run(ctx context.Context, m *member, op string, fn func(*member, *
 // panics (Seal and Sum panic on any PKCS#11 error).
 func (p *Pool) call(m *member, op string, fn func(*member, *tokenState) ([]byte, error)) (out []byte, err error) {
 	m.inFlight.Add(1)
-	p.metrics.inFlight.WithLabelValues(m.name).Inc()
+	inFlight := m.metrics.inFlight()
+	inFlight.Inc()
 	start := time.Now()
-	st, leave := pinState(m)
-	defer leave()
+	st, u := pinState(m)
+	if u != nil {
+		defer u.leave()
+	}
 	defer func() {
 		if r := recover(); r != nil {
 			err = fmt.Errorf("pkcs11 %s: %v", op, r)
@@ -568,9 +634,10 @@ func (p *Pool) call(m *member, op string, fn func(*member, *tokenState) ([]byte,
 			}
 		}
 		m.inFlight.Add(-1)
-		p.metrics.inFlight.WithLabelValues(m.name).Dec()
-		p.metrics.ops.WithLabelValues(m.name, op).Inc()
-		p.metrics.duration.WithLabelValues(m.name, op).Observe(time.Since(start).Seconds())
+		inFlight.Dec()
+		om := m.metrics.op(p.metrics, m.name, op)
+		om.ops.Inc()
+		om.duration.Observe(time.Since(start).Seconds())
 		if err != nil && !errors.Is(err, ErrIntegrity) && !errors.Is(err, errCaller) {
 			p.metrics.errors.WithLabelValues(m.name, op, reasonOf(err)).Inc()
 		}
@@ -586,22 +653,22 @@ type viewUser interface {
 }
 
 // pinState returns the member's state with its view entered, and the
-// leave to call once the operation ends: fn's calls all run on one view,
-// which stays usable until then. A view dropped before it is entered is
-// passed over for the member's state of now, which replaced it; one
-// still in place fails fn's calls.
-func pinState(m *member) (*tokenState, func()) {
+// view to leave once the operation ends (nil: nothing to leave): fn's
+// calls all run on one view, which stays usable until then. A view
+// dropped before it is entered is passed over for the member's state of
+// now, which replaced it; one still in place fails fn's calls.
+func pinState(m *member) (*tokenState, viewUser) {
 	for {
 		st := m.state()
 		u, ok := st.tok.(viewUser)
 		if !ok {
-			return st, func() {}
+			return st, nil
 		}
 		if u.enter() {
-			return st, u.leave
+			return st, u
 		}
 		if m.state() == st {
-			return st, func() {}
+			return st, nil
 		}
 	}
 }

@@ -65,6 +65,14 @@ static CK_RV kv_gcm(kv_function_list *f, int encrypt, CK_SESSION_HANDLE s, CK_OB
 	if (rv != 0) return rv;
 	return encrypt ? f->C_Encrypt(s, in, inlen, out, outlen) : f->C_Decrypt(s, in, inlen, out, outlen);
 }
+
+// The token reads and writes the buffers passed only within the call, and
+// never calls into Go: the Go values they point to, the output lengths
+// among them, can stay on the stack.
+#cgo noescape kv_sign
+#cgo nocallback kv_sign
+#cgo noescape kv_gcm
+#cgo nocallback kv_gcm
 */
 import "C"
 
