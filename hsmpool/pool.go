@@ -602,15 +602,23 @@ func (p *Pool) hand(m *member, j *job) {
 func (p *Pool) worker(m *member, j *job) {
 	defer m.workers.Add(-1)
 	for {
-		j.out, j.err = p.call(m, j.op, j.fn)
-		j.done <- struct{}{}
-		<-m.sessions
+		p.runJob(m, j)
 		select {
 		case j = <-m.work:
 		case <-p.stop:
 			return
 		}
 	}
+}
+
+// runJob runs j and answers it, then releases its session slot; the
+// slot is released even if the operation ends its goroutine
+// (runtime.Goexit, as a failing test's fake token may), when its caller
+// is left to its OpTimeout.
+func (p *Pool) runJob(m *member, j *job) {
+	defer func() { <-m.sessions }()
+	j.out, j.err = p.call(m, j.op, j.fn)
+	j.done <- struct{}{}
 }
 
 // call runs one operation, with its metrics, and recovers crypto11's

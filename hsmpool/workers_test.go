@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	mrand "math/rand/v2"
+	"runtime"
 	"sync"
 	"testing"
 	"time"
@@ -95,5 +96,33 @@ func TestWorkersStayWithinSessions(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("an operation after Close got no answer")
+	}
+}
+
+// goexitToken ends the goroutine of every HMAC, as a failing test's fake
+// token does with t.FailNow.
+type goexitToken struct{ latencyToken }
+
+func (goexitToken) HMAC(vault.KeyID, []byte) ([]byte, error) { runtime.Goexit(); return nil, nil }
+
+// TestSlotOutlivesGoexit: an operation that ends its worker's goroutine
+// still gives its session slot back; its caller is answered by OpTimeout.
+func TestSlotOutlivesGoexit(t *testing.T) {
+	p, err := newPool([]MemberConfig{{Name: "a", MaxSessions: 1}}, []token{latencyToken{}}, make([]error, 1), Options{OpTimeout: 50 * time.Millisecond, ProbeBackoff: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	m := p.members[0]
+	swapToken(m, goexitToken{})
+	if _, err := p.HMAC(context.Background(), pin1, []byte("m")); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("HMAC whose goroutine ended: %v, want ErrUnavailable after OpTimeout", err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for len(m.sessions) != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d session slots still held after the operation ended", len(m.sessions))
+		}
+		time.Sleep(time.Millisecond)
 	}
 }
