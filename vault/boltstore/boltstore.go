@@ -554,8 +554,8 @@ func (s *Store) apply(batch []*write) error {
 	return err
 }
 
-// get is Bucket.Get through c, a cursor on the bucket, which keeps the
-// path it searched for the next key.
+// get is Bucket.Get through c, a cursor on the bucket: one cursor for a
+// batch's keys reuses the memory of its search path from key to key.
 func get(c *bolt.Cursor, key []byte) []byte {
 	if k, v := c.Seek(key); bytes.Equal(k, key) {
 		return v
