@@ -24,17 +24,7 @@ func refDecodeJSON(body []byte, dst any) error {
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(dst); err != nil {
-		var typeErr *json.UnmarshalTypeError
-		switch {
-		case errors.Is(err, io.EOF):
-			return badRequest("body: a JSON object is required")
-		case errors.As(err, &typeErr) && typeErr.Field != "":
-			return badRequest("body: field " + typeErr.Field + " has the wrong type")
-		case strings.HasPrefix(err.Error(), "json: unknown field"):
-			return badRequest("body: unknown field (allowed: " + fieldList(dst) + ")")
-		default:
-			return badRequest("body: not a valid JSON object of the expected shape")
-		}
+		return decodeError(err, dst)
 	}
 	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
 		return badRequest("body: one JSON object only, nothing after it")

@@ -117,13 +117,19 @@ func BenchmarkAnchoredRecovery(b *testing.B) {
 			}
 			b.ResetTimer()
 			start := cpuTime(b)
-			if users == 1 {
-				work(b.Loop)
-			} else {
-				b.SetParallelism(max(1, users/runtime.GOMAXPROCS(0)))
-				b.RunParallel(func(pb *testing.PB) { work(pb.Next) })
-			}
+			runFrom(b, users, work)
 			reportCPU(b, start)
 		})
 	}
+}
+
+// runFrom runs work from n goroutines, b.Loop's own for one.
+func runFrom(b *testing.B, n int, work func(more func() bool)) {
+	if n == 1 {
+		work(b.Loop)
+		return
+	}
+	// RunParallel starts parallelism x GOMAXPROCS goroutines.
+	b.SetParallelism(max(1, n/runtime.GOMAXPROCS(0)))
+	b.RunParallel(func(pb *testing.PB) { work(pb.Next) })
 }

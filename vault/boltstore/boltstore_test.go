@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -569,13 +568,7 @@ func BenchmarkCompareAndSwap(b *testing.B) {
 			start := time.Now()
 			b.ResetTimer()
 			cpu := cpuTime(b)
-			if writers == 1 {
-				work(b.Loop)
-			} else {
-				// RunParallel starts parallelism x GOMAXPROCS goroutines.
-				b.SetParallelism(max(1, writers/runtime.GOMAXPROCS(0)))
-				b.RunParallel(func(pb *testing.PB) { work(pb.Next) })
-			}
+			runFrom(b, writers, work)
 			reportCPU(b, cpu)
 			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "writes/s")
 			commits, writes := commitWrites(b, reg)
