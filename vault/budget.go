@@ -317,6 +317,7 @@ func (v *Vault) forgiveResealed(ctx context.Context, g *guess, resealed *record)
 		// a write that never lands leaves this guess counted.
 		go func() {
 			if err := durable(); err != nil {
+				v.metrics.earlyResetsLost.Inc()
 				v.log.Error("a counter reset answered before it was durable did not become durable; the guess stays counted",
 					"record", v.logID(g.key), "error", err.Error())
 			}

@@ -7,6 +7,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -183,4 +184,55 @@ func TestOnlyALoneResetIsAnsweredEarly(t *testing.T) {
 	if len(probe.take()) != 1 {
 		t.Fatal("a right guess on a re-sealed record was not answered early")
 	}
+}
+
+// lossyEarly answers every early write as the store under it answers a
+// compare-and-swap, then reports that it never became durable, as a
+// bbolt commit that failed after its writes were applied.
+type lossyEarly struct{ vault.Store }
+
+var errLostCommit = errors.New("commit failed after the early answer")
+
+func (s lossyEarly) CompareAndSwapEarly(ctx context.Context, key []byte, rev uint64, value []byte) (uint64, func() error, error) {
+	nr, err := s.CompareAndSwap(ctx, key, rev, value)
+	return nr, func() error { return errLostCommit }, err
+}
+
+// A reset answered before it was durable that then fails is counted in
+// keyvault_early_resets_lost_total; the answer stands.
+func TestLostEarlyResetIsCounted(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, vault.Options{})
+	reg := prometheus.NewRegistry()
+	e.v = e.newVault(lossyEarly{e.store}, e.hsm, reg)
+	secret := randBytes(32)
+	if _, _, err := e.v.Enroll(bg, ns, "u1", secret, rightPIN, 5, vault.Precondition{}); err != nil {
+		t.Fatal(err)
+	}
+	if s, n, err := e.v.Recover(bg, ns, "u1", rightPIN); err != nil || !bytes.Equal(s, secret) || n != 5 {
+		t.Fatalf("recover: %d left, %v; want the secret and 5 left", n, err)
+	}
+	// The loss is noted by a goroutine once the answer has gone.
+	deadline := time.Now().Add(5 * time.Second)
+	for lostResets(t, reg) != 1 {
+		if time.Now().After(deadline) {
+			t.Fatal("keyvault_early_resets_lost_total did not reach 1")
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func lostResets(t *testing.T, reg *prometheus.Registry) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == "keyvault_early_resets_lost_total" {
+			return mf.GetMetric()[0].GetCounter().GetValue()
+		}
+	}
+	t.Fatal("keyvault_early_resets_lost_total is not exported")
+	return 0
 }

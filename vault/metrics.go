@@ -12,6 +12,7 @@ type metrics struct {
 	deletes           prometheus.Counter
 	lockouts          prometheus.Counter
 	untold            prometheus.Counter
+	earlyResetsLost   prometheus.Counter
 	integrityFailures prometheus.Counter
 	storeConflicts    prometheus.Counter
 	ambiguous         *prometheus.CounterVec
@@ -50,6 +51,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		untold: f.NewCounter(prometheus.CounterOpts{
 			Name: "keyvault_guess_outcomes_untold_total",
 			Help: "Guesses answered unavailable after their PIN check, because a later success or a new generation took their count away and it could not be counted again.",
+		}),
+		earlyResetsLost: f.NewCounter(prometheus.CounterOpts{
+			Name: "keyvault_early_resets_lost_total",
+			Help: "Resets after a right PIN at the first try, answered before they were durable, that did not become durable: each leaves that guess counted, one attempt.",
 		}),
 		integrityFailures: f.NewCounter(prometheus.CounterOpts{
 			Name: "keyvault_integrity_failures_total",
