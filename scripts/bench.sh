@@ -66,7 +66,7 @@ wait_ready() {
 			api=$(printf '%s' "$line" | sed -n 's/.*"api":"\([^"]*\)".*/\1/p')
 			admin=$(printf '%s' "$line" | sed -n 's/.*"admin":"\([^"]*\)".*/\1/p')
 		fi
-		if [ -n "$admin" ] && curl -fsS "http://$admin/readyz" >/dev/null 2>&1; then return 0; fi
+		if [ -n "$admin" ] && curl -fsS --max-time 2 "http://$admin/readyz" >/dev/null 2>&1; then return 0; fi
 		if ! kill -0 "$pid" 2>/dev/null; then echo "the vault exited; its log:" >&2; cat "$dir/log" >&2; return 1; fi
 		sleep 0.1
 	done
