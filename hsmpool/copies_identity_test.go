@@ -214,13 +214,7 @@ func TestDroppedViewCopiesOutliveItsOperations(t *testing.T) {
 // though PIN checks run in between.
 func TestTokenKeyCheckPerCopy(t *testing.T) {
 	m := newMember(t, "a")
-	if _, err := Provision([]MemberConfig{m}, vault.ProfileGCM); err != nil {
-		t.Fatal(err)
-	}
-	p, err := Open([]MemberConfig{m}, Options{Registerer: prometheus.NewRegistry(), ProbeBackoff: time.Hour, ProbeBackoffMax: time.Hour})
-	if err != nil {
-		t.Fatal(err)
-	}
+	p := provisionedPool(t, m, vault.ProfileGCM, Options{})
 	defer p.Close()
 	destroyTokenKeys(t, m, wrap1)
 	ctx := context.Background()
@@ -254,18 +248,12 @@ func TestTokenKeyCheckPerCopy(t *testing.T) {
 // probe's health check, and a reload refuses it.
 func TestReprovisionedTokenFailsTokenKeyCheck(t *testing.T) {
 	m := opencryptokiMember(t, "oc")
-	if _, err := Provision([]MemberConfig{m}, vault.ProfileHMAC); err != nil {
-		t.Fatal(err)
-	}
-	p, err := Open([]MemberConfig{m}, Options{Registerer: prometheus.NewRegistry(), ProbeBackoff: time.Hour, ProbeBackoffMax: time.Hour})
-	if err != nil {
-		t.Fatal(err)
-	}
+	p := provisionedPool(t, m, vault.ProfileHMAC, Options{})
 	defer p.Close()
 	before := viewOf(t, p, 0)
 	destroyTokenKeys(t, m, wrap1, pin1, root1)
 	// Provisioned anew, by another process: new material, same labels.
-	err = withSession(m, func(c *pkcs11.Ctx, s pkcs11.SessionHandle) error {
+	err := withSession(m, func(c *pkcs11.Ctx, s pkcs11.SessionHandle) error {
 		for _, id := range []vault.KeyID{wrap1, pin1, root1} {
 			v := make([]byte, 32)
 			rand.Read(v)
@@ -302,13 +290,7 @@ func TestReprovisionedTokenFailsTokenKeyCheck(t *testing.T) {
 // ErrUnavailable, never ErrIntegrity.
 func TestTokenKeyCheckFailureIsMemberFailure(t *testing.T) {
 	m := newMember(t, "a")
-	if _, err := Provision([]MemberConfig{m}, vault.ProfileGCM); err != nil {
-		t.Fatal(err)
-	}
-	p, err := Open([]MemberConfig{m}, Options{Registerer: prometheus.NewRegistry(), ProbeBackoff: time.Hour, ProbeBackoffMax: time.Hour})
-	if err != nil {
-		t.Fatal(err)
-	}
+	p := provisionedPool(t, m, vault.ProfileGCM, Options{})
 	defer p.Close()
 	ctx := context.Background()
 	nonce, pt, aad := make([]byte, 12), []byte("a history key of 32 bytes......."), []byte("aad")

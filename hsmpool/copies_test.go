@@ -361,13 +361,7 @@ func TestSessionCopiesRetire(t *testing.T) {
 // the copies.
 func TestSessionCopiesReopenAndTokenGone(t *testing.T) {
 	m := newMember(t, "a")
-	if _, err := Provision([]MemberConfig{m}, vault.ProfileGCM); err != nil {
-		t.Fatal(err)
-	}
-	p, err := Open([]MemberConfig{m}, Options{Registerer: prometheus.NewRegistry(), ProbeBackoff: time.Hour, ProbeBackoffMax: time.Hour})
-	if err != nil {
-		t.Fatal(err)
-	}
+	p := provisionedPool(t, m, vault.ProfileGCM, Options{})
 	defer p.Close()
 	old := viewOf(t, p, 0)
 	oldCopies := slices.Collect(maps.Values(old.handles))
@@ -485,4 +479,21 @@ func TestAnchorFailureChecksTokenKeys(t *testing.T) {
 	if p.members[0].healthy.Load() {
 		t.Fatal("the member still serves after an anchor write failed and its token keys are gone")
 	}
+}
+
+// provisionedPool provisions m's keys under profile and opens a pool on
+// m with opts and a registry of its own, whose probes wait an hour, so
+// that the test decides when a member is probed. The caller closes it.
+func provisionedPool(t *testing.T, m MemberConfig, profile vault.Profile, opts Options) *Pool {
+	t.Helper()
+	if _, err := Provision([]MemberConfig{m}, profile); err != nil {
+		t.Fatal(err)
+	}
+	opts.Registerer = prometheus.NewRegistry()
+	opts.ProbeBackoff, opts.ProbeBackoffMax = time.Hour, time.Hour
+	p, err := Open([]MemberConfig{m}, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
