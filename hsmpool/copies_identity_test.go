@@ -401,18 +401,7 @@ func TestRefusedCopyNotLeftReadable(t *testing.T) {
 				if n++; n <= after {
 					return real()
 				}
-				v := make([]byte, 32)
-				rand.Read(v)
-				return p.CreateObject(s, []*pkcs11.Attribute{
-					pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
-					pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_GENERIC_SECRET),
-					pkcs11.NewAttribute(pkcs11.CKA_TOKEN, false),
-					pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, false),
-					pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, true),
-					pkcs11.NewAttribute(pkcs11.CKA_DESTROYABLE, false),
-					pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
-					pkcs11.NewAttribute(pkcs11.CKA_VALUE, v),
-				})
+				return readableKey(p, s, false)
 			}
 			p, err := Open([]MemberConfig{m}, Options{Registerer: prometheus.NewRegistry(), Modules: mods})
 			if err != nil {
@@ -484,19 +473,7 @@ func TestRefusedCopyGoesThoughReloadFails(t *testing.T) {
 		if n.Add(1) <= 6 {
 			return real()
 		}
-		v := make([]byte, 32)
-		rand.Read(v)
-		return p.CreateObject(s, []*pkcs11.Attribute{
-			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
-			pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_GENERIC_SECRET),
-			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, false),
-			pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, false),
-			pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, true),
-			pkcs11.NewAttribute(pkcs11.CKA_DESTROYABLE, false),
-			pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
-			pkcs11.NewAttribute(pkcs11.CKA_LABEL, "refused-copy"),
-			pkcs11.NewAttribute(pkcs11.CKA_VALUE, v),
-		})
+		return readableKey(p, s, false)
 	}
 	p, err := Open([]MemberConfig{a, b}, Options{Registerer: prometheus.NewRegistry(), Modules: mods})
 	if err != nil {

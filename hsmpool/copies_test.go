@@ -207,17 +207,7 @@ func TestSessionCopiesRefusedFallBack(t *testing.T) {
 		}()},
 		// A token that hands back a key anyone can read.
 		{"extractable", "the copy is extractable or not sensitive", func(_ func() (pkcs11.ObjectHandle, error), p *pkcs11.Ctx, s pkcs11.SessionHandle, _ pkcs11.ObjectHandle) (pkcs11.ObjectHandle, error) {
-			v := make([]byte, 32)
-			rand.Read(v)
-			return p.CreateObject(s, []*pkcs11.Attribute{
-				pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
-				pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_GENERIC_SECRET),
-				pkcs11.NewAttribute(pkcs11.CKA_TOKEN, false),
-				pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, false),
-				pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, true),
-				pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
-				pkcs11.NewAttribute(pkcs11.CKA_VALUE, v),
-			})
+			return readableKey(p, s, true)
 		}},
 	}
 	for _, r := range refusals {
@@ -496,4 +486,25 @@ func provisionedPool(t *testing.T, m MemberConfig, profile vault.Profile, opts O
 		t.Fatal(err)
 	}
 	return p
+}
+
+// readableKey makes, in place of a session copy, a session key anyone can
+// read (not sensitive, extractable) that the token destroys or not as
+// destroyable says: what a copy refused for its attributes looks like.
+func readableKey(p *pkcs11.Ctx, s pkcs11.SessionHandle, destroyable bool) (pkcs11.ObjectHandle, error) {
+	v := make([]byte, 32)
+	rand.Read(v)
+	tmpl := []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_GENERIC_SECRET),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, false),
+		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, true),
+		pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
+		pkcs11.NewAttribute(pkcs11.CKA_VALUE, v),
+	}
+	if !destroyable {
+		tmpl = append(tmpl, pkcs11.NewAttribute(pkcs11.CKA_DESTROYABLE, false))
+	}
+	return p.CreateObject(s, tmpl)
 }
