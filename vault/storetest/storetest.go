@@ -156,37 +156,10 @@ func Run(t *testing.T, open func(t *testing.T) vault.Store) {
 		// Each worker increments a shared counter by read + CAS, retrying on
 		// conflict: no increment may be lost or doubled.
 		s := open(t)
-		const workers, each = 8, 15
-		var wg sync.WaitGroup
-		for range workers {
-			wg.Go(func() {
-				for range each {
-					for {
-						v, rev, err := s.Get(bg, []byte("ctr"))
-						if err != nil {
-							t.Error(err)
-							return
-						}
-						var n int
-						if v != nil {
-							fmt.Sscan(string(v), &n)
-						}
-						_, err = s.CompareAndSwap(bg, []byte("ctr"), rev, fmt.Append(nil, n+1))
-						if err == nil {
-							break
-						}
-						if !errors.Is(err, vault.ErrConflict) {
-							t.Error(err)
-							return
-						}
-					}
-				}
-			})
-		}
-		wg.Wait()
-		if v, _, _ := s.Get(bg, []byte("ctr")); string(v) != fmt.Sprint(workers*each) {
-			t.Fatalf("counter %s, want %d", v, workers*each)
-		}
+		countConcurrently(t, s, "ctr", 8, 15, func(key []byte, rev uint64, v []byte) error {
+			_, err := s.CompareAndSwap(bg, key, rev, v)
+			return err
+		})
 	})
 	// A driver that answers writes before they are durable (the optional
 	// vault.EarlyStore) keeps compare-and-swap's meaning, and its reads
@@ -218,39 +191,51 @@ func Run(t *testing.T, open func(t *testing.T) vault.Store) {
 			t.Fatalf("early create: %v", err)
 		}
 		// Concurrent early increments lose nothing.
-		const workers, each = 8, 20
-		var wg sync.WaitGroup
-		for range workers {
-			wg.Go(func() {
-				for range each {
-					for {
-						v, rev, err := s.Get(bg, []byte("ectr"))
-						if err != nil {
-							t.Error(err)
-							return
-						}
-						var n int
-						if v != nil {
-							fmt.Sscan(string(v), &n)
-						}
-						_, d, err := es.CompareAndSwapEarly(bg, []byte("ectr"), rev, fmt.Append(nil, n+1))
-						if err == nil {
-							if err := d(); err != nil {
-								t.Error(err)
-							}
-							break
-						}
-						if !errors.Is(err, vault.ErrConflict) {
-							t.Error(err)
-							return
-						}
+		countConcurrently(t, s, "ectr", 8, 20, func(key []byte, rev uint64, v []byte) error {
+			_, d, err := es.CompareAndSwapEarly(bg, key, rev, v)
+			if err == nil {
+				if err := d(); err != nil {
+					t.Error(err)
+				}
+			}
+			return err
+		})
+	})
+}
+
+// countConcurrently has workers goroutines each increment a counter at key
+// each times, by a read and swap, retrying on conflict; it fails t unless
+// the counter ends at workers×each: no increment lost or doubled.
+func countConcurrently(t *testing.T, s vault.Store, key string, workers, each int, swap func(key []byte, rev uint64, v []byte) error) {
+	bg := context.Background()
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Go(func() {
+			for range each {
+				for {
+					v, rev, err := s.Get(bg, []byte(key))
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					var n int
+					if v != nil {
+						fmt.Sscan(string(v), &n)
+					}
+					err = swap([]byte(key), rev, fmt.Append(nil, n+1))
+					if err == nil {
+						break
+					}
+					if !errors.Is(err, vault.ErrConflict) {
+						t.Error(err)
+						return
 					}
 				}
-			})
-		}
-		wg.Wait()
-		if v, _, _ := s.Get(bg, []byte("ectr")); string(v) != fmt.Sprint(workers*each) {
-			t.Fatalf("counter %s, want %d", v, workers*each)
-		}
-	})
+			}
+		})
+	}
+	wg.Wait()
+	if v, _, _ := s.Get(bg, []byte(key)); string(v) != fmt.Sprint(workers*each) {
+		t.Fatalf("counter %s, want %d", v, workers*each)
+	}
 }
