@@ -165,6 +165,12 @@ func decodeJSON(body []byte, dst any) error {
 		}
 		return nil
 	}
+	return decodeStream(body, dst)
+}
+
+// decodeStream decodes body into dst with the stream decoder, which names
+// what it refuses and finds anything after the one value.
+func decodeStream(body []byte, dst any) error {
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(dst); err != nil {
