@@ -610,18 +610,29 @@ type observedStore struct {
 
 func (s *observedStore) CompareAndSwap(ctx context.Context, key []byte, rev uint64, value []byte) (uint64, error) {
 	nr, err := s.Store.CompareAndSwap(ctx, key, rev, value)
-	if tag := tagOf(ctx); err == nil && tag != "" && bytes.Equal(key, s.key) {
-		r, perr := vault.ParseRecord(value)
-		s.mu.Lock()
-		if _, seen := s.counts[tag]; !seen && perr == nil {
-			s.counts[tag] = r.Guesses
-		}
-		if perr == nil {
-			s.last[tag] = r.Guesses
-		}
-		s.mu.Unlock()
+	if err == nil {
+		s.note(ctx, key, value)
 	}
 	return nr, err
+}
+
+// note records the guess count of value, written under key by the request
+// tagged in ctx.
+func (s *observedStore) note(ctx context.Context, key, value []byte) {
+	tag := tagOf(ctx)
+	if tag == "" || !bytes.Equal(key, s.key) {
+		return
+	}
+	r, err := vault.ParseRecord(value)
+	if err != nil {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, seen := s.counts[tag]; !seen {
+		s.counts[tag] = r.Guesses
+	}
+	s.last[tag] = r.Guesses
 }
 
 // Right and wrong PINs interleaved from many goroutines, on two vaults

@@ -28,16 +28,8 @@ func (s *observedStore) CompareAndSwapEarly(ctx context.Context, key []byte, rev
 	if durable != nil {
 		earlyResets.Add(1)
 	}
-	if tag := tagOf(ctx); err == nil && tag != "" && bytes.Equal(key, s.key) {
-		r, perr := vault.ParseRecord(value)
-		s.mu.Lock()
-		if _, seen := s.counts[tag]; !seen && perr == nil {
-			s.counts[tag] = r.Guesses
-		}
-		if perr == nil {
-			s.last[tag] = r.Guesses
-		}
-		s.mu.Unlock()
+	if err == nil {
+		s.note(ctx, key, value)
 	}
 	return nr, durable, err
 }
