@@ -132,15 +132,7 @@ func newRightGuessRig(t *testing.T) *rightGuessRig {
 // then a vault.
 func (r *rightGuessRig) open(path string) (anchor.Decision, error) {
 	r.t.Helper()
-	members, err := r.pool.AnchorMembers(bg)
-	if err != nil {
-		r.t.Fatal(err)
-	}
-	s, err := boltstore.Open(boltstore.Options{Path: path})
-	if err != nil {
-		r.t.Fatal(err)
-	}
-	dec, err := s.Anchor(bg, r.keys, members, nil, slog.New(slog.DiscardHandler))
+	s, dec, err := r.startupCheck(path)
 	if err != nil {
 		s.Close()
 		return dec, err
@@ -165,8 +157,8 @@ func (r *rightGuessRig) copyTo(name string) string {
 	return copyStore(r.t, r.path, filepath.Join(r.dir, name))
 }
 
-// refused checks that the store at path is refused as a rollback.
-func (r *rightGuessRig) refused(path, what string) {
+// startupCheck opens the store at path and runs the start-up check on it.
+func (r *rightGuessRig) startupCheck(path string) (*boltstore.Store, anchor.Decision, error) {
 	r.t.Helper()
 	members, err := r.pool.AnchorMembers(bg)
 	if err != nil {
@@ -176,8 +168,15 @@ func (r *rightGuessRig) refused(path, what string) {
 	if err != nil {
 		r.t.Fatal(err)
 	}
-	defer s.Close()
-	_, err = s.Anchor(bg, r.keys, members, nil, slog.New(slog.DiscardHandler))
+	dec, err := s.Anchor(bg, r.keys, members, nil, slog.New(slog.DiscardHandler))
+	return s, dec, err
+}
+
+// refused checks that the store at path is refused as a rollback.
+func (r *rightGuessRig) refused(path, what string) {
+	r.t.Helper()
+	s, _, err := r.startupCheck(path)
+	s.Close()
 	if reason, ok := anchor.IsRefused(err); !ok || reason != anchor.ReasonRollback {
 		r.t.Fatalf("%s: start-up check said %v, want a refusal for rollback", what, err)
 	}
