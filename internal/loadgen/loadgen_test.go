@@ -139,16 +139,8 @@ func TestWriteTable(t *testing.T) {
 func TestProgress(t *testing.T) {
 	var mu sync.Mutex
 	var seen []Progress
-	var n atomic.Int64
 	res, err := Run(context.Background(), Options{Concurrency: 2, Duration: 2500 * time.Millisecond,
-		Progress: func(p Progress) { mu.Lock(); seen = append(seen, p); mu.Unlock() }},
-		func(context.Context, int) error {
-			time.Sleep(time.Millisecond)
-			if n.Add(1)%2 == 0 {
-				return errors.New("every other one fails")
-			}
-			return nil
-		})
+		Progress: func(p Progress) { mu.Lock(); seen = append(seen, p); mu.Unlock() }}, everyOtherFails())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -176,15 +168,7 @@ func TestCPUPerOperation(t *testing.T) {
 		}
 		return 6 * time.Second, nil // one second over the window
 	}
-	var n atomic.Int64
-	res, err := Run(context.Background(), Options{Concurrency: 2, Duration: 100 * time.Millisecond, CPU: cpu},
-		func(context.Context, int) error {
-			time.Sleep(time.Millisecond)
-			if n.Add(1)%2 == 0 {
-				return errors.New("every other one fails")
-			}
-			return nil
-		})
+	res, err := Run(context.Background(), Options{Concurrency: 2, Duration: 100 * time.Millisecond, CPU: cpu}, everyOtherFails())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -214,5 +198,18 @@ func TestSelfCPU(t *testing.T) {
 	}
 	if SelfCPU() < before {
 		t.Fatal("the process's CPU time went back")
+	}
+}
+
+// everyOtherFails is an operation that takes a millisecond and fails every
+// other time it runs.
+func everyOtherFails() func(context.Context, int) error {
+	var n atomic.Int64
+	return func(context.Context, int) error {
+		time.Sleep(time.Millisecond)
+		if n.Add(1)%2 == 0 {
+			return errors.New("every other one fails")
+		}
+		return nil
 	}
 }
