@@ -16,6 +16,7 @@ import (
 
 	"github.com/keyvault/keyvault/anchor"
 	"github.com/keyvault/keyvault/hsmpool"
+	"github.com/keyvault/keyvault/internal/kvproc"
 	"github.com/keyvault/keyvault/internal/softhsm/softhsmtest"
 	"github.com/keyvault/keyvault/vault"
 	"github.com/keyvault/keyvault/vault/boltstore"
@@ -99,7 +100,7 @@ type rightGuessRig struct {
 	hsm   *gatedHSM
 	store *boltstore.Store
 	v     *vault.Vault
-	logs  *lockedBuffer
+	logs  *kvproc.LogBuffer
 }
 
 var (
@@ -137,7 +138,7 @@ func (r *rightGuessRig) open(path string) (anchor.Decision, error) {
 		s.Close()
 		return dec, err
 	}
-	r.logs = &lockedBuffer{}
+	r.logs = &kvproc.LogBuffer{}
 	v, err := vault.New(bg, s, r.hsm, vault.Options{
 		Logger:        slog.New(slog.NewTextHandler(r.logs, nil)),
 		ResolveWindow: 100 * time.Millisecond,
@@ -192,31 +193,15 @@ func (r *rightGuessRig) remaining() int {
 	return b.AttemptsRemaining
 }
 
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-// waitFor waits a little for the logs to hold s.
-func (l *lockedBuffer) waitFor(s string) (string, bool) {
+// waitForLog waits a little for l to hold s, and returns what it holds.
+func waitForLog(l *kvproc.LogBuffer, s string) (string, bool) {
 	for range 100 {
-		l.mu.Lock()
-		out := l.b.String()
-		l.mu.Unlock()
-		if strings.Contains(out, s) {
+		if out := string(l.Bytes()); strings.Contains(out, s) {
 			return out, true
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String(), false
+	return string(l.Bytes()), false
 }
 
 type recovered struct {
@@ -426,7 +411,7 @@ func TestGuessDuringAnEarlyResetCountsOnWhatLanded(t *testing.T) {
 			if wpe.Remaining != want || r.remaining() != want {
 				t.Fatalf("after the wrong guess: answered %d, store says %d, want %d", wpe.Remaining, r.remaining(), want)
 			}
-			if out, ok := r.logs.waitFor("did not become durable"); ok != !lands {
+			if out, ok := waitForLog(r.logs, "did not become durable"); ok != !lands {
 				t.Fatalf("a reset answered early that never landed is logged: %v, want %v:\n%s", ok, !lands, out)
 			}
 		})
