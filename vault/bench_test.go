@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -20,24 +19,12 @@ import (
 	"github.com/keyvault/keyvault/vault/boltstore"
 )
 
-// hsmDir holds the SoftHSM config and tokens of the benchmarks. SoftHSM
-// reads its config once per process, so every benchmark of this binary
-// shares one token directory, with a token each.
-var (
-	hsmDir  string
-	hsmOnce sync.Once
-)
-
 // TestMain runs the suite on bbolt, or with KEYVAULT_TEST_STORE=etcd on a
 // 1-member embedded etcd started here for the whole package.
 func TestMain(m *testing.M) { os.Exit(runTests(m)) }
 
 func runTests(m *testing.M) int {
-	defer func() {
-		if hsmDir != "" {
-			os.RemoveAll(hsmDir)
-		}
-	}()
+	defer softhsmtest.RemoveShared()
 	if etcdtest.Want() {
 		dir, err := os.MkdirTemp("", "vault-test-etcd-")
 		if err != nil {
@@ -70,17 +57,10 @@ func benchVault(b *testing.B) *vault.Vault {
 // made inside it, and a fresh bbolt store; both close when b ends.
 func benchParts(b *testing.B, profile vault.Profile) (*hsmpool.Pool, *boltstore.Store) {
 	b.Helper()
-	hsmOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "vault-bench-hsm-")
-		if err != nil {
-			b.Fatal(err)
-		}
-		hsmDir = dir
-		softhsmtest.Setup(b, dir)
-	})
+	module, conf := softhsmtest.Shared(b)
 	label := fmt.Sprintf("bench-%d", time.Now().UnixNano())
-	softhsmtest.Token(b, os.Getenv("SOFTHSM2_CONF"), label, "1234")
-	m := hsmpool.MemberConfig{Name: "bench", Module: softhsmtest.Module(b), TokenLabel: label, PIN: "1234", MaxSessions: 8}
+	softhsmtest.Token(b, conf, label, "1234")
+	m := hsmpool.MemberConfig{Name: "bench", Module: module, TokenLabel: label, PIN: "1234", MaxSessions: 8}
 	if _, err := hsmpool.Provision([]hsmpool.MemberConfig{m}, profile); err != nil {
 		b.Fatal(err)
 	}

@@ -28,36 +28,19 @@ import (
 // or forgiven (never an attempt more than before the guess), and the
 // store from before the guess must still be refused as a rollback.
 
-// hsmDir holds this binary's SoftHSM config and tokens: SoftHSM reads its
-// config once per process.
-var (
-	hsmDir  string
-	hsmOnce sync.Once
-)
-
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if hsmDir != "" {
-		os.RemoveAll(hsmDir)
-	}
+	softhsmtest.RemoveShared()
 	os.Exit(code)
 }
 
 // softPool opens a pool on a fresh SoftHSM token with keys made inside it.
 func softPool(t *testing.T) *hsmpool.Pool {
 	t.Helper()
-	softhsmtest.Module(t)
-	hsmOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "boltstore-test-hsm-")
-		if err != nil {
-			t.Fatal(err)
-		}
-		hsmDir = dir
-		softhsmtest.Setup(t, dir)
-	})
+	module, conf := softhsmtest.Shared(t)
 	label := fmt.Sprintf("t-%d", time.Now().UnixNano())
-	softhsmtest.Token(t, os.Getenv("SOFTHSM2_CONF"), label, "1234")
-	m := hsmpool.MemberConfig{Name: "soft", Module: softhsmtest.Module(t), TokenLabel: label, PIN: "1234", MaxSessions: 4}
+	softhsmtest.Token(t, conf, label, "1234")
+	m := hsmpool.MemberConfig{Name: "soft", Module: module, TokenLabel: label, PIN: "1234", MaxSessions: 4}
 	if _, err := hsmpool.Provision([]hsmpool.MemberConfig{m}, vault.ProfileHMAC); err != nil {
 		t.Fatal(err)
 	}

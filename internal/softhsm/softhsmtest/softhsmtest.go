@@ -9,6 +9,7 @@ package softhsmtest
 
 import (
 	"os"
+	"sync"
 	"testing"
 
 	"github.com/keyvault/keyvault/internal/softhsm"
@@ -42,6 +43,41 @@ func Setup(tb testing.TB, dir string) (module, conf string) {
 	}
 	os.Setenv("SOFTHSM2_CONF", conf)
 	return module, conf
+}
+
+// shared is the token directory of Shared.
+var shared struct {
+	once         sync.Once
+	dir          string
+	module, conf string
+}
+
+// Shared is Setup, once per process, in a temporary directory of its own,
+// for test binaries that need SoftHSM in a few tests only; RemoveShared,
+// from TestMain after the tests, removes the directory. A failed setup
+// fails every caller.
+func Shared(tb testing.TB) (module, conf string) {
+	tb.Helper()
+	Module(tb) // skips, or fails in CI, without SoftHSM
+	shared.once.Do(func() {
+		dir, err := os.MkdirTemp("", "softhsmtest-")
+		if err != nil {
+			tb.Fatal(err)
+		}
+		shared.dir = dir
+		shared.module, shared.conf = Setup(tb, dir)
+	})
+	if shared.conf == "" {
+		tb.Fatal("the shared SoftHSM token directory could not be set up (see the first test that asked for it)")
+	}
+	return shared.module, shared.conf
+}
+
+// RemoveShared removes Shared's directory, if it made one.
+func RemoveShared() {
+	if shared.dir != "" {
+		os.RemoveAll(shared.dir)
+	}
 }
 
 // Token initialises a token with the label and user PIN in conf.
