@@ -1,6 +1,7 @@
 package hsmpool
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -25,7 +26,7 @@ func (j jitterToken) HMAC(k vault.KeyID, msg []byte) ([]byte, error) {
 }
 
 // Under many callers, some of whom give up while their operation runs,
-// every operation is answered or abandoned, a member never has more
+// every operation is answered with its own result or abandoned, a member never has more
 // workers than session slots, every slot comes back, and no abandoned
 // operation blames the member.
 func TestWorkersStayWithinSessions(t *testing.T) {
@@ -48,11 +49,22 @@ func TestWorkersStayWithinSessions(t *testing.T) {
 				if (g+i)%3 == 0 {
 					ctx, cancel = context.WithTimeout(ctx, 100*time.Microsecond)
 				}
-				_, err := p.HMAC(ctx, pin1, []byte("m"))
+				// Each message its own, so that an answer delivered to
+				// another caller (a job reused while its abandoned
+				// operation still ran) is seen.
+				msg := fmt.Appendf(nil, "caller %d, operation %d", g, i)
+				out, err := p.HMAC(ctx, pin1, msg)
 				cancel()
 				if err != nil && !(ctx.Err() != nil && errors.Is(err, vault.ErrUnavailable)) {
 					select {
 					case errs <- fmt.Errorf("HMAC %d of caller %d: %w", i, g, err):
+					default:
+					}
+					return
+				}
+				if want, _ := (latencyToken{}).HMAC(pin1, msg); err == nil && !bytes.Equal(out, want) {
+					select {
+					case errs <- fmt.Errorf("HMAC %d of caller %d answered with another operation's result", i, g):
 					default:
 					}
 					return
