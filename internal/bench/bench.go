@@ -47,7 +47,14 @@ func Run(ctx context.Context, w Workload, o Options) (loadgen.Result, map[string
 		limits.add(err)
 		return err
 	}
-	lo := loadgen.Options{Name: w.Name(), Concurrency: o.Concurrency, Rate: o.Rate, Before: w.Before}
+	before := func(ctx context.Context, i int) error {
+		err := w.Before(ctx, i)
+		if out, ok := errors.AsType[*loadgen.Outcome](err); ok {
+			limits.add(out.Err)
+		}
+		return err
+	}
+	lo := loadgen.Options{Name: w.Name(), Concurrency: o.Concurrency, Rate: o.Rate, Before: before}
 	if o.Warmup > 0 {
 		wo := lo
 		wo.Duration = o.Warmup
@@ -56,7 +63,7 @@ func Run(ctx context.Context, w Workload, o Options) (loadgen.Result, map[string
 		}
 		limits = &limiterTally{}
 		if _, err := loadgen.Run(ctx, wo, op); err != nil {
-			return loadgen.Result{}, nil, fmt.Errorf("warm-up: %w%s", err, setupHint(err))
+			return loadgen.Result{}, nil, fmt.Errorf("warm-up: %w", err)
 		}
 	}
 	lo.Duration = o.Duration
@@ -67,7 +74,7 @@ func Run(ctx context.Context, w Workload, o Options) (loadgen.Result, map[string
 	limits = &limiterTally{}
 	res, err := loadgen.Run(ctx, lo, op)
 	if err != nil {
-		return loadgen.Result{}, nil, fmt.Errorf("%w%s", err, setupHint(err))
+		return loadgen.Result{}, nil, err
 	}
 	if err := ctx.Err(); err != nil {
 		return loadgen.Result{}, nil, fmt.Errorf("interrupted: %w", err)
@@ -158,15 +165,4 @@ func (t *limiterTally) counts() map[string]int64 {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return maps.Clone(t.m)
-}
-
-// setupHint is the hint for a run that stopped on an error of its
-// untimed steps (a reset recover before a wrong guess): "" unless a limit
-// refused it.
-func setupHint(err error) string {
-	var ce *codedError
-	if !errors.As(err, &ce) || ce.code != client.CodeRateLimited {
-		return ""
-	}
-	return "\n  " + limitHint(ce.limiter)
 }

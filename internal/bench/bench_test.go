@@ -217,3 +217,61 @@ func TestAnswers(t *testing.T) {
 		t.Errorf("a reset: %v", err)
 	}
 }
+
+// A reset before a wrong guess that a limit refuses is that turn's answer,
+// rate_limited, and its wrong guess is not sent; a reset that fails any
+// other way ends the run.
+func TestRefusedResetIsTheTurnsAnswer(t *testing.T) {
+	var (
+		mu     sync.Mutex
+		status int // the answer to a recover
+		sent   []string
+	)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var body struct{ PIN string }
+		_ = json.NewDecoder(r.Body).Decode(&body)
+		mu.Lock()
+		defer mu.Unlock()
+		sent = append(sent, r.Method+" "+r.URL.Path)
+		w.Header().Set("Content-Type", "application/problem+json")
+		w.WriteHeader(status)
+		switch status {
+		case http.StatusTooManyRequests:
+			fmt.Fprint(w, `{"type":"urn:keyvault:problem:rate_limited","title":"Too many requests","status":429,"code":"rate_limited","detail":"Too many requests or guesses (requests_per_client); nothing was checked or counted."}`)
+		default:
+			fmt.Fprint(w, `{"type":"urn:keyvault:problem:unavailable","title":"Service unavailable","status":503,"code":"unavailable"}`)
+		}
+	}))
+	defer srv.Close()
+	w, err := NewHTTP(HTTPOptions{URL: srv.URL, Token: "t", Op: "wrong", Workers: 1, Users: 1, UserPrefix: "r-"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	u := w.workers[0].users[0]
+	for _, tc := range []struct {
+		status int
+		early  bool // answered by Before, or the run's end
+	}{{http.StatusTooManyRequests, true}, {http.StatusServiceUnavailable, false}} {
+		mu.Lock()
+		status, sent = tc.status, nil
+		mu.Unlock()
+		u.wrongs = escalatingFree
+		err := w.Before(context.Background(), 0)
+		out, early := errors.AsType[*loadgen.Outcome](err)
+		if err == nil || early != tc.early {
+			t.Errorf("a reset answered %d: %v (answered early: %v), want early %v", tc.status, err, early, tc.early)
+		}
+		if early && loadgen.Code(out.Err) != "rate_limited" {
+			t.Errorf("a refused reset's answer is %q, want rate_limited", loadgen.Code(out.Err))
+		}
+		mu.Lock()
+		if len(sent) != 1 || sent[0] != "POST /v1/backups/r-0000000/recover" {
+			t.Errorf("a reset answered %d sent %q, want the one recover", tc.status, sent)
+		}
+		mu.Unlock()
+		if u.wrongs != escalatingFree {
+			t.Errorf("a failed reset left %d wrong guesses in a row, want %d", u.wrongs, escalatingFree)
+		}
+	}
+}

@@ -202,7 +202,9 @@ func (w *HTTP) Close() {
 
 // Before picks the worker's next user and, when the next guess could be
 // its escalatingFree+1-th wrong one in a row, resets it with an untimed
-// right recover.
+// right recover. A reset a limit refuses is that turn's answer: it counts
+// as rate_limited, and the wrong guess is not sent. Any other failed reset
+// ends the run.
 func (w *HTTP) Before(ctx context.Context, i int) error {
 	wk := w.workers[i]
 	u := wk.users[wk.cursor%len(wk.users)]
@@ -222,7 +224,11 @@ func (w *HTTP) Before(ctx context.Context, i int) error {
 	}
 	if kind == "wrong" && u.wrongs >= escalatingFree {
 		if err := wk.recover(ctx, u); err != nil {
-			return fmt.Errorf("reset %s before a wrong guess: %w", u.id, err)
+			err = fmt.Errorf("reset %s before a wrong guess: %w", u.id, err)
+			if loadgen.Code(err) == client.CodeRateLimited {
+				return &loadgen.Outcome{Err: err}
+			}
+			return err
 		}
 	}
 	return nil

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"slices"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -148,9 +147,10 @@ func (stubWorkload) Op(context.Context, int) error {
 	return classify(&client.Error{Status: 429, Code: client.CodeRateLimited, Detail: "Too many requests or guesses (guesses_per_user); nothing was checked or counted."}, "")
 }
 
-// Run counts the window's refusals by limiter, not the warm-up's, reports
-// both phases to Progress, and adds a hint to an untimed step a limit
-// refused.
+// Run counts the window's refusals by limiter, not the warm-up's, and
+// reports both phases to Progress. A refusal Before gives as its turn's
+// answer is counted like the operation's own; any other error of Before
+// ends the run.
 func TestRunTalliesTheWindow(t *testing.T) {
 	var phases []string
 	o := Options{Concurrency: 2, Warmup: 100 * time.Millisecond, Duration: 200 * time.Millisecond,
@@ -170,12 +170,16 @@ func TestRunTalliesTheWindow(t *testing.T) {
 	}
 
 	refused := classify(&client.Error{Status: 429, Code: client.CodeRateLimited, Detail: "Too many wrong guesses in a row: wait before the next one."}, "")
-	_, _, err = Run(context.Background(), stubWorkload{beforeErr: refused}, Options{Concurrency: 1, Duration: time.Second})
-	if err == nil || !errors.Is(err, refused) {
-		t.Fatalf("a refused Before: %v", err)
+	res, limiters, err = Run(context.Background(), stubWorkload{beforeErr: &loadgen.Outcome{Err: refused}}, Options{Concurrency: 1, Duration: 100 * time.Millisecond})
+	if err != nil {
+		t.Fatalf("a Before answered early: %v", err)
 	}
-	if want := limitHint("escalating_delay"); !strings.Contains(err.Error(), want) {
-		t.Errorf("the error lacks the hint %q:\n%v", want, err)
+	if res.Requests == 0 || res.Succeeded != 0 || limiters["escalating_delay"] != res.Requests || len(limiters) != 1 {
+		t.Errorf("Before answered every turn early: %d requests, %d succeeded, limiters %v; want each counted by escalating_delay", res.Requests, res.Succeeded, limiters)
+	}
+	broken := errors.New("set-up broke")
+	if _, _, err := Run(context.Background(), stubWorkload{beforeErr: broken}, Options{Concurrency: 1, Duration: time.Second}); !errors.Is(err, broken) {
+		t.Fatalf("a failed Before: %v, want the run ended with its error", err)
 	}
 
 	ctx, cancel := context.WithCancel(context.Background())

@@ -12,6 +12,7 @@ package loadgen
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"maps"
@@ -47,6 +48,15 @@ func Code(err error) string {
 	return "error"
 }
 
+// Outcome, returned by Before, is the operation's answer given early: the
+// operation is not run, and Err (never nil) counts as its result, timed
+// from the operation's start with Before included. A set-up request the server
+// refused under load is one.
+type Outcome struct{ Err error }
+
+func (o *Outcome) Error() string { return o.Err.Error() }
+func (o *Outcome) Unwrap() error { return o.Err }
+
 // Options shape a run.
 type Options struct {
 	Name        string        // the operation's name in the result
@@ -55,7 +65,8 @@ type Options struct {
 	Rate        float64       // operations per second; 0: as fast as the workers go
 	// Before, if set, runs before each operation, outside its timing in a
 	// closed run (an open run's latency starts at the scheduled time, so
-	// there it counts). Its error ends the run: it is set-up, not load.
+	// there it counts). Its error ends the run: it is set-up, not load;
+	// an *Outcome is the exception.
 	Before Op
 	// Progress, if set, is called once a second while the run lasts, from
 	// a goroutine of its own.
@@ -215,16 +226,23 @@ func Run(ctx context.Context, o Options, op Op) (Result, error) {
 					return
 				default:
 				}
+				var err error
+				answered := false
 				if o.Before != nil {
-					if err := o.Before(ctx, w); err != nil {
-						fail(err)
-						return
-					}
-					if interval == 0 {
+					if err = o.Before(ctx, w); err != nil {
+						var out *Outcome
+						if !errors.As(err, &out) {
+							fail(err)
+							return
+						}
+						err, answered = out.Err, true
+					} else if interval == 0 {
 						began = time.Now()
 					}
 				}
-				err := op(ctx, w)
+				if !answered {
+					err = op(ctx, w)
+				}
 				t.lat = append(t.lat, time.Since(began))
 				requests.Add(1)
 				if err == nil {

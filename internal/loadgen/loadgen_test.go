@@ -95,6 +95,37 @@ func TestBeforeFailureEndsTheRun(t *testing.T) {
 	}
 }
 
+// An Outcome from Before is its turn's answer: the operation is not run,
+// and the error counts, timed with Before's own time.
+func TestBeforeOutcomeIsTheAnswer(t *testing.T) {
+	var turns, ops, early atomic.Int64
+	res, err := Run(context.Background(), Options{Name: "z", Concurrency: 2, Duration: 300 * time.Millisecond,
+		Before: func(context.Context, int) error {
+			if turns.Add(1)%3 == 0 {
+				early.Add(1)
+				time.Sleep(20 * time.Millisecond)
+				return &Outcome{Err: fmt.Errorf("reset: %w", coded("rate_limited"))}
+			}
+			return nil
+		}}, func(context.Context, int) error {
+		ops.Add(1)
+		time.Sleep(time.Millisecond)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if early.Load() == 0 || res.Errors["rate_limited"] != early.Load() || len(res.Errors) != 1 {
+		t.Errorf("errors %v, want rate_limited=%d alone", res.Errors, early.Load())
+	}
+	if res.Requests != turns.Load() || res.Succeeded != ops.Load() || ops.Load()+early.Load() != turns.Load() {
+		t.Errorf("%d requests, %d succeeded: want %d turns, %d operations run and %d answered early", res.Requests, res.Succeeded, turns.Load(), ops.Load(), early.Load())
+	}
+	if res.Max < 20 || res.FirstErrors["rate_limited"] != "reset: rate_limited" {
+		t.Errorf("max %.1f ms (want the 20 ms of an early answer), first errors %q", res.Max, res.FirstErrors)
+	}
+}
+
 func TestOptionsAreChecked(t *testing.T) {
 	op := func(context.Context, int) error { return nil }
 	for _, o := range []Options{{Concurrency: 0, Duration: time.Second}, {Concurrency: 1}, {Concurrency: 1, Duration: time.Second, Rate: -1}} {
