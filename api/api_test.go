@@ -7,9 +7,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -609,6 +611,58 @@ func TestAuditEventsIgnoreLogLevel(t *testing.T) {
 	}
 	if bytes.Contains(auditBuf.Bytes(), []byte("alice-raw-id")) || bytes.Contains(auditBuf.Bytes(), []byte("1234")) || bytes.Contains(auditBuf.Bytes(), []byte("MDEyMzQ1")) {
 		t.Errorf("a raw user_id, PIN or secret in the audit events:\n%s", auditBuf.Bytes())
+	}
+}
+
+// panickingVault panics in every operation, as a bug in the vault would.
+type panickingVault struct{ logIDStub }
+
+func (*panickingVault) Enroll(context.Context, string, string, []byte, []byte, int, vault.Precondition) (vault.Backup, bool, error) {
+	panic("bug")
+}
+func (*panickingVault) Recover(context.Context, string, string, []byte) ([]byte, int, error) {
+	panic("bug")
+}
+func (*panickingVault) ChangePIN(context.Context, string, string, []byte, []byte, vault.Precondition) (vault.Backup, error) {
+	panic("bug")
+}
+func (*panickingVault) Delete(context.Context, string, string, vault.Precondition) error {
+	panic("bug")
+}
+
+// Every operation that passed authentication writes its event: one
+// refused for its user_id as invalid_request (user "-"), one whose vault
+// call panicked as internal, never as a success.
+func TestAuditEventsOfRefusedAndPanicked(t *testing.T) {
+	t.Parallel()
+	tokA := sha256.Sum256([]byte("token-a"))
+	ops := []struct{ op, method, path, body string }{
+		{"enroll", "PUT", "/v1/backups/%s", `{"secret":"MDEyMzQ1Njc4OWFiY2RlZg==","pin":"1234"}`},
+		{"recover", "POST", "/v1/backups/%s/recover", `{"pin":"1234"}`},
+		{"change_pin", "POST", "/v1/backups/%s/pin", `{"pin":"1234","new_pin":"5678"}`},
+		{"delete", "DELETE", "/v1/backups/%s", ""},
+	}
+	for _, tc := range []struct {
+		id, status, result, user string
+	}{{"bad%20id", "400", "invalid_request", "-"}, {"alice", "500", "internal", "h(ns-a)"}} {
+		var auditBuf bytes.Buffer
+		h := NewRouter(&panickingVault{}, Options{
+			Logger:  slog.New(slog.NewJSONHandler(io.Discard, nil)),
+			Audit:   slog.New(slog.NewJSONHandler(&auditBuf, nil)),
+			Clients: []Client{{Name: "a", Namespace: "ns-a", TokenHashes: [][32]byte{tokA}}},
+		})
+		for _, o := range ops {
+			auditBuf.Reset()
+			w := do(h, o.method, fmt.Sprintf(o.path, tc.id), "token-a", o.body, "X-Request-Id", "req-1")
+			var ev map[string]any
+			if err := json.Unmarshal(auditBuf.Bytes(), &ev); err != nil || strconv.Itoa(w.Code) != tc.status {
+				t.Errorf("%s on %s: %d, audit %q (%v); want %s and one event", o.op, tc.id, w.Code, auditBuf.Bytes(), err, tc.status)
+				continue
+			}
+			if ev["op"] != o.op || ev["result"] != tc.result || ev["user"] != tc.user || ev["request_id"] != "req-1" || ev["namespace"] != "ns-a" {
+				t.Errorf("%s on %s: audit event %v, want result %s, user %s", o.op, tc.id, ev, tc.result, tc.user)
+			}
+		}
 	}
 }
 

@@ -26,12 +26,25 @@ type auditEvent struct {
 	onSuccess string // the result of a success: "success", "created" or "replaced"
 }
 
+// audit opens the event of op on userID; its user is "-" without a
+// logIDer, or for an ID the API refused ("").
 func (h *handlers) audit(r *http.Request, op, ns, userID string) auditEvent {
 	e := auditEvent{h: h, r: r, op: op, ns: ns, user: "-", start: time.Now(), onSuccess: "success"}
-	if l, ok := h.b.(logIDer); ok {
+	if l, ok := h.b.(logIDer); ok && userID != "" {
 		e.user = l.LogID(ns, userID)
 	}
 	return e
+}
+
+// finish, deferred by the handler, writes the event with the handler's
+// error, or as "internal" if the handler panics: the panic goes on to
+// the recoverer, which answers 500.
+func (e *auditEvent) finish(err *error) {
+	if p := recover(); p != nil {
+		e.done(errPanicked)
+		panic(p)
+	}
+	e.done(*err)
 }
 
 // done writes the event, with the operation's outcome, to the audit

@@ -149,12 +149,14 @@ func writeBackup(w http.ResponseWriter, status int, b vault.Backup, full bool) {
 
 // target reads the path's user_id and the caller's namespace. The vault
 // validates the ID too; checking here keeps a bad one from reaching anything.
+// The namespace is returned with a refused ID too, for its audit event.
 func target(r *http.Request) (ns, userID string, err error) {
+	ns = clientOf(r.Context()).Namespace
 	id := chi.URLParam(r, "user_id")
 	if !vault.ValidUserID(id) {
-		return "", "", badRequest("user_id: must be 1 to 128 characters from [A-Za-z0-9._~:@-]")
+		return ns, "", badRequest("user_id: must be 1 to 128 characters from [A-Za-z0-9._~:@-]")
 	}
-	return clientOf(r.Context()).Namespace, id, nil
+	return ns, id, nil
 }
 
 // handle adapts a handler that returns its error: writeError answers it.
@@ -168,11 +170,11 @@ func handle(f func(http.ResponseWriter, *http.Request) error) http.HandlerFunc {
 
 func (h *handlers) enroll(w http.ResponseWriter, r *http.Request) (err error) {
 	ns, id, err := target(r)
+	ev := h.audit(r, "enroll", ns, id)
+	defer ev.finish(&err)
 	if err != nil {
 		return err
 	}
-	ev := h.audit(r, "enroll", ns, id)
-	defer func() { ev.done(err) }()
 	pre, err := preconditions(r, true)
 	if err != nil {
 		return err
@@ -231,11 +233,11 @@ func (h *handlers) status(w http.ResponseWriter, r *http.Request) error {
 
 func (h *handlers) delete(w http.ResponseWriter, r *http.Request) (err error) {
 	ns, id, err := target(r)
+	ev := h.audit(r, "delete", ns, id)
+	defer ev.finish(&err)
 	if err != nil {
 		return err
 	}
-	ev := h.audit(r, "delete", ns, id)
-	defer func() { ev.done(err) }()
 	pre, err := preconditions(r, false)
 	if err != nil {
 		return err
@@ -249,11 +251,11 @@ func (h *handlers) delete(w http.ResponseWriter, r *http.Request) (err error) {
 
 func (h *handlers) recover(w http.ResponseWriter, r *http.Request) (err error) {
 	ns, id, err := target(r)
+	ev := h.audit(r, "recover", ns, id)
+	defer ev.finish(&err)
 	if err != nil {
 		return err
 	}
-	ev := h.audit(r, "recover", ns, id)
-	defer func() { ev.done(err) }()
 	var req recoverRequest
 	defer req.PIN.wipe()
 	if err := decodeBody(r, w, &req); err != nil {
@@ -291,11 +293,11 @@ func (h *handlers) recover(w http.ResponseWriter, r *http.Request) (err error) {
 
 func (h *handlers) changePIN(w http.ResponseWriter, r *http.Request) (err error) {
 	ns, id, err := target(r)
+	ev := h.audit(r, "change_pin", ns, id)
+	defer ev.finish(&err)
 	if err != nil {
 		return err
 	}
-	ev := h.audit(r, "change_pin", ns, id)
-	defer func() { ev.done(err) }()
 	pre, err := preconditions(r, false)
 	if err != nil {
 		return err
