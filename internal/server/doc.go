@@ -10,7 +10,9 @@
 //
 // Run reacts to SIGHUP only: it reloads the HSM keys (as POST
 // /admin/keys/reload does) and reopens a file audit sink (for logrotate).
-// Stopping is the caller's: Run returns when its context ends.
+// While Run runs, its start-up and its drain included, SIGHUP never ends
+// the process. Stopping is the caller's: Run returns when its context
+// ends.
 //
 // # Refused store
 //

@@ -67,6 +67,12 @@ func New(cfg *config.Config, log *slog.Logger, reg *prometheus.Registry, opts Op
 // returns the refusal (see "keyvault anchor" for the way out).
 func (s *Server) Run(ctx context.Context) error {
 	cfg, log, reg := s.cfg, s.log, s.reg
+	// logrotate and "systemctl reload" send SIGHUP at any time. From here
+	// until Run returns, a start-up and a drain included, it never takes
+	// its default action, which would end the process mid-request.
+	held := make(chan os.Signal, 1)
+	signal.Notify(held, syscall.SIGHUP)
+	defer signal.Stop(held)
 	if err := checkFileLimit(cfg); err != nil {
 		return err
 	}
@@ -77,16 +83,19 @@ func (s *Server) Run(ctx context.Context) error {
 	defer sink.Close()
 	auditLog := sink.Logger()
 
+	reopenCtx, stopReopen := context.WithCancel(ctx)
+	defer stopReopen()
+	reopenOnHUP(reopenCtx, sink, cfg.Log.Audit, log)
+
 	pool, err := OpenPool(cfg, reg, log)
 	if err != nil {
 		return err
 	}
 	defer pool.Close()
 
-	// The goroutines started below end with ctx.
+	// The goroutines started below end with ctx, before the pool closes.
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	reopenOnHUP(ctx, sink, cfg.Log.Audit, log)
 	// Always exported, so an alert on it works whether anchoring is on.
 	refused := prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "keyvault_anchor_refused",

@@ -1,0 +1,67 @@
+package server
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// A SIGHUP while Run drains its requests at shutdown (logrotate and
+// "systemctl reload" send one at any time) is ignored: the process lives,
+// the request in flight ends, and Run returns. A child test process
+// serves, so that a SIGHUP taking its default action kills the child, not
+// this test binary.
+func TestSIGHUPDuringDrainKeepsTheProcess(t *testing.T) {
+	if os.Getenv("KEYVAULT_TEST_SIGHUP_CHILD") == "1" {
+		sighupDuringDrain(t)
+		return
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestSIGHUPDuringDrainKeepsTheProcess$", "-test.v")
+	cmd.Env = append(os.Environ(), "KEYVAULT_TEST_SIGHUP_CHILD=1")
+	out, err := cmd.CombinedOutput()
+	if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		t.Fatalf("the serving process was killed by %v while it drained:\n%s", ws.Signal(), out)
+	}
+	if err != nil || !strings.Contains(string(out), "drained after SIGHUP") {
+		t.Fatalf("child: %v\n%s", err, out)
+	}
+}
+
+func sighupDuringDrain(t *testing.T) {
+	r := newKit(t, "server-sighup-drain").start(t)
+	if r.api == "" {
+		t.Fatalf("not served: %v\n%s", <-r.done, r.log)
+	}
+	// A request in flight: its headers sent, its body still to come.
+	c, err := net.Dial("tcp", r.api)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(c, "PUT /v1/backups/alice HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer client-token\r\n"+
+		"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"pin\":")
+	time.Sleep(200 * time.Millisecond)
+	r.stop()
+	time.Sleep(300 * time.Millisecond)
+	select {
+	case err := <-r.done:
+		t.Fatalf("Run returned (%v) with a request in flight: nothing drained", err)
+	default:
+	}
+	if err := syscall.Kill(os.Getpid(), syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond)
+	c.Close() // the request ends, unfinished, and so does the drain
+	select {
+	case err := <-r.done:
+		r.done <- err
+		fmt.Println("drained after SIGHUP; Run:", err)
+	case <-time.After(25 * time.Second):
+		t.Fatalf("Run did not return once its last request ended:\n%s", r.log)
+	}
+}
