@@ -68,8 +68,9 @@ type Options struct {
 	// Audit receives one event per decision (docs/audit.md); give it a
 	// logger no level filters. Default: Logger.
 	Audit *slog.Logger
-	// RequestTimeout bounds each request's time in the vault (default 25s,
-	// under the server's 30s write timeout).
+	// RequestTimeout bounds each request's time in the vault (default
+	// 25s). Keep it under the server's write timeout, so that a guess the
+	// vault counted is answered.
 	RequestTimeout time.Duration
 	// Limits are the rate limits (default: none).
 	Limits Limiter

@@ -135,7 +135,8 @@ func (s *Server) Run(ctx context.Context) error {
 	for _, c := range cfg.Clients {
 		clients = append(clients, api.Client{Name: c.Name, Namespace: c.Namespace, TokenHashes: c.TokenHashes()})
 	}
-	apiHandler := api.NewRouter(v, api.Options{Clients: clients, Registerer: reg, Logger: log, Audit: auditLog, Admission: pool, Limits: ratelimit.New(ratelimit.Config{
+	apiHandler := api.NewRouter(v, api.Options{Clients: clients, Registerer: reg, Logger: log, Audit: auditLog, Admission: pool,
+		RequestTimeout: requestTimeout(cfg.HTTPTimeouts.Write), Limits: ratelimit.New(ratelimit.Config{
 		GuessesPerUser:           bucket(rl.GuessesPerUser),
 		RequestsPerClient:        bucket(rl.RequestsPerClient),
 		WrongGuessesPerClient:    bucket(rl.WrongGuessesPerClient),
@@ -281,4 +282,11 @@ func hsmCapacity(cfg *config.Config, pool *hsmpool.Pool) func() int {
 	all := sessions * cfg.RateLimit.AdmittedPerHSMSession
 	n := len(cfg.HSM.Members)
 	return func() int { return all * pool.Healthy() / n }
+}
+
+// requestTimeout bounds an API request's work in the vault: five sixths of
+// the write timeout, at most 25 s, so that its answer, a counted guess's
+// included, is written before the connection's write deadline.
+func requestTimeout(write time.Duration) time.Duration {
+	return min(25*time.Second, write*5/6)
 }

@@ -65,3 +65,19 @@ func sighupDuringDrain(t *testing.T) {
 		t.Fatalf("Run did not return once its last request ended:\n%s", r.log)
 	}
 }
+
+// An API request's work ends before its connection's write deadline, so a
+// counted guess is answered: at most 25 s, and well under a shorter write
+// timeout.
+func TestRequestTimeoutEndsBeforeTheWriteDeadline(t *testing.T) {
+	for write, want := range map[time.Duration]time.Duration{
+		30 * time.Second: 25 * time.Second, // the default
+		2 * time.Minute:  25 * time.Second,
+		12 * time.Second: 10 * time.Second,
+		time.Second:      time.Second * 5 / 6,
+	} {
+		if got := requestTimeout(write); got != want || got >= write {
+			t.Errorf("write timeout %v: request timeout %v, want %v", write, got, want)
+		}
+	}
+}
