@@ -137,11 +137,11 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	apiHandler := api.NewRouter(v, api.Options{Clients: clients, Registerer: reg, Logger: log, Audit: auditLog, Admission: pool,
 		RequestTimeout: requestTimeout(cfg.HTTPTimeouts.Write), Limits: ratelimit.New(ratelimit.Config{
-		GuessesPerUser:           bucket(rl.GuessesPerUser),
-		RequestsPerClient:        bucket(rl.RequestsPerClient),
-		WrongGuessesPerClient:    bucket(rl.WrongGuessesPerClient),
-		HSMSharePerClientPercent: rl.HSMSharePerClientPercent,
-	}, ratelimit.Options{Registerer: reg, HSMCapacity: hsmCapacity(cfg, pool)})})
+			GuessesPerUser:           bucket(rl.GuessesPerUser),
+			RequestsPerClient:        bucket(rl.RequestsPerClient),
+			WrongGuessesPerClient:    bucket(rl.WrongGuessesPerClient),
+			HSMSharePerClientPercent: rl.HSMSharePerClientPercent,
+		}, ratelimit.Options{Registerer: reg, HSMCapacity: hsmCapacity(cfg, pool)})})
 	keys := &keyAdmin{ctx: ctx, pool: pool, v: v}
 	watchKeys(ctx, keys, log)
 	admin := api.NewAdminRouterWith(reg, func() error {
