@@ -135,13 +135,14 @@ func (s *Server) Run(ctx context.Context) error {
 	for _, c := range cfg.Clients {
 		clients = append(clients, api.Client{Name: c.Name, Namespace: c.Namespace, TokenHashes: c.TokenHashes()})
 	}
+	limits := ratelimit.New(ratelimit.Config{
+		GuessesPerUser:           bucket(rl.GuessesPerUser),
+		RequestsPerClient:        bucket(rl.RequestsPerClient),
+		WrongGuessesPerClient:    bucket(rl.WrongGuessesPerClient),
+		HSMSharePerClientPercent: rl.HSMSharePerClientPercent,
+	}, ratelimit.Options{Registerer: reg, HSMCapacity: hsmCapacity(cfg, pool)})
 	apiHandler := api.NewRouter(v, api.Options{Clients: clients, Registerer: reg, Logger: log, Audit: auditLog, Admission: pool,
-		RequestTimeout: requestTimeout(cfg.HTTPTimeouts.Write), Limits: ratelimit.New(ratelimit.Config{
-			GuessesPerUser:           bucket(rl.GuessesPerUser),
-			RequestsPerClient:        bucket(rl.RequestsPerClient),
-			WrongGuessesPerClient:    bucket(rl.WrongGuessesPerClient),
-			HSMSharePerClientPercent: rl.HSMSharePerClientPercent,
-		}, ratelimit.Options{Registerer: reg, HSMCapacity: hsmCapacity(cfg, pool)})})
+		Limits: limits, RequestTimeout: requestTimeout(cfg.HTTPTimeouts.Write)})
 	keys := &keyAdmin{ctx: ctx, pool: pool, v: v}
 	watchKeys(ctx, keys, log)
 	admin := api.NewAdminRouterWith(reg, func() error {
