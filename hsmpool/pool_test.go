@@ -392,6 +392,34 @@ func TestStalledMemberIsSkipped(t *testing.T) {
 	}
 }
 
+// A caller whose deadline passes while every member stalls gets
+// ErrUnavailable then, not after the members' OpTimeout: the vault bounds a
+// last-attempt guess's HSM work by its context, so that the guess is
+// refunded while it may still undo its lock.
+func TestCallerDeadlineEndsAStalledCall(t *testing.T) {
+	release := make(chan struct{})
+	defer close(release)
+	p := twoMembers(t, Options{OpTimeout: time.Hour, ProbeBackoff: time.Hour}, func(t token) token {
+		return &stalling{token: t, release: release}
+	})
+	swapToken(p.members[1], &stalling{token: p.members[1].state().tok, release: release})
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		_, err := p.HMAC(ctx, pin1, []byte("m"))
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, vault.ErrUnavailable) || ctx.Err() == nil {
+			t.Fatalf("HMAC with every member stalled: %v (context: %v), want ErrUnavailable once the deadline passed", err, ctx.Err())
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("HMAC with every member stalled did not return when its caller's deadline passed")
+	}
+}
+
 func TestIntegrityNeedsEveryHealthyMember(t *testing.T) {
 	nonce := make([]byte, 12)
 	rand.Read(nonce)
