@@ -486,8 +486,9 @@ func (v *Vault) attempt(ctx context.Context, ns, userID string, pin []byte, pre 
 	return g, inner, nil
 }
 
-// settleForgiven answers a wrong guess that did not lock: 403, or 410 if a
-// later guess has locked the backup for good meanwhile. If a right guess
+// settleForgiven answers a wrong guess that did not lock: 403, with the
+// attempts its count left, even where a later guess has locked the backup
+// since (docs/api.md, "Choices"). If a right guess
 // counted after it was forgiven before it was checked, its wrong check would
 // fall after that success uncounted; so it is counted again, as a new
 // guess, before the answer leaves. Where it cannot be (the period since the
@@ -502,15 +503,6 @@ func (v *Vault) settleForgiven(ctx context.Context, g *guess) error {
 			switch {
 			case !g.sameGeneration(cur):
 				answer = errUntold
-				return nil, nil
-			case !g.erased(cur) && cur.Locked:
-				// Still counted, but a later guess locked the backup
-				// meanwhile: a 403 would say attempts are left. Once the
-				// lock settles, undone or final, the answer is the truth.
-				if err := v.lockedOrPending(cur); errors.Is(err, errPendingLock) {
-					return nil, err
-				}
-				answer = ErrLocked
 				return nil, nil
 			case !g.erased(cur):
 				return nil, nil // still counted: the usual answer

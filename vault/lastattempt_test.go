@@ -141,10 +141,10 @@ func TestRightGuessBeforeTheLastAttemptIsForgivenFirst(t *testing.T) {
 }
 
 // Two concurrent wrong guesses on a backup with 2 attempts: the second
-// counted locks it for good, and the first, answered after that, says
-// locked, not wrong_pin with an attempt left: a 403 always means the user
-// may try again.
-func TestWrongGuessAnsweredAfterTheFinalLockSaysLocked(t *testing.T) {
+// counted locks it for good, and the first, answered after that, answers
+// in count order, 403 with the attempt its count left (docs/api.md,
+// "Choices"): concurrent wrong guesses get one 403 per attempt.
+func TestWrongGuessAnswersInCountOrder(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, vault.Options{Now: time.Now})
 	e.enroll("pair", randBytes(32), rightPIN, 2)
@@ -160,8 +160,12 @@ func TestWrongGuessAnsweredAfterTheFinalLockSaysLocked(t *testing.T) {
 		t.Fatalf("the second wrong guess: %v, want the lockout", err)
 	}
 	release["first"]()
-	if err := <-first; !errors.Is(err, vault.ErrLocked) || errors.As(err, &le) && le.Checked {
-		t.Fatalf("the first wrong guess, answered after the final lock: %v, want locked, not the lockout", err)
+	var wrong *vault.WrongPINError
+	if err := <-first; !errors.As(err, &wrong) || wrong.Remaining != 1 {
+		t.Fatalf("the first wrong guess, answered after the lock: %v, want 403 with 1 left", err)
+	}
+	if _, _, err := e.v.Recover(bg, ns, "pair", rightPIN); !errors.Is(err, vault.ErrLocked) {
+		t.Fatalf("the right PIN after: %v, want locked", err)
 	}
 }
 
