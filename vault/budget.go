@@ -190,12 +190,15 @@ const undoMargin = 2 * time.Second
 // locked the backup can undo its lock only for a while (mayUnlock): its
 // work must end before then, so that an HSM that stalls or fails over
 // slowly gets the guess refunded (503), not the backup destroyed with its
-// PIN unchecked.
+// PIN unchecked. A guess whose counting write itself took until then can
+// undo nothing whatever it does: its work is not bounded, so that a right
+// PIN still gets its secret, as when its lock turns final under it.
 func (g *guess) hsmContext(ctx context.Context) (context.Context, context.CancelFunc) {
-	if !g.locked {
+	undo := g.countedAt.Add(lockSettleWindow / 2)
+	if !g.locked || !time.Now().Before(undo) {
 		return ctx, func() {}
 	}
-	return context.WithDeadline(ctx, g.countedAt.Add(lockSettleWindow/2-undoMargin))
+	return context.WithDeadline(ctx, undo.Add(-undoMargin))
 }
 
 // countedSince is how many guesses counted on cur after g stay counted, an

@@ -9,8 +9,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/keyvault/keyvault/vault"
 )
@@ -87,6 +90,94 @@ func TestStalledHSMOnTheLastAttemptIsRefunded(t *testing.T) {
 			}
 		})
 	}
+}
+
+// slowCountStore answers one armed compare-and-swap of a record as an etcd
+// leader election would: the write applies, its answer is lost after the
+// request timeout, and reads fail until a new leader serves them.
+type slowCountStore struct {
+	vault.Store
+	armed     atomic.Bool
+	readsDown atomic.Int64 // unix nanos until which reads fail
+}
+
+func (s *slowCountStore) Get(ctx context.Context, key []byte) ([]byte, uint64, error) {
+	if time.Now().UnixNano() < s.readsDown.Load() {
+		return nil, 0, errInjected
+	}
+	return s.Store.Get(ctx, key)
+}
+
+func (s *slowCountStore) CompareAndSwap(ctx context.Context, key []byte, rev uint64, value []byte) (uint64, error) {
+	if len(key) == 0 || key[0] != 'r' || !s.armed.CompareAndSwap(true, false) {
+		return s.Store.CompareAndSwap(ctx, key, rev, value)
+	}
+	start := time.Now()
+	s.readsDown.Store(start.Add(10500 * time.Millisecond).UnixNano())
+	if _, err := s.Store.CompareAndSwap(ctx, key, rev, value); err != nil {
+		return 0, err
+	}
+	time.Sleep(5 * time.Second) // etcdstore's RequestTimeout
+	return 0, fmt.Errorf("store compare-and-swap: %w", errInjected)
+}
+
+// The right PIN on the last attempt whose counting write is known applied
+// only once the lock could no longer be undone (an etcd leader election:
+// the request times out at 5 s, a read finds the write at 10.5 s): its HSM
+// work is not cut short, since nothing it does could undo the lock; the
+// PIN is checked and the secret returned, and the lock stands.
+func TestSlowlyCountedLastAttemptStillChecksTheRightPIN(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, vault.Options{Now: time.Now})
+	s := &slowCountStore{Store: e.store}
+	v := e.newVault(s, e.hsm, prometheus.NewRegistry())
+	secret := randBytes(32)
+	e.enroll("slow", secret, rightPIN, 2)
+	e.wrong("slow", 1)
+	s.armed.Store(true)
+	if got, _, err := v.Recover(bg, ns, "slow", rightPIN); err != nil || !bytes.Equal(got, secret) {
+		t.Fatalf("the right PIN on the last attempt, counted slowly: %v, want the secret", err)
+	}
+}
+
+// A PIN change that meets a later guess's lock as pending, and as final by
+// the time it would forgive itself (the clock crosses the settle window
+// between the two readings), answers 410 and writes nothing: never a
+// success for a generation it did not write.
+func TestPINChangeMeetingALockTurningFinalAnswersLocked(t *testing.T) {
+	t.Parallel()
+	base := time.Now().UnixNano()
+	var armed atomic.Int32
+	now := func() time.Time {
+		switch n := armed.Load(); {
+		case n == 0:
+			return time.Unix(0, base)
+		case armed.Add(1) == 2:
+			return time.Unix(0, base+int64(19500*time.Millisecond)) // pending
+		default:
+			return time.Unix(0, base+int64(20500*time.Millisecond)) // final by age
+		}
+	}
+	e := newEnv(t, vault.Options{Now: now})
+	e.enroll("edge", randBytes(32), rightPIN, 2)
+	entered, release := holdTags(e, "right", "last")
+	right := make(chan error, 1)
+	go func() {
+		_, err := e.v.ChangePIN(withTag(bg, "right"), ns, "edge", rightPIN, []byte("5678"), vault.Precondition{})
+		right <- err
+	}()
+	<-entered["right"] // guess 1
+	go e.v.Recover(withTag(bg, "last"), ns, "edge", []byte("0000-wrong"))
+	<-entered["last"] // guess 2 locks; its lock is pending
+	armed.Store(1)    // the next clock reading says pending, every later one final
+	release["right"]()
+	if err := <-right; !errors.Is(err, vault.ErrLocked) {
+		t.Fatalf("the PIN change: %v, want locked", err)
+	}
+	if r, _ := e.raw(ns, "edge"); r.Generation != 1 || !r.Locked {
+		t.Fatalf("after: generation %d, locked %v; want generation 1 still locked", r.Generation, r.Locked)
+	}
+	release["last"]()
 }
 
 // A right guess counted before the guess that uses the last attempt, and

@@ -281,7 +281,10 @@ func (v *Vault) ChangePIN(ctx context.Context, ns, userID string, pin, newPIN []
 				}
 				var remaining int
 				f, err := v.forgiveNext(g, cur, nil, &remaining)
-				forgave = f != nil && err == nil
+				if err == nil && f == nil {
+					return nil, ErrLocked // final since lockedOrPending read the clock
+				}
+				forgave = err == nil
 				return f, err
 			}
 			now := v.now()
