@@ -182,6 +182,25 @@ func (g *guess) mayUnlock(cur *stored) bool {
 	return cur.Locked && !cur.LockFinal && cur.Guesses == g.index && time.Since(g.countedAt) < lockSettleWindow/2
 }
 
+// undoMargin is kept between the end of a locking guess's HSM work and the
+// end of its time to undo the lock (mayUnlock), for the write that undoes it.
+const undoMargin = 2 * time.Second
+
+// hsmContext bounds the HSM work g does before it settles. A guess that
+// locked the backup can undo its lock only for a while (mayUnlock): its
+// work must end before then, so that an HSM that stalls or fails over
+// slowly gets the guess refunded (503), not the backup destroyed with its
+// PIN unchecked. A guess whose counting write itself took until then can
+// undo nothing whatever it does: its work is not bounded, so that a right
+// PIN still gets its secret, as when its lock turns final under it.
+func (g *guess) hsmContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	undo := g.countedAt.Add(lockSettleWindow / 2)
+	if !g.locked || !time.Now().Before(undo) {
+		return ctx, func() {}
+	}
+	return context.WithDeadline(ctx, undo.Add(-undoMargin))
+}
+
 // countedSince is how many guesses counted on cur after g stay counted, an
 // upper bound when refunds blur which guess was refunded.
 func (g *guess) countedSince(cur *stored) uint32 {
@@ -453,7 +472,9 @@ func (v *Vault) attempt(ctx context.Context, ns, userID string, pin []byte, pre 
 	if err != nil {
 		return nil, nil, err
 	}
-	ok, inner, err := v.verify(ctx, ns, userID, &g.before, pin)
+	hctx, cancel := g.hsmContext(ctx)
+	ok, inner, err := v.verify(hctx, ns, userID, &g.before, pin)
+	cancel()
 	switch {
 	case err != nil:
 		if rerr := v.refund(ctx, g); rerr != nil {
@@ -468,7 +489,9 @@ func (v *Vault) attempt(ctx context.Context, ns, userID string, pin []byte, pre 
 	return g, inner, nil
 }
 
-// settleForgiven answers a wrong guess that did not lock. If a right guess
+// settleForgiven answers a wrong guess that did not lock: 403, with the
+// attempts its count left, even where a later guess has locked the backup
+// since (docs/api.md, "Choices"). If a right guess
 // counted after it was forgiven before it was checked, its wrong check would
 // fall after that success uncounted; so it is counted again, as a new
 // guess, before the answer leaves. Where it cannot be (the period since the

@@ -228,7 +228,11 @@ func (v *Vault) ChangePIN(ctx context.Context, ns, userID string, pin, newPIN []
 		return Backup{}, fmt.Errorf("change PIN: %w", err)
 	}
 	defer wipe(inner)
-	secret, err := v.open(ctx, ns, userID, &g.before, g.before.Sealed, inner)
+	// A guess that locked the backup settles while it may still undo its
+	// lock: its HSM work ends in time.
+	hctx, cancel := g.hsmContext(ctx)
+	defer cancel()
+	secret, err := v.open(hctx, ns, userID, &g.before, g.before.Sealed, inner)
 	if err != nil {
 		if errors.Is(err, ErrIntegrity) {
 			// The PIN was right; keep the budget as a recovery would.
@@ -241,22 +245,25 @@ func (v *Vault) ChangePIN(ctx context.Context, ns, userID string, pin, newPIN []
 		return Backup{}, fmt.Errorf("change PIN: %w", err)
 	}
 	defer wipe(secret)
-	next, err := v.seal(ctx, ns, userID, g.before.Generation+1, secret, newPIN)
+	next, err := v.seal(hctx, ns, userID, g.before.Generation+1, secret, newPIN)
 	if err != nil {
 		if rerr := v.refund(ctx, g); rerr != nil {
 			err = errors.Join(err, rerr)
 		}
 		return Backup{}, fmt.Errorf("change PIN: %w", err)
 	}
+	forgiven := false // this guess, by a write of its own below
 	err = v.waitSettled(ctx, func() error {
-		return v.update(context.WithoutCancel(ctx), g.key, func(cur *stored) (*record, error) {
+		forgave := false
+		err := v.update(context.WithoutCancel(ctx), g.key, func(cur *stored) (*record, error) {
+			forgave = false
 			if !g.sameGeneration(cur) {
 				return nil, errUntold // replaced or deleted during the PIN change
 			}
 			switch {
 			case cur.Locked && cur.Guesses == g.index && !g.mayUnlock(cur):
 				return nil, ErrLocked // this guess locked it, too long ago to undo
-			case cur.Locked && cur.Guesses != g.index && g.erased(cur):
+			case cur.Locked && cur.Guesses != g.index && g.erased(cur) && !forgiven:
 				// Locked by guesses after a later success that forgave this
 				// one: told only if that lock is undone (see forgiveResealed).
 				if err := v.lockedOrPending(cur); errors.Is(err, errPendingLock) {
@@ -264,7 +271,21 @@ func (v *Vault) ChangePIN(ctx context.Context, ns, userID string, pin, newPIN []
 				}
 				return nil, errUntold
 			case cur.Locked && cur.Guesses != g.index:
-				return nil, v.lockedOrPending(cur) // a later guess locked it
+				// A later guess locked it. While that lock is pending,
+				// this right guess is forgiven first, as a recovery's is,
+				// so that the later guess settles with it forgiven; then
+				// the change waits for it. A final lock answers 410.
+				err := v.lockedOrPending(cur)
+				if !errors.Is(err, errPendingLock) || g.erased(cur) {
+					return nil, err
+				}
+				var remaining int
+				f, err := v.forgiveNext(g, cur, nil, &remaining)
+				if err == nil && f == nil {
+					return nil, ErrLocked // final since lockedOrPending read the clock
+				}
+				forgave = err == nil
+				return f, err
 			}
 			now := v.now()
 			next.MaxAttempts = cur.MaxAttempts
@@ -278,6 +299,11 @@ func (v *Vault) ChangePIN(ctx context.Context, ns, userID string, pin, newPIN []
 			next.CreatedAt, next.UpdatedAt = now, now
 			return next, nil
 		})
+		if err == nil && forgave {
+			forgiven = true
+			return errPendingLock // the new generation is written once the lock settles
+		}
+		return err
 	})
 	if errors.Is(err, errUntold) {
 		v.metrics.untold.Inc()

@@ -44,7 +44,10 @@ func sameSeal(cur, r *record) bool {
 // if it fails, the guess is forgiven as usual and the next recovery tries
 // again.
 func (v *Vault) recoverResealing(ctx context.Context, ns, userID string, g *guess, inner, pin []byte) ([]byte, int, error) {
-	secret, err := v.open(ctx, ns, userID, &g.before, g.before.Sealed, inner)
+	// The re-seal comes before the forgive that may undo this guess's lock.
+	hctx, cancel := g.hsmContext(ctx)
+	defer cancel()
+	secret, err := v.open(hctx, ns, userID, &g.before, g.before.Sealed, inner)
 	if err != nil {
 		// The guess was right: it is forgiven, as on the usual path.
 		if _, ferr := v.forgive(ctx, g); errors.Is(ferr, errUntold) {
@@ -52,7 +55,7 @@ func (v *Vault) recoverResealing(ctx context.Context, ns, userID string, g *gues
 		}
 		return nil, 0, fmt.Errorf("recover: %w", err)
 	}
-	next, err := v.seal(ctx, ns, userID, g.before.Generation, secret, pin)
+	next, err := v.seal(hctx, ns, userID, g.before.Generation, secret, pin)
 	if err != nil {
 		v.log.Warn("could not re-seal a record under the newest keys; it stays on its versions", "record", v.LogID(ns, userID), "error", err.Error())
 		next = nil
@@ -369,9 +372,11 @@ func (v *Vault) rewrapOne(ctx context.Context, key []byte, target uint32) (moved
 			if v.lockedOrPending(cur) != ErrLocked {
 				return nil, nil
 			}
-			// Final, by its flag or by age (its request died): say so, so
-			// that nobody takes it for pending again.
-			next.LockFinal, next.freshPIN = true, true
+			// Final, by its flag or by age (its request died). The flag
+			// says so where the counter does: a success that forgave
+			// guesses before the lock's can leave attempts on a lock
+			// whose request died, and that lock stays final by its age.
+			next.LockFinal, next.freshPIN = cur.used() == cur.MaxAttempts, true
 			next.WrapVersion, next.PINVersion = target, max(cur.PINVersion, v.hsm.KeyVersion(RolePIN))
 			if p := v.hsm.WrapProfile(target); p != "" {
 				next.Sealing = p // nothing is sealed; the mark follows the version
