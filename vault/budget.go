@@ -179,7 +179,16 @@ func (g *guess) sameGeneration(cur *stored) bool {
 // secret back: the lock is still pending, and young enough that nobody has
 // taken it for final.
 func (g *guess) mayUnlock(cur *stored) bool {
-	return cur.Locked && !cur.LockFinal && cur.Guesses == g.index && time.Since(g.countedAt) < lockSettleWindow/2
+	return cur.Locked && !cur.LockFinal && cur.Guesses == g.index && time.Now().Before(g.undoBy())
+}
+
+// undoBy is when g stops being allowed to undo the lock it made.
+func (g *guess) undoBy() time.Time { return g.countedAt.Add(lockSettleWindow / 2) }
+
+// unlock puts back on next the secret g removed from cur, within the time
+// g may: the write is not sent again once g.undoBy has passed.
+func (g *guess) unlock(next *record) {
+	next.Locked, next.Sealed, next.undoBy = false, g.before.Sealed, g.undoBy()
 }
 
 // undoMargin is kept between the end of a locking guess's HSM work and the
@@ -194,7 +203,7 @@ const undoMargin = 2 * time.Second
 // undo nothing whatever it does: its work is not bounded, so that a right
 // PIN still gets its secret, as when its lock turns final under it.
 func (g *guess) hsmContext(ctx context.Context) (context.Context, context.CancelFunc) {
-	undo := g.countedAt.Add(lockSettleWindow / 2)
+	undo := g.undoBy()
 	if !g.locked || !time.Now().Before(undo) {
 		return ctx, func() {}
 	}
@@ -368,7 +377,7 @@ func (v *Vault) forgiveNext(g *guess, cur *stored, resealed *record, remaining *
 	next := cur.record
 	switch {
 	case g.mayUnlock(cur):
-		next.Locked, next.Sealed = false, g.before.Sealed
+		g.unlock(&next)
 	case cur.Locked && (cur.Guesses == g.index || v.lockedOrPending(cur) == ErrLocked):
 		*remaining = 0
 		return nil, nil // final: its 410 stands
@@ -409,7 +418,7 @@ func (v *Vault) refund(ctx context.Context, g *guess) error {
 			if !g.mayUnlock(cur) {
 				return nil, nil // locked by a later guess, or final
 			}
-			next.Locked, next.Sealed = false, g.before.Sealed
+			g.unlock(&next)
 		}
 		next.Refunds++
 		next.UpdatedAt = v.now()
@@ -444,7 +453,7 @@ func (v *Vault) settleWrong(ctx context.Context, g *guess) error {
 		case cur.used() == cur.MaxAttempts:
 			next.LockFinal = true
 		case g.mayUnlock(cur):
-			next.Locked, next.Sealed = false, g.before.Sealed
+			g.unlock(&next)
 			answer = &WrongPINError{Remaining: int(cur.MaxAttempts - cur.used())}
 		default:
 			return nil, nil // too late to undo: the pending lock turns final by age

@@ -287,6 +287,10 @@ func (v *Vault) ChangePIN(ctx context.Context, ns, userID string, pin, newPIN []
 				forgave = err == nil
 				return f, err
 			}
+			next.undoBy = time.Time{}
+			if cur.Locked {
+				next.undoBy = g.undoBy() // it replaces this guess's own pending lock
+			}
 			now := v.now()
 			next.MaxAttempts = cur.MaxAttempts
 			// Wrong guesses counted on the old generation after this one

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"time"
 )
 
 // recordFormatV1, V2 and V3 are the first byte of a record.
@@ -124,6 +125,11 @@ type record struct {
 	// version carried over from the stored record is counted by RetireKeys
 	// and needs no mark.
 	freshWrap, freshPIN bool
+	// undoBy, if set, is when a write that undoes a pending lock stops
+	// being allowed to land (not stored): the guess that made the lock
+	// may undo it only until then (guess.mayUnlock), so a write whose
+	// outcome was lost is not sent again after it.
+	undoBy time.Time
 }
 
 // recordKey is the store key of a backup: a type byte, then the namespace

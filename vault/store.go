@@ -113,6 +113,9 @@ func (v *Vault) writeEarly(ctx context.Context, key []byte, rev uint64, r *recor
 	body := r.marshal()
 	val := appendRecordMAC(body, v.macKeys[v.macVersion], key, body)
 	ctx = detached(ctx)
+	if !r.undoBy.IsZero() && !time.Now().Before(r.undoBy) {
+		return nil, ErrConflict // decided in time, sent too late: decide again
+	}
 	es, ok := v.store.(EarlyStore)
 	if early && ok && !r.freshWrap && !r.freshPIN {
 		_, durable, err = es.CompareAndSwapEarly(ctx, key, rev, val)
@@ -180,6 +183,11 @@ func (v *Vault) resolve(ctx context.Context, key []byte, rev uint64, val []byte,
 			v.metrics.ambiguous.WithLabelValues(resApplied).Inc()
 			return nil
 		case cur == nil && rev == 0 || cur != nil && cur.rev == rev:
+			if !r.undoBy.IsZero() && !time.Now().Before(r.undoBy) {
+				// It undoes a lock that others may take for final by now.
+				v.metrics.ambiguous.WithLabelValues(resUnresolved).Inc()
+				return fmt.Errorf("%w: write outcome unknown, and too late to send again: %w", ErrUnavailable, lastErr)
+			}
 			if r.freshWrap || r.freshPIN {
 				// A resend is a new write: past the fence, it could land
 				// after a retirement counted this node's writes.
