@@ -34,12 +34,29 @@ const maxAdminResponseBytes = 1 << 20
 // or a retire, which read every backup, two minutes to answer.
 const DefaultAdminTimeout = 2 * time.Minute
 
+// AdminOption configures an Admin client.
+type AdminOption func(*adminOptions)
+
+type adminOptions struct{ plaintext bool }
+
+// AdminInsecurePlaintext allows an http:// base URL on a host other than
+// loopback, which sends the admin token unencrypted: for an admin listener
+// with admin_insecure_plaintext, behind a network layer that encrypts.
+func AdminInsecurePlaintext() AdminOption {
+	return func(o *adminOptions) { o.plaintext = true }
+}
+
 // NewAdmin returns a client of the admin listener at baseURL (for example
 // "http://127.0.0.1:9090") that authenticates with the admin bearer token.
 // hc carries the TLS settings for an admin listener with admin_tls (nil:
 // http.DefaultTransport with a Timeout of DefaultAdminTimeout); Admin uses
-// a copy that never follows redirects.
-func NewAdmin(baseURL, token string, hc *http.Client) (*Admin, error) {
+// a copy that never follows redirects. Plain http:// is refused except to
+// loopback, unless AdminInsecurePlaintext is given.
+func NewAdmin(baseURL, token string, hc *http.Client, opts ...AdminOption) (*Admin, error) {
+	var o adminOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
 	u, err := url.Parse(baseURL)
 	switch {
 	case err != nil:
@@ -50,6 +67,8 @@ func NewAdmin(baseURL, token string, hc *http.Client) (*Admin, error) {
 		return nil, errors.New("keyvault admin client: the base URL has no host")
 	case u.User != nil || u.RawQuery != "" || u.Fragment != "":
 		return nil, errors.New("keyvault admin client: the base URL must hold no credentials, query or fragment")
+	case u.Scheme == "http" && !o.plaintext && !isLoopback(u.Hostname()):
+		return nil, ErrAdminPlaintext
 	}
 	if token == "" {
 		return nil, errors.New("keyvault admin client: the admin token is empty")
@@ -65,6 +84,10 @@ func NewAdmin(baseURL, token string, hc *http.Client) (*Admin, error) {
 	c.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
 	return &Admin{base: u.Scheme + "://" + u.Host + strings.TrimRight(u.EscapedPath(), "/"), auth: "Bearer " + token, hc: c}, nil
 }
+
+// ErrAdminPlaintext refuses a plain http:// admin URL to a host other than
+// loopback: the admin token would cross the network unencrypted.
+var ErrAdminPlaintext = errors.New("keyvault admin client: refusing plain http:// to a host other than loopback (use https://, or AdminInsecurePlaintext)")
 
 // String names the admin client without its token.
 func (a *Admin) String() string { return "keyvault admin client for " + a.base }

@@ -16,6 +16,8 @@ func TestNewAdminRefuses(t *testing.T) {
 		{"http://127.0.0.1:9090?x=1", "tok-secret"},
 		{"http://127.0.0.1:9090", ""},
 		{"http://127.0.0.1:9090", "two words"},
+		{"http://10.0.0.1:9090", "tok-secret"},
+		{"http://vault.internal:9090", "tok-secret"},
 	} {
 		a, err := NewAdmin(tc.url, tc.token, nil)
 		if err == nil {
@@ -25,6 +27,21 @@ func TestNewAdminRefuses(t *testing.T) {
 		if tc.token != "" && strings.Contains(err.Error(), tc.token) {
 			t.Errorf("the error quotes the token: %v", err)
 		}
+	}
+}
+
+// Plain http:// goes to loopback, or elsewhere with AdminInsecurePlaintext.
+func TestNewAdminPlaintext(t *testing.T) {
+	for _, u := range []string{"http://127.0.0.1:9090", "http://[::1]:9090", "http://localhost:9090", "https://vault.internal:9090"} {
+		if _, err := NewAdmin(u, "tok", nil); err != nil {
+			t.Errorf("NewAdmin(%q): %v", u, err)
+		}
+	}
+	if _, err := NewAdmin("http://vault.internal:9090", "tok", nil); !errors.Is(err, ErrAdminPlaintext) {
+		t.Errorf("plain http:// off loopback: %v, want ErrAdminPlaintext", err)
+	}
+	if _, err := NewAdmin("http://vault.internal:9090", "tok", nil, AdminInsecurePlaintext()); err != nil {
+		t.Errorf("plain http:// off loopback with AdminInsecurePlaintext: %v", err)
 	}
 }
 

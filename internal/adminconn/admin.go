@@ -16,7 +16,9 @@ import (
 // Admin returns the admin client of cfg's running vault: at url, or
 // without one at the base URL For gives, with the admin bearer token read
 // from tokenFile, or without one from $KEYVAULT_ADMIN_TOKEN. It returns
-// nil and no error when neither gives a token.
+// nil and no error when neither gives a token. Plain http:// to a host
+// other than loopback needs admin_insecure_plaintext in cfg, as the vault
+// does.
 func Admin(cfg *config.Config, url, tokenFile string) (*client.Admin, error) {
 	base, hc, err := For(cfg)
 	if err != nil {
@@ -29,7 +31,15 @@ func Admin(cfg *config.Config, url, tokenFile string) (*client.Admin, error) {
 	if err != nil || token == "" {
 		return nil, err
 	}
-	return client.NewAdmin(base, token, hc)
+	var opts []client.AdminOption
+	if cfg.AdminInsecurePlaintext {
+		opts = append(opts, client.AdminInsecurePlaintext())
+	}
+	ac, err := client.NewAdmin(base, token, hc, opts...)
+	if errors.Is(err, client.ErrAdminPlaintext) {
+		return nil, fmt.Errorf("%s: the admin token would cross the network unencrypted: use https:// (admin_tls), or set admin_insecure_plaintext: true in the config", base)
+	}
+	return ac, err
 }
 
 // Token reads the admin bearer token from file, or without one from

@@ -44,8 +44,17 @@ func TestAdmin(t *testing.T) {
 	if err != nil || ac.URL() != "http://127.0.0.1:9090" {
 		t.Errorf("Admin from the config: %v, %v; want http://127.0.0.1:9090", ac, err)
 	}
-	if ac, err := Admin(cfg, "http://10.0.0.1:9999", file); err != nil || ac.URL() != "http://10.0.0.1:9999" {
+	if ac, err := Admin(cfg, "https://10.0.0.1:9999", file); err != nil || ac.URL() != "https://10.0.0.1:9999" {
 		t.Errorf("Admin with a URL: %v, %v", ac, err)
+	}
+	// Plain http:// off loopback carries the token in the clear: only with
+	// admin_insecure_plaintext, as the vault itself.
+	if ac, err := Admin(cfg, "http://10.0.0.1:9999", file); err == nil || !strings.Contains(err.Error(), "admin_insecure_plaintext") {
+		t.Errorf("Admin with a plain http:// URL off loopback: %v, %v; want refused, naming admin_insecure_plaintext", ac, err)
+	}
+	remote := &config.Config{AdminListen: "10.0.0.1:9090", AdminInsecurePlaintext: true}
+	if ac, err := Admin(remote, "", file); err != nil || ac.URL() != "http://10.0.0.1:9090" {
+		t.Errorf("Admin from a config with admin_insecure_plaintext: %v, %v", ac, err)
 	}
 }
 
