@@ -45,6 +45,19 @@ func (s *lostThenResentStore) CompareAndSwap(ctx context.Context, key []byte, re
 	return 0, fmt.Errorf("store compare-and-swap: %w", errInjected)
 }
 
+// twoProcessesOneAttemptLeft is backup "late" with one attempt left, and
+// two vaults on its store: a, whose writes go through s, and b.
+func twoProcessesOneAttemptLeft(t *testing.T) (e *env, s *lostThenResentStore, a, b *vault.Vault, secret []byte) {
+	e = newEnv(t, vault.Options{Now: time.Now})
+	s = &lostThenResentStore{Store: e.store}
+	a = e.newVault(s, e.hsm, prometheus.NewRegistry())
+	b = e.newVault(e.store, e.hsm, prometheus.NewRegistry())
+	secret = randBytes(32)
+	e.enroll("late", secret, rightPIN, 2)
+	e.wrong("late", 1)
+	return e, s, a, b, secret
+}
+
 // A last attempt whose HSM stalls is refunded at its 8 s deadline, and the
 // refund decides to undo the lock while it may (mayUnlock). Its write is
 // lost, and reads come back only once the lock has turned final by age and
@@ -53,13 +66,7 @@ func (s *lostThenResentStore) CompareAndSwap(ctx context.Context, key []byte, re
 // not sent again, and the lock stands.
 func TestLostRefundIsNotSentAgainAfterTheUndoTime(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, vault.Options{Now: time.Now})
-	s := &lostThenResentStore{Store: e.store}
-	a := e.newVault(s, e.hsm, prometheus.NewRegistry())       // process A
-	b := e.newVault(e.store, e.hsm, prometheus.NewRegistry()) // process B, same store
-	secret := randBytes(32)
-	e.enroll("late", secret, rightPIN, 2)
-	e.wrong("late", 1)
+	e, s, a, b, secret := twoProcessesOneAttemptLeft(t)
 
 	entered := stall(e, "stall", 1)
 	start := time.Now()
@@ -98,13 +105,7 @@ func TestLostRefundIsNotSentAgainAfterTheUndoTime(t *testing.T) {
 // while the lock stands, as a right guess after a final lock does.
 func TestLostForgiveIsNotSentAgainAfterTheUndoTime(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, vault.Options{Now: time.Now})
-	s := &lostThenResentStore{Store: e.store}
-	a := e.newVault(s, e.hsm, prometheus.NewRegistry())       // process A
-	b := e.newVault(e.store, e.hsm, prometheus.NewRegistry()) // process B, same store
-	secret := randBytes(32)
-	e.enroll("late", secret, rightPIN, 2)
-	e.wrong("late", 1)
+	e, s, a, b, secret := twoProcessesOneAttemptLeft(t)
 
 	entered, release := holdTags(e, "right")
 	start := time.Now()
