@@ -57,6 +57,17 @@ func TestNSSProfileGCM(t *testing.T) {
 	profileScenario(t, k)
 }
 
+// TestNSSProfileHMAC is TestNSSProfileGCM under the hmac profile, the one
+// for tokens whose GCM the vault cannot use.
+func TestNSSProfileHMAC(t *testing.T) {
+	t.Parallel()
+	k := nssKit(t, t.TempDir(), "hmac", nil)
+	if code, out := k.keys(t, nil, "init"); code != 0 || !strings.Contains(out, "for the hmac profile") {
+		t.Fatalf("keys init under hmac on NSS: exit %d:\n%s", code, out)
+	}
+	profileScenario(t, k)
+}
+
 // TestNSSAloneRefusesAnchoring: with rollback anchoring on and NSS the
 // only member, no member can keep the anchors, so hsm check exits 2, keys
 // init creates nothing, and serve refuses to start, each naming the
