@@ -340,6 +340,27 @@ func TestAdminTLS(t *testing.T) {
 		if code, out := keys(v, cfg, "KEYVAULT_ADMIN_CERT="+clientCert, "KEYVAULT_ADMIN_KEY="+clientKey); code != 0 {
 			t.Fatalf("keys usage with a client certificate: exit %d:\n%s", code, out)
 		}
+		// keyvault bench reads the vault's CPU from the admin listener
+		// with the same client certificate.
+		bench := func(env ...string) (int, string) {
+			cmd := exec.Command(keyvaultBin, "bench", "--url", v.API, "--token-file", filepath.Join(dir, "token"),
+				"--admin-url", v.Admin, "--ca-file", pki.caFile, "--duration", "1s", "--warmup", "0s",
+				"--concurrency", "2", "--users", "40", "--max-errors", "100")
+			cmd.Env = append(os.Environ(), env...)
+			out, err := cmd.CombinedOutput()
+			if exit := (*exec.ExitError)(nil); errors.As(err, &exit) {
+				return exit.ExitCode(), string(out)
+			} else if err != nil {
+				t.Fatal(err)
+			}
+			return 0, string(out)
+		}
+		if code, out := bench(); code != 2 || !strings.Contains(out, "--admin-url") {
+			t.Fatalf("bench --admin-url under admin mTLS without a client certificate: exit %d, want 2:\n%s", code, out)
+		}
+		if code, out := bench("KEYVAULT_ADMIN_CERT="+clientCert, "KEYVAULT_ADMIN_KEY="+clientKey); code != 0 || !strings.Contains(out, "cpu_us/op") {
+			t.Fatalf("bench --admin-url with a client certificate: exit %d, want 0 with the vault's CPU:\n%s", code, out)
+		}
 	})
 }
 

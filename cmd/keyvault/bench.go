@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
 	"errors"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/keyvault/keyvault/internal/adminconn"
 	"github.com/keyvault/keyvault/internal/bench"
 	"github.com/keyvault/keyvault/internal/loadgen"
 	"github.com/keyvault/keyvault/internal/server"
@@ -44,7 +46,8 @@ window: cpu_us/op, the CPU time per successful operation of the process
 doing it (with --hsm this process, where the HSM calls run; with --url the
 vault, given --pid PID when it runs on this machine, read from
 /proc/PID/stat, or --admin-url URL, read from process_cpu_seconds_total on
-its admin listener's /metrics), and gen_us/req, the bench's own CPU per
+its admin listener's /metrics, under mTLS with the client certificate in
+KEYVAULT_ADMIN_CERT and KEYVAULT_ADMIN_KEY), and gen_us/req, the bench's own CPU per
 request (with --url). Divide a vault's cpu_us/op by the raw ceiling's for
 the vault's overhead factor. The bench exits 1, naming the limit that bit, when nothing
 succeeded, or when more than --max-errors percent of the requests failed
@@ -177,7 +180,12 @@ func cpuReader(f benchFlags) (bench.CPUReader, error) {
 		if err != nil {
 			return nil, err
 		}
-		r, err := bench.MetricsCPU(bench.AdminMetricsURL(f.adminURL), roots)
+		certs, err := adminconn.ClientCert()
+		if err != nil {
+			return nil, usageError{fmt.Errorf("--admin-url: %w", err)}
+		}
+		tc := &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: roots, Certificates: certs}
+		r, err := bench.MetricsCPU(bench.AdminMetricsURL(f.adminURL), tc)
 		if err != nil {
 			return nil, usageError{fmt.Errorf("--admin-url: %w", err)}
 		}

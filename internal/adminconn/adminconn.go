@@ -41,21 +41,34 @@ func For(cfg *config.Config) (base string, hc *http.Client, err error) {
 		return "", nil, errors.New("admin_tls.cert_file: no PEM certificate in it")
 	}
 	tc := &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: roots}
-	certFile, keyFile := os.Getenv("KEYVAULT_ADMIN_CERT"), os.Getenv("KEYVAULT_ADMIN_KEY")
+	certs, err := ClientCert()
 	switch {
-	case certFile != "" && keyFile != "":
-		cert, err := tls.LoadX509KeyPair(certFile, keyFile)
-		if err != nil {
-			return "", nil, fmt.Errorf("KEYVAULT_ADMIN_CERT, KEYVAULT_ADMIN_KEY: %w", err)
-		}
-		tc.Certificates = []tls.Certificate{cert}
-	case certFile != "" || keyFile != "":
-		return "", nil, errors.New("set both KEYVAULT_ADMIN_CERT and KEYVAULT_ADMIN_KEY, or neither")
-	case cfg.AdminTLS.ClientCAFile != "":
+	case err != nil:
+		return "", nil, err
+	case certs == nil && cfg.AdminTLS.ClientCAFile != "":
 		return "", nil, errors.New("admin_tls.client_ca_file requires a client certificate: set KEYVAULT_ADMIN_CERT and KEYVAULT_ADMIN_KEY")
 	}
+	tc.Certificates = certs
 	hc.Transport = &http.Transport{TLSClientConfig: tc, Proxy: http.ProxyFromEnvironment}
 	return "https://" + Dialable(cfg.AdminListen), hc, nil
+}
+
+// ClientCert loads the client certificate for an admin listener under
+// mTLS from the files $KEYVAULT_ADMIN_CERT and $KEYVAULT_ADMIN_KEY: nil
+// when neither is set, an error when one is.
+func ClientCert() ([]tls.Certificate, error) {
+	certFile, keyFile := os.Getenv("KEYVAULT_ADMIN_CERT"), os.Getenv("KEYVAULT_ADMIN_KEY")
+	switch {
+	case certFile == "" && keyFile == "":
+		return nil, nil
+	case certFile == "" || keyFile == "":
+		return nil, errors.New("set both KEYVAULT_ADMIN_CERT and KEYVAULT_ADMIN_KEY, or neither")
+	}
+	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		return nil, fmt.Errorf("KEYVAULT_ADMIN_CERT, KEYVAULT_ADMIN_KEY: %w", err)
+	}
+	return []tls.Certificate{cert}, nil
 }
 
 // Dialable turns a listen address into one to connect to: a wildcard

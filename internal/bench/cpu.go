@@ -3,7 +3,6 @@ package bench
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -52,12 +51,14 @@ const cpuMetric = "process_cpu_seconds_total"
 
 // MetricsCPU reads the CPU time of the process behind a Prometheus
 // /metrics endpoint (metricsURL, such as http://127.0.0.1:9090/metrics)
-// from its process_cpu_seconds_total. rootCAs, when not nil, are the CAs
-// its TLS certificate chains to. The process may run on another machine.
-func MetricsCPU(metricsURL string, rootCAs *x509.CertPool) (CPUReader, error) {
+// from its process_cpu_seconds_total. tc, when not nil, is the TLS set-up
+// of an https:// URL: the CAs its certificate chains to, and a client
+// certificate for an admin listener under mTLS. The process may run on
+// another machine.
+func MetricsCPU(metricsURL string, tc *tls.Config) (CPUReader, error) {
 	tr := http.DefaultTransport.(*http.Transport).Clone()
-	if rootCAs != nil {
-		tr.TLSClientConfig = &tls.Config{RootCAs: rootCAs, MinVersion: tls.VersionTLS12}
+	if tc != nil {
+		tr.TLSClientConfig = tc
 	}
 	hc := &http.Client{Transport: tr, Timeout: 10 * time.Second}
 	read := func() (time.Duration, error) {
