@@ -184,7 +184,7 @@ func TestEtcdRetireWhileAnotherNodeEnrolls(t *testing.T) {
 		t.Errorf("node B did not reload on the version announced through the store:\n%s", b.Logs())
 	}
 	if len(failures) > 0 {
-		t.Errorf("%d enrollments on B failed; first: %s", len(failures), failures[0])
+		t.Errorf("%d enrollments on B failed; first: %s\nB's log:\n%s", len(failures), failures[0], b.Logs())
 	}
 	if duringRetire.Load() == 0 {
 		t.Errorf("no enrollment on B ran inside the retire (%v): not the race under test", retireTook)
