@@ -244,8 +244,12 @@ func (v *Vault) fenced() error {
 	// On the monotonic clock where there is one: a wall clock set back
 	// must not stretch the fence.
 	if age := v.opts.Now().Sub(*at); age >= v.opts.Cluster.FenceAfter() {
-		return fmt.Errorf("%w: this node has not read the cluster's key state for %v (more than %v): it seals nothing until it has",
+		err := fmt.Errorf("%w: this node has not read the cluster's key state for %v (more than %v): it seals nothing until it has",
 			ErrUnavailable, age.Round(time.Millisecond), v.opts.Cluster.FenceAfter())
+		if v.fenceShown.CompareAndSwap(false, true) {
+			v.log.Warn("fenced: enrollments, PIN changes and re-seals answer 503 until a key sync round succeeds", "error", err.Error())
+		}
+		return err
 	}
 	return nil
 }
@@ -383,6 +387,9 @@ func (v *Vault) syncRound(ctx context.Context) (again bool, err error) {
 		}
 	}
 	v.syncedAt.Store(&began)
+	if v.fenceShown.Swap(false) {
+		v.log.Info("fence lifted: a key sync round succeeded")
+	}
 	return false, nil
 }
 

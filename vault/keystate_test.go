@@ -243,6 +243,13 @@ func TestSilentNodeFencesItselfAndIsLeftBehind(t *testing.T) {
 	if !errors.Is(err, vault.ErrUnavailable) || !strings.Contains(err.Error(), "has not read the cluster's key state") {
 		t.Fatalf("enroll on a node silent for %v: %v", opts.FenceAfter(), err)
 	}
+	// The fence is logged once while it stands, and its end once.
+	if _, _, err := c.b.Enroll(bg, ns, "fenced-2", randBytes(32), rightPIN, 5, vault.Precondition{}); !errors.Is(err, vault.ErrUnavailable) {
+		t.Fatalf("a second enroll on the fenced node: %v", err)
+	}
+	if n := strings.Count(string(c.logs.Bytes()), "fenced: enrollments"); n != 1 {
+		t.Fatalf("the fence logged %d times for two refused enrolls, want once:\n%s", n, string(c.logs.Bytes()))
+	}
 	if err := c.a.RetireKeys(bg, 1, func(uint32) error { return nil }); !errors.Is(err, vault.ErrNodesLagging) {
 		t.Fatalf("retire while node-b is silent but not yet gone: %v", err)
 	}
@@ -256,6 +263,9 @@ func TestSilentNodeFencesItselfAndIsLeftBehind(t *testing.T) {
 	mustSync(t, c.b)
 	if _, _, err := c.b.Enroll(bg, ns, "back", randBytes(32), rightPIN, 5, vault.Precondition{}); !errors.Is(err, vault.ErrUnavailable) {
 		t.Fatalf("enroll on node-b under a retired version: %v", err)
+	}
+	if n := strings.Count(string(c.logs.Bytes()), "fence lifted"); n != 1 {
+		t.Fatalf("the fence's end logged %d times, want once:\n%s", n, string(c.logs.Bytes()))
 	}
 	c.hb.refuse.Store(false)
 	mustSync(t, c.b)

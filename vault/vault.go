@@ -68,6 +68,7 @@ type Vault struct {
 	keys       KeyRing
 	syncMu     sync.Mutex                // one key sync round at a time; guards lastReload, forgotten
 	syncedAt   atomic.Pointer[time.Time] // when the last successful round began
+	fenceShown atomic.Bool               // the fence is up and has been logged
 	lastReload string                    // the last reload outcome logged
 	forgotten  map[uint32]bool           // retired versions the key ring has let go
 }
