@@ -187,6 +187,13 @@ func TestEtcdRetireWhileAnotherNodeEnrolls(t *testing.T) {
 	retireTook := time.Duration(retireEnd.Load() - retireStart.Load())
 	t.Logf("retire took %v; B acknowledged %d enrollments, %d of them begun and answered during the retire; %d 503s retried; %d failed",
 		retireTook.Round(time.Millisecond), len(acked), duringRetire.Load(), retried.Load(), len(failures))
+	if retried.Load() > 0 {
+		for _, line := range strings.Split(string(b.Logs()), "\n") {
+			if strings.Contains(line, `"level":"WARN"`) || strings.Contains(line, `"level":"ERROR"`) || strings.Contains(line, "fence") {
+				t.Logf("B: %s", line)
+			}
+		}
+	}
 	if code != 0 || !strings.Contains(out, "Key version 1 retired") {
 		t.Errorf("keys retire --version 1 through node A: exit %d:\n%s", code, out)
 	}
