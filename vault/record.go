@@ -132,6 +132,12 @@ type record struct {
 	undoBy time.Time
 }
 
+// undoExpired reports whether r undoes a pending lock and its time to
+// land has passed.
+func (r *record) undoExpired() bool {
+	return !r.undoBy.IsZero() && !time.Now().Before(r.undoBy)
+}
+
 // recordKey is the store key of a backup: a type byte, then the namespace
 // and the user_id, each prefixed by its length, so that no two pairs collide.
 func recordKey(ns, userID string) []byte {

@@ -113,8 +113,10 @@ func (v *Vault) writeEarly(ctx context.Context, key []byte, rev uint64, r *recor
 	body := r.marshal()
 	val := appendRecordMAC(body, v.macKeys[v.macVersion], key, body)
 	ctx = detached(ctx)
-	if !r.undoBy.IsZero() && !time.Now().Before(r.undoBy) {
-		return nil, ErrConflict // decided in time, sent too late: decide again
+	if r.undoExpired() {
+		// Decided in time, but held up since (behind a retirement on
+		// retireMu, say): decide again on the current record.
+		return nil, ErrConflict
 	}
 	es, ok := v.store.(EarlyStore)
 	if early && ok && !r.freshWrap && !r.freshPIN {
@@ -183,7 +185,7 @@ func (v *Vault) resolve(ctx context.Context, key []byte, rev uint64, val []byte,
 			v.metrics.ambiguous.WithLabelValues(resApplied).Inc()
 			return nil
 		case cur == nil && rev == 0 || cur != nil && cur.rev == rev:
-			if !r.undoBy.IsZero() && !time.Now().Before(r.undoBy) {
+			if r.undoExpired() {
 				// It undoes a lock that others may take for final by now.
 				v.metrics.ambiguous.WithLabelValues(resUnresolved).Inc()
 				return fmt.Errorf("%w: write outcome unknown, and too late to send again: %w", ErrUnavailable, lastErr)
