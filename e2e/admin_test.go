@@ -291,10 +291,10 @@ func TestAdminTLS(t *testing.T) {
 		b, err := io.ReadAll(resp.Body)
 		return resp.StatusCode, string(b), err
 	}
-	// keys runs `keyvault keys usage` against v with env added.
-	keys := func(v *vault, cfg string, env ...string) (int, string) {
-		cmd := exec.Command(keyvaultBin, "keys", "usage", "--config", cfg, "--admin-url", v.Admin)
-		cmd.Env = append(os.Environ(), append(env, "KEYVAULT_ADMIN_TOKEN="+adminToken)...)
+	// run runs the binary with args and env added to this process's.
+	run := func(env []string, args ...string) (int, string) {
+		cmd := exec.Command(keyvaultBin, args...)
+		cmd.Env = append(os.Environ(), env...)
 		out, err := cmd.CombinedOutput()
 		var exit *exec.ExitError
 		if errors.As(err, &exit) {
@@ -303,6 +303,10 @@ func TestAdminTLS(t *testing.T) {
 			t.Fatal(err)
 		}
 		return 0, string(out)
+	}
+	// keys runs `keyvault keys usage` against v with env added.
+	keys := func(v *vault, cfg string, env ...string) (int, string) {
+		return run(append(env, "KEYVAULT_ADMIN_TOKEN="+adminToken), "keys", "usage", "--config", cfg, "--admin-url", v.Admin)
 	}
 
 	t.Run("tls", func(t *testing.T) {
@@ -343,17 +347,9 @@ func TestAdminTLS(t *testing.T) {
 		// keyvault bench reads the vault's CPU from the admin listener
 		// with the same client certificate.
 		bench := func(env ...string) (int, string) {
-			cmd := exec.Command(keyvaultBin, "bench", "--url", v.API, "--token-file", filepath.Join(dir, "token"),
+			return run(env, "bench", "--url", v.API, "--token-file", filepath.Join(dir, "token"),
 				"--admin-url", v.Admin, "--ca-file", pki.caFile, "--duration", "1s", "--warmup", "0s",
 				"--concurrency", "2", "--users", "40", "--max-errors", "100")
-			cmd.Env = append(os.Environ(), env...)
-			out, err := cmd.CombinedOutput()
-			if exit := (*exec.ExitError)(nil); errors.As(err, &exit) {
-				return exit.ExitCode(), string(out)
-			} else if err != nil {
-				t.Fatal(err)
-			}
-			return 0, string(out)
 		}
 		if code, out := bench(); code != 2 || !strings.Contains(out, "--admin-url") {
 			t.Fatalf("bench --admin-url under admin mTLS without a client certificate: exit %d, want 2:\n%s", code, out)

@@ -156,14 +156,17 @@ func TestEtcdRetireWhileAnotherNodeEnrolls(t *testing.T) {
 			for i := 0; !stopEnroll.Load(); i++ {
 				bk := backup{fmt.Sprintf("b-%d-%d", w, i), randPIN("pin"), randBytes(32)}
 				began := time.Now().UnixNano()
-				r, err := cb.call(http.MethodPut, backupPath(bk.user), map[string]any{"secret": b64(bk.secret), "pin": bk.pin})
+				put := func() (response, error) {
+					return cb.call(http.MethodPut, backupPath(bk.user), map[string]any{"secret": b64(bk.secret), "pin": bk.pin})
+				}
+				r, err := put()
 				// A node that could not read the key state for 5
 				// heartbeats fences itself and answers 503 (docs/etcd.md),
 				// which a loaded etcd can cause here: a client retries.
 				for try := 0; err == nil && r.Status == http.StatusServiceUnavailable && try < 40; try++ {
 					retried.Add(1)
 					time.Sleep(250 * time.Millisecond)
-					r, err = cb.call(http.MethodPut, backupPath(bk.user), map[string]any{"secret": b64(bk.secret), "pin": bk.pin})
+					r, err = put()
 				}
 				ended := time.Now().UnixNano()
 				mu.Lock()

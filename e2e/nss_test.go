@@ -48,22 +48,17 @@ const nssNoAnchors = "anchors: no (create a private token data object: pkcs11: 0
 // init, hsm check, serve, the REST contract, 64 concurrent wrong guesses
 // at max_attempts 5 (exactly 4×403 and 60×410), a rotation with re-wrap
 // and retire, and a tampered record refused.
-func TestNSSProfileGCM(t *testing.T) {
-	t.Parallel()
-	k := nssKit(t, t.TempDir(), "gcm", nil)
-	if code, out := k.keys(t, nil, "init"); code != 0 || !strings.Contains(out, "for the gcm profile") {
-		t.Fatalf("keys init under gcm on NSS: exit %d:\n%s", code, out)
-	}
-	profileScenario(t, k)
-}
+func TestNSSProfileGCM(t *testing.T) { nssProfile(t, "gcm") }
 
 // TestNSSProfileHMAC is TestNSSProfileGCM under the hmac profile, the one
 // for tokens whose GCM the vault cannot use.
-func TestNSSProfileHMAC(t *testing.T) {
+func TestNSSProfileHMAC(t *testing.T) { nssProfile(t, "hmac") }
+
+func nssProfile(t *testing.T, profile string) {
 	t.Parallel()
-	k := nssKit(t, t.TempDir(), "hmac", nil)
-	if code, out := k.keys(t, nil, "init"); code != 0 || !strings.Contains(out, "for the hmac profile") {
-		t.Fatalf("keys init under hmac on NSS: exit %d:\n%s", code, out)
+	k := nssKit(t, t.TempDir(), profile, nil)
+	if code, out := k.keys(t, nil, "init"); code != 0 || !strings.Contains(out, "for the "+profile+" profile") {
+		t.Fatalf("keys init under %s on NSS: exit %d:\n%s", profile, code, out)
 	}
 	profileScenario(t, k)
 }
