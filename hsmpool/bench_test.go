@@ -114,14 +114,7 @@ func BenchmarkPoolOverhead(b *testing.B) {
 //
 //	go test ./hsmpool -run '^$' -bench AnchorWrite -benchtime 3s
 func BenchmarkAnchorWrite(b *testing.B) {
-	m := newMember(b, "a")
-	if _, err := Provision([]MemberConfig{m}, vault.ProfileGCM); err != nil {
-		b.Fatal(err)
-	}
-	p, err := Open([]MemberConfig{m}, Options{})
-	if err != nil {
-		b.Fatal(err)
-	}
+	p := provisionedPool(b, newMember(b, "a"), vault.ProfileGCM, Options{})
 	defer p.Close()
 	keys := anchor.Keys{Anchor: make([]byte, 32), Digest: make([]byte, 32), Meta: make([]byte, 32)}
 	// An anchor of the size the vault writes with two members.
@@ -187,13 +180,7 @@ func BenchmarkSoftHSMOps(b *testing.B) {
 //	go test ./hsmpool -run '^$' -bench SoftHSMOpsHMACProfile -benchtime 3s
 func BenchmarkSoftHSMOpsHMACProfile(b *testing.B) {
 	m := newMember(b, "a")
-	if _, err := Provision([]MemberConfig{m}, vault.ProfileHMAC); err != nil {
-		b.Fatal(err)
-	}
-	p, err := Open([]MemberConfig{m}, Options{})
-	if err != nil {
-		b.Fatal(err)
-	}
+	p := provisionedPool(b, m, vault.ProfileHMAC, Options{})
 	defer p.Close()
 	if err := viewOf(b, p, 0).sessionCopies(); err != nil {
 		b.Fatalf("session copies: %v", err)

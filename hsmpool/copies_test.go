@@ -474,7 +474,7 @@ func TestAnchorFailureChecksTokenKeys(t *testing.T) {
 // provisionedPool provisions m's keys under profile and opens a pool on
 // m with opts and a registry of its own, whose probes wait an hour, so
 // that the test decides when a member is probed. The caller closes it.
-func provisionedPool(t *testing.T, m MemberConfig, profile vault.Profile, opts Options) *Pool {
+func provisionedPool(t testing.TB, m MemberConfig, profile vault.Profile, opts Options) *Pool {
 	t.Helper()
 	if _, err := Provision([]MemberConfig{m}, profile); err != nil {
 		t.Fatal(err)
